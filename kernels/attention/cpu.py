@@ -1,0 +1,157 @@
+"""CPU paged attention: what the engine runs.
+
+Built for low per-step overhead:
+
+* ``write_kv``: one ``index_copy_`` into the cache viewed as ``[NB*BS, *entry]``.
+* Gathers go through ``index_select`` on the cache viewed as 2-D
+  ``[NB*BS, entry_numel]`` rows (several times faster than N-d advanced
+  indexing on CPU), touching only slots of positions ``< seq_len`` (and, with
+  a sliding window, only the window), so garbage in unused slots is never read.
+* decode rows (query_len == 1), wherever they sit in the batch, are served
+  together: one ``[B, S_max]`` gather through the block tables and one batched
+  ``scaled_dot_product_attention`` with a padding mask. GQA is handled by
+  folding the query-head group into SDPA's query-length axis
+  (``[B, Hkv, Hq/Hkv, D]``), so K/V are never repeated.
+* prefill / chunked-prefill rows (query_len > 1): one SDPA per sequence with
+  ``is_causal`` when the chunk is the whole context, else an explicit causal
+  (+ window) mask aligned to the tail of the context.
+* MLA uses the weight-absorbed form: queries move into latent space
+  (``q_nope @ w_uk``), attention runs as MQA directly over the cached
+  ``[latent ; k_rope]`` rows with the latent itself as value, and the result is
+  projected out with ``w_uv``. Per-head K/V are never materialized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.backend import AttentionBackend
+from kernels.metadata import AttentionMetadata
+
+
+def _slots(block_tables: Tensor, positions: Tensor, block_size: int) -> Tensor:
+    """Cache slots of token positions. block_tables [B, W]; positions [B, L] -> [B, L]"""
+    return block_tables.gather(1, positions // block_size) * block_size + positions % block_size
+
+
+def _gather(cache: Tensor, slots: Tensor) -> Tensor:
+    """Cache rows at slots. cache [NB, BS, *entry]; slots [...] -> [..., *entry]"""
+    entry = cache.shape[2:]
+    try:
+        rows = cache.view(-1, math.prod(entry))  # [NB*BS, entry_numel]
+    except RuntimeError:  # strided cache that can't be viewed 2-D: slower advanced indexing
+        return cache.flatten(0, 1)[slots]
+    return rows.index_select(0, slots.reshape(-1)).view(*slots.shape, *entry)
+
+
+class CpuAttentionBackend(AttentionBackend):
+    name = "cpu"
+
+    def write_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
+        # cache [NB, BS, *entry]; new [T, *entry]; slot_mapping [T]
+        new = new.to(cache.dtype)
+        try:
+            flat = cache.view(-1, *cache.shape[2:])  # [NB*BS, *entry], shares storage with cache
+        except RuntimeError:  # strides don't allow merging NB and BS: 2-d advanced indexing (still one op)
+            block_size = cache.shape[1]
+            cache[slot_mapping // block_size, slot_mapping % block_size] = new
+        else:
+            flat.index_copy_(0, slot_mapping, new)
+
+    def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+                        scale: float, sliding_window: int | None = None) -> Tensor:
+        # q [T, Hq, D]; k_cache [NB, BS, Hkv, D]; v_cache [NB, BS, Hkv, Dv] -> [T, Hq, Dv]
+        assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
+        return self._attend(q, k_cache, v_cache, v_cache.shape[-1], meta, scale, sliding_window)
+
+    def _attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, meta: AttentionMetadata,
+                scale: float, window: int | None) -> Tensor:
+        """v_cache None means V is the first v_dim features of each K entry (MLA: the latent)."""
+        q_lens, s_lens = meta.query_lens_cpu, meta.seq_lens_cpu
+        if not q_lens:
+            return q.new_empty(0, q.shape[1], v_dim)
+        caches = (k_cache, v_cache, v_dim, meta.block_size, scale, window)
+        if meta.is_decode_only:
+            return self._decode(q, meta.block_tables, s_lens, *caches)
+
+        out = q.new_empty(q.shape[0], q.shape[1], v_dim)  # [T, Hq, Dv]
+        starts = meta.query_start_loc.tolist()
+        decode = [b for b, n in enumerate(q_lens) if n == 1]
+        if decode:
+            rows = torch.tensor([starts[b] for b in decode], dtype=torch.long)
+            out[rows] = self._decode(q[rows], meta.block_tables[decode], [s_lens[b] for b in decode], *caches)
+        for b, q_len in enumerate(q_lens):
+            if q_len > 1:
+                start = starts[b]
+                out[start:start + q_len] = self._prefill(q[start:start + q_len], meta.block_tables[b], s_lens[b],
+                                                         *caches)
+        return out
+
+    @staticmethod
+    def _kv(k_cache: Tensor, v_cache: Tensor | None, v_dim: int, slots: Tensor, dtype: torch.dtype):
+        """Gathered K [..., Hkv, D] and V [..., Hkv, Dv] at slots [...], in dtype."""
+        k = _gather(k_cache, slots).to(dtype)
+        v = k[..., :v_dim] if v_cache is None else _gather(v_cache, slots).to(dtype)
+        return k, v
+
+    @classmethod
+    def _decode(cls, q: Tensor, block_tables: Tensor, seq_lens: list[int], k_cache: Tensor, v_cache: Tensor | None,
+                v_dim: int, block_size: int, scale: float, window: int | None) -> Tensor:
+        """One query per sequence, batched. q [B, Hq, D]; block_tables [B, W] -> [B, Hq, Dv]"""
+        num_seqs, num_q_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[2]
+        spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
+        span_max = max(spans)
+        offs = torch.arange(span_max)  # [L]
+        last = torch.tensor(seq_lens, dtype=torch.long)[:, None] - 1  # [B, 1]
+        first = last + 1 - torch.tensor(spans, dtype=torch.long)[:, None]  # [B, 1]
+        positions = torch.minimum(first + offs, last)  # [B, L]; padding re-reads the last key (masked out)
+        k, v = cls._kv(k_cache, v_cache, v_dim, _slots(block_tables, positions, block_size), q.dtype)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D], [B, Hkv, L, Dv]
+        mask = None
+        if min(spans) != span_max:
+            mask = (offs[None, :] < torch.tensor(spans)[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        # GQA: query head h = kv_head * G + g, so the G heads sharing a kv head become G query rows.
+        qg = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G, Dv]
+        return o.reshape(num_seqs, num_q_heads, v.shape[-1])
+
+    @classmethod
+    def _prefill(cls, q: Tensor, block_table: Tensor, seq_len: int, k_cache: Tensor, v_cache: Tensor | None,
+                 v_dim: int, block_size: int, scale: float, window: int | None) -> Tensor:
+        """Queries are the last Q positions of one sequence. q [Q, Hq, D] -> [Q, Hq, Dv]"""
+        q_len = q.shape[0]
+        first_q = seq_len - q_len
+        first_k = 0 if window is None else max(0, first_q - window + 1)  # earliest key any query can see
+        key_pos = torch.arange(first_k, seq_len)  # [L]
+        slots = _slots(block_table[None], key_pos[None], block_size)[0]  # [L]
+        k, v = cls._kv(k_cache, v_cache, v_dim, slots, q.dtype)  # [L, Hkv, D], [L, Hkv, Dv]
+        k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, L, D], [1, Hkv, L, Dv]
+        qh = q.transpose(0, 1)[None]  # [1, Hq, Q, D]
+        gqa = k.shape[1] != q.shape[1]
+        if first_q == 0 and (window is None or window >= seq_len):
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            query_pos = torch.arange(first_q, seq_len)[:, None]  # [Q, 1]
+            mask = key_pos[None, :] <= query_pos  # [Q, L]
+            if window is not None:
+                mask &= key_pos[None, :] > query_pos - window
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return o[0].transpose(0, 1)  # [Q, Hq, Dv]
+
+    def mla_paged_attention(self, q_nope: Tensor, q_rope: Tensor, latent_cache: Tensor, meta: AttentionMetadata,
+                            w_uk: Tensor, w_uv: Tensor, scale: float) -> Tensor:
+        # q_nope [T, H, Dn]; q_rope [T, H, Dr]; latent_cache [NB, BS, L + Dr]; w_uk [H, Dn, L]; w_uv [H, Dv, L]
+        latent_dim = w_uk.shape[-1]
+        # Absorb w_uk into the query: q_nope . (w_uk[h] c) == (q_nope @ w_uk[h]) . c
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype)).transpose(0, 1)  # [T, H, L]
+        q_full = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)  # [T, H, L + Dr]
+        k_cache = latent_cache.unsqueeze(2)  # [NB, BS, 1, L + Dr]  (MQA: one shared "kv head"; V = its first L)
+        o_latent = self._attend(q_full, k_cache, None, latent_dim, meta, scale, None)  # [T, H, L]
+        # Absorb w_uv on the way out: V_h = c @ w_uv[h].T, so o_h = (p @ c) @ w_uv[h].T
+        o = torch.bmm(o_latent.transpose(0, 1), w_uv.to(o_latent.dtype).transpose(1, 2))  # [H, T, Dv]
+        return o.transpose(0, 1)  # [T, H, Dv]

@@ -1,0 +1,110 @@
+"""Kernel backends: two small abstract interfaces and one factory each.
+
+Every backend has a plain-torch *reference* implementation (the spec, slow and
+readable, in ``kernels/*/reference.py``) and faster implementations that are
+tested against it (``kernels/*/cpu.py``; GPU backends can slot in later).
+
+Shape conventions used throughout (comments, not code):
+    T   tokens in the flattened step batch       B   sequences
+    Hq  query heads      Hkv  key/value heads    D / Dv  key / value head dim
+    NB  cache blocks     BS   block size (tokens per block)
+    E   experts          K    experts per token  I  expert intermediate size
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+from kernels.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Paged attention over a block-structured KV cache."""
+
+    name: str
+
+    @abstractmethod
+    def write_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
+        """Store this step's entries in the cache, in place.
+
+        cache: [NB, BS, *entry]   new: [T, *entry]   slot_mapping: [T] int64
+        Row ``t`` of ``new`` goes to block ``slot // BS``, offset ``slot % BS``.
+        """
+
+    @abstractmethod
+    def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+                        scale: float, sliding_window: int | None = None) -> Tensor:
+        """Causal (optionally sliding-window) attention for a varlen batch.
+
+        q: [T, Hq, D]; k_cache: [NB, BS, Hkv, D]; v_cache: [NB, BS, Hkv, Dv] -> [T, Hq, Dv].
+        GQA: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+        A query at absolute position ``p`` sees keys at positions ``k`` with
+        ``k <= p`` and, with a window ``W``, ``k > p - W`` (i.e. the last W
+        tokens including itself -- transformers' ``sliding_window_overlay``).
+        """
+
+    @abstractmethod
+    def mla_paged_attention(self, q_nope: Tensor, q_rope: Tensor, latent_cache: Tensor, meta: AttentionMetadata,
+                            w_uk: Tensor, w_uv: Tensor, scale: float) -> Tensor:
+        """Multi-head latent attention (DeepSeek-V2 / Mistral 4) over a latent-only cache.
+
+        q_nope: [T, H, Dn]; q_rope: [T, H, Dr] (already rotated);
+        latent_cache: [NB, BS, L + Dr] (first L: normalized latent c, last Dr: rotated k_rope);
+        w_uk: [H, Dn, L]; w_uv: [H, Dv, L] -> [T, H, Dv].
+        Per head: K_h = [c @ w_uk[h].T ; k_rope], V_h = c @ w_uv[h].T,
+        scores = (q_nope . K_nope + q_rope . k_rope) * scale, causal.
+        """
+
+
+class MoEBackend(ABC):
+    """Routed expert MLPs (SwiGLU) with expert-parallel slicing."""
+
+    name: str
+
+    @abstractmethod
+    def fused_moe(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                  expert_start: int = 0) -> Tensor:
+        """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) over this rank's experts.
+
+        x: [T, D]; topk_ids: [T, K] int64 global expert ids; topk_weights: [T, K];
+        w_gate_up: [E_local, 2*I, D] (gate rows first, then up rows); w_down: [E_local, D, I].
+        Only experts ``expert_start <= e < expert_start + E_local`` contribute;
+        the rest belong to other ranks. Returns [T, D] in x.dtype.
+        """
+
+
+def _attention_backends() -> dict[str, type[AttentionBackend]]:
+    from kernels.attention.cpu import CpuAttentionBackend
+    from kernels.attention.reference import ReferenceAttentionBackend
+
+    return {"reference": ReferenceAttentionBackend, "cpu": CpuAttentionBackend}
+
+
+def _moe_backends() -> dict[str, type[MoEBackend]]:
+    from kernels.moe.cpu import CpuMoEBackend
+    from kernels.moe.reference import ReferenceMoEBackend
+
+    return {"reference": ReferenceMoEBackend, "cpu": CpuMoEBackend}
+
+
+def _pick(kind: str, choices: dict, name: str):
+    try:
+        cls = choices[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} backend {name!r}; choices: {sorted(choices)}") from None
+    return cls()
+
+
+def get_attention_backend(name: str = "cpu") -> AttentionBackend:
+    """``"reference"`` (the spec) or ``"cpu"`` (what the engine runs)."""
+    return _pick("attention", _attention_backends(), name)
+
+
+def get_moe_backend(name: str = "cpu") -> MoEBackend:
+    """``"reference"`` (the spec) or ``"cpu"`` (what the engine runs)."""
+    return _pick("moe", _moe_backends(), name)
+
+
+__all__ = ["AttentionBackend", "MoEBackend", "get_attention_backend", "get_moe_backend", "AttentionMetadata"]
