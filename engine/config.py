@@ -78,6 +78,9 @@ class ReasoningConfig:
 
     think_start: str | None = None
     think_end: str | None = None
+    # Marker token ids, for models without a tokenizer (tiny test checkpoints).
+    think_start_ids: tuple[int, ...] | None = None
+    think_end_ids: tuple[int, ...] | None = None
     budget_low: int = 128
     budget_medium: int = 512
     budget_high: int = 2048

@@ -1,0 +1,129 @@
+"""The engine's public boundary: what ``cluster/`` may import besides configs.
+
+``EngineClient`` is the whole contract between the serving cluster and an
+engine (in-process, in a Ray actor, or a fake in tests): submit, stream,
+abort, stats, health. Everything crossing it is a plain dataclass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from engine.core.request import SamplingParams
+
+Message = dict[str, Any]
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # the top-k alternatives, by token id
+
+
+@dataclass
+class RequestDelta:
+    """One streamed piece of a request: new tokens, split into reasoning and answer text."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""  # new answer text
+    reasoning_text: str = ""  # new text inside the thinking span
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" (set when finished)
+    usage: "Usage | None" = None  # set when finished
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cached_tokens: int
+    reasoning_effort: str
+
+
+@dataclass
+class RequestOutput:
+    """A finished request, as ``LLM.generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    reasoning_text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    block_size: int
+    num_blocks: int  # usable blocks (the null block excluded)
+    num_used_blocks: int
+    kv_cache_bytes: int  # memory of the whole paged cache
+    kv_bytes_per_block: int
+    kv_used_bytes: int
+    kv_cache_usage: float  # used / usable blocks
+    prefix_cache_hit_rate: float  # hit tokens / queried tokens since start
+    num_generated_tokens: int
+    num_prompt_tokens: int
+
+
+class EngineError(Exception):
+    """A request the engine cannot take; ``field`` names the offending input."""
+
+    def __init__(self, field: str, message: str, kind: str = "invalid_argument"):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.kind = kind  # "invalid_argument" | "resource_exhausted" | "unavailable"
+
+    @classmethod
+    def from_value_error(cls, e: ValueError) -> "EngineError":
+        """Our configs and params raise ``ValueError("field: message")``; keep the field."""
+        field, _, message = str(e).partition(": ")
+        return cls(field, message) if message else cls("request", field)
+
+
+class EngineClient(ABC):
+    """Submit, stream, abort, stats, health: the cluster sees nothing else."""
+
+    @abstractmethod
+    async def submit(self, request_id: str, prompt: str | list[int] | list[Message], params: SamplingParams) -> None:
+        """Admit a request (text, token ids or chat messages). Raises EngineError on bad input."""
+
+    @abstractmethod
+    def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
+        """Deltas of a submitted request until its final one (``finished=True``)."""
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks at once; unknown ids are ignored."""
+
+    @abstractmethod
+    async def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    async def health(self) -> bool: ...
+
+    async def generate(self, request_id: str, prompt: str | list[int] | list[Message],
+                       params: SamplingParams) -> AsyncIterator[RequestDelta]:
+        """Submit and stream in one call; aborts the request if the consumer stops early."""
+        await self.submit(request_id, prompt, params)
+        finished = False
+        try:
+            async for delta in self.stream(request_id):
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                await self.abort(request_id)

@@ -1,0 +1,126 @@
+"""``levante`` command line: generate, models, bench.
+
+Bad arguments and bad model folders end in one clear line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from engine.config import EFFORTS
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream an answer from a model (the embedded default unless --model)")
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None, help="HF folder (config.json + safetensors) or .gguf file")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--reasoning-effort", choices=EFFORTS, default=None)
+    p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="model utilities")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    t = msub.add_parser("make-tiny", help="write a random tiny checkpoint for tests and benchmarks")
+    t.add_argument("--arch", choices=("mistral", "mixtral", "mistral4"), required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=_cmd_make_tiny)
+    d = msub.add_parser("default", help="print the embedded default model's folder (converting it on first use)")
+    d.set_defaults(func=_cmd_default)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="engine vs transformers generate on the same model and prompts")
+    p.add_argument("--model", default=None)
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_generate(args) -> int:
+    from engine.core.request import SamplingParams
+    from engine.llm import LLM
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, reasoning_effort=args.reasoning_effort)
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
+    has_template = llm.tokenizer is not None and not args.raw
+    prompt = [{"role": "user", "content": args.prompt}] if has_template else args.prompt
+    tty = sys.stdout.isatty()
+    dim, reset = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
+    thinking = False
+    final = None
+    for d in llm.stream(prompt, params):
+        if d.reasoning_text:
+            if not thinking:
+                print(f"{dim}[thinking] ", end="")
+                thinking = True
+            print(f"{dim}{d.reasoning_text}", end="", flush=True)
+        if d.text:
+            if thinking:
+                print(f"{reset}\n[answer] ", end="")
+                thinking = False
+            print(d.text, end="", flush=True)
+        final = d
+    print(reset)
+    if final and final.usage:
+        u = final.usage
+        print(f"[{final.finish_reason}; prompt {u.prompt_tokens} tokens, completion {u.completion_tokens}, "
+              f"reasoning {u.reasoning_tokens}, effort {u.reasoning_effort}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_make_tiny(args) -> int:
+    from engine.models.tiny import make_tiny
+
+    print(make_tiny(args.arch, args.seed, args.out))
+    return 0
+
+
+def _cmd_default(args) -> int:
+    from engine.models.loader import default_model_path
+
+    print(default_model_path())
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from engine.bench import run
+
+    return run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="levante", description="Levante: serve Mistral-family MoE models")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_generate(sub)
+    _add_models(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    from engine.api import EngineError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (EngineError, ValueError, OSError) as e:  # ModelLoadError is a ValueError
+        print(f"levante: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""``LLM``: the synchronous Python API, in the manner of vLLM's offline LLM class."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Iterator, Sequence
+
+from engine.api import EngineStats, Message, RequestDelta, RequestOutput
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig, SchedulerConfig
+from engine.core.request import SamplingParams
+from engine.llm_engine import EngineCore, Prompt
+
+
+class LLM:
+    """Load a model and generate from it.
+
+    >>> llm = LLM()                      # the embedded default model
+    >>> out = llm.generate("What is the capital of France?", SamplingParams(temperature=0))
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
+                 tokenizer: str | None = None, config: EngineConfig | None = None):
+        if config is None:
+            config = EngineConfig(model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len))
+        self.engine = EngineCore(config)
+        self._ids = itertools.count()
+
+    @staticmethod
+    def build(model: str | None = None, *, cache: CacheConfig = CacheConfig(), scheduler: SchedulerConfig = SchedulerConfig(),
+              reasoning: ReasoningConfig = ReasoningConfig(), **model_kwargs) -> "LLM":
+        """An LLM with explicit sub-configs (block size, budgets, ...)."""
+        return LLM(config=EngineConfig(model=ModelConfig(model=model, **model_kwargs), cache=cache,
+                                       scheduler=scheduler, reasoning=reasoning))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs in prompt order."""
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"params: {len(plist)} given for {len(prompts)} prompts")
+        ids = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
+        done = 0
+        while self.engine.has_unfinished_requests():
+            for d in self.engine.step():
+                if d.finished and progress:
+                    done += 1
+                    print(f"\r{done}/{len(ids)} requests done", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+        return [self.engine.finished.pop(i) for i in ids]
+
+    def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Like ``generate`` for one conversation or a list of them (the model's chat template applies)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate(list(convs), params)  # type: ignore[arg-type]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestDelta]:
+        """Deltas of one request as they are produced; the request is aborted if the caller stops early."""
+        rid = self._submit(prompt, params or SamplingParams())
+        try:
+            while True:
+                for d in self.engine.step():
+                    if d.request_id == rid:
+                        yield d
+                        if d.finished:
+                            self.engine.finished.pop(rid, None)
+                            return
+        finally:
+            self.engine.abort_request(rid)
+            self.engine.finished.pop(rid, None)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def _submit(self, prompt: Prompt, params: SamplingParams) -> str:
+        rid = f"llm-{next(self._ids)}"
+        self.engine.add_request(rid, prompt, params)
+        return rid

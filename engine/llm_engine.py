@@ -1,0 +1,214 @@
+"""The synchronous engine: admit requests, then step = schedule, execute, update.
+
+``EngineCore`` is single-threaded; ``LLM`` drives it in a loop and
+``AsyncEngine`` drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from engine.api import EngineError, EngineStats, RequestDelta, RequestOutput, TokenLogprob
+from engine.config import EngineConfig
+from engine.core.request import Request, RequestStatus, SamplingParams
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.models.loader import default_model_path, load_model, resolve_model_dir
+from engine.output import RequestState
+from engine.reasoning import ReasoningState, check_effort, resolve_markers
+from engine.runner import ModelRunner, StepResult
+from engine.sampler import SampleRow, logprobs_of
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+Prompt = str | list[int] | list[dict[str, Any]]
+
+
+def _has_tokenizer(path: str) -> bool:
+    if path.endswith(".gguf"):
+        return True
+    names = os.listdir(path) if os.path.isdir(path) else []
+    return any(n in ("tokenizer.json", "tokenizer_config.json") or n.startswith("tekken") or ".model.v" in n for n in names)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        self.config = config
+        if config.model.num_threads:
+            torch.set_num_threads(config.model.num_threads)
+        self.model_path = config.model.model or default_model_path()
+        self.model, hf_config = load_model(self.model_path, config.model, config.parallel)
+        tok_path = config.model.tokenizer or resolve_model_dir(self.model_path)
+        self.tokenizer: Tokenizer | None = load_tokenizer(tok_path) if config.model.tokenizer or _has_tokenizer(tok_path) else None
+        self.vocab_size = int(hf_config["vocab_size"])
+        self.max_model_len = min(config.model.max_model_len or hf_config.get("max_position_embeddings") or 32768,
+                                 hf_config.get("max_position_embeddings") or 1 << 30)
+        self.eos_ids = self._eos_ids(hf_config)
+
+        block_size = config.cache.block_size
+        spec = self.model.kv_cache_spec()
+        self.kv_bytes_per_block = spec.bytes_per_block(block_size)
+        # +1: block 0 is the null block that pads block tables
+        num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // self.kv_bytes_per_block + 1
+        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks)
+        self.max_model_len = self.scheduler.max_model_len  # capped when the cache cannot hold a full-length sequence
+        self.runner = ModelRunner(self.model, num_blocks, block_size)
+        self.markers = resolve_markers(self.tokenizer, config.reasoning)
+        self.requests: dict[str, Request] = {}
+        self.states: dict[str, RequestState] = {}
+        self.finished: dict[str, RequestOutput] = {}
+        self._num_generated = 0
+        self._num_prompt = 0
+
+    # ---- admission -------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Prompt, effort: str) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EngineError("prompt", "must not be empty")
+            return self._need_tokenizer().encode(prompt)
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            return self._need_tokenizer().apply_chat_template(list(prompt), reasoning_effort=effort)  # type: ignore[arg-type]
+        ids = list(prompt)  # type: ignore[arg-type]
+        if not ids:
+            raise EngineError("prompt", "must not be empty")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            raise EngineError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise EngineError("request_id", f"{request_id!r} is already running")
+        effort = params.reasoning_effort or self.config.reasoning.default_effort
+        try:
+            check_effort(effort)
+        except ValueError as e:
+            raise EngineError.from_value_error(e) from None
+        ids = self.encode_prompt(prompt, effort)
+        if len(ids) >= self.max_model_len:
+            raise EngineError("prompt", f"{len(ids)} tokens does not fit max_model_len {self.max_model_len}")
+        extra_stops = tuple(t for t in self.eos_ids[1:] if t not in params.stop_token_ids)
+        if extra_stops and not params.ignore_eos:
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_stops)
+        budget = params.thinking_budget or self.config.reasoning.budget(effort)
+        try:
+            req = Request(request_id, ids, params, eos_token_id=self.eos_ids[0] if self.eos_ids else None)
+            state = RequestState(request_id, ids, params, ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids)), self.tokenizer)
+            self.scheduler.add_request(req)
+        except ValueError as e:
+            raise EngineError.from_value_error(e) from None
+        self.requests[request_id], self.states[request_id] = req, state
+        self._num_prompt += len(ids)
+
+    def abort_request(self, request_id: str) -> RequestDelta | None:
+        if request_id not in self.requests:
+            return None
+        self.scheduler.abort_requests([request_id])
+        return self._finish(request_id, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- the step loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestDelta]:
+        sched = self.scheduler.schedule()
+        if not sched.seqs:
+            return []
+        result = self.runner.execute(sched, self.requests, self._sample_rows(sched))
+        return self._update(sched, result)
+
+    def _sample_rows(self, sched: SchedulerOutput) -> dict[str, SampleRow]:
+        rows = {}
+        for s in sched.seqs:
+            if s.samples:
+                req = self.requests[s.request_id]
+                banned = self.states[s.request_id].reasoning.banned_token_ids()
+                rows[s.request_id] = SampleRow(req.sampling_params, req.num_output_tokens, banned)
+        return rows
+
+    def _update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestDelta]:
+        emitted = [self.states[r].reasoning.next_token(t) for r, t in zip(result.request_ids, result.sampled)]
+        logprobs = self._logprobs(result, emitted)
+        for rid, lps in result.prompt_logprobs.items():
+            state = self.states[rid]
+            state.prompt_logprobs = (state.prompt_logprobs or [None]) + lps  # first prompt token has none
+        deltas: list[RequestDelta] = []
+        for out in self.scheduler.update(sched, {r: [t] for r, t in zip(result.request_ids, emitted)}):
+            state = self.states[out.request_id]
+            self._num_generated += len(out.new_token_ids)
+            delta = state.add_tokens(out.new_token_ids, logprobs.get(out.request_id))
+            if state.stopped_by_string and out.finish_reason is None:
+                self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED)
+                out.finish_reason = "stop"
+            if out.finish_reason is None:
+                deltas.append(delta)
+            else:
+                if state.stop_reason is None:
+                    state.stop_reason = out.stop_reason
+                deltas.append(self._merge(delta, self._finish(out.request_id, out.finish_reason)))
+        return deltas
+
+    def _logprobs(self, result: StepResult, emitted: list[int]) -> dict[str, list[TokenLogprob]]:
+        want = [i for i, r in enumerate(result.request_ids) if self.requests[r].sampling_params.logprobs is not None]
+        if not want:
+            return {}
+        k = max(self.requests[result.request_ids[i]].sampling_params.logprobs or 0 for i in want)
+        chosen, tops = logprobs_of(result.logits[want], torch.tensor([emitted[i] for i in want]), k)
+        out = {}
+        for j, i in enumerate(want):
+            rid = result.request_ids[i]
+            n = self.requests[rid].sampling_params.logprobs or 0
+            out[rid] = [TokenLogprob(emitted[i], chosen[j], dict(list(tops[j].items())[:n]))]
+        return out
+
+    @staticmethod
+    def _merge(a: RequestDelta, b: RequestDelta) -> RequestDelta:
+        b.token_ids = a.token_ids + b.token_ids
+        b.text, b.reasoning_text = a.text + b.text, a.reasoning_text + b.reasoning_text
+        b.logprobs = (a.logprobs or []) + (b.logprobs or []) if (a.logprobs or b.logprobs) else None
+        return b
+
+    def _finish(self, request_id: str, reason: str) -> RequestDelta:
+        req, state = self.requests.pop(request_id), self.states.pop(request_id)
+        delta = state.finish(reason)
+        delta.usage.cached_tokens = max(req.num_cached_tokens, 0)
+        self.finished[request_id] = state.to_output(reason, req.num_cached_tokens)
+        return delta
+
+    # ---- introspection ---------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.get_stats()
+        usable = self.runner.num_blocks - 1
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_preemptions=s.num_preemptions_total,
+            block_size=self.config.cache.block_size,
+            num_blocks=usable,
+            num_used_blocks=s.num_used_blocks,
+            kv_cache_bytes=self.runner.num_blocks * self.kv_bytes_per_block,
+            kv_bytes_per_block=self.kv_bytes_per_block,
+            kv_used_bytes=s.num_used_blocks * self.kv_bytes_per_block,
+            kv_cache_usage=s.kv_usage,
+            prefix_cache_hit_rate=s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
+            num_generated_tokens=self._num_generated,
+            num_prompt_tokens=self._num_prompt,
+        )
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise EngineError("prompt", "this model has no tokenizer; send token ids")
+        return self.tokenizer
+
+    def _eos_ids(self, hf_config: dict) -> list[int]:
+        eos = hf_config.get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids = [self.tokenizer.eos_token_id] + ids
+        return [int(i) for i in ids]

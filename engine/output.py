@@ -1,0 +1,133 @@
+"""Turns engine-core token outputs into text deltas and finished outputs.
+
+Per request: the reasoning split, incremental detokenization of each
+channel, stop strings (checked on the answer text, which holds back a tail
+that could still become a stop string), logprobs and usage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from engine.api import RequestDelta, RequestOutput, TokenLogprob, Usage
+from engine.core.request import SamplingParams
+from engine.reasoning import ANSWER, REASONING, ReasoningState
+from engine.tokenizer import Tokenizer
+
+
+class IncrementalDetokenizer:
+    """Decodes a growing token list into text deltas without re-decoding all of it.
+
+    Decodes a short window before the new tokens, so tokenizers that merge
+    pieces (leading spaces, byte fallback) produce the same text as a full
+    decode; an incomplete UTF-8 sequence (U+FFFD at the end) waits for more.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def feed(self, ids: Sequence[int]) -> str:
+        self.ids.extend(ids)
+        if self.tokenizer is None or not ids:
+            return ""
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return text[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        if self.tokenizer is None or self._read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return text[len(before):]
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    reasoning: ReasoningState
+    tokenizer: Tokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    answer: str = ""  # answer text so far (stop string cut applied)
+    answer_sent: int = 0  # chars of ``answer`` already streamed
+    reasoning_text: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    stop_reason: int | str | None = None
+    stopped_by_string: bool = False
+
+    def __post_init__(self) -> None:
+        self._answer_detok = IncrementalDetokenizer(self.tokenizer)
+        self._reasoning_detok = IncrementalDetokenizer(self.tokenizer)
+        self._hold = max((len(s) for s in self.params.stop), default=1) - 1
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    def add_tokens(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> RequestDelta:
+        """Classify and decode new tokens; a stop string sets ``stopped_by_string``."""
+        self.token_ids.extend(token_ids)
+        if self.logprobs is not None and logprobs:
+            self.logprobs.extend(logprobs)
+        released = [pair for t in token_ids for pair in self.reasoning.feed(t)]
+        return self._decode(released, token_ids, logprobs, final=False)
+
+    def finish(self, finish_reason: str | None) -> RequestDelta:
+        delta = self._decode(self.reasoning.flush(), [], None, final=True)
+        delta.finished, delta.finish_reason, delta.usage = True, finish_reason, self.usage()
+        return delta
+
+    def _decode(self, released, token_ids, logprobs, final: bool) -> RequestDelta:
+        reasoning_ids = [t for t, ch in released if ch == REASONING]
+        answer_ids = [t for t, ch in released if ch == ANSWER]
+        new_reasoning = self._reasoning_detok.feed(reasoning_ids) + (self._reasoning_detok.flush() if final else "")
+        self.reasoning_text += new_reasoning
+        if not self.stopped_by_string:
+            self.answer += self._answer_detok.feed(answer_ids) + (self._answer_detok.flush() if final else "")
+            self._check_stop_strings()
+        end = len(self.answer) if (final or self.stopped_by_string) else max(self.answer_sent, len(self.answer) - self._hold)
+        text, self.answer_sent = self.answer[self.answer_sent:end], end
+        return RequestDelta(self.request_id, list(token_ids), text=text, reasoning_text=new_reasoning, logprobs=logprobs)
+
+    def _check_stop_strings(self) -> None:
+        for stop in self.params.stop:
+            # only the new tail can hold a new match
+            at = self.answer.find(stop, max(0, self.answer_sent - len(stop)))
+            if at >= 0:
+                cut = at + len(stop) if self.params.include_stop_str_in_output else at
+                self.answer, self.stop_reason, self.stopped_by_string = self.answer[:cut], stop, True
+                return
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.prompt_token_ids),
+            completion_tokens=len(self.token_ids),
+            reasoning_tokens=self.reasoning.num_reasoning_tokens,
+            cached_tokens=0,
+            reasoning_effort=self.reasoning.effort,
+        )
+
+    def to_output(self, finish_reason: str | None, cached_tokens: int) -> RequestOutput:
+        usage = self.usage()
+        usage.cached_tokens = max(cached_tokens, 0)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.token_ids),
+            text=self.answer,
+            reasoning_text=self.reasoning_text,
+            finish_reason=finish_reason,
+            stop_reason=self.stop_reason,
+            usage=usage,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )

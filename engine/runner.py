@@ -1,0 +1,82 @@
+"""Model runner: one scheduler step -> tensors -> logits -> sampled tokens.
+
+Owns the model, its paged KV cache and the sampler. Flattens the step's
+sequences into one varlen batch, runs the model once, and computes logits
+only for the rows that need them (the last row of each sampling sequence,
+and every row of a chunk whose prompt logprobs were asked for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from engine.api import TokenLogprob
+from engine.core.request import Request
+from engine.core.scheduler import SchedulerOutput
+from engine.models.base import CausalLM
+from engine.sampler import Sampler, SampleRow, logprobs_of
+from kernels.metadata import AttentionMetadata
+
+
+@dataclass
+class StepResult:
+    request_ids: list[str]  # the requests that sampled, in row order
+    sampled: list[int]  # one token per sampling request
+    logits: torch.Tensor  # [num_sampling, V] float32, rows match request_ids
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0):
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.sampler = Sampler(seed)
+        # For tests and debugging: called with (request_ids, logits [N, V]) every step.
+        self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, requests: Mapping[str, Request],
+                rows: Mapping[str, SampleRow]) -> StepResult:
+        seqs = out.seqs
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for s in seqs:
+            input_ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+        q_lens = [len(s.token_ids) for s in seqs]
+        meta = AttentionMetadata.build(
+            self.block_size, q_lens, [s.start_pos + n for s, n in zip(seqs, q_lens)], [s.block_ids for s in seqs]
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), meta, self.kv_caches
+        )  # [T, D]
+
+        ends = meta.query_start_loc[1:].tolist()
+        sample_ids = [s.request_id for s in seqs if s.samples]
+        sample_rows = [end - 1 for s, end in zip(seqs, ends) if s.samples]
+        logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else hidden.new_zeros(0, 0)
+        if self.logits_hook is not None and sample_ids:
+            self.logits_hook(sample_ids, logits)
+        sampled = self.sampler(logits, [rows[r] for r in sample_ids]) if sample_ids else []
+        result = StepResult(sample_ids, sampled, logits)
+        for s, end in zip(seqs, ends):
+            if s.wants_prompt_logprobs:
+                result.prompt_logprobs[s.request_id] = self._prompt_logprobs(s, end, hidden, requests[s.request_id])
+        return result
+
+    def _prompt_logprobs(self, s, end: int, hidden: torch.Tensor, req: Request) -> list[TokenLogprob]:
+        """Logprobs of prompt tokens start_pos+1 .. (within the prompt) predicted by this chunk's rows."""
+        prompt = req.prompt_token_ids
+        n = min(len(s.token_ids), len(prompt) - 1 - s.start_pos)  # rows whose next token is a prompt token
+        if n <= 0:
+            return []
+        first = end - len(s.token_ids)
+        logits = self.model.compute_logits(hidden[first:first + n])  # [n, V]
+        targets = torch.tensor(prompt[s.start_pos + 1:s.start_pos + 1 + n])
+        chosen, tops = logprobs_of(logits, targets, req.sampling_params.prompt_logprobs or 0)
+        return [TokenLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen, tops)]

@@ -1,0 +1,90 @@
+"""Token sampling for one step's batch of logits rows.
+
+Greedy rows take the argmax. Other rows apply temperature, then top-k,
+top-p and min-p, and draw with the exponential-race trick
+(``argmax(p / E)`` with ``E ~ Exp(1)`` picks index i with probability p_i).
+A request with a seed draws its noise from a generator seeded by
+(seed, output index), so its tokens do not depend on the batch it shares a
+step with, nor on being preempted and recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.core.request import SamplingParams
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the generator's seed space
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    output_index: int  # how many tokens the request has produced so far
+    banned_token_ids: tuple[int, ...] = ()
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
+        # logits: [N, V] float32, one row per request that samples this step
+        logits = self._apply_bans(logits, rows)
+        if all(r.params.greedy for r in rows):
+            return logits.argmax(dim=-1).tolist()
+        out: list[int] = []
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            out.append(greedy[i] if row.params.greedy else self._sample_row(logits[i], row))
+        return out
+
+    @staticmethod
+    def _apply_bans(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        if not any(r.banned_token_ids for r in rows):
+            return logits
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            if row.banned_token_ids:
+                logits[i, list(row.banned_token_ids)] = float("-inf")
+        return logits
+
+    def _sample_row(self, logits: torch.Tensor, row: SampleRow) -> int:
+        # logits: [V]
+        probs = filtered_probs(logits, row.params)
+        if row.params.seed is not None:
+            gen = torch.Generator().manual_seed((row.params.seed * _SEED_MIX + row.output_index) % (2**63))
+        else:
+            gen = self._generator
+        noise = torch.empty_like(probs).exponential_(generator=gen)
+        return int(torch.argmax(probs / noise))
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p. logits: [V] -> [V]."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= params.top_p
+        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), 0.0)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs / probs.sum()
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> tuple[list[float], list[dict[int, float]]]:
+    """Log-probabilities of the chosen tokens and each row's top-k. logits: [N, V]; token_ids: [N]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    chosen = lp.gather(1, token_ids.view(-1, 1)).squeeze(1).tolist()
+    tops: list[dict[int, float]] = [{} for _ in range(lp.shape[0])]
+    if k > 0:
+        vals, idx = torch.topk(lp, min(k, lp.shape[1]), dim=-1)
+        tops = [dict(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    return chosen, tops

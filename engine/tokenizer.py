@@ -1,0 +1,137 @@
+"""Tokenizers behind one small interface: Hugging Face folders and mistral-common files.
+
+``load_tokenizer(path)`` picks the implementation: a mistral-common file
+(``tekken*.json`` or ``*.model.v*``), a folder holding one, or a Hugging Face
+folder / GGUF file read through ``transformers.AutoTokenizer``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+Message = dict[str, Any]
+
+
+class Tokenizer(ABC):
+    eos_token_id: int | None
+    bos_token_id: int | None
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[Message], reasoning_effort: str | None = None) -> list[int]:
+        """Prompt token ids for a conversation, ready for the assistant's turn."""
+
+    @abstractmethod
+    def special_token_id(self, token: str) -> int | None:
+        """The id of ``token`` when it is one special/added token, else None."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    def marker_ids(self, text: str) -> list[int]:
+        """Token ids of a marker string such as ``[THINK]`` (one special token, or plain text)."""
+        tid = self.special_token_id(text)
+        return [tid] if tid is not None else self.encode(text, add_special_tokens=False)
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: str, gguf_file: str | None = None):
+        from transformers import AutoTokenizer  # slow import: only when a HF tokenizer is used
+
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        self._tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        self.eos_token_id = self._tok.eos_token_id
+        self.bos_token_id = self._tok.bos_token_id
+        self._added = {t.content: i for i, t in self._tok.added_tokens_decoder.items()}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[Message], reasoning_effort: str | None = None) -> list[int]:
+        if not getattr(self._tok, "chat_template", None):
+            raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
+        extra = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
+        out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def special_token_id(self, token: str) -> int | None:
+        return self._added.get(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+
+class MistralCommonTokenizer(Tokenizer):
+    """mistral-common's SentencePiece or Tekken tokenizer and its chat format."""
+
+    def __init__(self, file: str):
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        self._mistral = MistralTokenizer.from_file(file)
+        self._tok = self._mistral.instruct_tokenizer.tokenizer
+        self.eos_token_id = self._tok.eos_id
+        self.bos_token_id = self._tok.bos_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, bos=add_special_tokens, eos=False))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        policy = SpecialTokenPolicy.IGNORE if skip_special_tokens else SpecialTokenPolicy.KEEP
+        return self._tok.decode(list(ids), special_token_policy=policy)
+
+    def apply_chat_template(self, messages: list[Message], reasoning_effort: str | None = None) -> list[int]:
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        return list(self._mistral.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens)
+
+    def special_token_id(self, token: str) -> int | None:
+        try:
+            tid = self._tok.get_special_token(token)
+        except Exception:
+            return None
+        # SentencePiece answers unknown pieces with the unk id instead of failing.
+        return None if tid == getattr(self._tok, "unk_id", None) else tid
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.n_words
+
+
+def _mistral_file(path: str) -> str | None:
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        return path if name.startswith("tekken") and name.endswith(".json") or ".model" in name else None
+    for pattern in ("tekken*.json", "*.model.v*", "tokenizer.model.v*"):
+        hits = sorted(glob.glob(os.path.join(path, pattern)))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer for ``path``: a mistral-common file, a HF folder, or a .gguf file."""
+    if not os.path.exists(path):
+        raise ValueError(f"tokenizer: {path} does not exist")
+    if path.endswith(".gguf"):
+        return HFTokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return HFTokenizer(path)
+    mistral = _mistral_file(path)
+    if mistral:
+        return MistralCommonTokenizer(mistral)
+    raise ValueError(f"tokenizer: no tokenizer found at {path} (expected tokenizer.json, tekken*.json or *.model.v*)")

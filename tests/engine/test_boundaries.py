@@ -1,0 +1,30 @@
+"""Import boundaries that keep the layers honest, checked in fresh interpreters."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_engine_core_and_api_import_no_torch():
+    mods = _modules_after("import engine.core.scheduler, engine.core.kv_cache, engine.core.block_pool, "
+                          "engine.core.request, engine.api, engine.config")
+    assert "torch" not in mods
+
+
+@pytest.mark.slow
+def test_engine_imports_no_ray_grpc_protobuf():
+    mods = _modules_after("import engine.llm, engine.async_engine, engine.cli")
+    assert not {m for m in mods if m.split(".")[0] in ("ray", "grpc", "google")}
+
+
+def test_our_kernels_package_is_not_mistaken_for_hf_kernels():
+    out = subprocess.run([sys.executable, "-c", "from transformers.utils.import_utils import is_kernels_available;"
+                          "print(is_kernels_available())"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
