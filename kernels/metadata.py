@@ -9,9 +9,12 @@ of ``T`` tokens; sequence ``b`` owns rows
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -24,6 +27,21 @@ class AttentionMetadata:
     # Host copies, so kernels can loop and size buffers without device syncs.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Tensors derived from the fields above that every layer of the step would otherwise rebuild
+    # (a kernel's gather slots, masks, row indices): filled on first use through ``derive``.
+    derived: dict[Hashable, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def derive(self, key: Hashable, build: Callable[[], _T]) -> _T:
+        """``build()`` on the first call for ``key`` in this step; the same object for every later layer.
+
+        The metadata is rebuilt each step, so nothing derived outlives the batch it describes.
+        Keys are owned by the kernel that builds them (e.g. ``("cpu_decode", window)``).
+        """
+        try:
+            return self.derived[key]
+        except KeyError:
+            value = self.derived[key] = build()
+            return value
 
     @property
     def num_seqs(self) -> int:

@@ -45,6 +45,31 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
+def fuse_linears(*parts: Linear) -> tuple[Tensor, Tensor | None]:
+    """One weight ``[sum(out), in]`` (and bias) for several ``Linear`` s over the same input.
+
+    Each part's parameters become views of its row block of the fused tensors, so the
+    parts keep their Hugging Face names for loading (``param.copy_`` writes through to
+    the fused weight) and no weight is stored twice. ``F.linear(x, fused)`` then gives
+    the parts' outputs side by side in one matmul: every output element is the same
+    dot product as in the separate matmul (the equality tests against transformers
+    hold bit for bit).
+    """
+    in_features = parts[0].in_features
+    assert all(p.in_features == in_features for p in parts), [p.in_features for p in parts]
+    weight = torch.cat([p.weight.data for p in parts])  # [sum(out), in]
+    has_bias = parts[0].bias is not None
+    bias = torch.cat([p.bias.data for p in parts]) if has_bias else None  # [sum(out)]
+    lo = 0
+    for p in parts:
+        hi = lo + p.out_features
+        p.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
+        if has_bias:
+            p.bias = nn.Parameter(bias[lo:hi], requires_grad=False)
+        lo = hi
+    return weight, bias
+
+
 class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -85,9 +110,15 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, intermediate, bias, dtype)
         self.up_proj = Linear(hidden, intermediate, bias, dtype)
         self.down_proj = Linear(intermediate, hidden, bias, dtype)
+        self.intermediate = intermediate
+        # gate and up in one matmul; gate_proj / up_proj stay the loadable parameters (views).
+        # Plain attributes, not parameters: the parts own them.
+        self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)  # [2I, hidden]
 
     def forward(self, x: Tensor) -> Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2I]
+        gate, up = gate_up.split(self.intermediate, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 # --------------------------------------------------------------------------- rotary embeddings

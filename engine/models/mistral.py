@@ -14,12 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.models.base import KVCacheSpec
 from engine.models.decoder import DecoderLM, hf_get
 from engine.models.layers import DecoderLayer, GatedMLP, Linear, RotaryEmbedding, StepContext, check_activation, \
-    standardize_rope_parameters
+    fuse_linears, standardize_rope_parameters
 from kernels.backend import AttentionBackend
 
 
@@ -59,15 +60,17 @@ class GQAAttention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias, dtype)
         self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias, dtype)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias, dtype)
+        # q, k and v in one matmul; the *_proj parameters stay loadable by name (views of these).
+        self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)  # [(Hq+2Hkv)*D, hidden]
 
     def forward(self, h: Tensor, ctx: StepContext, kv_cache: tuple[Tensor, Tensor]) -> Tensor:  # [T, hidden]
         k_cache, v_cache = kv_cache  # [NB, BS, Hkv, D] each
-        n = h.shape[0]
-        q = self.q_proj(h).view(n, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(h).view(n, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(h).view(n, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        q = self.rotary.apply(q, ctx.cos, ctx.sin)
-        k = self.rotary.apply(k, ctx.cos, ctx.sin)
+        n, hq, hkv = h.shape[0], self.num_heads, self.num_kv_heads
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(n, hq + 2 * hkv, self.head_dim)  # [T, Hq+2Hkv, D]
+        # q and k heads side by side get the same per-position rotation: one elementwise pass for both.
+        qk = self.rotary.apply(qkv[:, :hq + hkv], ctx.cos, ctx.sin)  # [T, Hq+Hkv, D]
+        q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
+        v = qkv[:, hq + hkv:]  # [T, Hkv, D]
         self.backend.write_kv(k_cache, k, ctx.meta.slot_mapping)
         self.backend.write_kv(v_cache, v, ctx.meta.slot_mapping)
         out = self.backend.paged_attention(q, k_cache, v_cache, ctx.meta, self.scale,

@@ -19,11 +19,16 @@ Built for low per-step overhead:
   (``q_nope @ w_uk``), attention runs as MQA directly over the cached
   ``[latent ; k_rope]`` rows with the latent itself as value, and the result is
   projected out with ``w_uv``. Per-head K/V are never materialized.
+* everything that depends only on the batch (gather slots, padding / causal
+  masks, row indices) is planned once per step and sliding window, kept in
+  ``meta.derive``, and shared by all layers; a layer only gathers its own
+  cache and runs SDPA.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,78 @@ def _gather(cache: Tensor, slots: Tensor) -> Tensor:
     except RuntimeError:  # strided cache that can't be viewed 2-D: slower advanced indexing
         return cache.flatten(0, 1)[slots]
     return rows.index_select(0, slots.reshape(-1)).view(*slots.shape, *entry)
+
+
+@dataclass
+class _DecodePlan:
+    """Where the keys of batched decode rows are. q_len 1 each; L = the longest visible span."""
+
+    slots: Tensor  # [B, L] cache slots of each row's visible keys; padding re-reads the last key
+    mask: Tensor | None  # [B, 1, 1, L] True for real keys; None when every row sees L keys
+
+    @staticmethod
+    def build(block_tables: Tensor, seq_lens: list[int], block_size: int, window: int | None) -> "_DecodePlan":
+        # block_tables [B, W]
+        spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
+        span_max = max(spans)
+        offs = torch.arange(span_max)  # [L]
+        last = torch.tensor(seq_lens, dtype=torch.long)[:, None] - 1  # [B, 1]
+        first = last + 1 - torch.tensor(spans, dtype=torch.long)[:, None]  # [B, 1]
+        positions = torch.minimum(first + offs, last)  # [B, L]
+        mask = None
+        if min(spans) != span_max:
+            mask = (offs[None, :] < torch.tensor(spans)[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        return _DecodePlan(_slots(block_tables, positions, block_size), mask)
+
+
+@dataclass
+class _PrefillPlan:
+    """One sequence whose chunk has several queries: rows start:start+q_len of the batch."""
+
+    start: int
+    q_len: int
+    slots: Tensor  # [L] cache slots of the keys any query of the chunk can see
+    mask: Tensor | None  # [Q, L] causal (+ window) mask; None: the chunk is the whole visible context (is_causal)
+
+    @staticmethod
+    def build(start: int, q_len: int, block_table: Tensor, seq_len: int, block_size: int,
+              window: int | None) -> "_PrefillPlan":
+        # block_table [W]
+        first_q = seq_len - q_len
+        first_k = 0 if window is None else max(0, first_q - window + 1)  # earliest key any query can see
+        key_pos = torch.arange(first_k, seq_len)  # [L]
+        slots = _slots(block_table[None], key_pos[None], block_size)[0]  # [L]
+        mask = None
+        if not (first_q == 0 and (window is None or window >= seq_len)):
+            query_pos = torch.arange(first_q, seq_len)[:, None]  # [Q, 1]
+            mask = key_pos[None, :] <= query_pos  # [Q, L]
+            if window is not None:
+                mask &= key_pos[None, :] > query_pos - window
+        return _PrefillPlan(start, q_len, slots, mask)
+
+
+@dataclass
+class _StepPlan:
+    """How one step's batch is attended, for one sliding window; identical for every layer."""
+
+    decode: _DecodePlan | None  # the query_len == 1 rows, batched
+    decode_rows: Tensor | None  # [B_dec] their rows in the batch; None when every row decodes
+    prefill: list[_PrefillPlan]
+
+    @staticmethod
+    def build(meta: AttentionMetadata, window: int | None) -> "_StepPlan":
+        q_lens, s_lens, bs = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size
+        if meta.is_decode_only:
+            return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [])
+        starts = meta.query_start_loc.tolist()
+        decode = [b for b, n in enumerate(q_lens) if n == 1]
+        dec_plan = rows = None
+        if decode:
+            dec_plan = _DecodePlan.build(meta.block_tables[decode], [s_lens[b] for b in decode], bs, window)
+            rows = torch.tensor([starts[b] for b in decode], dtype=torch.long)
+        prefill = [_PrefillPlan.build(starts[b], n, meta.block_tables[b], s_lens[b], bs, window)
+                   for b, n in enumerate(q_lens) if n > 1]
+        return _StepPlan(dec_plan, rows, prefill)
 
 
 class CpuAttentionBackend(AttentionBackend):
@@ -71,24 +148,20 @@ class CpuAttentionBackend(AttentionBackend):
     def _attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, meta: AttentionMetadata,
                 scale: float, window: int | None) -> Tensor:
         """v_cache None means V is the first v_dim features of each K entry (MLA: the latent)."""
-        q_lens, s_lens = meta.query_lens_cpu, meta.seq_lens_cpu
-        if not q_lens:
+        if not meta.query_lens_cpu:
             return q.new_empty(0, q.shape[1], v_dim)
-        caches = (k_cache, v_cache, v_dim, meta.block_size, scale, window)
-        if meta.is_decode_only:
-            return self._decode(q, meta.block_tables, s_lens, *caches)
+        # Built by the first layer of the step, reused by the others (the plan depends only on the batch).
+        plan = meta.derive(("cpu_attention", window), lambda: _StepPlan.build(meta, window))
+        caches = (k_cache, v_cache, v_dim, scale)
+        if plan.decode is not None and plan.decode_rows is None:  # decode-only step
+            return self._decode(q, plan.decode, *caches)
 
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)  # [T, Hq, Dv]
-        starts = meta.query_start_loc.tolist()
-        decode = [b for b, n in enumerate(q_lens) if n == 1]
-        if decode:
-            rows = torch.tensor([starts[b] for b in decode], dtype=torch.long)
-            out[rows] = self._decode(q[rows], meta.block_tables[decode], [s_lens[b] for b in decode], *caches)
-        for b, q_len in enumerate(q_lens):
-            if q_len > 1:
-                start = starts[b]
-                out[start:start + q_len] = self._prefill(q[start:start + q_len], meta.block_tables[b], s_lens[b],
-                                                         *caches)
+        if plan.decode is not None:
+            rows = plan.decode_rows
+            out[rows] = self._decode(q[rows], plan.decode, *caches)
+        for p in plan.prefill:
+            out[p.start:p.start + p.q_len] = self._prefill(q[p.start:p.start + p.q_len], p, *caches)
         return out
 
     @staticmethod
@@ -99,48 +172,30 @@ class CpuAttentionBackend(AttentionBackend):
         return k, v
 
     @classmethod
-    def _decode(cls, q: Tensor, block_tables: Tensor, seq_lens: list[int], k_cache: Tensor, v_cache: Tensor | None,
-                v_dim: int, block_size: int, scale: float, window: int | None) -> Tensor:
-        """One query per sequence, batched. q [B, Hq, D]; block_tables [B, W] -> [B, Hq, Dv]"""
+    def _decode(cls, q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int,
+                scale: float) -> Tensor:
+        """One query per sequence, batched. q [B, Hq, D] -> [B, Hq, Dv]"""
         num_seqs, num_q_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
-        spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
-        span_max = max(spans)
-        offs = torch.arange(span_max)  # [L]
-        last = torch.tensor(seq_lens, dtype=torch.long)[:, None] - 1  # [B, 1]
-        first = last + 1 - torch.tensor(spans, dtype=torch.long)[:, None]  # [B, 1]
-        positions = torch.minimum(first + offs, last)  # [B, L]; padding re-reads the last key (masked out)
-        k, v = cls._kv(k_cache, v_cache, v_dim, _slots(block_tables, positions, block_size), q.dtype)
+        k, v = cls._kv(k_cache, v_cache, v_dim, plan.slots, q.dtype)  # [B, L, Hkv, D], [B, L, Hkv, Dv]
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D], [B, Hkv, L, Dv]
-        mask = None
-        if min(spans) != span_max:
-            mask = (offs[None, :] < torch.tensor(spans)[:, None])[:, None, None, :]  # [B, 1, 1, L]
         # GQA: query head h = kv_head * G + g, so the G heads sharing a kv head become G query rows.
         qg = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G, Dv]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=plan.mask, scale=scale)  # [B, Hkv, G, Dv]
         return o.reshape(num_seqs, num_q_heads, v.shape[-1])
 
     @classmethod
-    def _prefill(cls, q: Tensor, block_table: Tensor, seq_len: int, k_cache: Tensor, v_cache: Tensor | None,
-                 v_dim: int, block_size: int, scale: float, window: int | None) -> Tensor:
+    def _prefill(cls, q: Tensor, plan: _PrefillPlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int,
+                 scale: float) -> Tensor:
         """Queries are the last Q positions of one sequence. q [Q, Hq, D] -> [Q, Hq, Dv]"""
-        q_len = q.shape[0]
-        first_q = seq_len - q_len
-        first_k = 0 if window is None else max(0, first_q - window + 1)  # earliest key any query can see
-        key_pos = torch.arange(first_k, seq_len)  # [L]
-        slots = _slots(block_table[None], key_pos[None], block_size)[0]  # [L]
-        k, v = cls._kv(k_cache, v_cache, v_dim, slots, q.dtype)  # [L, Hkv, D], [L, Hkv, Dv]
+        k, v = cls._kv(k_cache, v_cache, v_dim, plan.slots, q.dtype)  # [L, Hkv, D], [L, Hkv, Dv]
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, L, D], [1, Hkv, L, Dv]
         qh = q.transpose(0, 1)[None]  # [1, Hq, Q, D]
         gqa = k.shape[1] != q.shape[1]
-        if first_q == 0 and (window is None or window >= seq_len):
+        if plan.mask is None:
             o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            query_pos = torch.arange(first_q, seq_len)[:, None]  # [Q, 1]
-            mask = key_pos[None, :] <= query_pos  # [Q, L]
-            if window is not None:
-                mask &= key_pos[None, :] > query_pos - window
-            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.mask, scale=scale, enable_gqa=gqa)
         return o[0].transpose(0, 1)  # [Q, Hq, Dv]
 
     def mla_paged_attention(self, q_nope: Tensor, q_rope: Tensor, latent_cache: Tensor, meta: AttentionMetadata,
