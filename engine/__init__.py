@@ -6,6 +6,8 @@ be used without loading torch.
 
 from __future__ import annotations
 
+from engine._lazy import lazy_getattr
+
 _EXPORTS = {
     "LLM": "engine.llm",
     "AsyncEngine": "engine.async_engine",
@@ -20,11 +22,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

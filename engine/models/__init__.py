@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from engine._lazy import lazy_getattr
+
 _EXPORTS = {
     "CausalLM": "engine.models.base",
     "KVCacheSpec": "engine.models.base",
@@ -17,11 +19,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'engine.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
