@@ -7,7 +7,7 @@ import sys
 from typing import Iterator, Sequence
 
 from engine.api import EngineStats, Message, RequestDelta, RequestOutput
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig, SchedulerConfig
+from engine.config import EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
 from engine.llm_engine import EngineCore, Prompt
 
@@ -25,13 +25,6 @@ class LLM:
             config = EngineConfig(model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len))
         self.engine = EngineCore(config)
         self._ids = itertools.count()
-
-    @staticmethod
-    def build(model: str | None = None, *, cache: CacheConfig = CacheConfig(), scheduler: SchedulerConfig = SchedulerConfig(),
-              reasoning: ReasoningConfig = ReasoningConfig(), **model_kwargs) -> "LLM":
-        """An LLM with explicit sub-configs (block size, budgets, ...)."""
-        return LLM(config=EngineConfig(model=ModelConfig(model=model, **model_kwargs), cache=cache,
-                                       scheduler=scheduler, reasoning=reasoning))
 
     @property
     def tokenizer(self):

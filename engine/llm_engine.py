@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
@@ -21,16 +20,9 @@ from engine.output import RequestState
 from engine.reasoning import ReasoningState, check_effort, resolve_markers
 from engine.runner import ModelRunner, StepResult
 from engine.sampler import SampleRow, logprobs_of
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 Prompt = str | list[int] | list[dict[str, Any]]
-
-
-def _has_tokenizer(path: str) -> bool:
-    if path.endswith(".gguf"):
-        return True
-    names = os.listdir(path) if os.path.isdir(path) else []
-    return any(n in ("tokenizer.json", "tokenizer_config.json") or n.startswith("tekken") or ".model.v" in n for n in names)
 
 
 class EngineCore:
@@ -40,11 +32,10 @@ class EngineCore:
             torch.set_num_threads(config.model.num_threads)
         self.model_path = config.model.model or default_model_path()
         self.model, hf_config = load_model(self.model_path, config.model, config.parallel)
-        tok_path = config.model.tokenizer or resolve_model_dir(self.model_path)
-        self.tokenizer: Tokenizer | None = load_tokenizer(tok_path) if config.model.tokenizer or _has_tokenizer(tok_path) else None
+        # an explicit tokenizer must exist; the model's own may be absent (tiny test checkpoints)
+        self.tokenizer: Tokenizer | None = (load_tokenizer(config.model.tokenizer) if config.model.tokenizer
+                                            else find_tokenizer(resolve_model_dir(self.model_path)))
         self.vocab_size = int(hf_config["vocab_size"])
-        self.max_model_len = min(config.model.max_model_len or hf_config.get("max_position_embeddings") or 32768,
-                                 hf_config.get("max_position_embeddings") or 1 << 30)
         self.eos_ids = self._eos_ids(hf_config)
 
         block_size = config.cache.block_size
@@ -52,9 +43,11 @@ class EngineCore:
         self.kv_bytes_per_block = spec.bytes_per_block(block_size)
         # +1: block 0 is the null block that pads block tables
         num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // self.kv_bytes_per_block + 1
-        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
+        model_limit = hf_config.get("max_position_embeddings")
+        wanted = config.model.max_model_len or model_limit or 32768
+        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=min(wanted, model_limit) if model_limit else wanted)
         self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks)
-        self.max_model_len = self.scheduler.max_model_len  # capped when the cache cannot hold a full-length sequence
+        self.max_model_len = self.scheduler.max_model_len  # also capped when the cache cannot hold a full-length sequence
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.markers = resolve_markers(self.tokenizer, config.reasoning)
         self.requests: dict[str, Request] = {}
@@ -175,9 +168,8 @@ class EngineCore:
 
     def _finish(self, request_id: str, reason: str) -> RequestDelta:
         req, state = self.requests.pop(request_id), self.states.pop(request_id)
-        delta = state.finish(reason)
-        delta.usage.cached_tokens = max(req.num_cached_tokens, 0)
-        self.finished[request_id] = state.to_output(reason, req.num_cached_tokens)
+        delta = state.finish(reason, cached_tokens=max(req.num_cached_tokens, 0))
+        self.finished[request_id] = state.to_output(reason)
         return delta
 
     # ---- introspection ---------------------------------------------------------------------------

@@ -32,21 +32,23 @@ class IncrementalDetokenizer:
 
     def feed(self, ids: Sequence[int]) -> str:
         self.ids.extend(ids)
-        if self.tokenizer is None or not ids:
-            return ""
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        text = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(text) > len(before) and not text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return text[len(before):]
-        return ""
+        return self._delta(final=False) if ids else ""
 
     def flush(self) -> str:
+        """Whatever is still held back (an incomplete character included), at the end."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
         if self.tokenizer is None or self._read == len(self.ids):
             return ""
         before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         text = self.tokenizer.decode(self.ids[self._prefix:])
-        self._prefix = self._read = len(self.ids)
+        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
+            return ""
+        if final:
+            self._prefix = self._read = len(self.ids)
+        else:  # the next window starts at the tokens just decoded
+            self._prefix, self._read = self._read, len(self.ids)
         return text[len(before):]
 
 
@@ -65,6 +67,7 @@ class RequestState:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_reason: int | str | None = None
     stopped_by_string: bool = False
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache, known at the end
 
     def __post_init__(self) -> None:
         self._answer_detok = IncrementalDetokenizer(self.tokenizer)
@@ -81,7 +84,8 @@ class RequestState:
         released = [pair for t in token_ids for pair in self.reasoning.feed(t)]
         return self._decode(released, token_ids, logprobs, final=False)
 
-    def finish(self, finish_reason: str | None) -> RequestDelta:
+    def finish(self, finish_reason: str | None, cached_tokens: int = 0) -> RequestDelta:
+        self.cached_tokens = cached_tokens
         delta = self._decode(self.reasoning.flush(), [], None, final=True)
         delta.finished, delta.finish_reason, delta.usage = True, finish_reason, self.usage()
         return delta
@@ -112,13 +116,11 @@ class RequestState:
             prompt_tokens=len(self.prompt_token_ids),
             completion_tokens=len(self.token_ids),
             reasoning_tokens=self.reasoning.num_reasoning_tokens,
-            cached_tokens=0,
+            cached_tokens=self.cached_tokens,
             reasoning_effort=self.reasoning.effort,
         )
 
-    def to_output(self, finish_reason: str | None, cached_tokens: int) -> RequestOutput:
-        usage = self.usage()
-        usage.cached_tokens = max(cached_tokens, 0)
+    def to_output(self, finish_reason: str | None) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
@@ -127,7 +129,7 @@ class RequestState:
             reasoning_text=self.reasoning_text,
             finish_reason=finish_reason,
             stop_reason=self.stop_reason,
-            usage=usage,
+            usage=self.usage(),
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
         )

@@ -10,9 +10,9 @@ from __future__ import annotations
 import glob
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Sequence
 
-Message = dict[str, Any]
+from engine.api import Message
 
 
 class Tokenizer(ABC):
@@ -123,15 +123,21 @@ def _mistral_file(path: str) -> str | None:
     return None
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """A tokenizer for ``path``: a mistral-common file, a HF folder, or a .gguf file."""
-    if not os.path.exists(path):
-        raise ValueError(f"tokenizer: {path} does not exist")
-    if path.endswith(".gguf"):
+def find_tokenizer(path: str) -> Tokenizer | None:
+    """The tokenizer at ``path`` (a mistral-common file, a HF folder or a .gguf file), or None if it has none."""
+    if path.endswith(".gguf") and os.path.isfile(path):
         return HFTokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return HFTokenizer(path)
     mistral = _mistral_file(path)
-    if mistral:
-        return MistralCommonTokenizer(mistral)
-    raise ValueError(f"tokenizer: no tokenizer found at {path} (expected tokenizer.json, tekken*.json or *.model.v*)")
+    return MistralCommonTokenizer(mistral) if mistral else None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Like ``find_tokenizer``, for a path that must hold a tokenizer: a clear error otherwise."""
+    if not os.path.exists(path):
+        raise ValueError(f"tokenizer: {path} does not exist")
+    tok = find_tokenizer(path)
+    if tok is None:
+        raise ValueError(f"tokenizer: no tokenizer found at {path} (expected tokenizer.json, tekken*.json or *.model.v*)")
+    return tok
