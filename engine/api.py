@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 
 Message = dict[str, Any]
@@ -79,6 +80,20 @@ class EngineStats:
     num_prompt_tokens: int
 
 
+@dataclass
+class EngineInfo:
+    """What a served model is, for ``ListModels`` and capacity checks."""
+
+    model: str  # the checkpoint path or name it was loaded from
+    architecture: str  # e.g. "Mistral4ForCausalLM"
+    max_model_len: int
+    vocab_size: int
+    ep_size: int = 1
+    ep_rank: int = 0
+    num_local_expert_params: int = 0  # routed-expert parameters this rank holds
+    num_expert_params: int = 0  # routed-expert parameters of the whole model
+
+
 class EngineError(Exception):
     """A request the engine cannot take; ``field`` names the offending input."""
 
@@ -115,6 +130,12 @@ class EngineClient(ABC):
     @abstractmethod
     async def health(self) -> bool: ...
 
+    @abstractmethod
+    async def info(self) -> EngineInfo: ...
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine and release what it holds; in-flight streams end with ``abort``."""
+
     async def generate(self, request_id: str, prompt: str | list[int] | list[Message],
                        params: SamplingParams) -> AsyncIterator[RequestDelta]:
         """Submit and stream in one call; aborts the request if the consumer stops early."""
@@ -127,3 +148,32 @@ class EngineClient(ABC):
         finally:
             if not finished:
                 await self.abort(request_id)
+
+
+def create_engine(config: EngineConfig) -> EngineClient:
+    """An engine in this process, stepping in a background thread.
+
+    With ``config.parallel.ep_size > 1`` this process is rank 0 of an
+    expert-parallel group: it schedules, samples and broadcasts each step to
+    ranks 1.., which run ``run_expert_worker`` with the same config (their own
+    ``ep_rank``). Rank 0 hosts the rendezvous at ``parallel.init_method``; the
+    call blocks until every rank has loaded its experts and joined (at most
+    ``parallel.timeout_s`` after this rank's model is loaded), so start the
+    workers concurrently, in any order. Loads torch lazily, so importing this
+    module stays light.
+    """
+    from engine.async_engine import AsyncEngine
+
+    return AsyncEngine(config)
+
+
+def run_expert_worker(config: EngineConfig) -> None:
+    """Rank ``config.parallel.ep_rank >= 1`` of an EP group: run the steps rank 0 sends until it shuts down.
+
+    Blocks for the group's whole life: returns when rank 0's engine shuts down;
+    raises when rank 0 dies or is silent for ``parallel.timeout_s`` (a lost
+    peer ends the group, it is never repaired in place).
+    """
+    from engine.parallel.worker import run_worker
+
+    run_worker(config)

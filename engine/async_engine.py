@@ -4,6 +4,11 @@ asyncio callers submit, stream and abort; a single background thread owns
 the ``EngineCore`` (nothing else touches it) and hands deltas back to each
 caller's event loop. Torch releases the GIL in its kernels, so the event
 loop stays responsive while a step runs.
+
+If a step raises (under expert parallelism: a peer rank died, or a
+collective timed out after ``parallel.timeout_s``) the engine stops for
+good: ``health()`` turns False, every open stream ends with ``abort`` and
+new submits fail as ``unavailable``. Shutdown ends open streams the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from engine.api import EngineClient, EngineError, EngineStats, RequestDelta
+from engine.api import EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 from engine.llm_engine import EngineCore, Prompt
@@ -25,6 +30,7 @@ class AsyncEngine(EngineClient):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.stats()
+        self._info = self.core.info()
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="levante-engine", daemon=True)
@@ -69,6 +75,9 @@ class AsyncEngine(EngineClient):
     async def health(self) -> bool:
         return self._thread.is_alive() and self._error is None
 
+    async def info(self) -> EngineInfo:
+        return self._info
+
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         self._inbox.put(("wake",))
@@ -84,10 +93,16 @@ class AsyncEngine(EngineClient):
                 deltas = self.core.step() if self.core.has_unfinished_requests() else []
                 self._stats = self.core.stats()  # before delivery: a caller that saw its end sees its blocks freed
                 self._dispatch(deltas)
+                self.core.keepalive()  # expert-parallel peers wait on us between steps
         except BaseException as e:  # a broken engine must fail its streams, not hang them
             self._error = e
+        finally:
             for rid in list(self._streams):
                 self._deliver(RequestDelta(rid, [], finished=True, finish_reason="abort"))
+            try:
+                self.core.close(peers_ok=self._error is None)  # after a failed collective, peers may not listen
+            except BaseException as e:  # noqa: BLE001 - the engine is down either way; keep the first error
+                self._error = self._error or e
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -104,22 +104,30 @@ def _cmd_bench(args) -> int:
     return run(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="levante", description="Levante: serve Mistral-family MoE models")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def add_commands(sub) -> None:
+    """The engine's subcommands; ``cluster.cli`` adds the serving ones beside them."""
     _add_generate(sub)
     _add_models(sub)
     _add_bench(sub)
-    args = parser.parse_args(argv)
+
+
+def run(args, errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a parsed command: bad input ends in one ``levante: error:`` line and exit code 2."""
     from engine.api import EngineError
 
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (EngineError, ValueError, OSError) as e:  # ModelLoadError is a ValueError
+    except (EngineError, ValueError, OSError, *errors) as e:  # ModelLoadError is a ValueError
         print(f"levante: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="levante", description="Levante: serve Mistral-family MoE models")
+    add_commands(parser.add_subparsers(dest="cmd", required=True))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16")
 EFFORTS = ("none", "low", "medium", "high")
+BACKENDS = ("gloo", "nccl")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -99,14 +100,28 @@ class ReasoningConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Expert parallelism: ranks in a group, and which one this process is."""
+    """Expert parallelism: ranks in a group, which one this process is, and how they meet.
+
+    Every rank gets the same config except ``ep_rank``. Rank 0 drives the engine
+    and hosts the rendezvous at ``init_method``; ``timeout_s`` bounds every
+    collective, so a dead or stuck peer fails the group instead of hanging it.
+    """
 
     ep_size: int = 1
     ep_rank: int = 0
+    backend: str = "gloo"  # torch.distributed backend: "gloo" (CPU) or "nccl" (GPU)
+    init_method: str | None = None  # rendezvous URL, e.g. "tcp://10.0.0.5:29500"; needed when ep_size > 1
+    timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check(self.ep_size >= 1, "ep_size", "must be >= 1")
         _check(0 <= self.ep_rank < self.ep_size, "ep_rank", f"must be in [0, {self.ep_size})")
+        _check(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {self.backend!r}")
+        _check(self.timeout_s > 0, "timeout_s", "must be positive")
+        _check(self.ep_size == 1 or bool(self.init_method), "init_method",
+               "is required when ep_size > 1 (e.g. 'tcp://127.0.0.1:29500')")
+        _check(self.init_method is None or "://" in self.init_method, "init_method",
+               f"must be a URL such as 'tcp://host:port', got {self.init_method!r}")
 
 
 @dataclass(frozen=True)

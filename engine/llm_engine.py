@@ -1,7 +1,10 @@
 """The synchronous engine: admit requests, then step = schedule, execute, update.
 
 ``EngineCore`` is single-threaded; ``LLM`` drives it in a loop and
-``AsyncEngine`` drives it from a background thread.
+``AsyncEngine`` drives it from a background thread. With
+``parallel.ep_size > 1`` it is rank 0 of an expert-parallel group: its runner
+broadcasts every step to ranks 1.. (``engine.parallel``), and whoever drives
+it calls ``keepalive()`` while idle and ``close()`` at the end.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from typing import Any
 
 import torch
 
-from engine.api import EngineError, EngineStats, RequestDelta, RequestOutput, TokenLogprob
+from engine.api import EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput, TokenLogprob
 from engine.config import EngineConfig
 from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.models.loader import default_model_path, load_model, resolve_model_dir
+from engine.models.uris import resolve_tokenizer_path
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, check_effort, resolve_markers
 from engine.runner import ModelRunner, StepResult
@@ -30,11 +34,13 @@ class EngineCore:
         self.config = config
         if config.model.num_threads:
             torch.set_num_threads(config.model.num_threads)
-        self.model_path = config.model.model or default_model_path()
-        self.model, hf_config = load_model(self.model_path, config.model, config.parallel)
+        self.model_path = config.model.model or default_model_path()  # as given (a folder, .gguf or tiny: URI)
+        model_dir = resolve_model_dir(self.model_path)
+        self.model, hf_config = load_model(model_dir, config.model, config.parallel)
+        self.architecture = (hf_config.get("architectures") or [type(self.model).__name__])[0]
         # an explicit tokenizer must exist; the model's own may be absent (tiny test checkpoints)
-        self.tokenizer: Tokenizer | None = (load_tokenizer(config.model.tokenizer) if config.model.tokenizer
-                                            else find_tokenizer(resolve_model_dir(self.model_path)))
+        self.tokenizer: Tokenizer | None = (load_tokenizer(resolve_tokenizer_path(config.model.tokenizer))
+                                            if config.model.tokenizer else find_tokenizer(model_dir))
         self.vocab_size = int(hf_config["vocab_size"])
         self.eos_ids = self._eos_ids(hf_config)
 
@@ -55,6 +61,14 @@ class EngineCore:
         self.finished: dict[str, RequestOutput] = {}
         self._num_generated = 0
         self._num_prompt = 0
+        self.broadcaster = None  # rank 0 of an expert-parallel group: sends each step to ranks 1..
+        if config.parallel.ep_size > 1:  # last: join the group only once everything local has worked
+            from engine.parallel.driver import start_driver
+            from engine.parallel.wire import Hello
+
+            self.broadcaster = start_driver(self.model, config.parallel, Hello(
+                num_blocks, block_size, self.max_model_len, self.vocab_size, self.model.num_expert_params()))
+            self.runner.step_sink = self.broadcaster
 
     # ---- admission -------------------------------------------------------------------------------
 
@@ -172,7 +186,34 @@ class EngineCore:
         self.finished[request_id] = state.to_output(reason)
         return delta
 
+    # ---- expert-parallel group -------------------------------------------------------------------
+
+    def keepalive(self) -> None:
+        """Call while idle: ranks 1.. wait at most ``timeout_s`` for rank 0's next message."""
+        if self.broadcaster is not None:
+            self.broadcaster.keepalive()
+
+    def close(self, peers_ok: bool = True) -> None:
+        """Stop ranks 1.. (when they can still hear it) and leave the group."""
+        if self.broadcaster is None:
+            return
+        broadcaster, self.broadcaster = self.broadcaster, None
+        self.runner.step_sink = None
+        try:
+            if peers_ok:
+                broadcaster.stop()
+        finally:
+            broadcaster.group.close()
+
     # ---- introspection ---------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model=self.model_path, architecture=self.architecture, max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size, ep_size=self.config.parallel.ep_size, ep_rank=self.config.parallel.ep_rank,
+            num_local_expert_params=self.model.num_local_expert_params(),
+            num_expert_params=self.model.num_expert_params(),
+        )
 
     def stats(self) -> EngineStats:
         s = self.scheduler.get_stats()

@@ -4,21 +4,53 @@ Owns the model, its paged KV cache and the sampler. Flattens the step's
 sequences into one varlen batch, runs the model once, and computes logits
 only for the rows that need them (the last row of each sampling sequence,
 and every row of a chunk whose prompt logprobs were asked for).
+
+Under expert parallelism rank 0's runner hands each step's ``StepInputs`` to
+a broadcaster before its forward; ranks 1.. run ``forward`` on the same
+inputs, so the MoE all-reduces inside the model pair up one to one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
 from engine.api import TokenLogprob
 from engine.core.request import Request
-from engine.core.scheduler import SchedulerOutput
+from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.models.base import CausalLM
 from engine.sampler import Sampler, SampleRow, logprobs_of
 from kernels.metadata import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    """Everything a model forward needs for one step: the flattened batch and its paging."""
+
+    input_ids: list[int]  # [T] the step's tokens, sequence after sequence
+    positions: list[int]  # [T]
+    query_lens: list[int]  # [B] new tokens per sequence
+    seq_lens: list[int]  # [B] context length including the new tokens
+    block_ids: list[list[int]]  # [B][n_b] each sequence's block table
+
+    @staticmethod
+    def of(seqs: Sequence[ScheduledSeq]) -> "StepInputs":
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for s in seqs:
+            input_ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+        query_lens = [len(s.token_ids) for s in seqs]
+        seq_lens = [s.start_pos + n for s, n in zip(seqs, query_lens)]
+        return StepInputs(input_ids, positions, query_lens, seq_lens, [list(s.block_ids) for s in seqs])
+
+
+class StepSink(Protocol):
+    """Where rank 0 sends each step's inputs before its own forward (``engine.parallel.StepBroadcaster``)."""
+
+    def send(self, inputs: StepInputs) -> None: ...
 
 
 @dataclass
@@ -30,8 +62,10 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0,
+                 step_sink: StepSink | None = None):
         self.model = model
+        self.step_sink = step_sink  # set on rank 0 of an expert-parallel group
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
@@ -43,18 +77,10 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, requests: Mapping[str, Request],
                 rows: Mapping[str, SampleRow]) -> StepResult:
         seqs = out.seqs
-        input_ids: list[int] = []
-        positions: list[int] = []
-        for s in seqs:
-            input_ids.extend(s.token_ids)
-            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
-        q_lens = [len(s.token_ids) for s in seqs]
-        meta = AttentionMetadata.build(
-            self.block_size, q_lens, [s.start_pos + n for s, n in zip(seqs, q_lens)], [s.block_ids for s in seqs]
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), meta, self.kv_caches
-        )  # [T, D]
+        inputs = StepInputs.of(seqs)
+        if self.step_sink is not None:
+            self.step_sink.send(inputs)  # the other ranks run this same forward alongside ours
+        hidden, meta = self.forward(inputs)  # [T, D]
 
         ends = meta.query_start_loc[1:].tolist()
         sample_ids = [s.request_id for s in seqs if s.samples]
@@ -68,6 +94,16 @@ class ModelRunner:
             if s.wants_prompt_logprobs:
                 result.prompt_logprobs[s.request_id] = self._prompt_logprobs(s, end, hidden, requests[s.request_id])
         return result
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Run the model on one step's inputs, writing their KV entries: (final hidden [T, D], metadata)."""
+        meta = AttentionMetadata.build(self.block_size, inputs.query_lens, inputs.seq_lens, inputs.block_ids)
+        hidden = self.model(
+            torch.tensor(inputs.input_ids, dtype=torch.int64), torch.tensor(inputs.positions, dtype=torch.int64),
+            meta, self.kv_caches,
+        )  # [T, D]
+        return hidden, meta
 
     def _prompt_logprobs(self, s, end: int, hidden: torch.Tensor, req: Request) -> list[TokenLogprob]:
         """Logprobs of prompt tokens start_pos+1 .. (within the prompt) predicted by this chunk's rows."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,19 @@ class CausalLM(nn.Module, ABC):
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Copy Hugging Face-named tensors into the parameters; raises ModelLoadError on
         a missing, unexpected or mis-shaped tensor."""
+
+    # Expert parallelism; a model without routed experts has nothing to split.
+
+    def set_moe_combine(self, combine: Callable[[Tensor], Tensor]) -> None:
+        """Install the cross-rank reduction applied to each MoE layer's partial routed output."""
+
+    def num_local_expert_params(self) -> int:
+        """Routed-expert parameters this rank holds."""
+        return 0
+
+    def num_expert_params(self) -> int:
+        """Routed-expert parameters of the whole model."""
+        return 0
 
     def is_weight_needed(self, name: str) -> bool:
         """False for a checkpoint tensor this model would skip anyway (e.g. another

@@ -139,6 +139,11 @@ class DecoderLM(CausalLM):
         """Routed-expert parameters this rank holds (1/ep_size of the model's)."""
         return sum(p.numel() for m in self.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
 
+    def num_expert_params(self) -> int:
+        """Routed-expert parameters of the whole model (all ranks together)."""
+        return sum(p.numel() // m.num_local_experts * m.num_experts
+                   for m in self.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
+
     # ----------------------------------------------------------------- loading
 
     def _expert_modules(self) -> dict[str, RoutedExperts]:

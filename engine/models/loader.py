@@ -4,7 +4,8 @@ A folder holds ``config.json`` and safetensors weights (``model.safetensors``,
 or shards listed in ``model.safetensors.index.json``). A ``.gguf`` file (llama
 architecture) is dequantized once into such a folder in the cache
 (``$LEVANTE_CACHE_DIR``, default ``~/.cache/levante``, under ``models/``),
-with its tokenizer saved beside it, and loaded from there.
+with its tokenizer saved beside it, and loaded from there. A ``tiny:<arch>``
+URI (``engine.models.uris``) is built once into the same cache.
 
 Every failure to load is a :class:`ModelLoadError` whose message is one line
 naming the file or tensor at fault.
@@ -16,9 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +25,9 @@ from torch import Tensor
 
 from engine.config import ModelConfig, ParallelConfig
 from engine.models.base import CausalLM, ModelLoadError
+from engine.models.cache import build_once, cache_root
 from engine.models.registry import resolve_architecture
+from engine.models.uris import is_tiny_uri, tiny_model_dir
 
 __all__ = ["ModelLoadError", "load_model", "default_model_path", "resolve_model_dir", "convert_gguf", "gguf_cache_dir", "cache_root",
            "read_config", "weight_files"]
@@ -98,9 +98,11 @@ def _iter_tensors(files: list[Path], model: CausalLM, where: dict) -> Iterator[t
 def resolve_model_dir(model_path: str | os.PathLike | None) -> str:
     """The Hugging Face folder behind a model path (where its tokenizer lives too):
     the folder itself, the cached conversion of a ``.gguf`` (converting it once),
-    or the default model's folder for None."""
+    the cached build of a ``tiny:<arch>`` URI, or the default model's folder for None."""
     if model_path is None:
         return default_model_path()
+    if is_tiny_uri(str(model_path)):
+        return str(tiny_model_dir(str(model_path)))
     path = Path(model_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(convert_gguf(path))
@@ -150,12 +152,6 @@ def load_model(model_path: str | None, model_config: ModelConfig = ModelConfig()
 # --------------------------------------------------------------------------- GGUF
 
 
-def cache_root() -> Path:
-    """``$LEVANTE_CACHE_DIR``, else ``~/.cache/levante``."""
-    env = os.environ.get("LEVANTE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "levante"
-
-
 def gguf_cache_dir(gguf_path: str | os.PathLike) -> Path:
     """Where ``gguf_path`` is (or would be) converted: ``<cache_root>/models/<stem>-<content hash>``.
 
@@ -193,26 +189,8 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
     interrupted run leaves no half folder; a complete folder is reused as is.
     """
     gguf_path = Path(gguf_path)
-    final = gguf_cache_dir(gguf_path)
-    if _is_complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    print(f"levante: converting {gguf_path.name} to safetensors in {final} (one time)", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        _write_gguf_as_hf(gguf_path, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        if final.exists() and not _is_complete(final):
-            shutil.rmtree(final, ignore_errors=True)  # a stale partial folder from outside this function
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete(final):  # not a concurrent conversion that won the race
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(gguf_cache_dir(gguf_path), lambda tmp: _write_gguf_as_hf(gguf_path, tmp), _is_complete,
+                      f"converting {gguf_path.name} to safetensors")
 
 
 def _unpermute_rope_rows(w: Tensor, num_heads: int) -> Tensor:

@@ -14,6 +14,12 @@ from engine.models.tiny import make_tiny
 from tests.engine.models.helpers import engine_model, max_abs_diff, prompts_of, run_engine
 
 
+def ep(ep_size: int, ep_rank: int) -> ParallelConfig:
+    # The config requires a rendezvous address for ep_size > 1; these tests only load slices and
+    # combine them in-process, so it is never dialled.
+    return ParallelConfig(ep_size=ep_size, ep_rank=ep_rank, init_method="tcp://127.0.0.1:1")
+
+
 class ThreadAllReduce:
     """An in-process stand-in for torch.distributed.all_reduce(SUM) between threads."""
 
@@ -41,7 +47,7 @@ def checkpoint(request, tmp_path_factory):
 
 
 def run_ranks(path: str, ep_size: int, prompts, decode: int):
-    models = [engine_model(path, parallel=ParallelConfig(ep_size=ep_size, ep_rank=r)) for r in range(ep_size)]
+    models = [engine_model(path, parallel=ep(ep_size, r)) for r in range(ep_size)]
     reduce = ThreadAllReduce(ep_size)
     for rank, model in enumerate(models):
         model.set_moe_combine(reduce.hook(rank))
@@ -83,7 +89,7 @@ def test_two_ranks_sum_to_the_single_rank_model(checkpoint):
 def test_each_rank_holds_its_half_of_the_experts(checkpoint):
     arch, path = checkpoint
     full = engine_model(path)
-    ranks = [engine_model(path, parallel=ParallelConfig(ep_size=2, ep_rank=r)) for r in range(2)]
+    ranks = [engine_model(path, parallel=ep(2, r)) for r in range(2)]
     total = full.num_local_expert_params()
     assert total > 0
     for rank in ranks:
@@ -106,7 +112,7 @@ def test_partial_outputs_and_shared_expert_order(checkpoint):
     after combine on every rank (so with an identity combine each rank adds it once)."""
     _, path = checkpoint
     full = engine_model(path)
-    ranks = [engine_model(path, parallel=ParallelConfig(ep_size=2, ep_rank=r)) for r in range(2)]
+    ranks = [engine_model(path, parallel=ep(2, r)) for r in range(2)]
     x = torch.randn(7, full.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for full_moe, moe0, moe1 in zip(full.moe_layers(), ranks[0].moe_layers(), ranks[1].moe_layers()):
@@ -119,12 +125,12 @@ def test_partial_outputs_and_shared_expert_order(checkpoint):
 def test_expert_count_must_divide(checkpoint):
     _, path = checkpoint
     with pytest.raises(ModelLoadError, match="cannot be split evenly over ep_size=3"):
-        engine_model(path, parallel=ParallelConfig(ep_size=3, ep_rank=0))
+        engine_model(path, parallel=ep(3, 0))
 
 
 def test_other_ranks_per_expert_tensors_are_not_read(tmp_path):
     path = make_tiny("mixtral", 0, str(tmp_path), num_hidden_layers=1)
-    rank1 = engine_model(path, parallel=ParallelConfig(ep_size=2, ep_rank=1))
+    rank1 = engine_model(path, parallel=ep(2, 1))
     assert not rank1.is_weight_needed("model.layers.0.block_sparse_moe.experts.0.w1.weight")
     assert rank1.is_weight_needed("model.layers.0.block_sparse_moe.experts.5.w2.weight")
     assert rank1.is_weight_needed("model.layers.0.mlp.experts.gate_up_proj")  # fused: sliced after reading

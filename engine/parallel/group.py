@@ -1,0 +1,68 @@
+"""One process's membership in an expert-parallel group, over torch.distributed.
+
+The group is handed to whoever needs it (the MoE combine, the step
+broadcaster); model code only ever sees the ``all_reduce_sum`` callable.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from engine.config import ParallelConfig
+
+
+class ExpertGroup:
+    """``ep_size`` processes joined through ``init_method``; every collective is bounded by ``timeout_s``."""
+
+    def __init__(self, parallel: ParallelConfig):
+        self.parallel = parallel
+        # nccl moves only device tensors; gloo works on host memory
+        self.device = torch.device("cuda") if parallel.backend == "nccl" else torch.device("cpu")
+        self._joined = False
+
+    @classmethod
+    def join(cls, parallel: ParallelConfig) -> "ExpertGroup":
+        """Rendezvous with the other ranks (blocks until all ``ep_size`` have joined, or ``timeout_s``)."""
+        if parallel.ep_size < 2:
+            raise ValueError(f"parallel.ep_size: an expert-parallel group needs at least 2 ranks, got {parallel.ep_size}")
+        if dist.is_initialized():
+            # torch.distributed keeps one default group per process: one rank per process
+            raise RuntimeError("this process is already in a torch.distributed group; run one expert-parallel rank per process")
+        group = cls(parallel)
+        dist.init_process_group(parallel.backend, init_method=parallel.init_method, world_size=parallel.ep_size,
+                                rank=parallel.ep_rank, timeout=timedelta(seconds=parallel.timeout_s))
+        group._joined = True
+        return group
+
+    @property
+    def rank(self) -> int:
+        return self.parallel.ep_rank
+
+    @property
+    def size(self) -> int:
+        return self.parallel.ep_size
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """In place: every rank ends with the sum of all ranks' ``t`` (the MoE combine)."""
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    def broadcast_from_driver(self, t: Tensor) -> Tensor:
+        """In place: every rank ends with rank 0's ``t``."""
+        dist.broadcast(t, src=0)
+        return t
+
+    def close(self) -> None:
+        """Leave the group (also after a failed collective); safe to call twice."""
+        if self._joined:
+            self._joined = False
+            if dist.is_initialized():
+                dist.destroy_process_group()
