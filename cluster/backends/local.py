@@ -1,0 +1,93 @@
+"""``LocalBackend``: one engine in this process behind the ``Backend`` interface.
+
+For ``levante serve`` without Ray and for tests: the effort decision, the
+engine's deltas as chunks, engine errors as chunk errors, and an abort of
+the engine request whenever the consumer stops early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import AsyncIterator
+
+from cluster.config import AutoEffortConfig
+from cluster.router.policy import decide_effort, render_prompt
+from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
+from cluster.types import DEADLINE_EXCEEDED, INVALID_ARGUMENT, Backend, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
+from engine.api import EngineClient, EngineError, RequestDelta
+
+
+class LocalBackend(Backend):
+    """Serves ``info.name`` from ``engine``; the engine belongs to the caller (``close`` leaves it running)."""
+
+    def __init__(self, engine: EngineClient, info: ModelInfo, region: str, replica: str = "local-0",
+                 auto: AutoEffortConfig = AutoEffortConfig()):
+        self.engine, self.info, self.auto = engine, info, auto
+        self.served_by = ServedBy(region, replica)
+
+    def decide(self, request: GenerateRequest) -> Decision:
+        """The router's effort policy; one engine has no queue signal of its own here, so load is 0."""
+        text = render_prompt(request.prompt)
+        deadline_s = None if request.deadline is None else request.deadline - time.time()
+        decision = decide_effort(request.reasoning_effort, request.max_effort, text, len(text), deadline_s,
+                                 queue_delay_s=0.0, cfg=self.auto)
+        return dataclasses.replace(decision, replica=self.served_by.replica)
+
+    async def models(self) -> list[ModelInfo]:
+        return [self.info]
+
+    async def ready(self) -> bool:
+        return await self.engine.health()
+
+    async def close(self) -> None:
+        pass
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        try:
+            decision = self.decide(request)
+        except ValueError as e:  # an effort the front door let through: still the caller's field
+            field, _, message = str(e).partition(": ")
+            yield error_chunk(INVALID_ARGUMENT, field, message)
+            return
+        params = dataclasses.replace(request.params, reasoning_effort=decision.effort)
+        try:
+            await self.engine.submit(request.request_id, request.prompt, params)
+        except EngineError as e:
+            yield engine_error_chunk(e)
+            return
+        finished = False
+        stream = aiter(self.engine.stream(request.request_id))
+        try:
+            # First chunk as soon as the engine took the request: the client learns the decision before prefill ends.
+            yield Chunk(decision=decision, served_by=self.served_by)
+            while not finished:
+                delta = await _next_delta(stream, request.deadline)
+                if delta is None:
+                    yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished")
+                    return
+                finished = delta.finished
+                yield self._chunk(delta)
+        finally:
+            if not finished:  # consumer gone, deadline passed, or an error: free the KV blocks now
+                await self.engine.abort(request.request_id)
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    def _chunk(self, delta: RequestDelta) -> Chunk:
+        chunk = merge_deltas([delta])
+        chunk.served_by = self.served_by if delta.finished else None
+        return chunk
+
+
+async def _next_delta(stream: AsyncIterator[RequestDelta], deadline: float | None) -> RequestDelta | None:
+    """The next delta, or None when the deadline passes first."""
+    if deadline is None:
+        return await anext(stream)
+    try:
+        return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.time()))
+    except asyncio.TimeoutError:
+        return None
+

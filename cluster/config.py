@@ -1,0 +1,183 @@
+"""The cluster's configuration: frozen dataclasses, one sub-config per component.
+
+YAML files in ``configs/`` load through ``load_config`` (cluster/config_loader.py),
+which checks every key and names the key and the file in its errors. Like the
+engine's configs, constructors do no I/O and raise ``ValueError("field: ...")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import EFFORTS, EngineConfig
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+ACCELERATORS = ("cpu", "gpu")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server TLS; with ``client_ca`` set, mutual TLS (clients must present a certificate it signed)."""
+
+    cert: str | None = None  # PEM certificate chain
+    key: str | None = None  # PEM private key
+    client_ca: str | None = None  # PEM CA bundle for client certificates
+
+    def __post_init__(self) -> None:
+        _check((self.cert is None) == (self.key is None), "cert", "set both cert and key, or neither")
+        _check(self.client_ca is None or self.cert is not None, "client_ca", "mutual TLS needs cert and key too")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One API key = one tenant, with its own limits. 0 means unlimited."""
+
+    name: str
+    api_key: str | None = None  # the key itself, or:
+    api_key_env: str | None = None  # the name of an environment variable holding it (read at server start)
+    requests_per_second: float = 0.0
+    burst: int = 0  # token-bucket depth; 0: max(1, requests_per_second)
+    max_concurrency: int = 0
+    max_effort: str = "high"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "must not be empty")
+        _check((self.api_key is None) != (self.api_key_env is None), "api_key", "set exactly one of api_key, api_key_env")
+        _check(self.requests_per_second >= 0, "requests_per_second", "must be >= 0")
+        _check(self.burst >= 0, "burst", "must be >= 0")
+        _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0")
+        _check(self.max_effort in EFFORTS, "max_effort", f"must be one of {EFFORTS}")
+
+
+@dataclass(frozen=True)
+class FrontDoorConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    tenants: tuple[TenantConfig, ...] = ()  # empty: no authentication, every call is tenant "anonymous"
+    max_request_bytes: int = 1 << 20  # larger requests: INVALID_ARGUMENT naming the size
+    max_inflight: int = 256  # calls in flight across tenants; beyond: RESOURCE_EXHAUSTED
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may take to finish
+    first_chunk_timeout_s: float = 60.0  # no first chunk from the backend by then: UNAVAILABLE
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
+        _check(self.max_request_bytes > 0, "max_request_bytes", "must be positive")
+        _check(self.max_inflight > 0, "max_inflight", "must be positive")
+        _check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
+        _check(self.first_chunk_timeout_s > 0, "first_chunk_timeout_s", "must be positive")
+        names = [t.name for t in self.tenants]
+        _check(len(names) == len(set(names)), "tenants", "tenant names must be unique")
+        keys = [t.api_key for t in self.tenants if t.api_key is not None]  # a key must identify one tenant
+        _check(len(keys) == len(set(keys)), "tenants", "tenant api_keys must be unique")
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """The engine replica deployment, and the expert-parallel group inside each replica."""
+
+    num_replicas: int = 1
+    max_ongoing_requests: int = 64  # per replica, Serve's cap
+    max_queued_requests: int = 128  # waiting in a caller's handle; beyond: RESOURCE_EXHAUSTED
+    ep_size: int = 1  # Ray actors per replica, each with 1/ep_size of the routed experts
+    accelerator: str = "cpu"  # bundle per rank: {"CPU": cpus_per_rank} or {"GPU": 1}
+    cpus_per_rank: float = 1.0
+    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD put ranks on different nodes
+    stream_chunk_tokens: int = 16  # a chunk closes at this many tokens...
+    stream_chunk_ms: float = 20.0  # ...or this long after its first token
+    max_gang_restarts: int = 3  # consecutive failed restarts before the replica gives up (Serve replaces it)
+    rank_timeout_s: float = 60.0  # per call to a rank, and per collective between ranks (a frozen rank fails the group)
+    load_timeout_s: float = 900.0  # placing the group and loading the model on every rank
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "max_ongoing_requests", "ep_size", "stream_chunk_tokens"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.max_queued_requests >= -1, "max_queued_requests", "must be >= 0, or -1 for unbounded")
+        _check(self.accelerator in ACCELERATORS, "accelerator", f"must be one of {ACCELERATORS}")
+        _check(self.cpus_per_rank >= 0, "cpus_per_rank", "must be >= 0")
+        _check(self.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+               f"must be one of {PLACEMENT_STRATEGIES}")
+        _check(self.stream_chunk_ms >= 0, "stream_chunk_ms", "must be >= 0")
+        _check(self.max_gang_restarts >= 0, "max_gang_restarts", "must be >= 0")
+        _check(self.rank_timeout_s > 0, "rank_timeout_s", "must be positive")
+        _check(self.load_timeout_s > 0, "load_timeout_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class AutoEffortConfig:
+    """The small policy behind ``reasoning_effort: AUTO`` (cluster/router/policy.py)."""
+
+    default: str = "none"  # a short, plain prompt
+    keyword_effort: str = "medium"  # the prompt asks for reasoning ("prove", "step by step", ...)
+    keywords: tuple[str, ...] = ("prove", "step by step", "derive", "calculate", "solve", "why", "explain",
+                                 "debug", "reason")
+    long_prompt_chars: int = 4000  # at least this long: long_prompt_effort
+    long_prompt_effort: str = "low"
+    # A deadline shorter than this (seconds) caps the effort: a deep answer would not arrive in time.
+    min_deadline_s: dict[str, float] = field(default_factory=lambda: {"low": 2.0, "medium": 5.0, "high": 15.0})
+    # Queueing delay (seconds) at which depth steps down one level, and at which it drops to none.
+    degrade_queue_delay_s: float = 0.5
+    none_queue_delay_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("default", "keyword_effort", "long_prompt_effort"):
+            _check(getattr(self, name) in EFFORTS, name, f"must be one of {EFFORTS}")
+        _check(self.long_prompt_chars > 0, "long_prompt_chars", "must be positive")
+        _check(set(self.min_deadline_s) <= set(EFFORTS), "min_deadline_s", f"keys must be among {EFFORTS}")
+        _check(all(v >= 0 for v in self.min_deadline_s.values()), "min_deadline_s", "values must be >= 0")
+        _check(all(k.strip() for k in self.keywords), "keywords", "must not contain blank keywords")
+        _check(0 <= self.degrade_queue_delay_s <= self.none_queue_delay_s, "degrade_queue_delay_s",
+               "must be >= 0 and <= none_queue_delay_s")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    num_replicas: int = 1
+    prefix_chars: int = 512  # leading prompt characters hashed for prefix affinity
+    affinity_slack: int = 4  # keep a prefix on its replica unless it has this many more in flight than the least
+    affinity_entries: int = 4096  # prefixes remembered (LRU)
+    auto: AutoEffortConfig = field(default_factory=AutoEffortConfig)
+    replica_timeout_s: float = 60.0  # no first chunk from a replica by then: UNAVAILABLE
+
+    def __post_init__(self) -> None:
+        _check(self.num_replicas >= 1, "num_replicas", "must be >= 1")
+        _check(self.prefix_chars > 0, "prefix_chars", "must be positive")
+        _check(self.affinity_slack >= 0, "affinity_slack", "must be >= 0")
+        _check(self.affinity_entries > 0, "affinity_entries", "must be positive")
+        _check(self.replica_timeout_s > 0, "replica_timeout_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: start a local cluster owned by this process
+    num_cpus: int | None = None  # logical CPUs of a local cluster (may exceed the cores)
+    temp_dir: str | None = None  # None: a fresh directory under the system temp dir
+    namespace: str = "levante"
+    init_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", "must be >= 1")
+        _check(self.init_timeout_s > 0, "init_timeout_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    region: str = "local"
+    model_name: str = "levante-default"  # the name clients ask for; "" in a request means this one
+    engine: EngineConfig = field(default_factory=EngineConfig)  # engine.parallel comes from replica.ep_size
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.region), "region", "must not be empty")
+        _check(bool(self.model_name), "model_name", "must not be empty")

@@ -1,0 +1,172 @@
+"""Protobuf <-> cluster types: the only module that touches ``levante.v1`` message types.
+
+The server hands bytes in and gets bytes out, so a malformed request is
+ours to explain (field named) rather than a generic parse failure of grpc.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from levante.v1 import inference_pb2 as pb
+
+from cluster.frontdoor.wire import find_invalid_utf8
+from cluster.types import AUTO, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
+from engine.api import SamplingParams
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
+MAX_REQUEST_ID_CHARS = 128
+CHAT_ROLES = ("system", "user", "assistant")
+
+_EFFORT_FROM_PB = {
+    pb.REASONING_EFFORT_UNSPECIFIED: AUTO,  # unset: let the router decide
+    pb.REASONING_EFFORT_AUTO: AUTO,
+    pb.REASONING_EFFORT_NONE: "none",
+    pb.REASONING_EFFORT_LOW: "low",
+    pb.REASONING_EFFORT_MEDIUM: "medium",
+    pb.REASONING_EFFORT_HIGH: "high",
+}
+_EFFORT_TO_PB = {v: k for k, v in _EFFORT_FROM_PB.items() if k != pb.REASONING_EFFORT_UNSPECIFIED}
+_FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+
+
+class RequestError(ValueError):
+    """A bad request; ``str(e)`` starts with the field path (INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request is checked against."""
+
+    model_name: str  # the default model, and the only one served
+    max_model_len: int
+    max_request_bytes: int
+
+
+def _parse(raw: bytes, limits: Limits) -> pb.GenerateRequest:
+    if len(raw) > limits.max_request_bytes:
+        raise RequestError("request", f"{len(raw)} bytes is over max_request_bytes {limits.max_request_bytes}")
+    try:
+        return pb.GenerateRequest.FromString(raw)
+    except DecodeError:
+        bad = find_invalid_utf8(raw, pb.GenerateRequest.DESCRIPTOR)
+        if bad:
+            raise RequestError(bad, "is not valid UTF-8") from None
+        raise RequestError("request", "not a valid levante.v1.GenerateRequest message") from None
+
+
+def _prompt(msg: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+    kind = msg.WhichOneof("input")
+    if kind is None:
+        raise RequestError("prompt", "missing; set one of prompt, chat, prompt_token_ids")
+    if kind == "prompt":
+        if not msg.prompt:
+            raise RequestError("prompt", "must not be empty")
+        return msg.prompt
+    if kind == "chat":
+        if not msg.chat.messages:
+            raise RequestError("chat.messages", "must not be empty")
+        for i, m in enumerate(msg.chat.messages):
+            if m.role not in CHAT_ROLES:
+                raise RequestError(f"chat.messages[{i}].role", f"must be one of {CHAT_ROLES}, got {m.role!r}")
+        return [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+    ids = list(msg.prompt_token_ids.ids)
+    if not ids:
+        raise RequestError("prompt_token_ids.ids", "must not be empty")
+    if min(ids) < 0:
+        raise RequestError("prompt_token_ids.ids", f"token ids must be >= 0, got {min(ids)}")
+    return ids
+
+
+def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
+    if msg.HasField("max_tokens") and not 1 <= msg.max_tokens <= limits.max_model_len:
+        raise RequestError("max_tokens", f"must be in [1, {limits.max_model_len}], got {msg.max_tokens}")
+    if msg.HasField("logprobs"):
+        raise RequestError("logprobs", "not served yet by this server; leave it unset")
+    given = {name: getattr(msg, name) for name in ("max_tokens", "temperature", "top_p", "seed")
+             if msg.HasField(name)}  # unset: SamplingParams' own defaults
+    try:
+        return SamplingParams(top_k=msg.top_k, min_p=msg.min_p, stop=tuple(msg.stop),
+                              stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+                              include_stop_str_in_output=msg.include_stop_str_in_output, **given)
+    except ValueError as e:  # SamplingParams names the field first, as our errors do
+        field, _, message = str(e).partition(": ")
+        raise RequestError(field, message) from None
+
+
+def decode_generate(raw: bytes, limits: Limits) -> GenerateRequest:
+    """A checked ``GenerateRequest`` (tenant, max_effort and deadline are the caller's to fill)."""
+    msg = _parse(raw, limits)
+    if msg.model not in ("", limits.model_name):
+        raise RequestError("model", f"unknown model {msg.model!r}; this server serves {limits.model_name!r}")
+    if msg.reasoning_effort not in _EFFORT_FROM_PB:
+        raise RequestError("reasoning_effort", f"unknown value {msg.reasoning_effort}")
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS or not msg.request_id.isprintable():
+        raise RequestError("request_id", f"must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
+    return GenerateRequest(
+        request_id=msg.request_id or uuid.uuid4().hex,
+        model=limits.model_name,
+        prompt=_prompt(msg),
+        params=_params(msg, limits),
+        reasoning_effort=_EFFORT_FROM_PB[msg.reasoning_effort],
+        preferred_region=msg.preferred_region if msg.HasField("preferred_region") else None,
+    )
+
+
+def _decision(d: Decision | None) -> pb.RoutingDecision | None:
+    return None if d is None else pb.RoutingDecision(reasoning_effort=_EFFORT_TO_PB.get(d.effort, 0), reason=d.reason)
+
+
+class ResponseEncoder:
+    """Chunks of one request -> serialized responses: one Start, Deltas, one Final."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._decision: pb.RoutingDecision | None = None
+        self._served_by: ServedBy | None = None
+        self._started = False
+
+    def encode(self, chunk: Chunk) -> list[bytes]:
+        out: list[pb.GenerateResponse] = []
+        self._decision = _decision(chunk.decision) or self._decision
+        self._served_by = chunk.served_by or self._served_by
+        if not self._started:
+            self._started = True
+            out.append(pb.GenerateResponse(start=pb.Start(request_id=self.request_id, decision=self._decision)))
+        if chunk.token_ids or chunk.text or chunk.reasoning_text:
+            delta = pb.Delta(text=chunk.text, reasoning_text=chunk.reasoning_text, token_ids=chunk.token_ids)
+            out.append(pb.GenerateResponse(delta=delta))
+        if chunk.finished:
+            out.append(pb.GenerateResponse(final=self._final(chunk)))
+        return [m.SerializeToString() for m in out]
+
+    def _final(self, chunk: Chunk) -> pb.Final:
+        final = pb.Final(finish_reason=_FINISH_TO_PB.get(chunk.finish_reason or "", 0),
+                         decision=self._decision, request_id=self.request_id)
+        if chunk.usage is not None:
+            u = chunk.usage
+            final.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                          reasoning_tokens=u.reasoning_tokens, cached_tokens=u.cached_tokens))
+        if self._served_by is not None:
+            final.served_by.CopyFrom(pb.ServedBy(region=self._served_by.region, replica=self._served_by.replica))
+        return final
+
+
+def decode_list_models(raw: bytes) -> None:
+    """ListModels takes no arguments; still reject what is not its request."""
+    try:
+        pb.ListModelsRequest.FromString(raw)
+    except DecodeError:
+        raise RequestError("request", "not a valid levante.v1.ListModelsRequest message") from None
+
+
+def encode_models(models: list[ModelInfo]) -> bytes:
+    return pb.ListModelsResponse(models=[
+        pb.Model(name=m.name, max_model_len=m.max_model_len, architecture=m.architecture, ep_size=m.ep_size)
+        for m in models]).SerializeToString()

@@ -1,0 +1,245 @@
+"""The gRPC front door: ``levante.v1.Inference`` on grpc.aio, with health, reflection, TLS and drain.
+
+Requests arrive as bytes (no grpc deserializer) so that convert.py can name
+the bad field of a malformed one; responses leave as bytes convert.py made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import AsyncIterator
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.config import FrontDoorConfig
+from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants
+from cluster.frontdoor.convert import (SERVICE_NAME, Limits, RequestError, ResponseEncoder, decode_generate,
+                                       decode_list_models, encode_models)
+from cluster.frontdoor.health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
+from cluster.frontdoor.tls import server_credentials
+from cluster.types import Backend, Chunk, GenerateRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+class FrontDoor:
+    def __init__(self, config: FrontDoorConfig, backend: Backend, region: str, model_name: str):
+        self.config, self.backend, self.region, self.model_name = config, backend, region, model_name
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthReporter(SERVICE_NAME, self._serving)
+        self._tenants = Tenants({})
+        self._model: ModelInfo | None = None
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._draining = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind and serve; returns the port (useful with ``port=0``). Reads keys and certificates now."""
+        self._tenants = Tenants.from_config(self.config.tenants, os.environ)
+        creds = server_credentials(self.config.tls)
+        # grpc's own limit sits above ours so an oversized request reaches convert.py and gets a clear error.
+        limit = self.config.max_request_bytes + max(self.config.max_request_bytes, 1 << 20)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Generate": grpc.unary_stream_rpc_method_handler(self._generate),  # bytes in, bytes out
+            "ListModels": grpc.unary_unary_rpc_method_handler(self._list_models),
+        }),))
+        self._health.add_to(server)
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind": say which key to change
+            self.port = 0
+        if not self.port:
+            raise OSError(f"frontdoor.port: cannot bind {address} (in use?)")
+        await server.start()
+        self._server = server
+        self._idle.set()
+        await self._health.refresh()
+        self._health.start()
+        log.info("front door on %s (port %d, tls=%s, region %s)", self.config.host, self.port,
+                 self.config.tls.enabled, self.region)
+        return self.port
+
+    async def drain(self) -> None:
+        """Report NOT_SERVING, refuse new calls, let running streams finish (up to drain_timeout_s), stop."""
+        self._draining = True
+        await self._health.set(NOT_SERVING)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain: %d calls still running after %.1fs; cancelling them",
+                        self._inflight, self.config.drain_timeout_s)
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop at once: running calls are cancelled (their engine requests aborted)."""
+        self._health.stop()
+        if self._server is not None:
+            await self._server.stop(grace=None)
+            self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # ---- backend ------------------------------------------------------------------------------
+
+    async def _serving(self) -> bool:
+        return not self._draining and await self._backend_ready()
+
+    async def _backend_ready(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.backend.ready(), POLL_S)
+        except Exception:  # a backend that cannot answer is not ready
+            return False
+
+    async def _limits(self) -> Limits:
+        if self._model is None:  # asked once: the served model does not change under a running server
+            try:
+                models = await self.backend.models()
+            except Exception as e:
+                raise LookupError(f"backend: cannot list its models: {e!r}") from e
+            self._model = next((m for m in models if m.name == self.model_name), models[0] if models else None)
+        if self._model is None:
+            raise LookupError("backend: serves no model")
+        return Limits(self.model_name, self._model.max_model_len, self.config.max_request_bytes)
+
+    # ---- RPCs ----------------------------------------------------------------------------------
+
+    async def _list_models(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            self._tenants.authenticate(context.invocation_metadata() or ())
+            decode_list_models(raw)
+        except AuthError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            return encode_models(await self.backend.models())
+        except Exception as e:  # a backend that cannot answer: retryable, and no stack trace to the client
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: cannot list its models: {e!r}")
+            raise
+
+    async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server: draining; retry on another front door")
+        try:
+            tenant = self._tenants.authenticate(context.invocation_metadata() or ())
+        except AuthError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        if self._inflight >= self.config.max_inflight:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server: {self._inflight} calls in flight (max_inflight); retry later")
+        try:
+            self._tenants.admit(tenant)
+        except LimitExceeded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            request = await self._checked(raw, context)
+            request.tenant, request.max_effort = tenant.name, tenant.max_effort
+            remaining = context.time_remaining()
+            request.deadline = None if remaining is None else time.time() + remaining
+            async for message in self._stream(request, context):
+                yield message
+        finally:
+            self._tenants.release(tenant)
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _checked(self, raw: bytes, context: grpc.aio.ServicerContext) -> GenerateRequest:
+        try:
+            request = decode_generate(raw, await self._limits())
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except LookupError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if not self._health.serving:  # cached: asking a saturated backend per call would fail busy calls
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
+        return request
+
+    async def _stream(self, request: GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        chunks = aiter(self.backend.generate(request))
+        encoder = ResponseEncoder(request.request_id)
+        try:
+            chunk = await self._next(chunks, request, context, self.config.first_chunk_timeout_s)
+            while True:
+                if chunk.error is not None:
+                    code = _STATUS.get(chunk.error.code, grpc.StatusCode.INTERNAL)
+                    await context.abort(code, f"{chunk.error.field}: {chunk.error.message}")
+                for message in encoder.encode(chunk):
+                    yield message
+                if chunk.finished:
+                    return
+                chunk = await self._next(chunks, request, context, None)
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()  # the backend aborts its engine request (cancel, deadline, error)
+
+    @staticmethod
+    async def _next(chunks: AsyncIterator[Chunk], request: GenerateRequest, context: grpc.aio.ServicerContext,
+                    first_timeout: float | None) -> Chunk:
+        """The next chunk, within the first-chunk timeout and the call's deadline.
+
+        The deadline is enforced here too: grpc cancels the call at its deadline, but freeing
+        the engine's KV blocks should not depend on when that cancellation lands.
+        """
+        left = None if request.deadline is None else request.deadline - time.time()
+        timeout = left if first_timeout is None else first_timeout if left is None else min(left, first_timeout)
+        try:
+            chunk = await asyncio.wait_for(anext(chunks, None), timeout)
+        except asyncio.TimeoutError:
+            if left is not None and timeout == left:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline: passed before the stream finished")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: no response within {first_timeout:g}s")
+        if chunk is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: the stream ended before its final chunk")
+        return chunk
+
+
+def install_sigterm_drain(loop: asyncio.AbstractEventLoop, frontdoor: FrontDoor) -> asyncio.Future:
+    """On SIGTERM, drain the front door; the returned future resolves once it has stopped."""
+    done: asyncio.Future = loop.create_future()
+
+    def on_sigterm() -> None:
+        if frontdoor.draining:
+            return
+        log.info("SIGTERM: draining the front door (up to %.1fs)", frontdoor.config.drain_timeout_s)
+        loop.create_task(frontdoor.drain()).add_done_callback(finished)
+
+    def finished(task: asyncio.Task) -> None:
+        if done.done():
+            return
+        if task.cancelled():
+            done.cancel()
+        elif task.exception() is not None:
+            done.set_exception(task.exception())  # type: ignore[arg-type]
+        else:
+            done.set_result(None)
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    return done

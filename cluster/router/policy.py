@@ -1,0 +1,246 @@
+"""The router's decisions as plain functions: reasoning depth, and which replica.
+
+No Ray, no I/O, no clock: callers pass in times and loads, so every rule is a
+table-driven unit test. The Serve router and the in-process ``LocalBackend``
+both call these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from cluster.config import AutoEffortConfig
+from cluster.types import AUTO, EFFORTS, Decision, Prompt
+
+# -- reasoning depth ---------------------------------------------------------
+
+
+def decide_effort(requested: str, max_effort: str, prompt_text: str, prompt_chars: int,
+                  deadline_s: float | None, queue_delay_s: float, cfg: AutoEffortConfig) -> Decision:
+    """The effort one request runs at, and why, in words a person can read.
+
+    ``requested`` is the caller's ``reasoning_effort`` (one of EFFORTS or
+    ``"auto"``); ``max_effort`` the tenant's ceiling; ``deadline_s`` the
+    seconds left until the request's deadline (None: none), computed by the
+    caller from its own clock; ``queue_delay_s`` the current queueing delay.
+
+    AUTO starts at ``cfg.default``; reasoning keywords raise it to at least
+    ``keyword_effort`` and a long prompt to at least ``long_prompt_effort``
+    (cues only ever deepen). Then a deadline too short for the effort
+    (``min_deadline_s``) steps it down until it fits, and load steps it down
+    one level (queue delay >= ``degrade_queue_delay_s``) or to none
+    (>= ``none_queue_delay_s``): depth degrades before requests queue.
+    Finally the tenant's ``max_effort`` caps it.
+
+    An explicit effort is honoured as asked, capped only by ``max_effort``:
+    neither load nor the deadline lowers it, because a caller who named a
+    depth wants that depth (or a clear failure), not a silently shallower
+    answer. Raises ValueError("reasoning_effort: ...") for an unknown effort.
+    """
+    if requested not in EFFORTS and requested != AUTO:
+        raise ValueError(f"reasoning_effort: must be one of {EFFORTS + (AUTO,)}, got {requested!r}")
+    if max_effort not in EFFORTS:
+        raise ValueError(f"max_effort: must be one of {EFFORTS}, got {max_effort!r}")
+    if requested != AUTO:
+        return _capped(requested, max_effort, [f"requested {requested}"])
+
+    effort = cfg.default
+    steps: list[str] = []
+    keyword = find_keyword(prompt_text, cfg.keywords)
+    if keyword is not None and _deeper(cfg.keyword_effort, effort):
+        effort = cfg.keyword_effort
+        steps.append(f"prompt asks for reasoning ({keyword!r}) -> {effort}")
+    if prompt_chars >= cfg.long_prompt_chars and _deeper(cfg.long_prompt_effort, effort):
+        effort = cfg.long_prompt_effort
+        steps.append(f"long prompt ({prompt_chars} chars >= {cfg.long_prompt_chars}) -> {effort}")
+    if not steps:
+        steps.append(f"no reasoning cues -> {effort}")
+
+    if deadline_s is not None:
+        fitting = effort
+        while fitting != "none" and deadline_s < cfg.min_deadline_s.get(fitting, 0.0):
+            fitting = EFFORTS[EFFORTS.index(fitting) - 1]
+        if fitting != effort:
+            steps.append(f"deadline in {deadline_s:.1f}s < {cfg.min_deadline_s[effort]:g}s needed for "
+                         f"{effort} -> {fitting}")
+            effort = fitting
+
+    if effort != "none":
+        if queue_delay_s >= cfg.none_queue_delay_s:
+            effort = "none"
+            steps.append(f"queue delay {queue_delay_s:.1f}s >= {cfg.none_queue_delay_s:g}s -> none")
+        elif queue_delay_s >= cfg.degrade_queue_delay_s:
+            effort = EFFORTS[EFFORTS.index(effort) - 1]
+            steps.append(f"queue delay {queue_delay_s:.1f}s >= {cfg.degrade_queue_delay_s:g}s -> {effort}")
+
+    return _capped(effort, max_effort, ["auto: " + steps[0], *steps[1:]])
+
+
+def find_keyword(text: str, keywords: tuple[str, ...]) -> str | None:
+    """The first of ``keywords`` found in ``text`` as whole words, case-insensitively.
+
+    Whole words so that "improve" does not match "prove" nor "reasonable"
+    "reason"; a phrase matches across any whitespace ("step  by\\nstep").
+    """
+    for keyword in keywords:
+        if _keyword_pattern(keyword).search(text):
+            return keyword
+    return None
+
+
+@lru_cache(maxsize=256)
+def _keyword_pattern(keyword: str) -> re.Pattern[str]:
+    words = [re.escape(w) for w in keyword.split()]
+    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+
+
+def _deeper(a: str, b: str) -> bool:
+    return EFFORTS.index(a) > EFFORTS.index(b)
+
+
+def _capped(effort: str, max_effort: str, steps: list[str]) -> Decision:
+    if _deeper(effort, max_effort):
+        steps.append(f"capped at tenant max_effort {max_effort}")
+        effort = max_effort
+    return Decision(effort=effort, reason="; ".join(steps))
+
+
+# -- prefix affinity ---------------------------------------------------------
+
+
+def render_prompt(prompt: Prompt) -> str:
+    """The text of a prompt: itself, or chat messages as "role: content" lines; "" for token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and isinstance(prompt[0], dict):
+        return "\n".join(f"{m.get('role', '')}: {_content_text(m.get('content'))}" for m in prompt)
+    return ""
+
+
+def _content_text(content: Any) -> str:
+    return content if isinstance(content, str) else "" if content is None else str(content)
+
+
+def prefix_key(prompt: Prompt, prefix_chars: int) -> str | None:
+    """A hash of the prompt's first ``prefix_chars`` characters, or None for an empty prompt.
+
+    Requests with the same key likely share KV blocks, so sending them to one
+    replica lets its prefix cache hit. Chat messages are hashed as rendered by
+    ``render_prompt``; token ids as their first ``prefix_chars // 4`` ids
+    (about 4 characters per token). Each kind is tagged so a text and a token
+    list never share a key.
+    """
+    if not prompt:
+        return None
+    if isinstance(prompt, str):
+        material = "t:" + prompt[:prefix_chars]
+    elif isinstance(prompt[0], dict):
+        material = "m:" + render_prompt(prompt)[:prefix_chars]
+    else:
+        material = "i:" + ",".join(str(int(t)) for t in prompt[:max(1, prefix_chars // 4)])
+    return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+class PrefixAffinity:
+    """Which replica last served each prefix: an LRU map of at most ``capacity`` keys."""
+
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError(f"capacity: must be positive, got {capacity}")
+        self.capacity = capacity
+        self._replica_of: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._replica_of)
+
+    def peek(self, key: str) -> str | None:
+        """The replica remembered for ``key``, without refreshing its recency."""
+        return self._replica_of.get(key)
+
+    def remember(self, key: str, replica_id: str) -> None:
+        """Record that ``replica_id`` served ``key`` (now the most recent); evicts the oldest when full."""
+        self._replica_of[key] = replica_id
+        self._replica_of.move_to_end(key)
+        while len(self._replica_of) > self.capacity:
+            self._replica_of.popitem(last=False)
+
+    def forget_replica(self, replica_id: str) -> None:
+        """Drop every prefix of a replica that went away (its cache went with it)."""
+        for key in [k for k, r in self._replica_of.items() if r == replica_id]:
+            del self._replica_of[key]
+
+
+# -- replica choice ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    replica_id: str
+    outstanding: int  # requests in flight or queued at the replica
+    healthy: bool = True
+
+
+class NoReplicaAvailable(RuntimeError):
+    """No healthy candidate: the caller answers UNAVAILABLE."""
+
+
+def ranked_replicas(candidates: list[ReplicaLoad], prefix_key: str | None, affinity: PrefixAffinity,
+                    slack: int) -> list[tuple[str, str]]:
+    """Healthy candidates, most preferred first, each with the reason for its place.
+
+    First the replica that last served this prefix, if its outstanding count
+    is within ``slack`` of the least loaded; then the rest by outstanding
+    count. Ties break by a hash of (prefix key, replica id) (rendezvous
+    hashing): deterministic, the same prefix keeps landing on the same replica
+    among equals, and different prefixes spread over them. Without a prefix
+    key ties break by replica id. Does not change ``affinity``.
+    Raises NoReplicaAvailable when no candidate is healthy.
+    """
+    healthy = [c for c in candidates if c.healthy]
+    if not healthy:
+        raise NoReplicaAvailable(f"no healthy replica among {len(candidates)} candidates")
+    least = min(c.outstanding for c in healthy)
+    order = sorted(healthy, key=lambda c: (c.outstanding, _tie_break(prefix_key, c.replica_id), c.replica_id))
+
+    affine_id = affinity.peek(prefix_key) if prefix_key is not None else None
+    affine = next((c for c in healthy if c.replica_id == affine_id), None)
+    note = ""
+    if affine is not None and affine.outstanding <= least + slack:
+        order.remove(affine)
+        order.insert(0, affine)
+        first = (f"prefix affinity: {affine.replica_id} served this prefix "
+                 f"({affine.outstanding} in flight, least {least}, slack {slack})")
+    else:
+        if affine is not None:
+            note = f"; prefix's replica {affine.replica_id} busy ({affine.outstanding} > {least} + {slack})"
+        elif affine_id is not None:
+            note = f"; prefix's replica {affine_id} unavailable"
+        first = f"least outstanding: {order[0].replica_id} ({order[0].outstanding} in flight){note}"
+    ranked = [(order[0].replica_id, first)]
+    ranked += [(c.replica_id, f"fallback: {c.replica_id} ({c.outstanding} in flight)") for c in order[1:]]
+    return ranked
+
+
+def choose_replica(candidates: list[ReplicaLoad], prefix_key: str | None, affinity: PrefixAffinity,
+                   slack: int) -> tuple[str, str]:
+    """The preferred replica and why; remembers the prefix there.
+
+    A caller that ends up on another replica (the first one failed) should
+    ``affinity.remember(prefix_key, actual_id)`` itself.
+    Raises NoReplicaAvailable when no candidate is healthy.
+    """
+    replica_id, reason = ranked_replicas(candidates, prefix_key, affinity, slack)[0]
+    if prefix_key is not None:
+        affinity.remember(prefix_key, replica_id)
+    return replica_id, reason
+
+
+def _tie_break(prefix_key: str | None, replica_id: str) -> str:
+    if prefix_key is None:
+        return ""
+    return hashlib.blake2b(f"{prefix_key}/{replica_id}".encode(), digest_size=8).hexdigest()

@@ -1,0 +1,117 @@
+"""What travels between the front door, the router and the engine replicas.
+
+Plain dataclasses, picklable across Ray. Protobuf types stop at the front
+door's conversion module (``cluster.frontdoor.convert``); engine types come
+only from ``engine.api``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from engine.api import SamplingParams, Usage
+from engine.config import EFFORTS  # in increasing depth
+
+AUTO = "auto"
+REQUEST_EFFORTS = EFFORTS + (AUTO,)
+
+# Error codes a chunk can carry; the front door maps them onto gRPC status codes.
+INVALID_ARGUMENT = "invalid_argument"
+RESOURCE_EXHAUSTED = "resource_exhausted"
+UNAVAILABLE = "unavailable"
+DEADLINE_EXCEEDED = "deadline_exceeded"
+ERROR_CODES = (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED)
+
+Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
+
+
+@dataclass
+class GenerateRequest:
+    """One validated call, as the front door hands it on."""
+
+    request_id: str
+    model: str
+    prompt: Prompt
+    params: SamplingParams  # params.reasoning_effort is set by the router, not the caller
+    reasoning_effort: str = AUTO  # as asked: one of REQUEST_EFFORTS
+    tenant: str = "anonymous"
+    max_effort: str = "high"  # the tenant's ceiling
+    deadline: float | None = None  # absolute time.time(); None: no deadline
+    preferred_region: str | None = None
+
+
+@dataclass
+class Decision:
+    """The router's choice for one request, returned to the client with its reason."""
+
+    effort: str
+    reason: str
+    replica: str = ""
+
+
+@dataclass
+class ServedBy:
+    region: str
+    replica: str
+
+
+@dataclass
+class ChunkError:
+    code: str  # one of ERROR_CODES
+    field: str  # the offending request field ("prompt", "max_tokens", ...) or the component
+    message: str
+
+
+@dataclass
+class Chunk:
+    """Several token deltas of one request, batched so each Serve hop carries many tokens."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # answer text
+    reasoning_text: str = ""  # text inside the thinking span
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    usage: Usage | None = None  # on the final chunk
+    decision: Decision | None = None  # on the first chunk the router sends
+    served_by: ServedBy | None = None  # on the final chunk
+    error: ChunkError | None = None  # set: the request failed; no more chunks follow
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    max_model_len: int
+    architecture: str = ""
+    ep_size: int = 1
+
+
+class DeployError(RuntimeError):
+    """A region's Serve application did not come up; the message carries the replica's own error."""
+
+
+class Backend(ABC):
+    """What the front door calls: a router in front of engine replicas.
+
+    ``LocalBackend`` runs it in-process; ``ServeBackend`` goes through Ray
+    Serve. One conformance suite (tests/cluster/test_backend_conformance.py)
+    runs against both.
+    """
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Chunks of one request; errors come as a chunk with ``error`` set, never as exceptions.
+
+        Closing the iterator early (cancel, deadline) aborts the engine request.
+        """
+
+    @abstractmethod
+    async def models(self) -> list[ModelInfo]: ...
+
+    @abstractmethod
+    async def ready(self) -> bool:
+        """True when at least one replica can serve."""
+
+    async def close(self) -> None:
+        """Release what the backend holds (engines, handles)."""

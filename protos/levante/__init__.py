@@ -1,0 +1,1 @@
+"""Levante's public gRPC API (generated modules live in ``levante.v1``)."""

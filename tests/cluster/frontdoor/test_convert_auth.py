@@ -1,0 +1,106 @@
+"""The pieces without a server: proto -> request defaults, UTF-8 field paths, token buckets, key lookup."""
+
+from __future__ import annotations
+
+import pytest
+from levante.v1 import inference_pb2 as pb
+
+from cluster.config import TenantConfig
+from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants, TokenBucket
+from cluster.frontdoor.convert import Limits, RequestError, ResponseEncoder, decode_generate
+from cluster.frontdoor.wire import find_invalid_utf8
+from cluster.types import AUTO, Chunk, Decision, ServedBy
+from engine.api import SamplingParams, Usage
+
+LIMITS = Limits("m", max_model_len=100, max_request_bytes=1000)
+
+
+def decode(msg: pb.GenerateRequest):
+    return decode_generate(msg.SerializeToString(), LIMITS)
+
+
+def test_unset_fields_take_the_engine_defaults():
+    req = decode(pb.GenerateRequest(prompt="hi"))
+    assert req.params == SamplingParams()
+    assert (req.model, req.reasoning_effort, req.preferred_region) == ("m", AUTO, None)
+
+
+def test_set_fields_arrive_including_zero_values():
+    req = decode(pb.GenerateRequest(prompt="hi", max_tokens=7, temperature=0.0, top_p=0.5, seed=0, top_k=3,
+                                    stop=["x"], stop_token_ids=[2], ignore_eos=True, preferred_region="eu",
+                                    reasoning_effort=pb.REASONING_EFFORT_HIGH, request_id="abc"))
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.top_k, p.stop, p.stop_token_ids, p.ignore_eos) == \
+        (7, 0.0, 0.5, 0, 3, ("x",), (2,), True)
+    assert (req.reasoning_effort, req.preferred_region, req.request_id) == ("high", "eu", "abc")
+
+
+@pytest.mark.parametrize("effort, expected", [
+    (pb.REASONING_EFFORT_UNSPECIFIED, AUTO), (pb.REASONING_EFFORT_AUTO, AUTO),
+    (pb.REASONING_EFFORT_NONE, "none"), (pb.REASONING_EFFORT_MEDIUM, "medium"),
+])
+def test_effort_mapping(effort, expected):
+    assert decode(pb.GenerateRequest(prompt="hi", reasoning_effort=effort)).reasoning_effort == expected
+
+
+def test_request_id_must_be_short_and_printable():
+    with pytest.raises(RequestError, match="^request_id: "):
+        decode(pb.GenerateRequest(prompt="hi", request_id="x" * 129))
+    with pytest.raises(RequestError, match="^request_id: "):
+        decode(pb.GenerateRequest(prompt="hi", request_id="a\nb"))
+
+
+def test_invalid_utf8_path_counts_repeated_elements_and_skips_other_fields():
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=c) for c in ("a", "b", "ZZZ")])
+    msg = pb.GenerateRequest(chat=chat, max_tokens=3, stop_token_ids=[1, 2], temperature=0.5, seed=9)
+    raw = msg.SerializeToString().replace(b"ZZZ", b"\xc3\x28!")
+    assert find_invalid_utf8(raw, pb.GenerateRequest.DESCRIPTOR) == "chat.messages[2].content"
+    assert find_invalid_utf8(msg.SerializeToString(), pb.GenerateRequest.DESCRIPTOR) is None
+    assert find_invalid_utf8(b"\x12\x7f", pb.GenerateRequest.DESCRIPTOR) is None  # truncated: malformed, not UTF-8
+
+
+def test_encoder_sends_start_once_and_final_with_decision_and_served_by():
+    enc = ResponseEncoder("rid")
+    first = [pb.GenerateResponse.FromString(b) for b in enc.encode(Chunk(decision=Decision("low", "requested low")))]
+    assert [m.WhichOneof("kind") for m in first] == ["start"]
+    last = [pb.GenerateResponse.FromString(b) for b in enc.encode(Chunk(
+        token_ids=[5], reasoning_text="t", finished=True, finish_reason="stop",
+        usage=Usage(1, 2, 1, 0, "low"), served_by=ServedBy("eu", "r1")))]
+    assert [m.WhichOneof("kind") for m in last] == ["delta", "final"]
+    final = last[1].final
+    assert final.decision.reasoning_effort == pb.REASONING_EFFORT_LOW and final.served_by.region == "eu"
+    assert (final.usage.reasoning_tokens, final.finish_reason, final.request_id) == (1, pb.FINISH_REASON_STOP, "rid")
+
+
+def test_token_bucket_refills_at_its_rate():
+    now = [0.0]
+    bucket = TokenBucket(rate=2.0, burst=2, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] = 0.49
+    assert not bucket.take()
+    now[0] = 0.5
+    assert bucket.take() and not bucket.take()
+    now[0] = 100.0  # saved tokens never exceed the burst
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+
+
+def test_tenants_authenticate_and_limit_concurrency():
+    tenants = Tenants.from_config([TenantConfig("a", api_key="k1", max_concurrency=1)], environ={})
+    tenant = tenants.authenticate([("authorization", "Bearer k1")])
+    assert tenant.name == "a"
+    with pytest.raises(AuthError):
+        tenants.authenticate([("authorization", "Bearer k2")])
+    tenants.admit(tenant)
+    with pytest.raises(LimitExceeded):
+        tenants.admit(tenant)
+    tenants.release(tenant)
+    tenants.admit(tenant)
+
+
+def test_duplicate_keys_are_rejected():
+    with pytest.raises(ValueError, match=r"tenants\[1\] \('b'\)\.api_key: same key as tenant 'a'"):
+        Tenants.from_config([TenantConfig("a", api_key="k"), TenantConfig("b", api_key_env="K")], environ={"K": "k"})
+
+
+def test_without_tenants_everyone_is_anonymous():
+    assert Tenants.from_config([], environ={}).authenticate([]).name == "anonymous"

@@ -1,0 +1,159 @@
+"""Auth, limits and backend failures, through a real grpc channel to a real front door over a scripted backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from levante.v1 import inference_pb2 as pb
+
+from cluster.config import FrontDoorConfig, TenantConfig
+from cluster.types import ChunkError
+
+from .harness import LoopThread, ScriptedBackend, channel, generate, rpc_error, serving, stub, wait_until
+
+pytestmark = pytest.mark.e2e
+REQ = pb.GenerateRequest(prompt="Hi", max_tokens=2)
+
+
+@pytest.fixture
+def backend():
+    return ScriptedBackend()
+
+
+def _hold(loop: LoopThread, backend: ScriptedBackend) -> asyncio.Event:
+    backend.hold = loop.run(_event())
+    return backend.hold
+
+
+async def _event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def _open_stream(ch, metadata=()):
+    """A call whose first response arrived; the scripted backend holds it open."""
+    call = stub(ch).Generate(REQ, timeout=10, metadata=metadata)
+    assert next(call).WhichOneof("kind") == "start"
+    return call
+
+
+@pytest.mark.parametrize("code, status", [
+    ("resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("unavailable", grpc.StatusCode.UNAVAILABLE),
+    ("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_backend_errors_map_to_status_codes(loop, backend, code, status):
+    backend.error = ChunkError(code, "replica", "scripted failure")
+    with serving(loop, backend) as door, channel(door) as ch:
+        err = rpc_error(lambda: generate(ch, REQ))
+        assert err.code() == status and err.details() == "replica: scripted failure"
+        backend.error = None
+        assert generate(ch, REQ)[-1].final.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_backend_not_ready_is_unavailable(loop, backend):
+    with serving(loop, backend) as door, channel(door) as ch:
+        backend.is_ready = False
+        wait_until(lambda: not door._health.serving, timeout=5, what="the health poll to see the backend down")
+        err = rpc_error(lambda: generate(ch, REQ))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and err.details().startswith("backend:")
+        backend.is_ready = True
+        wait_until(lambda: door._health.serving, timeout=5, what="the health poll to see the backend back")
+        assert generate(ch, REQ)[-1].HasField("final")
+
+
+def test_no_first_chunk_in_time_is_unavailable_and_closes_the_stream(loop, backend):
+    backend.first_delay_s = 5.0
+    with serving(loop, backend, FrontDoorConfig(port=0, first_chunk_timeout_s=0.3)) as door, channel(door) as ch:
+        began = time.monotonic()
+        err = rpc_error(lambda: generate(ch, REQ))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "no response within 0.3s" in err.details()
+        assert time.monotonic() - began < 3
+        wait_until(lambda: len(backend.closed) == 1, what="the backend stream to be closed")
+
+
+def test_deadline_reaches_the_backend_request(loop, backend):
+    with serving(loop, backend) as door, channel(door) as ch:
+        generate(ch, REQ, timeout=20)
+        generate(ch, REQ, timeout=None)
+    with_deadline, without = backend.requests
+    assert with_deadline.deadline is not None and 15 < with_deadline.deadline - time.time() <= 20
+    assert without.deadline is None
+
+
+def test_max_inflight_is_resource_exhausted(loop, backend):
+    hold = _hold(loop, backend)
+    with serving(loop, backend, FrontDoorConfig(port=0, max_inflight=1)) as door, channel(door) as ch:
+        first = _open_stream(ch)
+        err = rpc_error(lambda: generate(ch, REQ))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inflight" in err.details()
+        loop.call(hold.set)
+        assert [r.WhichOneof("kind") for r in first] == ["delta", "delta", "final"]  # "hi", then "!" + final
+        assert generate(ch, REQ)[-1].HasField("final")  # the slot came back
+
+
+TENANTS = (
+    TenantConfig("alpha", api_key="key-alpha", max_concurrency=1, max_effort="low"),
+    TenantConfig("beta", api_key_env="LEVANTE_TEST_BETA_KEY", requests_per_second=0.5, burst=1),
+)
+ALPHA = (("authorization", "Bearer key-alpha"),)
+BETA = (("authorization", "Bearer key-beta"),)
+
+
+@pytest.fixture
+def tenants_config(monkeypatch):
+    monkeypatch.setenv("LEVANTE_TEST_BETA_KEY", "key-beta")
+    return FrontDoorConfig(port=0, tenants=TENANTS)
+
+
+@pytest.mark.parametrize("metadata, detail", [
+    ((), "authorization: missing"),
+    ((("authorization", "Bearer nope"),), "authorization: unknown API key"),
+    ((("authorization", "key-alpha"),), "authorization: expected 'Bearer <api key>'"),
+])
+def test_missing_or_wrong_key_is_unauthenticated(loop, backend, tenants_config, metadata, detail):
+    with serving(loop, backend, tenants_config) as door, channel(door) as ch:
+        err = rpc_error(lambda: generate(ch, REQ, metadata=metadata))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED and err.details().startswith(detail)
+        err = rpc_error(lambda: stub(ch).ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=5))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert generate(ch, REQ, metadata=ALPHA)[-1].HasField("final")
+    assert backend.started == 1  # refused calls never reached the backend
+
+
+def test_tenant_identity_and_effort_ceiling_reach_the_backend(loop, backend, tenants_config):
+    with serving(loop, backend, tenants_config) as door, channel(door) as ch:
+        generate(ch, REQ, metadata=ALPHA)
+        generate(ch, REQ, metadata=BETA)  # key read from the environment at start
+    assert [(r.tenant, r.max_effort) for r in backend.requests] == [("alpha", "low"), ("beta", "high")]
+
+
+def test_tenant_concurrency_limit(loop, backend, tenants_config):
+    hold = _hold(loop, backend)
+    with serving(loop, backend, tenants_config) as door, channel(door) as ch:
+        first = _open_stream(ch, ALPHA)
+        err = rpc_error(lambda: generate(ch, REQ, metadata=ALPHA))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "'alpha'" in err.details()
+        assert "max_concurrency" in err.details()
+        loop.call(hold.set)
+        list(first)
+        assert generate(ch, REQ, metadata=ALPHA)[-1].HasField("final")
+
+
+def test_tenant_rate_limit(loop, backend, tenants_config):
+    with serving(loop, backend, tenants_config) as door, channel(door) as ch:
+        assert generate(ch, REQ, metadata=BETA)[-1].HasField("final")  # the burst of 1
+        err = rpc_error(lambda: generate(ch, REQ, metadata=BETA))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "requests/s" in err.details()
+        assert generate(ch, REQ, metadata=ALPHA)[-1].HasField("final")  # other tenants are not affected
+
+
+def test_missing_key_variable_fails_start_naming_it(loop, backend, monkeypatch):
+    monkeypatch.delenv("LEVANTE_TEST_BETA_KEY", raising=False)
+    from cluster.frontdoor import FrontDoor
+
+    door = FrontDoor(FrontDoorConfig(port=0, tenants=TENANTS), backend, "r", "m")
+    with pytest.raises(ValueError, match=r"tenants\[1\] \('beta'\)\.api_key_env: .*LEVANTE_TEST_BETA_KEY"):
+        loop.run(door.start())
