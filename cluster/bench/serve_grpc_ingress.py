@@ -1,0 +1,86 @@
+"""The peer path of the serving benchmark: Ray Serve's built-in gRPC proxy in front of our Router.
+
+A thin Serve deployment (its own application) that Serve's gRPC proxy calls
+with a decoded ``levante.v1.GenerateRequest``. It converts with the front
+door's own functions (cluster/frontdoor/convert.py) and streams from the
+same Router deployment the Levante front door uses, so the two paths differ
+only in what sits between the client and the Router: our grpc.aio front
+door in the caller's process, or Serve's proxy actor plus this replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from levante.v1 import inference_pb2 as pb
+from ray import serve
+
+from cluster.frontdoor.convert import (
+    Limits,
+    RequestError,
+    ResponseEncoder,
+    decode_generate,
+)
+
+
+def ingress_app_name(router_app: str) -> str:
+    return f"{router_app}-serve-grpc"
+
+
+class ServeGrpcIngress:
+    def __init__(self, router_app: str, model_name: str, max_request_bytes: int, first_chunk_timeout_s: float):
+        self.router = serve.get_app_handle(router_app)  # the Router deployment of the Levante app
+        self.model_name = model_name
+        self.max_request_bytes = max_request_bytes
+        self.first_chunk_timeout_s = first_chunk_timeout_s
+        self._limits: Limits | None = None
+
+    async def _get_limits(self) -> Limits:
+        if self._limits is None:  # asked once, as the front door does
+            models = await asyncio.wait_for(self.router.models.remote(), self.first_chunk_timeout_s)
+            model = next((m for m in models if m.name == self.model_name), models[0])
+            self._limits = Limits(self.model_name, model.max_model_len, self.max_request_bytes)
+        return self._limits
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        import grpc
+
+        # Serve's proxy already parsed the message; convert.py takes bytes (as our front door
+        # receives them), so it is serialized once more: a few microseconds, kept for equal work.
+        try:
+            req = decode_generate(request.SerializeToString(), await self._get_limits())
+        except RequestError as e:
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                grpc_context.set_details(str(e))
+            return
+        encoder = ResponseEncoder(req.request_id)
+        stream = self.router.options(stream=True).generate.remote(req)
+        timeout: float | None = self.first_chunk_timeout_s
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+                except StopAsyncIteration:
+                    return
+                timeout = None  # later chunks are bounded by the replica's own per-pull timeout
+                if chunk.error is not None:
+                    if grpc_context is not None:
+                        grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+                        grpc_context.set_details(f"{chunk.error.field}: {chunk.error.message}")
+                    return
+                # ResponseEncoder yields bytes; Serve's proxy serializes messages itself.
+                for raw in encoder.encode(chunk):
+                    yield pb.GenerateResponse.FromString(raw)
+                if chunk.finished:
+                    return
+        finally:
+            stream.cancel()  # cancelled call: the replica aborts the engine request
+
+
+def build_ingress_app(router_app: str, model_name: str, max_request_bytes: int,
+                      first_chunk_timeout_s: float) -> serve.Application:
+    deployment = serve.deployment(ServeGrpcIngress).options(
+        name="ServeGrpcIngress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+    return deployment.bind(router_app, model_name, max_request_bytes, first_chunk_timeout_s)

@@ -1,0 +1,92 @@
+"""``levante``: the engine's commands plus ``serve`` and ``client``.
+
+``levante serve --config configs/local.yaml`` runs one region until SIGTERM
+or Ctrl-C, then drains. ``levante client ...`` talks to any front door.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Sequence
+
+import engine.cli
+
+from cluster import client as client_cli
+from cluster.types import DeployError
+
+DEFAULT_CONFIG = "configs/local.yaml"
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run one region: Ray, the Serve app and the gRPC front door")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"cluster YAML (default {DEFAULT_CONFIG})")
+    p.add_argument("--port", type=int, default=None, help="front door port (overrides the config)")
+    p.add_argument("--check", metavar="PROMPT", default=None,
+                   help="once up, send PROMPT through the front door and print the answer, then keep serving")
+    p.add_argument("--exit-after-check", action="store_true", help="with --check: stop after the answer")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import dataclasses
+
+    from cluster.config_loader import load_config
+
+    cfg = load_config(args.config)
+    if args.port is not None:
+        cfg = dataclasses.replace(cfg, frontdoor=dataclasses.replace(cfg.frontdoor, port=args.port))
+    return asyncio.run(_serve(cfg, args.check, args.exit_after_check))
+
+
+async def _serve(cfg, check: str | None, exit_after_check: bool) -> int:
+    from cluster.region import RegionServer
+
+    server = RegionServer(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signals() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    on_signals()
+    try:
+        port = await server.start()
+        on_signals()  # again: Ray's core worker installs its own SIGTERM handler (a crash dump) in ray.init
+        target = f"{cfg.frontdoor.host}:{port}"
+        if check is not None:
+            code = await asyncio.to_thread(client_cli.generate_and_print, target, check, cfg)
+            if exit_after_check:
+                return code
+        print(f"levante: try `levante client generate --target {target} \"What is the capital of France?\"`; "
+              f"Ctrl-C or SIGTERM drains and stops", flush=True)
+        await stop.wait()
+        return 0
+    finally:
+        await server.stop()
+
+
+def _add_bench_serving(sub) -> None:
+    from cluster.bench import serving  # light: Ray, grpc and torch load only when the command runs
+
+    p = sub.add_parser("bench-serving", help="front door + router + Serve vs the engine in-process vs "
+                                             "Ray Serve's gRPC proxy: TTFT, inter-token latency, ratios")
+    serving.add_arguments(p)
+    p.set_defaults(func=serving.run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="levante", description="Levante: serve Mistral-family MoE models")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    engine.cli.add_commands(sub)
+    _add_serve(sub)
+    client_cli.add_commands(sub)
+    _add_bench_serving(sub)
+    return engine.cli.run(parser.parse_args(argv), errors=(*client_cli.ERRORS, DeployError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""One region's server: its Ray cluster, its Serve application, its front door.
+
+``RegionServer(cfg).start()`` starts (or joins) Ray, deploys the Serve app
+and opens the gRPC front door; ``stop()`` drains the door and stops what
+was started, in reverse. A local Ray cluster gets its own temp dir and
+ports, so several regions can run on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from typing import Callable
+
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from cluster.config import ClusterConfig
+from cluster.frontdoor.server import FrontDoor
+from cluster.serve.app import app_name, build_app
+from cluster.serve.backend import ServeBackend
+from cluster.types import DeployError
+
+log = logging.getLogger("levante.region")
+
+
+def _say(msg: str) -> None:
+    print(f"levante: {msg}", flush=True)
+
+
+class RegionServer:
+    def __init__(self, cfg: ClusterConfig, progress: Callable[[str], None] = _say,
+                 serve_grpc_port: int | None = None):
+        self.cfg = cfg
+        self.progress = progress
+        # Set: Serve also starts its own gRPC proxy (levante.v1 servicer) on this port, for
+        # benchmarks beside it. Serve takes proxy options only when it first starts, hence here.
+        self.serve_grpc_port = serve_grpc_port
+        self.frontdoor: FrontDoor | None = None
+        self.port: int | None = None
+        self._temp_dir: str | None = None
+        self._owns_ray = False
+
+    async def start(self) -> int:
+        began = time.monotonic()
+        self._check_port()  # before minutes of model loading, not after
+        self._start_ray()
+        r = self.cfg.replica
+        self.progress(f"deploying {r.num_replicas} replica(s) x {r.ep_size} expert-parallel rank(s); "
+                      f"loading the model on every rank...")
+        await asyncio.to_thread(self._deploy)
+        self.frontdoor = FrontDoor(self.cfg.frontdoor, ServeBackend(app_name(self.cfg)), self.cfg.region,
+                                   self.cfg.model_name)
+        self.port = await self.frontdoor.start()
+        scheme = "tls" if self.cfg.frontdoor.tls.enabled else "plaintext"
+        self.progress(f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "
+                      f"{self.cfg.frontdoor.host}:{self.port} ({scheme}) after {time.monotonic() - began:.1f}s")
+        return self.port
+
+    def _check_port(self) -> None:
+        fd = self.cfg.frontdoor
+        if fd.port == 0:
+            return
+        with socket.socket(socket.AF_INET6 if ":" in fd.host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((fd.host, fd.port))
+            except OSError as e:
+                raise OSError(f"frontdoor.port: cannot bind {fd.host}:{fd.port}: {e.strerror}") from None
+
+    def _start_ray(self) -> None:
+        rc = self.cfg.ray
+        if rc.address:
+            self.progress(f"joining Ray at {rc.address}")
+            ray.init(address=rc.address, namespace=rc.namespace, logging_level="ERROR")
+            return
+        # Unix socket paths under the temp dir must stay short (~100 bytes): keep it near the root.
+        self._temp_dir = rc.temp_dir or tempfile.mkdtemp(prefix="lv-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        self.progress(f"starting a local Ray cluster (temp dir {self._temp_dir})")
+        ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, _temp_dir=self._temp_dir,
+                 _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)
+        self._owns_ray = True
+
+    def _deploy(self) -> None:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what matters
+        if self.serve_grpc_port is None:
+            serve.start(http_options={"location": "NoServer"})
+        else:  # the proxy serves HTTP too: loopback, on a free port (0), so it never takes 8000
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": 0},
+                        grpc_options=gRPCOptions(port=self.serve_grpc_port, grpc_servicer_functions=[
+                            "levante.v1.inference_pb2_grpc.add_InferenceServicer_to_server"]))
+        try:
+            serve.run(build_app(self.cfg), name=app_name(self.cfg), route_prefix=None)
+        except RuntimeError as e:  # Serve says only "failed"; the replica's own error is in the app status
+            raise DeployError(f"deploying {app_name(self.cfg)} failed: {self._deploy_failure() or e}") from None
+
+    def _deploy_failure(self) -> str:
+        """The last line of each failing deployment's error (the exception, not the traceback)."""
+        try:
+            app = serve.status().applications[app_name(self.cfg)]
+        except Exception:  # noqa: BLE001 -- best effort: the caller has a message already
+            return ""
+        lines = [f"{name}: {(d.message or '').strip().splitlines()[-1]}"
+                 for name, d in app.deployments.items() if d.message and d.message.strip()]
+        return "; ".join(lines)
+
+    async def drain(self) -> None:
+        if self.frontdoor is not None:
+            self.progress("draining: refusing new calls, finishing running streams")
+            await self.frontdoor.drain()
+
+    async def stop(self) -> None:
+        if self.frontdoor is None and not ray.is_initialized():
+            return  # nothing was started (a bad port, say)
+        await self.drain()
+        if self.frontdoor is not None:
+            await self.frontdoor.stop()
+            self.frontdoor = None
+        if ray.is_initialized():
+            try:
+                serve.delete(app_name(self.cfg))
+            except Exception as e:  # noqa: BLE001 -- stopping anyway
+                log.warning("serve.delete failed: %r", e)
+            if self._owns_ray:  # our cluster: its end ends Serve's controller too
+                ray.shutdown()
+        if self._owns_ray and self._temp_dir and not self.cfg.ray.temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        self.progress("stopped")

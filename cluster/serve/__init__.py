@@ -1,0 +1,1 @@
+"""Ray Serve deployments: engine replicas (each an expert-parallel group of Ray actors) and the router."""

@@ -1,0 +1,166 @@
+"""One replica's expert-parallel group: N rank actors in a placement group, restarted as a gang.
+
+A group is all or nothing: a rank that dies leaves the others blocked in a
+collective, so any loss tears the whole group down (actors and placement
+group) and builds it again. While that happens the group reports
+``restarting`` and the replica refuses requests with UNAVAILABLE; after
+``max_gang_restarts`` failed attempts in a row it reports ``failed`` and the
+replica's Serve health check fails, so Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from engine.api import EngineInfo
+from engine.config import EngineConfig
+
+from cluster.config import ClusterConfig, ReplicaConfig
+from cluster.config_loader import engine_config_for_rank
+from cluster.serve.ranks import DriverRank, WorkerRank
+
+log = logging.getLogger("levante.ep_group")
+
+STARTING, SERVING, RESTARTING, FAILED, STOPPED = "starting", "serving", "restarting", "failed", "stopped"
+
+
+def rank_bundles(cfg: ReplicaConfig) -> list[dict[str, float]]:
+    """One bundle per rank: CPUs locally, one GPU each in production."""
+    bundle: dict[str, float] = {"CPU": cfg.cpus_per_rank}
+    if cfg.accelerator == "gpu":
+        bundle["GPU"] = 1
+    return [dict(bundle) for _ in range(cfg.ep_size)]
+
+
+def rank_configs(cfg: ClusterConfig, init_method: str | None) -> list[EngineConfig]:
+    """The engine config of each rank: the same model, its own ``ep_rank``; gloo on CPU, NCCL on GPU.
+
+    ``rank_timeout_s`` bounds every collective too: a dead or frozen peer fails the group within it.
+    """
+    backend = "nccl" if cfg.replica.accelerator == "gpu" else "gloo"
+    return [engine_config_for_rank(cfg, r, init_method=init_method, backend=backend,
+                                   timeout_s=cfg.replica.rank_timeout_s)
+            for r in range(cfg.replica.ep_size)]
+
+
+class EPGroup:
+    def __init__(self, cluster: ClusterConfig, name: str = "replica"):
+        self.cluster = cluster
+        self.cfg = cluster.replica
+        self.name = name
+        self.state = STARTING
+        self.driver: Any = None  # DriverRank handle
+        self.info: EngineInfo | None = None
+        self.num_restarts = 0
+        self.last_failure = ""
+        self._workers: list[Any] = []
+        self._worker_runs: list[ray.ObjectRef] = []
+        self._pg: Any = None
+        self._watch: asyncio.Task | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> EngineInfo:
+        await self._launch()
+        self.state = SERVING
+        self._watch = asyncio.create_task(self._watch_loop())
+        assert self.info is not None
+        return self.info
+
+    async def stop(self) -> None:
+        self.state = STOPPED
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._teardown(graceful=True)
+
+    @property
+    def serving(self) -> bool:
+        return self.state == SERVING
+
+    def rank_actors(self) -> list[Any]:
+        """Rank 0 first; for drills that kill one rank."""
+        return [self.driver, *self._workers]
+
+    async def _launch(self) -> None:
+        cfg, timeout = self.cfg, self.cfg.load_timeout_s
+        self._pg = placement_group(rank_bundles(cfg), strategy=cfg.placement_strategy, name=f"{self.name}-ep")
+        await asyncio.wait_for(self._pg.ready(), timeout)
+        resources = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if cfg.accelerator == "gpu" else 0}
+
+        def on_bundle(i: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
+            return dict(resources, scheduling_strategy=strategy)
+
+        self.driver = DriverRank.options(**on_bundle(0)).remote()
+        init_method = None
+        if cfg.ep_size > 1:
+            init_method = await asyncio.wait_for(self.driver.rendezvous_address.remote(), cfg.rank_timeout_s)
+        configs = rank_configs(self.cluster, init_method)
+        self._workers = [WorkerRank.options(**on_bundle(r)).remote() for r in range(1, cfg.ep_size)]
+        self._worker_runs = [w.run.remote(c) for w, c in zip(self._workers, configs[1:])]
+        start = self.driver.start.remote(configs[0])
+        done, _ = await asyncio.wait([asyncio.ensure_future(start), *map(asyncio.ensure_future, self._worker_runs)],
+                                     timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            raise TimeoutError(f"EP group did not start within {timeout}s")
+        self.info = await asyncio.wait_for(start, timeout)  # re-raises a rank's load error
+
+    async def _teardown(self, graceful: bool) -> None:
+        if graceful and self.driver is not None:
+            try:  # rank 0 tells the followers to stop, so they leave the process group cleanly
+                await asyncio.wait_for(self.driver.shutdown.remote(), self.cfg.rank_timeout_s)
+            except Exception:  # noqa: BLE001 -- a dead rank is what we are cleaning up after
+                pass
+        for actor in self.rank_actors():
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+        self.driver, self._workers, self._worker_runs, self._pg = None, [], [], None
+
+    # ---- failure detection and gang restart ----------------------------------------------------
+
+    async def _watch_loop(self, interval_s: float = 1.0) -> None:
+        while self.state not in (STOPPED, FAILED):
+            await asyncio.sleep(interval_s)
+            failure = await self.check()
+            if failure:
+                await self.restart(failure)
+
+    async def check(self) -> str:
+        """'' when every rank is alive and rank 0 serves; otherwise what is wrong."""
+        if self._worker_runs:
+            ended, _ = ray.wait(self._worker_runs, num_returns=1, timeout=0)
+            if ended:
+                return f"rank {1 + self._worker_runs.index(ended[0])} exited"
+        try:
+            if not await asyncio.wait_for(self.driver.health.remote(), self.cfg.rank_timeout_s):
+                return "rank 0 engine is not healthy"
+        except Exception as e:  # noqa: BLE001 -- actor death, timeout: all mean the group is lost
+            return f"rank 0 unreachable: {type(e).__name__}"
+        return ""
+
+    async def restart(self, reason: str) -> None:
+        log.warning("%s: EP group lost (%s); restarting the whole gang", self.name, reason)
+        self.state, self.last_failure = RESTARTING, reason
+        began = time.monotonic()
+        for attempt in range(self.cfg.max_gang_restarts + 1):
+            await self._teardown(graceful=False)
+            try:
+                await self._launch()
+            except Exception as e:  # noqa: BLE001 -- a failed attempt is retried, then reported
+                self.last_failure = f"restart attempt {attempt + 1}: {e!r}"
+                await asyncio.sleep(min(2.0 ** attempt, 10.0))
+                continue
+            self.state = SERVING
+            self.num_restarts += 1
+            log.warning("%s: EP group back after %.1fs", self.name, time.monotonic() - began)
+            return
+        self.state = FAILED

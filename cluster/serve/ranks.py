@@ -1,0 +1,128 @@
+"""The Ray actors of one expert-parallel group: rank 0 drives the engine, ranks 1.. follow it.
+
+Rank 0 runs the whole engine (scheduler, sampler, detokenizer) behind
+``EngineClient`` and broadcasts each step to the other ranks, which run only
+the model forward on their slice of the experts. The replica pulls chunks
+from rank 0 (``next``), so a chunk carries every token produced since the
+last pull: one Ray round trip per chunk, not per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import ray
+
+from engine.api import EngineClient, EngineConfig, EngineError, EngineInfo, EngineStats, RequestDelta, SamplingParams
+from engine.api import create_engine, run_expert_worker
+
+from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
+from cluster.types import Chunk, Prompt
+
+
+def free_tcp_address() -> str:
+    """``tcp://<this node's ip>:<free port>`` for torch.distributed's rendezvous.
+
+    The port is free when we look; rank 0 binds it moments later. A clash
+    fails the group's start, and the gang restart picks another.
+    """
+    ip = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return f"tcp://{ip}:{s.getsockname()[1]}"
+
+
+@ray.remote
+class DriverRank:
+    def __init__(self) -> None:
+        self.engine: EngineClient | None = None
+        self._queues: dict[str, asyncio.Queue[RequestDelta]] = {}
+        self._pumps: dict[str, asyncio.Task] = {}
+
+    def rendezvous_address(self) -> str:
+        return free_tcp_address()
+
+    async def start(self, config: EngineConfig) -> EngineInfo:
+        # Blocks until every rank has joined the process group and loaded its experts.
+        self.engine = await asyncio.to_thread(create_engine, config)
+        return await self.engine.info()
+
+    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Chunk | None:
+        """None when admitted; an error chunk naming the bad field otherwise."""
+        assert self.engine is not None
+        try:
+            await self.engine.submit(request_id, prompt, params)
+        except EngineError as e:
+            return engine_error_chunk(e)
+        queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._pumps[request_id] = asyncio.create_task(self._pump(request_id, queue))
+        return None
+
+    async def _pump(self, request_id: str, queue: asyncio.Queue[RequestDelta]) -> None:
+        assert self.engine is not None
+        async for delta in self.engine.stream(request_id):
+            queue.put_nowait(delta)
+
+    async def next(self, request_id: str, max_tokens: int, max_wait_s: float) -> Chunk:
+        """The deltas produced since the last call: waits for one, then gathers more for up to
+        ``max_wait_s`` or ``max_tokens`` tokens, whichever comes first."""
+        queue = self._queues.get(request_id)
+        if queue is None:
+            return error_chunk("unavailable", "request_id", f"{request_id!r} is not running on this replica")
+        deltas = [await queue.get()]
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max_wait_s
+        num_tokens = len(deltas[0].token_ids)
+        while not deltas[-1].finished and num_tokens < max_tokens:
+            try:
+                deltas.append(queue.get_nowait())
+            except asyncio.QueueEmpty:
+                left = until - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    deltas.append(await asyncio.wait_for(queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            num_tokens += len(deltas[-1].token_ids)
+        chunk = merge_deltas(deltas)
+        if chunk.finished:
+            self._forget(request_id)
+        return chunk
+
+    async def abort(self, request_id: str) -> None:
+        if self.engine is not None:
+            await self.engine.abort(request_id)  # frees its KV blocks at once
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+        pump = self._pumps.pop(request_id, None)
+        if pump is not None and not pump.done():
+            pump.cancel()
+
+    async def health(self) -> bool:
+        return self.engine is not None and await self.engine.health()
+
+    async def stats(self) -> EngineStats:
+        assert self.engine is not None
+        return await self.engine.stats()
+
+    async def info(self) -> EngineInfo:
+        assert self.engine is not None
+        return await self.engine.info()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+@ray.remote(max_concurrency=2)  # ``run`` blocks one thread; ``ping`` answers on the other
+class WorkerRank:
+    def run(self, config: EngineConfig) -> None:
+        run_expert_worker(config)
+
+    def ping(self) -> bool:
+        return True

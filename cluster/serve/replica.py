@@ -1,0 +1,105 @@
+"""The engine replica deployment: one expert-parallel group behind ``generate``.
+
+Streams chunks, not tokens: after the first chunk (sent as soon as it
+exists, for time to first token) each pull from rank 0 gathers the tokens of
+up to ``stream_chunk_ms``, so a Serve hop carries many tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from cluster.config_loader import config_from_dict
+from cluster.chunks import error_chunk
+from cluster.serve.ep_group import FAILED, EPGroup
+from cluster.serve.routing import RoutingHint
+from cluster.types import UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
+
+
+class EngineReplica:
+    async def __init__(self, config: dict[str, Any]):
+        self.cfg = config_from_dict(config, source="serve deployment")
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 -- built outside Serve (tests): name it plainly
+            self.replica_id = "replica-0"
+        self.group = EPGroup(self.cfg, name=f"levante-{self.replica_id}")
+        self.info = await self.group.start()
+        self.outstanding = 0
+
+    async def generate(self, request: GenerateRequest, decision: Decision,
+                       hint: RoutingHint | None = None) -> AsyncIterator[Chunk]:
+        del hint  # read by the request router in the caller's process; nothing to do here
+        if not self.group.serving:
+            yield self._unavailable(f"replica {self.replica_id} is {self.group.state}: {self.group.last_failure}")
+            return
+        driver, cfg = self.group.driver, self.cfg.replica
+        rid = request.request_id
+        params = dataclasses.replace(request.params, reasoning_effort=decision.effort)
+        self.outstanding += 1
+        finished = False
+        try:
+            error = await asyncio.wait_for(driver.submit.remote(rid, request.prompt, params), cfg.rank_timeout_s)
+            if error is not None:
+                finished = True
+                yield error
+                return
+            wait_s = 0.0  # the first chunk goes out at once
+            served_by = ServedBy(self.cfg.region, self.replica_id)
+            first = True
+            while not finished:
+                chunk: Chunk = await asyncio.wait_for(driver.next.remote(rid, cfg.stream_chunk_tokens, wait_s),
+                                                      cfg.rank_timeout_s)
+                wait_s = cfg.stream_chunk_ms / 1000
+                finished = chunk.finished
+                # the first tells the router where it landed, the last tells the client, an error whom to avoid
+                if first or finished:
+                    chunk.served_by, first = served_by, False
+                yield chunk
+        except Exception as e:  # noqa: BLE001 -- a lost or stuck rank: fail this request, not the replica
+            yield self._unavailable(f"replica {self.replica_id} lost the request: {type(e).__name__}")
+        finally:
+            self.outstanding -= 1
+            if not finished and self.group.driver is not None:
+                self.group.driver.abort.remote(rid)  # cancelled or expired: free its KV blocks now
+
+    def _unavailable(self, message: str) -> Chunk:
+        chunk = error_chunk(UNAVAILABLE, "replica", message)
+        chunk.served_by = ServedBy(self.cfg.region, self.replica_id)  # so the router can avoid this replica
+        return chunk
+
+    async def model_info(self) -> ModelInfo:
+        assert self.info is not None
+        return ModelInfo(self.cfg.model_name, self.info.max_model_len, self.info.architecture, self.info.ep_size)
+
+    async def status(self) -> dict[str, Any]:
+        """For operators and tests: the group's state and the engine's counters."""
+        stats = None
+        if self.group.serving:
+            stats = await asyncio.wait_for(self.group.driver.stats.remote(), self.cfg.replica.rank_timeout_s)
+        return {"replica": self.replica_id, "state": self.group.state, "restarts": self.group.num_restarts,
+                "last_failure": self.group.last_failure, "outstanding": self.outstanding, "stats": stats,
+                "info": self.info, "time": time.time()}
+
+    async def ready(self) -> bool:
+        return self.group.serving
+
+    async def check_health(self) -> None:
+        # A group that is restarting is still this replica's business; only a group that
+        # could not come back is reported, so Serve replaces the replica.
+        if self.group.state == FAILED:
+            raise RuntimeError(f"EP group failed: {self.group.last_failure}")
+
+    async def kill_rank(self, rank: int) -> None:
+        """For drills and tests: kill one rank's actor (its gang restart follows)."""
+        import ray
+
+        ray.kill(self.group.rank_actors()[rank], no_restart=True)
+
+    async def __del__(self) -> None:
+        await self.group.stop()

@@ -1,0 +1,56 @@
+"""Serve's request router for engine replicas: our policy plugged into Serve's routing loop.
+
+It runs inside the router deployment's process (wherever a handle to the
+engine deployment lives). Serve hands it the running replicas; the policy
+in ``cluster.router.policy`` ranks them (prefix affinity, then least
+outstanding) and Serve tries them in that order, skipping full ones.
+
+Serve serializes a call's arguments before routing it, so the choice cannot
+ride back on them: the request router records it in ``routing.CHOICES``
+under the hint's token, and the router deployment (same process) takes it
+from there to tell the client. Serve ships this module by value, so shared
+objects are reached through the ``routing`` module, never imported by name.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from cluster.router.policy import NoReplicaAvailable, PrefixAffinity, ReplicaLoad, ranked_replicas
+from cluster.serve import routing  # by module: this module is pickled by value, routing is not
+
+
+class LevanteRequestRouter(RequestRouter):
+    def initialize_state(self, affinity_entries: int = 4096, affinity_slack: int = 4, **_: object) -> None:
+        self._affinity = PrefixAffinity(affinity_entries)
+        self._slack = affinity_slack
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        hint = pending_request.kwargs.get("hint") if pending_request is not None else None
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # all full: back off, don't spin
+        if not isinstance(hint, routing.RoutingHint):
+            hint = routing.RoutingHint()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = [ReplicaLoad(rid, self.replica_queue_len_cache.get(r.replica_id) or 0, healthy=rid not in hint.avoid)
+                 for rid, r in by_id.items()]
+        try:
+            ranked = ranked_replicas(loads, hint.prefix_key, self._affinity, self._slack)
+        except NoReplicaAvailable:  # every candidate is avoided: try them anyway rather than fail
+            ranked = [(rid, "every replica failed recently; trying all") for rid in sorted(by_id)]
+        routing.CHOICES.record(hint.token, *ranked[0])
+        return [[by_id[rid]] for rid, _ in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
+        hint = pending_request.kwargs.get("hint")
+        if isinstance(hint, routing.RoutingHint) and hint.prefix_key is not None:
+            self._affinity.remember(hint.prefix_key, replica_id.unique_id)  # where it really went
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._affinity.forget_replica(replica_id.unique_id)

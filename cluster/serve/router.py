@@ -1,0 +1,158 @@
+"""The router deployment: decides each request's reasoning depth and sends it to a replica.
+
+Depth comes from ``cluster.router.policy.decide_effort`` (explicit efforts
+capped by the tenant, AUTO by prompt, deadline and current queueing delay).
+The replica is chosen by ``LevanteRequestRouter`` inside this process's
+handle to the engine deployment. A replica that answers UNAVAILABLE before
+its first token (its EP group is restarting) is avoided for a while and the
+request goes to another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+from ray.serve.exceptions import BackPressureError
+
+from cluster.config_loader import config_from_dict
+from cluster.router.policy import decide_effort, prefix_key, render_prompt
+from cluster.chunks import error_chunk
+from cluster.serve.routing import CHOICES, RoutingHint
+from cluster.types import RESOURCE_EXHAUSTED, UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo
+
+AVOID_S = 10.0  # how long a replica that said UNAVAILABLE is skipped
+READY_PROBE_S = 2.0  # readiness is re-probed at most this often
+READY_TIMEOUT_S = 10.0
+
+
+class QueueDelay:
+    """Current queueing delay: the older of the oldest request still waiting for its first
+    chunk and a moving average of recent times to first chunk."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.average = 0.0
+        self._waiting: dict[str, float] = {}
+
+    def dispatched(self, request_id: str, now: float) -> None:
+        self._waiting[request_id] = now
+
+    def first_chunk(self, request_id: str, now: float) -> None:
+        began = self._waiting.pop(request_id, None)
+        if began is not None:
+            self.average += self.alpha * ((now - began) - self.average)
+
+    def forget(self, request_id: str) -> None:
+        self._waiting.pop(request_id, None)
+
+    def current(self, now: float) -> float:
+        oldest = min(self._waiting.values(), default=now)
+        return max(self.average, now - oldest)
+
+
+class Router:
+    def __init__(self, engine: Any, config: dict[str, Any]):
+        self.engine = engine  # DeploymentHandle to EngineReplica
+        self.cfg = config_from_dict(config, source="serve deployment")
+        self.delay = QueueDelay()
+        self._avoid: dict[str, float] = {}  # replica id -> until (monotonic)
+        self._ready = False
+        self._last_answer = float("-inf")  # when a replica last answered a request (monotonic)
+        self._probe: asyncio.Task | None = None
+        self._probed = float("-inf")
+        self._models: list[ModelInfo] | None = None
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        now = time.monotonic()
+        text = render_prompt(request.prompt)
+        chars = len(text) if text else len(request.prompt)
+        deadline_s = None if request.deadline is None else max(0.0, request.deadline - time.time())
+        decision = decide_effort(request.reasoning_effort, request.max_effort, text, chars, deadline_s,
+                                 self.delay.current(now), self.cfg.router.auto)
+        key = prefix_key(request.prompt, self.cfg.router.prefix_chars)
+        for attempt in range(2):
+            hint = RoutingHint(prefix_key=key, avoid=self._avoided(now))
+            retry = sent = False
+            async for chunk in self._dispatch(request, decision, hint):
+                failed = chunk.error is not None and chunk.error.code == UNAVAILABLE and chunk.error.field in ("replica", "engine")
+                if failed and chunk.served_by is not None:
+                    self._avoid[chunk.served_by.replica] = time.monotonic() + AVOID_S
+                    if attempt == 0 and not sent:  # nothing reached the client yet: try another replica
+                        retry = True
+                        break
+                sent = sent or bool(chunk.token_ids)
+                yield chunk
+            if not retry:
+                return
+
+    async def _dispatch(self, request: GenerateRequest, decision: Decision, hint: RoutingHint) -> AsyncIterator[Chunk]:
+        rid = request.request_id
+        self.delay.dispatched(rid, time.monotonic())
+        stream = self.engine.options(stream=True).generate.remote(request, decision, hint=hint)
+        first = True
+        try:
+            while True:
+                timeout = self.cfg.router.replica_timeout_s if first else None
+                try:
+                    chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+                except StopAsyncIteration:
+                    return
+                if first:
+                    self._last_answer = time.monotonic()
+                    self.delay.first_chunk(rid, time.monotonic())
+                    chunk.decision = _decided(decision, hint, chunk)
+                    first = False
+                yield chunk
+                if chunk.finished:
+                    return
+        except BackPressureError:
+            yield error_chunk(RESOURCE_EXHAUSTED, "queue", "every replica's queue is full; retry later")
+        except asyncio.TimeoutError:
+            yield error_chunk(UNAVAILABLE, "replica", f"no replica answered within {self.cfg.router.replica_timeout_s}s")
+        except Exception as e:  # noqa: BLE001 -- a replica that died mid-call fails this request only
+            yield error_chunk(UNAVAILABLE, "replica", f"replica call failed: {type(e).__name__}: {e}")
+        finally:
+            self.delay.forget(rid)
+            stream.cancel()  # no-op when finished; otherwise the replica aborts the engine request
+
+    def _avoided(self, now: float) -> frozenset[str]:
+        self._avoid = {r: t for r, t in self._avoid.items() if t > now}
+        return frozenset(self._avoid)
+
+    async def models(self) -> list[ModelInfo]:
+        if self._models is None:  # asked once: the model does not change under a running app
+            self._models = [await asyncio.wait_for(self.engine.model_info.remote(), READY_TIMEOUT_S)]
+        return self._models
+
+    async def ready(self) -> bool:
+        """Answered from what the router knows, never by waiting behind a busy replica's queue:
+        a replica answered recently, or the last probe (re-run in the background) said so."""
+        now = time.monotonic()
+        if now - self._probed > READY_PROBE_S and (self._probe is None or self._probe.done()):
+            self._probed = now
+            self._probe = asyncio.create_task(self._probe_ready())
+            await asyncio.wait([self._probe], timeout=0.5)  # a quick answer is used now
+        return self._ready or now - self._last_answer < READY_TIMEOUT_S
+
+    async def _probe_ready(self) -> None:
+        try:
+            self._ready = await asyncio.wait_for(self.engine.ready.remote(), READY_TIMEOUT_S)
+        except BackPressureError:
+            self._ready = True  # every queue is full: busy, not down
+        except Exception:  # noqa: BLE001 -- timeout or no replica: not ready
+            self._ready = False
+
+    async def status(self) -> dict[str, Any]:
+        return {"queue_delay_s": self.delay.current(time.monotonic()), "avoided": sorted(self._avoid)}
+
+
+def _decided(decision: Decision, hint: RoutingHint, first: Chunk) -> Decision:
+    """The effort decision plus where the request went and why."""
+    choice = CHOICES.take(hint.token)
+    replica = first.served_by.replica if first.served_by is not None else choice[0] if choice else ""
+    reason = decision.reason
+    if choice is not None and choice[0] == replica:
+        reason += f"; replica: {choice[1]}"
+    return Decision(decision.effort, reason, replica)

@@ -1,0 +1,149 @@
+"""One contract, two backends: ``LocalBackend`` (in-process) and ``ServeBackend`` (Ray Serve).
+
+The front door's tests run against the in-process one; this suite keeps the
+two from drifting apart. The Serve side is a real Ray cluster (own temp dir),
+started once for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+
+import pytest
+from ray import serve
+
+from cluster.backends import LocalBackend
+from cluster.config_loader import config_from_dict
+from cluster.region import RegionServer
+from cluster.serve.app import app_name
+from cluster.serve.backend import ServeBackend
+from cluster.types import INVALID_ARGUMENT, Chunk, GenerateRequest, ModelInfo
+from engine.api import SamplingParams, create_engine
+
+from .frontdoor.harness import wait_until
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CONFIG = config_from_dict({
+    "region": "conf", "model_name": "tiny-moe",
+    "engine": {"model": {"model": "tiny:mistral4?seed=0&vocab_size=32768",
+                         "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3", "num_threads": 1,
+                         "max_model_len": 256},
+               "cache": {"num_blocks": 64}, "reasoning": {"budget_low": 4}},
+    "replica": {"ep_size": 1, "stream_chunk_ms": 5},
+    "frontdoor": {"port": 0},
+    "ray": {"num_cpus": 4},
+}, "test")
+
+
+@pytest.fixture(scope="module")
+def local(loop):
+    engine = create_engine(CONFIG.engine)
+    info = loop.run(engine.info())
+    backend = LocalBackend(engine, ModelInfo(CONFIG.model_name, info.max_model_len, info.architecture), "conf")
+
+    async def used_blocks() -> int:
+        s = await engine.stats()
+        return s.num_used_blocks + s.num_running
+
+    yield backend, used_blocks
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def remote(loop):
+    region = RegionServer(CONFIG, progress=lambda m: print(f"[region] {m}"))
+    loop.run(region.start(), timeout=600)
+    backend = ServeBackend(app_name(CONFIG))
+    replica = serve.get_deployment_handle("EngineReplica", app_name=app_name(CONFIG))
+
+    async def used_blocks() -> int:
+        s = (await asyncio.wait_for(replica.status.remote(), 30))["stats"]
+        return s.num_used_blocks + s.num_running
+
+    yield backend, used_blocks
+    loop.run(region.stop(), timeout=120)
+
+
+@pytest.fixture(params=["local", "serve"])
+def backend(request):
+    return request.getfixturevalue("local" if request.param == "local" else "remote")
+
+
+def call(prompt, effort: str = "none", **params) -> GenerateRequest:
+    return GenerateRequest(f"conf-{uuid.uuid4().hex[:8]}", CONFIG.model_name, prompt,
+                           SamplingParams(**{"temperature": 0.0, "max_tokens": 6, **params}), reasoning_effort=effort)
+
+
+async def collect(backend, request) -> list[Chunk]:
+    return [c async for c in backend.generate(request)]
+
+
+def test_models_and_ready(backend, loop):
+    b, _ = backend
+    models = loop.run(b.models())
+    assert [m.name for m in models] == ["tiny-moe"] and models[0].max_model_len == 256
+    assert loop.run(b.ready()) is True
+
+
+def test_stream_carries_decision_first_then_usage_and_origin_last(backend, loop):
+    b, _ = backend
+    chunks = loop.run(collect(b, call([1, 5, 9, 13], effort="low", max_tokens=8)))
+    assert next(c for c in chunks if c.decision is not None).decision.effort == "low"
+    assert all(c.error is None for c in chunks)
+    last = chunks[-1]
+    assert last.finished and last.finish_reason == "length" and last.usage.completion_tokens == 8
+    assert last.usage.reasoning_tokens > 0 and "".join(c.reasoning_text for c in chunks)
+    assert last.served_by is not None and last.served_by.region == "conf"
+    assert sum(len(c.token_ids) for c in chunks) == 8
+
+
+def test_both_backends_give_the_same_greedy_tokens(local, remote, loop):
+    req = call([1, 40, 41, 42, 43], max_tokens=10, ignore_eos=True)
+    tokens = [[t for c in loop.run(collect(b, dataclasses.replace(req, request_id=f"{name}-{req.request_id}")))
+               for t in c.token_ids] for name, (b, _) in (("local", local), ("serve", remote))]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 10
+
+
+def test_bad_input_is_an_error_chunk_naming_the_field(backend, loop):
+    b, _ = backend
+    chunks = loop.run(collect(b, call([1] * 300)))  # longer than max_model_len 256
+    assert len(chunks) == 1 and chunks[0].finished
+    assert chunks[0].error.code == INVALID_ARGUMENT and chunks[0].error.field == "prompt"
+    ok = loop.run(collect(b, call([1, 2, 3])))  # and the backend still serves
+    assert ok[-1].finished and ok[-1].error is None
+
+
+def test_closing_the_stream_early_frees_the_request(backend, loop):
+    b, used_blocks = backend
+
+    async def read_two_then_close():
+        stream = b.generate(call([1, 2, 3, 4] * 8, max_tokens=200, ignore_eos=True))
+        got = 0
+        async for c in stream:
+            got += len(c.token_ids)
+            if got >= 2:
+                break
+        busy = await used_blocks()
+        await stream.aclose()
+        return busy
+
+    assert loop.run(read_two_then_close()) > 0
+    wait_until(lambda: loop.run(used_blocks()) == 0, timeout=20, what="blocks freed after close")
+
+
+def test_deadline_in_the_past_ends_the_request(backend, loop):
+    b, used_blocks = backend
+    req = dataclasses.replace(call([1, 2, 3], max_tokens=200, ignore_eos=True), deadline=time.time() + 0.3)
+
+    async def consume():
+        try:
+            return await asyncio.wait_for(collect(b, req), 0.6)  # what a front door does at the deadline
+        except asyncio.TimeoutError:
+            return None
+
+    loop.run(consume())
+    wait_until(lambda: loop.run(used_blocks()) == 0, timeout=20, what="blocks freed after the deadline")
