@@ -90,7 +90,7 @@ class RegionServer:
     def _deploy(self) -> None:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what matters
         if self.serve_grpc_port is None:
-            serve.start(http_options={"location": "NoServer"})
+            serve.start(proxy_location="Disabled")  # our front door takes the traffic, not Serve's proxies
         else:  # the proxy serves HTTP too: loopback, on a free port (0), so it never takes 8000
             serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": 0},
                         grpc_options=gRPCOptions(port=self.serve_grpc_port, grpc_servicer_functions=[
