@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -82,9 +83,15 @@ class RegionServer:
         # Unix socket paths under the temp dir must stay short (~100 bytes): keep it near the root.
         self._temp_dir = rc.temp_dir or tempfile.mkdtemp(prefix="lv-", dir="/tmp" if os.path.isdir("/tmp") else None)
         self.progress(f"starting a local Ray cluster (temp dir {self._temp_dir})")
-        ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, _temp_dir=self._temp_dir,
-                 _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False)
+        # Ctrl-C in a terminal signals the whole process group. Ray's processes inherit an ignored
+        # SIGINT, so the interrupt reaches only us and we drain, then stop them ourselves.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, _temp_dir=self._temp_dir,
+                     _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         self._owns_ray = True
 
     def _deploy(self) -> None:
