@@ -19,6 +19,8 @@ def merge_deltas(deltas: list[RequestDelta]) -> Chunk:
         chunk.token_ids.extend(d.token_ids)
         chunk.text += d.text
         chunk.reasoning_text += d.reasoning_text
+        if d.logprobs:
+            chunk.logprobs = (chunk.logprobs or []) + d.logprobs
         if d.finished:
             chunk.finished, chunk.finish_reason, chunk.usage = True, d.finish_reason, d.usage
     if chunk.finished and chunk.finish_reason == "abort":

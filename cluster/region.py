@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from typing import Callable
 
@@ -85,13 +86,16 @@ class RegionServer:
         self.progress(f"starting a local Ray cluster (temp dir {self._temp_dir})")
         # Ctrl-C in a terminal signals the whole process group. Ray's processes inherit an ignored
         # SIGINT, so the interrupt reaches only us and we drain, then stop them ourselves.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # (Only the main thread may touch signals; embedded elsewhere, e.g. in tests, we leave them be.)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, _temp_dir=self._temp_dir,
                      _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
                      log_to_driver=False)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if main:
+                signal.signal(signal.SIGINT, previous)
         self._owns_ray = True
 
     def _deploy(self) -> None:

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from engine.api import SamplingParams, Usage
+from engine.api import SamplingParams, TokenLogprob, Usage
 from engine.config import EFFORTS  # in increasing depth
 
 AUTO = "auto"
@@ -71,6 +71,7 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # answer text
     reasoning_text: str = ""  # text inside the thinking span
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None  # on the final chunk

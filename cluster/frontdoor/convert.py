@@ -14,10 +14,11 @@ from levante.v1 import inference_pb2 as pb
 
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
-from engine.api import SamplingParams
+from engine.api import SamplingParams, TokenLogprob
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
 MAX_REQUEST_ID_CHARS = 128
+MAX_LOGPROBS = 20  # top-n alternatives per token: enough to inspect, not a vocabulary dump
 CHAT_ROLES = ("system", "user", "assistant")
 
 _EFFORT_FROM_PB = {
@@ -87,9 +88,9 @@ def _prompt(msg: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
 def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
     if msg.HasField("max_tokens") and not 1 <= msg.max_tokens <= limits.max_model_len:
         raise RequestError("max_tokens", f"must be in [1, {limits.max_model_len}], got {msg.max_tokens}")
-    if msg.HasField("logprobs"):
-        raise RequestError("logprobs", "not served yet by this server; leave it unset")
-    given = {name: getattr(msg, name) for name in ("max_tokens", "temperature", "top_p", "seed")
+    if msg.HasField("logprobs") and not 0 <= msg.logprobs <= MAX_LOGPROBS:
+        raise RequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {msg.logprobs}")
+    given = {name: getattr(msg, name) for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs")
              if msg.HasField(name)}  # unset: SamplingParams' own defaults
     try:
         return SamplingParams(top_k=msg.top_k, min_p=msg.min_p, stop=tuple(msg.stop),
@@ -123,6 +124,12 @@ def _decision(d: Decision | None) -> pb.RoutingDecision | None:
     return None if d is None else pb.RoutingDecision(reasoning_effort=_EFFORT_TO_PB.get(d.effort, 0), reason=d.reason)
 
 
+def _logprob(lp: TokenLogprob) -> pb.TokenLogprob:
+    top = sorted(lp.top.items(), key=lambda kv: -kv[1])
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+
+
 class ResponseEncoder:
     """Chunks of one request -> serialized responses: one Start, Deltas, one Final."""
 
@@ -140,7 +147,8 @@ class ResponseEncoder:
             self._started = True
             out.append(pb.GenerateResponse(start=pb.Start(request_id=self.request_id, decision=self._decision)))
         if chunk.token_ids or chunk.text or chunk.reasoning_text:
-            delta = pb.Delta(text=chunk.text, reasoning_text=chunk.reasoning_text, token_ids=chunk.token_ids)
+            delta = pb.Delta(text=chunk.text, reasoning_text=chunk.reasoning_text, token_ids=chunk.token_ids,
+                             logprobs=[_logprob(lp) for lp in chunk.logprobs or ()])
             out.append(pb.GenerateResponse(delta=delta))
         if chunk.finished:
             out.append(pb.GenerateResponse(final=self._final(chunk)))

@@ -101,11 +101,16 @@ def test_stream_carries_decision_first_then_usage_and_origin_last(backend, loop)
     assert sum(len(c.token_ids) for c in chunks) == 8
 
 
-def test_both_backends_give_the_same_greedy_tokens(local, remote, loop):
-    req = call([1, 40, 41, 42, 43], max_tokens=10, ignore_eos=True)
-    tokens = [[t for c in loop.run(collect(b, dataclasses.replace(req, request_id=f"{name}-{req.request_id}")))
-               for t in c.token_ids] for name, (b, _) in (("local", local), ("serve", remote))]
+def test_both_backends_give_the_same_greedy_tokens_and_logprobs(local, remote, loop):
+    req = call([1, 40, 41, 42, 43], max_tokens=10, ignore_eos=True, logprobs=2)
+    runs = [loop.run(collect(b, dataclasses.replace(req, request_id=f"{name}-{req.request_id}")))
+            for name, (b, _) in (("local", local), ("serve", remote))]
+    tokens = [[t for c in chunks for t in c.token_ids] for chunks in runs]
+    logprobs = [[lp for c in chunks for lp in c.logprobs or ()] for chunks in runs]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 10
+    assert [lp.token_id for lp in logprobs[1]] == tokens[1]  # chunking keeps one logprob per token, in order
+    assert [lp.logprob for lp in logprobs[0]] == pytest.approx([lp.logprob for lp in logprobs[1]], abs=1e-5)
+    assert all(len(lp.top) == 2 for lp in logprobs[1])
 
 
 def test_bad_input_is_an_error_chunk_naming_the_field(backend, loop):

@@ -102,6 +102,21 @@ def test_chat_and_token_id_prompts(ch):
     assert out[-1].final.usage.prompt_tokens == 3
 
 
+def test_logprobs_come_with_every_token_and_rank_the_greedy_choice_first(ch):
+    out = generate(ch, pb.GenerateRequest(prompt="Hello there", max_tokens=6, temperature=0.0, logprobs=3,
+                                          reasoning_effort=pb.REASONING_EFFORT_NONE))
+    deltas = [r.delta for r in out if r.WhichOneof("kind") == "delta"]
+    tokens = [t for d in deltas for t in d.token_ids]
+    logprobs = [lp for d in deltas for lp in d.logprobs]
+    assert len(tokens) == 6 and [lp.token_id for lp in logprobs] == tokens
+    for lp in logprobs:
+        assert len(lp.top) == 3 and lp.logprob <= 0
+        assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+        assert lp.top[0].token_id == lp.token_id and lp.top[0].logprob == pytest.approx(lp.logprob)  # greedy
+    plain = generate(ch, pb.GenerateRequest(prompt="Hello there", max_tokens=2, temperature=0.0))
+    assert all(not r.delta.logprobs for r in plain if r.WhichOneof("kind") == "delta")
+
+
 def test_list_models(ch, door):
     models = stub(ch).ListModels(pb.ListModelsRequest(), timeout=5).models
     assert [(m.name, m.architecture, m.ep_size) for m in models] == [(MODEL, "Mistral4ForCausalLM", 1)]
@@ -133,7 +148,7 @@ BAD_REQUESTS = {  # request -> how the details start (a str, or a pattern)
                  "chat.messages[0].role: "),
     "negative token id": (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, -4])), "prompt_token_ids.ids: "),
     "out-of-vocab token id": (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 10**9])), "prompt: "),
-    "logprobs": (pb.GenerateRequest(prompt="Hi", logprobs=2), "logprobs: not served yet"),
+    "logprobs over the cap": (pb.GenerateRequest(prompt="Hi", logprobs=21), "logprobs: must be in [0, 20], got 21"),
     "bad UTF-8 in a chat message": (_with_bad_utf8(pb.GenerateRequest(chat=_chat("fine", "BAD!")), "BAD!"),
                                     "chat.messages[1].content: is not valid UTF-8"),
     "bad UTF-8 in the prompt": (_with_bad_utf8(pb.GenerateRequest(prompt="BAD!"), "BAD!"),
