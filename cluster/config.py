@@ -66,14 +66,14 @@ class FrontDoorConfig:
     max_request_bytes: int = 1 << 20  # larger requests: INVALID_ARGUMENT naming the size
     max_inflight: int = 256  # calls in flight across tenants; beyond: RESOURCE_EXHAUSTED
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may take to finish
-    first_chunk_timeout_s: float = 60.0  # no first chunk from the backend by then: UNAVAILABLE
+    backend_timeout_s: float = 90.0  # no chunk from the backend for this long (first or next): UNAVAILABLE
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
         _check(self.max_request_bytes > 0, "max_request_bytes", "must be positive")
         _check(self.max_inflight > 0, "max_inflight", "must be positive")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
-        _check(self.first_chunk_timeout_s > 0, "first_chunk_timeout_s", "must be positive")
+        _check(self.backend_timeout_s > 0, "backend_timeout_s", "must be positive")
         names = [t.name for t in self.tenants]
         _check(len(names) == len(set(names)), "tenants", "tenant names must be unique")
         keys = [t.api_key for t in self.tenants if t.api_key is not None]  # a key must identify one tenant
@@ -145,7 +145,7 @@ class RouterConfig:
     affinity_slack: int = 4  # keep a prefix on its replica unless it has this many more in flight than the least
     affinity_entries: int = 4096  # prefixes remembered (LRU)
     auto: AutoEffortConfig = field(default_factory=AutoEffortConfig)
-    replica_timeout_s: float = 60.0  # no first chunk from a replica by then: UNAVAILABLE
+    replica_timeout_s: float = 60.0  # no chunk from a replica for this long (keepalives included): UNAVAILABLE
 
     def __post_init__(self) -> None:
         _check(self.num_replicas >= 1, "num_replicas", "must be >= 1")
@@ -161,11 +161,9 @@ class RayConfig:
     num_cpus: int | None = None  # logical CPUs of a local cluster (may exceed the cores)
     temp_dir: str | None = None  # None: a fresh directory under the system temp dir
     namespace: str = "levante"
-    init_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", "must be >= 1")
-        _check(self.init_timeout_s > 0, "init_timeout_s", "must be positive")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from cluster.serve.backend import ServeBackend
 from cluster.types import DeployError
 
 log = logging.getLogger("levante.region")
+DEPLOY_MARGIN_S = 60.0  # Serve's own start-up, on top of the replicas' load_timeout_s
 
 
 def _say(msg: str) -> None:
@@ -56,7 +57,12 @@ class RegionServer:
         r = self.cfg.replica
         self.progress(f"deploying {r.num_replicas} replica(s) x {r.ep_size} expert-parallel rank(s); "
                       f"loading the model on every rank...")
-        await asyncio.to_thread(self._deploy)
+        try:  # bounded: a placement group that cannot be satisfied would otherwise wait forever
+            await asyncio.wait_for(asyncio.to_thread(self._deploy), r.load_timeout_s + DEPLOY_MARGIN_S)
+        except asyncio.TimeoutError:
+            raise DeployError(f"{app_name(self.cfg)} not ready after {r.load_timeout_s + DEPLOY_MARGIN_S:g}s "
+                              f"(replica.load_timeout_s); not enough CPUs/GPUs for the ranks?") from None
+        await self._report_experts()
         self.frontdoor = FrontDoor(self.cfg.frontdoor, ServeBackend(app_name(self.cfg)), self.cfg.region,
                                    self.cfg.model_name)
         self.port = await self.frontdoor.start()
@@ -64,6 +70,20 @@ class RegionServer:
         self.progress(f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "
                       f"{self.cfg.frontdoor.host}:{self.port} ({scheme}) after {time.monotonic() - began:.1f}s")
         return self.port
+
+    async def _report_experts(self) -> None:
+        """One line on how the experts were split (asks whichever replica answers)."""
+        replica = serve.get_deployment_handle("EngineReplica", app_name=app_name(self.cfg))
+        try:
+            status = await asyncio.wait_for(replica.status.remote(), self.cfg.replica.rank_timeout_s)
+        except Exception as e:  # noqa: BLE001 -- a report, not a requirement
+            log.warning("could not read a replica's status: %r", e)
+            return
+        info = status["info"]
+        if info.num_expert_params:
+            shares = ", ".join(f"rank {r.ep_rank}: {r.num_local_expert_params:,}" for r in status["ranks"] if r)
+            self.progress(f"replica {status['replica']}: {info.architecture}, {info.num_expert_params:,} routed-expert "
+                          f"parameters over {info.ep_size} rank(s) ({shares})")
 
     def _check_port(self) -> None:
         fd = self.cfg.frontdoor

@@ -113,6 +113,3 @@ class Backend(ABC):
     @abstractmethod
     async def ready(self) -> bool:
         """True when at least one replica can serve."""
-
-    async def close(self) -> None:
-        """Release what the backend holds (engines, handles)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
@@ -167,13 +167,14 @@ def create_engine(config: EngineConfig) -> EngineClient:
     return AsyncEngine(config)
 
 
-def run_expert_worker(config: EngineConfig) -> None:
+def run_expert_worker(config: EngineConfig, on_ready: Callable[[EngineInfo], None] | None = None) -> None:
     """Rank ``config.parallel.ep_rank >= 1`` of an EP group: run the steps rank 0 sends until it shuts down.
 
     Blocks for the group's whole life: returns when rank 0's engine shuts down;
     raises when rank 0 dies or is silent for ``parallel.timeout_s`` (a lost
-    peer ends the group, it is never repaired in place).
+    peer ends the group, it is never repaired in place). ``on_ready`` gets this
+    rank's ``EngineInfo`` once it has joined, before the first step.
     """
     from engine.parallel.worker import run_worker
 
-    run_worker(config)
+    run_worker(config, on_ready)

@@ -97,12 +97,25 @@ class AsyncEngine(EngineClient):
         except BaseException as e:  # a broken engine must fail its streams, not hang them
             self._error = e
         finally:
+            self._refuse_pending()
             for rid in list(self._streams):
                 self._deliver(RequestDelta(rid, [], finished=True, finish_reason="abort"))
             try:
                 self.core.close(peers_ok=self._error is None)  # after a failed collective, peers may not listen
             except BaseException as e:  # noqa: BLE001 - the engine is down either way; keep the first error
                 self._error = self._error or e
+
+    def _refuse_pending(self) -> None:
+        """Submits still in the inbox when the engine stops: fail them rather than leave callers waiting."""
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, _, _, _, loop, done = msg
+                err = EngineError("engine", f"stopped: {self._error!r}", kind="unavailable")
+                loop.call_soon_threadsafe(lambda d=done, e=err: d.done() or d.set_exception(e))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -121,8 +134,9 @@ class AsyncEngine(EngineClient):
             _, rid, prompt, params, loop, done = msg
             try:
                 self.core.add_request(rid, prompt, params)
-            except (EngineError, ValueError) as e:
-                err = e if isinstance(e, EngineError) else EngineError.from_value_error(e)
+            except Exception as e:  # noqa: BLE001 -- one bad request fails itself, never the engine thread
+                err = (e if isinstance(e, EngineError) else EngineError.from_value_error(e) if isinstance(e, ValueError)
+                       else EngineError("request", f"could not be admitted: {type(e).__name__}: {e}"))
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(err))
                 return
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))

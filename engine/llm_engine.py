@@ -78,7 +78,13 @@ class EngineCore:
                 raise EngineError("prompt", "must not be empty")
             return self._need_tokenizer().encode(prompt)
         if prompt and all(isinstance(m, dict) for m in prompt):
-            return self._need_tokenizer().apply_chat_template(list(prompt), reasoning_effort=effort)  # type: ignore[arg-type]
+            tokenizer = self._need_tokenizer()
+            try:
+                return tokenizer.apply_chat_template(list(prompt), reasoning_effort=effort)  # type: ignore[arg-type]
+            except ValueError:
+                raise
+            except Exception as e:  # a template that rejects the conversation (order of roles...): the caller's input
+                raise EngineError("messages", f"the chat template rejected them: {type(e).__name__}: {e}") from None
         ids = list(prompt)  # type: ignore[arg-type]
         if not ids:
             raise EngineError("prompt", "must not be empty")

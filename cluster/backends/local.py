@@ -1,6 +1,6 @@
 """``LocalBackend``: one engine in this process behind the ``Backend`` interface.
 
-For ``levante serve`` without Ray and for tests: the effort decision, the
+For tests, benchmarks and embedding without Ray: the effort decision, the
 engine's deltas as chunks, engine errors as chunk errors, and an abort of
 the engine request whenever the consumer stops early.
 """
@@ -13,7 +13,7 @@ import time
 from typing import AsyncIterator
 
 from cluster.config import AutoEffortConfig
-from cluster.router.policy import decide_effort, render_prompt
+from cluster.router.policy import decide_for
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
 from cluster.types import DEADLINE_EXCEEDED, INVALID_ARGUMENT, Backend, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
 from engine.api import EngineClient, EngineError, RequestDelta
@@ -23,16 +23,13 @@ class LocalBackend(Backend):
     """Serves ``info.name`` from ``engine``; the engine belongs to the caller (``close`` leaves it running)."""
 
     def __init__(self, engine: EngineClient, info: ModelInfo, region: str, replica: str = "local-0",
-                 auto: AutoEffortConfig = AutoEffortConfig()):
-        self.engine, self.info, self.auto = engine, info, auto
+                 auto: AutoEffortConfig | None = None):
+        self.engine, self.info, self.auto = engine, info, auto or AutoEffortConfig()
         self.served_by = ServedBy(region, replica)
 
     def decide(self, request: GenerateRequest) -> Decision:
         """The router's effort policy; one engine has no queue signal of its own here, so load is 0."""
-        text = render_prompt(request.prompt)
-        deadline_s = None if request.deadline is None else request.deadline - time.time()
-        decision = decide_effort(request.reasoning_effort, request.max_effort, text, len(text), deadline_s,
-                                 queue_delay_s=0.0, cfg=self.auto)
+        decision = decide_for(request, queue_delay_s=0.0, cfg=self.auto, now=time.time())
         return dataclasses.replace(decision, replica=self.served_by.replica)
 
     async def models(self) -> list[ModelInfo]:
@@ -40,9 +37,6 @@ class LocalBackend(Backend):
 
     async def ready(self) -> bool:
         return await self.engine.health()
-
-    async def close(self) -> None:
-        pass
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         try:

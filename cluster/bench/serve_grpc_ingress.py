@@ -29,16 +29,16 @@ def ingress_app_name(router_app: str) -> str:
 
 
 class ServeGrpcIngress:
-    def __init__(self, router_app: str, model_name: str, max_request_bytes: int, first_chunk_timeout_s: float):
+    def __init__(self, router_app: str, model_name: str, max_request_bytes: int, backend_timeout_s: float):
         self.router = serve.get_app_handle(router_app)  # the Router deployment of the Levante app
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
-        self.first_chunk_timeout_s = first_chunk_timeout_s
+        self.backend_timeout_s = backend_timeout_s
         self._limits: Limits | None = None
 
     async def _get_limits(self) -> Limits:
         if self._limits is None:  # asked once, as the front door does
-            models = await asyncio.wait_for(self.router.models.remote(), self.first_chunk_timeout_s)
+            models = await asyncio.wait_for(self.router.models.remote(), self.backend_timeout_s)
             model = next((m for m in models if m.name == self.model_name), models[0])
             self._limits = Limits(self.model_name, model.max_model_len, self.max_request_bytes)
         return self._limits
@@ -57,7 +57,7 @@ class ServeGrpcIngress:
             return
         encoder = ResponseEncoder(req.request_id)
         stream = self.router.options(stream=True).generate.remote(req)
-        timeout: float | None = self.first_chunk_timeout_s
+        timeout: float | None = self.backend_timeout_s
         try:
             while True:
                 try:
@@ -80,7 +80,7 @@ class ServeGrpcIngress:
 
 
 def build_ingress_app(router_app: str, model_name: str, max_request_bytes: int,
-                      first_chunk_timeout_s: float) -> serve.Application:
+                      backend_timeout_s: float) -> serve.Application:
     deployment = serve.deployment(ServeGrpcIngress).options(
         name="ServeGrpcIngress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
-    return deployment.bind(router_app, model_name, max_request_bytes, first_chunk_timeout_s)
+    return deployment.bind(router_app, model_name, max_request_bytes, backend_timeout_s)

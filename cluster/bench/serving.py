@@ -36,6 +36,8 @@ PATHS = (IN_PROCESS, LEVANTE, SERVE_PROXY)
 RATIOS = ((LEVANTE, IN_PROCESS), (SERVE_PROXY, IN_PROCESS), (SERVE_PROXY, LEVANTE))
 METRICS = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tokens_per_s")
 
+RAY_START_S = 120.0  # starting a local Ray cluster, on top of loading the model
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -97,10 +99,10 @@ def run_benchmark(cfg, opts: BenchOptions, progress: Callable[[str], None] = _sa
     ingress = ingress_app_name(app_name(cfg))
     deployed_ingress = False
     try:
-        port = loop_thread.run(region.start(), timeout=cfg.replica.load_timeout_s + cfg.ray.init_timeout_s)
+        port = loop_thread.run(region.start(), timeout=cfg.replica.load_timeout_s + RAY_START_S)
         progress(f"deploying the Serve gRPC proxy's ingress {ingress!r} (proxy on 127.0.0.1:{grpc_port})")
         serve.run(build_ingress_app(app_name(cfg), cfg.model_name, cfg.frontdoor.max_request_bytes,
-                                    cfg.frontdoor.first_chunk_timeout_s),
+                                    cfg.frontdoor.backend_timeout_s),
                   name=ingress, route_prefix=f"/{ingress}")
         deployed_ingress = True
         progress(f"loading the in-process engine (ep_size {cfg.replica.ep_size}, "

@@ -3,6 +3,6 @@
 Protobuf types appear only in ``convert.py``; everything else speaks ``cluster.types``.
 """
 
-from cluster.frontdoor.server import FrontDoor, install_sigterm_drain
+from cluster.frontdoor.server import FrontDoor
 
-__all__ = ["FrontDoor", "install_sigterm_drain"]
+__all__ = ["FrontDoor"]

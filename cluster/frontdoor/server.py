@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from typing import AsyncIterator
 
@@ -22,15 +21,16 @@ from cluster.frontdoor.convert import (SERVICE_NAME, Limits, RequestError, Respo
                                        decode_list_models, encode_models)
 from cluster.frontdoor.health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.tls import server_credentials
-from cluster.types import Backend, Chunk, GenerateRequest, ModelInfo
+from cluster.types import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
+                           GenerateRequest, ModelInfo)
 
 log = logging.getLogger(__name__)
 
 _STATUS = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -185,7 +185,7 @@ class FrontDoor:
         chunks = aiter(self.backend.generate(request))
         encoder = ResponseEncoder(request.request_id)
         try:
-            chunk = await self._next(chunks, request, context, self.config.first_chunk_timeout_s)
+            chunk = await self._next(chunks, request, context, self.config.backend_timeout_s)
             while True:
                 if chunk.error is not None:
                     code = _STATUS.get(chunk.error.code, grpc.StatusCode.INTERNAL)
@@ -194,7 +194,7 @@ class FrontDoor:
                     yield message
                 if chunk.finished:
                     return
-                chunk = await self._next(chunks, request, context, None)
+                chunk = await self._next(chunks, request, context, self.config.backend_timeout_s)
         finally:
             close = getattr(chunks, "aclose", None)
             if close is not None:
@@ -202,44 +202,20 @@ class FrontDoor:
 
     @staticmethod
     async def _next(chunks: AsyncIterator[Chunk], request: GenerateRequest, context: grpc.aio.ServicerContext,
-                    first_timeout: float | None) -> Chunk:
-        """The next chunk, within the first-chunk timeout and the call's deadline.
+                    idle_timeout: float) -> Chunk:
+        """The next chunk, within the backend timeout and the call's deadline.
 
         The deadline is enforced here too: grpc cancels the call at its deadline, but freeing
         the engine's KV blocks should not depend on when that cancellation lands.
         """
         left = None if request.deadline is None else request.deadline - time.time()
-        timeout = left if first_timeout is None else first_timeout if left is None else min(left, first_timeout)
+        timeout = idle_timeout if left is None else min(left, idle_timeout)
         try:
             chunk = await asyncio.wait_for(anext(chunks, None), timeout)
         except asyncio.TimeoutError:
             if left is not None and timeout == left:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline: passed before the stream finished")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: no response within {first_timeout:g}s")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: no response within {idle_timeout:g}s")
         if chunk is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: the stream ended before its final chunk")
         return chunk
-
-
-def install_sigterm_drain(loop: asyncio.AbstractEventLoop, frontdoor: FrontDoor) -> asyncio.Future:
-    """On SIGTERM, drain the front door; the returned future resolves once it has stopped."""
-    done: asyncio.Future = loop.create_future()
-
-    def on_sigterm() -> None:
-        if frontdoor.draining:
-            return
-        log.info("SIGTERM: draining the front door (up to %.1fs)", frontdoor.config.drain_timeout_s)
-        loop.create_task(frontdoor.drain()).add_done_callback(finished)
-
-    def finished(task: asyncio.Task) -> None:
-        if done.done():
-            return
-        if task.cancelled():
-            done.cancel()
-        elif task.exception() is not None:
-            done.set_exception(task.exception())  # type: ignore[arg-type]
-        else:
-            done.set_result(None)
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    return done

@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from cluster.config import AutoEffortConfig
-from cluster.types import AUTO, EFFORTS, Decision, Prompt
+from cluster.types import AUTO, EFFORTS, Decision, GenerateRequest, Prompt
 
 # -- reasoning depth ---------------------------------------------------------
 
@@ -66,7 +66,7 @@ def decide_effort(requested: str, max_effort: str, prompt_text: str, prompt_char
         while fitting != "none" and deadline_s < cfg.min_deadline_s.get(fitting, 0.0):
             fitting = EFFORTS[EFFORTS.index(fitting) - 1]
         if fitting != effort:
-            steps.append(f"deadline in {deadline_s:.1f}s < {cfg.min_deadline_s[effort]:g}s needed for "
+            steps.append(f"deadline in {deadline_s:.1f}s < {cfg.min_deadline_s.get(effort, 0.0):g}s needed for "
                          f"{effort} -> {fitting}")
             effort = fitting
 
@@ -79,6 +79,17 @@ def decide_effort(requested: str, max_effort: str, prompt_text: str, prompt_char
             steps.append(f"queue delay {queue_delay_s:.1f}s >= {cfg.degrade_queue_delay_s:g}s -> {effort}")
 
     return _capped(effort, max_effort, ["auto: " + steps[0], *steps[1:]])
+
+
+def decide_for(request: GenerateRequest, queue_delay_s: float, cfg: AutoEffortConfig, now: float) -> Decision:
+    """``decide_effort`` with its inputs taken from a request: the one way every backend does it.
+
+    ``now`` is ``time.time()`` (deadlines are wall-clock); a token-id prompt counts ~4 characters a token.
+    """
+    text = render_prompt(request.prompt)
+    chars = len(text) if text else 4 * len(request.prompt)
+    deadline_s = None if request.deadline is None else max(0.0, request.deadline - now)
+    return decide_effort(request.reasoning_effort, request.max_effort, text, chars, deadline_s, queue_delay_s, cfg)
 
 
 def find_keyword(text: str, keywords: tuple[str, ...]) -> str | None:

@@ -57,7 +57,8 @@ class EPGroup:
         self.name = name
         self.state = STARTING
         self.driver: Any = None  # DriverRank handle
-        self.info: EngineInfo | None = None
+        self.info: EngineInfo | None = None  # rank 0's
+        self.rank_infos: list[EngineInfo | None] = []  # every rank's, rank 0 first
         self.num_restarts = 0
         self.last_failure = ""
         self._workers: list[Any] = []
@@ -68,7 +69,11 @@ class EPGroup:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> EngineInfo:
-        await self._launch()
+        try:
+            await self._launch()
+        except BaseException:
+            await self._teardown(graceful=False)  # no placement group or half-started ranks left behind
+            raise
         self.state = SERVING
         self._watch = asyncio.create_task(self._watch_loop())
         assert self.info is not None
@@ -111,6 +116,9 @@ class EPGroup:
         if not done:
             raise TimeoutError(f"EP group did not start within {timeout}s")
         self.info = await asyncio.wait_for(start, timeout)  # re-raises a rank's load error
+        # rank 0 is up only once every rank has joined, so each worker knows its figures by now
+        workers = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self._workers)), cfg.rank_timeout_s)
+        self.rank_infos = [self.info, *workers]
 
     async def _teardown(self, graceful: bool) -> None:
         if graceful and self.driver is not None:
@@ -128,11 +136,15 @@ class EPGroup:
     # ---- failure detection and gang restart ----------------------------------------------------
 
     async def _watch_loop(self, interval_s: float = 1.0) -> None:
-        while self.state not in (STOPPED, FAILED):
-            await asyncio.sleep(interval_s)
-            failure = await self.check()
-            if failure:
-                await self.restart(failure)
+        try:
+            while self.state not in (STOPPED, FAILED):
+                await asyncio.sleep(interval_s)
+                failure = await self.check()
+                if failure:
+                    await self.restart(failure)
+        except Exception as e:  # noqa: BLE001 -- a watcher that dies silently would leave us RESTARTING forever
+            log.exception("%s: the EP group watcher failed", self.name)
+            self.state, self.last_failure = FAILED, f"watcher failed: {e!r}"
 
     async def check(self) -> str:
         """'' when every rank is alive and rank 0 serves; otherwise what is wrong."""
@@ -163,4 +175,5 @@ class EPGroup:
             self.num_restarts += 1
             log.warning("%s: EP group back after %.1fs", self.name, time.monotonic() - began)
             return
+        await self._teardown(graceful=False)  # give the resources back; Serve replaces this replica
         self.state = FAILED

@@ -39,6 +39,7 @@ class DriverRank:
         self.engine: EngineClient | None = None
         self._queues: dict[str, asyncio.Queue[RequestDelta]] = {}
         self._pumps: dict[str, asyncio.Task] = {}
+        self._early_aborts: dict[str, None] = {}  # aborts that overtook their submit (ordered, bounded)
 
     def rendezvous_address(self) -> str:
         return free_tcp_address()
@@ -55,6 +56,10 @@ class DriverRank:
             await self.engine.submit(request_id, prompt, params)
         except EngineError as e:
             return engine_error_chunk(e)
+        if request_id in self._early_aborts:  # the caller gave up while we admitted it
+            del self._early_aborts[request_id]
+            await self.engine.abort(request_id)
+            return error_chunk("unavailable", "request_id", f"{request_id!r} was aborted while being admitted")
         queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self._queues[request_id] = queue
         self._pumps[request_id] = asyncio.create_task(self._pump(request_id, queue))
@@ -65,13 +70,20 @@ class DriverRank:
         async for delta in self.engine.stream(request_id):
             queue.put_nowait(delta)
 
-    async def next(self, request_id: str, max_tokens: int, max_wait_s: float) -> Chunk:
+    async def next(self, request_id: str, max_tokens: int, max_wait_s: float, keepalive_s: float) -> Chunk:
         """The deltas produced since the last call: waits for one, then gathers more for up to
-        ``max_wait_s`` or ``max_tokens`` tokens, whichever comes first."""
+        ``max_wait_s`` or ``max_tokens`` tokens, whichever comes first.
+
+        With nothing for ``keepalive_s`` (a long prefill, a queue) it returns an empty chunk, so
+        every caller up the chain can tell a slow engine from a dead rank by its own timeout.
+        """
         queue = self._queues.get(request_id)
         if queue is None:
             return error_chunk("unavailable", "request_id", f"{request_id!r} is not running on this replica")
-        deltas = [await queue.get()]
+        try:
+            deltas = [await asyncio.wait_for(queue.get(), keepalive_s)]
+        except asyncio.TimeoutError:
+            return Chunk()
         loop = asyncio.get_running_loop()
         until = loop.time() + max_wait_s
         num_tokens = len(deltas[0].token_ids)
@@ -95,10 +107,16 @@ class DriverRank:
     async def abort(self, request_id: str) -> None:
         if self.engine is not None:
             await self.engine.abort(request_id)  # frees its KV blocks at once
+        if request_id not in self._queues:  # not admitted yet (or already done): remember, briefly
+            self._early_aborts[request_id] = None
+            while len(self._early_aborts) > 1024:
+                self._early_aborts.pop(next(iter(self._early_aborts)))
         self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:  # wake a ``next`` still waiting on it (its caller was cancelled)
+            queue.put_nowait(RequestDelta(request_id, [], finished=True, finish_reason="abort"))
         pump = self._pumps.pop(request_id, None)
         if pump is not None and not pump.done():
             pump.cancel()
@@ -119,10 +137,17 @@ class DriverRank:
             self.engine.shutdown()
 
 
-@ray.remote(max_concurrency=2)  # ``run`` blocks one thread; ``ping`` answers on the other
+@ray.remote(max_concurrency=2)  # ``run`` blocks one thread; ``info`` answers on the other
 class WorkerRank:
-    def run(self, config: EngineConfig) -> None:
-        run_expert_worker(config)
+    def __init__(self) -> None:
+        self._info: EngineInfo | None = None
 
-    def ping(self) -> bool:
-        return True
+    def run(self, config: EngineConfig) -> None:
+        run_expert_worker(config, on_ready=self._ready)
+
+    def _ready(self, info: EngineInfo) -> None:
+        self._info = info
+
+    def info(self) -> EngineInfo | None:
+        """This rank's figures (its share of the experts) once it has joined the group."""
+        return self._info

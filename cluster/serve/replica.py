@@ -53,8 +53,8 @@ class EngineReplica:
             served_by = ServedBy(self.cfg.region, self.replica_id)
             first = True
             while not finished:
-                chunk: Chunk = await asyncio.wait_for(driver.next.remote(rid, cfg.stream_chunk_tokens, wait_s),
-                                                      cfg.rank_timeout_s)
+                pending = driver.next.remote(rid, cfg.stream_chunk_tokens, wait_s, cfg.rank_timeout_s / 2)
+                chunk: Chunk = await asyncio.wait_for(pending, cfg.rank_timeout_s)  # a keepalive comes sooner
                 wait_s = cfg.stream_chunk_ms / 1000
                 finished = chunk.finished
                 # the first tells the router where it landed, the last tells the client, an error whom to avoid
@@ -84,10 +84,12 @@ class EngineReplica:
             stats = await asyncio.wait_for(self.group.driver.stats.remote(), self.cfg.replica.rank_timeout_s)
         return {"replica": self.replica_id, "state": self.group.state, "restarts": self.group.num_restarts,
                 "last_failure": self.group.last_failure, "outstanding": self.outstanding, "stats": stats,
-                "info": self.info, "time": time.time()}
+                "info": self.info, "ranks": self.group.rank_infos, "time": time.time()}
 
-    async def ready(self) -> bool:
-        return self.group.serving
+    async def ready(self, hint: RoutingHint | None = None) -> tuple[str, bool]:
+        """(this replica, whether it serves); ``hint`` lets the router steer probes past replicas that said no."""
+        del hint
+        return self.replica_id, self.group.serving
 
     async def check_health(self) -> None:
         # A group that is restarting is still this replica's business; only a group that

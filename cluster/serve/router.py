@@ -11,13 +11,15 @@ request goes to another one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 from typing import Any, AsyncIterator
 
 from ray.serve.exceptions import BackPressureError
 
 from cluster.config_loader import config_from_dict
-from cluster.router.policy import decide_effort, prefix_key, render_prompt
+from cluster.router.policy import decide_for, prefix_key
 from cluster.chunks import error_chunk
 from cluster.serve.routing import CHOICES, RoutingHint
 from cluster.types import RESOURCE_EXHAUSTED, UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo
@@ -28,12 +30,17 @@ READY_TIMEOUT_S = 10.0
 
 
 class QueueDelay:
-    """Current queueing delay: the older of the oldest request still waiting for its first
-    chunk and a moving average of recent times to first chunk."""
+    """Current queueing delay, as the router sees it: the larger of the oldest request still
+    waiting for its first token and a moving average of recent times to first token.
 
-    def __init__(self, alpha: float = 0.2):
-        self.alpha = alpha
+    Time to first token includes prefill, so long prompts raise it too; the average fades
+    with a half-life of ``half_life_s`` so a burst does not degrade the quiet that follows.
+    """
+
+    def __init__(self, alpha: float = 0.2, half_life_s: float = 5.0):
+        self.alpha, self.half_life_s = alpha, half_life_s
         self.average = 0.0
+        self._updated = 0.0
         self._waiting: dict[str, float] = {}
 
     def dispatched(self, request_id: str, now: float) -> None:
@@ -42,14 +49,18 @@ class QueueDelay:
     def first_chunk(self, request_id: str, now: float) -> None:
         began = self._waiting.pop(request_id, None)
         if began is not None:
-            self.average += self.alpha * ((now - began) - self.average)
+            average = self._faded(now)
+            self.average, self._updated = average + self.alpha * ((now - began) - average), now
 
     def forget(self, request_id: str) -> None:
         self._waiting.pop(request_id, None)
 
     def current(self, now: float) -> float:
         oldest = min(self._waiting.values(), default=now)
-        return max(self.average, now - oldest)
+        return max(self._faded(now), now - oldest)
+
+    def _faded(self, now: float) -> float:
+        return self.average * 0.5 ** (max(0.0, now - self._updated) / self.half_life_s)
 
 
 class Router:
@@ -66,24 +77,24 @@ class Router:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         now = time.monotonic()
-        text = render_prompt(request.prompt)
-        chars = len(text) if text else len(request.prompt)
-        deadline_s = None if request.deadline is None else max(0.0, request.deadline - time.time())
-        decision = decide_effort(request.reasoning_effort, request.max_effort, text, chars, deadline_s,
-                                 self.delay.current(now), self.cfg.router.auto)
+        decision = decide_for(request, self.delay.current(now), self.cfg.router.auto, time.time())
         key = prefix_key(request.prompt, self.cfg.router.prefix_chars)
         for attempt in range(2):
             hint = RoutingHint(prefix_key=key, avoid=self._avoided(now))
             retry = sent = False
-            async for chunk in self._dispatch(request, decision, hint):
-                failed = chunk.error is not None and chunk.error.code == UNAVAILABLE and chunk.error.field in ("replica", "engine")
-                if failed and chunk.served_by is not None:
-                    self._avoid[chunk.served_by.replica] = time.monotonic() + AVOID_S
-                    if attempt == 0 and not sent:  # nothing reached the client yet: try another replica
-                        retry = True
-                        break
-                sent = sent or bool(chunk.token_ids)
-                yield chunk
+            if attempt:  # a new engine id: the first attempt's abort may not have landed yet
+                request = dataclasses.replace(request, request_id=f"{request.request_id}#retry")
+            async with contextlib.aclosing(self._dispatch(request, decision, hint)) as chunks:
+                async for chunk in chunks:
+                    lost = chunk.error is not None and chunk.error.code == UNAVAILABLE \
+                        and chunk.error.field in ("replica", "engine")
+                    if lost and chunk.served_by is not None:
+                        self._avoid[chunk.served_by.replica] = time.monotonic() + AVOID_S
+                        if attempt == 0 and not sent:  # nothing reached the client yet: try another replica
+                            retry = True
+                            break
+                    sent = sent or bool(chunk.token_ids)
+                    yield chunk
             if not retry:
                 return
 
@@ -91,26 +102,27 @@ class Router:
         rid = request.request_id
         self.delay.dispatched(rid, time.monotonic())
         stream = self.engine.options(stream=True).generate.remote(request, decision, hint=hint)
-        first = True
+        first = waiting = True
         try:
-            while True:
-                timeout = self.cfg.router.replica_timeout_s if first else None
+            while True:  # replicas send keepalives, so silence this long means a lost replica
                 try:
-                    chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+                    chunk = await asyncio.wait_for(stream.__anext__(), self.cfg.router.replica_timeout_s)
                 except StopAsyncIteration:
                     return
                 if first:
-                    self._last_answer = time.monotonic()
-                    self.delay.first_chunk(rid, time.monotonic())
                     chunk.decision = _decided(decision, hint, chunk)
                     first = False
+                if waiting and (chunk.token_ids or chunk.finished):  # a keepalive is not an answer
+                    self._last_answer = time.monotonic()
+                    self.delay.first_chunk(rid, time.monotonic())
+                    waiting = False
                 yield chunk
                 if chunk.finished:
                     return
         except BackPressureError:
             yield error_chunk(RESOURCE_EXHAUSTED, "queue", "every replica's queue is full; retry later")
         except asyncio.TimeoutError:
-            yield error_chunk(UNAVAILABLE, "replica", f"no replica answered within {self.cfg.router.replica_timeout_s}s")
+            yield error_chunk(UNAVAILABLE, "replica", f"no word from the replica for {self.cfg.router.replica_timeout_s}s")
         except Exception as e:  # noqa: BLE001 -- a replica that died mid-call fails this request only
             yield error_chunk(UNAVAILABLE, "replica", f"replica call failed: {type(e).__name__}: {e}")
         finally:
@@ -128,7 +140,7 @@ class Router:
 
     async def ready(self) -> bool:
         """Answered from what the router knows, never by waiting behind a busy replica's queue:
-        a replica answered recently, or the last probe (re-run in the background) said so."""
+        a replica answered recently, or the last probe (re-run in the background) found one ready."""
         now = time.monotonic()
         if now - self._probed > READY_PROBE_S and (self._probe is None or self._probe.done()):
             self._probed = now
@@ -137,15 +149,22 @@ class Router:
         return self._ready or now - self._last_answer < READY_TIMEOUT_S
 
     async def _probe_ready(self) -> None:
-        try:
-            self._ready = await asyncio.wait_for(self.engine.ready.remote(), READY_TIMEOUT_S)
-        except BackPressureError:
-            self._ready = True  # every queue is full: busy, not down
-        except Exception:  # noqa: BLE001 -- timeout or no replica: not ready
-            self._ready = False
-
-    async def status(self) -> dict[str, Any]:
-        return {"queue_delay_s": self.delay.current(time.monotonic()), "avoided": sorted(self._avoid)}
+        """Ask replicas in turn, skipping those that said no, until one is ready (or all said no)."""
+        said_no: set[str] = set()
+        for _ in range(self.cfg.replica.num_replicas):
+            hint = RoutingHint(avoid=frozenset(said_no))
+            try:
+                replica, serving = await asyncio.wait_for(self.engine.ready.remote(hint=hint), READY_TIMEOUT_S)
+            except BackPressureError:
+                self._ready = True  # every queue is full: busy, not down
+                return
+            except Exception:  # noqa: BLE001 -- timeout or no replica: not ready
+                break
+            if serving:
+                self._ready = True
+                return
+            said_no.add(replica)
+        self._ready = False
 
 
 def _decided(decision: Decision, hint: RoutingHint, first: Chunk) -> Decision:

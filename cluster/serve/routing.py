@@ -7,6 +7,7 @@ object lives here, in an ordinary module, and is reached through it.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,15 +28,18 @@ class RoutingLog:
     def __init__(self, capacity: int = 4096):
         self.capacity = capacity
         self._choices: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._lock = threading.Lock()  # Serve may run its routing loop in a thread of its own
 
     def record(self, token: str, replica_id: str, reason: str) -> None:
-        self._choices[token] = (replica_id, reason)  # a retry after backoff overwrites the earlier try
-        self._choices.move_to_end(token)
-        while len(self._choices) > self.capacity:
-            self._choices.popitem(last=False)
+        with self._lock:
+            self._choices[token] = (replica_id, reason)  # a retry after backoff overwrites the earlier try
+            self._choices.move_to_end(token)
+            while len(self._choices) > self.capacity:
+                self._choices.popitem(last=False)
 
     def take(self, token: str) -> tuple[str, str] | None:
-        return self._choices.pop(token, None)
+        with self._lock:
+            return self._choices.pop(token, None)
 
 
 CHOICES = RoutingLog()

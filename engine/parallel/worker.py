@@ -9,6 +9,7 @@ to one. No logits, no sampling: rank 0 does those.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 
@@ -64,10 +65,12 @@ class ExpertWorker:
             self.group.close()
 
 
-def run_worker(config: EngineConfig) -> None:
+def run_worker(config: EngineConfig, on_ready: Callable[[EngineInfo], None] | None = None) -> None:
     """``engine.api.run_expert_worker``: blocks until rank 0 shuts the group down (returns) or fails (raises)."""
     worker = ExpertWorker(config)
     info = worker.info()
     print(f"levante: expert-parallel rank {info.ep_rank}/{info.ep_size} holds {info.num_local_expert_params} "
           f"of {info.num_expert_params} routed-expert params", file=sys.stderr, flush=True)
+    if on_ready is not None:
+        on_ready(info)
     worker.run()

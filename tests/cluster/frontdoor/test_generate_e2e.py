@@ -135,6 +135,12 @@ def _chat(*contents: str) -> pb.ChatMessages:
 
 BAD_REQUESTS = {  # request -> how the details start (a str, or a pattern)
     "empty prompt": (pb.GenerateRequest(prompt=""), "prompt: must not be empty"),
+    "chat ending with the assistant": (pb.GenerateRequest(chat=pb.ChatMessages(messages=[
+        pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role="assistant", content="hello")])),
+        "messages: the chat template rejected them"),
+    "two assistant turns in a row": (pb.GenerateRequest(chat=pb.ChatMessages(messages=[
+        pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role="assistant", content="a"),
+        pb.ChatMessage(role="assistant", content="b")])), "messages: the chat template rejected them"),
     "no prompt": (pb.GenerateRequest(max_tokens=3), "prompt: missing"),
     "prompt over the context": (pb.GenerateRequest(prompt="hello " * 1200),
                                 re.compile(r"prompt: \d+ tokens does not fit max_model_len")),

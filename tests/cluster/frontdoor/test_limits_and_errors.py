@@ -66,7 +66,7 @@ def test_backend_not_ready_is_unavailable(loop, backend):
 
 def test_no_first_chunk_in_time_is_unavailable_and_closes_the_stream(loop, backend):
     backend.first_delay_s = 5.0
-    with serving(loop, backend, FrontDoorConfig(port=0, first_chunk_timeout_s=0.3)) as door, channel(door) as ch:
+    with serving(loop, backend, FrontDoorConfig(port=0, backend_timeout_s=0.3)) as door, channel(door) as ch:
         began = time.monotonic()
         err = rpc_error(lambda: generate(ch, REQ))
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "no response within 0.3s" in err.details()

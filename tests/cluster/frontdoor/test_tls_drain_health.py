@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 
 import grpc
 import pytest
@@ -13,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from levante.v1 import inference_pb2 as pb
 
 from cluster.config import FrontDoorConfig, TLSConfig
-from cluster.frontdoor import FrontDoor, install_sigterm_drain
+from cluster.frontdoor import FrontDoor
 
 from .certs import make_pki
 from .harness import ScriptedBackend, channel, generate, rpc_error, serving, stub, wait_until
@@ -116,21 +114,3 @@ def test_drain_timeout_cancels_streams_that_do_not_finish(loop):
 async def _event() -> asyncio.Event:
     return asyncio.Event()
 
-
-def test_sigterm_drains_and_stops():
-    async def main() -> None:
-        door = FrontDoor(FrontDoorConfig(port=0), ScriptedBackend(), "r", "tiny-moe")
-        port = await door.start()
-        stopped = install_sigterm_drain(asyncio.get_running_loop(), door)
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.wait_for(stopped, 10)
-            assert door.draining
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                with pytest.raises(grpc.aio.AioRpcError):
-                    await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        finally:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
-            await door.stop()
-
-    asyncio.run(main())

@@ -113,11 +113,11 @@ def test_each_rank_holds_half_the_routed_experts(region, loop):
     statuses = replica_statuses(loop)
     assert len(statuses) == 2
     for s in statuses.values():
-        info = s["info"]
-        print(f"\nreplica {s['replica']}: rank 0 holds {info.num_local_expert_params} of "
-              f"{info.num_expert_params} routed-expert parameters (ep_size {info.ep_size})")
-        assert info.ep_size == 2
-        assert info.num_local_expert_params * 2 == info.num_expert_params > 0
+        ranks = s["ranks"]
+        print(f"\nreplica {s['replica']}: " + ", ".join(
+            f"rank {r.ep_rank} holds {r.num_local_expert_params} of {r.num_expert_params}" for r in ranks))
+        assert [r.ep_rank for r in ranks] == [0, 1] and all(r.ep_size == 2 for r in ranks)
+        assert all(r.num_local_expert_params * 2 == r.num_expert_params > 0 for r in ranks)
 
 
 def test_ep2_through_the_cluster_equals_ep1_in_process(ch, loop, tmp_path):
@@ -212,3 +212,20 @@ def test_losing_one_rank_restarts_the_gang_and_traffic_goes_on(ch, loop):
           f"{len(served)} calls served meanwhile")
     assert restarted and all(s["state"] == "serving" for s in statuses.values())
     assert tokens_of(generate(ch, request([1, 2, 3], max_tokens=4), timeout=120))
+
+
+def test_region_stays_serving_while_one_replica_restarts_with_no_traffic(region, ch, loop):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from cluster.serve.router import READY_TIMEOUT_S
+
+    time.sleep(READY_TIMEOUT_S + 1)  # no recent answers: readiness rests on the probes alone
+    loop.run(_call(replica_handle().kill_rank.remote(1)))
+    health = health_pb2_grpc.HealthStub(ch)
+    seen, began = [], time.monotonic()
+    while time.monotonic() - began < 8:
+        seen.append(health.Check(health_pb2.HealthCheckRequest(service="levante.v1.Inference"), timeout=5).status)
+        time.sleep(0.25)
+    assert set(seen) == {health_pb2.HealthCheckResponse.SERVING}, seen
+    wait_until(lambda: all(s["state"] == "serving" for s in replica_statuses(loop).values()), timeout=90,
+               what="the restarted gang back")
