@@ -113,6 +113,10 @@ class RegionServer:
             ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, _temp_dir=self._temp_dir,
                      _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
                      log_to_driver=False)
+        except BaseException:
+            if not rc.temp_dir:
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
+            raise
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)

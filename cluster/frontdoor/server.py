@@ -160,9 +160,11 @@ class FrontDoor:
         try:
             request = await self._checked(raw, context)
             request.tenant, request.max_effort = tenant.name, tenant.max_effort
+            client_id = request.request_id  # what the client sees; the engine's id is per tenant
+            request.request_id = f"{tenant.name}/{client_id}"
             remaining = context.time_remaining()
             request.deadline = None if remaining is None else time.time() + remaining
-            async for message in self._stream(request, context):
+            async for message in self._stream(request, client_id, context):
                 yield message
         finally:
             self._tenants.release(tenant)
@@ -181,9 +183,10 @@ class FrontDoor:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
         return request
 
-    async def _stream(self, request: GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _stream(self, request: GenerateRequest, client_id: str,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         chunks = aiter(self.backend.generate(request))
-        encoder = ResponseEncoder(request.request_id)
+        encoder = ResponseEncoder(client_id)
         try:
             chunk = await self._next(chunks, request, context, self.config.backend_timeout_s)
             while True:

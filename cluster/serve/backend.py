@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import AsyncIterator
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
-from cluster.chunks import error_chunk
-from cluster.types import RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk, GenerateRequest, ModelInfo
+from cluster.serve.streams import relay
+from cluster.types import Backend, Chunk, GenerateRequest, ModelInfo
 
 
 class ServeBackend(Backend):
@@ -18,18 +18,11 @@ class ServeBackend(Backend):
         self.call_timeout_s = call_timeout_s
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        stream = self.handle.options(stream=True).generate.remote(request)
-        try:
-            async for chunk in stream:
+        # No idle timeout here: the front door applies backend_timeout_s and closes us.
+        async with contextlib.aclosing(relay(self.handle.options(stream=True).generate.remote(request), "router",
+                                             None)) as chunks:
+            async for chunk in chunks:
                 yield chunk
-                if chunk.finished:
-                    return
-        except BackPressureError:
-            yield error_chunk(RESOURCE_EXHAUSTED, "queue", "the router's queue is full; retry later")
-        except Exception as e:  # noqa: BLE001 -- a router that died mid-call fails this call only
-            yield error_chunk(UNAVAILABLE, "router", f"router call failed: {type(e).__name__}")
-        finally:
-            stream.cancel()  # cancelled or expired upstream: the replica aborts the engine request
 
     async def models(self) -> list[ModelInfo]:
         return await asyncio.wait_for(self.handle.models.remote(), self.call_timeout_s)

@@ -20,9 +20,9 @@ from ray.serve.exceptions import BackPressureError
 
 from cluster.config_loader import config_from_dict
 from cluster.router.policy import decide_for, prefix_key
-from cluster.chunks import error_chunk
 from cluster.serve.routing import CHOICES, RoutingHint
-from cluster.types import RESOURCE_EXHAUSTED, UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo
+from cluster.serve.streams import relay
+from cluster.types import UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo
 
 AVOID_S = 10.0  # how long a replica that said UNAVAILABLE is skipped
 READY_PROBE_S = 2.0  # readiness is re-probed at most this often
@@ -103,31 +103,19 @@ class Router:
         self.delay.dispatched(rid, time.monotonic())
         stream = self.engine.options(stream=True).generate.remote(request, decision, hint=hint)
         first = waiting = True
-        try:
-            while True:  # replicas send keepalives, so silence this long means a lost replica
-                try:
-                    chunk = await asyncio.wait_for(stream.__anext__(), self.cfg.router.replica_timeout_s)
-                except StopAsyncIteration:
-                    return
-                if first:
-                    chunk.decision = _decided(decision, hint, chunk)
-                    first = False
-                if waiting and (chunk.token_ids or chunk.finished):  # a keepalive is not an answer
-                    self._last_answer = time.monotonic()
-                    self.delay.first_chunk(rid, time.monotonic())
-                    waiting = False
-                yield chunk
-                if chunk.finished:
-                    return
-        except BackPressureError:
-            yield error_chunk(RESOURCE_EXHAUSTED, "queue", "every replica's queue is full; retry later")
-        except asyncio.TimeoutError:
-            yield error_chunk(UNAVAILABLE, "replica", f"no word from the replica for {self.cfg.router.replica_timeout_s}s")
-        except Exception as e:  # noqa: BLE001 -- a replica that died mid-call fails this request only
-            yield error_chunk(UNAVAILABLE, "replica", f"replica call failed: {type(e).__name__}: {e}")
+        try:  # replicas send keepalives, so silence for replica_timeout_s means a lost replica
+            async with contextlib.aclosing(relay(stream, "replica", self.cfg.router.replica_timeout_s)) as chunks:
+                async for chunk in chunks:
+                    if first:
+                        chunk.decision = _decided(decision, hint, chunk)
+                        first = False
+                    if waiting and (chunk.token_ids or chunk.finished):  # a keepalive is not an answer
+                        self._last_answer = time.monotonic()
+                        self.delay.first_chunk(rid, time.monotonic())
+                        waiting = False
+                    yield chunk
         finally:
             self.delay.forget(rid)
-            stream.cancel()  # no-op when finished; otherwise the replica aborts the engine request
 
     def _avoided(self, now: float) -> frozenset[str]:
         self._avoid = {r: t for r, t in self._avoid.items() if t > now}

@@ -130,6 +130,16 @@ def test_tenant_identity_and_effort_ceiling_reach_the_backend(loop, backend, ten
     assert [(r.tenant, r.max_effort) for r in backend.requests] == [("alpha", "low"), ("beta", "high")]
 
 
+def test_request_ids_are_per_tenant(loop, backend, tenants_config):
+    # Two tenants may pick the same id: the engine sees them apart, each client gets its own id back.
+    same = pb.GenerateRequest(prompt="Hi", max_tokens=2, request_id="job-1")
+    with serving(loop, backend, tenants_config) as door, channel(door) as ch:
+        answers = [generate(ch, same, metadata=md) for md in (ALPHA, BETA)]
+    assert [r.request_id for r in backend.requests] == ["alpha/job-1", "beta/job-1"]
+    assert [a[0].start.request_id for a in answers] == ["job-1", "job-1"]
+    assert [a[-1].final.request_id for a in answers] == ["job-1", "job-1"]
+
+
 def test_tenant_concurrency_limit(loop, backend, tenants_config):
     hold = _hold(loop, backend)
     with serving(loop, backend, tenants_config) as door, channel(door) as ch:

@@ -1,0 +1,37 @@
+"""Relaying a Serve handle's stream of chunks: the one place that turns its failures into chunks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+from ray.serve.exceptions import BackPressureError
+
+from cluster.chunks import error_chunk
+from cluster.types import RESOURCE_EXHAUSTED, UNAVAILABLE, Chunk
+
+
+async def relay(stream: Any, callee: str, idle_timeout_s: float | None) -> AsyncIterator[Chunk]:
+    """The chunks of ``stream`` (a streaming DeploymentResponseGenerator) up to the final one.
+
+    A full queue becomes RESOURCE_EXHAUSTED; silence for ``idle_timeout_s`` (the callee sends
+    keepalives) or a callee that died becomes UNAVAILABLE naming ``callee``. Leaving early
+    cancels the call, and Serve passes the cancellation down to the engine request's abort.
+    """
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+            except StopAsyncIteration:
+                return
+            yield chunk
+            if chunk.finished:
+                return
+    except BackPressureError:
+        yield error_chunk(RESOURCE_EXHAUSTED, "queue", f"every {callee}'s queue is full; retry later")
+    except asyncio.TimeoutError:
+        yield error_chunk(UNAVAILABLE, callee, f"no word from the {callee} for {idle_timeout_s:g}s")
+    except Exception as e:  # noqa: BLE001 -- a callee that died mid-call fails this call only
+        yield error_chunk(UNAVAILABLE, callee, f"{callee} call failed: {type(e).__name__}: {e}")
+    finally:
+        stream.cancel()  # no-op when finished
