@@ -2,7 +2,10 @@
 
 The front door's tests run against the in-process one; this suite keeps the
 two from drifting apart. The Serve side is a real Ray cluster (own temp dir),
-started once for the module.
+started once for the module, running tiny Mixtral split over 2 expert-parallel
+ranks while the in-process engine holds every expert: equal tokens and
+logprobs between the two are also EP 2 == EP 1 on Mixtral through the cluster
+(tests/cluster/serve does Mistral 4).
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CONFIG = config_from_dict({
     "region": "conf", "model_name": "tiny-moe",
-    "engine": {"model": {"model": "tiny:mistral4?seed=0&vocab_size=32768",
+    "engine": {"model": {"model": "tiny:mixtral?seed=0&vocab_size=32768",
                          "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3", "num_threads": 1,
                          "max_model_len": 256},
                "cache": {"num_blocks": 64}, "reasoning": {"budget_low": 4}},
-    "replica": {"ep_size": 1, "stream_chunk_ms": 5},
+    "replica": {"ep_size": 2, "stream_chunk_ms": 5},
     "frontdoor": {"port": 0},
     "ray": {"num_cpus": 4},
 }, "test")
@@ -107,6 +110,7 @@ def test_both_backends_give_the_same_greedy_tokens_and_logprobs(local, remote, l
             for name, (b, _) in (("local", local), ("serve", remote))]
     tokens = [[t for c in chunks for t in c.token_ids] for chunks in runs]
     logprobs = [[lp for c in chunks for lp in c.logprobs or ()] for chunks in runs]
+    assert [loop.run(b.models())[0].ep_size for b, _ in (local, remote)] == [1, 2]  # EP 1 in-process, EP 2 on Serve
     assert tokens[0] == tokens[1] and len(tokens[0]) == 10
     assert [lp.token_id for lp in logprobs[1]] == tokens[1]  # chunking keeps one logprob per token, in order
     assert [lp.logprob for lp in logprobs[0]] == pytest.approx([lp.logprob for lp in logprobs[1]], abs=1e-5)
