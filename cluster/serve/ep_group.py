@@ -116,9 +116,15 @@ class EPGroup:
         if not done:
             raise TimeoutError(f"EP group did not start within {timeout}s")
         self.info = await asyncio.wait_for(start, timeout)  # re-raises a rank's load error
-        # rank 0 is up only once every rank has joined, so each worker knows its figures by now
-        workers = await asyncio.wait_for(asyncio.gather(*(w.info.remote() for w in self._workers)), cfg.rank_timeout_s)
+        workers = await asyncio.wait_for(asyncio.gather(*map(self._joined, self._workers)), cfg.rank_timeout_s)
         self.rank_infos = [self.info, *workers]
+
+    @staticmethod
+    async def _joined(worker: Any) -> EngineInfo:
+        """A worker's figures; it records them a moment after rank 0 sees it join, so ask until then."""
+        while (info := await worker.info.remote()) is None:
+            await asyncio.sleep(0.05)
+        return info
 
     async def _teardown(self, graceful: bool) -> None:
         if graceful and self.driver is not None:
