@@ -34,4 +34,4 @@ def error_chunk(code: str, field: str, message: str) -> Chunk:
 
 
 def engine_error_chunk(e: EngineError) -> Chunk:
-    return error_chunk(e.kind, e.field, str(e).partition(": ")[2] or str(e))
+    return error_chunk(e.kind, e.field, e.message)

@@ -25,7 +25,7 @@ from ray.serve.config import gRPCOptions
 
 from cluster.config import ClusterConfig
 from cluster.frontdoor.server import FrontDoor
-from cluster.serve.app import app_name, build_app
+from cluster.serve.app import ENGINE_DEPLOYMENT, app_name, build_app
 from cluster.serve.backend import ServeBackend
 from cluster.types import DeployError
 
@@ -73,7 +73,7 @@ class RegionServer:
 
     async def _report_experts(self) -> None:
         """One line on how the experts were split (asks whichever replica answers)."""
-        replica = serve.get_deployment_handle("EngineReplica", app_name=app_name(self.cfg))
+        replica = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name(self.cfg))
         try:
             status = await asyncio.wait_for(replica.status.remote(), self.cfg.replica.rank_timeout_s)
         except Exception as e:  # noqa: BLE001 -- a report, not a requirement
@@ -114,8 +114,7 @@ class RegionServer:
                      _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
                      log_to_driver=False)
         except BaseException:
-            if not rc.temp_dir:
-                shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._remove_temp_dir()
             raise
         finally:
             if main:
@@ -164,6 +163,11 @@ class RegionServer:
                 log.warning("serve.delete failed: %r", e)
             if self._owns_ray:  # our cluster: its end ends Serve's controller too
                 ray.shutdown()
-        if self._owns_ray and self._temp_dir and not self.cfg.ray.temp_dir:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        if self._owns_ray:
+            self._remove_temp_dir()
         self.progress("stopped")
+
+    def _remove_temp_dir(self) -> None:
+        """The temp dir we made for our local cluster (never one the config named)."""
+        if self._temp_dir and not self.cfg.ray.temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)

@@ -100,6 +100,7 @@ class EngineError(Exception):
     def __init__(self, field: str, message: str, kind: str = "invalid_argument"):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
         self.kind = kind  # "invalid_argument" | "resource_exhausted" | "unavailable"
 
     @classmethod

@@ -15,12 +15,12 @@ from typing import AsyncIterator
 from cluster.config import AutoEffortConfig
 from cluster.router.policy import decide_for
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
-from cluster.types import DEADLINE_EXCEEDED, INVALID_ARGUMENT, Backend, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
+from cluster.types import DEADLINE_EXCEEDED, Backend, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
 from engine.api import EngineClient, EngineError, RequestDelta
 
 
 class LocalBackend(Backend):
-    """Serves ``info.name`` from ``engine``; the engine belongs to the caller (``close`` leaves it running)."""
+    """Serves ``info.name`` from ``engine``; the engine belongs to the caller, who shuts it down."""
 
     def __init__(self, engine: EngineClient, info: ModelInfo, region: str, replica: str = "local-0",
                  auto: AutoEffortConfig | None = None):
@@ -42,8 +42,7 @@ class LocalBackend(Backend):
         try:
             decision = self.decide(request)
         except ValueError as e:  # an effort the front door let through: still the caller's field
-            field, _, message = str(e).partition(": ")
-            yield error_chunk(INVALID_ARGUMENT, field, message)
+            yield engine_error_chunk(EngineError.from_value_error(e))
             return
         params = dataclasses.replace(request.params, reasoning_effort=decision.effort)
         try:

@@ -11,6 +11,7 @@ door in the caller's process, or Serve's proxy actor plus this replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from levante.v1 import inference_pb2 as pb
@@ -22,6 +23,7 @@ from cluster.frontdoor.convert import (
     ResponseEncoder,
     decode_generate,
 )
+from cluster.serve.streams import relay
 
 
 def ingress_app_name(router_app: str) -> str:
@@ -56,15 +58,10 @@ class ServeGrpcIngress:
                 grpc_context.set_details(str(e))
             return
         encoder = ResponseEncoder(req.request_id)
+        # the same relay (and idle timeout) as our front door's backend, so both paths do equal work
         stream = self.router.options(stream=True).generate.remote(req)
-        timeout: float | None = self.backend_timeout_s
-        try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(stream.__anext__(), timeout)
-                except StopAsyncIteration:
-                    return
-                timeout = None  # later chunks are bounded by the replica's own per-pull timeout
+        async with contextlib.aclosing(relay(stream, "router", self.backend_timeout_s)) as chunks:
+            async for chunk in chunks:
                 if chunk.error is not None:
                     if grpc_context is not None:
                         grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
@@ -73,10 +70,6 @@ class ServeGrpcIngress:
                 # ResponseEncoder yields bytes; Serve's proxy serializes messages itself.
                 for raw in encoder.encode(chunk):
                     yield pb.GenerateResponse.FromString(raw)
-                if chunk.finished:
-                    return
-        finally:
-            stream.cancel()  # cancelled call: the replica aborts the engine request
 
 
 def build_ingress_app(router_app: str, model_name: str, max_request_bytes: int,

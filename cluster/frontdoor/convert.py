@@ -14,7 +14,7 @@ from levante.v1 import inference_pb2 as pb
 
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
-from engine.api import SamplingParams, TokenLogprob
+from engine.api import EngineError, SamplingParams, TokenLogprob
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
 MAX_REQUEST_ID_CHARS = 128
@@ -97,8 +97,8 @@ def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
                               stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
                               include_stop_str_in_output=msg.include_stop_str_in_output, **given)
     except ValueError as e:  # SamplingParams names the field first, as our errors do
-        field, _, message = str(e).partition(": ")
-        raise RequestError(field, message) from None
+        err = EngineError.from_value_error(e)
+        raise RequestError(err.field, err.message) from None
 
 
 def decode_generate(raw: bytes, limits: Limits) -> GenerateRequest:

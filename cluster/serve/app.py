@@ -11,6 +11,7 @@ from cluster.serve.replica import EngineReplica
 from cluster.serve.request_router import LevanteRequestRouter
 from cluster.serve.router import Router
 
+ENGINE_DEPLOYMENT = "EngineReplica"
 ROUTER_MAX_ONGOING = 100_000  # the router only forwards; the replicas' caps are what admit work
 
 
@@ -22,7 +23,7 @@ def build_app(cfg: ClusterConfig) -> serve.Application:
     shipped = config_to_dict(cfg)  # plain data: every replica rebuilds (and re-checks) the typed config
     r = cfg.replica
     engine = serve.deployment(EngineReplica).options(
-        name="EngineReplica",
+        name=ENGINE_DEPLOYMENT,
         num_replicas=r.num_replicas,
         max_ongoing_requests=r.max_ongoing_requests,
         max_queued_requests=r.max_queued_requests,

@@ -57,8 +57,7 @@ class EPGroup:
         self.name = name
         self.state = STARTING
         self.driver: Any = None  # DriverRank handle
-        self.info: EngineInfo | None = None  # rank 0's
-        self.rank_infos: list[EngineInfo | None] = []  # every rank's, rank 0 first
+        self.rank_infos: list[EngineInfo] = []  # every rank's figures, rank 0 first
         self.num_restarts = 0
         self.last_failure = ""
         self._workers: list[Any] = []
@@ -76,8 +75,12 @@ class EPGroup:
             raise
         self.state = SERVING
         self._watch = asyncio.create_task(self._watch_loop())
-        assert self.info is not None
         return self.info
+
+    @property
+    def info(self) -> EngineInfo:
+        """Rank 0's figures (the engine the replica serves)."""
+        return self.rank_infos[0]
 
     async def stop(self) -> None:
         self.state = STOPPED
@@ -110,14 +113,18 @@ class EPGroup:
         configs = rank_configs(self.cluster, init_method)
         self._workers = [WorkerRank.options(**on_bundle(r)).remote() for r in range(1, cfg.ep_size)]
         self._worker_runs = [w.run.remote(c) for w, c in zip(self._workers, configs[1:])]
-        start = self.driver.start.remote(configs[0])
-        done, _ = await asyncio.wait([asyncio.ensure_future(start), *map(asyncio.ensure_future, self._worker_runs)],
-                                     timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        start = asyncio.ensure_future(self.driver.start.remote(configs[0]))
+        runs = [asyncio.ensure_future(r) for r in self._worker_runs]
+        # One deadline for the whole start; a worker that ends first (a load error) says why at once.
+        done, _ = await asyncio.wait([start, *runs], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if not done:
             raise TimeoutError(f"EP group did not start within {timeout}s")
-        self.info = await asyncio.wait_for(start, timeout)  # re-raises a rank's load error
+        if start not in done:
+            await next(iter(done))  # re-raises the worker's error
+            raise RuntimeError("an expert-parallel rank exited before its group formed")
+        info = start.result()  # re-raises rank 0's load error
         workers = await asyncio.wait_for(asyncio.gather(*map(self._joined, self._workers)), cfg.rank_timeout_s)
-        self.rank_infos = [self.info, *workers]
+        self.rank_infos = [info, *workers]
 
     @staticmethod
     async def _joined(worker: Any) -> EngineInfo:

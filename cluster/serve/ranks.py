@@ -128,10 +128,6 @@ class DriverRank:
         assert self.engine is not None
         return await self.engine.stats()
 
-    async def info(self) -> EngineInfo:
-        assert self.engine is not None
-        return await self.engine.info()
-
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()

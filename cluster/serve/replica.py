@@ -28,8 +28,9 @@ class EngineReplica:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 -- built outside Serve (tests): name it plainly
             self.replica_id = "replica-0"
+        self.served_by = ServedBy(self.cfg.region, self.replica_id)
         self.group = EPGroup(self.cfg, name=f"levante-{self.replica_id}")
-        self.info = await self.group.start()
+        await self.group.start()
         self.outstanding = 0
 
     async def generate(self, request: GenerateRequest, decision: Decision,
@@ -50,7 +51,6 @@ class EngineReplica:
                 yield error
                 return
             wait_s = 0.0  # the first chunk goes out at once
-            served_by = ServedBy(self.cfg.region, self.replica_id)
             first = True
             while not finished:
                 pending = driver.next.remote(rid, cfg.stream_chunk_tokens, wait_s, cfg.rank_timeout_s / 2)
@@ -59,7 +59,7 @@ class EngineReplica:
                 finished = chunk.finished
                 # the first tells the router where it landed, the last tells the client, an error whom to avoid
                 if first or finished:
-                    chunk.served_by, first = served_by, False
+                    chunk.served_by, first = self.served_by, False
                 yield chunk
         except Exception as e:  # noqa: BLE001 -- a lost or stuck rank: fail this request, not the replica
             yield self._unavailable(f"replica {self.replica_id} lost the request: {type(e).__name__}")
@@ -70,12 +70,12 @@ class EngineReplica:
 
     def _unavailable(self, message: str) -> Chunk:
         chunk = error_chunk(UNAVAILABLE, "replica", message)
-        chunk.served_by = ServedBy(self.cfg.region, self.replica_id)  # so the router can avoid this replica
+        chunk.served_by = self.served_by  # so the router can avoid this replica
         return chunk
 
     async def model_info(self) -> ModelInfo:
-        assert self.info is not None
-        return ModelInfo(self.cfg.model_name, self.info.max_model_len, self.info.architecture, self.info.ep_size)
+        info = self.group.info
+        return ModelInfo(self.cfg.model_name, info.max_model_len, info.architecture, info.ep_size)
 
     async def status(self) -> dict[str, Any]:
         """For operators and tests: the group's state and the engine's counters."""
@@ -84,7 +84,7 @@ class EngineReplica:
             stats = await asyncio.wait_for(self.group.driver.stats.remote(), self.cfg.replica.rank_timeout_s)
         return {"replica": self.replica_id, "state": self.group.state, "restarts": self.group.num_restarts,
                 "last_failure": self.group.last_failure, "outstanding": self.outstanding, "stats": stats,
-                "info": self.info, "ranks": self.group.rank_infos, "time": time.time()}
+                "info": self.group.info, "ranks": self.group.rank_infos, "time": time.time()}
 
     async def ready(self, hint: RoutingHint | None = None) -> tuple[str, bool]:
         """(this replica, whether it serves); ``hint`` lets the router steer probes past replicas that said no."""

@@ -21,7 +21,7 @@ from ray import serve
 from cluster.backends import LocalBackend
 from cluster.config_loader import config_from_dict
 from cluster.region import RegionServer
-from cluster.serve.app import app_name
+from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from cluster.serve.backend import ServeBackend
 from cluster.types import INVALID_ARGUMENT, Chunk, GenerateRequest, ModelInfo
 from engine.api import SamplingParams, create_engine
@@ -61,7 +61,7 @@ def remote(loop):
     region = RegionServer(CONFIG, progress=lambda m: print(f"[region] {m}"))
     loop.run(region.start(), timeout=600)
     backend = ServeBackend(app_name(CONFIG))
-    replica = serve.get_deployment_handle("EngineReplica", app_name=app_name(CONFIG))
+    replica = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name(CONFIG))
 
     async def used_blocks() -> int:
         s = (await asyncio.wait_for(replica.status.remote(), 30))["stats"]

@@ -21,20 +21,24 @@ def _assert_same_routing(ids, weights, hf_ids, hf_weights, exact=True):
             assert a[e] == b[e] if exact else abs(a[e] - b[e]) < 1e-6, (e, a, b)
 
 
+def _run_hf_router(router, num_experts: int, num_tokens: int, dtype: torch.dtype, seed: int):
+    """Random router weights and hidden states (hidden size 16) through a transformers router."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(num_experts, 16, generator=gen))
+    router = router.to(dtype)
+    x = torch.randn(num_tokens, 16, generator=gen).to(dtype)
+    with torch.no_grad():
+        return router(x)  # logits, weights, ids
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softmax_topk_matches_mixtral_router(dtype):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
     config = MixtralConfig(hidden_size=16, num_local_experts=8, num_experts_per_tok=2)
-    router = MixtralTopKRouter(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        router.weight.copy_(torch.randn(8, 16, generator=gen))
-    router = router.to(dtype)
-    x = torch.randn(37, 16, generator=gen).to(dtype)
-    with torch.no_grad():
-        logits, hf_weights, hf_ids = router(x)
+    logits, hf_weights, hf_ids = _run_hf_router(MixtralTopKRouter(config), 8, 37, dtype, seed=0)
     weights, ids = route_softmax_topk(logits, top_k=2, renormalize=True)
     assert weights.dtype == torch.float32  # softmax in float32, never cast back
     _assert_same_routing(ids, weights, hf_ids, hf_weights)
@@ -54,14 +58,7 @@ def test_grouped_topk_matches_mistral4_router(dtype, n_group, topk_group, norm, 
 
     config = Mistral4Config(hidden_size=16, n_routed_experts=16, num_experts_per_tok=4, n_group=n_group,
                             topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=scale)
-    router = Mistral4TopkRouter(config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        router.weight.copy_(torch.randn(16, 16, generator=gen))
-    router = router.to(dtype)
-    x = torch.randn(41, 16, generator=gen).to(dtype)
-    with torch.no_grad():
-        logits, hf_weights, hf_ids = router(x)
+    logits, hf_weights, hf_ids = _run_hf_router(Mistral4TopkRouter(config), 16, 41, dtype, seed=1)
     weights, ids = route_grouped_topk(logits, top_k=4, n_group=n_group, topk_group=topk_group, renormalize=norm,
                                       routed_scaling_factor=scale)
     assert weights.dtype == dtype  # Mistral 4 keeps the logits' dtype through softmax

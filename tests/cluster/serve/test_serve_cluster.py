@@ -16,7 +16,7 @@ from ray import serve
 
 from cluster.config_loader import config_from_dict
 from cluster.region import RegionServer
-from cluster.serve.app import app_name
+from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from engine.api import SamplingParams, create_engine
 
 from ..frontdoor.harness import generate, rpc_error, wait_until
@@ -57,7 +57,7 @@ def ch(region):
 
 
 def replica_handle():
-    return serve.get_deployment_handle("EngineReplica", app_name=app_name(config_from_dict(CONFIG)))
+    return serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name(config_from_dict(CONFIG)))
 
 
 def replica_statuses(loop, n: int = 2) -> dict[str, dict]:
