@@ -67,6 +67,7 @@ class FrontDoorConfig:
     max_inflight: int = 256  # calls in flight across tenants; beyond: RESOURCE_EXHAUSTED
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may take to finish
     backend_timeout_s: float = 90.0  # no chunk from the backend for this long (first or next): UNAVAILABLE
+    admin: bool = False  # serve levante.v1.Admin (fault injection for drills, region health); never on a public port
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
@@ -161,9 +162,71 @@ class RayConfig:
     num_cpus: int | None = None  # logical CPUs of a local cluster (may exceed the cores)
     temp_dir: str | None = None  # None: a fresh directory under the system temp dir
     namespace: str = "levante"
+    deploy: bool = True  # False: the Serve app is deployed by someone else (KubeRay's serveConfigV2); attach to it
 
     def __post_init__(self) -> None:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Another region's front door, reached over gRPC only."""
+
+    name: str  # its region name (what its responses report in served_by)
+    target: str  # host:port of its front door
+    tls_ca: str | None = None  # PEM CA bundle that signed its certificate; set: TLS
+    tls_cert: str | None = None  # client certificate, when the peer asks for mutual TLS
+    tls_key: str | None = None
+    api_key_env: str | None = None  # environment variable with the API key to present, when it has tenants
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "must not be empty")
+        _check(":" in self.target and self.target.rsplit(":", 1)[1].isdigit(), "target",
+               f"must be host:port, got {self.target!r}")
+        _check((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "set both tls_cert and tls_key, or neither")
+        _check(self.tls_cert is None or self.tls_ca is not None, "tls_ca", "mutual TLS needs tls_ca too")
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """How a region router (and the client library) judges each region: active checks plus passive
+    outlier detection with ejection, in the manner of Envoy and gRPC A50."""
+
+    interval_s: float = 1.0  # active grpc.health.v1 Check on every region this often
+    timeout_s: float = 1.0  # a check not answered within this is a failure ("timeout")
+    unhealthy_threshold: int = 2  # consecutive failed checks before a region is unhealthy
+    healthy_threshold: int = 2  # consecutive good checks before it is healthy again
+    consecutive_failures: int = 3  # passive: errors, timeouts or slow first tokens in a row before ejection
+    base_ejection_s: float = 5.0  # ejected for base * (number of ejections), up to max_ejection_s
+    max_ejection_s: float = 60.0
+    cooldown_s: float = 30.0  # this long without an ejection forgets the earlier ones (backoff resets)
+    slow_first_token_s: float = 2.0  # a first token slower than this counts as a failure (the request goes on)
+    first_token_timeout_s: float = 10.0  # no first chunk within this: give up on the region, try the next
+    stream_idle_timeout_s: float = 10.0  # no chunk within this mid-stream: resume the stream elsewhere
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "timeout_s", "base_ejection_s", "slow_first_token_s", "first_token_timeout_s",
+                     "stream_idle_timeout_s"):
+            _check(getattr(self, name) > 0, name, "must be positive")
+        for name in ("unhealthy_threshold", "healthy_threshold", "consecutive_failures"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.max_ejection_s >= self.base_ejection_s, "max_ejection_s", "must be >= base_ejection_s")
+        _check(self.cooldown_s >= 0, "cooldown_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RegionsConfig:
+    """This region's peers and how requests fail over between regions."""
+
+    peers: tuple[PeerConfig, ...] = ()  # empty: a single region (no failover)
+    health: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    max_attempts: int = 3  # regions tried per request, the first included (each at most once)
+    spill_on_overload: bool = True  # RESOURCE_EXHAUSTED here: try the peers before returning it
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.peers]
+        _check(len(names) == len(set(names)), "peers", "peer names must be unique")
+        _check(self.max_attempts >= 1, "max_attempts", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -175,7 +238,10 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.region), "region", "must not be empty")
         _check(bool(self.model_name), "model_name", "must not be empty")
+        _check(self.region not in {p.name for p in self.regions.peers}, "regions.peers",
+               f"must not list this region ({self.region!r}) itself")

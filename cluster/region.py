@@ -54,14 +54,10 @@ class RegionServer:
         began = time.monotonic()
         self._check_port()  # before minutes of model loading, not after
         self._start_ray()
-        r = self.cfg.replica
-        self.progress(f"deploying {r.num_replicas} replica(s) x {r.ep_size} expert-parallel rank(s); "
-                      f"loading the model on every rank...")
-        try:  # bounded: a placement group that cannot be satisfied would otherwise wait forever
-            await asyncio.wait_for(asyncio.to_thread(self._deploy), r.load_timeout_s + DEPLOY_MARGIN_S)
-        except asyncio.TimeoutError:
-            raise DeployError(f"{app_name(self.cfg)} not ready after {r.load_timeout_s + DEPLOY_MARGIN_S:g}s "
-                              f"(replica.load_timeout_s); not enough CPUs/GPUs for the ranks?") from None
+        if self.cfg.ray.deploy:
+            await self._deploy_app()
+        else:
+            self.progress(f"attaching to the Serve application {app_name(self.cfg)!r} (ray.deploy is false)")
         await self._report_experts()
         self.frontdoor = FrontDoor(self.cfg.frontdoor, ServeBackend(app_name(self.cfg)), self.cfg.region,
                                    self.cfg.model_name)
@@ -70,6 +66,16 @@ class RegionServer:
         self.progress(f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "
                       f"{self.cfg.frontdoor.host}:{self.port} ({scheme}) after {time.monotonic() - began:.1f}s")
         return self.port
+
+    async def _deploy_app(self) -> None:
+        r = self.cfg.replica
+        self.progress(f"deploying {r.num_replicas} replica(s) x {r.ep_size} expert-parallel rank(s); "
+                      f"loading the model on every rank...")
+        try:  # bounded: a placement group that cannot be satisfied would otherwise wait forever
+            await asyncio.wait_for(asyncio.to_thread(self._deploy), r.load_timeout_s + DEPLOY_MARGIN_S)
+        except asyncio.TimeoutError:
+            raise DeployError(f"{app_name(self.cfg)} not ready after {r.load_timeout_s + DEPLOY_MARGIN_S:g}s "
+                              f"(replica.load_timeout_s); not enough CPUs/GPUs for the ranks?") from None
 
     async def _report_experts(self) -> None:
         """One line on how the experts were split (asks whichever replica answers)."""

@@ -6,7 +6,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig
-from cluster.config_loader import config_to_dict
+from cluster.config_loader import config_from_dict, config_to_dict
 from cluster.serve.replica import EngineReplica
 from cluster.serve.request_router import LevanteRequestRouter
 from cluster.serve.router import Router
@@ -45,3 +45,14 @@ def build_app(cfg: ClusterConfig) -> serve.Application:
         ray_actor_options={"num_cpus": 0},
     )
     return router.bind(engine.bind(shipped), shipped)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """Entry point for a Serve config file (KubeRay's ``serveConfigV2``).
+
+    ``import_path: cluster.serve.app:app_builder`` with ``args: {config: <a cluster config mapping>}``; name
+    the application ``levante-<region>`` so the region's front door (``ray.deploy: false``) finds it.
+    """
+    if not isinstance(args, dict) or "config" not in args:
+        raise ValueError("args.config: missing; pass the cluster config as a mapping under args.config")
+    return build_app(config_from_dict(args["config"], "serveConfigV2 args.config"))

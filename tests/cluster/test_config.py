@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ClusterConfig, FrontDoorConfig, ReplicaConfig, TenantConfig
+from cluster.config import ClusterConfig, FrontDoorConfig, PeerConfig, RegionsConfig, ReplicaConfig, TenantConfig
 from cluster.config_loader import (ConfigError, config_from_dict, config_to_dict, describe_schema,
                                    engine_config_for_rank, load_config)
 from engine.config import ParallelConfig
@@ -202,10 +202,12 @@ def _leaf_keys(value: object, path: str = "") -> set[str]:
 
 
 def test_schema_covers_every_key():
-    cfg = ClusterConfig(frontdoor=FrontDoorConfig(tenants=(TenantConfig(name="a", api_key="k"),)))
+    cfg = ClusterConfig(frontdoor=FrontDoorConfig(tenants=(TenantConfig(name="a", api_key="k"),)),
+                        regions=RegionsConfig(peers=(PeerConfig(name="b", target="b:1"),)))
     plain = config_to_dict(cfg)
     plain["frontdoor"]["tenants"] = {"[]": plain["frontdoor"]["tenants"][0]}  # items as "tenants[]"
-    expected = {k.replace(".[]", "[]") for k in _leaf_keys(plain)} - {"frontdoor.tenants[]"}
+    plain["regions"]["peers"] = {"[]": plain["regions"]["peers"][0]}
+    expected = {k.replace(".[]", "[]") for k in _leaf_keys(plain)} - {"frontdoor.tenants[]", "regions.peers[]"}
     assert {e.key for e in describe_schema()} == expected
 
 
@@ -237,3 +239,18 @@ def test_readme_documents_no_stale_keys():
     headings = set(re.findall(r"^### `([a-z_.]+)`", (CONFIGS / "README.md").read_text(), re.MULTILINE))
     assert documented | headings == {e.key for e in describe_schema()}
 
+
+
+# -- regions --------------------------------------------------------------------------------------
+
+
+def test_peers_load_and_are_checked():
+    cfg = config_from_dict({"region": "eu", "regions": {"peers": [{"name": "us", "target": "127.0.0.1:50062"}],
+                                                        "health": {"interval_s": 0.5}}})
+    assert cfg.regions.peers[0].target == "127.0.0.1:50062" and cfg.regions.health.interval_s == 0.5
+    with pytest.raises(ConfigError, match=r"regions\.peers\[0\]\.target: must be host:port"):
+        config_from_dict({"regions": {"peers": [{"name": "us", "target": "nowhere"}]}})
+    with pytest.raises(ConfigError, match=r"regions\.peers: must not list this region \('eu'\)"):
+        config_from_dict({"region": "eu", "regions": {"peers": [{"name": "eu", "target": "h:1"}]}})
+    with pytest.raises(ConfigError, match=r"regions\.health\.max_ejection_s: must be >= base_ejection_s"):
+        config_from_dict({"regions": {"health": {"base_ejection_s": 10, "max_ejection_s": 5}}})
