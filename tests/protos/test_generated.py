@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
-GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
+STEMS = ("admin", "inference")
+GENERATED = tuple(f"{stem}{suffix}" for stem in STEMS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 
 
 def _load_generate_script():
@@ -19,17 +20,23 @@ def _load_generate_script():
     return module
 
 
+@pytest.fixture(scope="module")
+def fresh_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("protos")
+    _load_generate_script().generate(root)
+    return root
+
+
 @pytest.mark.parametrize("name", GENERATED)
-def test_committed_module_matches_a_fresh_generation(tmp_path, name):
-    _load_generate_script().generate(tmp_path)
-    fresh = (tmp_path / "levante" / "v1" / name).read_bytes()
+def test_committed_module_matches_a_fresh_generation(fresh_root, name):
+    fresh = (fresh_root / "levante" / "v1" / name).read_bytes()
     committed = (PROTOS / "levante" / "v1" / name).read_bytes()
     assert fresh == committed, f"protos/levante/v1/{name} is stale: run `python protos/generate.py`"
 
 
 def test_every_proto_file_has_its_modules():
     protos = sorted(p.stem for p in (PROTOS / "levante" / "v1").glob("*.proto"))
-    assert protos == ["inference"]
+    assert protos == sorted(STEMS)
     for stem in protos:
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             assert (PROTOS / "levante" / "v1" / f"{stem}{suffix}").is_file()
