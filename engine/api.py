@@ -8,6 +8,7 @@ abort, stats, health. Everything crossing it is a plain dataclass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -15,6 +16,47 @@ from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 
 Message = dict[str, Any]
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Continue a request whose first outputs were produced elsewhere (same prompt, params and seed).
+
+    The engine takes ``token_ids`` as if it had generated them itself (a
+    seeded request then draws the same next tokens as the uninterrupted run)
+    and streams only what the client has not received: no token of
+    ``token_ids`` again, answer text from character ``text_chars`` on and
+    reasoning text from character ``reasoning_chars`` on (characters as in a
+    Python ``str``). The counts may be below what those tokens decode to:
+    the previous server holds back a tail that could still become a stop
+    string, or an incomplete UTF-8 character, and that tail comes now.
+    ``max_tokens`` and the final usage count the resumed tokens; logprobs, if
+    asked for, come for the new tokens only. Tokens that already end the
+    request are refused (``EngineError`` on ``resume.token_ids``).
+    """
+
+    token_ids: tuple[int, ...]  # every output token already delivered, in order (reasoning markers included)
+    text_chars: int = 0  # answer characters already delivered to the client
+    reasoning_chars: int = 0  # reasoning characters already delivered
+
+    def __post_init__(self) -> None:
+        # Callers (JSON, protobuf) hand us lists; freeze them like SamplingParams does.
+        if not isinstance(self.token_ids, Sequence) or isinstance(self.token_ids, (str, bytes)):
+            raise ValueError(f"resume.token_ids: must be a list of token ids, got {type(self.token_ids).__name__}")
+        ids = tuple(self.token_ids)
+        if not ids:
+            raise ValueError("resume.token_ids: must not be empty (a request with no outputs yet needs no resume)")
+        bad = next((i for i, t in enumerate(ids) if not _is_count(t)), None)
+        if bad is not None:
+            raise ValueError(f"resume.token_ids: must be token ids >= 0, got {ids[bad]!r} at index {bad}")
+        object.__setattr__(self, "token_ids", ids)
+        for name in ("text_chars", "reasoning_chars"):
+            if not _is_count(getattr(self, name)):
+                raise ValueError(f"resume.{name}: must be an int >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -114,8 +156,12 @@ class EngineClient(ABC):
     """Submit, stream, abort, stats, health: the cluster sees nothing else."""
 
     @abstractmethod
-    async def submit(self, request_id: str, prompt: str | list[int] | list[Message], params: SamplingParams) -> None:
-        """Admit a request (text, token ids or chat messages). Raises EngineError on bad input."""
+    async def submit(self, request_id: str, prompt: str | list[int] | list[Message], params: SamplingParams,
+                     resume: Resume | None = None) -> None:
+        """Admit a request (text, token ids or chat messages). Raises EngineError on bad input.
+
+        With ``resume``, continue a request another engine started: see ``Resume``.
+        """
 
     @abstractmethod
     def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
@@ -138,9 +184,11 @@ class EngineClient(ABC):
         """Stop the engine and release what it holds; in-flight streams end with ``abort``."""
 
     async def generate(self, request_id: str, prompt: str | list[int] | list[Message],
-                       params: SamplingParams) -> AsyncIterator[RequestDelta]:
+                       params: SamplingParams, resume: Resume | None = None) -> AsyncIterator[RequestDelta]:
         """Submit and stream in one call; aborts the request if the consumer stops early."""
-        await self.submit(request_id, prompt, params)
+        # resume only when given: clients written before it existed keep working for plain requests
+        await (self.submit(request_id, prompt, params, resume=resume) if resume is not None
+               else self.submit(request_id, prompt, params))
         finished = False
         try:
             async for delta in self.stream(request_id):

@@ -18,7 +18,7 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from engine.api import EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta
+from engine.api import EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta, Resume
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 from engine.llm_engine import EngineCore, Prompt
@@ -38,7 +38,8 @@ class AsyncEngine(EngineClient):
 
     # ---- EngineClient --------------------------------------------------------------------------
 
-    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                     resume: Resume | None = None) -> None:
         if not await self.health():
             raise EngineError("engine", f"not serving: {self._error!r}", kind="unavailable")
         if request_id in self._streams:
@@ -46,7 +47,7 @@ class AsyncEngine(EngineClient):
         loop = asyncio.get_running_loop()
         self._streams[request_id] = (loop, asyncio.Queue())
         done: asyncio.Future = loop.create_future()
-        self._inbox.put(("add", request_id, prompt, params, loop, done))
+        self._inbox.put(("add", request_id, prompt, params, resume, loop, done))
         try:
             await done  # admission errors (bad prompt, too long) surface here, raised in the caller
         except BaseException:
@@ -113,7 +114,7 @@ class AsyncEngine(EngineClient):
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, _, _, _, loop, done = msg
+                *_, loop, done = msg
                 err = EngineError("engine", f"stopped: {self._error!r}", kind="unavailable")
                 loop.call_soon_threadsafe(lambda d=done, e=err: d.done() or d.set_exception(e))
 
@@ -131,9 +132,9 @@ class AsyncEngine(EngineClient):
 
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "add":
-            _, rid, prompt, params, loop, done = msg
+            _, rid, prompt, params, resume, loop, done = msg
             try:
-                self.core.add_request(rid, prompt, params)
+                self.core.add_request(rid, prompt, params, resume)
             except Exception as e:  # noqa: BLE001 -- one bad request fails itself, never the engine thread
                 err = (e if isinstance(e, EngineError) else EngineError.from_value_error(e) if isinstance(e, ValueError)
                        else EngineError("request", f"could not be admitted: {type(e).__name__}: {e}"))

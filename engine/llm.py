@@ -6,7 +6,7 @@ import itertools
 import sys
 from typing import Iterator, Sequence
 
-from engine.api import EngineStats, Message, RequestDelta, RequestOutput
+from engine.api import EngineStats, Message, RequestDelta, RequestOutput, Resume
 from engine.config import EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
 from engine.llm_engine import EngineCore, Prompt
@@ -53,9 +53,13 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         return self.generate(list(convs), params)  # type: ignore[arg-type]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestDelta]:
-        """Deltas of one request as they are produced; the request is aborted if the caller stops early."""
-        rid = self._submit(prompt, params or SamplingParams())
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               resume: Resume | None = None) -> Iterator[RequestDelta]:
+        """Deltas of one request as they are produced; the request is aborted if the caller stops early.
+
+        With ``resume``, continue a request another engine started (see ``Resume``).
+        """
+        rid = self._submit(prompt, params or SamplingParams(), resume)
         try:
             while True:
                 for d in self.engine.step():
@@ -71,7 +75,7 @@ class LLM:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def _submit(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _submit(self, prompt: Prompt, params: SamplingParams, resume: Resume | None = None) -> str:
         rid = f"llm-{next(self._ids)}"
-        self.engine.add_request(rid, prompt, params)
+        self.engine.add_request(rid, prompt, params, resume)
         return rid

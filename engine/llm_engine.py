@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.api import EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput, TokenLogprob
+from engine.api import EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput, Resume, TokenLogprob
 from engine.config import EngineConfig
 from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
@@ -92,7 +92,19 @@ class EngineCore:
             raise EngineError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
         return ids
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    resume: Resume | None = None) -> None:
+        """Admit a request; with ``resume``, one whose first outputs another engine produced.
+
+        A resumed request is a request preempted by recompute: its prompt is
+        encoded as usual, the resumed tokens are its first outputs (they count
+        towards ``max_tokens``), its first step prefills both, and a seeded
+        request draws its next token from the same generator as the
+        uninterrupted run. Its output state replays those tokens silently.
+        Resumed tokens that already end the request (a stop token, EOS, a stop
+        string) are refused as ``resume.token_ids`` "already finished": the
+        previous engine just did not get to report the end.
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise EngineError("request_id", f"{request_id!r} is already running")
@@ -107,15 +119,46 @@ class EngineCore:
         extra_stops = tuple(t for t in self.eos_ids[1:] if t not in params.stop_token_ids)
         if extra_stops and not params.ignore_eos:
             params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_stops)
+        if resume is not None:
+            self._check_resume(resume, params, len(ids))
         budget = params.thinking_budget or self.config.reasoning.budget(effort)
         try:
             req = Request(request_id, ids, params, eos_token_id=self.eos_ids[0] if self.eos_ids else None)
             state = RequestState(request_id, ids, params, ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids)), self.tokenizer)
+            if resume is not None:
+                state.replay(resume.token_ids, resume.text_chars, resume.reasoning_chars)
+                req.append_output_token_ids(resume.token_ids)
             self.scheduler.add_request(req)
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
         self.requests[request_id], self.states[request_id] = req, state
         self._num_prompt += len(ids)
+
+    def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
+        """What a resume must satisfy beyond its own fields, before any state is built."""
+        k = len(resume.token_ids)
+        if params.prompt_logprobs is not None:
+            # the previous engine sent them with its first delta; this engine's prefill would send them again
+            raise EngineError("resume", "cannot be combined with prompt_logprobs")
+        if k >= params.max_tokens:
+            raise EngineError("resume.token_ids",
+                              f"{k} tokens leave nothing to generate under max_tokens {params.max_tokens}")
+        if num_prompt + k >= self.max_model_len:
+            raise EngineError("resume.token_ids", f"{num_prompt} prompt + {k} resumed tokens leave nothing to "
+                                                  f"generate under max_model_len {self.max_model_len}")
+        bad = next((i for i, t in enumerate(resume.token_ids) if t >= self.vocab_size), None)
+        if bad is not None:
+            raise EngineError("resume.token_ids", f"{resume.token_ids[bad]} at index {bad} is not below "
+                                                  f"the vocab size {self.vocab_size}")
+        end = next((i for i, t in enumerate(resume.token_ids) if self._ends_request(t, params)), None)
+        if end is not None:
+            raise EngineError("resume.token_ids", f"already finished: token {resume.token_ids[end]} at index {end} "
+                                                  f"is a stop token")
+
+    def _ends_request(self, token: int, params: SamplingParams) -> bool:
+        """The scheduler's stop-token rule (``params`` with the extra EOS ids already among its stop tokens)."""
+        eos = self.eos_ids[0] if self.eos_ids else None
+        return (token == eos and not params.ignore_eos) or token in params.stop_token_ids
 
     def abort_request(self, request_id: str) -> RequestDelta | None:
         if request_id not in self.requests:
@@ -188,7 +231,9 @@ class EngineCore:
 
     def _finish(self, request_id: str, reason: str) -> RequestDelta:
         req, state = self.requests.pop(request_id), self.states.pop(request_id)
-        delta = state.finish(reason, cached_tokens=max(req.num_cached_tokens, 0))
+        # usage counts cached prompt tokens; a resumed request's hits may also cover its resumed outputs
+        cached = min(max(req.num_cached_tokens, 0), req.num_prompt_tokens)
+        delta = state.finish(reason, cached_tokens=cached)
         self.finished[request_id] = state.to_output(reason)
         return delta
 

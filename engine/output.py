@@ -2,7 +2,8 @@
 
 Per request: the reasoning split, incremental detokenization of each
 channel, stop strings (checked on the answer text, which holds back a tail
-that could still become a stop string), logprobs and usage.
+that could still become a stop string), logprobs and usage. A resumed
+request first replays the outputs another engine produced, silently.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class RequestState:
     answer: str = ""  # answer text so far (stop string cut applied)
     answer_sent: int = 0  # chars of ``answer`` already streamed
     reasoning_text: str = ""
+    reasoning_sent: int = 0  # chars of ``reasoning_text`` already streamed
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_reason: int | str | None = None
@@ -84,6 +86,38 @@ class RequestState:
         released = [pair for t in token_ids for pair in self.reasoning.feed(t)]
         return self._decode(released, token_ids, logprobs, final=False)
 
+    def replay(self, token_ids: Sequence[int], text_chars: int = 0, reasoning_chars: int = 0) -> None:
+        """Take ``token_ids`` as outputs already produced elsewhere, streaming none of them.
+
+        Each token goes the way a generated one goes (the reasoning state's
+        ``next_token`` then ``feed``, both detokenizers one token at a time,
+        stop strings), so afterwards this state is the one that produced them:
+        a thinking span, its budget and a half-emitted forced marker carry on.
+        The next delta starts at answer character ``text_chars`` and reasoning
+        character ``reasoning_chars``, what the client has not received yet.
+        Raises ``ValueError("resume.<field>: ...")`` for tokens this request
+        could not have produced, or that already end it.
+        """
+        for i, t in enumerate(token_ids):
+            expected = self.reasoning.next_token(t)
+            if expected != t:  # the engine would have emitted a forced thinking marker here, whatever was sampled
+                raise ValueError(f"resume.token_ids: token {t} at index {i} cannot be there: this request emits "
+                                 f"{expected} (a thinking marker); were they produced with the same params?")
+            self.add_tokens([t], None)
+            if self.stopped_by_string:
+                raise ValueError(f"resume.token_ids: already finished: the answer reaches stop string "
+                                 f"{self.stop_reason!r} at index {i}")
+        self.answer_sent = self._delivered("text_chars", text_chars, self.answer)
+        self.reasoning_sent = self._delivered("reasoning_chars", reasoning_chars, self.reasoning_text)
+
+    @staticmethod
+    def _delivered(name: str, chars: int, text: str) -> int:
+        # The client cannot hold more text than the replayed tokens decode to: if it claims so, its text is not theirs.
+        if chars > len(text):
+            raise ValueError(f"resume.{name}: {chars} characters delivered, but the resumed tokens decode to "
+                             f"only {len(text)}")
+        return chars
+
     def finish(self, finish_reason: str | None, cached_tokens: int = 0) -> RequestDelta:
         self.cached_tokens = cached_tokens
         delta = self._decode(self.reasoning.flush(), [], None, final=True)
@@ -93,8 +127,10 @@ class RequestState:
     def _decode(self, released, token_ids, logprobs, final: bool) -> RequestDelta:
         reasoning_ids = [t for t, ch in released if ch == REASONING]
         answer_ids = [t for t, ch in released if ch == ANSWER]
-        new_reasoning = self._reasoning_detok.feed(reasoning_ids) + (self._reasoning_detok.flush() if final else "")
-        self.reasoning_text += new_reasoning
+        self.reasoning_text += (self._reasoning_detok.feed(reasoning_ids)
+                                + (self._reasoning_detok.flush() if final else ""))
+        # reasoning holds nothing back itself, but after a resume the client may still miss some of it
+        new_reasoning, self.reasoning_sent = self.reasoning_text[self.reasoning_sent:], len(self.reasoning_text)
         if not self.stopped_by_string:
             self.answer += self._answer_detok.feed(answer_ids) + (self._answer_detok.flush() if final else "")
             self._check_stop_strings()
