@@ -1,0 +1,1 @@
+"""Failover drills (``levante drill``): inject faults into running regions under load and report what clients saw."""
