@@ -3,11 +3,16 @@
 Streams the answer as it comes, with the reasoning shown apart (dimmed on a
 terminal, after ``[thinking]``) from the answer (after ``[answer]``), then
 one summary line on stderr: finish reason, usage, the effort the router chose
-and why, and which region and replica served it.
+and why, which region and replica served it, and any failover on the way.
+``generate`` goes through the client library (``cluster.regions.client``), so
+with ``--regions`` it fails over between front doors and resumes a broken
+stream in the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import sys
 
@@ -16,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
 
-EFFORTS = {"auto": pb.REASONING_EFFORT_AUTO, "none": pb.REASONING_EFFORT_NONE, "low": pb.REASONING_EFFORT_LOW,
-           "medium": pb.REASONING_EFFORT_MEDIUM, "high": pb.REASONING_EFFORT_HIGH}
-EFFORT_NAMES = {v: k for k, v in EFFORTS.items()}
+from cluster.regions.client import RegionClient, parse_endpoint
+from cluster.types import GRPC_NAMES, REQUEST_EFFORTS, Chunk
+
 
 
 class ClientError(Exception):
@@ -43,60 +48,73 @@ def _fail(e: grpc.RpcError) -> ClientError:
     return ClientError(f"{e.code().name}: {e.details()}")
 
 
-def stream_generate(channel: grpc.Channel, request: pb.GenerateRequest, api_key: str | None = None,
-                    timeout: float | None = None, out=sys.stdout, err=sys.stderr) -> pb.Final:
-    """Print one streamed answer; returns its Final message."""
-    tty = out.isatty()
-    dim, reset = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
-    thinking = answering = False
-    final = None
-    try:
-        for msg in pb_grpc.InferenceStub(channel).Generate(request, timeout=timeout, metadata=_metadata(api_key)):
-            kind = msg.WhichOneof("kind")
-            if kind == "delta":
-                if msg.delta.reasoning_text:
-                    if not thinking:
-                        out.write(f"{dim}[thinking] ")
-                        thinking = True
-                    out.write(f"{dim}{msg.delta.reasoning_text}")
-                if msg.delta.text:
-                    if not answering:
-                        out.write(f"{reset}\n[answer] " if thinking else "")
-                        answering = True
-                    out.write(msg.delta.text)
-                out.flush()
-            elif kind == "final":
-                final = msg.final
-    except grpc.RpcError as e:
-        out.write(reset + "\n")
-        raise _fail(e) from None
-    out.write(reset + "\n")
-    if final is not None:
-        u, d = final.usage, final.decision
-        err.write(f"[{pb.FinishReason.Name(final.finish_reason).removeprefix('FINISH_REASON_').lower()}; "
-                  f"prompt {u.prompt_tokens}, completion {u.completion_tokens}, reasoning {u.reasoning_tokens}, "
-                  f"cached {u.cached_tokens} tokens; effort {EFFORT_NAMES.get(d.reasoning_effort, '?')} ({d.reason}); "
-                  f"served by {final.served_by.region}/{final.served_by.replica}]\n")
+class StreamPrinter:
+    """Reasoning (dimmed on a terminal, after ``[thinking]``) apart from the answer (after ``[answer]``)."""
+
+    def __init__(self, out=sys.stdout):
+        self.out = out
+        self.dim, self.reset = ("\x1b[2m", "\x1b[0m") if out.isatty() else ("", "")
+        self.thinking = self.answering = False
+
+    def feed(self, text: str, reasoning_text: str) -> None:
+        if reasoning_text:
+            if not self.thinking:
+                self.out.write(f"{self.dim}[thinking] ")
+                self.thinking = True
+            self.out.write(f"{self.dim}{reasoning_text}")
+        if text:
+            if not self.answering:
+                self.out.write(f"{self.reset}\n[answer] " if self.thinking else "")
+                self.answering = True
+            self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        self.out.write(self.reset + "\n")
+        self.out.flush()
+
+
+def summary(final: Chunk) -> str:
+    """One line: finish reason, usage, the effort chosen and why, who served it, the failovers."""
+    u, d, by = final.usage, final.decision, final.served_by
+    line = f"[{final.finish_reason}"
+    if u is not None:
+        line += (f"; prompt {u.prompt_tokens}, completion {u.completion_tokens}, reasoning {u.reasoning_tokens}, "
+                 f"cached {u.cached_tokens} tokens")
+    if d is not None:
+        line += f"; effort {d.effort} ({d.reason})"
+    if by is not None:
+        line += f"; served by {by.region}/{by.replica}"
+    for hop in final.failovers or ():
+        line += f"; failed over from {hop.from_region} at token {hop.at_token} ({hop.reason})"
+    return line + "]"
+
+
+def stream_generate(endpoints: list[str], request: dict, api_key: str | None = None, tls: dict | None = None,
+                    model: str = "", out=sys.stdout, err=sys.stderr) -> Chunk:
+    """Print one streamed answer from the first region that can serve it; returns the final chunk.
+
+    ``endpoints``: ``name=host:port`` (or ``host:port``), in the order to try; ``request``: the
+    keyword arguments of ``RegionClient.generate``.
+    """
+    peers = [dataclasses.replace(parse_endpoint(e), **(tls or {})) for e in endpoints]
+
+    async def run() -> Chunk | None:
+        printer, last = StreamPrinter(out), None
+        async with RegionClient(peers, api_key=api_key, max_attempts=len(peers), model=model) as client:
+            async for chunk in client.generate(**request):
+                printer.feed(chunk.text, chunk.reasoning_text)
+                last = chunk
+        printer.end()
+        return last
+
+    final = asyncio.run(run())
+    if final is None or final.error is not None:
+        e = final.error if final is not None else None
+        raise ClientError(f"{GRPC_NAMES.get(e.code, e.code.upper())}: {e.message}" if e
+                          else "UNAVAILABLE: the stream ended without a final message")
+    err.write(summary(final) + "\n")
     return final
-
-
-def build_request(prompt: str, raw: bool = False, max_tokens: int | None = None, temperature: float | None = 0.0,
-                  seed: int | None = None, effort: str = "auto", model: str = "",
-                  region: str | None = None) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(model=model, reasoning_effort=EFFORTS[effort])
-    if raw:
-        req.prompt = prompt
-    else:
-        req.chat.messages.add(role="user", content=prompt)
-    if max_tokens is not None:
-        req.max_tokens = max_tokens
-    if temperature is not None:
-        req.temperature = temperature
-    if seed is not None:
-        req.seed = seed
-    if region:
-        req.preferred_region = region
-    return req
 
 
 def generate_and_print(target: str, prompt: str, cfg=None) -> int:
@@ -108,8 +126,8 @@ def generate_and_print(target: str, prompt: str, cfg=None) -> int:
     if cfg is not None and cfg.frontdoor.tenants:  # keys configured: call as the first tenant
         first = cfg.frontdoor.tenants[0]
         api_key = first.api_key or os.environ.get(first.api_key_env or "")
-    with open_channel(target) as channel:
-        stream_generate(channel, build_request(prompt, max_tokens=64), api_key=api_key, timeout=300)
+    request = dict(prompt=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0, timeout_s=300)
+    stream_generate([target], request, api_key=api_key)
     return 0
 
 
@@ -123,10 +141,13 @@ def add_commands(sub) -> None:
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--effort", choices=tuple(EFFORTS), default="auto", help="reasoning depth (default auto)")
+    g.add_argument("--effort", choices=REQUEST_EFFORTS, default="auto", help="reasoning depth (default auto)")
     g.add_argument("--raw", action="store_true", help="send a plain prompt instead of one chat message")
     g.add_argument("--model", default="")
-    g.add_argument("--region", default=None, help="preferred region")
+    g.add_argument("--region", default=None, help="preferred region (a front door with peers tries it first)")
+    g.add_argument("--regions", default=None, metavar="NAME=HOST:PORT,...",
+                   help="several front doors, in the order to try: the client library fails over between them "
+                        "and resumes a broken stream in the next one (instead of --target)")
     g.set_defaults(func=_cmd_generate)
     m = csub.add_parser("models", help="list the served models")
     m.set_defaults(func=_cmd_models)
@@ -147,10 +168,15 @@ def _channel(args) -> grpc.Channel:
 
 
 def _cmd_generate(args) -> int:
-    req = build_request(args.prompt, args.raw, args.max_tokens, args.temperature, args.seed, args.effort,
-                        args.model, args.region)
-    with _channel(args) as channel:
-        stream_generate(channel, req, args.api_key, args.timeout)
+    request = dict(prompt=args.prompt if args.raw else [{"role": "user", "content": args.prompt}],
+                   effort=args.effort, preferred_region=args.region, timeout_s=args.timeout,
+                   temperature=args.temperature)
+    for name in ("max_tokens", "seed"):
+        if getattr(args, name) is not None:
+            request[name] = getattr(args, name)
+    endpoints = args.regions.split(",") if args.regions else [args.target]
+    tls = {k: v for k, v in (("tls_ca", args.tls_ca), ("tls_cert", args.tls_cert), ("tls_key", args.tls_key)) if v}
+    stream_generate(endpoints, request, api_key=args.api_key, tls=tls, model=args.model)
     return 0
 
 

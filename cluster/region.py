@@ -24,7 +24,9 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cluster.config import ClusterConfig
+from cluster.frontdoor.admin import AdminService
 from cluster.frontdoor.server import FrontDoor
+from cluster.regions.router import RegionRouter, build_region_router
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name, build_app
 from cluster.serve.backend import ServeBackend
 from cluster.types import DeployError
@@ -46,6 +48,7 @@ class RegionServer:
         # benchmarks beside it. Serve takes proxy options only when it first starts, hence here.
         self.serve_grpc_port = serve_grpc_port
         self.frontdoor: FrontDoor | None = None
+        self.router: RegionRouter | None = None
         self.port: int | None = None
         self._temp_dir: str | None = None
         self._owns_ray = False
@@ -59,9 +62,17 @@ class RegionServer:
         else:
             self.progress(f"attaching to the Serve application {app_name(self.cfg)!r} (ray.deploy is false)")
         await self._report_experts()
-        self.frontdoor = FrontDoor(self.cfg.frontdoor, ServeBackend(app_name(self.cfg)), self.cfg.region,
-                                   self.cfg.model_name)
+        local = ServeBackend(app_name(self.cfg))
+        self.router = build_region_router(self.cfg, local)
+        self.router.book.listeners.append(
+            lambda t: self.progress(f"region health: {t.region} {t.state} ({t.reason})"))
+        self.frontdoor = FrontDoor(self.cfg.frontdoor, self.router.backend, self.cfg.region, self.cfg.model_name)
+        if self.cfg.frontdoor.admin:
+            self.frontdoor.admin = AdminService(self.router, self.frontdoor, local, self.frontdoor.authenticate)
         self.port = await self.frontdoor.start()
+        self.router.start()
+        if self.cfg.regions.peers:
+            self.progress("peers: " + ", ".join(f"{p.name} at {p.target}" for p in self.cfg.regions.peers))
         scheme = "tls" if self.cfg.frontdoor.tls.enabled else "plaintext"
         self.progress(f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "
                       f"{self.cfg.frontdoor.host}:{self.port} ({scheme}) after {time.monotonic() - began:.1f}s")
@@ -162,6 +173,9 @@ class RegionServer:
         if self.frontdoor is not None:
             await self.frontdoor.stop()
             self.frontdoor = None
+        if self.router is not None:
+            await self.router.stop()
+            self.router = None
         if ray.is_initialized():
             try:
                 serve.delete(app_name(self.cfg))

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from engine.api import SamplingParams, TokenLogprob, Usage
+from engine.api import Resume, SamplingParams, TokenLogprob, Usage
 from engine.config import EFFORTS  # in increasing depth
 
 AUTO = "auto"
@@ -23,6 +23,11 @@ RESOURCE_EXHAUSTED = "resource_exhausted"
 UNAVAILABLE = "unavailable"
 DEADLINE_EXCEEDED = "deadline_exceeded"
 ERROR_CODES = (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED)
+GRPC_NAMES = {code: code.upper() for code in ERROR_CODES}  # the gRPC status each code becomes
+
+# gRPC metadata a region router puts on a call it forwards to a peer: the peer serves it itself
+# (or fails), so a request never bounces between regions.
+FORWARDED_FROM = "levante-forwarded-from"
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
 
@@ -40,6 +45,8 @@ class GenerateRequest:
     max_effort: str = "high"  # the tenant's ceiling
     deadline: float | None = None  # absolute time.time(); None: no deadline
     preferred_region: str | None = None
+    resume: Resume | None = None  # continue a stream whose first tokens another region already sent
+    forwarded_from: str | None = None  # a peer region's router sent it here: serve it here, never forward it again
 
 
 @dataclass
@@ -55,6 +62,15 @@ class Decision:
 class ServedBy:
     region: str
     replica: str
+
+
+@dataclass
+class FailoverHop:
+    """A request (or its stream) moved from one region to the next."""
+
+    from_region: str
+    reason: str  # "unavailable: ...", "timeout: ...", "resource_exhausted: ..."
+    at_token: int  # tokens already sent when it moved (0: before the stream started)
 
 
 @dataclass
@@ -77,6 +93,7 @@ class Chunk:
     usage: Usage | None = None  # on the final chunk
     decision: Decision | None = None  # on the first chunk the router sends
     served_by: ServedBy | None = None  # on the final chunk
+    failovers: list[FailoverHop] | None = None  # on the final chunk: the regions this request left, in order
     error: ChunkError | None = None  # set: the request failed; no more chunks follow
 
 
@@ -113,3 +130,8 @@ class Backend(ABC):
     @abstractmethod
     async def ready(self) -> bool:
         """True when at least one replica can serve."""
+
+    @property
+    def fails_over(self) -> bool:
+        """True when a request this backend cannot serve itself may still be served elsewhere (a peer region)."""
+        return False

@@ -46,7 +46,7 @@ class LocalBackend(Backend):
             return
         params = dataclasses.replace(request.params, reasoning_effort=decision.effort)
         try:
-            await self.engine.submit(request.request_id, request.prompt, params)
+            await self.engine.submit(request.request_id, request.prompt, params, resume=request.resume)
         except EngineError as e:
             yield engine_error_chunk(e)
             return

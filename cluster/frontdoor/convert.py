@@ -13,8 +13,8 @@ from google.protobuf.message import DecodeError
 from levante.v1 import inference_pb2 as pb
 
 from cluster.frontdoor.wire import find_invalid_utf8
-from cluster.types import AUTO, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
-from engine.api import EngineError, SamplingParams, TokenLogprob
+from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, ServedBy
+from engine.api import EngineError, Resume, SamplingParams, TokenLogprob, Usage
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
 MAX_REQUEST_ID_CHARS = 128
@@ -31,6 +31,7 @@ _EFFORT_FROM_PB = {
 }
 _EFFORT_TO_PB = {v: k for k, v in _EFFORT_FROM_PB.items() if k != pb.REASONING_EFFORT_UNSPECIFIED}
 _FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
 
 class RequestError(ValueError):
@@ -101,6 +102,17 @@ def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
         raise RequestError(err.field, err.message) from None
 
 
+def _resume(msg: pb.GenerateRequest) -> Resume | None:
+    if not msg.HasField("resume"):
+        return None
+    r = msg.resume
+    try:
+        return Resume(tuple(r.token_ids), r.text_chars, r.reasoning_chars)
+    except ValueError as e:  # Resume names its field ("resume.token_ids: ...")
+        err = EngineError.from_value_error(e)
+        raise RequestError(err.field, err.message) from None
+
+
 def decode_generate(raw: bytes, limits: Limits) -> GenerateRequest:
     """A checked ``GenerateRequest`` (tenant, max_effort and deadline are the caller's to fill)."""
     msg = _parse(raw, limits)
@@ -117,6 +129,7 @@ def decode_generate(raw: bytes, limits: Limits) -> GenerateRequest:
         params=_params(msg, limits),
         reasoning_effort=_EFFORT_FROM_PB[msg.reasoning_effort],
         preferred_region=msg.preferred_region if msg.HasField("preferred_region") else None,
+        resume=_resume(msg),
     )
 
 
@@ -163,6 +176,8 @@ class ResponseEncoder:
                                           reasoning_tokens=u.reasoning_tokens, cached_tokens=u.cached_tokens))
         if self._served_by is not None:
             final.served_by.CopyFrom(pb.ServedBy(region=self._served_by.region, replica=self._served_by.replica))
+        for hop in chunk.failovers or ():
+            final.failovers.add(from_region=hop.from_region, reason=hop.reason, at_token=hop.at_token)
         return final
 
 
@@ -178,3 +193,63 @@ def encode_models(models: list[ModelInfo]) -> bytes:
     return pb.ListModelsResponse(models=[
         pb.Model(name=m.name, max_model_len=m.max_model_len, architecture=m.architecture, ep_size=m.ep_size)
         for m in models]).SerializeToString()
+
+
+# ---- the other way: a front door (or the client library) calling another front door ------------
+
+def encode_generate(request: GenerateRequest) -> bytes:
+    """A ``GenerateRequest`` as a peer front door reads it (same prompt, parameters, seed, resume)."""
+    p = request.params
+    msg = pb.GenerateRequest(model=request.model, top_k=p.top_k, min_p=p.min_p, stop=list(p.stop),
+                             stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+                             include_stop_str_in_output=p.include_stop_str_in_output,
+                             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                             reasoning_effort=_EFFORT_TO_PB[request.reasoning_effort],
+                             request_id=request.request_id[-MAX_REQUEST_ID_CHARS:])
+    for name in ("seed", "logprobs"):
+        if getattr(p, name) is not None:
+            setattr(msg, name, getattr(p, name))
+    if isinstance(request.prompt, str):
+        msg.prompt = request.prompt
+    elif request.prompt and isinstance(request.prompt[0], dict):
+        msg.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.prompt)
+    else:
+        msg.prompt_token_ids.ids.extend(request.prompt)  # type: ignore[arg-type]
+    if request.preferred_region is not None:
+        msg.preferred_region = request.preferred_region
+    if request.resume is not None:
+        r = request.resume
+        msg.resume.CopyFrom(pb.Resume(token_ids=r.token_ids, text_chars=r.text_chars,
+                                      reasoning_chars=r.reasoning_chars))
+    return msg.SerializeToString()
+
+
+def decode_response(raw: bytes) -> Chunk:
+    """One ``GenerateResponse`` from a peer as a chunk (a Start becomes an empty chunk with the decision)."""
+    msg = pb.GenerateResponse.FromString(raw)
+    kind = msg.WhichOneof("kind")
+    if kind == "start":
+        return Chunk(decision=_decision_from_pb(msg.start.decision))
+    if kind == "delta":
+        d = msg.delta
+        logprobs = [TokenLogprob(lp.token_id, lp.logprob, {t.token_id: t.logprob for t in lp.top})
+                    for lp in d.logprobs] or None
+        return Chunk(token_ids=list(d.token_ids), text=d.text, reasoning_text=d.reasoning_text, logprobs=logprobs)
+    f = msg.final
+    u = f.usage
+    return Chunk(finished=True, finish_reason=_FINISH_FROM_PB.get(f.finish_reason),
+                 usage=Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                             reasoning_tokens=u.reasoning_tokens, cached_tokens=u.cached_tokens,
+                             reasoning_effort=_EFFORT_FROM_PB.get(f.decision.reasoning_effort, AUTO)),
+                 decision=_decision_from_pb(f.decision),
+                 served_by=ServedBy(f.served_by.region, f.served_by.replica),
+                 failovers=[FailoverHop(h.from_region, h.reason, h.at_token) for h in f.failovers] or None)
+
+
+def _decision_from_pb(d: pb.RoutingDecision) -> Decision:
+    return Decision(_EFFORT_FROM_PB.get(d.reasoning_effort, AUTO), d.reason)
+
+
+def decode_models(raw: bytes) -> list[ModelInfo]:
+    return [ModelInfo(m.name, m.max_model_len, m.architecture, m.ep_size)
+            for m in pb.ListModelsResponse.FromString(raw).models]

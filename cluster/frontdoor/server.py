@@ -20,8 +20,9 @@ from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants
 from cluster.frontdoor.convert import (SERVICE_NAME, Limits, RequestError, ResponseEncoder, decode_generate,
                                        decode_list_models, encode_models)
 from cluster.frontdoor.health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
+from cluster.frontdoor.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from cluster.frontdoor.tls import server_credentials
-from cluster.types import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
+from cluster.types import (DEADLINE_EXCEEDED, FORWARDED_FROM, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
                            GenerateRequest, ModelInfo)
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class FrontDoor:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._draining = False
+        self.admin = None  # an AdminService (frontdoor.admin), set by the owner before start()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -60,7 +62,11 @@ class FrontDoor:
             "ListModels": grpc.unary_unary_rpc_method_handler(self._list_models),
         }),))
         self._health.add_to(server)
-        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+        services = [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME]
+        if self.admin is not None:
+            self.admin.add_to(server)
+            services.append(ADMIN_SERVICE_NAME)
+        reflection.enable_server_reflection(services, server)
         address = f"{self.config.host}:{self.config.port}"
         try:
             self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
@@ -87,6 +93,21 @@ class FrontDoor:
             log.warning("drain: %d calls still running after %.1fs; cancelling them",
                         self._inflight, self.config.drain_timeout_s)
         await self.stop()
+
+    async def pause(self) -> None:
+        """A drain that can be undone (drills): NOT_SERVING and new calls refused; running streams go on."""
+        self._draining = True
+        await self._health.set(NOT_SERVING)
+
+    async def resume(self) -> None:
+        self._draining = False
+        await self._health.refresh()
+
+    async def authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self._tenants.authenticate(context.invocation_metadata() or ())
+        except AuthError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
 
     async def stop(self) -> None:
         """Stop at once: running calls are cancelled (their engine requests aborted)."""
@@ -158,7 +179,8 @@ class FrontDoor:
         self._inflight += 1
         self._idle.clear()
         try:
-            request = await self._checked(raw, context)
+            metadata = dict(context.invocation_metadata() or ())
+            request = await self._checked(raw, context, metadata.get(FORWARDED_FROM))
             request.tenant, request.max_effort = tenant.name, tenant.max_effort
             client_id = request.request_id  # what the client sees; the engine's id is per tenant
             request.request_id = f"{tenant.name}/{client_id}"
@@ -172,14 +194,18 @@ class FrontDoor:
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _checked(self, raw: bytes, context: grpc.aio.ServicerContext) -> GenerateRequest:
+    async def _checked(self, raw: bytes, context: grpc.aio.ServicerContext,
+                       forwarded_from: str | None) -> GenerateRequest:
         try:
             request = decode_generate(raw, await self._limits())
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except LookupError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        if not self._health.serving:  # cached: asking a saturated backend per call would fail busy calls
+        request.forwarded_from = forwarded_from
+        # A region router can still send the call to a peer region; a call a peer forwarded cannot go on.
+        can_go_elsewhere = self.backend.fails_over and forwarded_from is None
+        if not self._health.serving and not can_go_elsewhere:  # cached: asking a busy backend per call fails calls
             await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
         return request
 

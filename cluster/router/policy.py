@@ -7,6 +7,8 @@ both call these.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import re
 from collections import OrderedDict
@@ -112,6 +114,15 @@ def _keyword_pattern(keyword: str) -> re.Pattern[str]:
 
 def _deeper(a: str, b: str) -> bool:
     return EFFORTS.index(a) > EFFORTS.index(b)
+
+
+def within_ceiling(request: GenerateRequest) -> GenerateRequest:
+    """The request with an explicit effort capped at its tenant's ceiling (before it leaves the region,
+    whose tenant the next region does not know); AUTO is decided where it is served."""
+    effort = request.reasoning_effort
+    if effort in EFFORTS and request.max_effort in EFFORTS and _deeper(effort, request.max_effort):
+        return dataclasses.replace(request, reasoning_effort=request.max_effort)
+    return request
 
 
 def _capped(effort: str, max_effort: str, steps: list[str]) -> Decision:

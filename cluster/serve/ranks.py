@@ -14,7 +14,7 @@ import socket
 
 import ray
 
-from engine.api import EngineClient, EngineConfig, EngineError, EngineInfo, EngineStats, RequestDelta, SamplingParams
+from engine.api import EngineClient, EngineConfig, EngineError, EngineInfo, EngineStats, RequestDelta, Resume, SamplingParams
 from engine.api import create_engine, run_expert_worker
 
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
@@ -49,11 +49,12 @@ class DriverRank:
         self.engine = await asyncio.to_thread(create_engine, config)
         return await self.engine.info()
 
-    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Chunk | None:
+    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                     resume: Resume | None = None) -> Chunk | None:
         """None when admitted; an error chunk naming the bad field otherwise."""
         assert self.engine is not None
         try:
-            await self.engine.submit(request_id, prompt, params)
+            await self.engine.submit(request_id, prompt, params, resume=resume)
         except EngineError as e:
             return engine_error_chunk(e)
         if request_id in self._early_aborts:  # the caller gave up while we admitted it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from typing import Any, AsyncIterator
 
@@ -45,7 +46,7 @@ class EngineReplica:
         self.outstanding += 1
         finished = False
         try:
-            error = await asyncio.wait_for(driver.submit.remote(rid, request.prompt, params), cfg.rank_timeout_s)
+            error = await asyncio.wait_for(driver.submit.remote(rid, request.prompt, params, request.resume), cfg.rank_timeout_s)
             if error is not None:
                 finished = True
                 yield error
@@ -97,11 +98,20 @@ class EngineReplica:
         if self.group.state == FAILED:
             raise RuntimeError(f"EP group failed: {self.group.last_failure}")
 
-    async def kill_rank(self, rank: int) -> None:
+    async def kill_rank(self, rank: int) -> str:
         """For drills and tests: kill one rank's actor (its gang restart follows)."""
         import ray
 
-        ray.kill(self.group.rank_actors()[rank], no_restart=True)
+        actors = self.group.rank_actors()
+        if not 0 <= rank < len(actors):
+            raise ValueError(f"rank: must be in [0, {len(actors)}), got {rank}")
+        ray.kill(actors[rank], no_restart=True)
+        return self.replica_id
+
+    async def crash(self) -> str:
+        """For drills: this replica's process exits a moment from now, as a crash would (Serve replaces it)."""
+        asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+        return self.replica_id
 
     async def __del__(self) -> None:
         await self.group.stop()

@@ -11,7 +11,9 @@ ENGINE_BOUNDARY = {"engine.api", "engine.config"}
 # The one command line stitches the engine's subcommands beside the cluster's.
 CLI_EXTRA = {"cluster/cli.py": {"engine.cli"}}
 # Where levante.v1 message types may appear: the front door's conversion, and clients of the API.
-PROTO_MODULES = {"cluster/frontdoor/convert.py", "cluster/client.py"}
+# convert.py for levante.v1.Inference, admin.py for levante.v1.Admin (served), and the clients of each.
+PROTO_MODULES = {"cluster/frontdoor/convert.py", "cluster/frontdoor/admin.py", "cluster/client.py",
+                 "cluster/drill/inject.py"}
 PROTO_PREFIXES = ("cluster/bench/",)
 
 

@@ -1,0 +1,1 @@
+"""Regions: health of every region, failover between them, the client library that spans them."""

@@ -1,0 +1,80 @@
+"""``RegionClient``: the Python client library for services that call Levante regions directly.
+
+It holds its own ordered list of front doors (one per region) and does what each front door's
+region router does, one level up: active health checks and outlier ejection per region, the
+next region when one fails before the stream starts, and a broken stream resumed in the next
+region from the tokens already received (same seed), so the caller sees one stream.
+
+    async with RegionClient(["eu-west=10.0.0.1:50051", "us-east=10.1.0.1:50051"]) as client:
+        async for chunk in client.generate("What is the capital of France?", max_tokens=32):
+            print(chunk.text, end="")
+
+Chunks are ``cluster.types.Chunk``: ``text``, ``reasoning_text``, ``token_ids``; the last one has
+``finished``, ``usage``, ``served_by`` and ``failovers`` (every region the request left, and why).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator, Sequence
+
+from cluster.config import HealthCheckConfig, PeerConfig, RegionsConfig
+from cluster.regions.checker import HealthChecker
+from cluster.regions.failover import FailoverBackend
+from cluster.regions.health import HealthBook
+from cluster.regions.peer import PeerBackend
+from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
+from engine.api import SamplingParams
+
+
+def parse_endpoint(spec: str | PeerConfig) -> PeerConfig:
+    """``name=host:port`` (or a bare ``host:port``, named after itself) as a ``PeerConfig``."""
+    if isinstance(spec, PeerConfig):
+        return spec
+    name, sep, target = spec.partition("=")
+    return PeerConfig(name=name, target=target) if sep else PeerConfig(name=spec, target=spec)
+
+
+class RegionClient:
+    def __init__(self, endpoints: Sequence[str | PeerConfig], health: HealthCheckConfig = HealthCheckConfig(),
+                 max_attempts: int | None = None, model: str = "", api_key: str | None = None):
+        peers = [parse_endpoint(e) for e in endpoints]
+        if not peers:
+            raise ValueError("endpoints: give at least one front door")
+        self.peers = [PeerBackend(p, api_key=api_key) for p in peers]
+        members = {p.peer.name: p for p in self.peers}
+        if len(members) != len(peers):
+            raise ValueError("endpoints: region names must be unique")
+        self.book = HealthBook(health, members)
+        cfg = RegionsConfig(health=health, max_attempts=max_attempts or len(peers))
+        self.backend = FailoverBackend(members, self.book, cfg, local=None, by_latency=False)
+        self.checker = HealthChecker(self.book, {p.peer.name: p.check for p in self.peers})
+        self.model = model
+
+    async def __aenter__(self) -> "RegionClient":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        """Begin the active health checks (in the running event loop)."""
+        self.checker.start()
+
+    async def close(self) -> None:
+        await self.checker.stop()
+        for peer in self.peers:
+            await peer.close()
+
+    def generate(self, prompt: Prompt, *, effort: str = AUTO, preferred_region: str | None = None,
+                 timeout_s: float | None = None, request_id: str | None = None,
+                 **sampling) -> AsyncIterator[Chunk]:
+        """Stream one answer. ``prompt``: text, token ids or chat messages; ``sampling``: SamplingParams
+        fields (max_tokens, temperature, seed, stop, ...). Errors come as a final chunk with ``error``."""
+        request = GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex, model=self.model, prompt=prompt,
+            params=SamplingParams(**sampling), reasoning_effort=effort, preferred_region=preferred_region,
+            deadline=None if timeout_s is None else time.time() + timeout_s)
+        return self.backend.generate(request)

@@ -1,0 +1,111 @@
+"""``PeerBackend``: another region's front door, called over gRPC as any client would.
+
+Requests go as bytes made by ``cluster.frontdoor.convert`` and come back as chunks; a failed
+call becomes an error chunk (a peer that died or refused is UNAVAILABLE, so the caller moves
+on). ``forwarded_from`` marks calls a router makes, so the peer serves them itself instead of
+forwarding them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.chunks import error_chunk
+from cluster.config import PeerConfig
+from cluster.router.policy import within_ceiling
+from cluster.frontdoor.convert import SERVICE_NAME, decode_models, decode_response, encode_generate
+from cluster.types import (DEADLINE_EXCEEDED, FORWARDED_FROM, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
+                           GenerateRequest, ModelInfo)
+
+_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DEADLINE_EXCEEDED,
+}  # everything else (UNAVAILABLE, a reset, CANCELLED by a dying server, UNAUTHENTICATED...): the peer cannot serve
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class PeerBackend(Backend):
+    def __init__(self, peer: PeerConfig, forwarded_from: str | None = None, call_timeout_s: float = 10.0,
+                 api_key: str | None = None):
+        self.peer = peer
+        self.forwarded_from = forwarded_from  # this region's name; None: an end client (the client library)
+        self.call_timeout_s = call_timeout_s
+        self._channel: grpc.aio.Channel | None = None
+        self._credentials = None
+        if peer.tls_ca is not None:  # read now: a missing file is a config error at start, not per call
+            self._credentials = grpc.ssl_channel_credentials(_read(peer.tls_ca), _read(peer.tls_key),
+                                                             _read(peer.tls_cert))
+        self._api_key = api_key or (os.environ.get(peer.api_key_env) if peer.api_key_env else None)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:  # made on first use, inside the event loop that uses it
+            target = self.peer.target
+            self._channel = (grpc.aio.secure_channel(target, self._credentials) if self._credentials
+                             else grpc.aio.insecure_channel(target))
+        return self._channel
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        md = [("authorization", f"Bearer {self._api_key}")] if self._api_key else []
+        if self.forwarded_from is not None:
+            md.append((FORWARDED_FROM, self.forwarded_from))
+        return md
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        request = within_ceiling(request)
+        timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
+        call = self.channel.unary_stream(f"/{SERVICE_NAME}/Generate")(
+            encode_generate(request), timeout=timeout, metadata=self._metadata())
+        try:
+            async for raw in call:
+                chunk = decode_response(raw)
+                yield chunk
+                if chunk.finished:
+                    return
+            yield error_chunk(UNAVAILABLE, "region", f"{self.peer.name}: the stream ended before its final message")
+        except grpc.aio.AioRpcError as e:
+            code = _CODES.get(e.code(), UNAVAILABLE)
+            yield error_chunk(code, "region", f"{self.peer.name}: {e.code().name}: {e.details()}")
+        finally:
+            call.cancel()  # no-op when finished; otherwise the peer aborts its engine request
+
+    async def models(self) -> list[ModelInfo]:
+        raw = await self.channel.unary_unary(f"/{SERVICE_NAME}/ListModels")(
+            b"", timeout=self.call_timeout_s, metadata=self._metadata())
+        return decode_models(raw)
+
+    async def check(self, timeout_s: float) -> tuple[bool, str]:
+        """One grpc.health.v1 Check: (serving, why not)."""
+        try:
+            resp = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                         timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return False, f"timeout: no health answer within {timeout_s:g}s"
+            return False, f"{e.code().name.lower()}: {e.details()}"
+        except asyncio.CancelledError:
+            raise
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            return False, f"not serving: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
+        return True, ""
+
+    async def ready(self) -> bool:
+        return (await self.check(self.call_timeout_s))[0]

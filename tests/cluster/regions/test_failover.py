@@ -1,0 +1,199 @@
+"""FailoverBackend against scripted backends: retry, resume, spill, timeouts, no bouncing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import pytest
+
+from cluster.chunks import error_chunk
+from cluster.config import HealthCheckConfig, RegionsConfig
+from cluster.regions.failover import FailoverBackend
+from cluster.regions.health import EJECTED, HealthBook
+from cluster.types import (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk, Decision, FailoverHop,
+                           GenerateRequest, ModelInfo, ServedBy)
+from engine.api import Resume, SamplingParams
+
+HEALTH = HealthCheckConfig(consecutive_failures=1, first_token_timeout_s=0.3, stream_idle_timeout_s=0.3,
+                           slow_first_token_s=0.2)
+
+
+class Scripted(Backend):
+    """Plays one script per call: chunks, ("sleep", s) pauses, and "hang" (waits forever)."""
+
+    def __init__(self, name: str, *scripts: list):
+        self.name, self.scripts, self.requests, self.closed = name, list(scripts), [], 0
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        self.requests.append(request)
+        script = self.scripts.pop(0)
+        try:
+            for step in script:
+                if step == "hang":
+                    await asyncio.Event().wait()
+                if isinstance(step, tuple):
+                    await asyncio.sleep(step[1])
+                    continue
+                yield step
+        finally:
+            self.closed += 1
+
+    async def models(self) -> list[ModelInfo]:
+        return [ModelInfo("m", 64)]
+
+    async def ready(self) -> bool:
+        return True
+
+
+def tokens(*ids: int, region: str = "", final: bool = False) -> Chunk:
+    c = Chunk(token_ids=list(ids), text="".join(f"<{i}>" for i in ids))
+    if final:
+        c.finished, c.finish_reason, c.served_by = True, "length", ServedBy(region, "r0")
+    return c
+
+
+def start() -> Chunk:
+    return Chunk(decision=Decision("low", "auto: test"))
+
+
+def backend(members: dict, local: str | None = "eu", **cfg) -> FailoverBackend:
+    book = HealthBook(HEALTH, members, local=local)
+    return FailoverBackend(members, book, RegionsConfig(health=HEALTH, **cfg), local=local)
+
+
+def request(**kw) -> GenerateRequest:
+    params = kw.pop("params", SamplingParams(max_tokens=6, temperature=1.0))
+    return GenerateRequest("t/1", "m", "hi", params, **kw)
+
+
+def run(fb: FailoverBackend, req: GenerateRequest) -> list[Chunk]:
+    async def collect():
+        return [c async for c in fb.generate(req)]
+    return asyncio.run(collect())
+
+
+def test_a_stream_broken_mid_way_resumes_elsewhere_with_nothing_lost_or_repeated():
+    eu = Scripted("eu", [start(), tokens(1, 2), tokens(3), error_chunk(UNAVAILABLE, "replica", "lost")])
+    us = Scripted("us", [start(), tokens(4, 5), tokens(6, region="us", final=True)])
+    chunks = run(backend({"eu": eu, "us": us}), request())
+    assert [t for c in chunks for t in c.token_ids] == [1, 2, 3, 4, 5, 6]
+    resumed = us.requests[0]
+    assert resumed.resume.token_ids == (1, 2, 3) and resumed.resume.text_chars == len("<1><2><3>")
+    assert resumed.reasoning_effort == "low"  # the first region's decision, not a new one
+    assert resumed.params.seed is not None and resumed.params.seed == eu.requests[0].params.seed  # same seed
+    assert {c.decision.reason for c in chunks if c.decision is not None} == {"auto: test"}  # the first decision
+    final = chunks[-1]
+    assert final.served_by.region == "us"
+    assert [(h.from_region, h.at_token) for h in final.failovers] == [("eu", 3)]
+    assert final.failovers[0].reason == "unavailable: lost"
+
+
+def test_a_region_that_fails_before_starting_is_retried_and_ejected():
+    eu = Scripted("eu", [error_chunk(UNAVAILABLE, "region", "eu: connection refused")])
+    us = Scripted("us", [start(), tokens(1, region="us", final=True)])
+    fb = backend({"eu": eu, "us": us})
+    chunks = run(fb, request())
+    assert chunks[-1].failovers[0].at_token == 0 and us.requests[0].resume is None
+    assert fb.book.regions["eu"].state(fb.book.clock()) == EJECTED  # consecutive_failures=1 in this test
+    assert fb.order(None) == ["us", "eu"]  # the ejected local region goes last
+
+
+def test_greedy_and_seeded_requests_keep_their_seed():
+    greedy = Scripted("eu", [tokens(1, final=True)])
+    run(backend({"eu": greedy}), request(params=SamplingParams(temperature=0.0)))
+    assert greedy.requests[0].params.seed is None  # greedy needs none
+    seeded = Scripted("eu", [tokens(1, final=True)])
+    run(backend({"eu": seeded}), request(params=SamplingParams(temperature=1.0, seed=7)))
+    assert seeded.requests[0].params.seed == 7
+
+
+def test_overload_spills_to_a_peer_and_is_returned_only_when_every_region_is_full():
+    full = lambda name: Scripted(name, [error_chunk(RESOURCE_EXHAUSTED, "queue", "full")])  # noqa: E731
+    us = Scripted("us", [tokens(1, region="us", final=True)])
+    fb = backend({"eu": full("eu"), "us": us})
+    assert run(fb, request())[-1].served_by.region == "us"
+    assert fb.book.available("eu")  # busy is not sick: no ejection
+    chunks = run(backend({"eu": full("eu"), "us": full("us")}), request())
+    assert chunks[-1].error.code == RESOURCE_EXHAUSTED and "every region is full" in chunks[-1].error.message
+    no_spill = backend({"eu": full("eu"), "us": Scripted("us")}, spill_on_overload=False)
+    assert run(no_spill, request())[-1].error.code == RESOURCE_EXHAUSTED
+
+
+def test_a_bad_request_is_not_retried():
+    eu = Scripted("eu", [error_chunk(INVALID_ARGUMENT, "max_tokens", "too many")])
+    us = Scripted("us")
+    chunks = run(backend({"eu": eu, "us": us}), request())
+    assert chunks[-1].error.field == "max_tokens" and us.requests == []
+
+
+def test_silence_fails_over_by_timeout_and_closes_the_silent_stream():
+    eu = Scripted("eu", [start(), "hang"])  # accepted, then nothing: a frozen region
+    us = Scripted("us", [tokens(1, region="us", final=True)])
+    fb = backend({"eu": eu, "us": us})
+    chunks = run(fb, request())
+    hop = chunks[-1].failovers[0]
+    assert hop.reason.startswith("timeout: no first token within") and eu.closed == 1
+    mid = Scripted("eu", [tokens(1), "hang"])
+    chunks = run(backend({"eu": mid, "us": Scripted("us", [tokens(2, region="us", final=True)])}), request())
+    assert chunks[-1].failovers[0].reason.startswith("timeout: no chunk within")
+    assert [t for c in chunks for t in c.token_ids] == [1, 2]
+
+
+def test_a_slow_first_token_counts_against_the_region_but_the_request_goes_on():
+    eu = Scripted("eu", [("sleep", 0.25), tokens(1, region="eu", final=True)])
+    fb = backend({"eu": eu, "us": Scripted("us")})
+    assert run(fb, request())[-1].served_by.region == "eu"
+    assert not fb.book.available("eu") and "slow: first token after" in fb.book.regions["eu"].reason
+
+
+def test_a_forwarded_request_is_served_locally_or_fails_without_bouncing():
+    eu = Scripted("eu", [error_chunk(UNAVAILABLE, "replica", "lost")])
+    us = Scripted("us")
+    chunks = run(backend({"eu": eu, "us": us}), request(forwarded_from="us"))
+    assert chunks[-1].error.code == UNAVAILABLE and us.requests == []
+
+
+def test_every_region_failing_names_each_and_why():
+    eu = Scripted("eu", [error_chunk(UNAVAILABLE, "region", "refused")])
+    us = Scripted("us", [error_chunk(UNAVAILABLE, "region", "reset")])
+    err = run(backend({"eu": eu, "us": us}), request())[-1].error
+    assert err.code == UNAVAILABLE and "eu (unavailable: refused)" in err.message and "us (unavailable: reset)" in err.message
+
+
+def test_max_attempts_bounds_the_regions_tried():
+    members = {n: Scripted(n, [error_chunk(UNAVAILABLE, "region", "down")]) for n in ("a", "b", "c")}
+    run(backend(members, local="a", max_attempts=2), request())
+    assert [len(m.requests) for m in members.values()] == [1, 1, 0]
+
+
+def test_deadline_passing_ends_the_request_instead_of_failing_over():
+    import time
+
+    eu = Scripted("eu", [start(), "hang"])
+    us = Scripted("us")
+    chunks = run(backend({"eu": eu, "us": us}), request(deadline=time.time() + 0.1))
+    assert chunks[-1].error.code == "deadline_exceeded" and us.requests == []
+
+
+@pytest.mark.parametrize("local", [None, "eu"])
+def test_ready_is_the_local_regions_or_any_for_a_client(local):
+    fb = backend({"eu": Scripted("eu"), "us": Scripted("us")}, local=local)
+    assert asyncio.run(fb.ready()) is True
+
+
+def test_a_resumed_request_that_breaks_again_resumes_from_everything_sent():
+    eu = Scripted("eu", [tokens(3), error_chunk(UNAVAILABLE, "replica", "lost")])
+    us = Scripted("us", [tokens(4, region="us", final=True)])
+    us.scripts[0][-1].failovers = [FailoverHop("x", "y", 1)]  # a hop the serving region made itself
+    chunks = run(backend({"eu": eu, "us": us}), request(resume=Resume((1, 2), 5, 0)))
+    assert us.requests[0].resume == Resume((1, 2, 3), 5 + len("<3>"), 0)
+    assert [(h.from_region, h.at_token) for h in chunks[-1].failovers] == [("eu", 3), ("x", 1)]
+
+
+def test_an_explicit_effort_leaves_the_region_capped_at_the_tenants_ceiling():
+    from cluster.router.policy import within_ceiling
+
+    assert within_ceiling(request(reasoning_effort="high", max_effort="low")).reasoning_effort == "low"
+    assert within_ceiling(request(reasoning_effort="none", max_effort="low")).reasoning_effort == "none"
+    assert within_ceiling(request(reasoning_effort="auto", max_effort="low")).reasoning_effort == "auto"
