@@ -15,6 +15,9 @@ from typing import Sequence
 import engine.cli
 
 from cluster import client as client_cli
+from cluster.drill import cli as drill_cli
+from cluster.up import cli as up_cli
+from cluster.up.processes import RegionsError
 from cluster.types import DeployError
 
 DEFAULT_CONFIG = "configs/local.yaml"
@@ -24,6 +27,7 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run one region: Ray, the Serve app and the gRPC front door")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"cluster YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--port", type=int, default=None, help="front door port (overrides the config)")
+    p.add_argument("--region", default=None, help="this region's name (overrides the config's region)")
     p.add_argument("--check", metavar="PROMPT", default=None,
                    help="once up, send PROMPT through the front door and print the answer, then keep serving")
     p.add_argument("--exit-after-check", action="store_true", help="with --check: stop after the answer")
@@ -38,6 +42,8 @@ def _cmd_serve(args) -> int:
     cfg = load_config(args.config)
     if args.port is not None:
         cfg = dataclasses.replace(cfg, frontdoor=dataclasses.replace(cfg.frontdoor, port=args.port))
+    if args.region is not None:
+        cfg = dataclasses.replace(cfg, region=args.region)  # re-checked: it must not be one of its peers
     return asyncio.run(_serve(cfg, args.check, args.exit_after_check))
 
 
@@ -84,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine.cli.add_commands(sub)
     _add_serve(sub)
     client_cli.add_commands(sub)
+    up_cli.add_commands(sub)
+    drill_cli.add_commands(sub)
     _add_bench_serving(sub)
-    return engine.cli.run(parser.parse_args(argv), errors=(*client_cli.ERRORS, DeployError))
+    return engine.cli.run(parser.parse_args(argv), errors=(*client_cli.ERRORS, DeployError, RegionsError))
 
 
 if __name__ == "__main__":

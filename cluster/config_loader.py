@@ -46,6 +46,11 @@ class ConfigError(ValueError):
 
 def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     """Read and check one YAML file."""
+    return config_from_dict(read_yaml(path), os.fspath(path))
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """One YAML file as plain data (duplicate keys refused); errors name the file and the line."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
@@ -62,7 +67,12 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
         raise ConfigError(f"{source}: {where}invalid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
-    return config_from_dict(data, source)
+    return data
+
+
+def build_dataclass(cls: type, data: Any, source: str) -> Any:
+    """Any config dataclass from plain data, checked like a cluster config (topologies, drill scenarios)."""
+    return _Mapper(source).build(cls, data, "")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ClusterConfig:

@@ -15,7 +15,11 @@ from engine.config import ParallelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+# Besides cluster configs, configs/ holds topologies for `levante up` (tests/cluster/up) and drill
+# scenarios with their topologies under drills/ (tests/cluster/drill).
+TOPOLOGIES = {"two-regions.yaml"}
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml")
+                 if p.relative_to(CONFIGS).parts[0] != "drills" and p.name not in TOPOLOGIES)
 
 
 def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:

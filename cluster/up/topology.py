@@ -1,0 +1,105 @@
+"""A topology file: which regions to run on this machine, from one base cluster config.
+
+    base: local.yaml          # every region's cluster config (relative to this file)
+    admin: true               # each front door serves levante.v1.Admin (drills inject faults through it)
+    overrides: {...}          # merged over the base for every region (e.g. regions.health for drills)
+    regions:
+      - name: eu-west
+        port: 50061           # 0: a free port, chosen when the regions start
+        overrides: {...}      # this region only
+
+Each region's config is the base, the overrides, then ``region``, ``frontdoor.port``,
+``frontdoor.admin`` and ``regions.peers`` (every other region, on loopback) set from here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config_loader import ConfigError, build_dataclass, config_from_dict, read_yaml
+
+RAW_KEYS = ("overrides",)  # free-form mappings, checked when each region's config is built
+
+
+@dataclass(frozen=True)
+class RegionEntry:
+    name: str
+    port: int = 0  # 0: a free port, chosen at start
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"name: must be letters, digits, '-' or '_', got {self.name!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+
+
+@dataclass(frozen=True)
+class Topology:
+    regions: tuple[RegionEntry, ...]
+    base: str = "local.yaml"
+    admin: bool = True
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.regions]
+        if len(names) < 1:
+            raise ValueError("regions: list at least one region")
+        if len(names) != len(set(names)):
+            raise ValueError("regions: region names must be unique")
+        ports = [r.port for r in self.regions if r.port]
+        if len(ports) != len(set(ports)):
+            raise ValueError("regions: ports must be unique")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _raw(data: dict, key: str, source: str) -> dict:
+    value = data.pop(key, None) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def region_configs(path: str, extra_overrides: dict | None = None) -> dict[str, dict[str, Any]]:
+    """Every region's cluster config (plain data, checked), in the topology's order."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = dict(data)
+    overrides = _merge(_raw(data, "overrides", path), extra_overrides or {})
+    entries = data.get("regions")
+    per_region = {}
+    if isinstance(entries, list):
+        entries = [dict(e) if isinstance(e, dict) else e for e in entries]
+        for i, e in enumerate(entries):
+            if isinstance(e, dict):
+                per_region[i] = _raw(e, "overrides", f"{path}: regions[{i}]")
+        data["regions"] = entries
+    topo: Topology = build_dataclass(Topology, data, path)
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), topo.base)
+    base = read_yaml(base_path)
+    ports = {r.name: r.port or free_port() for r in topo.regions}
+    out = {}
+    for i, r in enumerate(topo.regions):
+        cfg = _merge(_merge(base, overrides), per_region.get(i, {}))
+        cfg["region"] = r.name
+        cfg.setdefault("frontdoor", {}).update(port=ports[r.name], admin=topo.admin)
+        cfg.setdefault("regions", {})["peers"] = [
+            {"name": o.name, "target": f"127.0.0.1:{ports[o.name]}"} for o in topo.regions if o.name != r.name]
+        config_from_dict(cfg, f"{path} (region {r.name}, base {topo.base})")  # checked now, not in a child process
+        out[r.name] = cfg
+    return out
