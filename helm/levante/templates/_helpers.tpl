@@ -1,0 +1,116 @@
+{{/*
+Names. The RayService is named after "levante.fullname"; KubeRay names its head Service
+"<RayService name>-head-svc" (GenerateHeadServiceName in ray-operator/controllers/ray/utils/util.go,
+KubeRay v1.7.0) and derives cluster and pod names by adding suffixes, whose label values stop at
+63 characters: hence 40 here.
+*/}}
+{{- define "levante.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 30 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "levante.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "levante.frontdoorName" -}}
+{{- printf "%s-frontdoor" (include "levante.fullname" .) }}
+{{- end }}
+
+{{/* The Ray GCS address of this release's RayService, as the front door's Ray node joins it. */}}
+{{- define "levante.headService" -}}
+{{- printf "%s-head-svc.%s.svc" (include "levante.fullname" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "levante.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "levante.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "levante.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+levante.io/region: {{ .Values.levante.region | quote }}
+{{- end }}
+
+{{/* Selector labels of one component: "frontdoor" or "ray" (the Ray head and worker pods). */}}
+{{- define "levante.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "levante.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+Ray node label on the head and the workers (KubeRay's group "labels": Ray node labels and pod
+labels). The serveConfigV2 deployments select it, so Serve places the router and the engine
+replicas on Ray pods and never on a front door's Ray node (which has no label and leaves with its pod).
+*/}}
+{{- define "levante.rayNodeLabelKey" -}}levante.io/role{{- end }}
+{{- define "levante.rayNodeLabelValue" -}}ray{{- end }}
+
+{{/* Where the front door finds its files. */}}
+{{- define "levante.configDir" -}}/etc/levante{{- end }}
+{{- define "levante.tlsDir" -}}/etc/levante/tls{{- end }}
+{{- define "levante.clientCADir" -}}/etc/levante/client-ca{{- end }}
+{{- define "levante.peerTLSDir" -}}/etc/levante/peer-tls{{- end }}
+
+{{/*
+The cluster config of this region (configs/README.md), as JSON: .Values.levante plus the keys
+the chart owns. serveConfigV2 (args.config) and the front door's ConfigMap both use exactly this.
+*/}}
+{{- define "levante.clusterConfig" -}}
+{{- $cfg := deepCopy .Values.levante }}
+{{- $fd := deepCopy (default (dict) $cfg.frontdoor) }}
+{{- $_ := set $fd "host" "0.0.0.0" }}
+{{- if .Values.tls.enabled }}
+{{- $tls := dict "cert" (printf "%s/tls.crt" (include "levante.tlsDir" .)) "key" (printf "%s/tls.key" (include "levante.tlsDir" .)) }}
+{{- if .Values.tls.clientCA.enabled }}
+{{- $_ := set $tls "client_ca" (printf "%s/ca.crt" (include "levante.clientCADir" .)) }}
+{{- end }}
+{{- $_ := set $fd "tls" $tls }}
+{{- end }}
+{{- $_ := set $cfg "frontdoor" $fd }}
+{{- /* "auto": the Ray cluster that the door's own Ray node joined (frontdoor-configmap.yaml, start.sh). */}}
+{{- $_ := set $cfg "ray" (dict "address" "auto" "deploy" false) }}
+{{- toJson $cfg }}
+{{- end }}
+
+{{/*
+The Serve config KubeRay deploys (serveConfigV2). The deployment overrides replace the code's
+ray_actor_options as a whole (Serve's override_deployment_info), hence num_cpus 0 again: the
+router and the replica hold no CPUs, the ranks in their placement groups hold them.
+*/}}
+{{- define "levante.serveConfig" -}}
+{{- $cfg := include "levante.clusterConfig" . | fromJson }}
+{{- $selector := dict (include "levante.rayNodeLabelKey" .) (include "levante.rayNodeLabelValue" .) }}
+{{- $actor := dict "num_cpus" 0 "label_selector" $selector }}
+{{- $app := dict "name" (printf "levante-%s" .Values.levante.region) "import_path" "cluster.serve.app:app_builder" "route_prefix" nil "args" (dict "config" $cfg) }}
+{{- $_ := set $app "deployments" (list (dict "name" "Router" "ray_actor_options" $actor) (dict "name" "EngineReplica" "ray_actor_options" $actor)) }}
+{{- $serve := dict "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
+{{- toYaml $serve }}
+{{- end }}
+
+{{/* Front door probe handler (frontdoor.probes.handler); see values.yaml. */}}
+{{- define "levante.probeHandler" -}}
+{{- if eq .Values.frontdoor.probes.handler "grpc" }}
+grpc:
+  port: {{ int .Values.levante.frontdoor.port }}
+  service: ""
+  {{- if .Values.tls.enabled }}
+  mode: TLS
+  {{- end }}
+{{- else }}
+tcpSocket:
+  port: grpc
+{{- end }}
+{{- end }}
