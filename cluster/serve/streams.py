@@ -32,6 +32,8 @@ async def relay(stream: Any, callee: str, idle_timeout_s: float | None) -> Async
     except asyncio.TimeoutError:
         yield error_chunk(UNAVAILABLE, callee, f"no word from the {callee} for {idle_timeout_s:g}s")
     except Exception as e:  # noqa: BLE001 -- a callee that died mid-call fails this call only
-        yield error_chunk(UNAVAILABLE, callee, f"{callee} call failed: {type(e).__name__}: {e}")
+        # Ray's errors run to a dozen lines (actor ids, OOM advice): the first says what happened
+        first = (str(e).strip().splitlines() or [""])[0]
+        yield error_chunk(UNAVAILABLE, callee, f"{callee} call failed: {type(e).__name__}: {first}")
     finally:
         stream.cancel()  # no-op when finished
