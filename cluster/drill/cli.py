@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 
@@ -26,6 +27,20 @@ def _cmd_drill(args) -> int:
     out = args.out or os.path.join("drill-reports", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     overrides = {k: v for k, v in (("requests", args.requests), ("max_seconds", args.max_seconds),
                                    ("concurrency", args.concurrency)) if v is not None}
-    result = asyncio.run(run_drill(args.scenario, out, say, overrides))
+    result = asyncio.run(_stoppable(run_drill(args.scenario, out, say, overrides)))
+    if result is None:
+        say("drill stopped before its end; no report")
+        return 130
     say(f"drill {'PASSED' if result.passed else 'FAILED'}: {result.out_dir}")
     return 0 if result.passed else 1
+
+
+async def _stoppable(drill):
+    """SIGTERM (and Ctrl-C, as asyncio already does) cancels the drill, which then stops its regions:
+    they run in their own sessions, so no signal sent to the drill reaches them."""
+    task = asyncio.ensure_future(drill)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return None
