@@ -76,7 +76,7 @@ class BreaksAfter(Backend):
 
 
 class Regions:
-    def __init__(self, loop, engines, break_eu_after: int | None = None):
+    def __init__(self, loop, engines, break_eu_after: int | None = None, wrap_eu=None):
         self.loop = loop
         self.ports = {"eu": free_port(), "us": free_port()}
         self.doors, self.routers = {}, {}
@@ -87,6 +87,8 @@ class Regions:
             local: Backend = LocalBackend(engines[name], ModelInfo(MODEL, info.max_model_len), name)
             if name == "eu" and break_eu_after is not None:
                 local = BreaksAfter(local, break_eu_after)
+            if name == "eu" and wrap_eu is not None:
+                local = wrap_eu(local)
             router = build_region_router(cfg, local)
             door = FrontDoor(cfg.frontdoor, router.backend, name, MODEL)
             door.admin = AdminService(router, door, None, door.authenticate)
