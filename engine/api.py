@@ -66,6 +66,23 @@ class TokenLogprob:
     top: dict[int, float] = field(default_factory=dict)  # the top-k alternatives, by token id
 
 
+@dataclass(frozen=True)
+class RequestTimings:
+    """When one request went through the engine's stages: wall-clock ``time.time()`` seconds.
+
+    Queueing is ``arrival`` to ``first_scheduled``, prefill from there to
+    ``first_token``, decode from there to ``finished``. A stage the request never
+    reached is None (aborted while waiting, say). A preempted request is
+    recomputed inside these spans; ``num_preemptions`` says how often.
+    """
+
+    arrival: float  # submitted to the engine
+    first_scheduled: float | None  # first step that computed any of its tokens
+    first_token: float | None  # first output token this engine produced
+    finished: float
+    num_preemptions: int = 0
+
+
 @dataclass
 class RequestDelta:
     """One streamed piece of a request: new tokens, split into reasoning and answer text."""
@@ -78,6 +95,7 @@ class RequestDelta:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" (set when finished)
     usage: "Usage | None" = None  # set when finished
+    timings: RequestTimings | None = None  # set when finished by the engine's own step loop
 
 
 @dataclass
@@ -103,6 +121,7 @@ class RequestOutput:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    timings: RequestTimings | None = None
 
 
 @dataclass
@@ -120,6 +139,11 @@ class EngineStats:
     prefix_cache_hit_rate: float  # hit tokens / queried tokens since start
     num_generated_tokens: int
     num_prompt_tokens: int
+    prefix_cache_queried_tokens: int = 0  # since start; with the next, a hit rate over any window
+    prefix_cache_hit_tokens: int = 0
+    # Token-to-expert assignments routed to each expert-parallel rank's slice of the experts, summed
+    # over MoE layers since start (rank r first holds experts [r*E/n, (r+1)*E/n)); () without experts.
+    expert_load: tuple[int, ...] = ()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import AsyncIterator
 
 from engine.api import EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta, Resume
@@ -47,7 +48,7 @@ class AsyncEngine(EngineClient):
         loop = asyncio.get_running_loop()
         self._streams[request_id] = (loop, asyncio.Queue())
         done: asyncio.Future = loop.create_future()
-        self._inbox.put(("add", request_id, prompt, params, resume, loop, done))
+        self._inbox.put(("add", request_id, prompt, params, resume, time.time(), loop, done))
         try:
             await done  # admission errors (bad prompt, too long) surface here, raised in the caller
         except BaseException:
@@ -132,9 +133,9 @@ class AsyncEngine(EngineClient):
 
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "add":
-            _, rid, prompt, params, resume, loop, done = msg
-            try:
-                self.core.add_request(rid, prompt, params, resume)
+            _, rid, prompt, params, resume, arrival, loop, done = msg
+            try:  # arrival: the wait in the inbox (behind a running step) is queueing too
+                self.core.add_request(rid, prompt, params, resume, arrival=arrival)
             except Exception as e:  # noqa: BLE001 -- one bad request fails itself, never the engine thread
                 err = (e if isinstance(e, EngineError) else EngineError.from_value_error(e) if isinstance(e, ValueError)
                        else EngineError("request", f"could not be admitted: {type(e).__name__}: {e}"))

@@ -10,11 +10,13 @@ it calls ``keepalive()`` while idle and ``close()`` at the end.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import torch
 
-from engine.api import EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput, Resume, TokenLogprob
+from engine.api import (EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput, RequestTimings, Resume,
+                        TokenLogprob)
 from engine.config import EngineConfig
 from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
@@ -27,6 +29,15 @@ from engine.sampler import SampleRow, logprobs_of
 from engine.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 Prompt = str | list[int] | list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class _Stages:
+    """When a running request reached each stage (wall clock), for its ``RequestTimings``."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
 
 
 class EngineCore:
@@ -59,6 +70,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.states: dict[str, RequestState] = {}
         self.finished: dict[str, RequestOutput] = {}
+        self.stages: dict[str, _Stages] = {}
         self._num_generated = 0
         self._num_prompt = 0
         self.broadcaster = None  # rank 0 of an expert-parallel group: sends each step to ranks 1..
@@ -93,7 +105,7 @@ class EngineCore:
         return ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    resume: Resume | None = None) -> None:
+                    resume: Resume | None = None, arrival: float | None = None) -> None:
         """Admit a request; with ``resume``, one whose first outputs another engine produced.
 
         A resumed request is a request preempted by recompute: its prompt is
@@ -104,6 +116,9 @@ class EngineCore:
         Resumed tokens that already end the request (a stop token, EOS, a stop
         string) are refused as ``resume.token_ids`` "already finished": the
         previous engine just did not get to report the end.
+
+        ``arrival`` (``time.time()``, default now) is when the caller handed it
+        over, for the queueing time in its ``RequestTimings``.
         """
         params = params or SamplingParams()
         if request_id in self.requests:
@@ -132,6 +147,7 @@ class EngineCore:
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
         self.requests[request_id], self.states[request_id] = req, state
+        self.stages[request_id] = _Stages(time.time() if arrival is None else arrival)
         self._num_prompt += len(ids)
 
     def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
@@ -175,6 +191,11 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if not sched.seqs:
             return []
+        began = time.time()
+        for s in sched.seqs:
+            stages = self.stages[s.request_id]
+            if stages.first_scheduled is None:
+                stages.first_scheduled = began
         result = self.runner.execute(sched, self.requests, self._sample_rows(sched))
         return self._update(sched, result)
 
@@ -194,9 +215,13 @@ class EngineCore:
             state = self.states[rid]
             state.prompt_logprobs = (state.prompt_logprobs or [None]) + lps  # first prompt token has none
         deltas: list[RequestDelta] = []
+        now = time.time()
         for out in self.scheduler.update(sched, {r: [t] for r, t in zip(result.request_ids, emitted)}):
             state = self.states[out.request_id]
             self._num_generated += len(out.new_token_ids)
+            stages = self.stages[out.request_id]
+            if stages.first_token is None and out.new_token_ids:
+                stages.first_token = now
             delta = state.add_tokens(out.new_token_ids, logprobs.get(out.request_id))
             if state.stopped_by_string and out.finish_reason is None:
                 self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED)
@@ -230,11 +255,13 @@ class EngineCore:
         return b
 
     def _finish(self, request_id: str, reason: str) -> RequestDelta:
-        req, state = self.requests.pop(request_id), self.states.pop(request_id)
+        req, state, stages = self.requests.pop(request_id), self.states.pop(request_id), self.stages.pop(request_id)
         # usage counts cached prompt tokens; a resumed request's hits may also cover its resumed outputs
         cached = min(max(req.num_cached_tokens, 0), req.num_prompt_tokens)
         delta = state.finish(reason, cached_tokens=cached)
-        self.finished[request_id] = state.to_output(reason)
+        delta.timings = RequestTimings(stages.arrival, stages.first_scheduled, stages.first_token, time.time(),
+                                       req.num_preemptions)
+        self.finished[request_id] = dataclasses.replace(state.to_output(reason), timings=delta.timings)
         return delta
 
     # ---- expert-parallel group -------------------------------------------------------------------
@@ -283,6 +310,9 @@ class EngineCore:
             prefix_cache_hit_rate=s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
             num_generated_tokens=self._num_generated,
             num_prompt_tokens=self._num_prompt,
+            prefix_cache_queried_tokens=s.prefix_cache_queries,
+            prefix_cache_hit_tokens=s.prefix_cache_hits,
+            expert_load=self.model.expert_load(),
         )
 
     def _need_tokenizer(self) -> Tokenizer:

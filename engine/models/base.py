@@ -104,6 +104,10 @@ class CausalLM(nn.Module, ABC):
         """Routed-expert parameters this rank holds."""
         return 0
 
+    def expert_load(self) -> tuple[int, ...]:
+        """Token-to-expert assignments per expert-parallel rank since load; () without routed experts."""
+        return ()
+
     def num_expert_params(self) -> int:
         """Routed-expert parameters of the whole model."""
         return 0

@@ -135,6 +135,18 @@ class DecoderLM(CausalLM):
         for moe in self.moe_layers():
             moe.combine = combine
 
+    def expert_load(self) -> tuple[int, ...]:
+        """Token-to-expert assignments per expert-parallel rank, summed over MoE layers since load."""
+        layers = self._moe_layer_list()
+        if not layers:
+            return ()
+        return tuple(torch.stack([m.rank_load for m in layers]).sum(0).tolist())
+
+    def _moe_layer_list(self) -> list[RoutedMoE]:
+        if getattr(self, "_moe_layers", None) is None:  # the module tree is fixed after __init__
+            self._moe_layers = self.moe_layers()
+        return self._moe_layers
+
     def num_local_expert_params(self) -> int:
         """Routed-expert parameters this rank holds (1/ep_size of the model's)."""
         return sum(p.numel() for m in self.modules() if isinstance(m, RoutedExperts) for p in m.parameters())

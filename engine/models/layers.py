@@ -412,6 +412,11 @@ class RoutedMoE(nn.Module):
         self.shared_experts = GatedMLP(hidden, shared_intermediate, False, dtype) if shared_intermediate else None
         self.moe_backend = moe_backend
         self.combine: Callable[[Tensor], Tensor] = identity
+        # Token-to-expert assignments per expert-parallel rank's slice, for operators (load balance).
+        # Routing is replicated, so rank 0's count covers every rank. A buffer, so it follows .to(device);
+        # not persistent, so checkpoints never see it.
+        self.experts_per_rank = num_experts // parallel.ep_size
+        self.register_buffer("rank_load", torch.zeros(parallel.ep_size, dtype=torch.int64), persistent=False)
 
     def route(self, router_logits: Tensor) -> tuple[Tensor, Tensor]:
         """router_logits [T, E] -> (topk_weights [T, K], topk_ids [T, K] global ids)."""
@@ -420,6 +425,8 @@ class RoutedMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [T, hidden] -> [T, hidden]
         router_logits = self.gate(x)  # [T, E]
         topk_weights, topk_ids = self.route(router_logits)  # [T, K] each
+        self.rank_load += torch.bincount(topk_ids.reshape(-1) // self.experts_per_rank,
+                                         minlength=self.rank_load.numel())  # [ep_size]
         routed = self.moe_backend.fused_moe(x, topk_ids, topk_weights, self.experts.gate_up_proj,
                                             self.experts.down_proj, self.experts.expert_start)  # [T, hidden]
         routed = self.combine(routed)

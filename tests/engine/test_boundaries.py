@@ -1,7 +1,9 @@
 """Import boundaries that keep the layers honest, checked in fresh interpreters."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +20,34 @@ def test_engine_core_and_api_import_no_torch():
     assert "torch" not in mods
 
 
+# Telemetry lives in cluster/: the engine records plain figures (RequestTimings, EngineStats) and
+# the cluster turns them into spans and metrics, so the engine runs the same with tracing on or off.
+TELEMETRY = ("opentelemetry", "prometheus_client")
+
+
 @pytest.mark.slow
 def test_engine_imports_no_ray_grpc_protobuf():
     mods = _modules_after("import engine.llm, engine.async_engine, engine.cli")
-    assert not {m for m in mods if m.split(".")[0] in ("ray", "grpc", "google")}
+    assert not {m for m in mods if m.split(".")[0] in ("ray", "grpc", "google") + TELEMETRY}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_engine_and_kernels_import_no_telemetry():
+    root = Path(__file__).resolve().parents[2]
+    sources = sorted((root / "engine").rglob("*.py")) + sorted((root / "kernels").rglob("*.py"))
+    assert any("torch" in _imports(p) for p in sources)  # the scan reads real imports
+    offenders = {p.relative_to(root).as_posix(): sorted(n for n in _imports(p) if n.split(".")[0] in TELEMETRY)
+                 for p in sources}
+    assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_our_kernels_package_is_not_mistaken_for_hf_kernels():
