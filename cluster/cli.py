@@ -84,6 +84,14 @@ def _add_bench_serving(sub) -> None:
     p.set_defaults(func=serving.run)
 
 
+def _add_bench_tracing(sub) -> None:
+    from cluster.bench import tracing  # light: the engine and grpc load only when the command runs
+
+    p = sub.add_parser("bench-tracing", help="what tracing costs a request through the front door: off vs on")
+    tracing.add_arguments(p)
+    p.set_defaults(func=tracing.run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="levante", description="Levante: serve Mistral-family MoE models")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -93,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up_cli.add_commands(sub)
     drill_cli.add_commands(sub)
     _add_bench_serving(sub)
+    _add_bench_tracing(sub)
     return engine.cli.run(parser.parse_args(argv), errors=(*client_cli.ERRORS, DeployError, RegionsError))
 
 

@@ -230,6 +230,50 @@ class RegionsConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry traces, exported over OTLP/gRPC. Off: no tracer provider is installed at all."""
+
+    enabled: bool = False
+    otlp_endpoint: str = "localhost:4317"  # the collector's OTLP gRPC receiver: host:port, or http(s)://host:port
+    insecure: bool = True  # plaintext gRPC to the collector (an https:// endpoint always uses TLS)
+    sample_ratio: float = 1.0  # share of new traces kept; a caller's traceparent decides for its own trace
+    service_name: str = "levante"
+    export_interval_s: float = 5.0  # finished spans leave in batches at least this often
+
+    def __post_init__(self) -> None:
+        address = self.otlp_endpoint.split("://", 1)[1] if "://" in self.otlp_endpoint else self.otlp_endpoint
+        scheme = self.otlp_endpoint.split("://", 1)[0] if "://" in self.otlp_endpoint else ""
+        _check(scheme in ("", "http", "https"), "otlp_endpoint",
+               f"scheme must be http or https (or none), got {self.otlp_endpoint!r}")
+        _check(":" in address and address.rsplit(":", 1)[1].rstrip("/").isdigit() and bool(address.rsplit(":", 1)[0]),
+               "otlp_endpoint", f"must be host:port of an OTLP gRPC receiver, got {self.otlp_endpoint!r}")
+        _check(0.0 <= self.sample_ratio <= 1.0, "sample_ratio", f"must be in [0, 1], got {self.sample_ratio}")
+        _check(bool(self.service_name), "service_name", "must not be empty")
+        _check(self.export_interval_s > 0, "export_interval_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics, served by the front door's process at http://host:port/metrics."""
+
+    enabled: bool = False  # off by default: regions started on one machine would all want the same port
+    host: str = "127.0.0.1"
+    port: int = 9464  # 0: any free port
+    poll_interval_s: float = 5.0  # the engine replicas' figures are asked for this often (and within this)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host), "host", "must not be empty")
+        _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
+        _check(self.poll_interval_s > 0, "poll_interval_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     region: str = "local"
     model_name: str = "levante-default"  # the name clients ask for; "" in a request means this one
@@ -239,9 +283,13 @@ class ClusterConfig:
     frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     regions: RegionsConfig = field(default_factory=RegionsConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.region), "region", "must not be empty")
         _check(bool(self.model_name), "model_name", "must not be empty")
         _check(self.region not in {p.name for p in self.regions.peers}, "regions.peers",
                f"must not list this region ({self.region!r}) itself")
+        metrics = self.telemetry.metrics
+        _check(not (metrics.enabled and metrics.port and metrics.port == self.frontdoor.port), "telemetry.metrics.port",
+               f"must differ from frontdoor.port ({self.frontdoor.port})")

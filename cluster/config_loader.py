@@ -183,7 +183,7 @@ class _Mapper:
         except ValueError as e:
             # "field: msg" from __post_init__ -> "path.field: msg".
             name, sep, msg = str(e).partition(": ")
-            if sep and name in fields:
+            if sep and name.split(".")[0] in fields:  # a dotted name: a check across sections (a.b vs c.d)
                 raise self.error(_join(path, name), msg) from None
             raise self.error(path or "<top level>", str(e)) from None
 

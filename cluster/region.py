@@ -29,6 +29,7 @@ from cluster.frontdoor.server import FrontDoor
 from cluster.regions.router import RegionRouter, build_region_router
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name, build_app
 from cluster.serve.backend import ServeBackend
+from cluster.telemetry.hookup import ServerTelemetry
 from cluster.types import DeployError
 
 log = logging.getLogger("levante.region")
@@ -50,13 +51,19 @@ class RegionServer:
         self.frontdoor: FrontDoor | None = None
         self.router: RegionRouter | None = None
         self.port: int | None = None
+        self.telemetry: ServerTelemetry | None = None  # traces and /metrics of this process
         self._temp_dir: str | None = None
         self._owns_ray = False
 
     async def start(self) -> int:
         began = time.monotonic()
         self._check_port()  # before minutes of model loading, not after
+        self.telemetry = ServerTelemetry(self.cfg)
+        metrics_port = self.telemetry.serve_metrics()  # early too: a port in use fails now, not after loading
+        if metrics_port is not None:
+            self.progress(f"metrics on http://{self.cfg.telemetry.metrics.host}:{metrics_port}/metrics")
         self._start_ray()
+        self.telemetry.start_tracing()  # after Ray's processes are forked: the exporter's gRPC threads exist from here
         if self.cfg.ray.deploy:
             await self._deploy_app()
         else:
@@ -66,11 +73,16 @@ class RegionServer:
         self.router = build_region_router(self.cfg, local)
         self.router.book.listeners.append(
             lambda t: self.progress(f"region health: {t.region} {t.state} ({t.reason})"))
-        self.frontdoor = FrontDoor(self.cfg.frontdoor, self.router.backend, self.cfg.region, self.cfg.model_name)
+        self.frontdoor = FrontDoor(self.cfg.frontdoor, self.router.backend, self.cfg.region, self.cfg.model_name,
+                                   metrics=self.telemetry.metrics)
         if self.cfg.frontdoor.admin:
             self.frontdoor.admin = AdminService(self.router, self.frontdoor, local, self.frontdoor.authenticate)
         self.port = await self.frontdoor.start()
         self.router.start()
+        self.telemetry.watch(self.router, local.replica_statuses)
+        if self.cfg.telemetry.tracing.enabled:
+            self.progress(f"tracing to {self.cfg.telemetry.tracing.otlp_endpoint} "
+                          f"(sample ratio {self.cfg.telemetry.tracing.sample_ratio:g})")
         if self.cfg.regions.peers:
             self.progress("peers: " + ", ".join(f"{p.name} at {p.target}" for p in self.cfg.regions.peers))
         scheme = "tls" if self.cfg.frontdoor.tls.enabled else "plaintext"
@@ -168,6 +180,7 @@ class RegionServer:
 
     async def stop(self) -> None:
         if self.frontdoor is None and not ray.is_initialized():
+            await self._stop_telemetry()
             return  # nothing was started (a bad port, say)
         await self.drain()
         if self.frontdoor is not None:
@@ -176,6 +189,7 @@ class RegionServer:
         if self.router is not None:
             await self.router.stop()
             self.router = None
+        await self._stop_telemetry()  # after the drain, so the last calls' spans leave too
         if ray.is_initialized():
             try:
                 serve.delete(app_name(self.cfg))
@@ -186,6 +200,11 @@ class RegionServer:
         if self._owns_ray:
             self._remove_temp_dir()
         self.progress("stopped")
+
+    async def _stop_telemetry(self) -> None:
+        if self.telemetry is not None:
+            await self.telemetry.stop()
+            self.telemetry = None
 
     def _remove_temp_dir(self) -> None:
         """The temp dir we made for our local cluster (never one the config named)."""

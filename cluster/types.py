@@ -47,6 +47,8 @@ class GenerateRequest:
     preferred_region: str | None = None
     resume: Resume | None = None  # continue a stream whose first tokens another region already sent
     forwarded_from: str | None = None  # a peer region's router sent it here: serve it here, never forward it again
+    # W3C trace context (traceparent, tracestate) of the hop that sent it; None when tracing is off
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass

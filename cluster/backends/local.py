@@ -8,13 +8,17 @@ the engine request whenever the consumer stops early.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
+
+from opentelemetry.trace import Span
 
 from cluster.config import AutoEffortConfig
 from cluster.router.policy import decide_for
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
+from cluster.telemetry import spans, tracing
 from cluster.types import DEADLINE_EXCEEDED, Backend, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
 from engine.api import EngineClient, EngineError, RequestDelta
 
@@ -38,12 +42,32 @@ class LocalBackend(Backend):
     async def ready(self) -> bool:
         return await self.engine.health()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    async def replica_statuses(self, timeout_s: float) -> list[dict[str, Any]]:
+        """The one engine's figures, in the replicas' status format (for the metrics poller)."""
+        del timeout_s  # in-process: answers at once
+        healthy = await self.engine.health()
+        return [{"replica": self.served_by.replica, "state": "serving" if healthy else "failed", "restarts": 0,
+                 "stats": await self.engine.stats()}]
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        return self._traced(request) if tracing.active() else self._generate(request, None)
+
+    async def _traced(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """One span for the router's and the replica's part; the engine's stages go below it."""
+        span = tracing.start_span(spans.LOCAL_BACKEND, request.trace_context,
+                                  attributes={"levante.request_id": request.request_id,
+                                              "levante.replica": self.served_by.replica})
+        async with contextlib.aclosing(spans.traced(span, self._generate(request, span))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _generate(self, request: GenerateRequest, span: Span | None) -> AsyncIterator[Chunk]:
         try:
             decision = self.decide(request)
         except ValueError as e:  # an effort the front door let through: still the caller's field
             yield engine_error_chunk(EngineError.from_value_error(e))
             return
+        tracing.set_attributes(span, {"levante.effort": decision.effort, "levante.effort_reason": decision.reason})
         params = dataclasses.replace(request.params, reasoning_effort=decision.effort)
         try:
             await self.engine.submit(request.request_id, request.prompt, params, resume=request.resume)
@@ -61,6 +85,8 @@ class LocalBackend(Backend):
                     yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished")
                     return
                 finished = delta.finished
+                if finished:
+                    spans.engine_spans(span, request.request_id, delta.timings, delta.usage, delta.finish_reason)
                 yield self._chunk(delta)
         finally:
             if not finished:  # consumer gone, deadline passed, or an error: free the KV blocks now

@@ -22,6 +22,9 @@ from cluster.frontdoor.convert import (SERVICE_NAME, Limits, RequestError, Respo
 from cluster.frontdoor.health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from cluster.frontdoor.tls import server_credentials
+from cluster.telemetry import tracing
+from cluster.telemetry.calls import CallTelemetry, call_code
+from cluster.telemetry.metrics import ServerMetrics
 from cluster.types import (DEADLINE_EXCEEDED, FORWARDED_FROM, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
                            GenerateRequest, ModelInfo)
 
@@ -36,8 +39,10 @@ _STATUS = {
 
 
 class FrontDoor:
-    def __init__(self, config: FrontDoorConfig, backend: Backend, region: str, model_name: str):
+    def __init__(self, config: FrontDoorConfig, backend: Backend, region: str, model_name: str,
+                 metrics: ServerMetrics | None = None):
         self.config, self.backend, self.region, self.model_name = config, backend, region, model_name
+        self.metrics = metrics  # None: metrics off (cluster/telemetry)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = HealthReporter(SERVICE_NAME, self._serving)
@@ -163,6 +168,23 @@ class FrontDoor:
             raise
 
     async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        # Telemetry sees every call, refused ones included; with tracing and metrics off there is none.
+        call = None
+        if self.metrics is not None or tracing.active():
+            call = CallTelemetry(self.metrics, dict(context.invocation_metadata() or ()), self.region)
+        failure: BaseException | None = None
+        try:
+            async for message in self._serve(raw, context, call):
+                yield message
+        except BaseException as e:
+            failure = e
+            raise
+        finally:
+            if call is not None:
+                call.done(*call_code(context, failure))
+
+    async def _serve(self, raw: bytes, context: grpc.aio.ServicerContext,
+                     call: CallTelemetry | None) -> AsyncIterator[bytes]:
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server: draining; retry on another front door")
         try:
@@ -186,7 +208,9 @@ class FrontDoor:
             request.request_id = f"{tenant.name}/{client_id}"
             remaining = context.time_remaining()
             request.deadline = None if remaining is None else time.time() + remaining
-            async for message in self._stream(request, client_id, context):
+            if call is not None:
+                call.admitted(request)
+            async for message in self._stream(request, client_id, context, call):
                 yield message
         finally:
             self._tenants.release(tenant)
@@ -209,8 +233,8 @@ class FrontDoor:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
         return request
 
-    async def _stream(self, request: GenerateRequest, client_id: str,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def _stream(self, request: GenerateRequest, client_id: str, context: grpc.aio.ServicerContext,
+                      call: CallTelemetry | None) -> AsyncIterator[bytes]:
         chunks = aiter(self.backend.generate(request))
         encoder = ResponseEncoder(client_id)
         try:
@@ -219,6 +243,8 @@ class FrontDoor:
                 if chunk.error is not None:
                     code = _STATUS.get(chunk.error.code, grpc.StatusCode.INTERNAL)
                     await context.abort(code, f"{chunk.error.field}: {chunk.error.message}")
+                if call is not None:
+                    call.chunk(chunk)
                 for message in encoder.encode(chunk):
                     yield message
                 if chunk.finished:

@@ -24,6 +24,7 @@ from cluster.regions.checker import HealthChecker
 from cluster.regions.failover import FailoverBackend
 from cluster.regions.health import HealthBook
 from cluster.regions.peer import PeerBackend
+from cluster.telemetry.tracing import ambient_carrier
 from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
 from engine.api import SamplingParams
 
@@ -76,5 +77,6 @@ class RegionClient:
         request = GenerateRequest(
             request_id=request_id or uuid.uuid4().hex, model=self.model, prompt=prompt,
             params=SamplingParams(**sampling), reasoning_effort=effort, preferred_region=preferred_region,
-            deadline=None if timeout_s is None else time.time() + timeout_s)
+            deadline=None if timeout_s is None else time.time() + timeout_s,
+            trace_context=ambient_carrier())  # the caller's current span, if it traces: the regions join its trace
         return self.backend.generate(request)

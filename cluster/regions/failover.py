@@ -18,12 +18,13 @@ import contextlib
 import dataclasses
 import random
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from cluster.chunks import error_chunk
 from cluster.config import RegionsConfig
 from cluster.regions.health import HealthBook
 from cluster.regions.policy import order_regions
+from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
 from cluster.types import (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk, ChunkError, Decision, FailoverHop,
                            GenerateRequest, ModelInfo)
 from engine.api import Resume
@@ -80,6 +81,7 @@ class FailoverBackend(Backend):
                  local: str | None = None, by_latency: bool = True):
         self.members, self.book, self.cfg, self.local = members, book, cfg, local
         self.by_latency = by_latency  # False: the members' own order (a client's list of endpoints)
+        self.failover_listeners: list[Callable[[FailoverHop], None]] = []  # metrics (cluster/telemetry)
 
     @property
     def fails_over(self) -> bool:
@@ -90,9 +92,15 @@ class FailoverBackend(Backend):
         ranked = order_regions(regions, self.book.clock(), (preferred, self.local), self.by_latency)
         return ranked[: self.cfg.max_attempts]
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        trace = route_trace(request)  # with tracing on: a span for the route and one per region attempt
+        chunks = self._route(request, trace)
+        return trace.wrap(chunks) if isinstance(trace, RouteTrace) else chunks
+
+    async def _route(self, request: GenerateRequest, trace: AnyRouteTrace) -> AsyncIterator[Chunk]:
         if request.forwarded_from is not None and self.local is not None:
             # a peer's router already chose us: serve here or fail, so requests never bounce between regions
+            request = trace.attempt(self.local, 0, request)
             async with contextlib.aclosing(self.members[self.local].generate(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -100,17 +108,21 @@ class FailoverBackend(Backend):
         request = _with_seed(request)
         progress = _Progress(request.resume)
         last: ChunkError | None = None
-        for region in self.order(request.preferred_region):
+        for index, region in enumerate(self.order(request.preferred_region)):
             if request.deadline is not None and time.time() >= request.deadline:
                 break
             outcome = _Outcome()
-            async with contextlib.aclosing(self._attempt(region, self._for_attempt(request, progress),
-                                                         progress, outcome)) as chunks:
+            attempt = trace.attempt(region, index, self._for_attempt(request, progress))
+            async with contextlib.aclosing(self._attempt(region, attempt, progress, outcome)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             if outcome.done:
                 return
-            progress.failovers.append(FailoverHop(region, outcome.reason, len(progress.token_ids)))
+            hop = FailoverHop(region, outcome.reason, len(progress.token_ids))
+            progress.failovers.append(hop)
+            trace.failover(hop)
+            for listener in self.failover_listeners:
+                listener(hop)
             last = outcome.error
         if last is not None and request.deadline is not None and time.time() >= request.deadline:
             yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed while failing over between regions")
@@ -138,8 +150,9 @@ class FailoverBackend(Backend):
         waiting, slow = True, False
         async with contextlib.aclosing(self.members[region].generate(request)) as chunks:
             while True:
-                timeout = health.first_token_timeout_s - (time.monotonic() - began) if waiting and first_token \
-                    else health.stream_idle_timeout_s
+                limit = health.first_token_timeout_s if waiting and first_token else health.stream_idle_timeout_s
+                # the first token's limit counts from the attempt's start (keepalives do not extend it)
+                timeout = limit - (time.monotonic() - began) if waiting and first_token else limit
                 if request.deadline is not None:
                     timeout = min(timeout, request.deadline - time.time())
                 try:
@@ -150,7 +163,7 @@ class FailoverBackend(Backend):
                         yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished")
                         return
                     what = "first token" if waiting else "chunk"
-                    self._leave(region, outcome, f"timeout: no {what} within {timeout:.3g}s")
+                    self._leave(region, outcome, f"timeout: no {what} within {limit:g}s")
                     return
                 if chunk is None:
                     self._leave(region, outcome, "unavailable: the stream ended before its final chunk")

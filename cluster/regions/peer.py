@@ -20,6 +20,7 @@ from cluster.chunks import error_chunk
 from cluster.config import PeerConfig
 from cluster.router.policy import within_ceiling
 from cluster.frontdoor.convert import SERVICE_NAME, decode_models, decode_response, encode_generate
+from cluster.telemetry.tracing import grpc_metadata
 from cluster.types import (DEADLINE_EXCEEDED, FORWARDED_FROM, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
                            GenerateRequest, ModelInfo)
 
@@ -63,17 +64,17 @@ class PeerBackend(Backend):
             await self._channel.close()
             self._channel = None
 
-    def _metadata(self) -> list[tuple[str, str]]:
+    def _metadata(self, trace_context: dict[str, str] | None = None) -> list[tuple[str, str]]:
         md = [("authorization", f"Bearer {self._api_key}")] if self._api_key else []
         if self.forwarded_from is not None:
             md.append((FORWARDED_FROM, self.forwarded_from))
-        return md
+        return md + grpc_metadata(trace_context)  # W3C traceparent/tracestate: the peer's spans join the trace
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         request = within_ceiling(request)
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
         call = self.channel.unary_stream(f"/{SERVICE_NAME}/Generate")(
-            encode_generate(request), timeout=timeout, metadata=self._metadata())
+            encode_generate(request), timeout=timeout, metadata=self._metadata(request.trace_context))
         try:
             async for raw in call:
                 chunk = decode_response(raw)

@@ -106,7 +106,7 @@ class EPGroup:
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
             return dict(resources, scheduling_strategy=strategy)
 
-        self.driver = DriverRank.options(**on_bundle(0)).remote()
+        self.driver = DriverRank.options(**on_bundle(0)).remote(self.cluster.telemetry.tracing, self.cluster.region)
         init_method = None
         if cfg.ep_size > 1:
             init_method = await asyncio.wait_for(self.driver.rendezvous_address.remote(), cfg.rank_timeout_s)

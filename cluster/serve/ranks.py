@@ -18,6 +18,9 @@ from engine.api import EngineClient, EngineConfig, EngineError, EngineInfo, Engi
 from engine.api import create_engine, run_expert_worker
 
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
+from cluster.config import TracingConfig
+from cluster.telemetry import spans, tracing
+from cluster.telemetry.hookup import RANK0
 from cluster.types import Chunk, Prompt
 
 
@@ -35,11 +38,14 @@ def free_tcp_address() -> str:
 
 @ray.remote
 class DriverRank:
-    def __init__(self) -> None:
+    def __init__(self, tracing_cfg: TracingConfig | None = None, region: str = "") -> None:
         self.engine: EngineClient | None = None
         self._queues: dict[str, asyncio.Queue[RequestDelta]] = {}
         self._pumps: dict[str, asyncio.Task] = {}
         self._early_aborts: dict[str, None] = {}  # aborts that overtook their submit (ordered, bounded)
+        self._trace_parents: dict[str, dict[str, str]] = {}  # request id -> the replica span's context
+        if tracing_cfg is not None:
+            tracing.setup_tracing(tracing_cfg, region, RANK0)
 
     def rendezvous_address(self) -> str:
         return free_tcp_address()
@@ -50,8 +56,10 @@ class DriverRank:
         return await self.engine.info()
 
     async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                     resume: Resume | None = None) -> Chunk | None:
-        """None when admitted; an error chunk naming the bad field otherwise."""
+                     resume: Resume | None = None, trace_context: dict[str, str] | None = None) -> Chunk | None:
+        """None when admitted; an error chunk naming the bad field otherwise.
+
+        ``trace_context``: the replica's span; the engine's queue, prefill and decode spans go under it."""
         assert self.engine is not None
         try:
             await self.engine.submit(request_id, prompt, params, resume=resume)
@@ -63,12 +71,17 @@ class DriverRank:
             return error_chunk("unavailable", "request_id", f"{request_id!r} was aborted while being admitted")
         queue: asyncio.Queue[RequestDelta] = asyncio.Queue()
         self._queues[request_id] = queue
+        if trace_context is not None and tracing.active():
+            self._trace_parents[request_id] = trace_context
         self._pumps[request_id] = asyncio.create_task(self._pump(request_id, queue))
         return None
 
     async def _pump(self, request_id: str, queue: asyncio.Queue[RequestDelta]) -> None:
         assert self.engine is not None
         async for delta in self.engine.stream(request_id):
+            if delta.finished and request_id in self._trace_parents:
+                spans.engine_spans(self._trace_parents.pop(request_id), request_id, delta.timings, delta.usage,
+                                   delta.finish_reason)
             queue.put_nowait(delta)
 
     async def next(self, request_id: str, max_tokens: int, max_wait_s: float, keepalive_s: float) -> Chunk:
@@ -115,6 +128,7 @@ class DriverRank:
         self._forget(request_id)
 
     def _forget(self, request_id: str) -> None:
+        self._trace_parents.pop(request_id, None)
         queue = self._queues.pop(request_id, None)
         if queue is not None:  # wake a ``next`` still waiting on it (its caller was cancelled)
             queue.put_nowait(RequestDelta(request_id, [], finished=True, finish_reason="abort"))

@@ -8,23 +8,28 @@ up to ``stream_chunk_ms``, so a Serve hop carries many tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
 from typing import Any, AsyncIterator
 
+from opentelemetry.trace import Span, SpanKind
 from ray import serve
 
 from cluster.config_loader import config_from_dict
 from cluster.chunks import error_chunk
 from cluster.serve.ep_group import FAILED, EPGroup
 from cluster.serve.routing import RoutingHint
+from cluster.telemetry import spans, tracing
+from cluster.telemetry.hookup import REPLICA, setup_process_tracing
 from cluster.types import UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
 
 
 class EngineReplica:
     async def __init__(self, config: dict[str, Any]):
         self.cfg = config_from_dict(config, source="serve deployment")
+        setup_process_tracing(self.cfg, REPLICA)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 -- built outside Serve (tests): name it plainly
@@ -37,6 +42,14 @@ class EngineReplica:
     async def generate(self, request: GenerateRequest, decision: Decision,
                        hint: RoutingHint | None = None) -> AsyncIterator[Chunk]:
         del hint  # read by the request router in the caller's process; nothing to do here
+        span = tracing.start_span(spans.REPLICA, request.trace_context, SpanKind.SERVER, {
+            "levante.request_id": request.request_id, "levante.replica": self.replica_id,
+            "levante.ep_size": self.cfg.replica.ep_size, "levante.effort": decision.effort})
+        async with contextlib.aclosing(spans.traced(span, self._generate(request, decision, span))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _generate(self, request: GenerateRequest, decision: Decision, span: Span | None) -> AsyncIterator[Chunk]:
         if not self.group.serving:
             yield self._unavailable(f"replica {self.replica_id} is {self.group.state}: {self.group.last_failure}")
             return
@@ -46,7 +59,9 @@ class EngineReplica:
         self.outstanding += 1
         finished = False
         try:
-            error = await asyncio.wait_for(driver.submit.remote(rid, request.prompt, params, request.resume), cfg.rank_timeout_s)
+            # rank 0 makes the engine's stage spans under this replica's span
+            submitted = driver.submit.remote(rid, request.prompt, params, request.resume, tracing.carrier_of(span))
+            error = await asyncio.wait_for(submitted, cfg.rank_timeout_s)
             if error is not None:
                 finished = True
                 yield error
@@ -78,8 +93,11 @@ class EngineReplica:
         info = self.group.info
         return ModelInfo(self.cfg.model_name, info.max_model_len, info.architecture, info.ep_size)
 
-    async def status(self) -> dict[str, Any]:
-        """For operators and tests: the group's state and the engine's counters."""
+    async def status(self, hint: RoutingHint | None = None) -> dict[str, Any]:
+        """For operators, metrics and tests: the group's state and the engine's counters.
+
+        ``hint`` lets a poller steer its asks past replicas that answered already."""
+        del hint
         stats = None
         if self.group.serving:
             stats = await asyncio.wait_for(self.group.driver.stats.remote(), self.cfg.replica.rank_timeout_s)

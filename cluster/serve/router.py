@@ -16,12 +16,15 @@ import dataclasses
 import time
 from typing import Any, AsyncIterator
 
+from opentelemetry.trace import Span, SpanKind
 from ray.serve.exceptions import BackPressureError
 
 from cluster.config_loader import config_from_dict
 from cluster.router.policy import decide_for, prefix_key
 from cluster.serve.routing import CHOICES, RoutingHint
 from cluster.serve.streams import relay
+from cluster.telemetry import spans, tracing
+from cluster.telemetry.hookup import ROUTER, setup_process_tracing
 from cluster.types import UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo
 
 AVOID_S = 10.0  # how long a replica that said UNAVAILABLE is skipped
@@ -67,6 +70,7 @@ class Router:
     def __init__(self, engine: Any, config: dict[str, Any]):
         self.engine = engine  # DeploymentHandle to EngineReplica
         self.cfg = config_from_dict(config, source="serve deployment")
+        setup_process_tracing(self.cfg, ROUTER)
         self.delay = QueueDelay()
         self._avoid: dict[str, float] = {}  # replica id -> until (monotonic)
         self._ready = False
@@ -76,15 +80,27 @@ class Router:
         self._models: list[ModelInfo] | None = None
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        # An async generator itself (Serve streams those); the span is None with tracing off.
+        span = tracing.start_span(spans.ROUTER, request.trace_context, SpanKind.SERVER,
+                                  {"levante.request_id": request.request_id,
+                                   "levante.requested_effort": request.reasoning_effort})
+        if span is not None:  # the replica's spans are children of this one
+            request = dataclasses.replace(request, trace_context=tracing.carrier_of(span))
+        async with contextlib.aclosing(spans.traced(span, self._generate(request, span))) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _generate(self, request: GenerateRequest, span: Span | None) -> AsyncIterator[Chunk]:
         now = time.monotonic()
         decision = decide_for(request, self.delay.current(now), self.cfg.router.auto, time.time())
+        tracing.set_attributes(span, {"levante.effort": decision.effort, "levante.effort_reason": decision.reason})
         key = prefix_key(request.prompt, self.cfg.router.prefix_chars)
         for attempt in range(2):
             hint = RoutingHint(prefix_key=key, avoid=self._avoided(now))
             retry = sent = False
             if attempt:  # a new engine id: the first attempt's abort may not have landed yet
                 request = dataclasses.replace(request, request_id=f"{request.request_id}#retry")
-            async with contextlib.aclosing(self._dispatch(request, decision, hint)) as chunks:
+            async with contextlib.aclosing(self._dispatch(request, decision, hint, span)) as chunks:
                 async for chunk in chunks:
                     lost = chunk.error is not None and chunk.error.code == UNAVAILABLE \
                         and chunk.error.field in ("replica", "engine")
@@ -92,13 +108,17 @@ class Router:
                         self._avoid[chunk.served_by.replica] = time.monotonic() + AVOID_S
                         if attempt == 0 and not sent:  # nothing reached the client yet: try another replica
                             retry = True
+                            if span is not None:
+                                span.add_event("replica retry", {"levante.replica": chunk.served_by.replica,
+                                                                 "levante.reason": chunk.error.message})
                             break
                     sent = sent or bool(chunk.token_ids)
                     yield chunk
             if not retry:
                 return
 
-    async def _dispatch(self, request: GenerateRequest, decision: Decision, hint: RoutingHint) -> AsyncIterator[Chunk]:
+    async def _dispatch(self, request: GenerateRequest, decision: Decision, hint: RoutingHint,
+                        span: Span | None = None) -> AsyncIterator[Chunk]:
         rid = request.request_id
         self.delay.dispatched(rid, time.monotonic())
         stream = self.engine.options(stream=True).generate.remote(request, decision, hint=hint)
@@ -108,6 +128,8 @@ class Router:
                 async for chunk in chunks:
                     if first:
                         chunk.decision = _decided(decision, hint, chunk)
+                        tracing.set_attributes(span, {"levante.replica": chunk.decision.replica,
+                                                      "levante.decision_reason": chunk.decision.reason})
                         first = False
                     if waiting and (chunk.token_ids or chunk.finished):  # a keepalive is not an answer
                         self._last_answer = time.monotonic()

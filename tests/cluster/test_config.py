@@ -144,6 +144,13 @@ ERRORS = [
     ("router:\n  auto:\n    min_deadline_s: {low: -1}\n", "router.auto.min_deadline_s: values must be >= 0"),
     ("router:\n  auto:\n    keywords: [why, ' ']\n", "router.auto.keywords: must not contain blank keywords"),
     ("frontdoor:\n  tenants:\n    - just-a-name\n", "frontdoor.tenants[0]: expected a mapping, got str 'just-a-name'"),
+    ("telemetry:\n  tracing:\n    sample_ratio: 1.5\n", "telemetry.tracing.sample_ratio: must be in [0, 1], got 1.5"),
+    ("telemetry:\n  tracing:\n    otlp_endpoint: collector\n",
+     "telemetry.tracing.otlp_endpoint: must be host:port of an OTLP gRPC receiver, got 'collector'"),
+    ("telemetry:\n  tracing:\n    enable: true\n", "telemetry.tracing.enable: unknown key (did you mean enabled?)"),
+    ("telemetry:\n  metrics:\n    port: 65536\n", "telemetry.metrics.port: must be in [0, 65535], got 65536"),
+    ("telemetry:\n  metrics: {enabled: true, port: 50051}\n",
+     "telemetry.metrics.port: must differ from frontdoor.port (50051)"),
 ]
 
 
