@@ -11,6 +11,7 @@ head Service name) is checked by name, since no cluster is here to notice a mism
 from __future__ import annotations
 
 import copy
+import json
 import posixpath
 
 import pytest
@@ -247,6 +248,40 @@ def test_service_monitor_when_enabled():
     assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in fd["ports"]
     assert all(kube_errors(d) == [] for d in docs if d["kind"] not in CUSTOM_KINDS)
     assert lint(values)["errors"] == []
+
+
+def test_metrics_port_reaches_the_config_the_pod_the_service_and_the_policy():
+    """/metrics is on by default on Kubernetes: the door's config listens on every interface at the
+    port the container, the Service and the NetworkPolicy name; off, none of them mention it."""
+    docs = manifests(render(merged(example_values(ONE_REGION), {"levante": {"telemetry": {"metrics": {"port": 9500}}}})))
+    metrics = load_from_configmap(docs).telemetry.metrics
+    assert (metrics.enabled, metrics.host, metrics.port) == (True, "0.0.0.0", 9500)
+    fd = container(one(docs, "Deployment")["spec"]["template"]["spec"], "frontdoor")
+    assert {"name": "metrics", "containerPort": 9500, "protocol": "TCP"} in fd["ports"]
+    assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"} in one(docs, "Service")["spec"]["ports"]
+    fd_policy = [p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-frontdoor")]
+    assert any({"port": 9500, "protocol": "TCP"} in r.get("ports", []) for r in fd_policy[0]["spec"]["ingress"])
+
+    off = manifests(render(merged(example_values(ONE_REGION), {"levante": {"telemetry": {"metrics": {"enabled": False}}}})))
+    fd = container(one(off, "Deployment")["spec"]["template"]["spec"], "frontdoor")
+    assert [p["name"] for p in fd["ports"]] == ["grpc"]
+    assert [p["name"] for p in one(off, "Service")["spec"]["ports"]] == ["grpc"]
+    assert load_from_configmap(off).telemetry.metrics.enabled is False
+
+
+def test_grafana_dashboard_configmap_when_enabled():
+    values = example_values(ONE_REGION)
+    assert not [d for d in by_kind(manifests(render(values)), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    values = merged(values, {"monitoring": {"grafanaDashboard": {
+        "enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "Levante"}}}})
+    docs = manifests(render(values))
+    (board,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert board["metadata"]["namespace"] == "monitoring"
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar looks for
+    assert board["metadata"]["annotations"] == {"grafana_folder": "Levante"}
+    shipped = json.loads((CHART / "dashboards" / "levante.json").read_text())
+    assert json.loads(board["data"]["levante.json"]) == shipped and shipped["panels"]
+    assert kube_errors(board) == [] and lint(values)["errors"] == []
 
 
 def test_server_tls_probes_use_grpc_tls_mode():

@@ -72,6 +72,22 @@ BAD = {
     "chart-owned frontdoor tls": (
         {"levante": {"frontdoor": {"tls": {"cert": "/x.pem", "key": "/y.pem"}}}},
         helm.HelmRenderError, r"levante\.frontdoor\.tls: set by the chart from tls\.\*"),
+    "chart-owned metrics host": (
+        {"levante": {"telemetry": {"metrics": {"host": "127.0.0.1"}}}},
+        helm.HelmRenderError, r"levante\.telemetry\.metrics\.host: set by the chart"),
+    "service monitor without metrics": (
+        {"monitoring": {"serviceMonitor": {"enabled": True}}, "levante": {"telemetry": {"metrics": {"enabled": False}}}},
+        helm.HelmRenderError, r"monitoring\.serviceMonitor\.enabled: the front door serves /metrics only with "
+                              r"levante\.telemetry\.metrics\.enabled"),
+    "sample ratio above one": (
+        {"levante": {"telemetry": {"tracing": {"sample_ratio": 2}}}},
+        helm.HelmValuesError, r"at '/levante/telemetry/tracing/sample_ratio': maximum: got 2, want 1"),
+    "otlp endpoint without port": (
+        {"levante": {"telemetry": {"tracing": {"otlp_endpoint": "otel-collector"}}}},
+        helm.HelmValuesError, r"at '/levante/telemetry/tracing/otlp_endpoint': '.*' does not match pattern"),
+    "unknown dashboard key": (
+        {"monitoring": {"grafanaDashboard": {"folder": "Levante"}}},
+        helm.HelmValuesError, r"at '/monitoring/grafanaDashboard': additional properties 'folder' not allowed"),
     "inline tenant api key": (
         {"levante": {"frontdoor": {"tenants": [{"name": "acme", "api_key": "s3cret"}]}}},
         helm.HelmRenderError, r"levante\.frontdoor\.tenants\[0\]\.api_key: would be written into a ConfigMap"),
@@ -215,7 +231,9 @@ def test_schema_levante_section_has_every_config_key_with_its_type():
 
 def test_values_yaml_defaults_are_the_config_defaults():
     """values.yaml repeats some config defaults (the templates read them); only deliberate ones differ."""
-    deliberate = {"replica.accelerator": "gpu"}  # Kubernetes runs ranks on GPUs; local runs on CPUs
+    # Kubernetes runs ranks on GPUs, local runs on CPUs; a pod's metrics port is its own, while regions
+    # started on one machine would share it.
+    deliberate = {"replica.accelerator": "gpu", "telemetry.metrics.enabled": True}
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["levante"]
     config = config_to_dict(ClusterConfig())
 

@@ -80,6 +80,12 @@ the chart owns. serveConfigV2 (args.config) and the front door's ConfigMap both 
 {{- $_ := set $fd "tls" $tls }}
 {{- end }}
 {{- $_ := set $cfg "frontdoor" $fd }}
+{{- /* /metrics listens on every interface of the pod, like the door. */}}
+{{- $tel := deepCopy (default (dict) $cfg.telemetry) }}
+{{- $metrics := deepCopy (default (dict) $tel.metrics) }}
+{{- $_ := set $metrics "host" "0.0.0.0" }}
+{{- $_ := set $tel "metrics" $metrics }}
+{{- $_ := set $cfg "telemetry" $tel }}
 {{- /* "auto": the Ray cluster that the door's own Ray node joined (frontdoor-configmap.yaml, start.sh). */}}
 {{- $_ := set $cfg "ray" (dict "address" "auto" "deploy" false) }}
 {{- toJson $cfg }}
@@ -98,6 +104,14 @@ router and the replica hold no CPUs, the ranks in their placement groups hold th
 {{- $_ := set $app "deployments" (list (dict "name" "Router" "ray_actor_options" $actor) (dict "name" "EngineReplica" "ray_actor_options" $actor)) }}
 {{- $serve := dict "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
 {{- toYaml $serve }}
+{{- end }}
+
+{{/* The front door's /metrics: on when levante.telemetry.metrics.enabled ("true" or ""), and its port. */}}
+{{- define "levante.metricsEnabled" -}}
+{{- if dig "telemetry" "metrics" "enabled" false .Values.levante }}true{{- end }}
+{{- end }}
+{{- define "levante.metricsPort" -}}
+{{- int (dig "telemetry" "metrics" "port" 9464 .Values.levante) }}
 {{- end }}
 
 {{/* Front door probe handler (frontdoor.probes.handler); see values.yaml. */}}

@@ -23,6 +23,12 @@ names the values to change. Rendered by validate.yaml, so `helm template`, `helm
 {{- if hasKey $fd "tls" }}
 {{- fail "levante.frontdoor.tls: set by the chart from tls.* (the certificate Secret is mounted at /etc/levante/tls); remove it and set tls.enabled and tls.secretName" }}
 {{- end }}
+{{- if hasKey (dig "telemetry" "metrics" (dict) $lv) "host" }}
+{{- fail "levante.telemetry.metrics.host: set by the chart (0.0.0.0 inside the pod); remove it" }}
+{{- end }}
+{{- if and .Values.monitoring.serviceMonitor.enabled (not (include "levante.metricsEnabled" .)) }}
+{{- fail "monitoring.serviceMonitor.enabled: the front door serves /metrics only with levante.telemetry.metrics.enabled; turn that on too" }}
+{{- end }}
 {{- range $i, $t := (default (list) $fd.tenants) }}
 {{- if $t.api_key }}
 {{- fail (printf "levante.frontdoor.tenants[%d].api_key: would be written into a ConfigMap and the RayService; use api_key_env and set that variable from a Secret in frontdoor.env" $i) }}
