@@ -3,35 +3,17 @@ first, and only when every region is full does the caller see RESOURCE_EXHAUSTED
 
 from __future__ import annotations
 
-from typing import AsyncIterator
 
 import grpc
 import pytest
 from levante.v1 import inference_pb2 as pb
 
-from cluster.chunks import error_chunk
-from cluster.types import RESOURCE_EXHAUSTED, Backend, Chunk, GenerateRequest, ModelInfo
 
 from ..frontdoor.harness import generate
-from .test_two_regions import Regions, engines  # noqa: F401 -- the module's engines fixture
+from .fakes import Full
+from .test_two_regions import Regions
 
 pytestmark = pytest.mark.e2e
-
-
-class Full(Backend):
-    """A region whose replicas' queues are all full."""
-
-    def __init__(self, inner: Backend):
-        self.inner = inner
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        yield error_chunk(RESOURCE_EXHAUSTED, "queue", "every replica's queue is full; retry later")
-
-    async def models(self) -> list[ModelInfo]:
-        return await self.inner.models()
-
-    async def ready(self) -> bool:
-        return True
 
 
 def _call(regions: Regions, region: str, req: pb.GenerateRequest) -> pb.Final:
@@ -39,7 +21,7 @@ def _call(regions: Regions, region: str, req: pb.GenerateRequest) -> pb.Final:
         return generate(ch, req)[-1].final
 
 
-def test_a_full_region_spills_to_its_peer(loop, engines):  # noqa: F811
+def test_a_full_region_spills_to_its_peer(loop, engines):
     regions = Regions(loop, engines, wrap_eu=Full)
     try:
         final = _call(regions, "eu", pb.GenerateRequest(prompt="hello", max_tokens=4, temperature=0.0))
@@ -56,7 +38,7 @@ def test_a_full_region_spills_to_its_peer(loop, engines):  # noqa: F811
         regions.close()
 
 
-def test_the_preferred_region_is_tried_first(loop, engines):  # noqa: F811
+def test_the_preferred_region_is_tried_first(loop, engines):
     regions = Regions(loop, engines)
     try:
         req = pb.GenerateRequest(prompt="hello", max_tokens=4, temperature=0.0, preferred_region="us")

@@ -4,9 +4,7 @@ tiny engine, reached only over gRPC: failover, resume mid-stream, drain, ejectio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-from typing import AsyncIterator
 
 import grpc
 import pytest
@@ -14,65 +12,21 @@ from levante.v1 import admin_pb2, admin_pb2_grpc
 from levante.v1 import inference_pb2 as pb
 
 from cluster.backends import LocalBackend
-from cluster.chunks import error_chunk
 from cluster.config import ClusterConfig, FrontDoorConfig, HealthCheckConfig, PeerConfig, RegionsConfig
 from cluster.frontdoor import FrontDoor
 from cluster.frontdoor.admin import AdminService
 from cluster.regions.client import RegionClient
 from cluster.regions.peer import PeerBackend
 from cluster.regions.router import build_region_router
-from cluster.types import UNAVAILABLE, Backend, Chunk, GenerateRequest, ModelInfo
-from engine.api import create_engine
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.models.tiny import make_tiny
+from cluster.types import Backend, Chunk, ModelInfo
 
-from ..frontdoor.harness import MODEL, generate, spm_tokenizer
+from ..frontdoor.harness import MODEL, generate
+from .fakes import BreaksAfter, free_port
 
 pytestmark = pytest.mark.e2e
 HEALTH = HealthCheckConfig(interval_s=0.2, timeout_s=0.3, consecutive_failures=2, first_token_timeout_s=5.0,
                            stream_idle_timeout_s=2.0, base_ejection_s=1.0)
 SAMPLED = dict(max_tokens=40, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    path = make_tiny("mistral4", seed=0, out=str(tmp_path_factory.mktemp("tiny-mistral4")), vocab_size=32768)
-    made = {name: create_engine(EngineConfig(model=ModelConfig(model=path, tokenizer=spm_tokenizer()),
-                                             cache=CacheConfig(num_blocks=64),
-                                             scheduler=SchedulerConfig(max_model_len=512)))
-            for name in ("eu", "us")}
-    yield made
-    for eng in made.values():
-        eng.shutdown()
-
-
-class BreaksAfter(Backend):
-    """The region's own backend, losing its stream after ``tokens`` tokens (a replica dying)."""
-
-    def __init__(self, inner: Backend, tokens: int):
-        self.inner, self.tokens = inner, tokens
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        sent = 0
-        async with contextlib.aclosing(self.inner.generate(request)) as chunks:
-            async for chunk in chunks:
-                if sent + len(chunk.token_ids) > self.tokens:
-                    yield error_chunk(UNAVAILABLE, "replica", "replica lost (test)")
-                    return
-                sent += len(chunk.token_ids)
-                yield chunk
-
-    async def models(self) -> list[ModelInfo]:
-        return await self.inner.models()
-
-    async def ready(self) -> bool:
-        return True
 
 
 class Regions:
