@@ -26,6 +26,7 @@ from ray.serve.config import gRPCOptions
 from cluster.config import ClusterConfig
 from cluster.frontdoor.admin import AdminService
 from cluster.frontdoor.server import FrontDoor
+from cluster.regions.peer import PeerBackend
 from cluster.regions.router import RegionRouter, build_region_router
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name, build_app
 from cluster.serve.backend import ServeBackend
@@ -58,6 +59,8 @@ class RegionServer:
     async def start(self) -> int:
         began = time.monotonic()
         self._check_port()  # before minutes of model loading, not after
+        for peer in self.cfg.regions.peers:  # likewise: their certificates and keys must be readable now
+            PeerBackend(peer, forwarded_from=self.cfg.region)
         self.telemetry = ServerTelemetry(self.cfg)
         metrics_port = self.telemetry.serve_metrics()  # early too: a port in use fails now, not after loading
         if metrics_port is not None:

@@ -31,11 +31,25 @@ _CODES = {
 }  # everything else (UNAVAILABLE, a reset, CANCELLED by a dying server, UNAUTHENTICATED...): the peer cannot serve
 
 
-def _read(path: str | None) -> bytes | None:
+def _read(peer: PeerConfig, key: str) -> bytes | None:
+    path = getattr(peer, key)
     if path is None:
         return None
-    with open(path, "rb") as f:
-        return f.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"regions.peers[{peer.name}].{key}: cannot read {path}: {e.strerror or e}") from None
+
+
+def peer_api_key(peer: PeerConfig, environ: dict[str, str] | None = None) -> str | None:
+    """The key to present to ``peer``; a named environment variable that is not set is a config error."""
+    if peer.api_key_env is None:
+        return None
+    env = os.environ if environ is None else environ
+    if not env.get(peer.api_key_env):
+        raise ValueError(f"regions.peers[{peer.name}].api_key_env: environment variable {peer.api_key_env} is not set")
+    return env[peer.api_key_env]
 
 
 class PeerBackend(Backend):
@@ -46,10 +60,11 @@ class PeerBackend(Backend):
         self.call_timeout_s = call_timeout_s
         self._channel: grpc.aio.Channel | None = None
         self._credentials = None
-        if peer.tls_ca is not None:  # read now: a missing file is a config error at start, not per call
-            self._credentials = grpc.ssl_channel_credentials(_read(peer.tls_ca), _read(peer.tls_key),
-                                                             _read(peer.tls_cert))
-        self._api_key = api_key or (os.environ.get(peer.api_key_env) if peer.api_key_env else None)
+        # Read now: a missing file or key is a config error when the region starts, not on every call.
+        if peer.tls_ca is not None:
+            self._credentials = grpc.ssl_channel_credentials(_read(peer, "tls_ca"), _read(peer, "tls_key"),
+                                                             _read(peer, "tls_cert"))
+        self._api_key = api_key or peer_api_key(peer)
 
     @property
     def channel(self) -> grpc.aio.Channel:
