@@ -1,11 +1,11 @@
 """Import boundaries that keep the layers honest, checked in fresh interpreters."""
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from ..source_imports import ROOT, imports_of, sources
 
 
 def _modules_after(code: str) -> set[str]:
@@ -31,22 +31,11 @@ def test_engine_imports_no_ray_grpc_protobuf():
     assert not {m for m in mods if m.split(".")[0] in ("ray", "grpc", "google") + TELEMETRY}
 
 
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
-
-
 def test_engine_and_kernels_import_no_telemetry():
-    root = Path(__file__).resolve().parents[2]
-    sources = sorted((root / "engine").rglob("*.py")) + sorted((root / "kernels").rglob("*.py"))
-    assert any("torch" in _imports(p) for p in sources)  # the scan reads real imports
-    offenders = {p.relative_to(root).as_posix(): sorted(n for n in _imports(p) if n.split(".")[0] in TELEMETRY)
-                 for p in sources}
+    files = sources("engine", "kernels")
+    assert any("torch" in imports_of(p) for p in files)  # the scan reads real imports
+    offenders = {p.relative_to(ROOT).as_posix(): sorted(n for n in imports_of(p) if n.split(".")[0] in TELEMETRY)
+                 for p in files}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
