@@ -50,12 +50,8 @@ class RegionProcess:
         out = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as f:
-                        fields = f.read().rsplit(b")", 1)[1].split()
-                except OSError:
-                    continue  # exited meanwhile
-                if int(fields[3]) == self.pid and fields[0] != b"Z":  # stat field 6: session id; skip zombies
+                stat = _stat(int(entry))
+                if stat is not None and stat[0] != "Z" and stat[1] == self.pid:  # zombies are gone already
                     out.append(int(entry))
         return out
 
@@ -222,13 +218,20 @@ class LocalRegions:
             os.remove(self.state_path)
 
 
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (a child we have not reaped yet counts as gone)."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, session id) of a process from /proc/<pid>/stat; None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+            fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
     except OSError:
-        return False
+        return None
+    return fields[0].decode(), int(fields[3])
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a child we have not reaped yet counts as gone)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def _tail(path: str, lines: int = 20) -> str:
