@@ -26,8 +26,7 @@ from ray.serve.config import gRPCOptions
 from cluster.config import ClusterConfig
 from cluster.frontdoor.admin import AdminService
 from cluster.frontdoor.server import FrontDoor
-from cluster.regions.peer import PeerBackend
-from cluster.regions.router import RegionRouter, build_region_router
+from cluster.regions.router import RegionRouter, build_peers, build_region_router
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name, build_app
 from cluster.serve.backend import ServeBackend
 from cluster.telemetry.hookup import ServerTelemetry
@@ -59,8 +58,7 @@ class RegionServer:
     async def start(self) -> int:
         began = time.monotonic()
         self._check_port()  # before minutes of model loading, not after
-        for peer in self.cfg.regions.peers:  # likewise: their certificates and keys must be readable now
-            PeerBackend(peer, forwarded_from=self.cfg.region)
+        peers = build_peers(self.cfg)  # likewise: their certificates and keys must be readable now
         self.telemetry = ServerTelemetry(self.cfg)
         metrics_port = self.telemetry.serve_metrics()  # early too: a port in use fails now, not after loading
         if metrics_port is not None:
@@ -73,7 +71,7 @@ class RegionServer:
             self.progress(f"attaching to the Serve application {app_name(self.cfg)!r} (ray.deploy is false)")
         await self._report_experts()
         local = ServeBackend(app_name(self.cfg))
-        self.router = build_region_router(self.cfg, local)
+        self.router = build_region_router(self.cfg, local, peers)
         self.router.book.listeners.append(
             lambda t: self.progress(f"region health: {t.region} {t.state} ({t.reason})"))
         self.frontdoor = FrontDoor(self.cfg.frontdoor, self.router.backend, self.cfg.region, self.cfg.model_name,

@@ -37,9 +37,14 @@ def _local_probe(backend: Backend) -> Probe:
     return probe
 
 
-def build_region_router(cfg: ClusterConfig, local: Backend) -> RegionRouter:
+def build_peers(cfg: ClusterConfig) -> list[PeerBackend]:
+    """One backend per peer; reads their certificates and keys now, so a bad one fails the region's start."""
+    return [PeerBackend(p, forwarded_from=cfg.region) for p in cfg.regions.peers]
+
+
+def build_region_router(cfg: ClusterConfig, local: Backend, peers: list[PeerBackend] | None = None) -> RegionRouter:
     faults = FaultInjector(local)
-    peers = [PeerBackend(p, forwarded_from=cfg.region) for p in cfg.regions.peers]
+    peers = build_peers(cfg) if peers is None else peers
     members: dict[str, Backend] = {cfg.region: faults, **{p.peer.name: p for p in peers}}
     book = HealthBook(cfg.regions.health, members, local=cfg.region)
     probes: dict[str, Probe] = {cfg.region: _local_probe(faults), **{p.peer.name: p.check for p in peers}}
