@@ -35,6 +35,13 @@ def failovers_with_times(hops: list[FailoverHop], final_region: str,
     return out
 
 
+def _code(last: Chunk | None) -> str:
+    """The status the client saw: OK, the gRPC name of the final error, or UNKNOWN for a stream cut short."""
+    if last is not None and last.error is not None:
+        return GRPC_NAMES.get(last.error.code, "UNKNOWN")
+    return "OK" if last is not None and last.finished else "UNKNOWN"
+
+
 class LoadRunner:
     def __init__(self, client: RegionClient, spec: LoadSpec, clock: Callable[[], float]):
         self.client, self.spec, self.clock = client, spec, clock
@@ -76,8 +83,7 @@ class LoadRunner:
         finally:
             c.in_flight -= 1
         ended = self.clock()
-        code = "OK" if last is not None and last.error is None and last.finished else \
-            GRPC_NAMES.get(last.error.code, "UNKNOWN") if last is not None and last.error else "UNKNOWN"
+        code = _code(last)
         region = last.served_by.region if code == "OK" and last.served_by else ""
         hops = failovers_with_times(list(last.failovers or []) if last else [], region, arrivals)
         c.ok += code == "OK"
