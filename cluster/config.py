@@ -293,3 +293,21 @@ class ClusterConfig:
         metrics = self.telemetry.metrics
         _check(not (metrics.enabled and metrics.port and metrics.port == self.frontdoor.port), "telemetry.metrics.port",
                f"must differ from frontdoor.port ({self.frontdoor.port})")
+        self._check_engine_placement()
+
+    def _check_engine_placement(self) -> None:
+        """The engine's device and parallelism agree with what each replica reserves."""
+        engine, replica = self.engine, self.replica
+        device = engine.model.device
+        if replica.accelerator == "gpu":
+            _check(device is None or device.startswith("cuda"), "engine.model.device",
+                   f"{device!r} contradicts replica.accelerator: gpu (leave it unset, or 'cuda')")
+        else:
+            _check(device in (None, "cpu"), "engine.model.device",
+                   f"{device!r} needs replica.accelerator: gpu (a rank only sees the GPUs its bundle reserves)")
+        if engine.backend == "vllm":
+            _check(replica.ep_size == 1, "replica.ep_size",
+                   "must be 1 with engine.backend: vllm (vLLM splits the experts itself: "
+                   "engine.vllm.enable_expert_parallel and tensor_parallel_size)")
+            _check(replica.accelerator == "gpu" or engine.vllm.world_size == 1, "engine.vllm.tensor_parallel_size",
+                   "more than one device per engine needs replica.accelerator: gpu")

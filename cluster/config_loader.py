@@ -33,6 +33,7 @@ from cluster.config import ClusterConfig
 from engine.config import EngineConfig
 
 _MISSING = dataclasses.MISSING
+_SCALARS = {str, int, float, bool}
 # Keys set at run time, never from YAML (the schema and the loader skip them).
 _DERIVED = {"engine.parallel": "not set in YAML: set the ranks per replica with replica.ep_size "
                                "(the replica derives each rank's engine.parallel from it)",
@@ -191,9 +192,16 @@ class _Mapper:
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         if origin in (types.UnionType, typing.Union):
             inner = [a for a in args if a is not type(None)]
-            if len(inner) != 1 or len(args) != 2:
-                raise TypeError(f"{path}: only 'X | None' unions are supported, not {hint}")
-            return None if value is None else self.convert(inner[0], value, path)
+            if value is None and len(inner) < len(args):
+                return None
+            if len(inner) > 1 and set(inner) <= _SCALARS:  # e.g. str | int | float | bool: the value's own type
+                if type(value) not in inner:
+                    names = " | ".join(a.__name__ for a in inner)
+                    raise self.error(path, f"expected {names}, got {_describe(value)}")
+                return value
+            if len(inner) != 1:
+                raise TypeError(f"{path}: only 'X | None' and scalar unions are supported, not {hint}")
+            return self.convert(inner[0], value, path)
         if dataclasses.is_dataclass(hint):
             return self.build(hint, value, path)
         if origin is tuple:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 DTYPES = ("float32", "bfloat16")
 EFFORTS = ("none", "low", "medium", "high")
 BACKENDS = ("gloo", "nccl")
+ENGINE_BACKENDS = ("native", "vllm")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
+EXECUTORS = ("ray", "mp", "uni")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -28,10 +31,20 @@ class ModelConfig:
     dtype: str = "float32"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    # Where weights, KV cache and step tensors live: "cpu", "cuda" or "cuda:N". None: "cpu" for the
+    # native engine; the vllm backend's own platform (its build decides).
+    device: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
+        _check(self.device is None or _is_device(self.device), "device",
+               f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+def _is_device(name: str) -> bool:
+    kind, _, index = name.partition(":")
+    return name == "cpu" or (kind == "cuda" and (not index and ":" not in name or index.isdigit()))
 
 
 @dataclass(frozen=True)
@@ -124,10 +137,72 @@ class ParallelConfig:
                f"must be a URL such as 'tcp://host:port', got {self.init_method!r}")
 
 
+# Engine arguments that Levante sets itself from its own sub-configs; extra_args may not repeat them.
+VLLM_OWNED_ARGS = ("model", "tokenizer", "skip_tokenizer_init", "dtype", "max_model_len", "seed", "block_size",
+                   "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
+                   "logits_processors", "disable_log_stats")
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """vLLM's engine arguments, passed through when ``backend`` is ``vllm``.
+
+    Model, dtype, lengths, cache and batch sizes come from the other
+    sub-configs, so both backends read the same keys. ``extra_args`` takes any
+    other ``AsyncEngineArgs`` field; names are checked against vLLM's when the
+    engine starts.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    # None: the KV cache takes cache.kv_cache_memory_bytes; set it on GPUs (e.g. 0.9)
+    gpu_memory_utilization: float | None = None
+    quantization: str | None = None  # None: what the checkpoint says (FP8 for Mistral Small 4)
+    kv_cache_dtype: str = "auto"
+    enforce_eager: bool = False  # True: no torch.compile / CUDA graphs (faster start, slower steps)
+    attention_backend: str | None = None  # e.g. "FLASH_ATTN_MLA"; None: vLLM's choice
+    distributed_executor_backend: str | None = None  # None: vLLM's choice; "ray" inside a Ray placement group
+    extra_args: dict[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+               "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+               f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        _check(self.distributed_executor_backend in (None, *EXECUTORS), "distributed_executor_backend",
+               f"must be one of {EXECUTORS} or null, got {self.distributed_executor_backend!r}")
+        typed = {f for f in self.__dataclass_fields__ if f != "extra_args"}
+        for key in self.extra_args:
+            _check(key not in VLLM_OWNED_ARGS, f"extra_args.{key}",
+                   "is set by Levante from the engine's other keys (model, cache, scheduler)")
+            _check(key not in typed, f"extra_args.{key}", f"set it as vllm.{key} instead")
+
+    @property
+    def world_size(self) -> int:
+        """Devices one engine uses (vLLM's workers per replica)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+
 @dataclass(frozen=True)
 class EngineConfig:
+    backend: str = "native"  # "native": Levante's paged-attention engine; "vllm": vLLM's AsyncLLM
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ENGINE_BACKENDS, "backend", f"must be one of {ENGINE_BACKENDS}, got {self.backend!r}")
+        if self.backend == "native":
+            _check(self.vllm == VllmConfig(), "vllm", "is read only with backend: vllm")
+        else:
+            _check(self.parallel.ep_size == 1, "parallel.ep_size",
+                   "must be 1 with backend: vllm (vLLM splits the experts itself: vllm.enable_expert_parallel)")
