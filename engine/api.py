@@ -234,7 +234,15 @@ def create_engine(config: EngineConfig) -> EngineClient:
     ``parallel.timeout_s`` after this rank's model is loaded), so start the
     workers concurrently, in any order. Loads torch lazily, so importing this
     module stays light.
+
+    With ``config.backend == "vllm"`` the engine is vLLM's ``AsyncLLM``
+    (``engine.vllm``), admitted and streamed by the same rules. Its output
+    handler runs on the event loop that submits first.
     """
+    if config.backend == "vllm":
+        from engine.vllm.engine import VllmEngine
+
+        return VllmEngine(config)
     from engine.async_engine import AsyncEngine
 
     return AsyncEngine(config)

@@ -138,7 +138,7 @@ class ParallelConfig:
 
 
 # Engine arguments that Levante sets itself from its own sub-configs; extra_args may not repeat them.
-VLLM_OWNED_ARGS = ("model", "tokenizer", "skip_tokenizer_init", "dtype", "max_model_len", "seed", "block_size",
+VLLM_OWNED_ARGS = ("model", "tokenizer", "skip_tokenizer_init", "dtype", "max_model_len", "seed",
                    "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
                    "logits_processors", "disable_log_stats")
 

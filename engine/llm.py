@@ -20,15 +20,28 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
-                 tokenizer: str | None = None, config: EngineConfig | None = None):
+                 tokenizer: str | None = None, backend: str = "native", config: EngineConfig | None = None):
         if config is None:
-            config = EngineConfig(model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len))
-        self.engine = EngineCore(config)
+            config = EngineConfig(backend=backend, model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype,
+                                                                     max_model_len=max_model_len))
+        self.backend = config.backend
+        self._vllm = None
+        if config.backend == "vllm":  # vLLM steps in its own process; we admit and decode as the native engine does
+            from engine.vllm.offline import OfflineVllm
+
+            self._vllm = OfflineVllm(config)
+        else:
+            self.engine = EngineCore(config)
         self._ids = itertools.count()
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self._vllm.engine.admission.tokenizer if self._vllm else self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop vLLM's engine process (the native engine holds nothing outside this process)."""
+        if self._vllm is not None:
+            self._vllm.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
@@ -37,6 +50,8 @@ class LLM:
         plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"params: {len(plist)} given for {len(prompts)} prompts")
+        if self._vllm is not None:
+            return self._vllm.generate(prompts, plist)
         ids = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
         done = 0
         while self.engine.has_unfinished_requests():
@@ -59,6 +74,9 @@ class LLM:
 
         With ``resume``, continue a request another engine started (see ``Resume``).
         """
+        if self._vllm is not None:
+            yield from self._vllm.stream(prompt, params or SamplingParams(), resume)
+            return
         rid = self._submit(prompt, params or SamplingParams(), resume)
         try:
             while True:
@@ -73,7 +91,7 @@ class LLM:
             self.engine.finished.pop(rid, None)
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        return self._vllm.stats() if self._vllm else self.engine.stats()
 
     def _submit(self, prompt: Prompt, params: SamplingParams, resume: Resume | None = None) -> str:
         rid = f"llm-{next(self._ids)}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 import torch
 
@@ -22,13 +21,14 @@ from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.models.loader import default_model_path, load_model, resolve_model_dir
 from engine.models.uris import resolve_tokenizer_path
-from engine.output import RequestState
-from engine.reasoning import ReasoningState, check_effort, resolve_markers
+from engine.admission import Admission, Prompt, eos_ids_of
+from engine.output import RequestState, merge_final
+from engine.reasoning import resolve_markers
 from engine.runner import ModelRunner, StepResult
 from engine.sampler import SampleRow, logprobs_of
 from engine.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
-Prompt = str | list[int] | list[dict[str, Any]]
+__all__ = ["EngineCore", "Prompt"]
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class EngineCore:
         self.tokenizer: Tokenizer | None = (load_tokenizer(resolve_tokenizer_path(config.model.tokenizer))
                                             if config.model.tokenizer else find_tokenizer(model_dir))
         self.vocab_size = int(hf_config["vocab_size"])
-        self.eos_ids = self._eos_ids(hf_config)
+        self.eos_ids = eos_ids_of(hf_config, self.tokenizer)
 
         block_size = config.cache.block_size
         spec = self.model.kv_cache_spec()
@@ -67,6 +67,8 @@ class EngineCore:
         self.max_model_len = self.scheduler.max_model_len  # also capped when the cache cannot hold a full-length sequence
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.markers = resolve_markers(self.tokenizer, config.reasoning)
+        self.admission = Admission(self.tokenizer, self.vocab_size, self.eos_ids, self.markers, config.reasoning,
+                                   self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.states: dict[str, RequestState] = {}
         self.finished: dict[str, RequestOutput] = {}
@@ -83,26 +85,6 @@ class EngineCore:
             self.runner.step_sink = self.broadcaster
 
     # ---- admission -------------------------------------------------------------------------------
-
-    def encode_prompt(self, prompt: Prompt, effort: str) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise EngineError("prompt", "must not be empty")
-            return self._need_tokenizer().encode(prompt)
-        if prompt and all(isinstance(m, dict) for m in prompt):
-            tokenizer = self._need_tokenizer()
-            try:
-                return tokenizer.apply_chat_template(list(prompt), reasoning_effort=effort)  # type: ignore[arg-type]
-            except ValueError:
-                raise
-            except Exception as e:  # a template that rejects the conversation (order of roles...): the caller's input
-                raise EngineError("messages", f"the chat template rejected them: {type(e).__name__}: {e}") from None
-        ids = list(prompt)  # type: ignore[arg-type]
-        if not ids:
-            raise EngineError("prompt", "must not be empty")
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-            raise EngineError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
-        return ids
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
                     resume: Resume | None = None, arrival: float | None = None) -> None:
@@ -123,58 +105,17 @@ class EngineCore:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise EngineError("request_id", f"{request_id!r} is already running")
-        effort = params.reasoning_effort or self.config.reasoning.default_effort
+        admitted = self.admission.admit(request_id, prompt, params, resume)
         try:
-            check_effort(effort)
-        except ValueError as e:
-            raise EngineError.from_value_error(e) from None
-        ids = self.encode_prompt(prompt, effort)
-        if len(ids) >= self.max_model_len:
-            raise EngineError("prompt", f"{len(ids)} tokens does not fit max_model_len {self.max_model_len}")
-        extra_stops = tuple(t for t in self.eos_ids[1:] if t not in params.stop_token_ids)
-        if extra_stops and not params.ignore_eos:
-            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_stops)
-        if resume is not None:
-            self._check_resume(resume, params, len(ids))
-        budget = params.thinking_budget or self.config.reasoning.budget(effort)
-        try:
-            req = Request(request_id, ids, params, eos_token_id=self.eos_ids[0] if self.eos_ids else None)
-            state = RequestState(request_id, ids, params, ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids)), self.tokenizer)
+            req = Request(request_id, admitted.prompt_ids, admitted.params, eos_token_id=self.admission.eos_id)
             if resume is not None:
-                state.replay(resume.token_ids, resume.text_chars, resume.reasoning_chars)
                 req.append_output_token_ids(resume.token_ids)
             self.scheduler.add_request(req)
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
-        self.requests[request_id], self.states[request_id] = req, state
+        self.requests[request_id], self.states[request_id] = req, admitted.state
         self.stages[request_id] = _Stages(time.time() if arrival is None else arrival)
-        self._num_prompt += len(ids)
-
-    def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
-        """What a resume must satisfy beyond its own fields, before any state is built."""
-        k = len(resume.token_ids)
-        if params.prompt_logprobs is not None:
-            # the previous engine sent them with its first delta; this engine's prefill would send them again
-            raise EngineError("resume", "cannot be combined with prompt_logprobs")
-        if k >= params.max_tokens:
-            raise EngineError("resume.token_ids",
-                              f"{k} tokens leave nothing to generate under max_tokens {params.max_tokens}")
-        if num_prompt + k >= self.max_model_len:
-            raise EngineError("resume.token_ids", f"{num_prompt} prompt + {k} resumed tokens leave nothing to "
-                                                  f"generate under max_model_len {self.max_model_len}")
-        bad = next((i for i, t in enumerate(resume.token_ids) if t >= self.vocab_size), None)
-        if bad is not None:
-            raise EngineError("resume.token_ids", f"{resume.token_ids[bad]} at index {bad} is not below "
-                                                  f"the vocab size {self.vocab_size}")
-        end = next((i for i, t in enumerate(resume.token_ids) if self._ends_request(t, params)), None)
-        if end is not None:
-            raise EngineError("resume.token_ids", f"already finished: token {resume.token_ids[end]} at index {end} "
-                                                  f"is a stop token")
-
-    def _ends_request(self, token: int, params: SamplingParams) -> bool:
-        """The scheduler's stop-token rule (``params`` with the extra EOS ids already among its stop tokens)."""
-        eos = self.eos_ids[0] if self.eos_ids else None
-        return (token == eos and not params.ignore_eos) or token in params.stop_token_ids
+        self._num_prompt += len(admitted.prompt_ids)
 
     def abort_request(self, request_id: str) -> RequestDelta | None:
         if request_id not in self.requests:
@@ -231,7 +172,7 @@ class EngineCore:
             else:
                 if state.stop_reason is None:
                     state.stop_reason = out.stop_reason
-                deltas.append(self._merge(delta, self._finish(out.request_id, out.finish_reason)))
+                deltas.append(merge_final(delta, self._finish(out.request_id, out.finish_reason)))
         return deltas
 
     def _logprobs(self, result: StepResult, emitted: list[int]) -> dict[str, list[TokenLogprob]]:
@@ -246,13 +187,6 @@ class EngineCore:
             n = self.requests[rid].sampling_params.logprobs or 0
             out[rid] = [TokenLogprob(emitted[i], chosen[j], dict(list(tops[j].items())[:n]))]
         return out
-
-    @staticmethod
-    def _merge(a: RequestDelta, b: RequestDelta) -> RequestDelta:
-        b.token_ids = a.token_ids + b.token_ids
-        b.text, b.reasoning_text = a.text + b.text, a.reasoning_text + b.reasoning_text
-        b.logprobs = (a.logprobs or []) + (b.logprobs or []) if (a.logprobs or b.logprobs) else None
-        return b
 
     def _finish(self, request_id: str, reason: str) -> RequestDelta:
         req, state, stages = self.requests.pop(request_id), self.states.pop(request_id), self.stages.pop(request_id)
@@ -314,15 +248,3 @@ class EngineCore:
             prefix_cache_hit_tokens=s.prefix_cache_hits,
             expert_load=self.model.expert_load(),
         )
-
-    def _need_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise EngineError("prompt", "this model has no tokenizer; send token ids")
-        return self.tokenizer
-
-    def _eos_ids(self, hf_config: dict) -> list[int]:
-        eos = hf_config.get("eos_token_id")
-        ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids = [self.tokenizer.eos_token_id] + ids
-        return [int(i) for i in ids]

@@ -53,6 +53,14 @@ class IncrementalDetokenizer:
         return text[len(before):]
 
 
+def merge_final(step: RequestDelta, final: RequestDelta) -> RequestDelta:
+    """One delta for a request's last step and its end: the step's tokens and text, then what ``finish`` flushed."""
+    final.token_ids = step.token_ids + final.token_ids
+    final.text, final.reasoning_text = step.text + final.text, step.reasoning_text + final.reasoning_text
+    final.logprobs = (step.logprobs or []) + (final.logprobs or []) if (step.logprobs or final.logprobs) else None
+    return final
+
+
 @dataclass
 class RequestState:
     request_id: str

@@ -68,6 +68,10 @@ class ReasoningState:
             return self.markers.start
         return ()
 
+    def next_forced(self) -> int | None:
+        """The token emitted next whatever is sampled (a marker the engine forces), if any."""
+        return self._pending[0] if self._pending else None
+
     def next_token(self, sampled: int) -> int:
         """The token to emit this step: a forced marker token, or what was sampled.
 

@@ -1,0 +1,130 @@
+"""What every backend does to a request before it runs: the same prompt, limits, stops and output state.
+
+``Admission`` turns (prompt, params, resume) into the prompt's token ids, the
+params the model runs with (the model's extra end-of-text ids added as stop
+tokens) and the ``RequestState`` that splits reasoning from answer text,
+detokenizes and checks stop strings. The native engine and the vLLM backend
+both admit through it, so a request is refused, split and cut the same way
+whichever engine serves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from engine.api import EngineError, Resume
+from engine.config import ReasoningConfig
+from engine.core.request import SamplingParams
+from engine.output import RequestState
+from engine.reasoning import ReasoningState, ThinkMarkers, check_effort
+from engine.tokenizer import Tokenizer
+
+Prompt = str | list[int] | list[dict[str, Any]]
+
+
+def eos_ids_of(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:
+    """End-of-text ids: the tokenizer's first (the one ``ignore_eos`` lifts), then the config's."""
+    eos = hf_config.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids = [tokenizer.eos_token_id] + ids
+    return [int(i) for i in ids]
+
+
+@dataclass
+class Admitted:
+    prompt_ids: list[int]
+    params: SamplingParams  # with the model's extra end-of-text ids among its stop tokens
+    state: RequestState  # resumed tokens already replayed into it
+    effort: str
+
+
+@dataclass
+class Admission:
+    tokenizer: Tokenizer | None
+    vocab_size: int
+    eos_ids: list[int]
+    markers: ThinkMarkers
+    reasoning: ReasoningConfig
+    max_model_len: int
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eos_ids[0] if self.eos_ids else None
+
+    def encode_prompt(self, prompt: Prompt, effort: str) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EngineError("prompt", "must not be empty")
+            return self._need_tokenizer().encode(prompt)
+        if prompt and all(isinstance(m, dict) for m in prompt):
+            tokenizer = self._need_tokenizer()
+            try:
+                return tokenizer.apply_chat_template(list(prompt), reasoning_effort=effort)  # type: ignore[arg-type]
+            except ValueError:
+                raise
+            except Exception as e:  # a template that rejects the conversation (order of roles...): the caller's input
+                raise EngineError("messages", f"the chat template rejected them: {type(e).__name__}: {e}") from None
+        ids = list(prompt)  # type: ignore[arg-type]
+        if not ids:
+            raise EngineError("prompt", "must not be empty")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            raise EngineError("prompt", f"token ids must be integers in [0, {self.vocab_size})")
+        return ids
+
+    def admit(self, request_id: str, prompt: Prompt, params: SamplingParams, resume: Resume | None) -> Admitted:
+        """Encode and check a request, and build its output state; EngineError names the bad field."""
+        effort = params.reasoning_effort or self.reasoning.default_effort
+        try:
+            check_effort(effort)
+        except ValueError as e:
+            raise EngineError.from_value_error(e) from None
+        ids = self.encode_prompt(prompt, effort)
+        if len(ids) >= self.max_model_len:
+            raise EngineError("prompt", f"{len(ids)} tokens does not fit max_model_len {self.max_model_len}")
+        extra_stops = tuple(t for t in self.eos_ids[1:] if t not in params.stop_token_ids)
+        if extra_stops and not params.ignore_eos:
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_stops)
+        if resume is not None:
+            self._check_resume(resume, params, len(ids))
+        budget = params.thinking_budget or self.reasoning.budget(effort)
+        try:
+            reasoning = ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids))
+            state = RequestState(request_id, ids, params, reasoning, self.tokenizer)
+            if resume is not None:
+                state.replay(resume.token_ids, resume.text_chars, resume.reasoning_chars)
+        except ValueError as e:
+            raise EngineError.from_value_error(e) from None
+        return Admitted(ids, params, state, effort)
+
+    def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
+        """What a resume must satisfy beyond its own fields, before any state is built."""
+        k = len(resume.token_ids)
+        if params.prompt_logprobs is not None:
+            # the previous engine sent them with its first delta; this engine's prefill would send them again
+            raise EngineError("resume", "cannot be combined with prompt_logprobs")
+        if k >= params.max_tokens:
+            raise EngineError("resume.token_ids",
+                              f"{k} tokens leave nothing to generate under max_tokens {params.max_tokens}")
+        if num_prompt + k >= self.max_model_len:
+            raise EngineError("resume.token_ids", f"{num_prompt} prompt + {k} resumed tokens leave nothing to "
+                                                  f"generate under max_model_len {self.max_model_len}")
+        bad = next((i for i, t in enumerate(resume.token_ids) if t >= self.vocab_size), None)
+        if bad is not None:
+            raise EngineError("resume.token_ids", f"{resume.token_ids[bad]} at index {bad} is not below "
+                                                  f"the vocab size {self.vocab_size}")
+        end = next((i for i, t in enumerate(resume.token_ids) if self.ends_request(t, params)), None)
+        if end is not None:
+            raise EngineError("resume.token_ids", f"already finished: token {resume.token_ids[end]} at index {end} "
+                                                  f"is a stop token")
+
+    def ends_request(self, token: int, params: SamplingParams) -> bool:
+        """The scheduler's stop-token rule (``params`` with the extra EOS ids already among its stop tokens)."""
+        return (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise EngineError("prompt", "this model has no tokenizer; send token ids")
+        return self.tokenizer
