@@ -15,6 +15,31 @@ from typing import Sequence
 from engine.api import Message
 
 
+_IMAGE_PARTS = ("image_url", "image", "input_image")
+
+
+def text_only_messages(messages: list[Message]) -> list[Message]:
+    """``messages`` with OpenAI-style list content flattened to its text (parts joined by newlines);
+    ValueError naming the part for an image or any other non-text part (no engine here takes images)."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if kind in _IMAGE_PARTS:
+                raise ValueError(f"{where}: image input is not supported by this engine")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}: only text parts are supported, got type {kind!r}")
+            texts.append(part["text"])
+        out.append({**message, "content": "\n".join(texts)})
+    return out
+
+
 class Tokenizer(ABC):
     eos_token_id: int | None
     bos_token_id: int | None
@@ -63,7 +88,8 @@ class HFTokenizer(Tokenizer):
         if not getattr(self._tok, "chat_template", None):
             raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
         extra = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
-        out = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+        out = self._tok.apply_chat_template(text_only_messages(messages), add_generation_prompt=True, tokenize=True,
+                                            **extra)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def special_token_id(self, token: str) -> int | None:
@@ -97,7 +123,8 @@ class MistralCommonTokenizer(Tokenizer):
     def apply_chat_template(self, messages: list[Message], reasoning_effort: str | None = None) -> list[int]:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        return list(self._mistral.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens)
+        request = ChatCompletionRequest(messages=text_only_messages(messages))
+        return list(self._mistral.encode_chat_completion(request).tokens)
 
     def special_token_id(self, token: str) -> int | None:
         try:

