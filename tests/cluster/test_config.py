@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
 
 def test_configs_are_shipped():
     names = {p.relative_to(CONFIGS).as_posix() for p in SHIPPED}
-    assert {"local.yaml", "moe-ep2.yaml", "examples/tls-tenants.yaml"} <= names
+    assert {"local.yaml", "moe-ep2.yaml", "mistral-small-4.yaml", "examples/tls-tenants.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(CONFIGS).as_posix())
@@ -54,6 +54,17 @@ def test_moe_config():
     assert cfg.engine.model.model == "tiny:mistral4?seed=0&vocab_size=32768"
     assert cfg.engine.model.tokenizer == "mistral-common:mistral_instruct_tokenizer_240323.model.v3"
     assert cfg.engine.model.num_threads == 1
+
+
+def test_mistral_small_4_config_is_the_vllm_two_gpu_recipe():
+    cfg = load_config(CONFIGS / "mistral-small-4.yaml")
+    assert cfg.engine.backend == "vllm" and cfg.replica.accelerator == "gpu" and cfg.replica.ep_size == 1
+    v = cfg.engine.vllm
+    assert (v.tensor_parallel_size, v.world_size, v.attention_backend) == (2, 2, "FLASH_ATTN_MLA")
+    assert v.gpu_memory_utilization == 0.9
+    assert cfg.engine.model.model == "/models/Mistral-Small-4-119B-2603"
+    assert (cfg.engine.model.max_model_len, cfg.engine.model.dtype) == (131072, "bfloat16")
+    assert cfg.engine.reasoning.think_start is None  # markers picked from the tokenizer
 
 
 def test_engine_config_for_rank_takes_ep_size_from_replica():

@@ -31,7 +31,38 @@ def example(request):
 
 
 def test_every_example_is_tested():
-    assert {p.name for p in EXAMPLES} >= {"one-region.yaml", "second-region.yaml", "tls.yaml"}
+    assert {p.name for p in EXAMPLES} >= {"one-region.yaml", "second-region.yaml", "tls.yaml", "mistral-small-4.yaml"}
+
+
+def test_gpu_examples_use_the_vllm_backend(example):
+    """The GPU path the chart recommends: vLLM, one engine per replica over its GPUs, ep_size 1."""
+    values, docs = example
+    cfg = load_from_configmap(docs)
+    assert cfg.replica.accelerator == "gpu" and cfg.engine.backend == "vllm" and cfg.replica.ep_size == 1
+    assert cfg.engine.vllm.gpu_memory_utilization  # else vLLM's KV cache is engine.cache's 512 MiB
+    # The worker pods offer Ray at least num_replicas x world size GPUs, and each pod's Ray GPUs are its limit.
+    groups = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = 0
+    for g in groups:
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(g["rayStartParams"]["num-gpus"]) == limits.get("nvidia.com/gpu", 0)
+        gpus += g["replicas"] * int(g["rayStartParams"]["num-gpus"])
+    assert gpus >= cfg.replica.num_replicas * cfg.engine.vllm.world_size
+
+
+def test_mistral_small_4_example_is_the_two_gpu_recipe():
+    docs = manifests(render(example_values(CHART / "examples" / "mistral-small-4.yaml")))
+    cfg = load_from_configmap(docs)
+    v = cfg.engine.vllm
+    assert (v.tensor_parallel_size, v.pipeline_parallel_size, v.data_parallel_size) == (2, 1, 1)
+    assert v.attention_backend == "FLASH_ATTN_MLA" and v.gpu_memory_utilization == 0.9
+    assert cfg.engine.model.model == "/models/Mistral-Small-4-119B-2603" and cfg.engine.model.max_model_len == 131072
+    assert cfg.replica.placement_strategy == "STRICT_PACK"
+    (group,) = one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    worker = container(group["template"]["spec"], "ray-worker")
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 2
+    mounts = {m["mountPath"] for m in worker["volumeMounts"]}
+    assert posixpath.dirname(cfg.engine.model.model) in mounts and "/dev/shm" in mounts
 
 
 def test_lint_is_clean(example):
@@ -84,7 +115,8 @@ def test_serve_config_and_configmap_load_as_one_cluster_config(example, tmp_path
     assert from_serve.frontdoor.host == "0.0.0.0"
     assert (from_serve.ray.address, from_serve.ray.deploy) == ("auto", False)
     r = values["levante"]["replica"]
-    assert (from_serve.replica.num_replicas, from_serve.replica.ep_size) == (r["num_replicas"], r["ep_size"])
+    assert (from_serve.replica.num_replicas, from_serve.replica.ep_size) == (r["num_replicas"], r.get("ep_size", 1))
+    assert from_serve.engine.backend == values["levante"]["engine"].get("backend", "vllm")  # vllm: values.yaml's default
     assert [p.name for p in from_serve.regions.peers] == [
         p["name"] for p in values["levante"].get("regions", {}).get("peers", [])]
 

@@ -1,7 +1,8 @@
 """Bad values stop the render with a message naming what to change; the chart follows Levante's own config.
 
 values.schema.json rejects single bad values (Helm's message gives the path and the rule); the
-templates' `fail` rejects combinations (GPU capacity, TLS and probes, chart-owned keys): `helm
+templates' `fail` rejects combinations (GPU capacity, the engine backend against the replica, TLS and
+probes, chart-owned keys): `helm
 install` and `helm template` stop on those, while `helm lint` only logs them (Helm's lint mode), so
 the render is what checks them here. A broken template fails the render test too. The schema's `levante` section and values.yaml follow
 cluster/config.py, checked key by key, so a new config key cannot silently miss the chart.
@@ -20,10 +21,17 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig
-from cluster.config_loader import config_to_dict, describe_schema
+from cluster.config_loader import config_from_dict, config_to_dict, describe_schema
 from tests.helm.helpers import CHART, ROOT, example_values, lint, manifests, merged, render
 
-ONE_REGION = example_values(CHART / "examples" / "one-region.yaml")
+ONE_REGION = example_values(CHART / "examples" / "one-region.yaml")  # vllm: 1 replica x tensor parallel 4
+# The native engine on the same pod: 1 replica x ep_size 4 ranks, one GPU and 2 CPUs each.
+NATIVE = {"levante": {"engine": {"backend": "native", "vllm": None}, "replica": {"ep_size": 4}}}
+
+
+def native(patch):
+    """``patch`` on top of ONE_REGION switched to the native engine."""
+    return merged(NATIVE, patch)
 
 
 def gpu_group(replicas, gpu, cpu=16, name="gpu"):
@@ -115,25 +123,71 @@ BAD = {
     "duplicate worker group": (
         {"rayCluster": {"workerGroups": [gpu_group(1, 4), gpu_group(1, 4)]}},
         helm.HelmRenderError, r"rayCluster\.workerGroups: the name \"gpu\" is used twice"),
-    # Capacity: num_replicas x ep_size ranks, one GPU (and cpus_per_rank CPUs) each.
+    # The engine backend against the replica (the rules of cluster/config.py, at render time).
+    "unknown engine backend": (
+        {"levante": {"engine": {"backend": "trtllm"}}},
+        helm.HelmValuesError, r"at '/levante/engine/backend': value must be one of 'native', 'vllm'"),
+    "misspelt vllm key": (
+        {"levante": {"engine": {"vllm": {"tensor_parallel": 2}}}},
+        helm.HelmValuesError, r"at '/levante/engine/vllm': additional properties 'tensor_parallel' not allowed"),
+    "vllm extra arg that is not a scalar": (
+        {"levante": {"engine": {"vllm": {"extra_args": {"speculative_config": {"method": "eagle"}}}}}},
+        helm.HelmValuesError, r"at '/levante/engine/vllm/extra_args/speculative_config'"),
+    "device that is no device": (
+        {"levante": {"engine": {"model": {"device": "gpu"}}}},
+        helm.HelmValuesError, r"at '/levante/engine/model/device': '.*' does not match pattern"),
+    "vllm keys with the native engine": (
+        {"levante": {"engine": {"backend": "native"}}},
+        helm.HelmRenderError, r"levante\.engine\.vllm: read only with levante\.engine\.backend vllm \(backend is "
+                              r"\"native\"\); .* \(enable_expert_parallel, gpu_memory_utilization, tensor_parallel_size\)"),
+    "expert-parallel ranks with vllm": (
+        {"levante": {"replica": {"ep_size": 4}}},
+        helm.HelmRenderError, r"levante\.replica\.ep_size: must be 1 with levante\.engine\.backend vllm, got 4"),
+    "vllm over several CPU devices": (
+        {"levante": {"replica": {"accelerator": "cpu"}},
+         "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}},
+        helm.HelmRenderError, r"levante\.engine\.vllm\.tensor_parallel_size: tensor 4 x pipeline 1 x data 1 parallel = 4 "
+                              r"devices per engine needs levante\.replica\.accelerator gpu"),
+    "cuda device on cpu bundles": (
+        native({"levante": {"engine": {"model": {"device": "cuda:0"}}, "replica": {"accelerator": "cpu"}},
+                "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}}),
+        helm.HelmRenderError, r"levante\.engine\.model\.device: \"cuda:0\" needs levante\.replica\.accelerator gpu"),
+    "cpu device on gpu bundles": (
+        {"levante": {"engine": {"model": {"device": "cpu"}}}},
+        helm.HelmRenderError, r"levante\.engine\.model\.device: \"cpu\" contradicts levante\.replica\.accelerator gpu"),
+    # Capacity, backend vllm: num_replicas x tensor x pipeline x data parallel GPU workers.
+    "not enough GPUs for vllm": (
+        {"levante": {"replica": {"num_replicas": 2}}},
+        helm.HelmRenderError,
+        r"levante\.replica: 2 replica\(s\) x engine\.vllm world size 4 \(tensor 4 x pipeline 1 x data 1 parallel\) = 8 "
+        r"vLLM workers \(one GPU and 2 CPU each\), but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 worker\(s\)\); "
+        r".* lower replica\.num_replicas or engine\.vllm\.tensor_parallel_size"),
+    "vllm world size counts pipeline and data parallel": (
+        {"levante": {"engine": {"vllm": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "data_parallel_size": 2}}}},
+        helm.HelmRenderError, r"1 replica\(s\) x engine\.vllm world size 8 \(tensor 2 x pipeline 2 x data 2 parallel\) = 8 vLLM workers"),
+    "vllm strict pack across pods": (
+        {"levante": {"replica": {"placement_strategy": "STRICT_PACK"}},
+         "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]}},
+        helm.HelmRenderError, r"STRICT_PACK puts all 4 workers of a replica on one pod, but the worker pods fit only 0"),
+    # Capacity, backend native: num_replicas x ep_size ranks, one GPU (and cpus_per_rank CPUs) each.
     "not enough GPUs": (
-        {"levante": {"replica": {"num_replicas": 2, "ep_size": 4}}},
+        native({"levante": {"replica": {"num_replicas": 2, "ep_size": 4}}}),
         helm.HelmRenderError,
         r"levante\.replica: 2 replica\(s\) x ep_size 4 = 8 expert-parallel ranks \(one GPU and 2 CPU each\), "
         r"but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 rank\(s\)\)"),
     "not enough CPUs for the GPU ranks": (
-        {"rayCluster": {"workerGroups": [gpu_group(1, 4, cpu=6)]}},
+        native({"rayCluster": {"workerGroups": [gpu_group(1, 4, cpu=6)]}}),
         helm.HelmRenderError, r"= 4 expert-parallel ranks .* hold 3 \(gpu: 1 pod\(s\) x 3 rank\(s\)\)"),
     "cpu ranks on too few CPUs": (
-        {"levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0, "num_replicas": 2}},
-         "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=8, name="cpu")]}},
+        native({"levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0, "num_replicas": 2}},
+                "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=8, name="cpu")]}}),
         helm.HelmRenderError, r"= 8 expert-parallel ranks \(4 CPU each\), but rayCluster\.workerGroups hold 4 \(cpu: 2 pod\(s\) x 2 rank\(s\)\)"),
     "strict pack across pods": (
-        {"levante": {"replica": {"placement_strategy": "STRICT_PACK"}},
-         "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]}},
+        native({"levante": {"replica": {"placement_strategy": "STRICT_PACK"}},
+                "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]}}),
         helm.HelmRenderError, r"STRICT_PACK puts all 4 ranks of a replica on one pod, but the worker pods fit only 0"),
     "strict spread on one pod": (
-        {"levante": {"replica": {"placement_strategy": "STRICT_SPREAD"}}},
+        native({"levante": {"replica": {"placement_strategy": "STRICT_SPREAD"}}}),
         helm.HelmRenderError, r"STRICT_SPREAD puts each of a replica's 4 ranks on its own pod, but only 1 worker pod"),
 }
 
@@ -148,13 +202,25 @@ def test_bad_values_fail_with_a_clear_message(patch, error, message):
 
 
 GOOD = {
-    "exactly enough GPUs": {"levante": {"replica": {"num_replicas": 2, "ep_size": 2}}},
-    "capacity from two groups": {"levante": {"replica": {"num_replicas": 3, "ep_size": 4}},
-                                 "rayCluster": {"workerGroups": [gpu_group(2, 4), gpu_group(2, 2, name="small")]}},
-    "cpu ranks": {"levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0}},
-                  "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=16, name="cpu")]}},
-    "strict spread over enough pods": {"levante": {"replica": {"placement_strategy": "STRICT_SPREAD", "ep_size": 2}},
-                                       "rayCluster": {"workerGroups": [gpu_group(2, 1, cpu=4)]}},
+    "vllm: two replicas of tensor parallel 2 on one pod": {
+        "levante": {"engine": {"vllm": {"tensor_parallel_size": 2}},
+                    "replica": {"num_replicas": 2, "placement_strategy": "STRICT_PACK"}}},
+    "vllm: pipeline parallel over two pods": {
+        "levante": {"engine": {"vllm": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}}},
+        "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]}},
+    "vllm on one CPU device": {
+        "levante": {"engine": {"vllm": {"tensor_parallel_size": 1, "gpu_memory_utilization": None}},
+                    "replica": {"accelerator": "cpu", "cpus_per_rank": 8.0}},
+        "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}},
+    "vllm on cuda": {"levante": {"engine": {"model": {"device": "cuda"}}}},
+    "native on GPUs": native({}),
+    "exactly enough GPUs": native({"levante": {"replica": {"num_replicas": 2, "ep_size": 2}}}),
+    "capacity from two groups": native({"levante": {"replica": {"num_replicas": 3, "ep_size": 4}},
+                                        "rayCluster": {"workerGroups": [gpu_group(2, 4), gpu_group(2, 2, name="small")]}}),
+    "cpu ranks": native({"levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0}},
+                         "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=16, name="cpu")]}}),
+    "strict spread over enough pods": native({"levante": {"replica": {"placement_strategy": "STRICT_SPREAD", "ep_size": 2}},
+                                              "rayCluster": {"workerGroups": [gpu_group(2, 1, cpu=4)]}}),
     "mutual tls with tcp probes": {"tls": {"enabled": True, "secretName": "fd-tls", "clientCA": {"enabled": True}},
                                    "frontdoor": {"probes": {"handler": "tcp"}}},
 }
@@ -162,10 +228,13 @@ GOOD = {
 
 @pytest.mark.parametrize("patch", list(GOOD.values()), ids=list(GOOD))
 def test_values_at_the_limits_render(patch):
-    """The checks above refuse only what cannot work: the boundary cases render and lint clean."""
+    """The checks above refuse only what cannot work: the boundary cases render, lint clean, and
+    the cluster config they render is one Levante loads (the chart's rules are the config's)."""
     values = merged(ONE_REGION, patch)
-    assert manifests(render(values))
+    docs = manifests(render(values))
     assert lint(values)["errors"] == []
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    config_from_dict(yaml.safe_load(cm["data"]["cluster.yaml"]), "ConfigMap cluster.yaml")
 
 
 def test_a_broken_template_fails_the_render(tmp_path):
@@ -231,9 +300,9 @@ def test_schema_levante_section_has_every_config_key_with_its_type():
 
 def test_values_yaml_defaults_are_the_config_defaults():
     """values.yaml repeats some config defaults (the templates read them); only deliberate ones differ."""
-    # Kubernetes runs ranks on GPUs, local runs on CPUs; a pod's metrics port is its own, while regions
-    # started on one machine would share it.
-    deliberate = {"replica.accelerator": "gpu", "telemetry.metrics.enabled": True}
+    # Kubernetes runs replicas on GPUs, with vLLM (the GPU production path), local runs on CPUs with
+    # the native engine; a pod's metrics port is its own, while regions started on one machine would share it.
+    deliberate = {"replica.accelerator": "gpu", "engine.backend": "vllm", "telemetry.metrics.enabled": True}
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["levante"]
     config = config_to_dict(ClusterConfig())
 

@@ -82,17 +82,61 @@ names the values to change. Rendered by validate.yaml, so `helm template`, `helm
 {{- end }}
 
 {{- /*
-Capacity: every replica is an expert-parallel group of ep_size ranks; every rank a placement-group
-bundle {CPU: cpus_per_rank, GPU: 1} (gpu) or {CPU: cpus_per_rank} (cpu), placed on worker pods only
-(the head and the front door offer no CPUs or GPUs to Ray). A pod holds
-min(gpu, floor(cpu / cpus_per_rank)) ranks (gpu) or floor(cpu / cpus_per_rank) (cpu).
+The engine: vLLM's keys only with backend vllm (the config refuses them otherwise), one rank per
+replica with vllm (vLLM splits the experts itself), a device that agrees with replica.accelerator.
+The same rules as cluster/config.py, checked here so `helm template` stops instead of a pod.
 */}}
 {{- $r := $lv.replica }}
-{{- $replicas := int $r.num_replicas }}
-{{- $ep := int $r.ep_size }}
-{{- $cpr := float64 $r.cpus_per_rank }}
 {{- $gpu := eq $r.accelerator "gpu" }}
-{{- $need := mul $replicas $ep }}
+{{- $engine := default (dict) $lv.engine }}
+{{- $vllm := eq (default "native" $engine.backend) "vllm" }}
+{{- $v := default (dict) $engine.vllm }}
+{{- if and (not $vllm) $v }}
+{{- fail (printf "levante.engine.vllm: read only with levante.engine.backend vllm (backend is %q); set engine.backend: vllm or remove engine.vllm (%s)" (default "native" $engine.backend) (join ", " (keys $v | sortAlpha))) }}
+{{- end }}
+{{- $device := dig "model" "device" "" $engine }}
+{{- if and $device $gpu (not (hasPrefix "cuda" $device)) }}
+{{- fail (printf "levante.engine.model.device: %q contradicts levante.replica.accelerator gpu; leave it unset, or cuda" $device) }}
+{{- end }}
+{{- if and $device (not $gpu) (ne $device "cpu") }}
+{{- fail (printf "levante.engine.model.device: %q needs levante.replica.accelerator gpu (a replica only sees the GPUs its placement group reserves)" $device) }}
+{{- end }}
+
+{{- /*
+Capacity: every replica is one placement group of bundles {CPU: cpus_per_rank, GPU: 1} (gpu) or
+{CPU: cpus_per_rank} (cpu), placed on worker pods only (the head and the front door offer no CPUs
+or GPUs to Ray). Backend native: one bundle per expert-parallel rank, ep_size of them. Backend
+vllm: one bundle per vLLM GPU worker, engine.vllm tensor x pipeline x data parallel sizes of them
+(VllmConfig.world_size). A pod holds min(gpu, floor(cpu / cpus_per_rank)) bundles (gpu) or
+floor(cpu / cpus_per_rank) (cpu).
+*/}}
+{{- $replicas := int $r.num_replicas }}
+{{- $cpr := float64 $r.cpus_per_rank }}
+{{- $ep := int $r.ep_size }}
+{{- $perReplica := $ep }}
+{{- $what := printf "ep_size %d" $ep }}
+{{- $unit := "expert-parallel ranks" }}
+{{- $short := "ranks" }}
+{{- $perPodUnit := "rank(s)" }}
+{{- $lower := "replica.ep_size" }}
+{{- if $vllm }}
+{{- if ne $ep 1 }}
+{{- fail (printf "levante.replica.ep_size: must be 1 with levante.engine.backend vllm, got %d (vLLM splits the experts itself: set engine.vllm.tensor_parallel_size and engine.vllm.enable_expert_parallel)" $ep) }}
+{{- end }}
+{{- $tp := int (default 1 $v.tensor_parallel_size) }}
+{{- $pp := int (default 1 $v.pipeline_parallel_size) }}
+{{- $dp := int (default 1 $v.data_parallel_size) }}
+{{- $perReplica = mul $tp $pp $dp }}
+{{- if and (not $gpu) (gt $perReplica 1) }}
+{{- fail (printf "levante.engine.vllm.tensor_parallel_size: tensor %d x pipeline %d x data %d parallel = %d devices per engine needs levante.replica.accelerator gpu" $tp $pp $dp $perReplica) }}
+{{- end }}
+{{- $what = printf "engine.vllm world size %d (tensor %d x pipeline %d x data %d parallel)" $perReplica $tp $pp $dp }}
+{{- $unit = "vLLM workers" }}
+{{- $short = "workers" }}
+{{- $perPodUnit = "worker(s)" }}
+{{- $lower = "engine.vllm.tensor_parallel_size / pipeline_parallel_size / data_parallel_size" }}
+{{- end }}
+{{- $need := mul $replicas $perReplica }}
 {{- $total := 0 }}
 {{- $podsWithRanks := 0 }}
 {{- $packedGroups := 0 }}
@@ -109,17 +153,17 @@ min(gpu, floor(cpu / cpus_per_rank)) ranks (gpu) or floor(cpu / cpus_per_rank) (
 {{- if gt $perPod 0 }}
 {{- $podsWithRanks = add $podsWithRanks (int .replicas) }}
 {{- end }}
-{{- $packedGroups = add $packedGroups (mul (int .replicas) (div $perPod $ep)) }}
-{{- $parts = append $parts (printf "%s: %d pod(s) x %d rank(s)" .name (int .replicas) $perPod) }}
+{{- $packedGroups = add $packedGroups (mul (int .replicas) (div $perPod $perReplica)) }}
+{{- $parts = append $parts (printf "%s: %d pod(s) x %d %s" .name (int .replicas) $perPod $perPodUnit) }}
 {{- end }}
 {{- $bundle := ternary (printf "one GPU and %v CPU each" $cpr) (printf "%v CPU each" $cpr) $gpu }}
 {{- if lt $total $need }}
-{{- fail (printf "levante.replica: %d replica(s) x ep_size %d = %d expert-parallel ranks (%s), but rayCluster.workerGroups hold %d (%s); add worker pods, GPUs or CPUs, or lower replica.num_replicas or replica.ep_size" $replicas $ep $need $bundle $total (join ", " $parts)) }}
+{{- fail (printf "levante.replica: %d replica(s) x %s = %d %s (%s), but rayCluster.workerGroups hold %d (%s); add worker pods, GPUs or CPUs, or lower replica.num_replicas or %s" $replicas $what $need $unit $bundle $total (join ", " $parts) $lower) }}
 {{- end }}
 {{- if and (eq $r.placement_strategy "STRICT_PACK") (lt $packedGroups $replicas) }}
-{{- fail (printf "levante.replica.placement_strategy: STRICT_PACK puts all %d ranks of a replica on one pod, but the worker pods fit only %d such replica(s) of the %d asked (%s)" $ep $packedGroups $replicas (join ", " $parts)) }}
+{{- fail (printf "levante.replica.placement_strategy: STRICT_PACK puts all %d %s of a replica on one pod, but the worker pods fit only %d such replica(s) of the %d asked (%s)" $perReplica $short $packedGroups $replicas (join ", " $parts)) }}
 {{- end }}
-{{- if and (eq $r.placement_strategy "STRICT_SPREAD") (lt $podsWithRanks $ep) }}
-{{- fail (printf "levante.replica.placement_strategy: STRICT_SPREAD puts each of a replica's %d ranks on its own pod, but only %d worker pod(s) can hold a rank" $ep $podsWithRanks) }}
+{{- if and (eq $r.placement_strategy "STRICT_SPREAD") (lt $podsWithRanks $perReplica) }}
+{{- fail (printf "levante.replica.placement_strategy: STRICT_SPREAD puts each of a replica's %d %s on its own pod, but only %d worker pod(s) can hold one" $perReplica $short $podsWithRanks) }}
 {{- end }}
 {{- end }}
