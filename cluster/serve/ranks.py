@@ -51,8 +51,10 @@ class DriverRank:
         return free_tcp_address()
 
     async def start(self, config: EngineConfig) -> EngineInfo:
-        # Blocks until every rank has joined the process group and loaded its experts.
-        self.engine = await asyncio.to_thread(create_engine, config)
+        # Blocks until every rank has joined the process group and loaded its experts. vLLM's
+        # workers (several GPUs per engine) go into this replica's placement group, one per bundle.
+        group = ray.util.get_current_placement_group() if config.backend == "vllm" else None
+        self.engine = await asyncio.to_thread(create_engine, config, group)
         return await self.engine.info()
 
     async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,

@@ -63,10 +63,11 @@ def _text_config(hf: dict) -> dict:
 
 
 class VllmEngine(EngineClient):
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, placement_group: Any = None):
         vllm = _require_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor import Executor
 
         from engine.models.loader import default_model_path, read_config, resolve_model_dir
 
@@ -86,7 +87,11 @@ class VllmEngine(EngineClient):
         if config.model.num_threads:  # the CPU build sizes its OpenMP pool from this, in the engine process
             os.environ["OMP_NUM_THREADS"] = str(config.model.num_threads)
         self.recorder = StatsRecorder()
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self.recorder.factory])
+        vllm_config = AsyncEngineArgs(**kwargs).create_engine_config()
+        if placement_group is not None:  # workers take this replica's bundles, not a group of their own
+            vllm_config.parallel_config.placement_group = placement_group
+        self.llm = AsyncLLM(vllm_config, Executor.get_class(vllm_config), log_stats=True, log_requests=False,
+                            stat_loggers=[self.recorder.factory])
         cache = self.llm.vllm_config.cache_config
         self.num_blocks, self.block_size = int(cache.num_gpu_blocks or 0), int(cache.block_size)
         self._streams: dict[str, _Stream] = {}
