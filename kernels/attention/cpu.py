@@ -1,4 +1,5 @@
-"""CPU paged attention: what the engine runs.
+"""CPU paged attention: what the engine runs (plain torch, so CUDA tensors work too: the plans
+below are built on the block tables' device).
 
 Built for low per-step overhead:
 

@@ -29,6 +29,7 @@ from tests.devices import DEVICES, no_cuda_reason, usable
 from tests.engine.models.helpers import engine_model, hf_logits, hf_model, max_abs_diff, prompts_of, run_engine
 
 ARCHS = ["mistral", "mixtral", "mistral4"]
+INIT = "tcp://127.0.0.1:1"  # never dialled: every start here fails before the rendezvous
 TOL = 1e-4
 DECODE = 8
 
@@ -169,7 +170,7 @@ def test_cuda_without_a_cuda_device_is_refused_before_any_weight_is_read(monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
     nowhere = str(tmp_path / "no-such-model")  # reading it would raise ModelLoadError instead
     single = engine_config(nowhere, "cuda")
-    worker = engine_config(nowhere, "cuda:0", ep_size=2, ep_rank=1, init_method="tcp://127.0.0.1:1")
+    worker = engine_config(nowhere, "cuda:0", ep_size=2, ep_rank=1, init_method=INIT)
     from engine.parallel.worker import ExpertWorker
 
     for start, asked in ((lambda: EngineCore(single), "cuda"), (lambda: load_model(nowhere, single.model), "cuda"),
@@ -224,3 +225,13 @@ def test_two_ranks_over_nccl_generate_what_one_gpu_generates(arch, checkpoints):
     for g, e in zip(got, expected):
         assert g["tokens"] == e["tokens"]
         assert max(abs(a - b) for a, b in zip(g["logprobs"], e["logprobs"])) < 1e-4
+
+
+def test_the_group_moves_its_messages_where_its_backend_can():
+    from engine.parallel.group import ExpertGroup, message_device
+
+    nccl = ParallelConfig(ep_size=2, backend="nccl", init_method=INIT)
+    assert message_device(nccl, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert message_device(ParallelConfig(), torch.device("cuda", 0)) == torch.device("cpu")  # gloo: host memory
+    with pytest.raises(ValueError, match=r"^parallel.backend: 'nccl' moves only CUDA tensors, but the model is on cpu"):
+        ExpertGroup(nccl, torch.device("cpu"))
