@@ -17,6 +17,13 @@ KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 EXECUTORS = ("ray", "mp", "uni")
 
 
+class DeviceUnavailableError(RuntimeError):
+    """``model.device`` names a device this process cannot see; raised at start, before any weight is read.
+
+    Defined here, without torch, so a launcher (a Ray rank) can catch it and name its own key.
+    """
+
+
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"{name}: {msg}")

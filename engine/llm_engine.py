@@ -19,6 +19,7 @@ from engine.api import (EngineError, EngineInfo, EngineStats, RequestDelta, Requ
 from engine.config import EngineConfig
 from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.device import engine_device
 from engine.models.loader import default_model_path, load_model, resolve_model_dir
 from engine.models.uris import resolve_tokenizer_path
 from engine.admission import Admission, Prompt, eos_ids_of
@@ -43,6 +44,7 @@ class _Stages:
 class EngineCore:
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
+        self.device = engine_device(config.model.device)  # before anything is read: an unseen GPU fails fast
         if config.model.num_threads:
             torch.set_num_threads(config.model.num_threads)
         self.model_path = config.model.model or default_model_path()  # as given (a folder, .gguf or tiny: URI)
@@ -180,7 +182,8 @@ class EngineCore:
         if not want:
             return {}
         k = max(self.requests[result.request_ids[i]].sampling_params.logprobs or 0 for i in want)
-        chosen, tops = logprobs_of(result.logits[want], torch.tensor([emitted[i] for i in want]), k)
+        chosen, tops = logprobs_of(result.logits[want], torch.tensor([emitted[i] for i in want],
+                                                                     device=result.logits.device), k)
         out = {}
         for j, i in enumerate(want):
             rid = result.request_ids[i]

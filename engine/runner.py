@@ -13,6 +13,7 @@ inputs, so the MoE all-reduces inside the model pair up one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
@@ -57,7 +58,7 @@ class StepSink(Protocol):
 class StepResult:
     request_ids: list[str]  # the requests that sampled, in row order
     sampled: list[int]  # one token per sampling request
-    logits: torch.Tensor  # [num_sampling, V] float32, rows match request_ids
+    logits: torch.Tensor  # [num_sampling, V] float32 on the engine's device, rows match request_ids
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
 
@@ -68,8 +69,9 @@ class ModelRunner:
         self.step_sink = step_sink  # set on rank 0 of an expert-parallel group
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.device = model.device  # the KV cache and every step tensor live with the weights
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, self.device)
         # For tests and debugging: called with (request_ids, logits [N, V]) every step.
         self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
 
@@ -82,7 +84,7 @@ class ModelRunner:
             self.step_sink.send(inputs)  # the other ranks run this same forward alongside ours
         hidden, meta = self.forward(inputs)  # [T, D]
 
-        ends = meta.query_start_loc[1:].tolist()
+        ends = list(accumulate(inputs.query_lens))  # host copy of meta.query_start_loc[1:]: no device sync
         sample_ids = [s.request_id for s in seqs if s.samples]
         sample_rows = [end - 1 for s, end in zip(seqs, ends) if s.samples]
         logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else hidden.new_zeros(0, 0)
@@ -98,11 +100,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, AttentionMetadata]:
         """Run the model on one step's inputs, writing their KV entries: (final hidden [T, D], metadata)."""
-        meta = AttentionMetadata.build(self.block_size, inputs.query_lens, inputs.seq_lens, inputs.block_ids)
-        hidden = self.model(
-            torch.tensor(inputs.input_ids, dtype=torch.int64), torch.tensor(inputs.positions, dtype=torch.int64),
-            meta, self.kv_caches,
-        )  # [T, D]
+        meta = AttentionMetadata.build(self.block_size, inputs.query_lens, inputs.seq_lens, inputs.block_ids,
+                                       self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        hidden = self.model(torch.tensor(inputs.input_ids, **i64), torch.tensor(inputs.positions, **i64),
+                            meta, self.kv_caches)  # [T, D]
         return hidden, meta
 
     def _prompt_logprobs(self, s, end: int, hidden: torch.Tensor, req: Request) -> list[TokenLogprob]:
@@ -113,6 +115,6 @@ class ModelRunner:
             return []
         first = end - len(s.token_ids)
         logits = self.model.compute_logits(hidden[first:first + n])  # [n, V]
-        targets = torch.tensor(prompt[s.start_pos + 1:s.start_pos + 1 + n])
+        targets = torch.tensor(prompt[s.start_pos + 1:s.start_pos + 1 + n], device=logits.device)  # [n]
         chosen, tops = logprobs_of(logits, targets, req.sampling_params.prompt_logprobs or 0)
         return [TokenLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen, tops)]

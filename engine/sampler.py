@@ -27,11 +27,13 @@ class SampleRow:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0):
-        self._generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        # noise is drawn where the logits are: a generator serves only its own device
+        self._generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[int]:
-        # logits: [N, V] float32, one row per request that samples this step
+        # logits: [N, V] float32 on self.device, one row per request that samples this step
         logits = self._apply_bans(logits, rows)
         if all(r.params.greedy for r in rows):
             return logits.argmax(dim=-1).tolist()
@@ -55,7 +57,7 @@ class Sampler:
         # logits: [V]
         probs = filtered_probs(logits, row.params)
         if row.params.seed is not None:
-            gen = torch.Generator().manual_seed((row.params.seed * _SEED_MIX + row.output_index) % (2**63))
+            gen = torch.Generator(device=self.device).manual_seed((row.params.seed * _SEED_MIX + row.output_index) % (2**63))
         else:
             gen = self._generator
         noise = torch.empty_like(probs).exponential_(generator=gen)

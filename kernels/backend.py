@@ -2,7 +2,9 @@
 
 Every backend has a plain-torch *reference* implementation (the spec, slow and
 readable, in ``kernels/*/reference.py``) and faster implementations that are
-tested against it (``kernels/*/cpu.py``; GPU backends can slot in later).
+tested against it (``kernels/*/cpu.py``). Both are plain torch ops that make
+their index tensors on the device of the tensors they are given, so a CUDA
+engine runs the same backends (SDPA dispatches to its CUDA kernels).
 
 Shape conventions used throughout (comments, not code):
     T   tokens in the flattened step batch       B   sequences
@@ -98,12 +100,12 @@ def _pick(kind: str, choices: dict, name: str):
 
 
 def get_attention_backend(name: str = "cpu") -> AttentionBackend:
-    """``"reference"`` (the spec) or ``"cpu"`` (what the engine runs)."""
+    """``"reference"`` (the spec) or ``"cpu"`` (what the engine runs, on CPU or CUDA tensors)."""
     return _pick("attention", _attention_backends(), name)
 
 
 def get_moe_backend(name: str = "cpu") -> MoEBackend:
-    """``"reference"`` (the spec) or ``"cpu"`` (what the engine runs)."""
+    """``"reference"`` (the spec) or ``"cpu"`` (what the engine runs, on CPU or CUDA tensors)."""
     return _pick("moe", _moe_backends(), name)
 
 

@@ -11,6 +11,7 @@ replica's Serve health check fails, so Serve replaces the replica.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -55,12 +56,17 @@ def group_shape(cluster: ClusterConfig) -> tuple[int, int]:
 def rank_configs(cfg: ClusterConfig, init_method: str | None) -> list[EngineConfig]:
     """The engine config of each rank: the same model, its own ``ep_rank``; gloo on CPU, NCCL on GPU.
 
+    On GPU a rank's model goes to ``cuda`` unless the config names a device: Ray sets each rank's
+    CUDA_VISIBLE_DEVICES to its bundle's GPU, so inside the rank that is ``cuda:0``.
     ``rank_timeout_s`` bounds every collective too: a dead or frozen peer fails the group within it.
     """
-    backend = "nccl" if cfg.replica.accelerator == "gpu" else "gloo"
-    return [engine_config_for_rank(cfg, r, init_method=init_method, backend=backend,
-                                   timeout_s=cfg.replica.rank_timeout_s)
-            for r in range(cfg.replica.ep_size)]
+    gpu = cfg.replica.accelerator == "gpu"
+    configs = [engine_config_for_rank(cfg, r, init_method=init_method, backend="nccl" if gpu else "gloo",
+                                      timeout_s=cfg.replica.rank_timeout_s)
+               for r in range(cfg.replica.ep_size)]
+    if gpu and cfg.engine.backend == "native" and cfg.engine.model.device is None:  # vLLM places itself
+        configs = [dataclasses.replace(c, model=dataclasses.replace(c.model, device="cuda")) for c in configs]
+    return configs
 
 
 class EPGroup:

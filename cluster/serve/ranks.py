@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Callable, TypeVar
 
 import ray
 
 from engine.api import EngineClient, EngineConfig, EngineError, EngineInfo, EngineStats, RequestDelta, Resume, SamplingParams
 from engine.api import create_engine, run_expert_worker
+from engine.config import DeviceUnavailableError
 
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
 from cluster.config import TracingConfig
@@ -36,6 +38,28 @@ def free_tcp_address() -> str:
         return f"tcp://{ip}:{s.getsockname()[1]}"
 
 
+_T = TypeVar("_T")
+
+
+def _on_reserved_gpu(start: Callable[[], _T]) -> _T:
+    """``start()``; a CUDA device the rank cannot see is a placement fault, so the error names the cluster key."""
+    try:
+        return start()
+    except DeviceUnavailableError as e:
+        raise DeviceUnavailableError(f"replica.accelerator: gpu reserved a GPU for this rank, which cannot use it: "
+                                     f"{e}") from None
+
+
+def start_rank_engine(config: EngineConfig, placement_group: Any = None) -> EngineClient:
+    """Rank 0's engine (blocks until every rank has joined the process group and loaded its experts)."""
+    return _on_reserved_gpu(lambda: create_engine(config, placement_group))
+
+
+def run_rank_worker(config: EngineConfig, on_ready: Callable[[EngineInfo], None] | None = None) -> None:
+    """Ranks 1..: run rank 0's steps until it stops the group."""
+    _on_reserved_gpu(lambda: run_expert_worker(config, on_ready=on_ready))
+
+
 @ray.remote
 class DriverRank:
     def __init__(self, tracing_cfg: TracingConfig | None = None, region: str = "") -> None:
@@ -54,7 +78,7 @@ class DriverRank:
         # Blocks until every rank has joined the process group and loaded its experts. vLLM's
         # workers (several GPUs per engine) go into this replica's placement group, one per bundle.
         group = ray.util.get_current_placement_group() if config.backend == "vllm" else None
-        self.engine = await asyncio.to_thread(create_engine, config, group)
+        self.engine = await asyncio.to_thread(start_rank_engine, config, group)
         return await self.engine.info()
 
     async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
@@ -156,7 +180,7 @@ class WorkerRank:
         self._info: EngineInfo | None = None
 
     def run(self, config: EngineConfig) -> None:
-        run_expert_worker(config, on_ready=self._ready)
+        run_rank_worker(config, on_ready=self._ready)
 
     def _ready(self, info: EngineInfo) -> None:
         self._info = info

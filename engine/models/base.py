@@ -74,9 +74,14 @@ class CausalLM(nn.Module, ABC):
     def kv_cache_spec(self) -> KVCacheSpec:
         """Entry shapes and dtype of this model's paged cache."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live; the KV cache and every step tensor go there too."""
+        return next(self.parameters()).device
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[Tensor, ...]]:
-        """Per-layer zeroed caches for ``num_blocks`` blocks of ``block_size`` slots."""
-        return self.kv_cache_spec().allocate(num_blocks, block_size)
+        """Per-layer zeroed caches for ``num_blocks`` blocks of ``block_size`` slots, on the model's device."""
+        return self.kv_cache_spec().allocate(num_blocks, block_size, self.device)
 
     @abstractmethod
     def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,

@@ -222,6 +222,11 @@ class RotaryEmbedding:
         self.interleaved = interleaved
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_type={self.rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
+        with torch.device("cpu"):  # frequencies on the host, as transformers computes them; moved once in cos_sin
+            self._init_frequencies(params, head_dim, max_position_embeddings, default_dim)
+
+    def _init_frequencies(self, params: dict, head_dim: int, max_position_embeddings: int,
+                          default_dim: int | None) -> None:
         base = params["rope_theta"]
         if self.rope_type == "default":
             dim = default_dim or head_dim
@@ -240,7 +245,9 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """positions [T] -> cos, sin [T, R] in ``dtype`` (attention scaling folded in)."""
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]  # [T, R/2]
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)  # [R/2], once: later steps find it there
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, R/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling

@@ -112,13 +112,15 @@ def resolve_model_dir(model_path: str | os.PathLike | None) -> str:
 def load_model(model_path: str | None, model_config: ModelConfig = ModelConfig(),
                parallel: ParallelConfig = ParallelConfig(), attention_backend: str = "cpu",
                moe_backend: str = "cpu") -> tuple[CausalLM, dict]:
-    """(model in ``model_config.dtype`` with weights loaded, its config.json dict).
+    """(model in ``model_config.dtype`` on ``model_config.device`` with weights loaded, its config.json dict).
 
     ``model_path``: a Hugging Face folder or a ``.gguf`` file; None falls back
     to ``model_config.model``, then to the embedded default model.
     """
+    from engine.device import engine_device
     from kernels.backend import get_attention_backend, get_moe_backend
 
+    device = engine_device(model_config.device)  # refuses an unseen CUDA device before any file is read
     folder = Path(resolve_model_dir(model_path or model_config.model))
     hf = read_config(folder)
     config_path = folder / "config.json"
@@ -129,7 +131,8 @@ def load_model(model_path: str | None, model_config: ModelConfig = ModelConfig()
     files = weight_files(folder)
     attn, moe = get_attention_backend(attention_backend), get_moe_backend(moe_backend)
     try:
-        model = cls(hf, dtype=model_config.dtype, attention_backend=attn, moe_backend=moe, parallel=parallel)
+        with device:  # parameters are born on the device; load_weights copies each tensor straight there
+            model = cls(hf, dtype=model_config.dtype, attention_backend=attn, moe_backend=moe, parallel=parallel)
     except ModelLoadError:
         raise
     except (ValueError, KeyError, TypeError) as e:

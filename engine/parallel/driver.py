@@ -22,7 +22,7 @@ def start_driver(model: CausalLM, parallel: ParallelConfig, hello: Hello) -> Ste
         raise ValueError(f"parallel.ep_rank: the engine runs on rank 0; rank {parallel.ep_rank} "
                          f"runs engine.api.run_expert_worker")
     check_expert_parallel(model, parallel)
-    group = ExpertGroup.join(parallel)
+    group = ExpertGroup.join(parallel, model.device)
     try:
         model.set_moe_combine(group.all_reduce_sum)
         broadcaster = StepBroadcaster(group)

@@ -15,24 +15,38 @@ from torch import Tensor
 from engine.config import ParallelConfig
 
 
+def message_device(parallel: ParallelConfig, engine_device: torch.device) -> torch.device:
+    """Where the group's tensors live: nccl moves only CUDA tensors (the engine's GPU); gloo, host memory."""
+    if parallel.backend != "nccl":
+        return torch.device("cpu")
+    if engine_device.type != "cuda":
+        raise ValueError(f"parallel.backend: 'nccl' moves only CUDA tensors, but the model is on {engine_device} "
+                         f"(set model.device to 'cuda', or use 'gloo')")
+    return engine_device
+
+
 class ExpertGroup:
     """``ep_size`` processes joined through ``init_method``; every collective is bounded by ``timeout_s``."""
 
-    def __init__(self, parallel: ParallelConfig):
+    def __init__(self, parallel: ParallelConfig, engine_device: torch.device = torch.device("cpu")):
         self.parallel = parallel
-        # nccl moves only device tensors; gloo works on host memory
-        self.device = torch.device("cuda") if parallel.backend == "nccl" else torch.device("cpu")
+        self.device = message_device(parallel, engine_device)
         self._joined = False
 
     @classmethod
-    def join(cls, parallel: ParallelConfig) -> "ExpertGroup":
-        """Rendezvous with the other ranks (blocks until all ``ep_size`` have joined, or ``timeout_s``)."""
+    def join(cls, parallel: ParallelConfig, engine_device: torch.device = torch.device("cpu")) -> "ExpertGroup":
+        """Rendezvous with the other ranks (blocks until all ``ep_size`` have joined, or ``timeout_s``).
+
+        ``engine_device``: where the model runs; with nccl the group's messages and the combine go there.
+        """
         if parallel.ep_size < 2:
             raise ValueError(f"parallel.ep_size: an expert-parallel group needs at least 2 ranks, got {parallel.ep_size}")
         if dist.is_initialized():
             # torch.distributed keeps one default group per process: one rank per process
             raise RuntimeError("this process is already in a torch.distributed group; run one expert-parallel rank per process")
-        group = cls(parallel)
+        group = cls(parallel, engine_device)
+        if group.device.type == "cuda":
+            torch.cuda.set_device(group.device)  # NCCL binds this rank's communicator to the current device
         dist.init_process_group(parallel.backend, init_method=parallel.init_method, world_size=parallel.ep_size,
                                 rank=parallel.ep_rank, timeout=timedelta(seconds=parallel.timeout_s))
         group._joined = True
@@ -47,9 +61,16 @@ class ExpertGroup:
         return self.parallel.ep_size
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
-        """In place: every rank ends with the sum of all ranks' ``t`` (the MoE combine)."""
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        """In place: every rank ends with the sum of all ranks' ``t`` (the MoE combine).
+
+        A tensor away from the group's device (a CUDA model over gloo) makes a round trip through it.
+        """
+        if t.device == self.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t
+        moved = t.to(self.device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return t.copy_(moved)
 
     def all_reduce_max(self, t: Tensor) -> Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -15,6 +15,7 @@ import torch
 
 from engine.api import EngineInfo
 from engine.config import EngineConfig
+from engine.device import engine_device
 from engine.models.loader import default_model_path, load_model
 from engine.parallel.broadcast import StepReceiver
 from engine.parallel.driver import check_expert_parallel
@@ -30,6 +31,7 @@ class ExpertWorker:
         if parallel.ep_size < 2 or parallel.ep_rank == 0:
             raise ValueError(f"parallel.ep_rank: an expert worker is rank 1..ep_size-1 of a group, "
                              f"got rank {parallel.ep_rank} of {parallel.ep_size}")
+        engine_device(config.model.device)  # an unseen GPU fails before anything is read
         if config.model.num_threads:
             torch.set_num_threads(config.model.num_threads)
         self.config = config
@@ -38,7 +40,7 @@ class ExpertWorker:
         check_expert_parallel(self.model, parallel)
         self.architecture = (hf_config.get("architectures") or ["?"])[0]
         self.vocab_size = int(hf_config["vocab_size"])
-        self.group = ExpertGroup.join(parallel)
+        self.group = ExpertGroup.join(parallel, self.model.device)
         try:
             self.model.set_moe_combine(self.group.all_reduce_sum)
             self.receiver = StepReceiver(self.group)

@@ -1,4 +1,5 @@
-"""CPU paged attention: what the engine runs.
+"""CPU paged attention: what the engine runs (plain torch, so CUDA tensors work too: the plans
+below are built on the block tables' device).
 
 Built for low per-step overhead:
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -62,16 +64,18 @@ class _DecodePlan:
 
     @staticmethod
     def build(block_tables: Tensor, seq_lens: list[int], block_size: int, window: int | None) -> "_DecodePlan":
-        # block_tables [B, W]
+        # block_tables [B, W]; the plan's tensors go where the block tables are
         spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
         span_max = max(spans)
-        offs = torch.arange(span_max)  # [L]
-        last = torch.tensor(seq_lens, dtype=torch.long)[:, None] - 1  # [B, 1]
-        first = last + 1 - torch.tensor(spans, dtype=torch.long)[:, None]  # [B, 1]
+        dev = block_tables.device
+        offs = torch.arange(span_max, device=dev)  # [L]
+        last = torch.tensor(seq_lens, dtype=torch.long, device=dev)[:, None] - 1  # [B, 1]
+        span_t = torch.tensor(spans, dtype=torch.long, device=dev)[:, None]  # [B, 1]
+        first = last + 1 - span_t  # [B, 1]
         positions = torch.minimum(first + offs, last)  # [B, L]
         mask = None
         if min(spans) != span_max:
-            mask = (offs[None, :] < torch.tensor(spans)[:, None])[:, None, None, :]  # [B, 1, 1, L]
+            mask = (offs[None, :] < span_t)[:, None, None, :]  # [B, 1, 1, L]
         return _DecodePlan(_slots(block_tables, positions, block_size), mask)
 
 
@@ -90,11 +94,11 @@ class _PrefillPlan:
         # block_table [W]
         first_q = seq_len - q_len
         first_k = 0 if window is None else max(0, first_q - window + 1)  # earliest key any query can see
-        key_pos = torch.arange(first_k, seq_len)  # [L]
+        key_pos = torch.arange(first_k, seq_len, device=block_table.device)  # [L]
         slots = _slots(block_table[None], key_pos[None], block_size)[0]  # [L]
         mask = None
         if not (first_q == 0 and (window is None or window >= seq_len)):
-            query_pos = torch.arange(first_q, seq_len)[:, None]  # [Q, 1]
+            query_pos = torch.arange(first_q, seq_len, device=block_table.device)[:, None]  # [Q, 1]
             mask = key_pos[None, :] <= query_pos  # [Q, L]
             if window is not None:
                 mask &= key_pos[None, :] > query_pos - window
@@ -114,12 +118,12 @@ class _StepPlan:
         q_lens, s_lens, bs = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size
         if meta.is_decode_only:
             return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [])
-        starts = meta.query_start_loc.tolist()
+        starts = [0, *accumulate(q_lens)]  # host copy of meta.query_start_loc: no device sync
         decode = [b for b, n in enumerate(q_lens) if n == 1]
         dec_plan = rows = None
         if decode:
             dec_plan = _DecodePlan.build(meta.block_tables[decode], [s_lens[b] for b in decode], bs, window)
-            rows = torch.tensor([starts[b] for b in decode], dtype=torch.long)
+            rows = torch.tensor([starts[b] for b in decode], dtype=torch.long, device=meta.block_tables.device)
         prefill = [_PrefillPlan.build(starts[b], n, meta.block_tables[b], s_lens[b], bs, window)
                    for b, n in enumerate(q_lens) if n > 1]
         return _StepPlan(dec_plan, rows, prefill)

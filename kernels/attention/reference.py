@@ -61,8 +61,9 @@ class ReferenceAttentionBackend(AttentionBackend):
         for b in range(meta.num_seqs):
             q_len, s_len = meta.query_lens_cpu[b], meta.seq_lens_cpu[b]
             start = int(meta.query_start_loc[b])
-            query_pos = torch.arange(s_len - q_len, s_len)
-            key_pos = torch.arange(s_len)
+            dev = meta.block_tables.device
+            query_pos = torch.arange(s_len - q_len, s_len, device=dev)
+            key_pos = torch.arange(s_len, device=dev)
             yield start, q_len, s_len, meta.block_tables[b], query_pos, key_pos
 
     def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,

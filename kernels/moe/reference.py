@@ -22,7 +22,7 @@ class ReferenceMoEBackend(MoEBackend):
                   expert_start: int = 0) -> Tensor:
         # x [T, D]; topk_ids [T, K]; topk_weights [T, K]; w_gate_up [E_local, 2*I, D]; w_down [E_local, D, I]
         num_local = w_gate_up.shape[0]
-        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
         for t in range(x.shape[0]):
             for k in range(topk_ids.shape[1]):
                 e = int(topk_ids[t, k]) - expert_start

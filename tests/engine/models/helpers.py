@@ -34,8 +34,9 @@ def hf_logits(ref, tokens: list[int]) -> torch.Tensor:
 
 
 def engine_model(path: str, dtype: str = "float32", parallel: ParallelConfig = ParallelConfig(),
-                 backend: str = "cpu"):
-    model, _ = load_model(path, ModelConfig(dtype=dtype), parallel, attention_backend=backend, moe_backend=backend)
+                 backend: str = "cpu", device: str | None = None):
+    model, _ = load_model(path, ModelConfig(dtype=dtype, device=device), parallel, attention_backend=backend,
+                          moe_backend=backend)
     return model
 
 
@@ -53,7 +54,7 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
     Blocks are handed out shuffled (never block 0, the null block) so no
     sequence's blocks are contiguous. Returns, per sequence, the tokens fed
     (prompt + decode_steps generated) and the logits of every fed position
-    ``[len(tokens), V]`` (row i predicts token i + 1).
+    ``[len(tokens), V]`` (row i predicts token i + 1), on the model's device.
     """
     total = [len(p) + decode_steps for p in prompts]
     need = [(n + block_size - 1) // block_size for n in total]
@@ -64,6 +65,7 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
         block_ids.append(pool[i:i + n])
         i += n
     caches = model.allocate_kv_cache(sum(need) + 1, block_size)
+    device = model.device  # step tensors go where the weights are
 
     tokens = [list(p) for p in prompts]
     done = [0] * len(prompts)  # positions already in the cache
@@ -77,9 +79,9 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
             step_tokens.append(tokens[b][done[b]:done[b] + q])
             q_lens.append(q)
             seq_lens.append(done[b] + q)
-        meta = AttentionMetadata.build(block_size, q_lens, seq_lens, [block_ids[b] for b in active])
-        positions = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
-        hidden = model(torch.tensor(sum(step_tokens, [])), positions, meta, caches)
+        meta = AttentionMetadata.build(block_size, q_lens, seq_lens, [block_ids[b] for b in active], device)
+        positions = torch.cat([torch.arange(s - q, s, device=device) for q, s in zip(q_lens, seq_lens)])
+        hidden = model(torch.tensor(sum(step_tokens, []), device=device), positions, meta, caches)
         logits = model.compute_logits(hidden)  # [T, V]
         start = 0
         for b, q in zip(active, q_lens):
@@ -92,4 +94,4 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
+    return (a.float().cpu() - b.float().cpu()).abs().max().item()
