@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import ray
 
