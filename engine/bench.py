@@ -137,7 +137,7 @@ def bench_vllm(path: str, warmup: Tokens, prompts: Tokens, max_tokens: int,
     llm = LLM(config=cfg)
     try:
         load_s = time.perf_counter() - start
-        _log(f"vllm: loaded in {load_s:.1f}s; warming up and timing")
+        _log(f"{_label('vllm', opts)}: loaded in {load_s:.1f}s; warming up and timing")
         return (load_s, *_time_llm(llm, warmup, prompts, max_tokens))
     finally:
         llm.close()
