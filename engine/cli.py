@@ -42,8 +42,13 @@ def _add_models(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="engine vs transformers generate on the same model and prompts")
+    p = sub.add_parser("bench", help="backends (native engine, vLLM, transformers generate) on the same model "
+                                     "and prompts")
     p.add_argument("--model", default=None)
+    p.add_argument("--backend", default="native,transformers",
+                   help="comma list of native, vllm, transformers; ratios and agreement are against the first")
+    p.add_argument("--vllm-eager", action="store_true",
+                   help="run vLLM without torch.compile (enforce_eager: faster start); default: vLLM's compiled mode")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
