@@ -39,6 +39,7 @@ class Admitted:
     params: SamplingParams  # with the model's extra end-of-text ids among its stop tokens
     state: RequestState  # resumed tokens already replayed into it
     effort: str
+    thinking_budget: int  # thinking tokens this request may spend (0 at effort none)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Admission:
                 state.replay(resume.token_ids, resume.text_chars, resume.reasoning_chars)
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
-        return Admitted(ids, params, state, effort)
+        return Admitted(ids, params, state, effort, reasoning.budget)
 
     def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
         """What a resume must satisfy beyond its own fields, before any state is built."""

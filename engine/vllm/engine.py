@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from engine.admission import Admission, Prompt, eos_ids_of
+from engine.admission import Admission, Admitted, Prompt, eos_ids_of
 from engine.api import (EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput,
                         RequestTimings, Resume, TokenLogprob)
 from engine.config import EngineConfig
@@ -128,7 +128,7 @@ class VllmEngine(EngineClient):
         admitted = self.admission.admit(request_id, prompt, params, resume)
         resumed = list(resume.token_ids) if resume is not None else []
         stream = _Stream(admitted.state, admitted.params, len(admitted.prompt_ids), time.time())
-        vparams = self._vllm_params(admitted.params, admitted.effort, admitted.prompt_ids, len(resumed))
+        vparams = self._vllm_params(admitted, len(resumed))
         from vllm.inputs import TokensPrompt
 
         try:
@@ -140,15 +140,14 @@ class VllmEngine(EngineClient):
         self._streams[request_id] = stream
         stream.pump = asyncio.create_task(self._pump(request_id, stream, collector))
 
-    def _vllm_params(self, params: SamplingParams, effort: str, prompt_ids: list[int], num_resumed: int) -> Any:
+    def _vllm_params(self, admitted: Admitted, num_resumed: int) -> Any:
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
-        eos = self.admission.eos_id
+        params, eos = admitted.params, self.admission.eos_id
         stops = list(params.stop_token_ids) + ([eos] if eos is not None and not params.ignore_eos else [])
-        budget = params.thinking_budget or self.config.reasoning.budget(effort)
-        extra = {REASONING_KEY: reasoning_args(self.admission.markers, effort, budget, self.admission.eos_ids,
-                                               len(prompt_ids))}
+        extra = {REASONING_KEY: reasoning_args(self.admission.markers, admitted.effort, admitted.thinking_budget,
+                                               self.admission.eos_ids, len(admitted.prompt_ids))}
         return VllmParams(
             max_tokens=params.max_tokens - num_resumed, temperature=params.temperature,
             top_k=params.top_k if params.top_k > 0 else -1, top_p=params.top_p, min_p=params.min_p,
