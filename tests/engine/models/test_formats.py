@@ -239,14 +239,17 @@ def test_fp8_dequantizes_to_model_dtype(fp8_dirs):
 
 
 @pytest.mark.slow
-def test_fp8_against_transformers(tmp_path):
+@pytest.mark.parametrize("arch", ["mistral", "mixtral"])
+def test_fp8_against_transformers(tmp_path, arch):
     """transformers' fine-grained FP8 on CPU dequantizes at load (and only grids that divide the
-    weights: 8x8 blocks here); when it refuses to load at all, this comparison is skipped."""
-    src = make_tiny("mistral4", 1, str(tmp_path / "src"), num_hidden_layers=2)
+    weights: 8x8 blocks here); when it refuses to load at all, this comparison is skipped. Mistral 4's
+    fused expert scales are not read by transformers 5.19 (it reports them UNEXPECTED): that
+    architecture is checked against the reference dequantization above."""
+    src = make_tiny(arch, 1, str(tmp_path / "src"), num_hidden_layers=2)
     fp8_dir = tmp_path / "fp8"
     write_fp8(src, fp8_dir, (8, 8))
     try:
-        ref = hf_model("mistral4", str(fp8_dir))
+        ref = hf_model(arch, str(fp8_dir))
     except Exception as e:  # noqa: BLE001 - any refusal of transformers' FP8 path on this machine
         pytest.skip(f"transformers cannot load an FP8 checkpoint here: {type(e).__name__}: {e}")
     assert engine_vs(str(fp8_dir), ref) < FP32_TOL
