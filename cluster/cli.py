@@ -34,7 +34,8 @@ def _add_serve(sub) -> None:
                         "front door, print the answer and its usage line, then keep serving; skipped when the "
                         "front door uses TLS")
     p.add_argument("--exit-after-check", action="store_true",
-                   help="with --check: drain and stop after the answer (exit 0; a failed call: exit 2)")
+                   help="with --check: drain and stop after the answer (exit 0); a failed check stops "
+                        "the region with exit code 2 either way")
     p.set_defaults(func=_cmd_serve)
 
 
