@@ -29,8 +29,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="front door port (overrides the config)")
     p.add_argument("--region", default=None, help="this region's name (overrides the config's region)")
     p.add_argument("--check", metavar="PROMPT", default=None,
-                   help="once up, send PROMPT through the front door and print the answer, then keep serving")
-    p.add_argument("--exit-after-check", action="store_true", help="with --check: stop after the answer")
+                   help="smoke test (`make serve` uses it): once up, send PROMPT as one chat message (greedy, "
+                        "at most 64 tokens, as the first tenant when tenants are set) through this region's own "
+                        "front door, print the answer and its usage line, then keep serving; skipped when the "
+                        "front door uses TLS")
+    p.add_argument("--exit-after-check", action="store_true",
+                   help="with --check: drain and stop after the answer (exit 0); a failed check stops "
+                        "the region with exit code 2 either way")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -38,19 +43,21 @@ def _cmd_serve(args) -> int:
     import dataclasses
 
     from cluster.config_loader import load_config
+    from cluster.preflight import preflight
 
     cfg = load_config(args.config)
     if args.port is not None:
         cfg = dataclasses.replace(cfg, frontdoor=dataclasses.replace(cfg.frontdoor, port=args.port))
     if args.region is not None:
         cfg = dataclasses.replace(cfg, region=args.region)  # re-checked: it must not be one of its peers
-    return asyncio.run(_serve(cfg, args.check, args.exit_after_check))
+    preflight(cfg, args.config)  # before Ray is even imported: a bad file, variable or port fails in a second
+    return asyncio.run(_serve(cfg, args.config, args.check, args.exit_after_check))
 
 
-async def _serve(cfg, check: str | None, exit_after_check: bool) -> int:
+async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) -> int:
     from cluster.region import RegionServer
 
-    server = RegionServer(cfg)
+    server = RegionServer(cfg, source=source)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -18,10 +18,12 @@ address), so a loaded config keeps the default single-process
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -45,9 +47,79 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message starts with ``source: dotted.key:``."""
 
 
+# Keys naming files or folders the config reads; relative ones resolve against the config file's folder.
+PATH_KEYS = ("engine.model.model", "engine.model.tokenizer", "frontdoor.tls.cert", "frontdoor.tls.key",
+             "frontdoor.tls.client_ca", "regions.peers[].tls_ca", "regions.peers[].tls_cert",
+             "regions.peers[].tls_key", "ray.temp_dir")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # tiny:..., mistral-common:...: names, not paths
+# The three kinds of YAML file and the command each is for; ``file_kind`` tells them apart.
+CLUSTER_CONFIG, TOPOLOGY, SCENARIO = "cluster config", "topology file", "drill scenario"
+COMMANDS = {CLUSTER_CONFIG: "levante serve", TOPOLOGY: "levante up", SCENARIO: "levante drill"}
+
+
 def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
-    """Read and check one YAML file."""
-    return config_from_dict(read_yaml(path), os.fspath(path))
+    """Read and check one YAML file; relative paths in it (``PATH_KEYS``) resolve against its folder."""
+    source = os.fspath(path)
+    data = read_yaml(source)
+    check_kind(data, source, CLUSTER_CONFIG)
+    return config_from_dict(resolve_paths(data, os.path.dirname(os.path.abspath(source))), source)
+
+
+def file_kind(data: Any) -> str | None:
+    """Which kind of file ``data`` is, by the top-level keys only one kind has; None: cannot tell."""
+    if not isinstance(data, dict):
+        return None
+    if any(k in data for k in ("topology", "faults", "slo", "load")):
+        return SCENARIO
+    regions = data.get("regions")
+    if isinstance(regions, list) or any(k in data for k in ("base", "admin")):
+        return TOPOLOGY  # a cluster config's `regions` is a mapping (peers, health)
+    cluster_keys = {f.name for f in dataclasses.fields(ClusterConfig)}
+    if isinstance(regions, dict) or any(k in cluster_keys - {"regions"} for k in data):
+        return CLUSTER_CONFIG
+    return None
+
+
+def check_kind(data: Any, source: str, expected: str) -> None:
+    """Refuse a file of another kind, saying which command it belongs to (not a list of unknown keys)."""
+    kind = file_kind(data)
+    if kind is not None and kind != expected:
+        raise ConfigError(f"{source}: this is a {kind} for '{COMMANDS[kind]}', "
+                          f"not a {expected} for '{COMMANDS[expected]}'")
+
+
+def resolve_paths(data: Any, base_dir: str) -> Any:
+    """A copy of plain config data whose relative ``PATH_KEYS`` are joined to ``base_dir``.
+
+    Absolute paths, ``~`` paths and ``scheme:`` names are kept; values of the wrong type are left
+    for ``config_from_dict`` to name.
+    """
+    if not isinstance(data, dict):
+        return data
+    out = copy.deepcopy(data)
+    for key in PATH_KEYS:
+        _resolve_at(out, key.split("."), base_dir)
+    return out
+
+
+def _resolve_at(node: Any, parts: list[str], base_dir: str) -> None:
+    head, rest = parts[0], parts[1:]
+    many = head.endswith("[]")
+    name = head.removesuffix("[]")
+    if not isinstance(node, dict) or name not in node:
+        return
+    if many:
+        for item in node[name] if isinstance(node[name], list) else ():
+            _resolve_at(item, rest, base_dir)
+    elif rest:
+        _resolve_at(node[name], rest, base_dir)
+    elif _is_relative_path(node[name]):
+        node[name] = os.path.normpath(os.path.join(base_dir, node[name]))
+
+
+def _is_relative_path(value: Any) -> bool:
+    return (isinstance(value, str) and bool(value) and not os.path.isabs(value)
+            and not value.startswith("~") and not _URI.match(value))
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -26,6 +25,7 @@ from ray.serve.config import gRPCOptions
 from cluster.config import ClusterConfig
 from cluster.frontdoor.admin import AdminService
 from cluster.frontdoor.server import FrontDoor
+from cluster.preflight import preflight
 from cluster.regions.router import RegionRouter, build_peers, build_region_router
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name, build_app
 from cluster.serve.backend import ServeBackend
@@ -42,8 +42,9 @@ def _say(msg: str) -> None:
 
 class RegionServer:
     def __init__(self, cfg: ClusterConfig, progress: Callable[[str], None] = _say,
-                 serve_grpc_port: int | None = None):
+                 serve_grpc_port: int | None = None, source: str | None = None):
         self.cfg = cfg
+        self.source = source  # the config file, named in preflight errors
         self.progress = progress
         # Set: Serve also starts its own gRPC proxy (levante.v1 servicer) on this port, for
         # benchmarks beside it. Serve takes proxy options only when it first starts, hence here.
@@ -57,8 +58,8 @@ class RegionServer:
 
     async def start(self) -> int:
         began = time.monotonic()
-        self._check_port()  # before minutes of model loading, not after
-        peers = build_peers(self.cfg)  # likewise: their certificates and keys must be readable now
+        preflight(self.cfg, self.source)  # files, variables, ports: before minutes of model loading, not after
+        peers = build_peers(self.cfg)  # their credentials, read once (preflight saw the files are readable)
         self.telemetry = ServerTelemetry(self.cfg)
         metrics_port = self.telemetry.serve_metrics()  # early too: a port in use fails now, not after loading
         if metrics_port is not None:
@@ -114,16 +115,6 @@ class RegionServer:
             shares = ", ".join(f"rank {r.ep_rank}: {r.num_local_expert_params:,}" for r in status["ranks"] if r)
             self.progress(f"replica {status['replica']}: {info.architecture}, {info.num_expert_params:,} routed-expert "
                           f"parameters over {info.ep_size} rank(s) ({shares})")
-
-    def _check_port(self) -> None:
-        fd = self.cfg.frontdoor
-        if fd.port == 0:
-            return
-        with socket.socket(socket.AF_INET6 if ":" in fd.host else socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((fd.host, fd.port))
-            except OSError as e:
-                raise OSError(f"frontdoor.port: cannot bind {fd.host}:{fd.port}: {e.strerror}") from None
 
     def _start_ray(self) -> None:
         rc = self.cfg.ray

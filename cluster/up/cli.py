@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from cluster.config_loader import config_from_dict
+from cluster.preflight import preflight
 from cluster.up.processes import LocalRegions
 from cluster.up.topology import region_configs
 
@@ -32,6 +34,9 @@ def add_commands(sub) -> None:
 def _cmd_up(args) -> int:
     configs = region_configs(args.config)
     regions = LocalRegions(args.state_dir)
+    regions.check_none_running()  # first: their ports being taken is not the news
+    for name, cfg in configs.items():  # every region's files, variables and ports before any region starts
+        preflight(config_from_dict(cfg, args.config), f"{args.config} (region {name})")
     _say(f"starting {len(configs)} region(s): {', '.join(configs)} (logs in {os.path.relpath(regions.state_dir)})")
     regions.start(configs, _say, args.timeout)
     for r in regions.regions.values():

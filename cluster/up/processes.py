@@ -108,9 +108,7 @@ class LocalRegions:
 
     def start(self, configs: dict[str, dict], progress: Progress, timeout_s: float = 600.0) -> None:
         """Start every region (in parallel) and return when all serve; stops them all if one fails."""
-        if os.path.exists(self.state_path) and any(r.alive() for r in LocalRegions.load(self.state_dir).regions.values()):
-            raise RegionsError(f"{self.state_dir}: regions from an earlier `levante up` still run; "
-                               f"`levante down --state-dir {self.state_dir}` first")
+        self.check_none_running()
         self.configs = configs
         try:
             for name, cfg in configs.items():
@@ -120,6 +118,12 @@ class LocalRegions:
         except BaseException:
             self.stop_all(progress)
             raise
+
+    def check_none_running(self) -> None:
+        """Refuse to start over regions an earlier `levante up` with this state dir left running."""
+        if os.path.exists(self.state_path) and any(r.alive() for r in LocalRegions.load(self.state_dir).regions.values()):
+            raise RegionsError(f"{self.state_dir}: regions from an earlier `levante up` still run; "
+                               f"`levante down --state-dir {self.state_dir}` first")
 
     def _spawn(self, name: str, cfg: dict) -> RegionProcess:
         os.makedirs(self.state_dir, exist_ok=True)

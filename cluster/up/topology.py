@@ -1,6 +1,7 @@
 """A topology file: which regions to run on this machine, from one base cluster config.
 
-    base: local.yaml          # every region's cluster config (relative to this file)
+    base: local.yaml          # every region's cluster config (relative to this file; relative paths
+                              # in it resolve against its own folder, in overrides against this file's)
     admin: true               # each front door serves levante.v1.Admin (drills inject faults through it)
     overrides: {...}          # merged over the base for every region (e.g. regions.health for drills)
     regions:
@@ -20,7 +21,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.config_loader import ConfigError, build_dataclass, config_from_dict, read_yaml
+from cluster.config_loader import (CLUSTER_CONFIG, TOPOLOGY, ConfigError, build_dataclass, check_kind,
+                                   config_from_dict, read_yaml, resolve_paths)
 
 RAW_KEYS = ("overrides",)  # free-form mappings, checked when each region's config is built
 
@@ -79,19 +81,24 @@ def region_configs(path: str, extra_overrides: dict | None = None) -> dict[str, 
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    check_kind(data, path, TOPOLOGY)
+    here = os.path.dirname(os.path.abspath(path))
     data = dict(data)
-    overrides = _merge(_raw(data, "overrides", path), extra_overrides or {})
+    overrides = _merge(resolve_paths(_raw(data, "overrides", path), here), extra_overrides or {})
     entries = data.get("regions")
     per_region = {}
     if isinstance(entries, list):
         entries = [dict(e) if isinstance(e, dict) else e for e in entries]
         for i, e in enumerate(entries):
             if isinstance(e, dict):
-                per_region[i] = _raw(e, "overrides", f"{path}: regions[{i}]")
+                per_region[i] = resolve_paths(_raw(e, "overrides", f"{path}: regions[{i}]"), here)
         data["regions"] = entries
     topo: Topology = build_dataclass(Topology, data, path)
-    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), topo.base)
+    base_path = os.path.join(here, topo.base)
     base = read_yaml(base_path)
+    check_kind(base, base_path, CLUSTER_CONFIG)
+    # Absolute from here on: each region's config is written to the state dir and loaded from there.
+    base = resolve_paths(base, os.path.dirname(base_path))
     ports = {r.name: r.port or free_port() for r in topo.regions}
     out = {}
     for i, r in enumerate(topo.regions):
