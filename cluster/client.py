@@ -33,6 +33,12 @@ class ClientError(Exception):
 ERRORS = (ClientError,)
 
 
+def format_error(code: str, details: str, origin: str | None = None) -> str:
+    """The one way the client commands word a failed call: the code once, who answered, what it said."""
+    where = f" from {origin}" if origin else ""
+    return f"{code}{where}: {details or '(no details)'}"
+
+
 def open_channel(target: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.Channel:
     if ca is None and cert is None:
         return grpc.insecure_channel(target)
@@ -44,8 +50,9 @@ def _metadata(api_key: str | None) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {api_key}")] if api_key else []
 
 
-def _fail(e: grpc.RpcError) -> ClientError:
-    return ClientError(f"{e.code().name}: {e.details()}")
+def _fail(e: grpc.RpcError, details: str = "") -> ClientError:
+    """``details``: what to say when the server said nothing (grpc.health answers NOT_FOUND bare)."""
+    return ClientError(format_error(e.code().name, e.details() or details))
 
 
 class StreamPrinter:
@@ -109,10 +116,11 @@ def stream_generate(endpoints: list[str], request: dict, api_key: str | None = N
         return last
 
     final = asyncio.run(run())
-    if final is None or final.error is not None:
-        e = final.error if final is not None else None
-        raise ClientError(f"{GRPC_NAMES.get(e.code, e.code.upper())}: {e.message}" if e
-                          else "UNAVAILABLE: the stream ended without a final message")
+    if final is None:
+        raise ClientError(format_error("UNAVAILABLE", "the stream ended without a final message"))
+    if final.error is not None:
+        e = final.error
+        raise ClientError(format_error(GRPC_NAMES.get(e.code, e.code.upper()), e.message, e.origin))
     err.write(summary(final) + "\n")
     return final
 
@@ -126,7 +134,7 @@ def generate_and_print(target: str, prompt: str, cfg=None) -> int:
     if cfg is not None and cfg.frontdoor.tenants:  # keys configured: call as the first tenant
         first = cfg.frontdoor.tenants[0]
         api_key = first.api_key or os.environ.get(first.api_key_env or "")
-    request = dict(prompt=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0, timeout_s=300)
+    request = dict(prompt=prompt, max_tokens=64, temperature=0.0, timeout_s=300)
     stream_generate([target], request, api_key=api_key)
     return 0
 
@@ -168,8 +176,7 @@ def _channel(args) -> grpc.Channel:
 
 
 def _cmd_generate(args) -> int:
-    request = dict(prompt=args.prompt if args.raw else [{"role": "user", "content": args.prompt}],
-                   effort=args.effort, preferred_region=args.region, timeout_s=args.timeout,
+    request = dict(prompt=args.prompt, raw=args.raw, effort=args.effort, preferred_region=args.region, timeout_s=args.timeout,
                    temperature=args.temperature)
     for name in ("max_tokens", "seed"):
         if getattr(args, name) is not None:
@@ -198,7 +205,8 @@ def _cmd_health(args) -> int:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
                                                             timeout=args.timeout or 10)
         except grpc.RpcError as e:
-            raise _fail(e) from None
+            unknown = e.code() == grpc.StatusCode.NOT_FOUND
+            raise _fail(e, f"unknown service {args.service!r}" if unknown else "") from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(status)
     return 0 if status == "SERVING" else 1
