@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,9 +59,9 @@ def _fail(e: grpc.RpcError, details: str = "") -> ClientError:
 class StreamPrinter:
     """Reasoning (dimmed on a terminal, after ``[thinking]``) apart from the answer (after ``[answer]``)."""
 
-    def __init__(self, out=sys.stdout):
-        self.out = out
-        self.dim, self.reset = ("\x1b[2m", "\x1b[0m") if out.isatty() else ("", "")
+    def __init__(self, out: TextIO | None = None):
+        self.out = out or sys.stdout  # looked up now, not at import: a redirected stdout is honoured
+        self.dim, self.reset = ("\x1b[2m", "\x1b[0m") if self.out.isatty() else ("", "")
         self.thinking = self.answering = False
 
     def feed(self, text: str, reasoning_text: str) -> None:
@@ -98,7 +99,7 @@ def summary(final: Chunk) -> str:
 
 
 def stream_generate(endpoints: list[str], request: dict, api_key: str | None = None, tls: dict | None = None,
-                    model: str = "", out=sys.stdout, err=sys.stderr) -> Chunk:
+                    model: str = "", out: TextIO | None = None, err: TextIO | None = None) -> Chunk:
     """Print one streamed answer from the first region that can serve it; returns the final chunk.
 
     ``endpoints``: ``name=host:port`` (or ``host:port``), in the order to try; ``request``: the
@@ -121,7 +122,7 @@ def stream_generate(endpoints: list[str], request: dict, api_key: str | None = N
     if final.error is not None:
         e = final.error
         raise ClientError(format_error(GRPC_NAMES.get(e.code, e.code.upper()), e.message, e.origin))
-    err.write(summary(final) + "\n")
+    (err or sys.stderr).write(summary(final) + "\n")
     return final
 
 
