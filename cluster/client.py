@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,6 +34,12 @@ class ClientError(Exception):
 ERRORS = (ClientError,)
 
 
+def format_error(code: str, details: str, origin: str | None = None) -> str:
+    """The one way the client commands word a failed call: the code once, who answered, what it said."""
+    where = f" from {origin}" if origin else ""
+    return f"{code}{where}: {details or '(no details)'}"
+
+
 def open_channel(target: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.Channel:
     if ca is None and cert is None:
         return grpc.insecure_channel(target)
@@ -44,16 +51,17 @@ def _metadata(api_key: str | None) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {api_key}")] if api_key else []
 
 
-def _fail(e: grpc.RpcError) -> ClientError:
-    return ClientError(f"{e.code().name}: {e.details()}")
+def _fail(e: grpc.RpcError, details: str = "") -> ClientError:
+    """``details``: what to say when the server said nothing (grpc.health answers NOT_FOUND bare)."""
+    return ClientError(format_error(e.code().name, e.details() or details))
 
 
 class StreamPrinter:
     """Reasoning (dimmed on a terminal, after ``[thinking]``) apart from the answer (after ``[answer]``)."""
 
-    def __init__(self, out=sys.stdout):
-        self.out = out
-        self.dim, self.reset = ("\x1b[2m", "\x1b[0m") if out.isatty() else ("", "")
+    def __init__(self, out: TextIO | None = None):
+        self.out = out or sys.stdout  # looked up now, not at import: a redirected stdout is honoured
+        self.dim, self.reset = ("\x1b[2m", "\x1b[0m") if self.out.isatty() else ("", "")
         self.thinking = self.answering = False
 
     def feed(self, text: str, reasoning_text: str) -> None:
@@ -91,7 +99,7 @@ def summary(final: Chunk) -> str:
 
 
 def stream_generate(endpoints: list[str], request: dict, api_key: str | None = None, tls: dict | None = None,
-                    model: str = "", out=sys.stdout, err=sys.stderr) -> Chunk:
+                    model: str = "", out: TextIO | None = None, err: TextIO | None = None) -> Chunk:
     """Print one streamed answer from the first region that can serve it; returns the final chunk.
 
     ``endpoints``: ``name=host:port`` (or ``host:port``), in the order to try; ``request``: the
@@ -109,11 +117,12 @@ def stream_generate(endpoints: list[str], request: dict, api_key: str | None = N
         return last
 
     final = asyncio.run(run())
-    if final is None or final.error is not None:
-        e = final.error if final is not None else None
-        raise ClientError(f"{GRPC_NAMES.get(e.code, e.code.upper())}: {e.message}" if e
-                          else "UNAVAILABLE: the stream ended without a final message")
-    err.write(summary(final) + "\n")
+    if final is None:
+        raise ClientError(format_error("UNAVAILABLE", "the stream ended without a final message"))
+    if final.error is not None:
+        e = final.error
+        raise ClientError(format_error(GRPC_NAMES.get(e.code, e.code.upper()), e.message, e.origin))
+    (err or sys.stderr).write(summary(final) + "\n")
     return final
 
 
@@ -126,7 +135,7 @@ def generate_and_print(target: str, prompt: str, cfg=None) -> int:
     if cfg is not None and cfg.frontdoor.tenants:  # keys configured: call as the first tenant
         first = cfg.frontdoor.tenants[0]
         api_key = first.api_key or os.environ.get(first.api_key_env or "")
-    request = dict(prompt=[{"role": "user", "content": prompt}], max_tokens=64, temperature=0.0, timeout_s=300)
+    request = dict(prompt=prompt, max_tokens=64, temperature=0.0, timeout_s=300)
     stream_generate([target], request, api_key=api_key)
     return 0
 
@@ -168,8 +177,7 @@ def _channel(args) -> grpc.Channel:
 
 
 def _cmd_generate(args) -> int:
-    request = dict(prompt=args.prompt if args.raw else [{"role": "user", "content": args.prompt}],
-                   effort=args.effort, preferred_region=args.region, timeout_s=args.timeout,
+    request = dict(prompt=args.prompt, raw=args.raw, effort=args.effort, preferred_region=args.region, timeout_s=args.timeout,
                    temperature=args.temperature)
     for name in ("max_tokens", "seed"):
         if getattr(args, name) is not None:
@@ -198,7 +206,8 @@ def _cmd_health(args) -> int:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
                                                             timeout=args.timeout or 10)
         except grpc.RpcError as e:
-            raise _fail(e) from None
+            unknown = e.code() == grpc.StatusCode.NOT_FOUND
+            raise _fail(e, f"unknown service {args.service!r}" if unknown else "") from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(status)
     return 0 if status == "SERVING" else 1

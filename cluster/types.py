@@ -22,7 +22,12 @@ INVALID_ARGUMENT = "invalid_argument"
 RESOURCE_EXHAUSTED = "resource_exhausted"
 UNAVAILABLE = "unavailable"
 DEADLINE_EXCEEDED = "deadline_exceeded"
-ERROR_CODES = (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED)
+UNAUTHENTICATED = "unauthenticated"
+PERMISSION_DENIED = "permission_denied"
+FAILED_PRECONDITION = "failed_precondition"
+NOT_FOUND = "not_found"
+ERROR_CODES = (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED,
+               PERMISSION_DENIED, FAILED_PRECONDITION, NOT_FOUND)
 GRPC_NAMES = {code: code.upper() for code in ERROR_CODES}  # the gRPC status each code becomes
 
 # gRPC metadata a region router puts on a call it forwards to a peer: the peer serves it itself
@@ -78,8 +83,14 @@ class FailoverHop:
 @dataclass
 class ChunkError:
     code: str  # one of ERROR_CODES
-    field: str  # the offending request field ("prompt", "max_tokens", ...) or the component
+    field: str  # the offending request field ("prompt", "max_tokens", ...) or the component; "": in message
     message: str
+    origin: str | None = None  # the front door that answered with it (a peer, a client's endpoint); None: here
+
+    @property
+    def details(self) -> str:
+        """What a front door sends as the gRPC status details: a relayed error's own details, unchanged."""
+        return f"{self.field}: {self.message}" if self.field else self.message
 
 
 @dataclass

@@ -77,6 +77,8 @@ def _prompt(msg: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
         for i, m in enumerate(msg.chat.messages):
             if m.role not in CHAT_ROLES:
                 raise RequestError(f"chat.messages[{i}].role", f"must be one of {CHAT_ROLES}, got {m.role!r}")
+            if not m.content:  # as a raw prompt: an empty message is a mistake, not a question
+                raise RequestError(f"chat.messages[{i}].content", "must not be empty")
         return [{"role": m.role, "content": m.content} for m in msg.chat.messages]
     ids = list(msg.prompt_token_ids.ids)
     if not ids:

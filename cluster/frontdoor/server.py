@@ -25,17 +25,11 @@ from cluster.frontdoor.tls import server_credentials
 from cluster.telemetry import tracing
 from cluster.telemetry.calls import CallTelemetry, call_code
 from cluster.telemetry.metrics import ServerMetrics
-from cluster.types import (DEADLINE_EXCEEDED, FORWARDED_FROM, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
-                           GenerateRequest, ModelInfo)
+from cluster.types import ERROR_CODES, FORWARDED_FROM, Backend, Chunk, GenerateRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
-_STATUS = {
-    INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
+_STATUS = {code: grpc.StatusCode[code.upper()] for code in ERROR_CODES}  # each chunk code is a gRPC status
 
 
 class FrontDoor:
@@ -242,7 +236,7 @@ class FrontDoor:
             while True:
                 if chunk.error is not None:
                     code = _STATUS.get(chunk.error.code, grpc.StatusCode.INTERNAL)
-                    await context.abort(code, f"{chunk.error.field}: {chunk.error.message}")
+                    await context.abort(code, chunk.error.details)  # a peer's refusal keeps its own details
                 if call is not None:
                     call.chunk(chunk)
                 for message in encoder.encode(chunk):

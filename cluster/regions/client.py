@@ -5,10 +5,15 @@ region router does, one level up: active health checks and outlier ejection per 
 next region when one fails before the stream starts, and a broken stream resumed in the next
 region from the tokens already received (same seed), so the caller sees one stream.
 
-    async with RegionClient(["eu-west=10.0.0.1:50051", "us-east=10.1.0.1:50051"]) as client:
-        async for chunk in client.generate("What is the capital of France?", max_tokens=32):
-            print(chunk.text, end="")
+    async def main() -> None:
+        async with RegionClient(["eu-west=10.0.0.1:50051", "us-east=10.1.0.1:50051"]) as client:
+            async for chunk in client.generate("What is the capital of France?", max_tokens=32):
+                print(chunk.text, end="")
 
+    asyncio.run(main())
+
+A plain string is sent as one user chat message (the model's chat template applies), as
+``levante client generate`` does; ``raw=True`` sends it as a raw prompt instead.
 Chunks are ``cluster.types.Chunk``: ``text``, ``reasoning_text``, ``token_ids``; the last one has
 ``finished``, ``usage``, ``served_by`` and ``failovers`` (every region the request left, and why).
 """
@@ -69,11 +74,18 @@ class RegionClient:
         for peer in self.peers:
             await peer.close()
 
-    def generate(self, prompt: Prompt, *, effort: str = AUTO, preferred_region: str | None = None,
-                 timeout_s: float | None = None, request_id: str | None = None,
-                 **sampling) -> AsyncIterator[Chunk]:
+    def generate(self, prompt: Prompt, *, raw: bool = False, effort: str = AUTO,
+                 preferred_region: str | None = None, timeout_s: float | None = None,
+                 request_id: str | None = None, **sampling) -> AsyncIterator[Chunk]:
         """Stream one answer. ``prompt``: text, token ids or chat messages; ``sampling``: SamplingParams
-        fields (max_tokens, temperature, seed, stop, ...). Errors come as a final chunk with ``error``."""
+        fields (max_tokens, temperature, seed, stop, ...). Errors come as a final chunk with ``error``
+        (its ``origin``: the front door that answered with it).
+
+        Text is sent as one user chat message, so the model's chat template applies (without it an
+        instruct model tends to answer nothing); ``raw=True`` sends it as a raw prompt, as is.
+        """
+        if isinstance(prompt, str) and not raw:
+            prompt = [{"role": "user", "content": prompt}]
         request = GenerateRequest(
             request_id=request_id or uuid.uuid4().hex, model=self.model, prompt=prompt,
             params=SamplingParams(**sampling), reasoning_effort=effort, preferred_region=preferred_region,

@@ -5,7 +5,8 @@ latency; ejected or unhealthy ones last). A region that fails before the first t
 the next one's turn; a stream that breaks mid-way is resumed in the next region from the
 tokens already passed on (same prompt, seed and effort), so the caller sees no duplicated and
 no missing tokens. RESOURCE_EXHAUSTED spills to the next region; only when every region is full
-does the caller get it. Bad requests and deadlines are never retried.
+does the caller get it. Bad requests, refused credentials and deadlines are never retried: they
+reach the caller as themselves (``cluster.regions.codes`` holds the rule).
 
 Used twice: by each front door (its own region plus its peers) and by the client library
 (``cluster.regions.client``: a list of front doors, no local region).
@@ -22,6 +23,7 @@ from typing import AsyncIterator, Callable
 
 from cluster.chunks import error_chunk
 from cluster.config import RegionsConfig
+from cluster.regions.codes import fails_over
 from cluster.regions.health import HealthBook
 from cluster.regions.policy import order_regions
 from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
@@ -66,6 +68,15 @@ class _Outcome:
     done: bool = False  # the caller got its final chunk (an answer or an error not worth retrying)
     reason: str = ""  # why this region was left
     error: ChunkError | None = None
+
+
+def _said(error: ChunkError) -> str:
+    return f"{error.origin}: {error.message}" if error.origin else error.message
+
+
+def _reason(error: ChunkError) -> str:
+    """Why a region was left: the code once, then who said it, then what it said."""
+    return f"{error.code}: {_said(error)}"
 
 
 def _with_seed(request: GenerateRequest) -> GenerateRequest:
@@ -127,7 +138,7 @@ class FailoverBackend(Backend):
         if last is not None and request.deadline is not None and time.time() >= request.deadline:
             yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed while failing over between regions")
         elif last is not None and last.code == RESOURCE_EXHAUSTED:
-            yield error_chunk(RESOURCE_EXHAUSTED, last.field, f"every region is full: {last.message}")
+            yield error_chunk(RESOURCE_EXHAUSTED, last.field, f"every region is full: {_said(last)}")
         else:
             tried = ", ".join(f"{h.from_region} ({h.reason})" for h in progress.failovers) or "none"
             yield error_chunk(UNAVAILABLE, "regions", f"no region could serve this request; tried {tried}")
@@ -169,8 +180,8 @@ class FailoverBackend(Backend):
                     self._leave(region, outcome, "unavailable: the stream ended before its final chunk")
                     return
                 if chunk.error is not None:
-                    if self._retryable(chunk.error):
-                        self._leave(region, outcome, f"{chunk.error.code}: {chunk.error.message}", chunk.error)
+                    if fails_over(chunk.error.code, self.cfg.spill_on_overload):
+                        self._leave(region, outcome, _reason(chunk.error), chunk.error)
                         return
                     outcome.done = True
                     yield chunk
@@ -187,9 +198,6 @@ class FailoverBackend(Backend):
                     if not slow:
                         self.book.on_success(region)
                     return
-
-    def _retryable(self, error: ChunkError) -> bool:
-        return error.code == UNAVAILABLE or (error.code == RESOURCE_EXHAUSTED and self.cfg.spill_on_overload)
 
     def _leave(self, region: str, outcome: _Outcome, reason: str, error: ChunkError | None = None) -> None:
         outcome.reason = reason

@@ -1,8 +1,9 @@
 """``PeerBackend``: another region's front door, called over gRPC as any client would.
 
 Requests go as bytes made by ``cluster.frontdoor.convert`` and come back as chunks; a failed
-call becomes an error chunk (a peer that died or refused is UNAVAILABLE, so the caller moves
-on). ``forwarded_from`` marks calls a router makes, so the peer serves them itself instead of
+call becomes an error chunk with the peer's own details and the peer as its ``origin``: a peer
+that died or broke the call is UNAVAILABLE (the caller moves on), one that refused the request
+keeps its code (``cluster.regions.codes`` says which fail over). ``forwarded_from`` marks calls a router makes, so the peer serves them itself instead of
 forwarding them again.
 """
 
@@ -18,17 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.chunks import error_chunk
 from cluster.config import PeerConfig
+from cluster.regions.codes import from_grpc
 from cluster.router.policy import within_ceiling
 from cluster.frontdoor.convert import SERVICE_NAME, decode_models, decode_response, encode_generate
 from cluster.telemetry.tracing import grpc_metadata
-from cluster.types import (DEADLINE_EXCEEDED, FORWARDED_FROM, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
-                           GenerateRequest, ModelInfo)
-
-_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: INVALID_ARGUMENT,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DEADLINE_EXCEEDED,
-}  # everything else (UNAVAILABLE, a reset, CANCELLED by a dying server, UNAUTHENTICATED...): the peer cannot serve
+from cluster.types import (FORWARDED_FROM, GRPC_NAMES, UNAVAILABLE, Backend, Chunk, ChunkError, GenerateRequest,
+                           ModelInfo)
 
 
 def _read(peer: PeerConfig, key: str) -> bytes | None:
@@ -98,10 +94,15 @@ class PeerBackend(Backend):
                     return
             yield error_chunk(UNAVAILABLE, "region", f"{self.peer.name}: the stream ended before its final message")
         except grpc.aio.AioRpcError as e:
-            code = _CODES.get(e.code(), UNAVAILABLE)
-            yield error_chunk(code, "region", f"{self.peer.name}: {e.code().name}: {e.details()}")
+            yield self._failed(e)
         finally:
             call.cancel()  # no-op when finished; otherwise the peer aborts its engine request
+
+    def _failed(self, e: grpc.aio.AioRpcError) -> Chunk:
+        code, details = from_grpc(e.code()), e.details() or ""
+        if GRPC_NAMES[code] != e.code().name:  # e.g. CANCELLED by a dying peer: keep what it really was
+            details = f"{e.code().name}: {details}"
+        return Chunk(finished=True, error=ChunkError(code, "", details or "(no details)", origin=self.peer.name))
 
     async def models(self) -> list[ModelInfo]:
         raw = await self.channel.unary_unary(f"/{SERVICE_NAME}/ListModels")(

@@ -43,7 +43,7 @@ ENGINE_QUEUE, ENGINE_PREFILL, ENGINE_DECODE = "levante.engine.queue", "levante.e
 
 
 def error_of(chunk: Chunk) -> str | None:
-    return None if chunk.error is None else f"{chunk.error.code}: {chunk.error.field}: {chunk.error.message}"
+    return None if chunk.error is None else f"{chunk.error.code}: {chunk.error.details}"
 
 
 async def traced(span: Span | None, chunks: AsyncIterator[Chunk],

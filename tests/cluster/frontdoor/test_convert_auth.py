@@ -50,6 +50,18 @@ def test_request_id_must_be_short_and_printable():
         decode(pb.GenerateRequest(prompt="hi", request_id="a\nb"))
 
 
+@pytest.mark.parametrize("msg, field", [
+    (pb.GenerateRequest(prompt=""), "prompt"),
+    (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="")])),
+     r"chat\.messages\[0\]\.content"),
+    (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="system", content="Be brief."),
+                                                      pb.ChatMessage(role="user")])), r"chat\.messages\[1\]\.content"),
+])
+def test_an_empty_prompt_is_refused_as_text_or_as_a_chat_message(msg, field):
+    with pytest.raises(RequestError, match=f"^{field}: must not be empty$"):
+        decode(msg)
+
+
 def test_invalid_utf8_path_counts_repeated_elements_and_skips_other_fields():
     chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=c) for c in ("a", "b", "ZZZ")])
     msg = pb.GenerateRequest(chat=chat, max_tokens=3, stop_token_ids=[1, 2], temperature=0.5, seed=9)

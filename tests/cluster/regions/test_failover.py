@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
+import grpc
 import pytest
 
 from cluster.chunks import error_chunk
 from cluster.config import HealthCheckConfig, RegionsConfig
+from cluster.regions.codes import CALLER_ERRORS, fails_over, from_grpc
 from cluster.regions.failover import FailoverBackend
 from cluster.regions.health import EJECTED, HealthBook
-from cluster.types import (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk, Decision, FailoverHop,
-                           GenerateRequest, ModelInfo, ServedBy)
+from cluster.types import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
+                           ChunkError, Decision, FailoverHop, GenerateRequest, ModelInfo, ServedBy)
 from engine.api import Resume, SamplingParams
 
 HEALTH = HealthCheckConfig(consecutive_failures=1, first_token_timeout_s=0.3, stream_idle_timeout_s=0.3,
@@ -125,6 +127,23 @@ def test_a_bad_request_is_not_retried():
     us = Scripted("us")
     chunks = run(backend({"eu": eu, "us": us}), request())
     assert chunks[-1].error.field == "max_tokens" and us.requests == []
+
+
+@pytest.mark.parametrize("code", sorted(CALLER_ERRORS))
+def test_a_refusal_reaches_the_caller_as_itself_and_no_other_region_is_asked(code):
+    refusal = Chunk(finished=True, error=ChunkError(code, "", "authorization: unknown API key", origin="eu"))
+    eu, us = Scripted("eu", [refusal]), Scripted("us", [tokens(1, region="us", final=True)])
+    fb = backend({"eu": eu, "us": us})
+    err = run(fb, request())[-1].error
+    assert (err.code, err.origin, err.message) == (code, "eu", "authorization: unknown API key")
+    assert us.requests == [] and fb.book.available("eu")  # the caller's fault: the region is not sick
+
+
+def test_the_rule_fails_over_only_what_another_region_could_serve():
+    assert fails_over(UNAVAILABLE) and fails_over(RESOURCE_EXHAUSTED) and not fails_over(RESOURCE_EXHAUSTED, False)
+    assert not any(fails_over(code) for code in (*CALLER_ERRORS, DEADLINE_EXCEEDED))
+    assert {c: from_grpc(getattr(grpc.StatusCode, c.upper())) for c in CALLER_ERRORS} == {c: c for c in CALLER_ERRORS}
+    assert from_grpc(grpc.StatusCode.CANCELLED) == from_grpc(grpc.StatusCode.INTERNAL) == UNAVAILABLE
 
 
 def test_silence_fails_over_by_timeout_and_closes_the_silent_stream():
