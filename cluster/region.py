@@ -226,7 +226,8 @@ class RegionServer:
         if ray.is_initialized() and not self.ray_lost():
             finished = await self._ray_call("serve.delete", lambda: serve.delete(app_name(self.cfg)))
             if finished and self._owns_ray:  # our cluster: its end ends Serve's controller too
-                await self._ray_call("ray.shutdown", ray.shutdown)
+                ray.shutdown()  # it stops the GCS and raylet itself: from here their exit is no loss
+                self._ray_procs = {}
         if self.ray_lost():
             self.progress("Ray's GCS or raylet exited under us (a signal to the whole process group?); "
                           "killing what is left of its processes")
