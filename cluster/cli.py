@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from typing import Sequence
@@ -80,6 +81,12 @@ async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) ->
         return 0
     finally:
         await server.stop()
+        if server.ray_lost():
+            # Ray's exit hooks in this process would wait on the dead GCS and recreate the session
+            # dir stop just removed; everything of ours is stopped, so leave without them.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0 if stop.is_set() else 1)
 
 
 def _add_bench_serving(sub) -> None:

@@ -9,10 +9,12 @@ ports, so several regions can run on one machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -20,6 +22,7 @@ from typing import Callable
 
 import ray
 from ray import serve
+from ray._private import ray_constants
 from ray.serve.config import gRPCOptions
 
 from cluster.config import ClusterConfig
@@ -40,6 +43,37 @@ def _say(msg: str) -> None:
     print(f"levante: {msg}", flush=True)
 
 
+def _started_ray_processes() -> dict[str, subprocess.Popen]:
+    """The processes ``ray.init`` just started here (GCS, raylet, log monitor...), by type.
+
+    Ray's node object is internal: if it moves, this is empty and ``stop`` cannot tell that Ray
+    died under it (it then behaves as before).
+    """
+    try:
+        node = ray._private.worker._global_node
+        return {kind: infos[0].process for kind, infos in node.all_processes.items() if infos}
+    except Exception as e:  # noqa: BLE001 -- a safeguard, not a requirement
+        log.warning("cannot see Ray's processes (%r); a signal to the process group may hang stop", e)
+        return {}
+
+
+def _pids_naming(path: str) -> list[int]:
+    """PIDs of this user's processes whose command line names ``path`` (a directory)."""
+    needle, me, pids = path.rstrip("/").encode(), os.getpid(), []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            mine = os.stat(f"/proc/{entry}").st_uid == os.getuid()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if mine and any(a == needle or a.endswith(b"=" + needle) or needle + b"/" in a for a in args):
+            pids.append(int(entry))
+    return pids
+
+
 class RegionServer:
     def __init__(self, cfg: ClusterConfig, progress: Callable[[str], None] = _say,
                  serve_grpc_port: int | None = None, source: str | None = None):
@@ -55,6 +89,7 @@ class RegionServer:
         self.telemetry: ServerTelemetry | None = None  # traces and /metrics of this process
         self._temp_dir: str | None = None
         self._owns_ray = False
+        self._ray_procs: dict[str, subprocess.Popen] = {}  # what ray.init started here, by process type
 
     async def start(self) -> int:
         began = time.monotonic()
@@ -141,6 +176,7 @@ class RegionServer:
             if main:
                 signal.signal(signal.SIGINT, previous)
         self._owns_ray = True
+        self._ray_procs = _started_ray_processes()
 
     def _deploy(self) -> None:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what matters
@@ -174,24 +210,81 @@ class RegionServer:
         if self.frontdoor is None and not ray.is_initialized():
             await self._stop_telemetry()
             return  # nothing was started (a bad port, say)
-        await self.drain()
+        if not self.ray_lost():  # without Ray the running streams cannot finish: no drain to wait for
+            await self.drain()
+        await self._stop_door_and_router()
+        await self._stop_telemetry()  # after the drain, so the last calls' spans leave too
+        if ray.is_initialized() and not self.ray_lost():
+            finished = await self._ray_call("serve.delete", lambda: serve.delete(app_name(self.cfg)))
+            if finished and self._owns_ray:  # our cluster: its end ends Serve's controller too
+                ray.shutdown()  # it stops the GCS and raylet itself: from here their exit is no loss
+                self._ray_procs = {}
+        if self.ray_lost():
+            self.progress("Ray's GCS or raylet exited under us (a signal to the whole process group?); "
+                          "killing what is left of its processes")
+            self._kill_ray_leftovers()
+        if self._owns_ray:
+            self._remove_temp_dir()
+        self.progress("stopped")
+
+    async def _stop_door_and_router(self) -> None:
         if self.frontdoor is not None:
             await self.frontdoor.stop()
             self.frontdoor = None
         if self.router is not None:
             await self.router.stop()
             self.router = None
-        await self._stop_telemetry()  # after the drain, so the last calls' spans leave too
-        if ray.is_initialized():
+
+    def ray_lost(self) -> bool:
+        """Whether the GCS or raylet of the Ray cluster we started has exited.
+
+        A signal to the whole process group (systemd's KillMode=control-group, ``kill -- -PGID``)
+        reaches Ray's processes as well as us, and they exit at once. From then on every Ray call
+        waits 60 s for the GCS and then Ray ends this process, so stop must notice and not ask.
+        """
+        core = (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET)
+        return any(p.poll() is not None for kind, p in self._ray_procs.items() if kind in core)
+
+    async def _ray_call(self, what: str, call: Callable[[], object]) -> bool:
+        """Run a blocking Ray call while watching Ray's processes; False when they exit first.
+
+        A daemon thread, not ``asyncio.to_thread``: a call stuck on a dead GCS must not keep the
+        interpreter from exiting. Without an exit, it takes as long as Ray needs (serve.delete
+        may take seconds).
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def run() -> None:
             try:
-                serve.delete(app_name(self.cfg))
+                call()
+                error = None
             except Exception as e:  # noqa: BLE001 -- stopping anyway
-                log.warning("serve.delete failed: %r", e)
-            if self._owns_ray:  # our cluster: its end ends Serve's controller too
-                ray.shutdown()
-        if self._owns_ray:
-            self._remove_temp_dir()
-        self.progress("stopped")
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop may be gone after an abandoned call
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(error))
+
+        threading.Thread(target=run, name=f"levante-{what}", daemon=True).start()
+        while not done.done():
+            if self.ray_lost():
+                return False
+            await asyncio.wait([done], timeout=0.2)
+        if done.result() is not None:
+            log.warning("%s failed: %r", what, done.result())
+        return True
+
+    def _kill_ray_leftovers(self) -> None:
+        """SIGKILL, by PID, what is left of our Ray cluster: the processes ray.init started, then
+        any process whose command line names our temp dir (workers, agents: children of the raylet)."""
+        for proc in self._ray_procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)  # reap: no zombies left behind
+        if self._temp_dir:
+            for pid in _pids_naming(self._temp_dir):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
     async def _stop_telemetry(self) -> None:
         if self.telemetry is not None:

@@ -33,6 +33,15 @@ def eos_ids_of(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:
     return [int(i) for i in ids]
 
 
+def answer_room_budget(budget: int, max_tokens: int) -> int:
+    """The thinking budget a request gets: at most half its ``max_tokens``, so an answer always has room.
+
+    A budget as large as ``max_tokens`` would let the span eat every token
+    and end the request at ``length`` with no answer at all.
+    """
+    return min(budget, max_tokens // 2)
+
+
 @dataclass
 class Admitted:
     prompt_ids: list[int]
@@ -90,7 +99,7 @@ class Admission:
             params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_stops)
         if resume is not None:
             self._check_resume(resume, params, len(ids))
-        budget = params.thinking_budget or self.reasoning.budget(effort)
+        budget = answer_room_budget(params.thinking_budget or self.reasoning.budget(effort), params.max_tokens)
         try:
             reasoning = ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids))
             state = RequestState(request_id, ids, params, reasoning, self.tokenizer)

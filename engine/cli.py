@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from engine.config import EFFORTS
+
+if TYPE_CHECKING:
+    from engine.admission import Prompt
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream an answer from a model (the embedded default unless --model)")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="the question (or --prompt-ids)")
+    p.add_argument("--prompt-ids", type=_token_ids, default=None, metavar="1,2,3",
+                   help="send these token ids as the prompt (for a model without a tokenizer)")
     p.add_argument("--model", default=None, help="HF folder (config.json + safetensors) or .gguf file")
-    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder, or mistral-common:<file>")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -36,6 +41,9 @@ def _add_models(sub) -> None:
     t.add_argument("--arch", choices=("mistral", "mixtral", "mistral4"), required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
+    t.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="copy this tokenizer (a file or folder, or mistral-common:<file>) beside the weights and "
+                        "size the vocabulary to it, so `levante generate --model OUT` takes text")
     t.set_defaults(func=_cmd_make_tiny)
     d = msub.add_parser("default", help="print the embedded default model's folder (converting it on first use)")
     d.set_defaults(func=_cmd_default)
@@ -56,15 +64,37 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 1,2,3, got {text!r}") from None
+    if any(t < 0 for t in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {text!r}")
+    return ids
+
+
+def _generate_prompt(args, llm) -> Prompt:
+    """What to send: the token ids given, else the text (a chat turn unless --raw)."""
+    if args.prompt_ids is not None:
+        return args.prompt_ids
+    if llm.tokenizer is None:
+        raise ValueError("prompt: this model has no tokenizer; send token ids with --prompt-ids 1,2,3, give "
+                         "--tokenizer, or make it with `levante models make-tiny --tokenizer ...`")
+    return args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+
+
 def _cmd_generate(args) -> int:
     from engine.core.request import SamplingParams
     from engine.llm import LLM
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, reasoning_effort=args.reasoning_effort)
+    if (args.prompt is None) == (args.prompt_ids is None):  # before the model loads
+        raise ValueError("prompt: give either a prompt or --prompt-ids")
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
-    has_template = llm.tokenizer is not None and not args.raw
-    prompt = [{"role": "user", "content": args.prompt}] if has_template else args.prompt
+    prompt = _generate_prompt(args, llm)
+    ids_only = llm.tokenizer is None  # nothing to decode with: print the token ids
     tty = sys.stdout.isatty()
     dim, reset = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
     thinking = False
@@ -80,6 +110,8 @@ def _cmd_generate(args) -> int:
                 print(f"{reset}\n[answer] ", end="")
                 thinking = False
             print(d.text, end="", flush=True)
+        if ids_only and d.token_ids:
+            print(" ".join(map(str, d.token_ids)), end=" ", flush=True)
         final = d
     print(reset)
     if final and final.usage:
@@ -90,9 +122,12 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_make_tiny(args) -> int:
-    from engine.models.tiny import make_tiny
+    from engine.models.tiny import make_tiny, make_tiny_with_tokenizer
 
-    print(make_tiny(args.arch, args.seed, args.out))
+    if args.tokenizer:
+        print(make_tiny_with_tokenizer(args.arch, args.seed, args.out, args.tokenizer))
+    else:
+        print(make_tiny(args.arch, args.seed, args.out))
     return 0
 
 

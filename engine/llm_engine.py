@@ -21,13 +21,12 @@ from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.device import engine_device
 from engine.models.loader import default_model_path, load_model, resolve_model_dir
-from engine.models.uris import resolve_tokenizer_path
 from engine.admission import Admission, Prompt, eos_ids_of
 from engine.output import RequestState, merge_final
 from engine.reasoning import resolve_markers
 from engine.runner import ModelRunner, StepResult
 from engine.sampler import SampleRow, logprobs_of
-from engine.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, model_tokenizer
 
 __all__ = ["EngineCore", "Prompt"]
 
@@ -51,10 +50,8 @@ class EngineCore:
         model_dir = resolve_model_dir(self.model_path)
         self.model, hf_config = load_model(model_dir, config.model, config.parallel)
         self.architecture = (hf_config.get("architectures") or [type(self.model).__name__])[0]
-        # an explicit tokenizer must exist; the model's own may be absent (tiny test checkpoints)
-        self.tokenizer: Tokenizer | None = (load_tokenizer(resolve_tokenizer_path(config.model.tokenizer))
-                                            if config.model.tokenizer else find_tokenizer(model_dir))
         self.vocab_size = int(hf_config["vocab_size"])
+        self.tokenizer: Tokenizer | None = model_tokenizer(config.model.tokenizer, model_dir, self.vocab_size)
         self.eos_ids = eos_ids_of(hf_config, self.tokenizer)
 
         block_size = config.cache.block_size

@@ -139,7 +139,8 @@ class MistralCommonTokenizer(Tokenizer):
         return self._tok.n_words
 
 
-def _mistral_file(path: str) -> str | None:
+def mistral_tokenizer_file(path: str) -> str | None:
+    """The mistral-common tokenizer file at ``path`` (the file itself, or the newest one in a folder), or None."""
     if os.path.isfile(path):
         name = os.path.basename(path)
         return path if name.startswith("tekken") and name.endswith(".json") or ".model" in name else None
@@ -156,7 +157,7 @@ def find_tokenizer(path: str) -> Tokenizer | None:
         return HFTokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         return HFTokenizer(path)
-    mistral = _mistral_file(path)
+    mistral = mistral_tokenizer_file(path)
     return MistralCommonTokenizer(mistral) if mistral else None
 
 
@@ -168,3 +169,20 @@ def load_tokenizer(path: str) -> Tokenizer:
     if tok is None:
         raise ValueError(f"tokenizer: no tokenizer found at {path} (expected tokenizer.json, tekken*.json or *.model.v*)")
     return tok
+
+
+def model_tokenizer(name: str | None, model_dir: str, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer a model runs with: ``name`` (a path or ``mistral-common:<file>``, which must exist) or the
+    model folder's own (which tiny test checkpoints may lack).
+
+    A vocabulary larger than the model's is refused here, at load, with both
+    sizes: its ids would index past the embedding on the first prompt.
+    """
+    from engine.models.base import ModelLoadError
+    from engine.models.uris import resolve_tokenizer_path
+
+    tokenizer = load_tokenizer(resolve_tokenizer_path(name)) if name else find_tokenizer(model_dir)
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ModelLoadError(f"tokenizer: {name or model_dir} has {tokenizer.vocab_size} tokens, more than the "
+                             f"model's vocab_size {vocab_size}; use the tokenizer the model was trained with")
+    return tokenizer

@@ -42,7 +42,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per sampled token
     prompt_logprobs: int | None = None  # top-n logprobs per prompt token
     reasoning_effort: str | None = None  # one of EFFORTS; None: engine default
-    thinking_budget: int | None = None  # overrides the effort's budget
+    thinking_budget: int | None = None  # overrides the effort's budget; either is capped at max_tokens // 2
 
     def __post_init__(self) -> None:
         # Callers (JSON APIs) hand us lists; freeze them so the params stay

@@ -16,11 +16,17 @@ Keyword overrides go into the config (``sliding_window=8``,
 ``save_original_format`` (False writes transformers' fused expert tensors
 instead of the per-expert original layout) and ``max_shard_size`` (e.g.
 ``"100KB"`` for a sharded checkpoint with an index).
+
+``make_tiny_with_tokenizer`` also copies a tokenizer beside the weights and
+sizes the vocabulary to it, so the folder runs on its own (``levante
+generate --model DIR "text"``).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import torch
 
@@ -90,4 +96,40 @@ def make_tiny(arch: str, seed: int, out: str, **overrides) -> str:
                 if name.endswith("norm.weight"):
                     p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=norm_gen))
     model.save_pretrained(out, **save_kwargs)
+    return out
+
+
+# A Hugging Face tokenizer folder's files, copied when present.
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                       "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _tokenizer_files(path: str) -> list[str]:
+    """The files that make up the tokenizer at ``path`` (a mistral-common file, or a folder holding one
+    or a Hugging Face tokenizer)."""
+    from engine.tokenizer import mistral_tokenizer_file
+
+    mistral = mistral_tokenizer_file(path)
+    if mistral:
+        return [mistral]
+    if os.path.isdir(path):
+        return [os.path.join(path, f) for f in _HF_TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+    raise ValueError(f"tokenizer: {path} cannot be copied into a tiny checkpoint "
+                     f"(expected a tekken*.json or *.model.v* file, or a tokenizer folder)")
+
+
+def make_tiny_with_tokenizer(arch: str, seed: int, out: str, tokenizer: str, **overrides) -> str:
+    """``make_tiny`` with ``tokenizer`` (a path or ``mistral-common:<file>``) copied into ``out``; the config's
+    vocab_size and bos/eos ids come from it unless overridden. Returns ``out``."""
+    from engine.models.uris import resolve_tokenizer_path
+    from engine.tokenizer import load_tokenizer
+
+    path = resolve_tokenizer_path(tokenizer)
+    tok = load_tokenizer(path)
+    files = _tokenizer_files(path)
+    special = {k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id))
+               if v is not None}
+    make_tiny(arch, seed, out, **{"vocab_size": tok.vocab_size, **special, **overrides})
+    for file in files:
+        shutil.copy2(file, out)
     return out

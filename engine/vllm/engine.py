@@ -100,11 +100,9 @@ class VllmEngine(EngineClient):
 
     @staticmethod
     def _admission(config: EngineConfig, model_dir: str, hf: dict, max_model_len: int) -> Admission:
-        from engine.models.uris import resolve_tokenizer_path
-        from engine.tokenizer import find_tokenizer, load_tokenizer
+        from engine.tokenizer import model_tokenizer
 
-        tokenizer = (load_tokenizer(resolve_tokenizer_path(config.model.tokenizer)) if config.model.tokenizer
-                     else find_tokenizer(model_dir))
+        tokenizer = model_tokenizer(config.model.tokenizer, model_dir, int(hf["vocab_size"]))
         markers = resolve_markers(tokenizer, config.reasoning)
         return Admission(tokenizer, int(hf["vocab_size"]), eos_ids_of(hf, tokenizer), markers, config.reasoning,
                          max_model_len)

@@ -78,7 +78,7 @@ def test_relative_cert_resolves_against_the_config_files_folder(tmp_path, monkey
     (folder / "certs").mkdir(parents=True)
     for name in ("server.pem", "server-key.pem"):
         (folder / "certs" / name).write_text("PEM")
-    path = write(folder / "cluster.yaml", {"frontdoor": {"port": 0, "tls": {"cert": "certs/server.pem",
+    write(folder / "cluster.yaml", {"frontdoor": {"port": 0, "tls": {"cert": "certs/server.pem",
                                                                             "key": "./certs/server-key.pem"}}})
     monkeypatch.chdir(tmp_path)  # not the config's folder: certs/server.pem does not exist from here
     cfg = load_config("conf/cluster.yaml")

@@ -73,3 +73,24 @@ def test_end_of_text_inside_span_closes_it_instead():
     emitted, rel = run(st, [0, 20, 2, 30, 2])
     assert emitted == [5, 20, 6, 30, 2]  # eos while thinking became the end marker; eos in the answer stays
     assert [ch for _, ch in rel] == [MARKER, REASONING, MARKER, ANSWER, ANSWER]
+
+
+def _admission(reasoning: ReasoningConfig = ReasoningConfig()):
+    from engine.admission import Admission
+
+    return Admission(None, 512, [2], ONE, reasoning, 4096)
+
+
+@pytest.mark.parametrize(("max_tokens", "thinking_budget", "want"), [
+    (64, None, 32),  # the effort's 128 would take every token: half is left for the answer
+    (128, None, 64),
+    (1000, None, 128),  # room enough: the effort's budget as configured
+    (8, 100, 4),  # an explicit budget is capped too
+    (1000, 10, 10),
+])
+def test_admission_leaves_half_of_max_tokens_for_the_answer(max_tokens, thinking_budget, want):
+    from engine.core.request import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, reasoning_effort="low", thinking_budget=thinking_budget)
+    admitted = _admission().admit("r", [1, 3, 4], params, None)
+    assert admitted.thinking_budget == want and admitted.state.reasoning.budget == want
