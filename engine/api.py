@@ -8,7 +8,7 @@ abort, stats, health. Everything crossing it is a plain dataclass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -178,6 +178,13 @@ class EngineError(Exception):
 
 class EngineClient(ABC):
     """Submit, stream, abort, stats, health: the cluster sees nothing else."""
+
+    async def _check_can_take(self, request_id: str, running: Container[str], error: BaseException | None) -> None:
+        """What every engine refuses before admitting: a request while not serving, a request id twice."""
+        if not await self.health():
+            raise EngineError("engine", f"not serving: {error!r}", kind="unavailable")
+        if request_id in running:
+            raise EngineError("request_id", f"{request_id!r} is already running")
 
     @abstractmethod
     async def submit(self, request_id: str, prompt: str | list[int] | list[Message], params: SamplingParams,

@@ -41,10 +41,7 @@ class AsyncEngine(EngineClient):
 
     async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
                      resume: Resume | None = None) -> None:
-        if not await self.health():
-            raise EngineError("engine", f"not serving: {self._error!r}", kind="unavailable")
-        if request_id in self._streams:
-            raise EngineError("request_id", f"{request_id!r} is already running")
+        await self._check_can_take(request_id, self._streams, self._error)
         loop = asyncio.get_running_loop()
         self._streams[request_id] = (loop, asyncio.Queue())
         done: asyncio.Future = loop.create_future()

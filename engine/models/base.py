@@ -9,10 +9,12 @@ latent plus a shared rotated key per token (``"mla"``, Mistral 4).
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,18 @@ from kernels.metadata import AttentionMetadata
 
 class ModelLoadError(ValueError):
     """A checkpoint that cannot be loaded; the message is one line naming the file or tensor."""
+
+
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, params.json) as a dict; ModelLoadError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from engine.config import ModelConfig, ParallelConfig
-from engine.models.base import CausalLM, ModelLoadError
+from engine.models.base import CausalLM, ModelLoadError, read_json_object
 from engine.models.cache import build_once, cache_root
 from engine.models.formats import format_weight_files, native_config, read_tensors, text_model_config
 from engine.models.formats.consolidated import interleaved_to_halves as _unpermute_rope_rows
@@ -50,14 +50,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"no config.json in model folder {folder}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
-    if not isinstance(hf, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
-    return text_model_config(hf, path)
+    return text_model_config(read_json_object(path), path)
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -119,10 +119,7 @@ class VllmEngine(EngineClient):
 
     async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
                      resume: Resume | None = None) -> None:
-        if not await self.health():
-            raise EngineError("engine", f"not serving: {self._error!r}", kind="unavailable")
-        if request_id in self._streams:
-            raise EngineError("request_id", f"{request_id!r} is already running")
+        await self._check_can_take(request_id, self._streams, self._error)
         admitted = self.admission.admit(request_id, prompt, params, resume)
         resumed = list(resume.token_ids) if resume is not None else []
         stream = _Stream(admitted.state, admitted.params, len(admitted.prompt_ids), time.time())

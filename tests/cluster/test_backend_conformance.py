@@ -46,9 +46,8 @@ CONFIG = config_from_dict({
 }, "test")
 
 
-@pytest.fixture(scope="module")
-def local(loop):
-    engine = create_engine(CONFIG.engine)
+def in_process(engine, loop):
+    """A ``LocalBackend`` over ``engine`` and how many KV blocks it holds (running requests count too)."""
     info = loop.run(engine.info())
     backend = LocalBackend(engine, ModelInfo(CONFIG.model_name, info.max_model_len, info.architecture), "conf")
 
@@ -56,7 +55,13 @@ def local(loop):
         s = await engine.stats()
         return s.num_used_blocks + s.num_running
 
-    yield backend, used_blocks
+    return backend, used_blocks
+
+
+@pytest.fixture(scope="module")
+def local(loop):
+    engine = create_engine(CONFIG.engine)
+    yield in_process(engine, loop)
     engine.shutdown()
 
 
@@ -84,14 +89,7 @@ def vllm(loop):
         return create_engine(cfg)
 
     engine = loop.run(build(), timeout=600)
-    info = loop.run(engine.info())
-    backend = LocalBackend(engine, ModelInfo(CONFIG.model_name, info.max_model_len, info.architecture), "conf")
-
-    async def used_blocks() -> int:
-        s = await engine.stats()
-        return s.num_used_blocks + s.num_running
-
-    yield backend, used_blocks
+    yield in_process(engine, loop)
     engine.shutdown()
 
 

@@ -14,14 +14,13 @@ native quantization and vision encoders are refused naming ``params.json``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor
 
-from engine.models.base import ModelLoadError
+from engine.models.base import ModelLoadError, read_json_object
 
 FORMAT = "consolidated"
 PARAMS = "params.json"
@@ -63,14 +62,7 @@ def is_consolidated(folder: Path) -> bool:
 
 def read_params(folder: Path) -> dict:
     path = folder / PARAMS
-    try:
-        with open(path, encoding="utf-8") as f:
-            params = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {path}: {e}") from None
-    if not isinstance(params, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
-    return hf_config(params, path)
+    return hf_config(read_json_object(path), path)
 
 
 def _check_params(params: dict, path: Path) -> None:
