@@ -11,6 +11,9 @@ vLLM runs with its shipped defaults (compiled, not eager).
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 
 import pytest
@@ -149,3 +152,45 @@ def test_bad_input_is_refused_naming_the_field(pair):
     with pytest.raises(EngineError, match="^resume.token_ids: 4 tokens leave nothing"):
         list(vllm.stream([1, 2], SamplingParams(max_tokens=4), resume=Resume((5, 6, 7, 8))))
     assert vllm.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=2))[0].finish_reason  # still serves
+
+
+def _engine_processes() -> list[int]:
+    """vLLM's engine processes under this test process (found by the title vLLM gives them)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0]
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if title.startswith(b"VLLM::EngineCore") and parent == os.getpid():
+            found.append(int(entry))
+    return found
+
+
+def test_a_dead_engine_process_ends_streams_and_health(pair):
+    """Last in the module: it kills the shared vLLM engine, as a lost GPU worker would."""
+    _, vllm = pair
+    offline = vllm._vllm
+    engine = offline.engine
+    pids = _engine_processes()
+    assert pids, "no vLLM engine process found under this test"
+
+    async def stream_until_killed() -> list:
+        await engine.submit("doomed", [1, 2, 3, 4] * 8, SamplingParams(temperature=0, max_tokens=200,
+                                                                        ignore_eos=True))
+        deltas = []
+        async for d in engine.stream("doomed"):
+            deltas.append(d)
+            if len(deltas) == 2:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+        return deltas
+
+    deltas = offline._run(asyncio.wait_for(stream_until_killed(), 120))
+    assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+    assert offline._run(engine.health()) is False
+    with pytest.raises(EngineError, match="^engine: not serving"):
+        vllm.generate([[1, 2]], SamplingParams(max_tokens=2))
