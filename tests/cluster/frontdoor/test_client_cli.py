@@ -1,0 +1,52 @@
+"""``levante client health | models | generate`` as documented (README.md, docs/serving.md), run as a
+user runs them, in their own processes, against a real front door over a tiny MoE engine."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from cluster.backends import LocalBackend
+from cluster.config import FrontDoorConfig
+from cluster.types import ModelInfo
+from engine.api import create_engine
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from engine.models.tiny import make_tiny
+
+from .harness import MODEL, serving, spm_tokenizer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def door(loop, tmp_path_factory):
+    path = make_tiny("mistral4", seed=0, out=str(tmp_path_factory.mktemp("tiny-mistral4")), vocab_size=32768)
+    engine = create_engine(EngineConfig(model=ModelConfig(model=path, tokenizer=spm_tokenizer(), num_threads=1),
+                                        cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=512)))
+    info = loop.run(engine.info())
+    backend = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), "test-region")
+    with serving(loop, backend, FrontDoorConfig(port=0)) as d:
+        yield d
+    engine.shutdown()
+
+
+def levante(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env)
+
+
+def test_client_health_models_and_generate(door):
+    target = f"localhost:{door.port}"
+    health = levante("client", "health", "--target", target)
+    assert health.returncode == 0 and "SERVING" in health.stdout, health.stdout + health.stderr
+    models = levante("client", "models", "--target", target)
+    assert models.returncode == 0 and MODEL in models.stdout, models.stdout + models.stderr
+    gen = levante("client", "generate", "--target", target, "--effort", "low", "Why is the sky blue?")
+    assert gen.returncode == 0, gen.stdout + gen.stderr
+    assert "effort low" in gen.stdout + gen.stderr, gen.stdout + gen.stderr
