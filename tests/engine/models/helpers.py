@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from engine.config import ModelConfig, ParallelConfig
+from engine.models.base import ModelLoadError
 from engine.models.loader import load_model
 from kernels.metadata import AttentionMetadata
 
@@ -95,3 +97,12 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float().cpu() - b.float().cpu()).abs().max().item()
+
+
+def load_error(path: str) -> str:
+    """The one-line ModelLoadError that loading ``path`` raises."""
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path, ModelConfig())
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message

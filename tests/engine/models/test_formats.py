@@ -16,26 +16,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.models.base import ModelLoadError
 from engine.models.formats.consolidated import interleaved_to_halves
-from engine.models.loader import load_model, read_config
+from engine.models.loader import read_config
 from engine.models.tiny import make_tiny, tiny_config
 from engine.models.uris import mistral_common_data_dir
 from engine.tokenizer import MistralCommonTokenizer, find_tokenizer, text_only_messages
-from tests.engine.models.helpers import engine_model, hf_logits, hf_model, max_abs_diff, prompts_of, run_engine
+from tests.engine.models.helpers import (engine_model, hf_logits, hf_model, load_error, max_abs_diff, prompts_of,
+                                         run_engine)
 
 FP32_TOL = 1e-4
 FP8_TOL = 1e-5
 TEKKEN = "tekken_240718.json"  # vocab 131072
-
-
-def load_error(path: str) -> str:
-    with pytest.raises(ModelLoadError) as info:
-        load_model(path, ModelConfig())
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 def engine_vs(path: str, ref, lengths=(6, 17), decode: int = 3, vocab: int = 512) -> float:

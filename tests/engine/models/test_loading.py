@@ -9,15 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ModelConfig
-from engine.models.base import KVCacheSpec, ModelLoadError
-from engine.models.loader import load_model
+from engine.models.base import KVCacheSpec
 from engine.models.mistral import LlamaForCausalLM, MistralForCausalLM
 from engine.models.mistral4 import Mistral4ForCausalLM
 from engine.models.mixtral import MixtralForCausalLM
 from engine.models.registry import resolve_architecture
 from engine.models.tiny import make_tiny
-from tests.engine.models.helpers import engine_model
+from tests.engine.models.helpers import engine_model, load_error
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +26,6 @@ def mistral_dir(tmp_path_factory):
 def copy_dir(src: str, dst) -> str:
     shutil.copytree(src, dst)
     return str(dst)
-
-
-def load_error(path: str) -> str:
-    with pytest.raises(ModelLoadError) as info:
-        load_model(path, ModelConfig())
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 # --------------------------------------------------------------------------- errors
