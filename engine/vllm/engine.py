@@ -56,12 +56,6 @@ def _require_vllm() -> Any:
     return vllm
 
 
-def _text_config(hf: dict) -> dict:
-    """The language model's config (a Mistral3 wrapper keeps it under text_config)."""
-    text = hf.get("text_config")
-    return {**hf, **text} if isinstance(text, dict) else hf
-
-
 class VllmEngine(EngineClient):
     def __init__(self, config: EngineConfig, placement_group: Any = None):
         vllm = _require_vllm()
@@ -74,8 +68,8 @@ class VllmEngine(EngineClient):
         self.config = config
         self.model_path = config.model.model or default_model_path()
         model_dir = resolve_model_dir(self.model_path)
-        hf = _text_config(read_config(Path(model_dir)))
-        self.architecture = (read_config(Path(model_dir)).get("architectures") or ["unknown"])[0]
+        hf = read_config(Path(model_dir))  # a Mistral3 wrapper's text model, unwrapped
+        self.architecture = (hf.get("architectures") or ["unknown"])[0]
         self.vocab_size = int(hf["vocab_size"])
         limit = hf.get("max_position_embeddings")
         wanted = config.model.max_model_len or limit or 32768
