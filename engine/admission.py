@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.api import EngineError, Resume
-from engine.config import ReasoningConfig
+from engine.config import EngineConfig, ReasoningConfig
 from engine.core.request import SamplingParams
 from engine.output import RequestState
-from engine.reasoning import ReasoningState, ThinkMarkers, check_effort
-from engine.tokenizer import Tokenizer
+from engine.reasoning import ReasoningState, ThinkMarkers, check_effort, resolve_markers
+from engine.tokenizer import Tokenizer, model_tokenizer
 
 Prompt = str | list[int] | list[dict[str, Any]]
 
@@ -42,6 +42,13 @@ def answer_room_budget(budget: int, max_tokens: int) -> int:
     return min(budget, max_tokens // 2)
 
 
+def model_max_len(asked: int | None, hf_config: dict) -> int:
+    """The longest sequence asked for, within the model's max_position_embeddings (32768 when neither says)."""
+    limit = hf_config.get("max_position_embeddings")
+    wanted = asked or limit or 32768
+    return min(wanted, limit) if limit else wanted
+
+
 @dataclass
 class Admitted:
     prompt_ids: list[int]
@@ -59,6 +66,14 @@ class Admission:
     markers: ThinkMarkers
     reasoning: ReasoningConfig
     max_model_len: int
+
+    @classmethod
+    def for_model(cls, config: EngineConfig, model_dir: str, hf_config: dict, max_model_len: int) -> "Admission":
+        """The model's tokenizer (refused if larger than its vocabulary), end-of-text ids and thinking markers."""
+        vocab_size = int(hf_config["vocab_size"])
+        tokenizer = model_tokenizer(config.model.tokenizer, model_dir, vocab_size)
+        return cls(tokenizer, vocab_size, eos_ids_of(hf_config, tokenizer), resolve_markers(tokenizer, config.reasoning),
+                   config.reasoning, max_model_len)
 
     @property
     def eos_id(self) -> int | None:

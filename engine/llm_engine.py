@@ -21,12 +21,11 @@ from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.device import engine_device
 from engine.models.loader import default_model_path, load_model, resolve_model_dir
-from engine.admission import Admission, Prompt, eos_ids_of
+from engine.admission import Admission, Prompt, model_max_len
 from engine.output import RequestState, merge_final
-from engine.reasoning import resolve_markers
 from engine.runner import ModelRunner, StepResult
 from engine.sampler import SampleRow, logprobs_of
-from engine.tokenizer import Tokenizer, model_tokenizer
+from engine.tokenizer import Tokenizer
 
 __all__ = ["EngineCore", "Prompt"]
 
@@ -51,23 +50,20 @@ class EngineCore:
         self.model, hf_config = load_model(model_dir, config.model, config.parallel)
         self.architecture = (hf_config.get("architectures") or [type(self.model).__name__])[0]
         self.vocab_size = int(hf_config["vocab_size"])
-        self.tokenizer: Tokenizer | None = model_tokenizer(config.model.tokenizer, model_dir, self.vocab_size)
-        self.eos_ids = eos_ids_of(hf_config, self.tokenizer)
 
         block_size = config.cache.block_size
         spec = self.model.kv_cache_spec()
         self.kv_bytes_per_block = spec.bytes_per_block(block_size)
         # +1: block 0 is the null block that pads block tables
         num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // self.kv_bytes_per_block + 1
-        model_limit = hf_config.get("max_position_embeddings")
-        wanted = config.model.max_model_len or model_limit or 32768
-        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=min(wanted, model_limit) if model_limit else wanted)
+        sched_cfg = dataclasses.replace(config.scheduler,
+                                        max_model_len=model_max_len(config.model.max_model_len, hf_config))
         self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks)
         self.max_model_len = self.scheduler.max_model_len  # also capped when the cache cannot hold a full-length sequence
         self.runner = ModelRunner(self.model, num_blocks, block_size)
-        self.markers = resolve_markers(self.tokenizer, config.reasoning)
-        self.admission = Admission(self.tokenizer, self.vocab_size, self.eos_ids, self.markers, config.reasoning,
-                                   self.max_model_len)
+        self.admission = Admission.for_model(config, model_dir, hf_config, self.max_model_len)
+        self.tokenizer: Tokenizer | None = self.admission.tokenizer
+        self.markers = self.admission.markers
         self.requests: dict[str, Request] = {}
         self.states: dict[str, RequestState] = {}
         self.finished: dict[str, RequestOutput] = {}

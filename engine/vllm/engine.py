@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from engine.admission import Admission, Admitted, Prompt, eos_ids_of
+from engine.admission import Admission, Admitted, Prompt, model_max_len
 from engine.api import (EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput,
                         RequestTimings, Resume, TokenLogprob)
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 from engine.output import RequestState, merge_final
-from engine.reasoning import resolve_markers
 from engine.vllm.args import check_extra_args, engine_kwargs, known_engine_args
 from engine.vllm.processor import REASONING_KEY, reasoning_args
 from engine.vllm.stats import StatsRecorder
@@ -71,11 +70,9 @@ class VllmEngine(EngineClient):
         hf = read_config(Path(model_dir))  # a Mistral3 wrapper's text model, unwrapped
         self.architecture = (hf.get("architectures") or ["unknown"])[0]
         self.vocab_size = int(hf["vocab_size"])
-        limit = hf.get("max_position_embeddings")
-        wanted = config.model.max_model_len or limit or 32768
-        self.max_model_len = min(wanted, limit) if limit else wanted
+        self.max_model_len = model_max_len(config.model.max_model_len, hf)
         self._check_device(vllm)
-        self.admission = self._admission(config, model_dir, hf, self.max_model_len)
+        self.admission = Admission.for_model(config, model_dir, hf, self.max_model_len)
         kwargs = engine_kwargs(config, model_dir, self.max_model_len)
         check_extra_args(config.vllm.extra_args, known_engine_args(), vllm.__version__)
         if config.model.num_threads:  # the CPU build sizes its OpenMP pool from this, in the engine process
@@ -91,15 +88,6 @@ class VllmEngine(EngineClient):
         self._streams: dict[str, _Stream] = {}
         self.finished: dict[str, RequestOutput] = {}  # for LLM's offline API: final outputs until collected
         self._error: BaseException | None = None
-
-    @staticmethod
-    def _admission(config: EngineConfig, model_dir: str, hf: dict, max_model_len: int) -> Admission:
-        from engine.tokenizer import model_tokenizer
-
-        tokenizer = model_tokenizer(config.model.tokenizer, model_dir, int(hf["vocab_size"]))
-        markers = resolve_markers(tokenizer, config.reasoning)
-        return Admission(tokenizer, int(hf["vocab_size"]), eos_ids_of(hf, tokenizer), markers, config.reasoning,
-                         max_model_len)
 
     def _check_device(self, vllm: Any) -> None:
         from vllm.platforms import current_platform
