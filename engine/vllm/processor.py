@@ -44,17 +44,20 @@ def _row(args: dict, prompt: list[int], outputs: list[int], temperature: float) 
     n = args["prompt_len"]
     markers = ThinkMarkers(tuple(args["start"]), tuple(args["end"]))
     state = ReasoningState(markers, args["effort"], args["budget"], prompt[:n], frozenset(args["eos"]))
-    tokens = outputs
     for t in prompt[n:]:  # a resumed request: its earlier outputs arrive as prompt tail
-        state.next_token(t)
-        state.feed(t)
-    return _Row(state, tokens, 0, temperature)
+        _emitted(state, t)
+    return _Row(state, outputs, 0, temperature)
+
+
+def _emitted(state: ReasoningState, token: int) -> None:
+    """``token`` was emitted: pop the forced token it may be, then classify it, as the native engine does."""
+    state.next_token(token)
+    state.feed(token)
 
 
 class ReasoningLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        del vllm_config, is_pin_memory
-        self.device = device
+        del vllm_config, device, is_pin_memory
         self.rows: dict[int, _Row] = {}
 
     def is_argmax_invariant(self) -> bool:
@@ -65,9 +68,7 @@ class ReasoningLogitsProcessor(LogitsProcessor):
             self._apply_batch_update(batch_update)
         for row in self.rows.values():
             while row.seen < len(row.tokens):
-                t = row.tokens[row.seen]
-                row.state.next_token(t)  # pops a forced token it asked for
-                row.state.feed(t)
+                _emitted(row.state, row.tokens[row.seen])
                 row.seen += 1
 
     def _apply_batch_update(self, update: BatchUpdate) -> None:
