@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from engine.api import EngineError, RequestDelta
-
 from cluster.types import ERROR_CODES, UNAVAILABLE, Chunk, ChunkError
+from engine.api import EngineError, RequestDelta
 
 
 def merge_deltas(deltas: list[RequestDelta]) -> Chunk:

@@ -11,15 +11,14 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import engine.cli
-
 from cluster import client as client_cli
 from cluster.drill import cli as drill_cli
+from cluster.types import DeployError
 from cluster.up import cli as up_cli
 from cluster.up.processes import RegionsError
-from cluster.types import DeployError
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
@@ -29,14 +28,21 @@ def _add_serve(sub) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"cluster YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--port", type=int, default=None, help="front door port (overrides the config)")
     p.add_argument("--region", default=None, help="this region's name (overrides the config's region)")
-    p.add_argument("--check", metavar="PROMPT", default=None,
-                   help="smoke test (`make serve` uses it): once up, send PROMPT as one chat message (greedy, "
-                        "at most 64 tokens, as the first tenant when tenants are set) through this region's own "
-                        "front door, print the answer and its usage line, then keep serving; skipped when the "
-                        "front door uses TLS")
-    p.add_argument("--exit-after-check", action="store_true",
-                   help="with --check: drain and stop after the answer (exit 0); a failed check stops "
-                        "the region with exit code 2 either way")
+    p.add_argument(
+        "--check",
+        metavar="PROMPT",
+        default=None,
+        help="smoke test (`make serve` uses it): once up, send PROMPT as one chat message (greedy, "
+        "at most 64 tokens, as the first tenant when tenants are set) through this region's own "
+        "front door, print the answer and its usage line, then keep serving; skipped when the "
+        "front door uses TLS",
+    )
+    p.add_argument(
+        "--exit-after-check",
+        action="store_true",
+        help="with --check: drain and stop after the answer (exit 0); a failed check stops "
+        "the region with exit code 2 either way",
+    )
     p.set_defaults(func=_cmd_serve)
 
 
@@ -75,8 +81,11 @@ async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) ->
             code = await asyncio.to_thread(client_cli.generate_and_print, target, check, cfg)
             if exit_after_check:
                 return code
-        print(f"levante: try `levante client generate --target {target} \"What is the capital of France?\"`; "
-              f"Ctrl-C or SIGTERM drains and stops", flush=True)
+        print(
+            f'levante: try `levante client generate --target {target} "What is the capital of France?"`; '
+            f"Ctrl-C or SIGTERM drains and stops",
+            flush=True,
+        )
         await stop.wait()
         return 0
     finally:
@@ -92,8 +101,11 @@ async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) ->
 def _add_bench_serving(sub) -> None:
     from cluster.bench import serving  # light: Ray, grpc and torch load only when the command runs
 
-    p = sub.add_parser("bench-serving", help="front door + router + Serve vs the engine in-process vs "
-                                             "Ray Serve's gRPC proxy: TTFT, inter-token latency, ratios")
+    p = sub.add_parser(
+        "bench-serving",
+        help="front door + router + Serve vs the engine in-process vs "
+        "Ray Serve's gRPC proxy: TTFT, inter-token latency, ratios",
+    )
     serving.add_arguments(p)
     p.set_defaults(func=serving.run)
 

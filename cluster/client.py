@@ -19,12 +19,11 @@ from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from levante.v1 import inference_pb2 as pb
-from levante.v1 import inference_pb2_grpc as pb_grpc
 
 from cluster.regions.client import RegionClient, parse_endpoint
 from cluster.types import GRPC_NAMES, REQUEST_EFFORTS, Chunk
-
+from levante.v1 import inference_pb2 as pb
+from levante.v1 import inference_pb2_grpc as pb_grpc
 
 
 class ClientError(Exception):
@@ -43,7 +42,7 @@ def format_error(code: str, details: str, origin: str | None = None) -> str:
 def open_channel(target: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.Channel:
     if ca is None and cert is None:
         return grpc.insecure_channel(target)
-    read = lambda p: open(p, "rb").read() if p else None  # noqa: E731
+    read = lambda p: open(p, "rb").read() if p else None
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca), read(key), read(cert)))
 
 
@@ -87,8 +86,10 @@ def summary(final: Chunk) -> str:
     u, d, by = final.usage, final.decision, final.served_by
     line = f"[{final.finish_reason}"
     if u is not None:
-        line += (f"; prompt {u.prompt_tokens}, completion {u.completion_tokens}, reasoning {u.reasoning_tokens}, "
-                 f"cached {u.cached_tokens} tokens")
+        line += (
+            f"; prompt {u.prompt_tokens}, completion {u.completion_tokens}, reasoning {u.reasoning_tokens}, "
+            f"cached {u.cached_tokens} tokens"
+        )
     if d is not None:
         line += f"; effort {d.effort} ({d.reason})"
     if by is not None:
@@ -98,8 +99,15 @@ def summary(final: Chunk) -> str:
     return line + "]"
 
 
-def stream_generate(endpoints: list[str], request: dict, api_key: str | None = None, tls: dict | None = None,
-                    model: str = "", out: TextIO | None = None, err: TextIO | None = None) -> Chunk:
+def stream_generate(
+    endpoints: list[str],
+    request: dict,
+    api_key: str | None = None,
+    tls: dict | None = None,
+    model: str = "",
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> Chunk:
     """Print one streamed answer from the first region that can serve it; returns the final chunk.
 
     ``endpoints``: ``name=host:port`` (or ``host:port``), in the order to try; ``request``: the
@@ -142,6 +150,7 @@ def generate_and_print(target: str, prompt: str, cfg=None) -> int:
 
 # ---- command line ------------------------------------------------------------------------------
 
+
 def add_commands(sub) -> None:
     p = sub.add_parser("client", help="call a Levante front door over gRPC")
     csub = p.add_subparsers(dest="client_cmd", required=True)
@@ -154,9 +163,13 @@ def add_commands(sub) -> None:
     g.add_argument("--raw", action="store_true", help="send a plain prompt instead of one chat message")
     g.add_argument("--model", default="")
     g.add_argument("--region", default=None, help="preferred region (a front door with peers tries it first)")
-    g.add_argument("--regions", default=None, metavar="NAME=HOST:PORT,...",
-                   help="several front doors, in the order to try: the client library fails over between them "
-                        "and resumes a broken stream in the next one (instead of --target)")
+    g.add_argument(
+        "--regions",
+        default=None,
+        metavar="NAME=HOST:PORT,...",
+        help="several front doors, in the order to try: the client library fails over between them "
+        "and resumes a broken stream in the next one (instead of --target)",
+    )
     g.set_defaults(func=_cmd_generate)
     m = csub.add_parser("models", help="list the served models")
     m.set_defaults(func=_cmd_models)
@@ -177,8 +190,14 @@ def _channel(args) -> grpc.Channel:
 
 
 def _cmd_generate(args) -> int:
-    request = dict(prompt=args.prompt, raw=args.raw, effort=args.effort, preferred_region=args.region, timeout_s=args.timeout,
-                   temperature=args.temperature)
+    request = dict(
+        prompt=args.prompt,
+        raw=args.raw,
+        effort=args.effort,
+        preferred_region=args.region,
+        timeout_s=args.timeout,
+        temperature=args.temperature,
+    )
     for name in ("max_tokens", "seed"):
         if getattr(args, name) is not None:
             request[name] = getattr(args, name)
@@ -191,8 +210,9 @@ def _cmd_generate(args) -> int:
 def _cmd_models(args) -> int:
     with _channel(args) as channel:
         try:
-            resp = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=args.timeout or 10,
-                                                             metadata=_metadata(args.api_key))
+            resp = pb_grpc.InferenceStub(channel).ListModels(
+                pb.ListModelsRequest(), timeout=args.timeout or 10, metadata=_metadata(args.api_key)
+            )
         except grpc.RpcError as e:
             raise _fail(e) from None
     for m in resp.models:
@@ -203,8 +223,9 @@ def _cmd_models(args) -> int:
 def _cmd_health(args) -> int:
     with _channel(args) as channel:
         try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
-                                                            timeout=args.timeout or 10)
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout or 10
+            )
         except grpc.RpcError as e:
             unknown = e.code() == grpc.StatusCode.NOT_FOUND
             raise _fail(e, f"unknown service {args.service!r}" if unknown else "") from None

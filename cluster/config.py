@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import EFFORTS, EngineConfig
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ACCELERATORS = ("cpu", "gpu")
 
@@ -50,7 +51,9 @@ class TenantConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must not be empty")
-        _check((self.api_key is None) != (self.api_key_env is None), "api_key", "set exactly one of api_key, api_key_env")
+        _check(
+            (self.api_key is None) != (self.api_key_env is None), "api_key", "set exactly one of api_key, api_key_env"
+        )
         _check(self.requests_per_second >= 0, "requests_per_second", "must be >= 0")
         _check(self.burst >= 0, "burst", "must be >= 0")
         _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0")
@@ -104,8 +107,11 @@ class ReplicaConfig:
         _check(self.max_queued_requests >= -1, "max_queued_requests", "must be >= 0, or -1 for unbounded")
         _check(self.accelerator in ACCELERATORS, "accelerator", f"must be one of {ACCELERATORS}")
         _check(self.cpus_per_rank >= 0, "cpus_per_rank", "must be >= 0")
-        _check(self.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
-               f"must be one of {PLACEMENT_STRATEGIES}")
+        _check(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "placement_strategy",
+            f"must be one of {PLACEMENT_STRATEGIES}",
+        )
         _check(self.stream_chunk_ms >= 0, "stream_chunk_ms", "must be >= 0")
         _check(self.max_gang_restarts >= 0, "max_gang_restarts", "must be >= 0")
         _check(self.rank_timeout_s > 0, "rank_timeout_s", "must be positive")
@@ -118,8 +124,17 @@ class AutoEffortConfig:
 
     default: str = "none"  # a short, plain prompt
     keyword_effort: str = "medium"  # the prompt asks for reasoning ("prove", "step by step", ...)
-    keywords: tuple[str, ...] = ("prove", "step by step", "derive", "calculate", "solve", "why", "explain",
-                                 "debug", "reason")
+    keywords: tuple[str, ...] = (
+        "prove",
+        "step by step",
+        "derive",
+        "calculate",
+        "solve",
+        "why",
+        "explain",
+        "debug",
+        "reason",
+    )
     long_prompt_chars: int = 4000  # at least this long: long_prompt_effort
     long_prompt_effort: str = "low"
     # A deadline shorter than this (seconds) caps the effort: a deep answer would not arrive in time.
@@ -135,8 +150,11 @@ class AutoEffortConfig:
         _check(set(self.min_deadline_s) <= set(EFFORTS), "min_deadline_s", f"keys must be among {EFFORTS}")
         _check(all(v >= 0 for v in self.min_deadline_s.values()), "min_deadline_s", "values must be >= 0")
         _check(all(k.strip() for k in self.keywords), "keywords", "must not contain blank keywords")
-        _check(0 <= self.degrade_queue_delay_s <= self.none_queue_delay_s, "degrade_queue_delay_s",
-               "must be >= 0 and <= none_queue_delay_s")
+        _check(
+            0 <= self.degrade_queue_delay_s <= self.none_queue_delay_s,
+            "degrade_queue_delay_s",
+            "must be >= 0 and <= none_queue_delay_s",
+        )
 
 
 @dataclass(frozen=True)
@@ -181,9 +199,14 @@ class PeerConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must not be empty")
-        _check(":" in self.target and self.target.rsplit(":", 1)[1].isdigit(), "target",
-               f"must be host:port, got {self.target!r}")
-        _check((self.tls_cert is None) == (self.tls_key is None), "tls_cert", "set both tls_cert and tls_key, or neither")
+        _check(
+            ":" in self.target and self.target.rsplit(":", 1)[1].isdigit(),
+            "target",
+            f"must be host:port, got {self.target!r}",
+        )
+        _check(
+            (self.tls_cert is None) == (self.tls_key is None), "tls_cert", "set both tls_cert and tls_key, or neither"
+        )
         _check(self.tls_cert is None or self.tls_ca is not None, "tls_ca", "mutual TLS needs tls_ca too")
 
 
@@ -205,8 +228,14 @@ class HealthCheckConfig:
     stream_idle_timeout_s: float = 10.0  # no chunk within this mid-stream: resume the stream elsewhere
 
     def __post_init__(self) -> None:
-        for name in ("interval_s", "timeout_s", "base_ejection_s", "slow_first_token_s", "first_token_timeout_s",
-                     "stream_idle_timeout_s"):
+        for name in (
+            "interval_s",
+            "timeout_s",
+            "base_ejection_s",
+            "slow_first_token_s",
+            "first_token_timeout_s",
+            "stream_idle_timeout_s",
+        ):
             _check(getattr(self, name) > 0, name, "must be positive")
         for name in ("unhealthy_threshold", "healthy_threshold", "consecutive_failures"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
@@ -243,10 +272,16 @@ class TracingConfig:
     def __post_init__(self) -> None:
         address = self.otlp_endpoint.split("://", 1)[1] if "://" in self.otlp_endpoint else self.otlp_endpoint
         scheme = self.otlp_endpoint.split("://", 1)[0] if "://" in self.otlp_endpoint else ""
-        _check(scheme in ("", "http", "https"), "otlp_endpoint",
-               f"scheme must be http or https (or none), got {self.otlp_endpoint!r}")
-        _check(":" in address and address.rsplit(":", 1)[1].rstrip("/").isdigit() and bool(address.rsplit(":", 1)[0]),
-               "otlp_endpoint", f"must be host:port of an OTLP gRPC receiver, got {self.otlp_endpoint!r}")
+        _check(
+            scheme in ("", "http", "https"),
+            "otlp_endpoint",
+            f"scheme must be http or https (or none), got {self.otlp_endpoint!r}",
+        )
+        _check(
+            ":" in address and address.rsplit(":", 1)[1].rstrip("/").isdigit() and bool(address.rsplit(":", 1)[0]),
+            "otlp_endpoint",
+            f"must be host:port of an OTLP gRPC receiver, got {self.otlp_endpoint!r}",
+        )
         _check(0.0 <= self.sample_ratio <= 1.0, "sample_ratio", f"must be in [0, 1], got {self.sample_ratio}")
         _check(bool(self.service_name), "service_name", "must not be empty")
         _check(self.export_interval_s > 0, "export_interval_s", "must be positive")
@@ -288,11 +323,17 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         _check(bool(self.region), "region", "must not be empty")
         _check(bool(self.model_name), "model_name", "must not be empty")
-        _check(self.region not in {p.name for p in self.regions.peers}, "regions.peers",
-               f"must not list this region ({self.region!r}) itself")
+        _check(
+            self.region not in {p.name for p in self.regions.peers},
+            "regions.peers",
+            f"must not list this region ({self.region!r}) itself",
+        )
         metrics = self.telemetry.metrics
-        _check(not (metrics.enabled and metrics.port and metrics.port == self.frontdoor.port), "telemetry.metrics.port",
-               f"must differ from frontdoor.port ({self.frontdoor.port})")
+        _check(
+            not (metrics.enabled and metrics.port and metrics.port == self.frontdoor.port),
+            "telemetry.metrics.port",
+            f"must differ from frontdoor.port ({self.frontdoor.port})",
+        )
         self._check_engine_placement()
 
     def _check_engine_placement(self) -> None:
@@ -300,14 +341,26 @@ class ClusterConfig:
         engine, replica = self.engine, self.replica
         device = engine.model.device
         if replica.accelerator == "gpu":
-            _check(device is None or device.startswith("cuda"), "engine.model.device",
-                   f"{device!r} contradicts replica.accelerator: gpu (leave it unset, or 'cuda')")
+            _check(
+                device is None or device.startswith("cuda"),
+                "engine.model.device",
+                f"{device!r} contradicts replica.accelerator: gpu (leave it unset, or 'cuda')",
+            )
         else:
-            _check(device in (None, "cpu"), "engine.model.device",
-                   f"{device!r} needs replica.accelerator: gpu (a rank only sees the GPUs its bundle reserves)")
+            _check(
+                device in (None, "cpu"),
+                "engine.model.device",
+                f"{device!r} needs replica.accelerator: gpu (a rank only sees the GPUs its bundle reserves)",
+            )
         if engine.backend == "vllm":
-            _check(replica.ep_size == 1, "replica.ep_size",
-                   "must be 1 with engine.backend: vllm (vLLM splits the experts itself: "
-                   "engine.vllm.enable_expert_parallel and tensor_parallel_size)")
-            _check(replica.accelerator == "gpu" or engine.vllm.world_size == 1, "engine.vllm.tensor_parallel_size",
-                   "more than one device per engine needs replica.accelerator: gpu")
+            _check(
+                replica.ep_size == 1,
+                "replica.ep_size",
+                "must be 1 with engine.backend: vllm (vLLM splits the experts itself: "
+                "engine.vllm.enable_expert_parallel and tensor_parallel_size)",
+            )
+            _check(
+                replica.accelerator == "gpu" or engine.vllm.world_size == 1,
+                "engine.vllm.tensor_parallel_size",
+                "more than one device per engine needs replica.accelerator: gpu",
+            )

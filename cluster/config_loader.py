@@ -37,10 +37,12 @@ from engine.config import EngineConfig
 _MISSING = dataclasses.MISSING
 _SCALARS = {str, int, float, bool}
 # Keys set at run time, never from YAML (the schema and the loader skip them).
-_DERIVED = {"engine.parallel": "not set in YAML: set the ranks per replica with replica.ep_size "
-                               "(the replica derives each rank's engine.parallel from it)",
-            "engine.scheduler.max_model_len": "not set in YAML: set engine.model.max_model_len "
-                                              "(the engine derives the scheduler's from it and the cache size)"}
+_DERIVED = {
+    "engine.parallel": "not set in YAML: set the ranks per replica with replica.ep_size "
+    "(the replica derives each rank's engine.parallel from it)",
+    "engine.scheduler.max_model_len": "not set in YAML: set engine.model.max_model_len "
+    "(the engine derives the scheduler's from it and the cache size)",
+}
 
 
 class ConfigError(ValueError):
@@ -48,9 +50,17 @@ class ConfigError(ValueError):
 
 
 # Keys naming files or folders the config reads; relative ones resolve against the config file's folder.
-PATH_KEYS = ("engine.model.model", "engine.model.tokenizer", "frontdoor.tls.cert", "frontdoor.tls.key",
-             "frontdoor.tls.client_ca", "regions.peers[].tls_ca", "regions.peers[].tls_cert",
-             "regions.peers[].tls_key", "ray.temp_dir")
+PATH_KEYS = (
+    "engine.model.model",
+    "engine.model.tokenizer",
+    "frontdoor.tls.cert",
+    "frontdoor.tls.key",
+    "frontdoor.tls.client_ca",
+    "regions.peers[].tls_ca",
+    "regions.peers[].tls_cert",
+    "regions.peers[].tls_key",
+    "ray.temp_dir",
+)
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # tiny:..., mistral-common:...: names, not paths
 # The three kinds of YAML file and the command each is for; ``file_kind`` tells them apart.
 CLUSTER_CONFIG, TOPOLOGY, SCENARIO = "cluster config", "topology file", "drill scenario"
@@ -84,8 +94,9 @@ def check_kind(data: Any, source: str, expected: str) -> None:
     """Refuse a file of another kind, saying which command it belongs to (not a list of unknown keys)."""
     kind = file_kind(data)
     if kind is not None and kind != expected:
-        raise ConfigError(f"{source}: this is a {kind} for '{COMMANDS[kind]}', "
-                          f"not a {expected} for '{COMMANDS[expected]}'")
+        raise ConfigError(
+            f"{source}: this is a {kind} for '{COMMANDS[kind]}', not a {expected} for '{COMMANDS[expected]}'"
+        )
 
 
 def resolve_paths(data: Any, base_dir: str) -> Any:
@@ -118,8 +129,13 @@ def _resolve_at(node: Any, parts: list[str], base_dir: str) -> None:
 
 
 def _is_relative_path(value: Any) -> bool:
-    return (isinstance(value, str) and bool(value) and not os.path.isabs(value)
-            and not value.startswith("~") and not _URI.match(value))
+    return (
+        isinstance(value, str)
+        and bool(value)
+        and not os.path.isabs(value)
+        and not value.startswith("~")
+        and not _URI.match(value)
+    )
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
@@ -133,7 +149,7 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
     except OSError as e:
         raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -221,8 +237,7 @@ class _StrictLoader(yaml.SafeLoader):
             if not isinstance(key, typing.Hashable):
                 continue  # SafeLoader reports unhashable keys itself
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -285,8 +300,10 @@ class _Mapper:
         if origin is dict:
             if not isinstance(value, dict):
                 raise self.error(path, f"expected a mapping, got {_describe(value)}")
-            return {self.convert(args[0], k, f"{path} key {k!r}"): self.convert(args[1], v, _join(path, str(k)))
-                    for k, v in value.items()}
+            return {
+                self.convert(args[0], k, f"{path} key {k!r}"): self.convert(args[1], v, _join(path, str(k)))
+                for k, v in value.items()
+            }
         return self.scalar(hint, value, path)
 
     def scalar(self, hint: Any, value: Any, path: str) -> Any:
@@ -330,8 +347,9 @@ def _describe(value: Any) -> str:
 
 def _to_plain(value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name), _join(path, f.name))
-                for f in dataclasses.fields(value) if f.init}
+        return {
+            f.name: _to_plain(getattr(value, f.name), _join(path, f.name)) for f in dataclasses.fields(value) if f.init
+        }
     if isinstance(value, (tuple, list)):
         return [_to_plain(v, path) for v in value]
     if isinstance(value, dict):

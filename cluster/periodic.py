@@ -36,6 +36,6 @@ class Periodic:
             began = time.monotonic()
             try:
                 await self.tick()
-            except Exception:  # noqa: BLE001 -- one failed round must not end the loop
+            except Exception:
                 log.exception("%s failed", self.task_name)
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - began)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 from cluster.config import ClusterConfig
 from cluster.config_loader import ConfigError

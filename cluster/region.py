@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 from ray import serve
@@ -75,8 +75,13 @@ def _pids_naming(path: str) -> list[int]:
 
 
 class RegionServer:
-    def __init__(self, cfg: ClusterConfig, progress: Callable[[str], None] = _say,
-                 serve_grpc_port: int | None = None, source: str | None = None):
+    def __init__(
+        self,
+        cfg: ClusterConfig,
+        progress: Callable[[str], None] = _say,
+        serve_grpc_port: int | None = None,
+        source: str | None = None,
+    ):
         self.cfg = cfg
         self.source = source  # the config file, named in preflight errors
         self.progress = progress
@@ -108,34 +113,46 @@ class RegionServer:
         await self._report_experts()
         local = ServeBackend(app_name(self.cfg))
         self.router = build_region_router(self.cfg, local, peers)
-        self.router.book.listeners.append(
-            lambda t: self.progress(f"region health: {t.region} {t.state} ({t.reason})"))
-        self.frontdoor = FrontDoor(self.cfg.frontdoor, self.router.backend, self.cfg.region, self.cfg.model_name,
-                                   metrics=self.telemetry.metrics)
+        self.router.book.listeners.append(lambda t: self.progress(f"region health: {t.region} {t.state} ({t.reason})"))
+        self.frontdoor = FrontDoor(
+            self.cfg.frontdoor,
+            self.router.backend,
+            self.cfg.region,
+            self.cfg.model_name,
+            metrics=self.telemetry.metrics,
+        )
         if self.cfg.frontdoor.admin:
             self.frontdoor.admin = AdminService(self.router, self.frontdoor, local, self.frontdoor.authenticate)
         self.port = await self.frontdoor.start()
         self.router.start()
         self.telemetry.watch(self.router, local.replica_statuses)
         if self.cfg.telemetry.tracing.enabled:
-            self.progress(f"tracing to {self.cfg.telemetry.tracing.otlp_endpoint} "
-                          f"(sample ratio {self.cfg.telemetry.tracing.sample_ratio:g})")
+            self.progress(
+                f"tracing to {self.cfg.telemetry.tracing.otlp_endpoint} "
+                f"(sample ratio {self.cfg.telemetry.tracing.sample_ratio:g})"
+            )
         if self.cfg.regions.peers:
             self.progress("peers: " + ", ".join(f"{p.name} at {p.target}" for p in self.cfg.regions.peers))
         scheme = "tls" if self.cfg.frontdoor.tls.enabled else "plaintext"
-        self.progress(f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "
-                      f"{self.cfg.frontdoor.host}:{self.port} ({scheme}) after {time.monotonic() - began:.1f}s")
+        self.progress(
+            f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "
+            f"{self.cfg.frontdoor.host}:{self.port} ({scheme}) after {time.monotonic() - began:.1f}s"
+        )
         return self.port
 
     async def _deploy_app(self) -> None:
         r = self.cfg.replica
-        self.progress(f"deploying {r.num_replicas} replica(s) x {r.ep_size} expert-parallel rank(s); "
-                      f"loading the model on every rank...")
+        self.progress(
+            f"deploying {r.num_replicas} replica(s) x {r.ep_size} expert-parallel rank(s); "
+            f"loading the model on every rank..."
+        )
         try:  # bounded: a placement group that cannot be satisfied would otherwise wait forever
             await asyncio.wait_for(asyncio.to_thread(self._deploy), r.load_timeout_s + DEPLOY_MARGIN_S)
-        except asyncio.TimeoutError:
-            raise DeployError(f"{app_name(self.cfg)} not ready after {r.load_timeout_s + DEPLOY_MARGIN_S:g}s "
-                              f"(replica.load_timeout_s); not enough CPUs/GPUs for the ranks?") from None
+        except TimeoutError:
+            raise DeployError(
+                f"{app_name(self.cfg)} not ready after {r.load_timeout_s + DEPLOY_MARGIN_S:g}s "
+                f"(replica.load_timeout_s); not enough CPUs/GPUs for the ranks?"
+            ) from None
 
     async def _report_experts(self) -> None:
         """One line on how the experts were split (asks whichever replica answers)."""
@@ -148,8 +165,10 @@ class RegionServer:
         info = status["info"]
         if info.num_expert_params:
             shares = ", ".join(f"rank {r.ep_rank}: {r.num_local_expert_params:,}" for r in status["ranks"] if r)
-            self.progress(f"replica {status['replica']}: {info.architecture}, {info.num_expert_params:,} routed-expert "
-                          f"parameters over {info.ep_size} rank(s) ({shares})")
+            self.progress(
+                f"replica {status['replica']}: {info.architecture}, {info.num_expert_params:,} routed-expert "
+                f"parameters over {info.ep_size} rank(s) ({shares})"
+            )
 
     def _start_ray(self) -> None:
         rc = self.cfg.ray
@@ -166,9 +185,15 @@ class RegionServer:
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
-            ray.init(num_cpus=rc.num_cpus, namespace=rc.namespace, _temp_dir=self._temp_dir,
-                     _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="ERROR",
-                     log_to_driver=False)
+            ray.init(
+                num_cpus=rc.num_cpus,
+                namespace=rc.namespace,
+                _temp_dir=self._temp_dir,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+            )
         except BaseException:
             self._remove_temp_dir()
             raise
@@ -183,9 +208,14 @@ class RegionServer:
         if self.serve_grpc_port is None:
             serve.start(proxy_location="Disabled")  # our front door takes the traffic, not Serve's proxies
         else:  # the proxy serves HTTP too: loopback, on a free port (0), so it never takes 8000
-            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": 0},
-                        grpc_options=gRPCOptions(port=self.serve_grpc_port, grpc_servicer_functions=[
-                            "levante.v1.inference_pb2_grpc.add_InferenceServicer_to_server"]))
+            serve.start(
+                proxy_location="HeadOnly",
+                http_options={"host": "127.0.0.1", "port": 0},
+                grpc_options=gRPCOptions(
+                    port=self.serve_grpc_port,
+                    grpc_servicer_functions=["levante.v1.inference_pb2_grpc.add_InferenceServicer_to_server"],
+                ),
+            )
         try:
             serve.run(build_app(self.cfg), name=app_name(self.cfg), route_prefix=None)
         except RuntimeError as e:  # Serve says only "failed"; the replica's own error is in the app status
@@ -197,8 +227,11 @@ class RegionServer:
             app = serve.status().applications[app_name(self.cfg)]
         except Exception:  # noqa: BLE001 -- best effort: the caller has a message already
             return ""
-        lines = [f"{name}: {(d.message or '').strip().splitlines()[-1]}"
-                 for name, d in app.deployments.items() if d.message and d.message.strip()]
+        lines = [
+            f"{name}: {(d.message or '').strip().splitlines()[-1]}"
+            for name, d in app.deployments.items()
+            if d.message and d.message.strip()
+        ]
         return "; ".join(lines)
 
     async def drain(self) -> None:
@@ -220,8 +253,10 @@ class RegionServer:
                 ray.shutdown()  # it stops the GCS and raylet itself: from here their exit is no loss
                 self._ray_procs = {}
         if self.ray_lost():
-            self.progress("Ray's GCS or raylet exited under us (a signal to the whole process group?); "
-                          "killing what is left of its processes")
+            self.progress(
+                "Ray's GCS or raylet exited under us (a signal to the whole process group?); "
+                "killing what is left of its processes"
+            )
             self._kill_ray_leftovers()
         if self._owns_ray:
             self._remove_temp_dir()

@@ -8,8 +8,9 @@ only from ``engine.api``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from engine.api import Resume, SamplingParams, TokenLogprob, Usage
 from engine.config import EFFORTS  # in increasing depth
@@ -26,8 +27,16 @@ UNAUTHENTICATED = "unauthenticated"
 PERMISSION_DENIED = "permission_denied"
 FAILED_PRECONDITION = "failed_precondition"
 NOT_FOUND = "not_found"
-ERROR_CODES = (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED,
-               PERMISSION_DENIED, FAILED_PRECONDITION, NOT_FOUND)
+ERROR_CODES = (
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    DEADLINE_EXCEEDED,
+    UNAUTHENTICATED,
+    PERMISSION_DENIED,
+    FAILED_PRECONDITION,
+    NOT_FOUND,
+)
 GRPC_NAMES = {code: code.upper() for code in ERROR_CODES}  # the gRPC status each code becomes
 
 # gRPC metadata a region router puts on a call it forwards to a peer: the peer serves it itself

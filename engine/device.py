@@ -21,11 +21,13 @@ def engine_device(name: str | None) -> torch.device:
         return device
     where = f"torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}"
     if not torch.cuda.is_available():
-        raise DeviceUnavailableError(f"model.device: {name!r} was asked for but this process sees no CUDA device "
-                                     f"({where})")
+        raise DeviceUnavailableError(
+            f"model.device: {name!r} was asked for but this process sees no CUDA device ({where})"
+        )
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise DeviceUnavailableError(f"model.device: {name!r} was asked for but this process sees {count} CUDA "
-                                     f"device(s) ({where})")
+        raise DeviceUnavailableError(
+            f"model.device: {name!r} was asked for but this process sees {count} CUDA device(s) ({where})"
+        )
     # "cuda" alone means the current device: name it, so tensors and collectives agree on one index
     return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from engine.api import EngineStats, Message, RequestDelta, RequestOutput, Resume
 from engine.config import EngineConfig, ModelConfig
@@ -19,11 +19,21 @@ class LLM:
     >>> out = llm.generate("What is the capital of France?", SamplingParams(temperature=0))
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
-                 tokenizer: str | None = None, backend: str = "native", config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        tokenizer: str | None = None,
+        backend: str = "native",
+        config: EngineConfig | None = None,
+    ):
         if config is None:
-            config = EngineConfig(backend=backend, model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype,
-                                                                     max_model_len=max_model_len))
+            config = EngineConfig(
+                backend=backend,
+                model=ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len),
+            )
         self.backend = config.backend
         self._vllm = None
         if config.backend == "vllm":  # vLLM steps in its own process; we admit and decode as the native engine does
@@ -43,8 +53,12 @@ class LLM:
         if self._vllm is not None:
             self._vllm.close()
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 progress: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion with continuous batching; outputs in prompt order."""
         prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
         plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
@@ -63,13 +77,16 @@ class LLM:
             print(file=sys.stderr)
         return [self.engine.finished.pop(i) for i in ids]
 
-    def chat(self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(
+        self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         """Like ``generate`` for one conversation or a list of them (the model's chat template applies)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         return self.generate(list(convs), params)  # type: ignore[arg-type]
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               resume: Resume | None = None) -> Iterator[RequestDelta]:
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, resume: Resume | None = None
+    ) -> Iterator[RequestDelta]:
         """Deltas of one request as they are produced; the request is aborted if the caller stops early.
 
         With ``resume``, continue a request another engine started (see ``Resume``).

@@ -14,14 +14,22 @@ import time
 
 import torch
 
-from engine.api import (EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput, RequestTimings, Resume,
-                        TokenLogprob)
+from engine.admission import Admission, Prompt, model_max_len
+from engine.api import (
+    EngineError,
+    EngineInfo,
+    EngineStats,
+    RequestDelta,
+    RequestOutput,
+    RequestTimings,
+    Resume,
+    TokenLogprob,
+)
 from engine.config import EngineConfig
 from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.device import engine_device
 from engine.models.loader import default_model_path, load_model, resolve_model_dir
-from engine.admission import Admission, Prompt, model_max_len
 from engine.output import RequestState, merge_final
 from engine.runner import ModelRunner, StepResult
 from engine.sampler import SampleRow, logprobs_of
@@ -56,10 +64,13 @@ class EngineCore:
         self.kv_bytes_per_block = spec.bytes_per_block(block_size)
         # +1: block 0 is the null block that pads block tables
         num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // self.kv_bytes_per_block + 1
-        sched_cfg = dataclasses.replace(config.scheduler,
-                                        max_model_len=model_max_len(config.model.max_model_len, hf_config))
+        sched_cfg = dataclasses.replace(
+            config.scheduler, max_model_len=model_max_len(config.model.max_model_len, hf_config)
+        )
         self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks)
-        self.max_model_len = self.scheduler.max_model_len  # also capped when the cache cannot hold a full-length sequence
+        self.max_model_len = (
+            self.scheduler.max_model_len
+        )  # also capped when the cache cannot hold a full-length sequence
         self.runner = ModelRunner(self.model, num_blocks, block_size)
         self.admission = Admission.for_model(config, model_dir, hf_config, self.max_model_len)
         self.tokenizer: Tokenizer | None = self.admission.tokenizer
@@ -75,14 +86,23 @@ class EngineCore:
             from engine.parallel.driver import start_driver
             from engine.parallel.wire import Hello
 
-            self.broadcaster = start_driver(self.model, config.parallel, Hello(
-                num_blocks, block_size, self.max_model_len, self.vocab_size, self.model.num_expert_params()))
+            self.broadcaster = start_driver(
+                self.model,
+                config.parallel,
+                Hello(num_blocks, block_size, self.max_model_len, self.vocab_size, self.model.num_expert_params()),
+            )
             self.runner.step_sink = self.broadcaster
 
     # ---- admission -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
-                    resume: Resume | None = None, arrival: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        resume: Resume | None = None,
+        arrival: float | None = None,
+    ) -> None:
         """Admit a request; with ``resume``, one whose first outputs another engine produced.
 
         A resumed request is a request preempted by recompute: its prompt is
@@ -175,8 +195,9 @@ class EngineCore:
         if not want:
             return {}
         k = max(self.requests[result.request_ids[i]].sampling_params.logprobs or 0 for i in want)
-        chosen, tops = logprobs_of(result.logits[want], torch.tensor([emitted[i] for i in want],
-                                                                     device=result.logits.device), k)
+        chosen, tops = logprobs_of(
+            result.logits[want], torch.tensor([emitted[i] for i in want], device=result.logits.device), k
+        )
         out = {}
         for j, i in enumerate(want):
             rid = result.request_ids[i]
@@ -189,8 +210,9 @@ class EngineCore:
         # usage counts cached prompt tokens; a resumed request's hits may also cover its resumed outputs
         cached = min(max(req.num_cached_tokens, 0), req.num_prompt_tokens)
         delta = state.finish(reason, cached_tokens=cached)
-        delta.timings = RequestTimings(stages.arrival, stages.first_scheduled, stages.first_token, time.time(),
-                                       req.num_preemptions)
+        delta.timings = RequestTimings(
+            stages.arrival, stages.first_scheduled, stages.first_token, time.time(), req.num_preemptions
+        )
         self.finished[request_id] = dataclasses.replace(state.to_output(reason), timings=delta.timings)
         return delta
 
@@ -217,8 +239,12 @@ class EngineCore:
 
     def info(self) -> EngineInfo:
         return EngineInfo(
-            model=self.model_path, architecture=self.architecture, max_model_len=self.max_model_len,
-            vocab_size=self.vocab_size, ep_size=self.config.parallel.ep_size, ep_rank=self.config.parallel.ep_rank,
+            model=self.model_path,
+            architecture=self.architecture,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            ep_size=self.config.parallel.ep_size,
+            ep_rank=self.config.parallel.ep_rank,
             num_local_expert_params=self.model.num_local_expert_params(),
             num_expert_params=self.model.num_expert_params(),
         )

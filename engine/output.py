@@ -8,8 +8,8 @@ request first replays the outputs another engine produced, silently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from engine.api import RequestDelta, RequestOutput, TokenLogprob, Usage
 from engine.core.request import SamplingParams
@@ -42,15 +42,15 @@ class IncrementalDetokenizer:
     def _delta(self, final: bool) -> str:
         if self.tokenizer is None or self._read == len(self.ids):
             return ""
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        text = self.tokenizer.decode(self.ids[self._prefix:])
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        text = self.tokenizer.decode(self.ids[self._prefix :])
         if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
             return ""
         if final:
             self._prefix = self._read = len(self.ids)
         else:  # the next window starts at the tokens just decoded
             self._prefix, self._read = self._read, len(self.ids)
-        return text[len(before):]
+        return text[len(before) :]
 
 
 def merge_final(step: RequestDelta, final: RequestDelta) -> RequestDelta:
@@ -109,12 +109,16 @@ class RequestState:
         for i, t in enumerate(token_ids):
             expected = self.reasoning.next_token(t)
             if expected != t:  # the engine would have emitted a forced thinking marker here, whatever was sampled
-                raise ValueError(f"resume.token_ids: token {t} at index {i} cannot be there: this request emits "
-                                 f"{expected} (a thinking marker); were they produced with the same params?")
+                raise ValueError(
+                    f"resume.token_ids: token {t} at index {i} cannot be there: this request emits "
+                    f"{expected} (a thinking marker); were they produced with the same params?"
+                )
             self.add_tokens([t], None)
             if self.stopped_by_string:
-                raise ValueError(f"resume.token_ids: already finished: the answer reaches stop string "
-                                 f"{self.stop_reason!r} at index {i}")
+                raise ValueError(
+                    f"resume.token_ids: already finished: the answer reaches stop string "
+                    f"{self.stop_reason!r} at index {i}"
+                )
         self.answer_sent = self._delivered("text_chars", text_chars, self.answer)
         self.reasoning_sent = self._delivered("reasoning_chars", reasoning_chars, self.reasoning_text)
 
@@ -122,8 +126,9 @@ class RequestState:
     def _delivered(name: str, chars: int, text: str) -> int:
         # The client cannot hold more text than the replayed tokens decode to: if it claims so, its text is not theirs.
         if chars > len(text):
-            raise ValueError(f"resume.{name}: {chars} characters delivered, but the resumed tokens decode to "
-                             f"only {len(text)}")
+            raise ValueError(
+                f"resume.{name}: {chars} characters delivered, but the resumed tokens decode to only {len(text)}"
+            )
         return chars
 
     def finish(self, finish_reason: str | None, cached_tokens: int = 0) -> RequestDelta:
@@ -135,16 +140,23 @@ class RequestState:
     def _decode(self, released, token_ids, logprobs, final: bool) -> RequestDelta:
         reasoning_ids = [t for t, ch in released if ch == REASONING]
         answer_ids = [t for t, ch in released if ch == ANSWER]
-        self.reasoning_text += (self._reasoning_detok.feed(reasoning_ids)
-                                + (self._reasoning_detok.flush() if final else ""))
+        self.reasoning_text += self._reasoning_detok.feed(reasoning_ids) + (
+            self._reasoning_detok.flush() if final else ""
+        )
         # reasoning holds nothing back itself, but after a resume the client may still miss some of it
-        new_reasoning, self.reasoning_sent = self.reasoning_text[self.reasoning_sent:], len(self.reasoning_text)
+        new_reasoning, self.reasoning_sent = self.reasoning_text[self.reasoning_sent :], len(self.reasoning_text)
         if not self.stopped_by_string:
             self.answer += self._answer_detok.feed(answer_ids) + (self._answer_detok.flush() if final else "")
             self._check_stop_strings()
-        end = len(self.answer) if (final or self.stopped_by_string) else max(self.answer_sent, len(self.answer) - self._hold)
-        text, self.answer_sent = self.answer[self.answer_sent:end], end
-        return RequestDelta(self.request_id, list(token_ids), text=text, reasoning_text=new_reasoning, logprobs=logprobs)
+        end = (
+            len(self.answer)
+            if (final or self.stopped_by_string)
+            else max(self.answer_sent, len(self.answer) - self._hold)
+        )
+        text, self.answer_sent = self.answer[self.answer_sent : end], end
+        return RequestDelta(
+            self.request_id, list(token_ids), text=text, reasoning_text=new_reasoning, logprobs=logprobs
+        )
 
     def _check_stop_strings(self) -> None:
         for stop in self.params.stop:

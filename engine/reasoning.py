@@ -50,14 +50,20 @@ def check_effort(effort: str) -> str:
 class ReasoningState:
     """Per-request thinking state; ``feed`` sees every output token in order."""
 
-    def __init__(self, markers: ThinkMarkers, effort: str, budget: int, prompt_ids: list[int],
-                 eos_ids: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        markers: ThinkMarkers,
+        effort: str,
+        budget: int,
+        prompt_ids: list[int],
+        eos_ids: frozenset[int] = frozenset(),
+    ):
         self.markers = markers
         self.eos_ids = eos_ids
         self.effort = check_effort(effort)
         self.budget = budget if effort != "none" else 0
         self.num_reasoning_tokens = 0
-        self.in_think = bool(markers.start) and tuple(prompt_ids[-len(markers.start):]) == markers.start
+        self.in_think = bool(markers.start) and tuple(prompt_ids[-len(markers.start) :]) == markers.start
         self._pending: deque[int] = deque()  # tokens the engine emits instead of sampling
         self._held: list[int] = []
         if effort != "none" and not self.in_think and markers.start:

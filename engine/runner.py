@@ -12,9 +12,10 @@ inputs, so the MoE all-reduces inside the model pair up one to one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -37,7 +38,7 @@ class StepInputs:
     block_ids: list[list[int]]  # [B][n_b] each sequence's block table
 
     @staticmethod
-    def of(seqs: Sequence[ScheduledSeq]) -> "StepInputs":
+    def of(seqs: Sequence[ScheduledSeq]) -> StepInputs:
         input_ids: list[int] = []
         positions: list[int] = []
         for s in seqs:
@@ -63,8 +64,9 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0,
-                 step_sink: StepSink | None = None):
+    def __init__(
+        self, model: CausalLM, num_blocks: int, block_size: int, seed: int = 0, step_sink: StepSink | None = None
+    ):
         self.model = model
         self.step_sink = step_sink  # set on rank 0 of an expert-parallel group
         self.block_size = block_size
@@ -76,8 +78,9 @@ class ModelRunner:
         self.logits_hook: Callable[[list[str], torch.Tensor], None] | None = None
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, requests: Mapping[str, Request],
-                rows: Mapping[str, SampleRow]) -> StepResult:
+    def execute(
+        self, out: SchedulerOutput, requests: Mapping[str, Request], rows: Mapping[str, SampleRow]
+    ) -> StepResult:
         seqs = out.seqs
         inputs = StepInputs.of(seqs)
         if self.step_sink is not None:
@@ -100,11 +103,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> tuple[torch.Tensor, AttentionMetadata]:
         """Run the model on one step's inputs, writing their KV entries: (final hidden [T, D], metadata)."""
-        meta = AttentionMetadata.build(self.block_size, inputs.query_lens, inputs.seq_lens, inputs.block_ids,
-                                       self.device)
+        meta = AttentionMetadata.build(
+            self.block_size, inputs.query_lens, inputs.seq_lens, inputs.block_ids, self.device
+        )
         i64 = dict(dtype=torch.int64, device=self.device)
-        hidden = self.model(torch.tensor(inputs.input_ids, **i64), torch.tensor(inputs.positions, **i64),
-                            meta, self.kv_caches)  # [T, D]
+        hidden = self.model(
+            torch.tensor(inputs.input_ids, **i64), torch.tensor(inputs.positions, **i64), meta, self.kv_caches
+        )  # [T, D]
         return hidden, meta
 
     def _prompt_logprobs(self, s, end: int, hidden: torch.Tensor, req: Request) -> list[TokenLogprob]:
@@ -114,7 +119,7 @@ class ModelRunner:
         if n <= 0:
             return []
         first = end - len(s.token_ids)
-        logits = self.model.compute_logits(hidden[first:first + n])  # [n, V]
-        targets = torch.tensor(prompt[s.start_pos + 1:s.start_pos + 1 + n], device=logits.device)  # [n]
+        logits = self.model.compute_logits(hidden[first : first + n])  # [n, V]
+        targets = torch.tensor(prompt[s.start_pos + 1 : s.start_pos + 1 + n], device=logits.device)  # [n]
         chosen, tops = logprobs_of(logits, targets, req.sampling_params.prompt_logprobs or 0)
         return [TokenLogprob(t, lp, top) for t, lp, top in zip(targets.tolist(), chosen, tops)]

@@ -57,7 +57,9 @@ class Sampler:
         # logits: [V]
         probs = filtered_probs(logits, row.params)
         if row.params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed((row.params.seed * _SEED_MIX + row.output_index) % (2**63))
+            gen = torch.Generator(device=self.device).manual_seed(
+                (row.params.seed * _SEED_MIX + row.output_index) % (2**63)
+            )
         else:
             gen = self._generator
         noise = torch.empty_like(probs).exponential_(generator=gen)

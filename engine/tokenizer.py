@@ -10,10 +10,9 @@ from __future__ import annotations
 import glob
 import os
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 from engine.api import Message
-
 
 _IMAGE_PARTS = ("image_url", "image", "input_image")
 
@@ -88,8 +87,9 @@ class HFTokenizer(Tokenizer):
         if not getattr(self._tok, "chat_template", None):
             raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
         extra = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
-        out = self._tok.apply_chat_template(text_only_messages(messages), add_generation_prompt=True, tokenize=True,
-                                            **extra)
+        out = self._tok.apply_chat_template(
+            text_only_messages(messages), add_generation_prompt=True, tokenize=True, **extra
+        )
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def special_token_id(self, token: str) -> int | None:
@@ -155,7 +155,9 @@ def find_tokenizer(path: str) -> Tokenizer | None:
     """The tokenizer at ``path`` (a mistral-common file, a HF folder or a .gguf file), or None if it has none."""
     if path.endswith(".gguf") and os.path.isfile(path):
         return HFTokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+    if os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
         return HFTokenizer(path)
     mistral = mistral_tokenizer_file(path)
     return MistralCommonTokenizer(mistral) if mistral else None
@@ -167,7 +169,9 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise ValueError(f"tokenizer: {path} does not exist")
     tok = find_tokenizer(path)
     if tok is None:
-        raise ValueError(f"tokenizer: no tokenizer found at {path} (expected tokenizer.json, tekken*.json or *.model.v*)")
+        raise ValueError(
+            f"tokenizer: no tokenizer found at {path} (expected tokenizer.json, tekken*.json or *.model.v*)"
+        )
     return tok
 
 
@@ -183,6 +187,8 @@ def model_tokenizer(name: str | None, model_dir: str, vocab_size: int) -> Tokeni
 
     tokenizer = load_tokenizer(resolve_tokenizer_path(name)) if name else find_tokenizer(model_dir)
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
-        raise ModelLoadError(f"tokenizer: {name or model_dir} has {tokenizer.vocab_size} tokens, more than the "
-                             f"model's vocab_size {vocab_size}; use the tokenizer the model was trained with")
+        raise ModelLoadError(
+            f"tokenizer: {name or model_dir} has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size {vocab_size}; use the tokenizer the model was trained with"
+        )
     return tokenizer

@@ -36,8 +36,15 @@ class AttentionBackend(ABC):
         """
 
     @abstractmethod
-    def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-                        scale: float, sliding_window: int | None = None) -> Tensor:
+    def paged_attention(
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> Tensor:
         """Causal (optionally sliding-window) attention for a varlen batch.
 
         q: [T, Hq, D]; k_cache: [NB, BS, Hkv, D]; v_cache: [NB, BS, Hkv, Dv] -> [T, Hq, Dv].
@@ -48,8 +55,16 @@ class AttentionBackend(ABC):
         """
 
     @abstractmethod
-    def mla_paged_attention(self, q_nope: Tensor, q_rope: Tensor, latent_cache: Tensor, meta: AttentionMetadata,
-                            w_uk: Tensor, w_uv: Tensor, scale: float) -> Tensor:
+    def mla_paged_attention(
+        self,
+        q_nope: Tensor,
+        q_rope: Tensor,
+        latent_cache: Tensor,
+        meta: AttentionMetadata,
+        w_uk: Tensor,
+        w_uv: Tensor,
+        scale: float,
+    ) -> Tensor:
         """Multi-head latent attention (DeepSeek-V2 / Mistral 4) over a latent-only cache.
 
         q_nope: [T, H, Dn]; q_rope: [T, H, Dr] (already rotated);
@@ -66,8 +81,15 @@ class MoEBackend(ABC):
     name: str
 
     @abstractmethod
-    def fused_moe(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                  expert_start: int = 0) -> Tensor:
+    def fused_moe(
+        self,
+        x: Tensor,
+        topk_ids: Tensor,
+        topk_weights: Tensor,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        expert_start: int = 0,
+    ) -> Tensor:
         """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) over this rank's experts.
 
         x: [T, D]; topk_ids: [T, K] int64 global expert ids; topk_weights: [T, K];
@@ -109,4 +131,4 @@ def get_moe_backend(name: str = "cpu") -> MoEBackend:
     return _pick("moe", _moe_backends(), name)
 
 
-__all__ = ["AttentionBackend", "MoEBackend", "get_attention_backend", "get_moe_backend", "AttentionMetadata"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "MoEBackend", "get_attention_backend", "get_moe_backend"]

@@ -9,8 +9,9 @@ of ``T`` tokens; sequence ``b`` owns rows
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,8 +57,13 @@ class AttentionMetadata:
         return all(q == 1 for q in self.query_lens_cpu)
 
     @staticmethod
-    def build(block_size: int, query_lens: list[int], seq_lens: list[int], block_ids: list[list[int]],
-              device: torch.device | str = "cpu") -> "AttentionMetadata":
+    def build(
+        block_size: int,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_ids: list[list[int]],
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
         """Metadata for sequences whose new tokens are the tail of their context."""
         assert len(query_lens) == len(seq_lens) == len(block_ids)
         starts = [0]

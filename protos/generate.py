@@ -20,14 +20,20 @@ def proto_files(root: Path = PROTO_ROOT) -> list[str]:
 
 
 def generate(out: Path) -> None:
-    from grpc_tools import protoc  # a test-only dependency: import it only when regenerating
-
     import grpc_tools
+    from grpc_tools import protoc  # a test-only dependency: import it only when regenerating
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
     out.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}",
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *proto_files()]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *proto_files(),
+    ]
     # Inputs are named relative to PROTO_ROOT (levante/v1/x.proto): the import paths the generated code uses.
     rc = protoc.main(args)
     if rc != 0:

@@ -20,11 +20,14 @@ def no_cuda_reason(need: int = 1) -> str | None:
     if torch.version.cuda is None:
         return f"no CUDA device: torch {torch.__version__} is a CPU-only build"
     if not torch.cuda.is_available():
-        return f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none, " \
-               f"CUDA_VISIBLE_DEVICES={visible}"
+        return (
+            f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none, "
+            f"CUDA_VISIBLE_DEVICES={visible}"
+        )
     if torch.cuda.device_count() < need:
-        return f"needs {need} CUDA devices, this process sees {torch.cuda.device_count()} " \
-               f"(CUDA_VISIBLE_DEVICES={visible})"
+        return (
+            f"needs {need} CUDA devices, this process sees {torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES={visible})"
+        )
     return None
 
 

@@ -52,7 +52,7 @@ ALLOWED = {
 }
 
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*([\w+-]*)\s*$")
-_NOTE = re.compile(r"<!--\s*docs-check:\s*(.*?)\s*-->", re.S)
+_NOTE = re.compile(r"<!--\s*docs-check:\s*(.*?)\s*-->", re.DOTALL)
 
 
 @dataclass
@@ -88,7 +88,7 @@ def _annotation(lines: list[str], fence: int) -> tuple[str | None, list[str]]:
     k = j
     while k >= 0 and "<!--" not in lines[k]:
         k -= 1
-    notes = _NOTE.findall("\n".join(lines[k:j + 1]))
+    notes = _NOTE.findall("\n".join(lines[k : j + 1]))
     if not notes:
         return None, []
     return " ".join(notes[-1].split()), ([] if len(notes) == 1 else ["more than one docs-check annotation"])
@@ -108,7 +108,7 @@ def parse(doc: str) -> tuple[list[Block], list[tuple[int, str]]]:
         while j < len(lines) and not re.match(rf"^\s*{re.escape(m.group(2)[0])}{{{len(m.group(2))},}}\s*$", lines[j]):
             j += 1
         indent = len(m.group(1))
-        body = "\n".join(line[indent:] if line[:indent].isspace() else line for line in lines[i + 1:j])
+        body = "\n".join(line[indent:] if line[:indent].isspace() else line for line in lines[i + 1 : j])
         note, problems = _annotation(lines, i)
         blocks.append(Block(doc, i + 1, m.group(3), body + "\n", note, problems))
         i = j + 1
@@ -136,8 +136,7 @@ for _doc in DOCS:
 
 
 def _test_sources() -> dict[str, str]:
-    return {str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "tests").rglob("*.py")
-            if p.name != "test_docs.py"}
+    return {str(p.relative_to(ROOT)): p.read_text() for p in (ROOT / "tests").rglob("*.py") if p.name != "test_docs.py"}
 
 
 def _commands(text: str) -> list[str]:
@@ -219,16 +218,19 @@ def check_note(block: Block, sources: dict[str, str]) -> list[str]:
             problems.append(f"annotation text {q!r} is not in the block any more")
     missing = [w for w in want if w not in text]
     if missing and text:
-        problems.append(f"{', '.join(p for p, _ in refs)} do(es) not contain {missing}: "
-                        "the doc and the test have drifted apart")
+        problems.append(
+            f"{', '.join(p for p, _ in refs)} do(es) not contain {missing}: the doc and the test have drifted apart"
+        )
     return problems
 
 
 def summary() -> str:
     counts = {k: sum(b.kind == k for b in ALL) for k in KINDS}
-    return (f"docs check: {len(ALL)} snippets in {len(DOCS)} files: {counts['run']} run, "
-            f"{counts['test']} covered by tests, {counts['kubernetes']} kubernetes, {counts['gpu']} gpu, "
-            f"{counts['output']} output, {counts['manual']} manual; {len(SPANS)} inline commands")
+    return (
+        f"docs check: {len(ALL)} snippets in {len(DOCS)} files: {counts['run']} run, "
+        f"{counts['test']} covered by tests, {counts['kubernetes']} kubernetes, {counts['gpu']} gpu, "
+        f"{counts['output']} output, {counts['manual']} manual; {len(SPANS)} inline commands"
+    )
 
 
 DOCS_CHECK_SUMMARY = summary()  # printed at the end of the session by tests/conftest.py
@@ -249,9 +251,8 @@ def test_every_block_is_annotated_and_its_tests_exist():
 def test_inline_commands_are_checked():
     sources = "\n".join(_test_sources().values())
     checked = "\n".join(" ".join(b.text.split()) for b in ALL if b.kind in ("run", "test"))
-    loose = [f"{doc}:{n}: `{s}`" for doc, n, s in SPANS
-             if s not in checked and s not in sources and s not in ALLOWED]
-    assert not loose, ("inline commands in no checked block, no test and not in ALLOWED:\n" + "\n".join(loose))
+    loose = [f"{doc}:{n}: `{s}`" for doc, n, s in SPANS if s not in checked and s not in sources and s not in ALLOWED]
+    assert not loose, "inline commands in no checked block, no test and not in ALLOWED:\n" + "\n".join(loose)
 
 
 def test_allowed_inline_commands_are_still_used():
@@ -265,8 +266,11 @@ def shell_env(tmp_path_factory):
     wrapper = bindir / "levante"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m cluster.cli "$@"\n')
     wrapper.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ,
+        PATH=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    )
     return env
 
 
@@ -286,5 +290,7 @@ def test_run_block(block: Block, shell_env, tmp_path):
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{block.where}: still running after {RUN_TIMEOUT_S}s: {(e.stderr or '')[-2000:]}")
-    assert done.returncode == 0, (f"{block.where}: exit {done.returncode}\n--- stdout (tail)\n"
-                                  f"{done.stdout[-1500:]}\n--- stderr (tail)\n{done.stderr[-3000:]}")
+    assert done.returncode == 0, (
+        f"{block.where}: exit {done.returncode}\n--- stdout (tail)\n"
+        f"{done.stdout[-1500:]}\n--- stderr (tail)\n{done.stderr[-3000:]}"
+    )

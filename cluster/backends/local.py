@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from opentelemetry.trace import Span
 
+from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
 from cluster.config import AutoEffortConfig
 from cluster.router.policy import decide_for
-from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
 from cluster.telemetry import spans, tracing
 from cluster.types import DEADLINE_EXCEEDED, Backend, Chunk, Decision, GenerateRequest, ModelInfo, ServedBy
 from engine.api import EngineClient, EngineError, RequestDelta
@@ -26,8 +27,14 @@ from engine.api import EngineClient, EngineError, RequestDelta
 class LocalBackend(Backend):
     """Serves ``info.name`` from ``engine``; the engine belongs to the caller, who shuts it down."""
 
-    def __init__(self, engine: EngineClient, info: ModelInfo, region: str, replica: str = "local-0",
-                 auto: AutoEffortConfig | None = None):
+    def __init__(
+        self,
+        engine: EngineClient,
+        info: ModelInfo,
+        region: str,
+        replica: str = "local-0",
+        auto: AutoEffortConfig | None = None,
+    ):
         self.engine, self.info, self.auto = engine, info, auto or AutoEffortConfig()
         self.served_by = ServedBy(region, replica)
 
@@ -46,17 +53,25 @@ class LocalBackend(Backend):
         """The one engine's figures, in the replicas' status format (for the metrics poller)."""
         del timeout_s  # in-process: answers at once
         healthy = await self.engine.health()
-        return [{"replica": self.served_by.replica, "state": "serving" if healthy else "failed", "restarts": 0,
-                 "stats": await self.engine.stats()}]
+        return [
+            {
+                "replica": self.served_by.replica,
+                "state": "serving" if healthy else "failed",
+                "restarts": 0,
+                "stats": await self.engine.stats(),
+            }
+        ]
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         return self._traced(request) if tracing.active() else self._generate(request, None)
 
     async def _traced(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """One span for the router's and the replica's part; the engine's stages go below it."""
-        span = tracing.start_span(spans.LOCAL_BACKEND, request.trace_context,
-                                  attributes={"levante.request_id": request.request_id,
-                                              "levante.replica": self.served_by.replica})
+        span = tracing.start_span(
+            spans.LOCAL_BACKEND,
+            request.trace_context,
+            attributes={"levante.request_id": request.request_id, "levante.replica": self.served_by.replica},
+        )
         async with contextlib.aclosing(spans.traced(span, self._generate(request, span))) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -107,6 +122,5 @@ async def _next_delta(stream: AsyncIterator[RequestDelta], deadline: float | Non
         return await anext(stream)
     try:
         return await asyncio.wait_for(anext(stream), max(0.0, deadline - time.time()))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None
-

@@ -18,7 +18,7 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
 
-    def Export(self, request, context):  # noqa: N802 -- gRPC's method name
+    def Export(self, request, context):
         n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
         with self._lock:
             self.spans += n

@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from levante.v1 import inference_pb2 as pb
-from levante.v1 import inference_pb2_grpc as pb_grpc
 
 from cluster.bench.timing import RequestTiming
 from cluster.config import ClusterConfig
 from cluster.config_loader import engine_config_for_rank
 from engine.api import EngineClient, SamplingParams, create_engine, run_expert_worker
+from levante.v1 import inference_pb2 as pb
+from levante.v1 import inference_pb2_grpc as pb_grpc
 
 
 def free_port() -> int:
@@ -104,8 +104,13 @@ class GrpcPath:
 
     async def generate(self, request_id: str, prompt: Sequence[int], max_tokens: int) -> RequestTiming:
         assert self._stub is not None, "open() first"
-        req = pb.GenerateRequest(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, request_id=request_id,
-                                 reasoning_effort=pb.REASONING_EFFORT_NONE)
+        req = pb.GenerateRequest(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            request_id=request_id,
+            reasoning_effort=pb.REASONING_EFFORT_NONE,
+        )
         req.prompt_token_ids.ids.extend(prompt)
         timing = RequestTiming()
         final = None

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from levante.v1 import inference_pb2 as pb
 from ray import serve
 
 from cluster.frontdoor.convert import (
@@ -24,6 +23,7 @@ from cluster.frontdoor.convert import (
     decode_generate,
 )
 from cluster.serve.streams import relay
+from levante.v1 import inference_pb2 as pb
 
 
 def ingress_app_name(router_app: str) -> str:
@@ -72,8 +72,10 @@ class ServeGrpcIngress:
                     yield pb.GenerateResponse.FromString(raw)
 
 
-def build_ingress_app(router_app: str, model_name: str, max_request_bytes: int,
-                      backend_timeout_s: float) -> serve.Application:
+def build_ingress_app(
+    router_app: str, model_name: str, max_request_bytes: int, backend_timeout_s: float
+) -> serve.Application:
     deployment = serve.deployment(ServeGrpcIngress).options(
-        name="ServeGrpcIngress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+        name="ServeGrpcIngress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
+    )
     return deployment.bind(router_app, model_name, max_request_bytes, backend_timeout_s)

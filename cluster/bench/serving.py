@@ -60,8 +60,10 @@ def bench_config(cfg):
     in-process engine must not get more)."""
     threads = cfg.engine.model.num_threads or max(1, int(cfg.replica.cpus_per_rank))
     engine = dataclasses.replace(
-        cfg.engine, model=dataclasses.replace(cfg.engine.model, num_threads=threads),
-        cache=dataclasses.replace(cfg.engine.cache, enable_prefix_caching=False))
+        cfg.engine,
+        model=dataclasses.replace(cfg.engine.model, num_threads=threads),
+        cache=dataclasses.replace(cfg.engine.cache, enable_prefix_caching=False),
+    )
     return dataclasses.replace(cfg, engine=engine, frontdoor=dataclasses.replace(cfg.frontdoor, port=0))
 
 
@@ -101,18 +103,25 @@ def run_benchmark(cfg, opts: BenchOptions, progress: Callable[[str], None] = _sa
     try:
         port = loop_thread.run(region.start(), timeout=cfg.replica.load_timeout_s + RAY_START_S)
         progress(f"deploying the Serve gRPC proxy's ingress {ingress!r} (proxy on 127.0.0.1:{grpc_port})")
-        serve.run(build_ingress_app(app_name(cfg), cfg.model_name, cfg.frontdoor.max_request_bytes,
-                                    cfg.frontdoor.backend_timeout_s),
-                  name=ingress, route_prefix=f"/{ingress}")
+        serve.run(
+            build_ingress_app(
+                app_name(cfg), cfg.model_name, cfg.frontdoor.max_request_bytes, cfg.frontdoor.backend_timeout_s
+            ),
+            name=ingress,
+            route_prefix=f"/{ingress}",
+        )
         deployed_ingress = True
-        progress(f"loading the in-process engine (ep_size {cfg.replica.ep_size}, "
-                 f"{cfg.engine.model.num_threads} torch thread(s) per rank)")
+        progress(
+            f"loading the in-process engine (ep_size {cfg.replica.ep_size}, "
+            f"{cfg.engine.model.num_threads} torch thread(s) per rank)"
+        )
         in_process.start()
         paths = {
             IN_PROCESS: in_process,
             LEVANTE: GrpcPath(LEVANTE, f"{cfg.frontdoor.host}:{port}", opts.request_timeout_s),
-            SERVE_PROXY: GrpcPath(SERVE_PROXY, f"127.0.0.1:{grpc_port}", opts.request_timeout_s,
-                                  metadata=(("application", ingress),)),
+            SERVE_PROXY: GrpcPath(
+                SERVE_PROXY, f"127.0.0.1:{grpc_port}", opts.request_timeout_s, metadata=(("application", ingress),)
+            ),
         }
         levels = asyncio.run(_measure(paths, opts, progress))
     finally:
@@ -127,10 +136,15 @@ def run_benchmark(cfg, opts: BenchOptions, progress: Callable[[str], None] = _sa
         finally:
             loop_thread.close()
     return {
-        "config": {"region": cfg.region, "model_name": cfg.model_name, "model": cfg.engine.model.model,
-                   "ep_size": cfg.replica.ep_size, "torch_threads_per_rank": cfg.engine.model.num_threads,
-                   "stream_chunk_tokens": cfg.replica.stream_chunk_tokens,
-                   "stream_chunk_ms": cfg.replica.stream_chunk_ms},
+        "config": {
+            "region": cfg.region,
+            "model_name": cfg.model_name,
+            "model": cfg.engine.model.model,
+            "ep_size": cfg.replica.ep_size,
+            "torch_threads_per_rank": cfg.engine.model.num_threads,
+            "stream_chunk_tokens": cfg.replica.stream_chunk_tokens,
+            "stream_chunk_ms": cfg.replica.stream_chunk_ms,
+        },
         "options": dataclasses.asdict(opts),
         "levels": levels,
     }
@@ -151,8 +165,13 @@ async def _measure(paths: dict[str, Any], opts: BenchOptions, progress: Callable
                 await p.close()
 
 
-async def _level(paths: dict[str, Any], prompts: list[list[int]], concurrency: int, opts: BenchOptions,
-                 progress: Callable[[str], None]) -> dict[str, Any]:
+async def _level(
+    paths: dict[str, Any],
+    prompts: list[list[int]],
+    concurrency: int,
+    opts: BenchOptions,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
     from cluster.bench.timing import summarize
 
     tag = f"c{concurrency}-{time.time_ns()}"  # request ids unique across levels and runs
@@ -163,12 +182,13 @@ async def _level(paths: dict[str, Any], prompts: list[list[int]], concurrency: i
     rounds = math.ceil(len(prompts) / concurrency)
     last_report = time.monotonic()
     for r in range(rounds):
-        batch = prompts[r * concurrency:(r + 1) * concurrency]
-        order = PATHS[r % 3:] + PATHS[:r % 3]  # rotate, so no path always runs right after another
+        batch = prompts[r * concurrency : (r + 1) * concurrency]
+        order = PATHS[r % 3 :] + PATHS[: r % 3]  # rotate, so no path always runs right after another
         for name in order:
             began = time.perf_counter()
-            got = await asyncio.gather(*(paths[name].generate(f"{tag}-{name}-{r}-{i}", p, opts.max_tokens)
-                                         for i, p in enumerate(batch)))
+            got = await asyncio.gather(
+                *(paths[name].generate(f"{tag}-{name}-{r}-{i}", p, opts.max_tokens) for i, p in enumerate(batch))
+            )
             wall[name] += time.perf_counter() - began
             timings[name].extend(got)
         done = min(len(prompts), (r + 1) * concurrency)
@@ -180,17 +200,27 @@ async def _level(paths: dict[str, Any], prompts: list[list[int]], concurrency: i
     return {
         "concurrency": concurrency,
         "paths": {name: dataclasses.asdict(s) for name, s in stats.items()},
-        "ratios": {f"{a}/{b}": {m: _ratio(getattr(stats[a], m), getattr(stats[b], m)) for m in METRICS}
-                   for a, b in RATIOS},
+        "ratios": {
+            f"{a}/{b}": {m: _ratio(getattr(stats[a], m), getattr(stats[b], m)) for m in METRICS} for a, b in RATIOS
+        },
         # Greedy decoding of the same prompts on the same weights: every path must produce the same tokens.
-        "same_tokens_as_in_process": {name: sum(t.token_ids == ref for t, ref in zip(timings[name], reference))
-                                      / max(1, len(reference)) for name in PATHS},
+        "same_tokens_as_in_process": {
+            name: sum(t.token_ids == ref for t, ref in zip(timings[name], reference)) / max(1, len(reference))
+            for name in PATHS
+        },
         "token_ids": {name: [t.token_ids for t in timings[name]] for name in PATHS},
     }
 
 
-async def _warm_up(path, prompt: list[int], concurrency: int, opts: BenchOptions, tag: str,
-                   progress: Callable[[str], None], ready_within_s: float = 60.0) -> None:
+async def _warm_up(
+    path,
+    prompt: list[int],
+    concurrency: int,
+    opts: BenchOptions,
+    tag: str,
+    progress: Callable[[str], None],
+    ready_within_s: float = 60.0,
+) -> None:
     """A few unmeasured requests; Serve's proxy learns of a new app's route a moment after it
     is deployed, so the first call is retried until then."""
     import grpc
@@ -202,8 +232,9 @@ async def _warm_up(path, prompt: list[int], concurrency: int, opts: BenchOptions
             break
         except grpc.aio.AioRpcError as e:
             if time.monotonic() - began > ready_within_s:
-                raise RuntimeError(f"{path.name}: not answering after {ready_within_s:g}s: "
-                                   f"{e.code().name}: {e.details()}") from None
+                raise RuntimeError(
+                    f"{path.name}: not answering after {ready_within_s:g}s: {e.code().name}: {e.details()}"
+                ) from None
             await asyncio.sleep(0.5)
     for i in range(opts.warmup):
         await asyncio.gather(*(path.generate(f"{tag}-{i}-{j}", prompt, opts.max_tokens) for j in range(concurrency)))
@@ -216,21 +247,28 @@ def _ratio(a: float, b: float) -> float:
 
 # ---- report ----------------------------------------------------------------------------------------
 
+
 def format_report(result: dict[str, Any]) -> str:
     c, o = result["config"], result["options"]
-    header = (f"model {c['model'] or 'embedded SmolLM2-135M-Instruct'} ({c['model_name']}), ep_size {c['ep_size']}, "
-              f"{c['torch_threads_per_rank']} torch thread(s) per rank; {o['num_requests']} requests x "
-              f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens")
-    columns = (f"{'path':<13}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
-               f"{'gap p50':>9}{'gap p99':>9}{'tok/chunk':>10}{'tok/s':>8}{'same tokens':>13}")
+    header = (
+        f"model {c['model'] or 'embedded SmolLM2-135M-Instruct'} ({c['model_name']}), ep_size {c['ep_size']}, "
+        f"{c['torch_threads_per_rank']} torch thread(s) per rank; {o['num_requests']} requests x "
+        f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens"
+    )
+    columns = (
+        f"{'path':<13}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
+        f"{'gap p50':>9}{'gap p99':>9}{'tok/chunk':>10}{'tok/s':>8}{'same tokens':>13}"
+    )
     lines = [header]
     for level in result["levels"]:
         lines += ["", f"concurrency {level['concurrency']}", columns]
         for name, s in level["paths"].items():
-            lines.append(f"{name:<13}{s['ttft_p50_ms']:>10.1f}{s['ttft_p99_ms']:>10.1f}{s['itl_p50_ms']:>9.2f}"
-                         f"{s['itl_p99_ms']:>9.2f}{s['chunk_gap_p50_ms']:>9.1f}{s['chunk_gap_p99_ms']:>9.1f}"
-                         f"{s['tokens_per_chunk']:>10.1f}{s['tokens_per_s']:>8.1f}"
-                         f"{level['same_tokens_as_in_process'][name]:>13.0%}")
+            lines.append(
+                f"{name:<13}{s['ttft_p50_ms']:>10.1f}{s['ttft_p99_ms']:>10.1f}{s['itl_p50_ms']:>9.2f}"
+                f"{s['itl_p99_ms']:>9.2f}{s['chunk_gap_p50_ms']:>9.1f}{s['chunk_gap_p99_ms']:>9.1f}"
+                f"{s['tokens_per_chunk']:>10.1f}{s['tokens_per_s']:>8.1f}"
+                f"{level['same_tokens_as_in_process'][name]:>13.0%}"
+            )
         lines.append(f"{'ratio':<27}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tok/s':>8}")
         for key, r in level["ratios"].items():
             lines.append(f"{key:<27}" + "".join(f"{r[m]:>{w}.2f}x" for m, w in zip(METRICS, (9, 9, 8, 8, 7))))
@@ -239,6 +277,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 # ---- command line ----------------------------------------------------------------------------------
+
 
 def _levels(text: str) -> tuple[int, ...]:
     try:
@@ -255,8 +294,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=BenchOptions.num_requests, help="measured requests per path")
     p.add_argument("--max-tokens", type=int, default=BenchOptions.max_tokens)
     p.add_argument("--prompt-len", type=int, default=BenchOptions.prompt_len)
-    p.add_argument("--concurrency", type=_levels, default=BenchOptions.concurrency,
-                   help="comma-separated levels, e.g. 1,4 (default 1: sequential requests)")
+    p.add_argument(
+        "--concurrency",
+        type=_levels,
+        default=BenchOptions.concurrency,
+        help="comma-separated levels, e.g. 1,4 (default 1: sequential requests)",
+    )
     p.add_argument("--warmup", type=int, default=BenchOptions.warmup, help="unmeasured requests per path")
     p.add_argument("--seed", type=int, default=BenchOptions.seed)
     p.add_argument("--json", default=None, help="also write the results (with every token id) to this file")
@@ -267,8 +310,14 @@ def run(args) -> int:
 
     if args.requests < 1 or args.max_tokens < 2 or args.prompt_len < 1 or args.warmup < 0:
         raise ValueError("--requests and --prompt-len must be >= 1, --max-tokens >= 2, --warmup >= 0")
-    opts = BenchOptions(num_requests=args.requests, max_tokens=args.max_tokens, prompt_len=args.prompt_len,
-                        concurrency=args.concurrency, warmup=args.warmup, seed=args.seed)
+    opts = BenchOptions(
+        num_requests=args.requests,
+        max_tokens=args.max_tokens,
+        prompt_len=args.prompt_len,
+        concurrency=args.concurrency,
+        warmup=args.warmup,
+        seed=args.seed,
+    )
     result = run_benchmark(load_config(args.config), opts)
     result["config"]["file"] = args.config
     print(format_report(result), flush=True)

@@ -83,10 +83,15 @@ def summarize(timings: list[RequestTiming], wall_s: float) -> PathStats:
     tokens = sum(len(t.token_ids) for t in timings)
     ms = 1000.0
     return PathStats(
-        requests=len(timings), tokens=tokens, wall_s=wall_s,
-        ttft_p50_ms=percentile(ttfts, 50) * ms, ttft_p99_ms=percentile(ttfts, 99) * ms,
-        itl_p50_ms=percentile(itl, 50) * ms, itl_p99_ms=percentile(itl, 99) * ms,
-        chunk_gap_p50_ms=percentile(gaps, 50) * ms, chunk_gap_p99_ms=percentile(gaps, 99) * ms,
+        requests=len(timings),
+        tokens=tokens,
+        wall_s=wall_s,
+        ttft_p50_ms=percentile(ttfts, 50) * ms,
+        ttft_p99_ms=percentile(ttfts, 99) * ms,
+        itl_p50_ms=percentile(itl, 50) * ms,
+        itl_p99_ms=percentile(itl, 99) * ms,
+        chunk_gap_p50_ms=percentile(gaps, 50) * ms,
+        chunk_gap_p99_ms=percentile(gaps, 99) * ms,
         tokens_per_chunk=later_tokens / len(gaps) if gaps else math.nan,
         tokens_per_s=tokens / wall_s if wall_s > 0 else math.nan,
     )

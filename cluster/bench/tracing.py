@@ -70,10 +70,10 @@ def off_path_cost_ns(number: int = 200_000) -> float:
 
 
 def run_benchmark(args, progress=_say) -> dict[str, Any]:
+    from cluster.backends import LocalBackend
     from cluster.bench.otlp_sink import OtlpSink
     from cluster.bench.paths import GrpcPath
     from cluster.bench.timing import percentile
-    from cluster.backends import LocalBackend
     from cluster.config import ClusterConfig, FrontDoorConfig, TracingConfig
     from cluster.frontdoor import FrontDoor
     from cluster.regions.router import build_region_router
@@ -83,9 +83,12 @@ def run_benchmark(args, progress=_say) -> dict[str, Any]:
     from engine.config import CacheConfig, EngineConfig, ModelConfig
 
     progress(f"loading {args.model}")
-    engine = create_engine(EngineConfig(model=ModelConfig(model=args.model, tokenizer=args.tokenizer or None,
-                                                          num_threads=args.threads),
-                                        cache=CacheConfig(enable_prefix_caching=False)))
+    engine = create_engine(
+        EngineConfig(
+            model=ModelConfig(model=args.model, tokenizer=args.tokenizer or None, num_threads=args.threads),
+            cache=CacheConfig(enable_prefix_caching=False),
+        )
+    )
     sink = OtlpSink()
     on = TracingConfig(enabled=True, otlp_endpoint=f"127.0.0.1:{sink.port}")
     cfg = ClusterConfig(region="bench", model_name="bench", frontdoor=FrontDoorConfig(port=0))
@@ -105,7 +108,7 @@ def run_benchmark(args, progress=_say) -> dict[str, Any]:
             for i in range(args.warmup):
                 await client.generate(f"warm-{i}", prompt, args.max_tokens)
             for r in range(args.rounds):
-                for mode in ((OFF, ON) if r % 2 == 0 else (ON, OFF)):  # alternate who goes first
+                for mode in (OFF, ON) if r % 2 == 0 else (ON, OFF):  # alternate who goes first
                     if mode == ON:
                         tracing.setup_tracing(on, "bench", "frontdoor")
                     for i in range(args.requests):
@@ -127,32 +130,48 @@ def run_benchmark(args, progress=_say) -> dict[str, Any]:
         engine.shutdown()
         sink.stop()
     ms = 1000.0
-    summary = {mode: {"requests": len(latencies[mode]),
-                      "e2e_p50_ms": percentile(latencies[mode], 50) * ms,
-                      "e2e_p90_ms": percentile(latencies[mode], 90) * ms,
-                      "e2e_mean_ms": statistics.fmean(latencies[mode]) * ms,
-                      "ttft_p50_ms": percentile(ttfts[mode], 50) * ms} for mode in (OFF, ON)}
-    return {"options": {k: v for k, v in vars(args).items() if k != "func"}, "modes": summary,
-            "spans_exported": sink.spans, "off_path_ns": off_path_cost_ns()}
+    summary = {
+        mode: {
+            "requests": len(latencies[mode]),
+            "e2e_p50_ms": percentile(latencies[mode], 50) * ms,
+            "e2e_p90_ms": percentile(latencies[mode], 90) * ms,
+            "e2e_mean_ms": statistics.fmean(latencies[mode]) * ms,
+            "ttft_p50_ms": percentile(ttfts[mode], 50) * ms,
+        }
+        for mode in (OFF, ON)
+    }
+    return {
+        "options": {k: v for k, v in vars(args).items() if k != "func"},
+        "modes": summary,
+        "spans_exported": sink.spans,
+        "off_path_ns": off_path_cost_ns(),
+    }
 
 
 def format_report(result: dict[str, Any]) -> str:
     o, m = result["options"], result["modes"]
-    lines = [f"model {o['model']}; {o['rounds']} rounds x {o['requests']} sequential requests per mode, "
-             f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens",
-             f"{'tracing':<9}{'e2e p50':>9}{'e2e p90':>9}{'e2e mean':>10}{'TTFT p50':>10}"]
+    lines = [
+        f"model {o['model']}; {o['rounds']} rounds x {o['requests']} sequential requests per mode, "
+        f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens",
+        f"{'tracing':<9}{'e2e p50':>9}{'e2e p90':>9}{'e2e mean':>10}{'TTFT p50':>10}",
+    ]
     for mode in (OFF, ON):
         s = m[mode]
-        lines.append(f"{mode:<9}{s['e2e_p50_ms']:>9.2f}{s['e2e_p90_ms']:>9.2f}{s['e2e_mean_ms']:>10.2f}"
-                     f"{s['ttft_p50_ms']:>10.2f}")
+        lines.append(
+            f"{mode:<9}{s['e2e_p50_ms']:>9.2f}{s['e2e_p90_ms']:>9.2f}{s['e2e_mean_ms']:>10.2f}{s['ttft_p50_ms']:>10.2f}"
+        )
     ratio = {k: m[ON][k] / m[OFF][k] for k in ("e2e_p50_ms", "e2e_p90_ms", "e2e_mean_ms", "ttft_p50_ms")}
-    lines.append(f"{'on/off':<9}{ratio['e2e_p50_ms']:>8.3f}x{ratio['e2e_p90_ms']:>8.3f}x"
-                 f"{ratio['e2e_mean_ms']:>9.3f}x{ratio['ttft_p50_ms']:>9.3f}x")
+    lines.append(
+        f"{'on/off':<9}{ratio['e2e_p50_ms']:>8.3f}x{ratio['e2e_p90_ms']:>8.3f}x"
+        f"{ratio['e2e_mean_ms']:>9.3f}x{ratio['ttft_p50_ms']:>9.3f}x"
+    )
     per_request = result["spans_exported"] / max(1, m[ON]["requests"])
     off_us = result["off_path_ns"] / 1000
     lines.append(f"spans exported with tracing on: {result['spans_exported']} ({per_request:.1f} per request)")
-    lines.append(f"tracing off: the telemetry calls of one request take {off_us:.2f} us "
-                 f"({off_us / (m[OFF]['e2e_p50_ms'] * 1000):.4%} of the off p50)")
+    lines.append(
+        f"tracing off: the telemetry calls of one request take {off_us:.2f} us "
+        f"({off_us / (m[OFF]['e2e_p50_ms'] * 1000):.4%} of the off p50)"
+    )
     lines.append("(milliseconds; e2e from sending the call to its final message, at the client)")
     return "\n".join(lines)
 

@@ -8,10 +8,10 @@ import signal
 import time
 
 
-
 def add_commands(sub) -> None:
-    p = sub.add_parser("drill", help="run a failover drill: regions, load, timed faults, report; "
-                                     "exit 1 when an SLO is missed")
+    p = sub.add_parser(
+        "drill", help="run a failover drill: regions, load, timed faults, report; exit 1 when an SLO is missed"
+    )
     p.add_argument("--scenario", required=True, help="scenario YAML (configs/drills/*.yaml)")
     p.add_argument("--out", default=None, help="report folder (default drill-reports/<scenario>-<time>)")
     p.add_argument("--requests", type=int, default=None, help="override load.requests")
@@ -25,8 +25,11 @@ def _cmd_drill(args) -> int:
 
     name = os.path.splitext(os.path.basename(args.scenario))[0]
     out = args.out or os.path.join("drill-reports", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    overrides = {k: v for k, v in (("requests", args.requests), ("max_seconds", args.max_seconds),
-                                   ("concurrency", args.concurrency)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("requests", args.requests), ("max_seconds", args.max_seconds), ("concurrency", args.concurrency))
+        if v is not None
+    }
     result = asyncio.run(_stoppable(run_drill(args.scenario, out, say, overrides)))
     if result is None:
         say("drill stopped before its end; no report")

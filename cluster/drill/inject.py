@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
-from levante.v1 import admin_pb2, admin_pb2_grpc
 
 from cluster.drill.scenario import FaultSpec
 from cluster.up.processes import LocalRegions
+from levante.v1 import admin_pb2, admin_pb2_grpc
 
 ADMIN_TIMEOUT_S = 30.0
-_ADMIN_KIND = {"kill_replica": admin_pb2.FAULT_KIND_KILL_REPLICA, "kill_rank": admin_pb2.FAULT_KIND_KILL_RANK,
-               "slow_region": admin_pb2.FAULT_KIND_SLOW, "drain_region": admin_pb2.FAULT_KIND_DRAIN}
+_ADMIN_KIND = {
+    "kill_replica": admin_pb2.FAULT_KIND_KILL_REPLICA,
+    "kill_rank": admin_pb2.FAULT_KIND_KILL_RANK,
+    "slow_region": admin_pb2.FAULT_KIND_SLOW,
+    "drain_region": admin_pb2.FAULT_KIND_DRAIN,
+}
 
 
 class Injector:
@@ -30,8 +34,9 @@ class Injector:
             return f"SIGKILL to {self.regions.kill(f.region)} process(es)"
         if f.kind == "freeze_region":
             return f"SIGSTOP to {self.regions.freeze(f.region)} process(es)"
-        return await self._admin(f.region, admin_pb2.FaultRequest(kind=_ADMIN_KIND[f.kind], delay_s=f.delay_s,
-                                                                  rank=f.rank))
+        return await self._admin(
+            f.region, admin_pb2.FaultRequest(kind=_ADMIN_KIND[f.kind], delay_s=f.delay_s, rank=f.rank)
+        )
 
     async def restore(self, f: FaultSpec) -> str:
         if f.kind == "kill_region":

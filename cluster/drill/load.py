@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from cluster.drill.records import Failover, RequestRecord
 from cluster.drill.scenario import LoadSpec
 from cluster.regions.client import RegionClient
 from cluster.types import GRPC_NAMES, Chunk, FailoverHop
-
 
 
 @dataclass
@@ -24,8 +23,9 @@ class LoadCounters:
     by_region: dict[str, int] = field(default_factory=dict)
 
 
-def failovers_with_times(hops: list[FailoverHop], final_region: str,
-                         arrivals: list[tuple[float, int]]) -> list[Failover]:
+def failovers_with_times(
+    hops: list[FailoverHop], final_region: str, arrivals: list[tuple[float, int]]
+) -> list[Failover]:
     """Each hop, with when the next region's first token arrived (the first arrival past ``at_token``)."""
     out = []
     for i, hop in enumerate(hops):
@@ -74,8 +74,13 @@ class LoadRunner:
         arrivals: list[tuple[float, int]] = []
         last: Chunk | None = None
         try:
-            async for chunk in self.client.generate(self.spec.prompt, effort=self.spec.effort, request_id=f"drill-{i}",
-                                                    timeout_s=self.spec.request_timeout_s, **self.params(i)):
+            async for chunk in self.client.generate(
+                self.spec.prompt,
+                effort=self.spec.effort,
+                request_id=f"drill-{i}",
+                timeout_s=self.spec.request_timeout_s,
+                **self.params(i),
+            ):
                 if chunk.token_ids:
                     tokens.extend(chunk.token_ids)
                     arrivals.append((self.clock(), len(tokens)))
@@ -91,6 +96,14 @@ class LoadRunner:
         c.resumed += any(h.at_token > 0 for h in hops)
         if region:
             c.by_region[region] = c.by_region.get(region, 0) + 1
-        return RequestRecord(id=f"drill-{i}", sent=sent, first_token=arrivals[0][0] if arrivals else None,
-                             ended=ended, code=code, first_region=first_region, region=region, tokens=tokens,
-                             failovers=hops)
+        return RequestRecord(
+            id=f"drill-{i}",
+            sent=sent,
+            first_token=arrivals[0][0] if arrivals else None,
+            ended=ended,
+            code=code,
+            first_region=first_region,
+            region=region,
+            tokens=tokens,
+            failovers=hops,
+        )

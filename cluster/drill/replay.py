@@ -30,9 +30,13 @@ async def replay_check(load: LoadRunner, records: list[RequestRecord], concurren
         async with gate:
             tokens: list[int] = []
             last = None
-            async for chunk in load.client.generate(load.spec.prompt, effort=load.spec.effort,
-                                                    request_id=f"replay-{i}", timeout_s=load.spec.request_timeout_s,
-                                                    **load.params(i)):
+            async for chunk in load.client.generate(
+                load.spec.prompt,
+                effort=load.spec.effort,
+                request_id=f"replay-{i}",
+                timeout_s=load.spec.request_timeout_s,
+                **load.params(i),
+            ):
                 tokens.extend(chunk.token_ids)
                 last = chunk
         if last is not None and last.error is None:

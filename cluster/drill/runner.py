@@ -9,8 +9,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from cluster.drill.inject import Injector
 from cluster.drill.load import LoadRunner
@@ -48,8 +48,9 @@ class _Clock:
         return unix_time - self.t0
 
 
-async def _run_faults(scenario: Scenario, injector: Injector, clock: _Clock, faults: list[FaultRecord],
-                      progress: Progress) -> None:
+async def _run_faults(
+    scenario: Scenario, injector: Injector, clock: _Clock, faults: list[FaultRecord], progress: Progress
+) -> None:
     async def one(spec: FaultSpec) -> None:
         await asyncio.sleep(max(0.0, spec.at_s - clock()))
         record = FaultRecord(spec.label, spec.kind, spec.region, clock(), None)
@@ -64,20 +65,22 @@ async def _run_faults(scenario: Scenario, injector: Injector, clock: _Clock, fau
     await asyncio.gather(*(one(f) for f in scenario.faults))
 
 
-async def _ticker(load: LoadRunner, client: RegionClient, clock: _Clock, progress: Progress,
-                  every_s: float) -> None:
+async def _ticker(load: LoadRunner, client: RegionClient, clock: _Clock, progress: Progress, every_s: float) -> None:
     while True:
         await asyncio.sleep(every_s)
         c = load.counters
         now = client.book.clock()
         health = ", ".join(f"{name} {h.state(now)}" for name, h in client.book.regions.items())
         served = ", ".join(f"{r} {n}" for r, n in sorted(c.by_region.items()))
-        progress(f"t={clock():5.1f}s sent {c.sent}/{load.spec.requests}, ok {c.ok}, failed {c.failed}, "
-                 f"resumed {c.resumed}, in flight {c.in_flight} | served: {served or '-'} | client sees: {health}")
+        progress(
+            f"t={clock():5.1f}s sent {c.sent}/{load.spec.requests}, ok {c.ok}, failed {c.failed}, "
+            f"resumed {c.resumed}, in flight {c.in_flight} | served: {served or '-'} | client sees: {health}"
+        )
 
 
-async def run_drill(path: str, out_dir: str, progress: Progress, load_overrides: dict | None = None,
-                    tick_s: float = 2.0) -> DrillResult:
+async def run_drill(
+    path: str, out_dir: str, progress: Progress, load_overrides: dict | None = None, tick_s: float = 2.0
+) -> DrillResult:
     scenario, topology, overrides = load_scenario(path)
     if load_overrides:
         import dataclasses
@@ -96,20 +99,24 @@ async def run_drill(path: str, out_dir: str, progress: Progress, load_overrides:
         await asyncio.to_thread(regions.stop_all, progress)
 
 
-async def _drill(scenario: Scenario, regions: LocalRegions, out_dir: str, progress: Progress,
-                 tick_s: float) -> DrillResult:
+async def _drill(
+    scenario: Scenario, regions: LocalRegions, out_dir: str, progress: Progress, tick_s: float
+) -> DrillResult:
     endpoints = [f"{r.name}={r.target}" for r in regions.regions.values()]
     health: list[HealthEvent] = []
     faults: list[FaultRecord] = []
     async with RegionClient(endpoints, health=scenario.client_health) as client:
         clock = _Clock()
-        client.book.listeners.append(lambda t: health.append(
-            HealthEvent(clock.of(t.t), "client", t.region, t.state, t.reason)))
+        client.book.listeners.append(
+            lambda t: health.append(HealthEvent(clock.of(t.t), "client", t.region, t.state, t.reason))
+        )
         load = LoadRunner(client, scenario.load, clock)
         injector = Injector(regions, progress, scenario.start_timeout_s)
         s = scenario.load
-        progress(f"load: up to {s.requests} requests in {s.max_seconds:g}s, {s.concurrency} at a time, "
-                 f"{s.max_tokens} tokens each; {len(scenario.faults)} fault(s)")
+        progress(
+            f"load: up to {s.requests} requests in {s.max_seconds:g}s, {s.concurrency} at a time, "
+            f"{s.max_tokens} tokens each; {len(scenario.faults)} fault(s)"
+        )
         ticker = asyncio.create_task(_ticker(load, client, clock, progress, tick_s))
         fault_task = asyncio.create_task(_run_faults(scenario, injector, clock, faults, progress))
         try:
@@ -129,13 +136,25 @@ async def _drill(scenario: Scenario, regions: LocalRegions, out_dir: str, progre
     return _write(scenario, records, faults, health, out_dir, progress)
 
 
-def _write(scenario: Scenario, records: list[RequestRecord], faults: list[FaultRecord], health: list[HealthEvent],
-           out_dir: str, progress: Progress) -> DrillResult:
+def _write(
+    scenario: Scenario,
+    records: list[RequestRecord],
+    faults: list[FaultRecord],
+    health: list[HealthEvent],
+    out_dir: str,
+    progress: Progress,
+) -> DrillResult:
     report = build_report(scenario.name, records, faults, health, scenario.slo, scenario.window_s)
     write_json(report, os.path.join(out_dir, "report.json"))
     with open(os.path.join(out_dir, "records.json"), "w", encoding="utf-8") as f:
-        json.dump({"requests": [r.to_dict() for r in records], "faults": [x.to_dict() for x in faults],
-                   "health": [h.to_dict() for h in health]}, f)
+        json.dump(
+            {
+                "requests": [r.to_dict() for r in records],
+                "faults": [x.to_dict() for x in faults],
+                "health": [h.to_dict() for h in health],
+            },
+            f,
+        )
     write_png(scenario.name, records, faults, os.path.join(out_dir, "timeline.png"))
     progress(f"report: {out_dir}/report.json, timeline: {out_dir}/timeline.png")
     print(format_summary(report), flush=True)

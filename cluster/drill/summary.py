@@ -50,12 +50,16 @@ def _totals_lines(report: dict[str, Any]) -> list[str]:
     by_code = f" ({by_code})" if by_code else ""
     replay = "not checked"
     if t["replay_checked"]:
-        replay = (f"{t['replay_checked']} checked: {_num(t['duplicated_tokens'])} duplicated, "
-                  f"{_num(t['lost_tokens'])} lost tokens")
+        replay = (
+            f"{t['replay_checked']} checked: {_num(t['duplicated_tokens'])} duplicated, "
+            f"{_num(t['lost_tokens'])} lost tokens"
+        )
     return [
         f"requests   {t['sent']} sent, {t['succeeded']} succeeded, {t['failed']} failed{by_code}",
-        (f"failovers  {t['failovers']} hops: {t['streams_resumed']} streams resumed mid-stream, "
-         f"{t['retried_before_start']} retries before the first token"),
+        (
+            f"failovers  {t['failovers']} hops: {t['streams_resumed']} streams resumed mid-stream, "
+            f"{t['retried_before_start']} retries before the first token"
+        ),
         f"replay     {replay}",
     ]
 
@@ -75,15 +79,19 @@ def _region_lines(regions: dict[str, dict[str, Any]]) -> list[str]:
 
 def _fault_lines(f: dict[str, Any]) -> list[str]:
     restored = f"restored {_s(f['restored_at'])}" if f["restored_at"] is not None else "never restored"
-    detect = "never" if f["detect_s"] is None else (
-        f"{_s(f['detect_s'])} by {f['detected_by']} ({f['detect_state']}: {f['detect_reason']})"
+    detect = (
+        "never"
+        if f["detect_s"] is None
+        else (f"{_s(f['detect_s'])} by {f['detected_by']} ({f['detect_state']}: {f['detect_reason']})")
     )
     failover = "none" if f["failover_s"] is None else f"{_s(f['failover_s'])} ({f['failover_reason']})"
-    returned = "-" if f["restored_at"] is None else (
-        "never" if f["returned_s"] is None else f"{_s(f['returned_s'])} after restore"
+    returned = (
+        "-"
+        if f["restored_at"] is None
+        else ("never" if f["returned_s"] is None else f"{_s(f['returned_s'])} after restore")
     )
     lines = [
-        f"fault \"{f['name']}\" ({f['kind']} {f['region']} at {_s(f['at'])}, {restored})",
+        f'fault "{f["name"]}" ({f["kind"]} {f["region"]} at {_s(f["at"])}, {restored})',
         f"  detect    {detect}",
         f"  failover  {failover}",
         f"  returned  {returned}",

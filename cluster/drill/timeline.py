@@ -17,8 +17,17 @@ from cluster.drill.records import FaultRecord, RequestRecord
 
 FAILED_COLOR = "tab:red"
 # tab10 without its red, so no region is drawn in the colour of failures.
-_REGION_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown",
-                  "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+_REGION_COLORS = [
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+]
 # Faults in neutral greys, so a shaded outage is never mistaken for a region's colour.
 FAULT_COLOR = "0.55"
 _LABEL_ROWS = 4  # fault labels are staggered over this many rows so close faults stay readable
@@ -101,8 +110,14 @@ def _plot_latency(ax: Any, requests: Sequence[RequestRecord], colors: dict[str, 
         ax.scatter([r.sent for r in done], [r.latency for r in done], s=8, color=color, label=region)
     failed = [r for r in requests if not r.ok]
     if failed:
-        ax.scatter([r.sent for r in failed], [r.latency for r in failed], s=18, marker="x",
-                   color=FAILED_COLOR, label="failed (time to failure)")
+        ax.scatter(
+            [r.sent for r in failed],
+            [r.latency for r in failed],
+            s=18,
+            marker="x",
+            color=FAILED_COLOR,
+            label="failed (time to failure)",
+        )
 
 
 def _mark_fault(top: Any, bottom: Any, fault: FaultRecord, index: int) -> None:
@@ -110,13 +125,28 @@ def _mark_fault(top: Any, bottom: Any, fault: FaultRecord, index: int) -> None:
     if fault.restored_at is not None:
         for ax in (top, bottom):
             ax.axvspan(fault.at, fault.restored_at, color=FAULT_COLOR, alpha=0.2, linewidth=0)
-        top.text(fault.at, label_y, f" {fault.name}", transform=top.get_xaxis_transform(),
-                 va="top", ha="left", fontsize="small", color="black")
+        top.text(
+            fault.at,
+            label_y,
+            f" {fault.name}",
+            transform=top.get_xaxis_transform(),
+            va="top",
+            ha="left",
+            fontsize="small",
+            color="black",
+        )
         return
     # Never restored: no end to shade to, so an arrow points at the injection time.
-    top.annotate(f"{fault.name} (not restored)", xy=(fault.at, 0.0), xytext=(fault.at, label_y),
-                 xycoords=top.get_xaxis_transform(), textcoords=top.get_xaxis_transform(),
-                 va="top", ha="left", fontsize="small",
-                 # relpos: start at the text's lower-left corner, which sits at x = at, so the arrow is vertical
-                 arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 1.2, "relpos": (0.0, 0.0)})
+    top.annotate(
+        f"{fault.name} (not restored)",
+        xy=(fault.at, 0.0),
+        xytext=(fault.at, label_y),
+        xycoords=top.get_xaxis_transform(),
+        textcoords=top.get_xaxis_transform(),
+        va="top",
+        ha="left",
+        fontsize="small",
+        # relpos: start at the text's lower-left corner, which sits at x = at, so the arrow is vertical
+        arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 1.2, "relpos": (0.0, 0.0)},
+    )
     bottom.axvline(fault.at, color="black", linestyle="--", linewidth=1.0)

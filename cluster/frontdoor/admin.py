@@ -6,9 +6,11 @@ as for Generate. The only module besides convert.py that touches protobuf (admin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
+
 from levante.v1 import admin_pb2 as pb
 
 if TYPE_CHECKING:  # the region router imports the front door's conversions; at run time we only hold one
@@ -28,17 +30,33 @@ class DoorControl(Protocol):
 
 
 class AdminService:
-    def __init__(self, router: "RegionRouter", door: DoorControl, replicas: ReplicaControl | None,
-                 authenticate: Callable[[grpc.aio.ServicerContext], Awaitable[None]]):
+    def __init__(
+        self,
+        router: RegionRouter,
+        door: DoorControl,
+        replicas: ReplicaControl | None,
+        authenticate: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
+    ):
         self.router, self.door, self.replicas, self.authenticate = router, door, replicas, authenticate
 
     def add_to(self, server: grpc.aio.Server) -> None:
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "InjectFault": grpc.unary_unary_rpc_method_handler(
-                self._inject, pb.FaultRequest.FromString, pb.FaultReply.SerializeToString),
-            "RegionHealth": grpc.unary_unary_rpc_method_handler(
-                self._region_health, pb.RegionHealthRequest.FromString, pb.RegionHealthReply.SerializeToString),
-        }),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE_NAME,
+                    {
+                        "InjectFault": grpc.unary_unary_rpc_method_handler(
+                            self._inject, pb.FaultRequest.FromString, pb.FaultReply.SerializeToString
+                        ),
+                        "RegionHealth": grpc.unary_unary_rpc_method_handler(
+                            self._region_health,
+                            pb.RegionHealthRequest.FromString,
+                            pb.RegionHealthReply.SerializeToString,
+                        ),
+                    },
+                ),
+            )
+        )
 
     async def _inject(self, request: pb.FaultRequest, context: grpc.aio.ServicerContext) -> pb.FaultReply:
         await self.authenticate(context)
@@ -72,16 +90,24 @@ class AdminService:
             return f"rank {request.rank} of replica {await self.replicas.kill_rank(request.rank)} killed"
         raise ValueError(f"kind: unknown fault kind {kind}")
 
-    async def _region_health(self, request: pb.RegionHealthRequest,
-                             context: grpc.aio.ServicerContext) -> pb.RegionHealthReply:
+    async def _region_health(
+        self, request: pb.RegionHealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegionHealthReply:
         del request
         await self.authenticate(context)
         book = self.router.book
         now = book.clock()
         reply = pb.RegionHealthReply()
         for h in book.regions.values():
-            reply.regions.add(name=h.name, local=h.local, available=h.available(now), state=h.state(now),
-                              reason=h.reason, latency_ms=(h.latency_s or 0.0) * 1000, ejections=h.ejections)
+            reply.regions.add(
+                name=h.name,
+                local=h.local,
+                available=h.available(now),
+                state=h.state(now),
+                reason=h.reason,
+                latency_ms=(h.latency_s or 0.0) * 1000,
+                ejections=h.ejections,
+            )
         for t in book.transitions:
             reply.transitions.add(unix_time=t.t, region=t.region, state=t.state, reason=t.reason)
         return reply

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 from cluster.config import TenantConfig
 
@@ -69,8 +69,9 @@ class Tenants:
         self._anonymous = Tenant(ANONYMOUS)
 
     @classmethod
-    def from_config(cls, tenants: Sequence[TenantConfig], environ: Mapping[str, str],
-                    clock: Callable[[], float] = time.monotonic) -> "Tenants":
+    def from_config(
+        cls, tenants: Sequence[TenantConfig], environ: Mapping[str, str], clock: Callable[[], float] = time.monotonic
+    ) -> Tenants:
         """Resolve keys (``api_key`` or the variable ``api_key_env`` names); raises ValueError naming the tenant."""
         by_digest: dict[bytes, Tenant] = {}
         for i, cfg in enumerate(tenants):
@@ -105,11 +106,15 @@ class Tenants:
     def admit(self, tenant: Tenant) -> None:
         """Count one call against the tenant's limits; pair with ``release`` when it ends."""
         if tenant.max_concurrency and tenant.inflight >= tenant.max_concurrency:
-            raise LimitExceeded(f"tenant {tenant.name!r}: {tenant.inflight} calls in flight, "
-                                f"max_concurrency is {tenant.max_concurrency}")
+            raise LimitExceeded(
+                f"tenant {tenant.name!r}: {tenant.inflight} calls in flight, "
+                f"max_concurrency is {tenant.max_concurrency}"
+            )
         if tenant.bucket is not None and not tenant.bucket.take():
-            raise LimitExceeded(f"tenant {tenant.name!r}: over {tenant.bucket.rate:g} requests/s "
-                                f"(burst {tenant.bucket.burst:g}); retry later")
+            raise LimitExceeded(
+                f"tenant {tenant.name!r}: over {tenant.bucket.rate:g} requests/s "
+                f"(burst {tenant.bucket.burst:g}); retry later"
+            )
         tenant.inflight += 1
 
     def release(self, tenant: Tenant) -> None:

@@ -10,11 +10,11 @@ import uuid
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
-from levante.v1 import inference_pb2 as pb
 
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, ServedBy
 from engine.api import EngineError, Resume, SamplingParams, TokenLogprob, Usage
+from levante.v1 import inference_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
 MAX_REQUEST_ID_CHARS = 128
@@ -93,12 +93,21 @@ def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
         raise RequestError("max_tokens", f"must be in [1, {limits.max_model_len}], got {msg.max_tokens}")
     if msg.HasField("logprobs") and not 0 <= msg.logprobs <= MAX_LOGPROBS:
         raise RequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {msg.logprobs}")
-    given = {name: getattr(msg, name) for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs")
-             if msg.HasField(name)}  # unset: SamplingParams' own defaults
+    given = {
+        name: getattr(msg, name)
+        for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs")
+        if msg.HasField(name)
+    }  # unset: SamplingParams' own defaults
     try:
-        return SamplingParams(top_k=msg.top_k, min_p=msg.min_p, stop=tuple(msg.stop),
-                              stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-                              include_stop_str_in_output=msg.include_stop_str_in_output, **given)
+        return SamplingParams(
+            top_k=msg.top_k,
+            min_p=msg.min_p,
+            stop=tuple(msg.stop),
+            stop_token_ids=tuple(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+            include_stop_str_in_output=msg.include_stop_str_in_output,
+            **given,
+        )
     except ValueError as e:  # SamplingParams names the field first, as our errors do
         err = EngineError.from_value_error(e)
         raise RequestError(err.field, err.message) from None
@@ -141,8 +150,9 @@ def _decision(d: Decision | None) -> pb.RoutingDecision | None:
 
 def _logprob(lp: TokenLogprob) -> pb.TokenLogprob:
     top = sorted(lp.top.items(), key=lambda kv: -kv[1])
-    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
-                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+    return pb.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top]
+    )
 
 
 class ResponseEncoder:
@@ -162,20 +172,33 @@ class ResponseEncoder:
             self._started = True
             out.append(pb.GenerateResponse(start=pb.Start(request_id=self.request_id, decision=self._decision)))
         if chunk.token_ids or chunk.text or chunk.reasoning_text:
-            delta = pb.Delta(text=chunk.text, reasoning_text=chunk.reasoning_text, token_ids=chunk.token_ids,
-                             logprobs=[_logprob(lp) for lp in chunk.logprobs or ()])
+            delta = pb.Delta(
+                text=chunk.text,
+                reasoning_text=chunk.reasoning_text,
+                token_ids=chunk.token_ids,
+                logprobs=[_logprob(lp) for lp in chunk.logprobs or ()],
+            )
             out.append(pb.GenerateResponse(delta=delta))
         if chunk.finished:
             out.append(pb.GenerateResponse(final=self._final(chunk)))
         return [m.SerializeToString() for m in out]
 
     def _final(self, chunk: Chunk) -> pb.Final:
-        final = pb.Final(finish_reason=_FINISH_TO_PB.get(chunk.finish_reason or "", 0),
-                         decision=self._decision, request_id=self.request_id)
+        final = pb.Final(
+            finish_reason=_FINISH_TO_PB.get(chunk.finish_reason or "", 0),
+            decision=self._decision,
+            request_id=self.request_id,
+        )
         if chunk.usage is not None:
             u = chunk.usage
-            final.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                          reasoning_tokens=u.reasoning_tokens, cached_tokens=u.cached_tokens))
+            final.usage.CopyFrom(
+                pb.Usage(
+                    prompt_tokens=u.prompt_tokens,
+                    completion_tokens=u.completion_tokens,
+                    reasoning_tokens=u.reasoning_tokens,
+                    cached_tokens=u.cached_tokens,
+                )
+            )
         if self._served_by is not None:
             final.served_by.CopyFrom(pb.ServedBy(region=self._served_by.region, replica=self._served_by.replica))
         for hop in chunk.failovers or ():
@@ -192,22 +215,34 @@ def decode_list_models(raw: bytes) -> None:
 
 
 def encode_models(models: list[ModelInfo]) -> bytes:
-    return pb.ListModelsResponse(models=[
-        pb.Model(name=m.name, max_model_len=m.max_model_len, architecture=m.architecture, ep_size=m.ep_size)
-        for m in models]).SerializeToString()
+    return pb.ListModelsResponse(
+        models=[
+            pb.Model(name=m.name, max_model_len=m.max_model_len, architecture=m.architecture, ep_size=m.ep_size)
+            for m in models
+        ]
+    ).SerializeToString()
 
 
 # ---- the other way: a front door (or the client library) calling another front door ------------
 
+
 def encode_generate(request: GenerateRequest) -> bytes:
     """A ``GenerateRequest`` as a peer front door reads it (same prompt, parameters, seed, resume)."""
     p = request.params
-    msg = pb.GenerateRequest(model=request.model, top_k=p.top_k, min_p=p.min_p, stop=list(p.stop),
-                             stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                             include_stop_str_in_output=p.include_stop_str_in_output,
-                             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                             reasoning_effort=_EFFORT_TO_PB[request.reasoning_effort],
-                             request_id=request.request_id[-MAX_REQUEST_ID_CHARS:])
+    msg = pb.GenerateRequest(
+        model=request.model,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        include_stop_str_in_output=p.include_stop_str_in_output,
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        reasoning_effort=_EFFORT_TO_PB[request.reasoning_effort],
+        request_id=request.request_id[-MAX_REQUEST_ID_CHARS:],
+    )
     for name in ("seed", "logprobs"):
         if getattr(p, name) is not None:
             setattr(msg, name, getattr(p, name))
@@ -221,8 +256,9 @@ def encode_generate(request: GenerateRequest) -> bytes:
         msg.preferred_region = request.preferred_region
     if request.resume is not None:
         r = request.resume
-        msg.resume.CopyFrom(pb.Resume(token_ids=r.token_ids, text_chars=r.text_chars,
-                                      reasoning_chars=r.reasoning_chars))
+        msg.resume.CopyFrom(
+            pb.Resume(token_ids=r.token_ids, text_chars=r.text_chars, reasoning_chars=r.reasoning_chars)
+        )
     return msg.SerializeToString()
 
 
@@ -234,18 +270,26 @@ def decode_response(raw: bytes) -> Chunk:
         return Chunk(decision=_decision_from_pb(msg.start.decision))
     if kind == "delta":
         d = msg.delta
-        logprobs = [TokenLogprob(lp.token_id, lp.logprob, {t.token_id: t.logprob for t in lp.top})
-                    for lp in d.logprobs] or None
+        logprobs = [
+            TokenLogprob(lp.token_id, lp.logprob, {t.token_id: t.logprob for t in lp.top}) for lp in d.logprobs
+        ] or None
         return Chunk(token_ids=list(d.token_ids), text=d.text, reasoning_text=d.reasoning_text, logprobs=logprobs)
     f = msg.final
     u = f.usage
-    return Chunk(finished=True, finish_reason=_FINISH_FROM_PB.get(f.finish_reason),
-                 usage=Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                             reasoning_tokens=u.reasoning_tokens, cached_tokens=u.cached_tokens,
-                             reasoning_effort=_EFFORT_FROM_PB.get(f.decision.reasoning_effort, AUTO)),
-                 decision=_decision_from_pb(f.decision),
-                 served_by=ServedBy(f.served_by.region, f.served_by.replica),
-                 failovers=[FailoverHop(h.from_region, h.reason, h.at_token) for h in f.failovers] or None)
+    return Chunk(
+        finished=True,
+        finish_reason=_FINISH_FROM_PB.get(f.finish_reason),
+        usage=Usage(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            reasoning_tokens=u.reasoning_tokens,
+            cached_tokens=u.cached_tokens,
+            reasoning_effort=_EFFORT_FROM_PB.get(f.decision.reasoning_effort, AUTO),
+        ),
+        decision=_decision_from_pb(f.decision),
+        served_by=ServedBy(f.served_by.region, f.served_by.replica),
+        failovers=[FailoverHop(h.from_region, h.reason, h.at_token) for h in f.failovers] or None,
+    )
 
 
 def _decision_from_pb(d: pb.RoutingDecision) -> Decision:
@@ -253,5 +297,7 @@ def _decision_from_pb(d: pb.RoutingDecision) -> Decision:
 
 
 def decode_models(raw: bytes) -> list[ModelInfo]:
-    return [ModelInfo(m.name, m.max_model_len, m.architecture, m.ep_size)
-            for m in pb.ListModelsResponse.FromString(raw).models]
+    return [
+        ModelInfo(m.name, m.max_model_len, m.architecture, m.ep_size)
+        for m in pb.ListModelsResponse.FromString(raw).models
+    ]

@@ -10,17 +10,24 @@ import asyncio
 import logging
 import os
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.config import FrontDoorConfig
-from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants
-from cluster.frontdoor.convert import (SERVICE_NAME, Limits, RequestError, ResponseEncoder, decode_generate,
-                                       decode_list_models, encode_models)
-from cluster.frontdoor.health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
+from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants
+from cluster.frontdoor.convert import (
+    SERVICE_NAME,
+    Limits,
+    RequestError,
+    ResponseEncoder,
+    decode_generate,
+    decode_list_models,
+    encode_models,
+)
+from cluster.frontdoor.health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.tls import server_credentials
 from cluster.telemetry import tracing
 from cluster.telemetry.calls import CallTelemetry, call_code
@@ -33,8 +40,14 @@ _STATUS = {code: grpc.StatusCode[code.upper()] for code in ERROR_CODES}  # each 
 
 
 class FrontDoor:
-    def __init__(self, config: FrontDoorConfig, backend: Backend, region: str, model_name: str,
-                 metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        config: FrontDoorConfig,
+        backend: Backend,
+        region: str,
+        model_name: str,
+        metrics: ServerMetrics | None = None,
+    ):
         self.config, self.backend, self.region, self.model_name = config, backend, region, model_name
         self.metrics = metrics  # None: metrics off (cluster/telemetry)
         self.port = 0
@@ -56,10 +69,17 @@ class FrontDoor:
         # grpc's own limit sits above ours so an oversized request reaches convert.py and gets a clear error.
         limit = self.config.max_request_bytes + max(self.config.max_request_bytes, 1 << 20)
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Generate": grpc.unary_stream_rpc_method_handler(self._generate),  # bytes in, bytes out
-            "ListModels": grpc.unary_unary_rpc_method_handler(self._list_models),
-        }),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE_NAME,
+                    {
+                        "Generate": grpc.unary_stream_rpc_method_handler(self._generate),  # bytes in, bytes out
+                        "ListModels": grpc.unary_unary_rpc_method_handler(self._list_models),
+                    },
+                ),
+            )
+        )
         self._health.add_to(server)
         services = [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME]
         if self.admin is not None:
@@ -78,8 +98,13 @@ class FrontDoor:
         self._idle.set()
         await self._health.refresh()
         self._health.start()
-        log.info("front door on %s (port %d, tls=%s, region %s)", self.config.host, self.port,
-                 self.config.tls.enabled, self.region)
+        log.info(
+            "front door on %s (port %d, tls=%s, region %s)",
+            self.config.host,
+            self.port,
+            self.config.tls.enabled,
+            self.region,
+        )
         return self.port
 
     async def drain(self) -> None:
@@ -88,9 +113,12 @@ class FrontDoor:
         await self._health.set(NOT_SERVING)
         try:
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("drain: %d calls still running after %.1fs; cancelling them",
-                        self._inflight, self.config.drain_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "drain: %d calls still running after %.1fs; cancelling them",
+                self._inflight,
+                self.config.drain_timeout_s,
+            )
         await self.stop()
 
     async def pause(self) -> None:
@@ -177,8 +205,9 @@ class FrontDoor:
             if call is not None:
                 call.done(*call_code(context, failure))
 
-    async def _serve(self, raw: bytes, context: grpc.aio.ServicerContext,
-                     call: CallTelemetry | None) -> AsyncIterator[bytes]:
+    async def _serve(
+        self, raw: bytes, context: grpc.aio.ServicerContext, call: CallTelemetry | None
+    ) -> AsyncIterator[bytes]:
         if self._draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server: draining; retry on another front door")
         try:
@@ -186,8 +215,10 @@ class FrontDoor:
         except AuthError as e:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         if self._inflight >= self.config.max_inflight:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"server: {self._inflight} calls in flight (max_inflight); retry later")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server: {self._inflight} calls in flight (max_inflight); retry later",
+            )
         try:
             self._tenants.admit(tenant)
         except LimitExceeded as e:
@@ -212,8 +243,9 @@ class FrontDoor:
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _checked(self, raw: bytes, context: grpc.aio.ServicerContext,
-                       forwarded_from: str | None) -> GenerateRequest:
+    async def _checked(
+        self, raw: bytes, context: grpc.aio.ServicerContext, forwarded_from: str | None
+    ) -> GenerateRequest:
         try:
             request = decode_generate(raw, await self._limits())
         except RequestError as e:
@@ -227,8 +259,9 @@ class FrontDoor:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
         return request
 
-    async def _stream(self, request: GenerateRequest, client_id: str, context: grpc.aio.ServicerContext,
-                      call: CallTelemetry | None) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, request: GenerateRequest, client_id: str, context: grpc.aio.ServicerContext, call: CallTelemetry | None
+    ) -> AsyncIterator[bytes]:
         chunks = aiter(self.backend.generate(request))
         encoder = ResponseEncoder(client_id)
         try:
@@ -250,8 +283,9 @@ class FrontDoor:
                 await close()  # the backend aborts its engine request (cancel, deadline, error)
 
     @staticmethod
-    async def _next(chunks: AsyncIterator[Chunk], request: GenerateRequest, context: grpc.aio.ServicerContext,
-                    idle_timeout: float) -> Chunk:
+    async def _next(
+        chunks: AsyncIterator[Chunk], request: GenerateRequest, context: grpc.aio.ServicerContext, idle_timeout: float
+    ) -> Chunk:
         """The next chunk, within the backend timeout and the call's deadline.
 
         The deadline is enforced here too: grpc cancels the call at its deadline, but freeing
@@ -261,7 +295,7 @@ class FrontDoor:
         timeout = idle_timeout if left is None else min(left, idle_timeout)
         try:
             chunk = await asyncio.wait_for(anext(chunks, None), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if left is not None and timeout == left:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline: passed before the stream finished")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: no response within {idle_timeout:g}s")

@@ -22,5 +22,6 @@ def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials | None:
     assert tls.cert is not None and tls.key is not None  # TLSConfig checks they come together
     cert, key = _read(tls.cert, "cert"), _read(tls.key, "key")
     client_ca = _read(tls.client_ca, "client_ca") if tls.client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )

@@ -41,7 +41,7 @@ def _walk(data: bytes, desc: Descriptor, prefix: str) -> str | None:
             pos += 8 if wire_type == _I64 else 4
         elif wire_type == _LEN:
             size, pos = _varint(data, pos)
-            payload, pos = data[pos:pos + size], pos + size
+            payload, pos = data[pos : pos + size], pos + size
             if pos > len(data):
                 raise _Malformed
             found = _check_field(desc.fields_by_number.get(number), payload, prefix, seen, number)
@@ -52,8 +52,9 @@ def _walk(data: bytes, desc: Descriptor, prefix: str) -> str | None:
     return None
 
 
-def _check_field(field: FieldDescriptor | None, payload: bytes, prefix: str, seen: dict[int, int],
-                 number: int) -> str | None:
+def _check_field(
+    field: FieldDescriptor | None, payload: bytes, prefix: str, seen: dict[int, int], number: int
+) -> str | None:
     if field is None:  # an unknown field: protobuf keeps its bytes without decoding them
         return None
     name = prefix + field.name

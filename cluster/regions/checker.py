@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from cluster.periodic import Periodic
 from cluster.regions.health import HealthBook
+
 Probe = Callable[[float], Awaitable[tuple[bool, str]]]  # (timeout_s) -> (serving, why not)
 
 
@@ -34,7 +35,7 @@ class HealthChecker(Periodic):
         began = time.monotonic()
         try:  # the probe has the timeout too; this bound holds even if it ignores it
             ok, why = await asyncio.wait_for(probe(timeout), timeout * 1.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ok, why = False, f"timeout: no health answer within {timeout:g}s"
         except Exception as e:  # noqa: BLE001 -- a probe that raises is a failed check
             ok, why = False, f"{type(e).__name__}: {e}"

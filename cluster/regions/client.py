@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from cluster.config import HealthCheckConfig, PeerConfig, RegionsConfig
 from cluster.regions.checker import HealthChecker
@@ -43,8 +43,14 @@ def parse_endpoint(spec: str | PeerConfig) -> PeerConfig:
 
 
 class RegionClient:
-    def __init__(self, endpoints: Sequence[str | PeerConfig], health: HealthCheckConfig = HealthCheckConfig(),
-                 max_attempts: int | None = None, model: str = "", api_key: str | None = None):
+    def __init__(
+        self,
+        endpoints: Sequence[str | PeerConfig],
+        health: HealthCheckConfig = HealthCheckConfig(),
+        max_attempts: int | None = None,
+        model: str = "",
+        api_key: str | None = None,
+    ):
         peers = [parse_endpoint(e) for e in endpoints]
         if not peers:
             raise ValueError("endpoints: give at least one front door")
@@ -58,7 +64,7 @@ class RegionClient:
         self.checker = HealthChecker(self.book, {p.peer.name: p.check for p in self.peers})
         self.model = model
 
-    async def __aenter__(self) -> "RegionClient":
+    async def __aenter__(self) -> RegionClient:
         self.start()
         return self
 
@@ -74,9 +80,17 @@ class RegionClient:
         for peer in self.peers:
             await peer.close()
 
-    def generate(self, prompt: Prompt, *, raw: bool = False, effort: str = AUTO,
-                 preferred_region: str | None = None, timeout_s: float | None = None,
-                 request_id: str | None = None, **sampling) -> AsyncIterator[Chunk]:
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        raw: bool = False,
+        effort: str = AUTO,
+        preferred_region: str | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        **sampling,
+    ) -> AsyncIterator[Chunk]:
         """Stream one answer. ``prompt``: text, token ids or chat messages; ``sampling``: SamplingParams
         fields (max_tokens, temperature, seed, stop, ...). Errors come as a final chunk with ``error``
         (its ``origin``: the front door that answered with it).
@@ -87,8 +101,13 @@ class RegionClient:
         if isinstance(prompt, str) and not raw:
             prompt = [{"role": "user", "content": prompt}]
         request = GenerateRequest(
-            request_id=request_id or uuid.uuid4().hex, model=self.model, prompt=prompt,
-            params=SamplingParams(**sampling), reasoning_effort=effort, preferred_region=preferred_region,
+            request_id=request_id or uuid.uuid4().hex,
+            model=self.model,
+            prompt=prompt,
+            params=SamplingParams(**sampling),
+            reasoning_effort=effort,
+            preferred_region=preferred_region,
             deadline=None if timeout_s is None else time.time() + timeout_s,
-            trace_context=ambient_carrier())  # the caller's current span, if it traces: the regions join its trace
+            trace_context=ambient_carrier(),
+        )  # the caller's current span, if it traces: the regions join its trace
         return self.backend.generate(request)

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import random
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from cluster.chunks import error_chunk
 from cluster.config import RegionsConfig
@@ -27,8 +27,18 @@ from cluster.regions.codes import fails_over
 from cluster.regions.health import HealthBook
 from cluster.regions.policy import order_regions
 from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
-from cluster.types import (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk, ChunkError, Decision, FailoverHop,
-                           GenerateRequest, ModelInfo)
+from cluster.types import (
+    DEADLINE_EXCEEDED,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Backend,
+    Chunk,
+    ChunkError,
+    Decision,
+    FailoverHop,
+    GenerateRequest,
+    ModelInfo,
+)
 from engine.api import Resume
 
 SEED_BITS = 62
@@ -88,8 +98,14 @@ def _with_seed(request: GenerateRequest) -> GenerateRequest:
 
 
 class FailoverBackend(Backend):
-    def __init__(self, members: dict[str, Backend], book: HealthBook, cfg: RegionsConfig,
-                 local: str | None = None, by_latency: bool = True):
+    def __init__(
+        self,
+        members: dict[str, Backend],
+        book: HealthBook,
+        cfg: RegionsConfig,
+        local: str | None = None,
+        by_latency: bool = True,
+    ):
         self.members, self.book, self.cfg, self.local = members, book, cfg, local
         self.by_latency = by_latency  # False: the members' own order (a client's list of endpoints)
         self.failover_listeners: list[Callable[[FailoverHop], None]] = []  # metrics (cluster/telemetry)
@@ -152,8 +168,9 @@ class FailoverBackend(Backend):
         effort = progress.decision.effort if progress.decision is not None else request.reasoning_effort
         return dataclasses.replace(request, resume=resume, reasoning_effort=effort)
 
-    async def _attempt(self, region: str, request: GenerateRequest, progress: _Progress,
-                       outcome: _Outcome) -> AsyncIterator[Chunk]:
+    async def _attempt(
+        self, region: str, request: GenerateRequest, progress: _Progress, outcome: _Outcome
+    ) -> AsyncIterator[Chunk]:
         """One region's try: yields what it produced; ``outcome`` says whether to go on elsewhere."""
         health = self.cfg.health
         began = time.monotonic()
@@ -168,7 +185,7 @@ class FailoverBackend(Backend):
                     timeout = min(timeout, request.deadline - time.time())
                 try:
                     chunk = await asyncio.wait_for(anext(chunks, None), max(timeout, 0.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if request.deadline is not None and time.time() >= request.deadline:  # the caller's limit
                         outcome.done = True
                         yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished")

@@ -15,8 +15,8 @@ The clock is passed in: tests drive it by hand.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from cluster.config import HealthCheckConfig
 
@@ -58,8 +58,9 @@ class RegionHealth:
     def on_check(self, ok: bool, now: float, rtt_s: float | None = None, reason: str = "") -> Transition | None:
         if ok:
             if rtt_s is not None:
-                self.latency_s = rtt_s if self.latency_s is None else \
-                    (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * rtt_s
+                self.latency_s = (
+                    rtt_s if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * rtt_s
+                )
             self._check_ok, self._check_failed = self._check_ok + 1, 0
             if self.active == UNKNOWN or (self.active == UNHEALTHY and self._check_ok >= self.cfg.healthy_threshold):
                 return self._set_active(HEALTHY, now, reason or f"{self._check_ok} good check(s) in a row")
@@ -109,8 +110,13 @@ class RegionHealth:
 class HealthBook:
     """Every region's ``RegionHealth`` plus the transitions they made, oldest first."""
 
-    def __init__(self, cfg: HealthCheckConfig, regions: Iterable[str], local: str | None = None,
-                 clock: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        cfg: HealthCheckConfig,
+        regions: Iterable[str],
+        local: str | None = None,
+        clock: Callable[[], float] | None = None,
+    ):
         import time
 
         self.cfg = cfg

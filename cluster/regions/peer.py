@@ -12,19 +12,27 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.chunks import error_chunk
 from cluster.config import PeerConfig
+from cluster.frontdoor.convert import SERVICE_NAME, decode_models, decode_response, encode_generate
 from cluster.regions.codes import from_grpc
 from cluster.router.policy import within_ceiling
-from cluster.frontdoor.convert import SERVICE_NAME, decode_models, decode_response, encode_generate
 from cluster.telemetry.tracing import grpc_metadata
-from cluster.types import (FORWARDED_FROM, GRPC_NAMES, UNAVAILABLE, Backend, Chunk, ChunkError, GenerateRequest,
-                           ModelInfo)
+from cluster.types import (
+    FORWARDED_FROM,
+    GRPC_NAMES,
+    UNAVAILABLE,
+    Backend,
+    Chunk,
+    ChunkError,
+    GenerateRequest,
+    ModelInfo,
+)
 
 
 def _read(peer: PeerConfig, key: str) -> bytes | None:
@@ -49,8 +57,13 @@ def peer_api_key(peer: PeerConfig, environ: dict[str, str] | None = None) -> str
 
 
 class PeerBackend(Backend):
-    def __init__(self, peer: PeerConfig, forwarded_from: str | None = None, call_timeout_s: float = 10.0,
-                 api_key: str | None = None):
+    def __init__(
+        self,
+        peer: PeerConfig,
+        forwarded_from: str | None = None,
+        call_timeout_s: float = 10.0,
+        api_key: str | None = None,
+    ):
         self.peer = peer
         self.forwarded_from = forwarded_from  # this region's name; None: an end client (the client library)
         self.call_timeout_s = call_timeout_s
@@ -58,16 +71,20 @@ class PeerBackend(Backend):
         self._credentials = None
         # Read now: a missing file or key is a config error when the region starts, not on every call.
         if peer.tls_ca is not None:
-            self._credentials = grpc.ssl_channel_credentials(_read(peer, "tls_ca"), _read(peer, "tls_key"),
-                                                             _read(peer, "tls_cert"))
+            self._credentials = grpc.ssl_channel_credentials(
+                _read(peer, "tls_ca"), _read(peer, "tls_key"), _read(peer, "tls_cert")
+            )
         self._api_key = api_key or peer_api_key(peer)
 
     @property
     def channel(self) -> grpc.aio.Channel:
         if self._channel is None:  # made on first use, inside the event loop that uses it
             target = self.peer.target
-            self._channel = (grpc.aio.secure_channel(target, self._credentials) if self._credentials
-                             else grpc.aio.insecure_channel(target))
+            self._channel = (
+                grpc.aio.secure_channel(target, self._credentials)
+                if self._credentials
+                else grpc.aio.insecure_channel(target)
+            )
         return self._channel
 
     async def close(self) -> None:
@@ -85,7 +102,8 @@ class PeerBackend(Backend):
         request = within_ceiling(request)
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
         call = self.channel.unary_stream(f"/{SERVICE_NAME}/Generate")(
-            encode_generate(request), timeout=timeout, metadata=self._metadata(request.trace_context))
+            encode_generate(request), timeout=timeout, metadata=self._metadata(request.trace_context)
+        )
         try:
             async for raw in call:
                 chunk = decode_response(raw)
@@ -106,14 +124,16 @@ class PeerBackend(Backend):
 
     async def models(self) -> list[ModelInfo]:
         raw = await self.channel.unary_unary(f"/{SERVICE_NAME}/ListModels")(
-            b"", timeout=self.call_timeout_s, metadata=self._metadata())
+            b"", timeout=self.call_timeout_s, metadata=self._metadata()
+        )
         return decode_models(raw)
 
     async def check(self, timeout_s: float) -> tuple[bool, str]:
         """One grpc.health.v1 Check: (serving, why not)."""
         try:
-            resp = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(),
-                                                                         timeout=timeout_s)
+            resp = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return False, f"timeout: no health answer within {timeout_s:g}s"

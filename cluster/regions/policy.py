@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from cluster.regions.health import RegionHealth
 
 
-def order_regions(regions: Sequence[RegionHealth], now: float, first: Sequence[str | None] = (),
-                  by_latency: bool = True) -> list[str]:
+def order_regions(
+    regions: Sequence[RegionHealth], now: float, first: Sequence[str | None] = (), by_latency: bool = True
+) -> list[str]:
     """Regions that take traffic, then the others as a last resort.
 
     Within each group: the names in ``first`` (the preferred region, then the local one) in that

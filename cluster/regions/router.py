@@ -34,6 +34,7 @@ def _local_probe(backend: Backend) -> Probe:
     async def probe(timeout_s: float) -> tuple[bool, str]:
         del timeout_s  # the backend bounds its own call
         return (True, "") if await backend.ready() else (False, "not serving: no replica is ready")
+
     return probe
 
 

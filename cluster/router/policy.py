@@ -8,7 +8,6 @@ both call these.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import re
 from collections import OrderedDict
@@ -22,8 +21,15 @@ from cluster.types import AUTO, EFFORTS, Decision, GenerateRequest, Prompt
 # -- reasoning depth ---------------------------------------------------------
 
 
-def decide_effort(requested: str, max_effort: str, prompt_text: str, prompt_chars: int,
-                  deadline_s: float | None, queue_delay_s: float, cfg: AutoEffortConfig) -> Decision:
+def decide_effort(
+    requested: str,
+    max_effort: str,
+    prompt_text: str,
+    prompt_chars: int,
+    deadline_s: float | None,
+    queue_delay_s: float,
+    cfg: AutoEffortConfig,
+) -> Decision:
     """The effort one request runs at, and why, in words a person can read.
 
     ``requested`` is the caller's ``reasoning_effort`` (one of EFFORTS or
@@ -68,8 +74,10 @@ def decide_effort(requested: str, max_effort: str, prompt_text: str, prompt_char
         while fitting != "none" and deadline_s < cfg.min_deadline_s.get(fitting, 0.0):
             fitting = EFFORTS[EFFORTS.index(fitting) - 1]
         if fitting != effort:
-            steps.append(f"deadline in {deadline_s:.1f}s < {cfg.min_deadline_s.get(effort, 0.0):g}s needed for "
-                         f"{effort} -> {fitting}")
+            steps.append(
+                f"deadline in {deadline_s:.1f}s < {cfg.min_deadline_s.get(effort, 0.0):g}s needed for "
+                f"{effort} -> {fitting}"
+            )
             effort = fitting
 
     if effort != "none":
@@ -164,7 +172,7 @@ def prefix_key(prompt: Prompt, prefix_chars: int) -> str | None:
     elif isinstance(prompt[0], dict):
         material = "m:" + render_prompt(prompt)[:prefix_chars]
     else:
-        material = "i:" + ",".join(str(int(t)) for t in prompt[:max(1, prefix_chars // 4)])
+        material = "i:" + ",".join(str(int(t)) for t in prompt[: max(1, prefix_chars // 4)])
     return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
@@ -211,8 +219,9 @@ class NoReplicaAvailable(RuntimeError):
     """No healthy candidate: the caller answers UNAVAILABLE."""
 
 
-def ranked_replicas(candidates: list[ReplicaLoad], prefix_key: str | None, affinity: PrefixAffinity,
-                    slack: int) -> list[tuple[str, str]]:
+def ranked_replicas(
+    candidates: list[ReplicaLoad], prefix_key: str | None, affinity: PrefixAffinity, slack: int
+) -> list[tuple[str, str]]:
     """Healthy candidates, most preferred first, each with the reason for its place.
 
     First the replica that last served this prefix, if its outstanding count
@@ -235,8 +244,10 @@ def ranked_replicas(candidates: list[ReplicaLoad], prefix_key: str | None, affin
     if affine is not None and affine.outstanding <= least + slack:
         order.remove(affine)
         order.insert(0, affine)
-        first = (f"prefix affinity: {affine.replica_id} served this prefix "
-                 f"({affine.outstanding} in flight, least {least}, slack {slack})")
+        first = (
+            f"prefix affinity: {affine.replica_id} served this prefix "
+            f"({affine.outstanding} in flight, least {least}, slack {slack})"
+        )
     else:
         if affine is not None:
             note = f"; prefix's replica {affine.replica_id} busy ({affine.outstanding} > {least} + {slack})"
@@ -248,8 +259,9 @@ def ranked_replicas(candidates: list[ReplicaLoad], prefix_key: str | None, affin
     return ranked
 
 
-def choose_replica(candidates: list[ReplicaLoad], prefix_key: str | None, affinity: PrefixAffinity,
-                   slack: int) -> tuple[str, str]:
+def choose_replica(
+    candidates: list[ReplicaLoad], prefix_key: str | None, affinity: PrefixAffinity, slack: int
+) -> tuple[str, str]:
     """The preferred replica and why; remembers the prefix there.
 
     A caller that ends up on another replica (the first one failed) should

@@ -30,8 +30,10 @@ def build_app(cfg: ClusterConfig) -> serve.Application:
         ray_actor_options={"num_cpus": 0},  # the ranks hold the CPUs/GPUs, in their placement group
         request_router_config=RequestRouterConfig(
             request_router_class=LevanteRequestRouter,
-            request_router_kwargs={"affinity_entries": cfg.router.affinity_entries,
-                                   "affinity_slack": cfg.router.affinity_slack},
+            request_router_kwargs={
+                "affinity_entries": cfg.router.affinity_entries,
+                "affinity_slack": cfg.router.affinity_slack,
+            },
         ),
         health_check_period_s=5,
         health_check_timeout_s=r.rank_timeout_s,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 
@@ -12,7 +13,6 @@ from cluster.serve.app import ENGINE_DEPLOYMENT
 from cluster.serve.routing import RoutingHint
 from cluster.serve.streams import relay
 from cluster.types import Backend, Chunk, GenerateRequest, ModelInfo
-
 
 MAX_REPLICAS_POLLED = 256  # a bound on one poll's asks, whatever the deployment's size
 
@@ -41,7 +41,8 @@ class ServeBackend(Backend):
                 break
             try:
                 status = await asyncio.wait_for(
-                    self._replicas.status.remote(hint=RoutingHint(avoid=frozenset(seen))), left)
+                    self._replicas.status.remote(hint=RoutingHint(avoid=frozenset(seen))), left
+                )
             except Exception:  # noqa: BLE001 -- a replica that cannot answer now; the others still count
                 break
             if status["replica"] in seen:
@@ -63,8 +64,9 @@ class ServeBackend(Backend):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         # No idle timeout here: the front door applies backend_timeout_s and closes us.
-        async with contextlib.aclosing(relay(self.handle.options(stream=True).generate.remote(request), "router",
-                                             None)) as chunks:
+        async with contextlib.aclosing(
+            relay(self.handle.options(stream=True).generate.remote(request), "router", None)
+        ) as chunks:
             async for chunk in chunks:
                 yield chunk
 

@@ -20,12 +20,11 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.api import EngineInfo
-from engine.config import EngineConfig
-
 from cluster.config import ClusterConfig, ReplicaConfig
 from cluster.config_loader import engine_config_for_rank
 from cluster.serve.ranks import DriverRank, WorkerRank
+from engine.api import EngineInfo
+from engine.config import EngineConfig
 
 log = logging.getLogger("levante.ep_group")
 
@@ -61,9 +60,12 @@ def rank_configs(cfg: ClusterConfig, init_method: str | None) -> list[EngineConf
     ``rank_timeout_s`` bounds every collective too: a dead or frozen peer fails the group within it.
     """
     gpu = cfg.replica.accelerator == "gpu"
-    configs = [engine_config_for_rank(cfg, r, init_method=init_method, backend="nccl" if gpu else "gloo",
-                                      timeout_s=cfg.replica.rank_timeout_s)
-               for r in range(cfg.replica.ep_size)]
+    configs = [
+        engine_config_for_rank(
+            cfg, r, init_method=init_method, backend="nccl" if gpu else "gloo", timeout_s=cfg.replica.rank_timeout_s
+        )
+        for r in range(cfg.replica.ep_size)
+    ]
     if gpu and cfg.engine.backend == "native" and cfg.engine.model.device is None:  # vLLM places itself
         configs = [dataclasses.replace(c, model=dataclasses.replace(c.model, device="cuda")) for c in configs]
     return configs
@@ -118,19 +120,22 @@ class EPGroup:
     async def _launch(self) -> None:
         cfg, timeout = self.cfg, self.cfg.load_timeout_s
         num_bundles, driver_gpus = group_shape(self.cluster)
-        self._pg = placement_group(rank_bundles(cfg, num_bundles), strategy=cfg.placement_strategy,
-                                   name=f"{self.name}-ep")
+        self._pg = placement_group(
+            rank_bundles(cfg, num_bundles), strategy=cfg.placement_strategy, name=f"{self.name}-ep"
+        )
         await asyncio.wait_for(self._pg.ready(), timeout)
         resources = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if cfg.accelerator == "gpu" else 0}
 
         def on_bundle(i: int) -> dict:
             # capture: vLLM's Ray executor finds this group as the driver's current one
-            strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i,
-                                                        placement_group_capture_child_tasks=True)
+            strategy = PlacementGroupSchedulingStrategy(
+                self._pg, placement_group_bundle_index=i, placement_group_capture_child_tasks=True
+            )
             return dict(resources, scheduling_strategy=strategy)
 
         self.driver = DriverRank.options(**{**on_bundle(0), "num_gpus": driver_gpus}).remote(
-            self.cluster.telemetry.tracing, self.cluster.region)
+            self.cluster.telemetry.tracing, self.cluster.region
+        )
         init_method = None
         if cfg.ep_size > 1:
             init_method = await asyncio.wait_for(self.driver.rendezvous_address.remote(), cfg.rank_timeout_s)
@@ -179,7 +184,7 @@ class EPGroup:
                 failure = await self.check()
                 if failure:
                     await self.restart(failure)
-        except Exception as e:  # noqa: BLE001 -- a watcher that dies silently would leave us RESTARTING forever
+        except Exception as e:
             log.exception("%s: the EP group watcher failed", self.name)
             self.state, self.last_failure = FAILED, f"watcher failed: {e!r}"
 
@@ -206,7 +211,7 @@ class EPGroup:
                 await self._launch()
             except Exception as e:  # noqa: BLE001 -- a failed attempt is retried, then reported
                 self.last_failure = f"restart attempt {attempt + 1}: {e!r}"
-                await asyncio.sleep(min(2.0 ** attempt, 10.0))
+                await asyncio.sleep(min(2.0**attempt, 10.0))
                 continue
             self.state = SERVING
             self.num_restarts += 1

@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
-
-from engine.api import EngineClient, EngineConfig, EngineError, EngineInfo, EngineStats, RequestDelta, Resume, SamplingParams
-from engine.api import create_engine, run_expert_worker
-from engine.config import DeviceUnavailableError
 
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
 from cluster.config import TracingConfig
 from cluster.telemetry import spans, tracing
 from cluster.telemetry.hookup import RANK0
 from cluster.types import Chunk, Prompt
+from engine.api import (
+    EngineClient,
+    EngineConfig,
+    EngineError,
+    EngineInfo,
+    EngineStats,
+    RequestDelta,
+    Resume,
+    SamplingParams,
+    create_engine,
+    run_expert_worker,
+)
+from engine.config import DeviceUnavailableError
 
 
 def free_tcp_address() -> str:
@@ -46,8 +56,9 @@ def _on_reserved_gpu(start: Callable[[], _T]) -> _T:
     try:
         return start()
     except DeviceUnavailableError as e:
-        raise DeviceUnavailableError(f"replica.accelerator: gpu reserved a GPU for this rank, which cannot use it: "
-                                     f"{e}") from None
+        raise DeviceUnavailableError(
+            f"replica.accelerator: gpu reserved a GPU for this rank, which cannot use it: {e}"
+        ) from None
 
 
 def start_rank_engine(config: EngineConfig, placement_group: Any = None) -> EngineClient:
@@ -81,8 +92,14 @@ class DriverRank:
         self.engine = await asyncio.to_thread(start_rank_engine, config, group)
         return await self.engine.info()
 
-    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                     resume: Resume | None = None, trace_context: dict[str, str] | None = None) -> Chunk | None:
+    async def submit(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        resume: Resume | None = None,
+        trace_context: dict[str, str] | None = None,
+    ) -> Chunk | None:
         """None when admitted; an error chunk naming the bad field otherwise.
 
         ``trace_context``: the replica's span; the engine's queue, prefill and decode spans go under it."""
@@ -106,8 +123,9 @@ class DriverRank:
         assert self.engine is not None
         async for delta in self.engine.stream(request_id):
             if delta.finished and request_id in self._trace_parents:
-                spans.engine_spans(self._trace_parents.pop(request_id), request_id, delta.timings, delta.usage,
-                                   delta.finish_reason)
+                spans.engine_spans(
+                    self._trace_parents.pop(request_id), request_id, delta.timings, delta.usage, delta.finish_reason
+                )
             queue.put_nowait(delta)
 
     async def next(self, request_id: str, max_tokens: int, max_wait_s: float, keepalive_s: float) -> Chunk:
@@ -122,7 +140,7 @@ class DriverRank:
             return error_chunk("unavailable", "request_id", f"{request_id!r} is not running on this replica")
         try:
             deltas = [await asyncio.wait_for(queue.get(), keepalive_s)]
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Chunk()
         loop = asyncio.get_running_loop()
         until = loop.time() + max_wait_s
@@ -136,7 +154,7 @@ class DriverRank:
                     break
                 try:
                     deltas.append(await asyncio.wait_for(queue.get(), left))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             num_tokens += len(deltas[-1].token_ids)
         chunk = merge_deltas(deltas)

@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from opentelemetry.trace import Span, SpanKind
 from ray import serve
 
-from cluster.config_loader import config_from_dict
 from cluster.chunks import error_chunk
+from cluster.config_loader import config_from_dict
 from cluster.serve.ep_group import FAILED, EPGroup
 from cluster.serve.routing import RoutingHint
 from cluster.telemetry import spans, tracing
@@ -39,12 +40,21 @@ class EngineReplica:
         await self.group.start()
         self.outstanding = 0
 
-    async def generate(self, request: GenerateRequest, decision: Decision,
-                       hint: RoutingHint | None = None) -> AsyncIterator[Chunk]:
+    async def generate(
+        self, request: GenerateRequest, decision: Decision, hint: RoutingHint | None = None
+    ) -> AsyncIterator[Chunk]:
         del hint  # read by the request router in the caller's process; nothing to do here
-        span = tracing.start_span(spans.REPLICA, request.trace_context, SpanKind.SERVER, {
-            "levante.request_id": request.request_id, "levante.replica": self.replica_id,
-            "levante.ep_size": self.cfg.replica.ep_size, "levante.effort": decision.effort})
+        span = tracing.start_span(
+            spans.REPLICA,
+            request.trace_context,
+            SpanKind.SERVER,
+            {
+                "levante.request_id": request.request_id,
+                "levante.replica": self.replica_id,
+                "levante.ep_size": self.cfg.replica.ep_size,
+                "levante.effort": decision.effort,
+            },
+        )
         async with contextlib.aclosing(spans.traced(span, self._generate(request, decision, span))) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -101,9 +111,17 @@ class EngineReplica:
         stats = None
         if self.group.serving:
             stats = await asyncio.wait_for(self.group.driver.stats.remote(), self.cfg.replica.rank_timeout_s)
-        return {"replica": self.replica_id, "state": self.group.state, "restarts": self.group.num_restarts,
-                "last_failure": self.group.last_failure, "outstanding": self.outstanding, "stats": stats,
-                "info": self.group.info, "ranks": self.group.rank_infos, "time": time.time()}
+        return {
+            "replica": self.replica_id,
+            "state": self.group.state,
+            "restarts": self.group.num_restarts,
+            "last_failure": self.group.last_failure,
+            "outstanding": self.outstanding,
+            "stats": stats,
+            "info": self.group.info,
+            "ranks": self.group.rank_infos,
+            "time": time.time(),
+        }
 
     async def ready(self, hint: RoutingHint | None = None) -> tuple[str, bool]:
         """(this replica, whether it serves); ``hint`` lets the router steer probes past replicas that said no."""

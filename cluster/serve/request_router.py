@@ -14,8 +14,6 @@ objects are reached through the ``routing`` module, never imported by name.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from cluster.router.policy import NoReplicaAvailable, PrefixAffinity, ReplicaLoad, ranked_replicas
@@ -27,8 +25,9 @@ class LevanteRequestRouter(RequestRouter):
         self._affinity = PrefixAffinity(affinity_entries)
         self._slack = affinity_slack
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
         hint = pending_request.kwargs.get("hint") if pending_request is not None else None
@@ -37,8 +36,10 @@ class LevanteRequestRouter(RequestRouter):
         if not isinstance(hint, routing.RoutingHint):
             hint = routing.RoutingHint()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = [ReplicaLoad(rid, self.replica_queue_len_cache.get(r.replica_id) or 0, healthy=rid not in hint.avoid)
-                 for rid, r in by_id.items()]
+        loads = [
+            ReplicaLoad(rid, self.replica_queue_len_cache.get(r.replica_id) or 0, healthy=rid not in hint.avoid)
+            for rid, r in by_id.items()
+        ]
         try:
             ranked = ranked_replicas(loads, hint.prefix_key, self._affinity, self._slack)
         except NoReplicaAvailable:  # every candidate is avoided: try them anyway rather than fail

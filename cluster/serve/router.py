@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from opentelemetry.trace import Span, SpanKind
 from ray.serve.exceptions import BackPressureError
@@ -81,9 +82,12 @@ class Router:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         # An async generator itself (Serve streams those); the span is None with tracing off.
-        span = tracing.start_span(spans.ROUTER, request.trace_context, SpanKind.SERVER,
-                                  {"levante.request_id": request.request_id,
-                                   "levante.requested_effort": request.reasoning_effort})
+        span = tracing.start_span(
+            spans.ROUTER,
+            request.trace_context,
+            SpanKind.SERVER,
+            {"levante.request_id": request.request_id, "levante.requested_effort": request.reasoning_effort},
+        )
         if span is not None:  # the replica's spans are children of this one
             request = dataclasses.replace(request, trace_context=tracing.carrier_of(span))
         async with contextlib.aclosing(spans.traced(span, self._generate(request, span))) as chunks:
@@ -102,23 +106,29 @@ class Router:
                 request = dataclasses.replace(request, request_id=f"{request.request_id}#retry")
             async with contextlib.aclosing(self._dispatch(request, decision, hint, span)) as chunks:
                 async for chunk in chunks:
-                    lost = chunk.error is not None and chunk.error.code == UNAVAILABLE \
+                    lost = (
+                        chunk.error is not None
+                        and chunk.error.code == UNAVAILABLE
                         and chunk.error.field in ("replica", "engine")
+                    )
                     if lost and chunk.served_by is not None:
                         self._avoid[chunk.served_by.replica] = time.monotonic() + AVOID_S
                         if attempt == 0 and not sent:  # nothing reached the client yet: try another replica
                             retry = True
                             if span is not None:
-                                span.add_event("replica retry", {"levante.replica": chunk.served_by.replica,
-                                                                 "levante.reason": chunk.error.message})
+                                span.add_event(
+                                    "replica retry",
+                                    {"levante.replica": chunk.served_by.replica, "levante.reason": chunk.error.message},
+                                )
                             break
                     sent = sent or bool(chunk.token_ids)
                     yield chunk
             if not retry:
                 return
 
-    async def _dispatch(self, request: GenerateRequest, decision: Decision, hint: RoutingHint,
-                        span: Span | None = None) -> AsyncIterator[Chunk]:
+    async def _dispatch(
+        self, request: GenerateRequest, decision: Decision, hint: RoutingHint, span: Span | None = None
+    ) -> AsyncIterator[Chunk]:
         rid = request.request_id
         self.delay.dispatched(rid, time.monotonic())
         stream = self.engine.options(stream=True).generate.remote(request, decision, hint=hint)
@@ -128,8 +138,13 @@ class Router:
                 async for chunk in chunks:
                     if first:
                         chunk.decision = _decided(decision, hint, chunk)
-                        tracing.set_attributes(span, {"levante.replica": chunk.decision.replica,
-                                                      "levante.decision_reason": chunk.decision.reason})
+                        tracing.set_attributes(
+                            span,
+                            {
+                                "levante.replica": chunk.decision.replica,
+                                "levante.decision_reason": chunk.decision.reason,
+                            },
+                        )
                         first = False
                     if waiting and (chunk.token_ids or chunk.finished):  # a keepalive is not an answer
                         self._last_answer = time.monotonic()

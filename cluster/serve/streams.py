@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ray.serve.exceptions import BackPressureError
 
@@ -29,7 +30,7 @@ async def relay(stream: Any, callee: str, idle_timeout_s: float | None) -> Async
                 return
     except BackPressureError:
         yield error_chunk(RESOURCE_EXHAUSTED, "queue", f"every {callee}'s queue is full; retry later")
-    except asyncio.TimeoutError:
+    except TimeoutError:
         yield error_chunk(UNAVAILABLE, callee, f"no word from the {callee} for {idle_timeout_s:g}s")
     except Exception as e:  # noqa: BLE001 -- a callee that died mid-call fails this call only
         # Ray's errors run to a dozen lines (actor ids, OOM advice): the first says what happened

@@ -7,7 +7,8 @@ off it makes none and reads no trace headers.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from opentelemetry.trace import SpanKind
@@ -22,18 +23,32 @@ SERVICE, METHOD = spans.FRONTDOOR.split("/")
 class CallTelemetry:
     def __init__(self, metrics: ServerMetrics | None, metadata: Mapping[str, str], region: str) -> None:
         # the caller's traceparent/tracestate, if any, is the parent (W3C trace context in gRPC metadata)
-        self.span = tracing.start_span(spans.FRONTDOOR, metadata, SpanKind.SERVER, {
-            "rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": METHOD, "levante.region": region,
-            "levante.forwarded_from": metadata.get(FORWARDED_FROM)})
+        self.span = tracing.start_span(
+            spans.FRONTDOOR,
+            metadata,
+            SpanKind.SERVER,
+            {
+                "rpc.system": "grpc",
+                "rpc.service": SERVICE,
+                "rpc.method": METHOD,
+                "levante.region": region,
+                "levante.forwarded_from": metadata.get(FORWARDED_FROM),
+            },
+        )
         self.observer = metrics.call() if metrics is not None else None
 
     def admitted(self, request: GenerateRequest) -> None:
         """The call is a valid request now: it carries this span's context to the next hop."""
         request.trace_context = tracing.carrier_of(self.span)
-        tracing.set_attributes(self.span, {"levante.request_id": request.request_id, "levante.tenant": request.tenant,
-                                           "levante.requested_effort": request.reasoning_effort,
-                                           "levante.resume_from_token":
-                                               len(request.resume.token_ids) if request.resume else None})
+        tracing.set_attributes(
+            self.span,
+            {
+                "levante.request_id": request.request_id,
+                "levante.tenant": request.tenant,
+                "levante.requested_effort": request.reasoning_effort,
+                "levante.resume_from_token": len(request.resume.token_ids) if request.resume else None,
+            },
+        )
         if self.observer is not None:
             self.observer.requested = request.reasoning_effort
 
@@ -41,12 +56,18 @@ class CallTelemetry:
         if self.observer is not None:
             self.observer.chunk(chunk)
         if self.span is not None and chunk.decision is not None:
-            tracing.set_attributes(self.span, {"levante.effort": chunk.decision.effort,
-                                               "levante.replica": chunk.decision.replica})
+            tracing.set_attributes(
+                self.span, {"levante.effort": chunk.decision.effort, "levante.replica": chunk.decision.replica}
+            )
         if self.span is not None and chunk.finished and chunk.served_by is not None:
-            tracing.set_attributes(self.span, {"levante.served_by.region": chunk.served_by.region,
-                                               "levante.served_by.replica": chunk.served_by.replica,
-                                               "levante.failovers": len(chunk.failovers or [])})
+            tracing.set_attributes(
+                self.span,
+                {
+                    "levante.served_by.region": chunk.served_by.region,
+                    "levante.served_by.replica": chunk.served_by.replica,
+                    "levante.failovers": len(chunk.failovers or []),
+                },
+            )
 
     def done(self, code: str, details: str | None) -> None:
         if self.observer is not None:

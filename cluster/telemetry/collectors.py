@@ -5,7 +5,8 @@ metrics server's thread and only reads."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -22,16 +23,23 @@ GROUP_STATES = ("starting", "serving", "restarting", "failed", "stopped")
 class RegionHealthCollector(Collector):
     """Each region's health as this region's router sees it (itself included)."""
 
-    def __init__(self, book: "HealthBook") -> None:
+    def __init__(self, book: HealthBook) -> None:
         self.book = book
 
     def collect(self) -> Iterator:
-        available = GaugeMetricFamily("levante_region_available",
-                                      "1 when the region takes traffic (not ejected, not unhealthy)", labels=["region"])
-        state = GaugeMetricFamily("levante_region_state", "The region's health state (1 for the current one)",
-                                  labels=["region", "state"])
-        latency = GaugeMetricFamily("levante_region_check_latency_seconds",
-                                    "Smoothed round trip of the region's health checks", labels=["region"])
+        available = GaugeMetricFamily(
+            "levante_region_available",
+            "1 when the region takes traffic (not ejected, not unhealthy)",
+            labels=["region"],
+        )
+        state = GaugeMetricFamily(
+            "levante_region_state", "The region's health state (1 for the current one)", labels=["region", "state"]
+        )
+        latency = GaugeMetricFamily(
+            "levante_region_check_latency_seconds",
+            "Smoothed round trip of the region's health checks",
+            labels=["region"],
+        )
         now = self.book.clock()
         for name, health in list(self.book.regions.items()):
             available.add_metric([name], 1.0 if health.available(now) else 0.0)
@@ -53,26 +61,41 @@ class EngineCollector(Collector):
         R = ["replica"]
         queue = GaugeMetricFamily("levante_engine_queue_depth", "Requests waiting in the engine's queue", labels=R)
         running = GaugeMetricFamily("levante_engine_running_requests", "Requests the engine is running", labels=R)
-        kv_use = GaugeMetricFamily("levante_kv_cache_usage_ratio", "Share of the paged KV cache's blocks in use",
-                                   labels=R)
+        kv_use = GaugeMetricFamily(
+            "levante_kv_cache_usage_ratio", "Share of the paged KV cache's blocks in use", labels=R
+        )
         kv_used = GaugeMetricFamily("levante_kv_cache_used_blocks", "KV cache blocks in use", labels=R)
         kv_total = GaugeMetricFamily("levante_kv_cache_blocks", "Usable KV cache blocks", labels=R)
-        hit_rate = GaugeMetricFamily("levante_prefix_cache_hit_rate",
-                                     "Prompt tokens found in the prefix cache / tokens looked up, since start", labels=R)
-        queried = CounterMetricFamily("levante_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
-                                      labels=R)
-        hits = CounterMetricFamily("levante_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", labels=R)
-        preemptions = CounterMetricFamily("levante_preemptions", "Requests preempted (KV freed, recomputed later)",
-                                          labels=R)
-        experts = CounterMetricFamily("levante_expert_routed_tokens",
-                                      "Token-to-expert assignments routed to the experts each expert-parallel rank "
-                                      "holds, summed over MoE layers", labels=["replica", "ep_rank"])
-        state = GaugeMetricFamily("levante_replica_state", "The replica's expert-parallel group state "
-                                  "(1 for the current one)", labels=["replica", "state"])
-        restarts = CounterMetricFamily("levante_replica_gang_restarts", "Gang restarts of the replica's group",
-                                       labels=R)
-        age = GaugeMetricFamily("levante_engine_stats_age_seconds", "Age of the replica's last polled figures",
-                                labels=R)
+        hit_rate = GaugeMetricFamily(
+            "levante_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / tokens looked up, since start",
+            labels=R,
+        )
+        queried = CounterMetricFamily(
+            "levante_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", labels=R
+        )
+        hits = CounterMetricFamily(
+            "levante_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", labels=R
+        )
+        preemptions = CounterMetricFamily(
+            "levante_preemptions", "Requests preempted (KV freed, recomputed later)", labels=R
+        )
+        experts = CounterMetricFamily(
+            "levante_expert_routed_tokens",
+            "Token-to-expert assignments routed to the experts each expert-parallel rank holds, summed over MoE layers",
+            labels=["replica", "ep_rank"],
+        )
+        state = GaugeMetricFamily(
+            "levante_replica_state",
+            "The replica's expert-parallel group state (1 for the current one)",
+            labels=["replica", "state"],
+        )
+        restarts = CounterMetricFamily(
+            "levante_replica_gang_restarts", "Gang restarts of the replica's group", labels=R
+        )
+        age = GaugeMetricFamily(
+            "levante_engine_stats_age_seconds", "Age of the replica's last polled figures", labels=R
+        )
         now = time.monotonic()
         for snap in list(self.poller.snapshots.values()):
             r = [snap.replica]
@@ -94,5 +117,18 @@ class EngineCollector(Collector):
             preemptions.add_metric(r, st.num_preemptions)
             for rank, load in enumerate(st.expert_load):
                 experts.add_metric([snap.replica, str(rank)], load)
-        yield from (queue, running, kv_use, kv_used, kv_total, hit_rate, queried, hits, preemptions, experts, state,
-                    restarts, age)
+        yield from (
+            queue,
+            running,
+            kv_use,
+            kv_used,
+            kv_total,
+            hit_rate,
+            queried,
+            hits,
+            preemptions,
+            experts,
+            state,
+            restarts,
+            age,
+        )

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from cluster.periodic import Periodic
 from engine.api import EngineStats
@@ -50,8 +51,12 @@ class EnginePoller(Periodic):
             log.debug("engine poll failed: %r", e)
             statuses = []
         now = time.monotonic()
-        fresh = {s["replica"]: ReplicaSnapshot(s["replica"], s.get("state", "unknown"), int(s.get("restarts", 0)),
-                                               s.get("stats"), now) for s in statuses}
+        fresh = {
+            s["replica"]: ReplicaSnapshot(
+                s["replica"], s.get("state", "unknown"), int(s.get("restarts", 0)), s.get("stats"), now
+            )
+            for s in statuses
+        }
         kept = {r: s for r, s in self.snapshots.items() if now - s.at < STALE_POLLS * self.interval_s}
         self.snapshots = {**kept, **fresh}
         self.polls += 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from opentelemetry.trace import Span, SpanKind
 
@@ -46,8 +46,9 @@ def error_of(chunk: Chunk) -> str | None:
     return None if chunk.error is None else f"{chunk.error.code}: {chunk.error.details}"
 
 
-async def traced(span: Span | None, chunks: AsyncIterator[Chunk],
-                 before_end: Callable[[str | None], None] | None = None) -> AsyncIterator[Chunk]:
+async def traced(
+    span: Span | None, chunks: AsyncIterator[Chunk], before_end: Callable[[str | None], None] | None = None
+) -> AsyncIterator[Chunk]:
     """``chunks`` passed on; then ``span`` ends, failed with the final chunk's error or as closed early
     (``before_end`` gets that error first, for spans of its own)."""
     error: str | None = "closed before the final chunk"
@@ -66,8 +67,13 @@ async def traced(span: Span | None, chunks: AsyncIterator[Chunk],
 # ---- the engine's stages -------------------------------------------------------------------------
 
 
-def engine_spans(parent: Span | Mapping[str, str] | None, request_id: str, timings: RequestTimings | None,
-                 usage: Usage | None, finish_reason: str | None) -> None:
+def engine_spans(
+    parent: Span | Mapping[str, str] | None,
+    request_id: str,
+    timings: RequestTimings | None,
+    usage: Usage | None,
+    finish_reason: str | None,
+) -> None:
     """``levante.engine`` and its queue, prefill and decode children, with the times the engine recorded.
 
     Called where a request's final delta passes (rank 0's pump, ``LocalBackend``): it never raises,
@@ -77,18 +83,32 @@ def engine_spans(parent: Span | Mapping[str, str] | None, request_id: str, timin
         return
     try:
         _engine_spans(parent, request_id, timings, usage, finish_reason)
-    except Exception:  # noqa: BLE001 -- see above
+    except Exception:
         log.warning("tracing: could not record the engine spans of %s", request_id, exc_info=True)
 
 
-def _engine_spans(parent: Span | Mapping[str, str], request_id: str, timings: RequestTimings, usage: Usage | None,
-                  finish_reason: str | None) -> None:
-    attributes = {"levante.request_id": request_id, "levante.finish_reason": finish_reason,
-                  "levante.preemptions": timings.num_preemptions}
+def _engine_spans(
+    parent: Span | Mapping[str, str],
+    request_id: str,
+    timings: RequestTimings,
+    usage: Usage | None,
+    finish_reason: str | None,
+) -> None:
+    attributes = {
+        "levante.request_id": request_id,
+        "levante.finish_reason": finish_reason,
+        "levante.preemptions": timings.num_preemptions,
+    }
     if usage is not None:
-        attributes.update({"levante.prompt_tokens": usage.prompt_tokens, "levante.completion_tokens": usage.completion_tokens,
-                           "levante.reasoning_tokens": usage.reasoning_tokens, "levante.cached_tokens": usage.cached_tokens,
-                           "levante.effort": usage.reasoning_effort})
+        attributes.update(
+            {
+                "levante.prompt_tokens": usage.prompt_tokens,
+                "levante.completion_tokens": usage.completion_tokens,
+                "levante.reasoning_tokens": usage.reasoning_tokens,
+                "levante.cached_tokens": usage.cached_tokens,
+                "levante.effort": usage.reasoning_effort,
+            }
+        )
     engine = tracing.start_span(ENGINE, parent, attributes=attributes, start_time=timings.arrival)
     stages = [(ENGINE_QUEUE, timings.arrival, timings.first_scheduled)]
     if timings.first_scheduled is not None:
@@ -107,8 +127,11 @@ class RouteTrace:
     """The region router's spans for one request: the route, and one child per region attempt."""
 
     def __init__(self, request: GenerateRequest) -> None:
-        self.span = tracing.start_span(REGION_ROUTER, request.trace_context, attributes={
-            "levante.request_id": request.request_id, "levante.preferred_region": request.preferred_region})
+        self.span = tracing.start_span(
+            REGION_ROUTER,
+            request.trace_context,
+            attributes={"levante.request_id": request.request_id, "levante.preferred_region": request.preferred_region},
+        )
         self._attempt: Span | None = None
         self._failovers = 0
 
@@ -116,25 +139,36 @@ class RouteTrace:
         """``request`` as sent to ``region``: carrying its attempt span's context."""
         self._end_attempt("superseded")
         resumed = len(request.resume.token_ids) if request.resume is not None else 0
-        self._attempt = tracing.start_span(REGION_ATTEMPT, self.span, SpanKind.CLIENT, {
-            "levante.region": region, "levante.attempt": index, "levante.resume_from_token": resumed})
+        self._attempt = tracing.start_span(
+            REGION_ATTEMPT,
+            self.span,
+            SpanKind.CLIENT,
+            {"levante.region": region, "levante.attempt": index, "levante.resume_from_token": resumed},
+        )
         return dataclasses.replace(request, trace_context=tracing.carrier_of(self._attempt))
 
     def failover(self, hop: FailoverHop) -> None:
         """The request left ``hop.from_region``: an event and attributes on its attempt, which ends failed."""
         self._failovers += 1
-        details = {"levante.from_region": hop.from_region, "levante.reason": hop.reason, "levante.at_token": hop.at_token}
+        details = {
+            "levante.from_region": hop.from_region,
+            "levante.reason": hop.reason,
+            "levante.at_token": hop.at_token,
+        }
         if self._attempt is not None:
             self._attempt.add_event(REGION_FAILOVER, details)
-            tracing.set_attributes(self._attempt, {"levante.failover.reason": hop.reason,
-                                                   "levante.failover.at_token": hop.at_token})
+            tracing.set_attributes(
+                self._attempt, {"levante.failover.reason": hop.reason, "levante.failover.at_token": hop.at_token}
+            )
         self._end_attempt(hop.reason)
 
     def wrap(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """``chunks`` passed on; the spans end with the stream (the error of its final chunk, if any)."""
+
         def before_end(error: str | None) -> None:
             self._end_attempt(error)
             tracing.set_attributes(self.span, {"levante.failovers": self._failovers})
+
         return traced(self.span, chunks, before_end)
 
     def _end_attempt(self, error: str | None) -> None:

@@ -14,7 +14,8 @@ links its hops. Engine stages are spans with explicit start and end times (clust
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -56,8 +57,14 @@ def setup_tracing(cfg: TracingConfig, region: str, component: str) -> bool:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    resource = Resource.create({"service.name": cfg.service_name, "service.version": package_version(),
-                                "levante.region": region, "levante.component": component})
+    resource = Resource.create(
+        {
+            "service.name": cfg.service_name,
+            "service.version": package_version(),
+            "levante.region": region,
+            "levante.component": component,
+        }
+    )
     # ParentBased: a caller's sampled flag (traceparent) decides for its trace; the ratio only for new ones.
     provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)))
     exporter = OTLPSpanExporter(endpoint=cfg.otlp_endpoint, insecure=cfg.insecure)
@@ -84,7 +91,7 @@ def shutdown() -> None:
         installed, _installed = _installed, None
         try:
             installed.provider.shutdown()
-        except Exception:  # noqa: BLE001 -- a collector that is gone must not fail a shutdown
+        except Exception:
             log.warning("tracing: shutting the provider down failed", exc_info=True)
 
 
@@ -140,17 +147,26 @@ def grpc_metadata(carrier: Mapping[str, str] | None) -> list[tuple[str, str]]:
 # ---- spans ---------------------------------------------------------------------------------------
 
 
-def start_span(name: str, parent: Span | Mapping[str, str] | None, kind: SpanKind = SpanKind.INTERNAL,
-               attributes: Mapping[str, Any] | None = None, start_time: float | None = None) -> Span | None:
+def start_span(
+    name: str,
+    parent: Span | Mapping[str, str] | None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, Any] | None = None,
+    start_time: float | None = None,
+) -> Span | None:
     """A span that the caller ends with ``end_span``; None when tracing is off.
 
     ``start_time`` in ``time.time()`` seconds, for stages measured elsewhere (the engine's).
     """
     if _installed is None:
         return None
-    return _installed.tracer.start_span(name, context=context_of(parent), kind=kind,
-                                        attributes={k: v for k, v in (attributes or {}).items() if v is not None},
-                                        start_time=None if start_time is None else _ns(start_time))
+    return _installed.tracer.start_span(
+        name,
+        context=context_of(parent),
+        kind=kind,
+        attributes={k: v for k, v in (attributes or {}).items() if v is not None},
+        start_time=None if start_time is None else _ns(start_time),
+    )
 
 
 def end_span(span: Span | None, error: str | None = None, end_time: float | None = None) -> None:

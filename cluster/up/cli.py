@@ -27,8 +27,11 @@ def add_commands(sub) -> None:
     status = sub.add_parser("status", help="the regions `levante up` started, and their health")
     status.set_defaults(func=_cmd_status)
     for p in (up, down, status):
-        p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                       help=f"where pids, configs and logs are kept (default {DEFAULT_STATE_DIR})")
+        p.add_argument(
+            "--state-dir",
+            default=DEFAULT_STATE_DIR,
+            help=f"where pids, configs and logs are kept (default {DEFAULT_STATE_DIR})",
+        )
 
 
 def _cmd_up(args) -> int:

@@ -16,8 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import grpc
 import yaml
@@ -95,7 +95,7 @@ class LocalRegions:
             json.dump([asdict(r) for r in self.regions.values()], f, indent=2)
 
     @classmethod
-    def load(cls, state_dir: str) -> "LocalRegions":
+    def load(cls, state_dir: str) -> LocalRegions:
         lr = cls(state_dir)
         try:
             with open(lr.state_path, encoding="utf-8") as f:
@@ -121,9 +121,13 @@ class LocalRegions:
 
     def check_none_running(self) -> None:
         """Refuse to start over regions an earlier `levante up` with this state dir left running."""
-        if os.path.exists(self.state_path) and any(r.alive() for r in LocalRegions.load(self.state_dir).regions.values()):
-            raise RegionsError(f"{self.state_dir}: regions from an earlier `levante up` still run; "
-                               f"`levante down --state-dir {self.state_dir}` first")
+        if os.path.exists(self.state_path) and any(
+            r.alive() for r in LocalRegions.load(self.state_dir).regions.values()
+        ):
+            raise RegionsError(
+                f"{self.state_dir}: regions from an earlier `levante up` still run; "
+                f"`levante down --state-dir {self.state_dir}` first"
+            )
 
     def _spawn(self, name: str, cfg: dict) -> RegionProcess:
         os.makedirs(self.state_dir, exist_ok=True)
@@ -135,9 +139,13 @@ class LocalRegions:
             yaml.safe_dump(cfg, f, sort_keys=False)
         log_path = os.path.join(self.state_dir, f"{name}.log")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", config_path],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cluster.cli", "serve", "--config", config_path],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         drain = float(cfg.get("frontdoor", {}).get("drain_timeout_s", 30.0))
         return RegionProcess(name, proc.pid, int(cfg["frontdoor"]["port"]), config_path, log_path, temp_dir, drain)
 
@@ -165,11 +173,13 @@ class LocalRegions:
                     pending.discard(name)
                     progress(f"{name}: serving on {region.target}")
                 elif not _running(region.pid):
-                    raise RegionsError(f"region {name} exited while starting; the end of {region.log_path}:\n"
-                                       + _tail(region.log_path))
+                    raise RegionsError(
+                        f"region {name} exited while starting; the end of {region.log_path}:\n" + _tail(region.log_path)
+                    )
             if pending and time.monotonic() > deadline:
-                raise RegionsError(f"regions {sorted(pending)} not serving after {timeout_s:g}s; see their logs in "
-                                   f"{self.state_dir}")
+                raise RegionsError(
+                    f"regions {sorted(pending)} not serving after {timeout_s:g}s; see their logs in {self.state_dir}"
+                )
             if pending:
                 time.sleep(0.5)
 

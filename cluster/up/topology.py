@@ -21,8 +21,16 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.config_loader import (CLUSTER_CONFIG, TOPOLOGY, ConfigError, build_dataclass, check_kind,
-                                   config_from_dict, read_yaml, resolve_paths)
+from cluster.config_loader import (
+    CLUSTER_CONFIG,
+    TOPOLOGY,
+    ConfigError,
+    build_dataclass,
+    check_kind,
+    config_from_dict,
+    read_yaml,
+    resolve_paths,
+)
 
 RAW_KEYS = ("overrides",)  # free-form mappings, checked when each region's config is built
 
@@ -106,7 +114,8 @@ def region_configs(path: str, extra_overrides: dict | None = None) -> dict[str, 
         cfg["region"] = r.name
         cfg.setdefault("frontdoor", {}).update(port=ports[r.name], admin=topo.admin)
         cfg.setdefault("regions", {})["peers"] = [
-            {"name": o.name, "target": f"127.0.0.1:{ports[o.name]}"} for o in topo.regions if o.name != r.name]
+            {"name": o.name, "target": f"127.0.0.1:{ports[o.name]}"} for o in topo.regions if o.name != r.name
+        ]
         config_from_dict(cfg, f"{path} (region {r.name}, base {topo.base})")  # checked now, not in a child process
         out[r.name] = cfg
     return out

@@ -10,8 +10,19 @@ from engine.core.request import Request, RequestStatus, SamplingParams, finish_r
 from engine.core.scheduler import EngineCoreOutput, ScheduledSeq, Scheduler, SchedulerOutput, SchedulerStats
 
 __all__ = [
-    "BlockPool", "KVCacheBlock", "compute_block_hashes", "hash_block_tokens",
+    "BlockPool",
+    "EngineCoreOutput",
+    "KVCacheBlock",
     "KVCacheManager",
-    "Request", "RequestStatus", "SamplingParams", "finish_reason", "is_finished",
-    "EngineCoreOutput", "ScheduledSeq", "Scheduler", "SchedulerOutput", "SchedulerStats",
+    "Request",
+    "RequestStatus",
+    "SamplingParams",
+    "ScheduledSeq",
+    "Scheduler",
+    "SchedulerOutput",
+    "SchedulerStats",
+    "compute_block_hashes",
+    "finish_reason",
+    "hash_block_tokens",
+    "is_finished",
 ]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 NULL_BLOCK_ID = 0  # reserved: block tables are padded with it, never handed out
 
@@ -27,8 +27,7 @@ class KVCacheBlock:
         return f"KVCacheBlock({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
 
 
-def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int],
-                      extra_keys: tuple | None = None) -> int:
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int], extra_keys: tuple | None = None) -> int:
     """Hash of one full block, chained on its parent's so equal hashes mean
     equal prefixes. Stable across processes (unlike ``hash()``)."""
     h = hashlib.blake2b(digest_size=8)
@@ -40,8 +39,7 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int],
     return int.from_bytes(h.digest(), "little")
 
 
-def compute_block_hashes(token_ids: Sequence[int], block_size: int,
-                         start_hashes: list[int] | None = None) -> list[int]:
+def compute_block_hashes(token_ids: Sequence[int], block_size: int, start_hashes: list[int] | None = None) -> list[int]:
     """Hashes of every full block of ``token_ids``.
 
     ``start_hashes`` (hashes of the leading blocks, e.g. a request's cached
@@ -50,7 +48,7 @@ def compute_block_hashes(token_ids: Sequence[int], block_size: int,
     hashes = [] if start_hashes is None else start_hashes
     for i in range(len(hashes), len(token_ids) // block_size):
         parent = hashes[i - 1] if i > 0 else None
-        hashes.append(hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size]))
+        hashes.append(hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size]))
     return hashes
 
 

@@ -6,7 +6,7 @@ A request's blocks cover its computed tokens in order: token ``p`` lives in
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from engine.core.block_pool import BlockPool, KVCacheBlock, compute_block_hashes
 from engine.core.request import Request
@@ -17,8 +17,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, block_size: int, num_blocks: int, enable_caching: bool = True,
-                 max_model_len: int | None = None) -> None:
+    def __init__(
+        self, block_size: int, num_blocks: int, enable_caching: bool = True, max_model_len: int | None = None
+    ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.max_model_len = max_model_len
@@ -65,8 +66,9 @@ class KVCacheManager:
             hits.append(block)
         return hits, len(hits) * self.block_size
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: Sequence[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] = ()
+    ) -> list[KVCacheBlock] | None:
         """Grow the request's blocks to hold its computed tokens, the prefix
         hits and ``num_new_tokens`` more. Returns the newly allocated blocks,
         or None, with nothing changed, when the pool is short."""

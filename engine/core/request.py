@@ -8,8 +8,8 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from engine.config import EFFORTS
 
@@ -54,23 +54,34 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
-               f"must be >= 1, got {self.max_tokens!r}")
-        _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be >= 0, got {self.temperature!r}")
+        _check(
+            _is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens!r}"
+        )
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be >= 0, got {self.temperature!r}",
+        )
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be >= 0 (0 disables), got {self.top_k!r}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
         _check(self.seed is None or _is_int(self.seed), "seed", f"must be an int or None, got {self.seed!r}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
-               f"must be non-empty strings, got {self.stop!r}")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               f"must be token ids >= 0, got {self.stop_token_ids!r}")
+        _check(
+            all(isinstance(s, str) and s for s in self.stop), "stop", f"must be non-empty strings, got {self.stop!r}"
+        )
+        _check(
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            f"must be token ids >= 0, got {self.stop_token_ids!r}",
+        )
         for name in ("logprobs", "prompt_logprobs", "thinking_budget"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v >= 0), name, f"must be >= 0 or None, got {v!r}")
-        _check(self.reasoning_effort is None or self.reasoning_effort in EFFORTS, "reasoning_effort",
-               f"must be one of {EFFORTS} or None, got {self.reasoning_effort!r}")
+        _check(
+            self.reasoning_effort is None or self.reasoning_effort in EFFORTS,
+            "reasoning_effort",
+            f"must be one of {EFFORTS} or None, got {self.reasoning_effort!r}",
+        )
 
     @property
     def greedy(self) -> bool:
@@ -108,9 +119,14 @@ class Request:
     preemption are all that rule.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: Iterable[int],
-                 sampling_params: SamplingParams | None = None, eos_token_id: int | None = None,
-                 arrival_time: float | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Iterable[int],
+        sampling_params: SamplingParams | None = None,
+        eos_token_id: int | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         prompt = list(prompt_token_ids)
         _check(len(prompt) > 0, "prompt", "must not be empty")
         _check(all(_is_int(t) and t >= 0 for t in prompt), "prompt", "token ids must be ints >= 0")
@@ -163,5 +179,7 @@ class Request:
         self.all_token_ids.extend(ids)
 
     def __repr__(self) -> str:
-        return (f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens})")
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )

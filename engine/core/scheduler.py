@@ -10,8 +10,8 @@ zero and recomputes. There are no separate prefill/decode phases.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache import KVCacheManager
@@ -99,8 +99,10 @@ class Scheduler:
         n, limit = request.num_tokens, self.max_model_len
         if n >= limit:
             capped = "" if limit == self.config.max_model_len else f", capped by a KV cache of {limit} tokens"
-            raise ValueError(f"prompt: {n} tokens exceeds max_model_len {limit}{capped} "
-                             f"(at most {limit - 1}, leaving room for one generated token)")
+            raise ValueError(
+                f"prompt: {n} tokens exceeds max_model_len {limit}{capped} "
+                f"(at most {limit - 1}, leaving room for one generated token)"
+            )
         if request.request_id in self.requests:
             raise ValueError(f"request_id: {request.request_id!r} is already in the scheduler")
         request.status = RequestStatus.WAITING
@@ -110,8 +112,9 @@ class Scheduler:
     def abort_requests(self, request_ids: str | Iterable[str]) -> None:
         self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
-    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus,
-                        stop_reason: int | str | None = None) -> None:
+    def finish_requests(
+        self, request_ids: str | Iterable[str], status: RequestStatus, stop_reason: int | str | None = None
+    ) -> None:
         """End requests now (abort, or a stop string found by the detokenizer).
         Blocks are freed at once; unknown or already finished ids are ignored."""
         assert is_finished(status), status
@@ -146,10 +149,15 @@ class Scheduler:
     def get_stats(self) -> SchedulerStats:
         pool = self.kv.pool
         return SchedulerStats(
-            num_running=len(self.running), num_waiting=len(self.waiting),
-            num_preemptions_total=self.num_preemptions_total, kv_usage=self.kv.usage,
-            num_used_blocks=self.kv.num_used_blocks, num_free_blocks=self.kv.num_free_blocks,
-            prefix_cache_queries=pool.prefix_cache_queries, prefix_cache_hits=pool.prefix_cache_hits)
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions_total=self.num_preemptions_total,
+            kv_usage=self.kv.usage,
+            num_used_blocks=self.kv.num_used_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            prefix_cache_queries=pool.prefix_cache_queries,
+            prefix_cache_hits=pool.prefix_cache_hits,
+        )
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
@@ -165,8 +173,12 @@ class Scheduler:
         if not preempted:
             budget = self._schedule_waiting(budget, seqs)
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(seqs=seqs, num_batched_tokens=self.config.max_num_batched_tokens - budget,
-                               preempted_ids=preempted, finished_ids=finished)
+        return SchedulerOutput(
+            seqs=seqs,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_ids=preempted,
+            finished_ids=finished,
+        )
 
     def _chunk(self, req: Request, budget: int, num_hit: int = 0) -> int:
         """Tokens of ``req`` to compute this step, after ``num_hit`` prefix-hit tokens."""
@@ -236,13 +248,14 @@ class Scheduler:
         so the next schedule (possibly before this step's update) sees them."""
         start = req.num_computed_tokens
         req.num_computed_tokens += n
-        wants_prompt_logprobs = (req.sampling_params.prompt_logprobs is not None
-                                 and start == req.prompt_logprobs_pos < req.num_prompt_tokens)
+        wants_prompt_logprobs = (
+            req.sampling_params.prompt_logprobs is not None and start == req.prompt_logprobs_pos < req.num_prompt_tokens
+        )
         if wants_prompt_logprobs:
             req.prompt_logprobs_pos = min(start + n, req.num_prompt_tokens)
         return ScheduledSeq(
             request_id=req.request_id,
-            token_ids=req.all_token_ids[start:start + n],
+            token_ids=req.all_token_ids[start : start + n],
             start_pos=start,
             block_ids=self.kv.get_block_ids(req.request_id),
             samples=start + n == req.num_tokens,
@@ -262,8 +275,15 @@ class Scheduler:
             new_ids, status = self._append_until_stop(req, sampled[seq.request_id])
             if status is not None:
                 self._finish(req, status)
-            outs.append(EngineCoreOutput(seq.request_id, new_ids, finish_reason(status) if status else None,
-                                         req.stop_reason, max(req.num_cached_tokens, 0)))
+            outs.append(
+                EngineCoreOutput(
+                    seq.request_id,
+                    new_ids,
+                    finish_reason(status) if status else None,
+                    req.stop_reason,
+                    max(req.num_cached_tokens, 0),
+                )
+            )
         return outs
 
     def _append_until_stop(self, req: Request, token_ids: list[int]) -> tuple[list[int], RequestStatus | None]:
@@ -279,5 +299,5 @@ class Scheduler:
             elif req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
             if status is not None:
-                return list(token_ids[:k + 1]), status
+                return list(token_ids[: k + 1]), status
         return list(token_ids), None

@@ -67,11 +67,15 @@ class KVCacheSpec:
         """Cache bytes of one block (``block_size`` token slots in every layer)."""
         return block_size * self.bytes_per_token()
 
-    def allocate(self, num_blocks: int, block_size: int, device: torch.device | str = "cpu") -> list[tuple[Tensor, ...]]:
+    def allocate(
+        self, num_blocks: int, block_size: int, device: torch.device | str = "cpu"
+    ) -> list[tuple[Tensor, ...]]:
         """Zeroed per-layer caches: a tuple of ``[num_blocks, block_size, *entry]`` tensors per layer."""
         return [
-            tuple(torch.zeros(num_blocks, block_size, *shape, dtype=self.dtype, device=device)
-                  for shape in self.entry_shapes)
+            tuple(
+                torch.zeros(num_blocks, block_size, *shape, dtype=self.dtype, device=device)
+                for shape in self.entry_shapes
+            )
             for _ in range(self.num_layers)
         ]
 
@@ -98,8 +102,9 @@ class CausalLM(nn.Module, ABC):
         return self.kv_cache_spec().allocate(num_blocks, block_size, self.device)
 
     @abstractmethod
-    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[Tensor, ...]]) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: list[tuple[Tensor, ...]]
+    ) -> Tensor:
         """input_ids [T] int64, positions [T] int64 -> final-normed hidden [T, D].
 
         Writes this step's cache entries at ``meta.slot_mapping`` in every layer.

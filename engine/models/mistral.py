@@ -19,8 +19,16 @@ from torch import Tensor, nn
 
 from engine.models.base import KVCacheSpec
 from engine.models.decoder import DecoderLM, hf_get
-from engine.models.layers import DecoderLayer, GatedMLP, Linear, RotaryEmbedding, StepContext, check_activation, \
-    fuse_linears, standardize_rope_parameters
+from engine.models.layers import (
+    DecoderLayer,
+    GatedMLP,
+    Linear,
+    RotaryEmbedding,
+    StepContext,
+    check_activation,
+    fuse_linears,
+    standardize_rope_parameters,
+)
 from kernels.backend import AttentionBackend
 
 
@@ -51,7 +59,7 @@ class GQAAttention(nn.Module):
     def __init__(self, cfg: MistralConfig, rotary: RotaryEmbedding, backend: AttentionBackend, dtype: torch.dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
         self.rotary = rotary
         self.backend = backend
@@ -68,13 +76,14 @@ class GQAAttention(nn.Module):
         n, hq, hkv = h.shape[0], self.num_heads, self.num_kv_heads
         qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(n, hq + 2 * hkv, self.head_dim)  # [T, Hq+2Hkv, D]
         # q and k heads side by side get the same per-position rotation: one elementwise pass for both.
-        qk = self.rotary.apply(qkv[:, :hq + hkv], ctx.cos, ctx.sin)  # [T, Hq+Hkv, D]
+        qk = self.rotary.apply(qkv[:, : hq + hkv], ctx.cos, ctx.sin)  # [T, Hq+Hkv, D]
         q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
-        v = qkv[:, hq + hkv:]  # [T, Hkv, D]
+        v = qkv[:, hq + hkv :]  # [T, Hkv, D]
         self.backend.write_kv(k_cache, k, ctx.meta.slot_mapping)
         self.backend.write_kv(v_cache, v, ctx.meta.slot_mapping)
-        out = self.backend.paged_attention(q, k_cache, v_cache, ctx.meta, self.scale,
-                                           sliding_window=self.sliding_window)  # [T, Hq, D]
+        out = self.backend.paged_attention(
+            q, k_cache, v_cache, ctx.meta, self.scale, sliding_window=self.sliding_window
+        )  # [T, Hq, D]
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))  # [T, hidden]
 
 
@@ -84,10 +93,19 @@ class MistralForCausalLM(DecoderLM):
     family = "mistral"
     honours_sliding_window = True  # LlamaModel ignores the key; MistralModel / MixtralModel mask with it
     # transformers' config-class defaults for keys a config.json may omit
-    defaults = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6,
-                    max_position_embeddings=4096 * 32, tie_word_embeddings=False, sliding_window=4096,
-                    hidden_act="silu")
+    defaults = dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096 * 32,
+        tie_word_embeddings=False,
+        sliding_window=4096,
+        hidden_act="silu",
+    )
 
     def parse_config(self, hf: dict) -> MistralConfig:
         d = self.defaults
@@ -126,8 +144,10 @@ class MistralForCausalLM(DecoderLM):
     def make_rotary(self) -> RotaryEmbedding:
         rotary = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings)
         if rotary.rotary_dim != self.cfg.head_dim:
-            raise ValueError(f"partial rotary embeddings (rotary dim {rotary.rotary_dim} < head_dim "
-                             f"{self.cfg.head_dim}) are not supported for {type(self).__name__}")
+            raise ValueError(
+                f"partial rotary embeddings (rotary dim {rotary.rotary_dim} < head_dim "
+                f"{self.cfg.head_dim}) are not supported for {type(self).__name__}"
+            )
         return rotary
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
@@ -147,5 +167,10 @@ class LlamaForCausalLM(MistralForCausalLM):
 
     family = "llama"
     honours_sliding_window = False
-    defaults = dict(MistralForCausalLM.defaults, intermediate_size=11008, num_key_value_heads=None,
-                    max_position_embeddings=2048, sliding_window=None)
+    defaults = dict(
+        MistralForCausalLM.defaults,
+        intermediate_size=11008,
+        num_key_value_heads=None,
+        max_position_embeddings=2048,
+        sliding_window=None,
+    )

@@ -23,16 +23,35 @@ from torch import Tensor, nn
 
 from engine.models.base import KVCacheSpec
 from engine.models.decoder import DecoderLM, hf_get
-from engine.models.layers import DecoderLayer, GatedMLP, Linear, RMSNorm, RotaryEmbedding, RoutedMoE, StepContext, \
-    check_activation, llama4_query_scale, standardize_rope_parameters, yarn_get_mscale
+from engine.models.layers import (
+    DecoderLayer,
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    RoutedMoE,
+    StepContext,
+    check_activation,
+    llama4_query_scale,
+    standardize_rope_parameters,
+    yarn_get_mscale,
+)
 from kernels.backend import AttentionBackend
 from kernels.metadata import AttentionMetadata
 from kernels.moe.routing import route_grouped_topk
 
 # Mistral4Config's rope_parameters when a config.json has none.
-_DEFAULT_ROPE = {"type": "yarn", "rope_theta": 10000.0, "factor": 128.0, "original_max_position_embeddings": 8192,
-                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
-                 "llama_4_scaling_beta": 0.1}
+_DEFAULT_ROPE = {
+    "type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 128.0,
+    "original_max_position_embeddings": 8192,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale_all_dim": 1.0,
+    "mscale": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
 
 
 @dataclass(frozen=True)
@@ -92,10 +111,9 @@ class MLAAttention(nn.Module):
             self.q_proj = Linear(h, q_out, False, dtype)
         self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias, dtype)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, self.LATENT_NORM_EPS, dtype)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), False,
-                                dtype)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), False, dtype)
         self.o_proj = Linear(cfg.num_heads * cfg.v_head_dim, h, bias, dtype)
-        scale = cfg.qk_head_dim ** -0.5
+        scale = cfg.qk_head_dim**-0.5
         if cfg.rope["rope_type"] != "default" and cfg.rope.get("mscale_all_dim"):
             mscale = yarn_get_mscale(cfg.rope["factor"], cfg.rope["mscale_all_dim"])
             scale = scale * mscale * mscale
@@ -124,9 +142,10 @@ class MLAAttention(nn.Module):
             q_rope = q_rope * ctx.query_scale
 
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w_kv[:, :self.nope_dim], w_kv[:, self.nope_dim:]  # [H, Dn, L], [H, Dv, L]
-        out = self.backend.mla_paged_attention(q_nope, q_rope, latent_cache, ctx.meta, w_uk, w_uv,
-                                               self.scale)  # [T, H, Dv]
+        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]  # [H, Dn, L], [H, Dv, L]
+        out = self.backend.mla_paged_attention(
+            q_nope, q_rope, latent_cache, ctx.meta, w_uk, w_uv, self.scale
+        )  # [T, H, Dv]
         return self.o_proj(out.reshape(n, self.num_heads * self.v_dim))  # [T, hidden]
 
 
@@ -135,14 +154,23 @@ class Mistral4MoE(RoutedMoE):
 
     def __init__(self, cfg: Mistral4Config, dtype: torch.dtype, moe_backend, parallel):
         shared = cfg.moe_intermediate_size * cfg.n_shared_experts if cfg.n_shared_experts else None
-        super().__init__(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, dtype,
-                         moe_backend, parallel, shared_intermediate=shared)
+        super().__init__(
+            cfg.hidden_size,
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            cfg.moe_intermediate_size,
+            dtype,
+            moe_backend,
+            parallel,
+            shared_intermediate=shared,
+        )
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
 
     def route(self, router_logits: Tensor) -> tuple[Tensor, Tensor]:
-        return route_grouped_topk(router_logits, self.top_k, self.n_group, self.topk_group, self.norm_topk_prob,
-                                  self.routed_scaling_factor)  # [T, K] each
+        return route_grouped_topk(
+            router_logits, self.top_k, self.n_group, self.topk_group, self.norm_topk_prob, self.routed_scaling_factor
+        )  # [T, K] each
 
 
 class Mistral4ForCausalLM(DecoderLM):
@@ -152,12 +180,15 @@ class Mistral4ForCausalLM(DecoderLM):
         heads = hf_get(hf, "num_attention_heads", 32)
         kv_heads = hf_get(hf, "num_key_value_heads", 32) or heads
         if kv_heads != heads:
-            raise ValueError(f"Mistral 4 needs num_key_value_heads == num_attention_heads (MLA expands the latent "
-                             f"to every head), got {kv_heads} and {heads}")
+            raise ValueError(
+                f"Mistral 4 needs num_key_value_heads == num_attention_heads (MLA expands the latent "
+                f"to every head), got {kv_heads} and {heads}"
+            )
         rope_hf = dict(hf)
         if hf.get("rope_parameters") is None and hf.get("rope_scaling") is None:
-            rope_hf["rope_parameters"] = dict(_DEFAULT_ROPE, max_position_embeddings=hf_get(
-                hf, "max_position_embeddings", 1048576))
+            rope_hf["rope_parameters"] = dict(
+                _DEFAULT_ROPE, max_position_embeddings=hf_get(hf, "max_position_embeddings", 1048576)
+            )
         rope = standardize_rope_parameters(rope_hf)
         rope.setdefault("partial_rotary_factor", rope_dim / (nope + rope_dim))
         if rope.get("llama_4_scaling_beta") is not None and not rope.get("original_max_position_embeddings"):
@@ -167,8 +198,10 @@ class Mistral4ForCausalLM(DecoderLM):
         topk_group = hf_get(hf, "topk_group", 1) or n_group
         top_k = hf_get(hf, "num_experts_per_tok", 4)
         if num_experts % n_group != 0 or num_experts // n_group < 2 or topk_group > n_group:
-            raise ValueError(f"group-limited routing needs n_routed_experts ({num_experts}) divisible by n_group "
-                             f"({n_group}) with >= 2 experts per group and topk_group ({topk_group}) <= n_group")
+            raise ValueError(
+                f"group-limited routing needs n_routed_experts ({num_experts}) divisible by n_group "
+                f"({n_group}) with >= 2 experts per group and topk_group ({topk_group}) <= n_group"
+            )
         if top_k > topk_group * (num_experts // n_group):
             raise ValueError(f"num_experts_per_tok={top_k} exceeds the experts of topk_group={topk_group} groups")
         return Mistral4Config(
@@ -202,11 +235,18 @@ class Mistral4ForCausalLM(DecoderLM):
     def make_rotary(self) -> RotaryEmbedding:
         cfg = self.cfg
         # transformers derives the rotary dim as int(head_dim * partial_rotary_factor) with head_dim = Dn + Dr
-        rotary = RotaryEmbedding(cfg.rope, cfg.qk_head_dim, cfg.max_position_embeddings,
-                                 interleaved=cfg.rope_interleave, default_dim=cfg.qk_rope_head_dim)
+        rotary = RotaryEmbedding(
+            cfg.rope,
+            cfg.qk_head_dim,
+            cfg.max_position_embeddings,
+            interleaved=cfg.rope_interleave,
+            default_dim=cfg.qk_rope_head_dim,
+        )
         if rotary.rotary_dim != cfg.qk_rope_head_dim:
-            raise ValueError(f"rope parameters give a rotary dim of {rotary.rotary_dim}, but qk_rope_head_dim is "
-                             f"{cfg.qk_rope_head_dim} (check partial_rotary_factor)")
+            raise ValueError(
+                f"rope parameters give a rotary dim of {rotary.rotary_dim}, but qk_rope_head_dim is "
+                f"{cfg.qk_rope_head_dim} (check partial_rotary_factor)"
+            )
         return rotary
 
     def make_layer(self, layer_idx: int) -> DecoderLayer:

@@ -35,8 +35,15 @@ class MixtralForCausalLM(MistralForCausalLM):
 
     def make_mlp(self, layer_idx: int) -> nn.Module:
         cfg = self.cfg
-        return MixtralMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size,
-                          self.dtype, self.require_moe_backend(), self.parallel)
+        return MixtralMoE(
+            cfg.hidden_size,
+            cfg.num_experts,
+            cfg.num_experts_per_tok,
+            cfg.intermediate_size,
+            self.dtype,
+            self.require_moe_backend(),
+            self.parallel,
+        )
 
     def checkpoint_name(self, name: str) -> str | None:
         name = super().checkpoint_name(name)

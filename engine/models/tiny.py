@@ -32,31 +32,90 @@ import torch
 
 ARCHS = ("mistral", "mixtral", "mistral4", "llama")
 
-_BASE = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, max_position_embeddings=32768,
-             initializer_range=0.2, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu",
-             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_BASE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_attention_heads=4,
+    max_position_embeddings=32768,
+    initializer_range=0.2,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 _CONFIGS = {
-    "mistral": dict(_BASE, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
-                    sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    "llama": dict(_BASE, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
-                  attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    "mixtral": dict(_BASE, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
-                    sliding_window=None, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "mistral": dict(
+        _BASE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "llama": dict(
+        _BASE,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "mixtral": dict(
+        _BASE,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=None,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
     # Shaped like Mistral Small 4 (MLA, YaRN with llama-4 query scaling, grouped routing, shared
     # expert, a dense first layer), shrunk; original_max_position_embeddings is small so YaRN's
     # ramp and the llama-4 scale both change within a few dozen positions.
-    "mistral4": dict(_BASE, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-                     num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                     v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-                     n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=True,
-                     rope_interleave=True, pad_token_id=11,
-                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
-                                      "original_max_position_embeddings": 16, "max_position_embeddings": 32768,
-                                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                                      "llama_4_scaling_beta": 0.1}),
+    "mistral4": dict(
+        _BASE,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=True,
+        rope_interleave=True,
+        pad_token_id=11,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 128.0,
+            "original_max_position_embeddings": 16,
+            "max_position_embeddings": 32768,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "llama_4_scaling_beta": 0.1,
+        },
+    ),
 }
 
 _SAVE_KWARGS = ("save_original_format", "max_shard_size")
@@ -100,8 +159,16 @@ def make_tiny(arch: str, seed: int, out: str, **overrides) -> str:
 
 
 # A Hugging Face tokenizer folder's files, copied when present.
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                       "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 def _tokenizer_files(path: str) -> list[str]:
@@ -114,8 +181,10 @@ def _tokenizer_files(path: str) -> list[str]:
         return [mistral]
     if os.path.isdir(path):
         return [os.path.join(path, f) for f in _HF_TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
-    raise ValueError(f"tokenizer: {path} cannot be copied into a tiny checkpoint "
-                     f"(expected a tekken*.json or *.model.v* file, or a tokenizer folder)")
+    raise ValueError(
+        f"tokenizer: {path} cannot be copied into a tiny checkpoint "
+        f"(expected a tekken*.json or *.model.v* file, or a tokenizer folder)"
+    )
 
 
 def make_tiny_with_tokenizer(arch: str, seed: int, out: str, tokenizer: str, **overrides) -> str:
@@ -127,8 +196,9 @@ def make_tiny_with_tokenizer(arch: str, seed: int, out: str, tokenizer: str, **o
     path = resolve_tokenizer_path(tokenizer)
     tok = load_tokenizer(path)
     files = _tokenizer_files(path)
-    special = {k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id))
-               if v is not None}
+    special = {
+        k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id)) if v is not None
+    }
     make_tiny(arch, seed, out, **{"vocab_size": tok.vocab_size, **special, **overrides})
     for file in files:
         shutil.copy2(file, out)

@@ -43,7 +43,7 @@ def parse_tiny_uri(uri: str) -> tuple[str, int, dict]:
     """``tiny:<arch>?k=v&...`` -> (arch, seed, config overrides); ModelLoadError naming what is wrong."""
     from engine.models.tiny import ARCHS, tiny_config
 
-    arch, _, query = uri[len(TINY_SCHEME):].partition("?")
+    arch, _, query = uri[len(TINY_SCHEME) :].partition("?")
     if arch not in ARCHS:
         raise ModelLoadError(f"model {uri!r}: unknown tiny architecture {arch!r} (choices: {', '.join(ARCHS)})")
     try:
@@ -62,8 +62,9 @@ def parse_tiny_uri(uri: str) -> tuple[str, int, dict]:
             overrides[key] = value
         else:
             settable = sorted(k for k, v in defaults.items() if not isinstance(v, (dict, list)))
-            raise ModelLoadError(f"model {uri!r}: {key!r} cannot be set for tiny {arch} "
-                                 f"(settable: seed, {', '.join(settable)})")
+            raise ModelLoadError(
+                f"model {uri!r}: {key!r} cannot be set for tiny {arch} (settable: seed, {', '.join(settable)})"
+            )
     return arch, seed, overrides
 
 
@@ -74,8 +75,15 @@ def tiny_model_dir(uri: str) -> Path:
     arch, seed, overrides = parse_tiny_uri(uri)
     # Everything the weights depend on: the full config (defaults may change), the seed, and
     # the transformers release whose initializers draw them.
-    key = json.dumps({"arch": arch, "seed": seed, "config": tiny_config(arch, **overrides),
-                      "transformers": importlib.metadata.version("transformers")}, sort_keys=True)
+    key = json.dumps(
+        {
+            "arch": arch,
+            "seed": seed,
+            "config": tiny_config(arch, **overrides),
+            "transformers": importlib.metadata.version("transformers"),
+        },
+        sort_keys=True,
+    )
     final = cache_root() / "models" / f"tiny-{arch}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
     def build(tmp: Path) -> None:
@@ -85,7 +93,8 @@ def tiny_model_dir(uri: str) -> Path:
 
     def is_complete(folder: Path) -> bool:
         return (folder / "config.json").is_file() and any(
-            (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+            (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+        )
 
     return build_once(final, build, is_complete, f"building {uri!r}")
 
@@ -102,12 +111,16 @@ def resolve_tokenizer_path(name: str) -> str:
     """A tokenizer path: ``mistral-common:<file>`` resolved to the packaged file, anything else as is."""
     if not name.startswith(MISTRAL_COMMON_SCHEME):
         return name
-    file = name[len(MISTRAL_COMMON_SCHEME):]
+    file = name[len(MISTRAL_COMMON_SCHEME) :]
     data = mistral_common_data_dir()
     path = data / file
     if not file or "/" in file or "\\" in file or not path.is_file():
-        available = sorted(p.name for p in data.iterdir() if p.is_file() and not p.name.startswith("_")) \
-            if data.is_dir() else []
-        raise ValueError(f"tokenizer: {name!r} is not a mistral-common tokenizer file "
-                         f"(available: {', '.join(available) or 'none'})")
+        available = (
+            sorted(p.name for p in data.iterdir() if p.is_file() and not p.name.startswith("_"))
+            if data.is_dir()
+            else []
+        )
+        raise ValueError(
+            f"tokenizer: {name!r} is not a mistral-common tokenizer file (available: {', '.join(available) or 'none'})"
+        )
     return str(path)

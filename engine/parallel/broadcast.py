@@ -24,8 +24,11 @@ class PeerMismatchError(RuntimeError):
 
 def _exchange_header(group: ExpertGroup, values: list[int] | None) -> list[int]:
     """Rank 0 passes the header, ranks 1.. pass None; all return rank 0's header."""
-    t = torch.tensor(values, dtype=torch.int64, device=group.device) if values is not None \
+    t = (
+        torch.tensor(values, dtype=torch.int64, device=group.device)
+        if values is not None
         else torch.zeros(HEADER_LEN, dtype=torch.int64, device=group.device)
+    )
     return group.all_reduce_sum(t).tolist()
 
 
@@ -81,9 +84,11 @@ class StepReceiver:
         hello = Hello.of(head)
         mismatch = None
         if (hello.vocab_size, hello.num_expert_params) != (vocab_size, num_expert_params):
-            mismatch = (f"rank {self.group.rank} loaded a model with vocab_size={vocab_size} and "
-                        f"{num_expert_params} routed-expert params; rank 0 has vocab_size={hello.vocab_size} "
-                        f"and {hello.num_expert_params}")
+            mismatch = (
+                f"rank {self.group.rank} loaded a model with vocab_size={vocab_size} and "
+                f"{num_expert_params} routed-expert params; rank 0 has vocab_size={hello.vocab_size} "
+                f"and {hello.num_expert_params}"
+            )
         _check_same_model(self.group, mismatch)
         return hello
 

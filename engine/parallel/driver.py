@@ -12,15 +12,18 @@ from engine.parallel.wire import Hello
 def check_expert_parallel(model: CausalLM, parallel: ParallelConfig) -> None:
     """Splitting only makes sense for a model with routed experts (the split itself is checked at load)."""
     if model.num_expert_params() == 0:
-        raise ValueError(f"parallel.ep_size: {type(model).__name__} has no routed experts to split over "
-                         f"{parallel.ep_size} ranks; use ep_size=1")
+        raise ValueError(
+            f"parallel.ep_size: {type(model).__name__} has no routed experts to split over "
+            f"{parallel.ep_size} ranks; use ep_size=1"
+        )
 
 
 def start_driver(model: CausalLM, parallel: ParallelConfig, hello: Hello) -> StepBroadcaster:
     """Join the group as rank 0 (blocks until every rank joined and checked it holds the same model)."""
     if parallel.ep_rank != 0:
-        raise ValueError(f"parallel.ep_rank: the engine runs on rank 0; rank {parallel.ep_rank} "
-                         f"runs engine.api.run_expert_worker")
+        raise ValueError(
+            f"parallel.ep_rank: the engine runs on rank 0; rank {parallel.ep_rank} runs engine.api.run_expert_worker"
+        )
     check_expert_parallel(model, parallel)
     group = ExpertGroup.join(parallel, model.device)
     try:

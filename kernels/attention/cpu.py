@@ -63,7 +63,7 @@ class _DecodePlan:
     mask: Tensor | None  # [B, 1, 1, L] True for real keys; None when every row sees L keys
 
     @staticmethod
-    def build(block_tables: Tensor, seq_lens: list[int], block_size: int, window: int | None) -> "_DecodePlan":
+    def build(block_tables: Tensor, seq_lens: list[int], block_size: int, window: int | None) -> _DecodePlan:
         # block_tables [B, W]; the plan's tensors go where the block tables are
         spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
         span_max = max(spans)
@@ -89,8 +89,9 @@ class _PrefillPlan:
     mask: Tensor | None  # [Q, L] causal (+ window) mask; None: the chunk is the whole visible context (is_causal)
 
     @staticmethod
-    def build(start: int, q_len: int, block_table: Tensor, seq_len: int, block_size: int,
-              window: int | None) -> "_PrefillPlan":
+    def build(
+        start: int, q_len: int, block_table: Tensor, seq_len: int, block_size: int, window: int | None
+    ) -> _PrefillPlan:
         # block_table [W]
         first_q = seq_len - q_len
         first_k = 0 if window is None else max(0, first_q - window + 1)  # earliest key any query can see
@@ -114,7 +115,7 @@ class _StepPlan:
     prefill: list[_PrefillPlan]
 
     @staticmethod
-    def build(meta: AttentionMetadata, window: int | None) -> "_StepPlan":
+    def build(meta: AttentionMetadata, window: int | None) -> _StepPlan:
         q_lens, s_lens, bs = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size
         if meta.is_decode_only:
             return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [])
@@ -124,8 +125,11 @@ class _StepPlan:
         if decode:
             dec_plan = _DecodePlan.build(meta.block_tables[decode], [s_lens[b] for b in decode], bs, window)
             rows = torch.tensor([starts[b] for b in decode], dtype=torch.long, device=meta.block_tables.device)
-        prefill = [_PrefillPlan.build(starts[b], n, meta.block_tables[b], s_lens[b], bs, window)
-                   for b, n in enumerate(q_lens) if n > 1]
+        prefill = [
+            _PrefillPlan.build(starts[b], n, meta.block_tables[b], s_lens[b], bs, window)
+            for b, n in enumerate(q_lens)
+            if n > 1
+        ]
         return _StepPlan(dec_plan, rows, prefill)
 
 
@@ -143,14 +147,29 @@ class CpuAttentionBackend(AttentionBackend):
         else:
             flat.index_copy_(0, slot_mapping, new)
 
-    def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-                        scale: float, sliding_window: int | None = None) -> Tensor:
+    def paged_attention(
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> Tensor:
         # q [T, Hq, D]; k_cache [NB, BS, Hkv, D]; v_cache [NB, BS, Hkv, Dv] -> [T, Hq, Dv]
         assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
         return self._attend(q, k_cache, v_cache, v_cache.shape[-1], meta, scale, sliding_window)
 
-    def _attend(self, q: Tensor, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, meta: AttentionMetadata,
-                scale: float, window: int | None) -> Tensor:
+    def _attend(
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor | None,
+        v_dim: int,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> Tensor:
         """v_cache None means V is the first v_dim features of each K entry (MLA: the latent)."""
         if not meta.query_lens_cpu:
             return q.new_empty(0, q.shape[1], v_dim)
@@ -165,7 +184,7 @@ class CpuAttentionBackend(AttentionBackend):
             rows = plan.decode_rows
             out[rows] = self._decode(q[rows], plan.decode, *caches)
         for p in plan.prefill:
-            out[p.start:p.start + p.q_len] = self._prefill(q[p.start:p.start + p.q_len], p, *caches)
+            out[p.start : p.start + p.q_len] = self._prefill(q[p.start : p.start + p.q_len], p, *caches)
         return out
 
     @staticmethod
@@ -176,8 +195,9 @@ class CpuAttentionBackend(AttentionBackend):
         return k, v
 
     @classmethod
-    def _decode(cls, q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int,
-                scale: float) -> Tensor:
+    def _decode(
+        cls, q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, scale: float
+    ) -> Tensor:
         """One query per sequence, batched. q [B, Hq, D] -> [B, Hq, Dv]"""
         num_seqs, num_q_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
@@ -189,8 +209,9 @@ class CpuAttentionBackend(AttentionBackend):
         return o.reshape(num_seqs, num_q_heads, v.shape[-1])
 
     @classmethod
-    def _prefill(cls, q: Tensor, plan: _PrefillPlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int,
-                 scale: float) -> Tensor:
+    def _prefill(
+        cls, q: Tensor, plan: _PrefillPlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, scale: float
+    ) -> Tensor:
         """Queries are the last Q positions of one sequence. q [Q, Hq, D] -> [Q, Hq, Dv]"""
         k, v = cls._kv(k_cache, v_cache, v_dim, plan.slots, q.dtype)  # [L, Hkv, D], [L, Hkv, Dv]
         k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, Hkv, L, D], [1, Hkv, L, Dv]
@@ -202,8 +223,16 @@ class CpuAttentionBackend(AttentionBackend):
             o = F.scaled_dot_product_attention(qh, k, v, attn_mask=plan.mask, scale=scale, enable_gqa=gqa)
         return o[0].transpose(0, 1)  # [Q, Hq, Dv]
 
-    def mla_paged_attention(self, q_nope: Tensor, q_rope: Tensor, latent_cache: Tensor, meta: AttentionMetadata,
-                            w_uk: Tensor, w_uv: Tensor, scale: float) -> Tensor:
+    def mla_paged_attention(
+        self,
+        q_nope: Tensor,
+        q_rope: Tensor,
+        latent_cache: Tensor,
+        meta: AttentionMetadata,
+        w_uk: Tensor,
+        w_uv: Tensor,
+        scale: float,
+    ) -> Tensor:
         # q_nope [T, H, Dn]; q_rope [T, H, Dr]; latent_cache [NB, BS, L + Dr]; w_uk [H, Dn, L]; w_uv [H, Dv, L]
         latent_dim = w_uk.shape[-1]
         # Absorb w_uk into the query: q_nope . (w_uk[h] c) == (q_nope @ w_uk[h]) . c

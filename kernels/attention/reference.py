@@ -66,8 +66,15 @@ class ReferenceAttentionBackend(AttentionBackend):
             key_pos = torch.arange(s_len, device=dev)
             yield start, q_len, s_len, meta.block_tables[b], query_pos, key_pos
 
-    def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-                        scale: float, sliding_window: int | None = None) -> Tensor:
+    def paged_attention(
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> Tensor:
         # q [T, Hq, D]; k_cache [NB, BS, Hkv, D]; v_cache [NB, BS, Hkv, Dv]
         num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
@@ -80,12 +87,20 @@ class ReferenceAttentionBackend(AttentionBackend):
             k = k.repeat_interleave(group, dim=1)  # [S, Hq, D]
             v = v.repeat_interleave(group, dim=1)  # [S, Hq, Dv]
             allowed = attention_mask(query_pos, key_pos, sliding_window)  # [Q, S]
-            o = masked_softmax_attention(q[start:start + q_len], k, v, allowed, scale)
-            out[start:start + q_len] = o.to(out.dtype)
+            o = masked_softmax_attention(q[start : start + q_len], k, v, allowed, scale)
+            out[start : start + q_len] = o.to(out.dtype)
         return out
 
-    def mla_paged_attention(self, q_nope: Tensor, q_rope: Tensor, latent_cache: Tensor, meta: AttentionMetadata,
-                            w_uk: Tensor, w_uv: Tensor, scale: float) -> Tensor:
+    def mla_paged_attention(
+        self,
+        q_nope: Tensor,
+        q_rope: Tensor,
+        latent_cache: Tensor,
+        meta: AttentionMetadata,
+        w_uk: Tensor,
+        w_uv: Tensor,
+        scale: float,
+    ) -> Tensor:
         # q_nope [T, H, Dn]; q_rope [T, H, Dr]; latent_cache [NB, BS, L + Dr]; w_uk [H, Dn, L]; w_uv [H, Dv, L]
         num_heads, _, latent_dim = w_uk.shape
         out = q_nope.new_empty(q_nope.shape[0], num_heads, w_uv.shape[1])  # [T, H, Dv]
@@ -96,8 +111,8 @@ class ReferenceAttentionBackend(AttentionBackend):
             k_nope = torch.einsum("sl,hnl->shn", c, w_uk.float())  # [S, H, Dn]
             v = torch.einsum("sl,hvl->shv", c, w_uv.float())  # [S, H, Dv]
             k = torch.cat([k_nope, k_rope[:, None, :].expand(-1, num_heads, -1)], dim=-1)  # [S, H, Dn + Dr]
-            q = torch.cat([q_nope[start:start + q_len], q_rope[start:start + q_len]], dim=-1)  # [Q, H, Dn + Dr]
+            q = torch.cat([q_nope[start : start + q_len], q_rope[start : start + q_len]], dim=-1)  # [Q, H, Dn + Dr]
             allowed = attention_mask(query_pos, key_pos, None)  # [Q, S]
             o = masked_softmax_attention(q, k, v, allowed, scale)  # [Q, H, Dv]
-            out[start:start + q_len] = o.to(out.dtype)
+            out[start : start + q_len] = o.to(out.dtype)
         return out

@@ -18,8 +18,15 @@ from kernels.backend import MoEBackend
 class CpuMoEBackend(MoEBackend):
     name = "cpu"
 
-    def fused_moe(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                  expert_start: int = 0) -> Tensor:
+    def fused_moe(
+        self,
+        x: Tensor,
+        topk_ids: Tensor,
+        topk_weights: Tensor,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        expert_start: int = 0,
+    ) -> Tensor:
         # x [T, D]; topk_ids [T, K]; topk_weights [T, K]; w_gate_up [E_local, 2*I, D]; w_down [E_local, D, I]
         num_local, top_k = w_gate_up.shape[0], topk_ids.shape[1]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
@@ -34,9 +41,9 @@ class CpuMoEBackend(MoEBackend):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            tokens = token_of[begin:begin + n]  # [n]
+            tokens = token_of[begin : begin + n]  # [n]
             gate, up = F.linear(x[tokens], w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
             y = F.linear(F.silu(gate) * up, w_down[e])  # [n, D]
-            out.index_add_(0, tokens, y.float() * weight_of[begin:begin + n, None])
+            out.index_add_(0, tokens, y.float() * weight_of[begin : begin + n, None])
             begin += n
         return out.to(x.dtype)

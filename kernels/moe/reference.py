@@ -18,8 +18,15 @@ def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
 class ReferenceMoEBackend(MoEBackend):
     name = "reference"
 
-    def fused_moe(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                  expert_start: int = 0) -> Tensor:
+    def fused_moe(
+        self,
+        x: Tensor,
+        topk_ids: Tensor,
+        topk_weights: Tensor,
+        w_gate_up: Tensor,
+        w_down: Tensor,
+        expert_start: int = 0,
+    ) -> Tensor:
         # x [T, D]; topk_ids [T, K]; topk_weights [T, K]; w_gate_up [E_local, 2*I, D]; w_down [E_local, D, I]
         num_local = w_gate_up.shape[0]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]

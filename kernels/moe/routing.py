@@ -31,8 +31,14 @@ def route_softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool = Tr
     return topk_weights, topk_ids
 
 
-def route_grouped_topk(router_logits: Tensor, top_k: int, n_group: int | None, topk_group: int | None,
-                       renormalize: bool, routed_scaling_factor: float = 1.0) -> tuple[Tensor, Tensor]:
+def route_grouped_topk(
+    router_logits: Tensor,
+    top_k: int,
+    n_group: int | None,
+    topk_group: int | None,
+    renormalize: bool,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """Group-limited routing (Mistral 4). router_logits: [T, E] -> (weights [T, K] logits dtype, ids [T, K] int64)
 
     ``n_group`` / ``topk_group`` of None mean one group (no group limit).

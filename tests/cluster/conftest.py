@@ -28,11 +28,16 @@ def tiny_moe(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def engines(tiny_moe):
     """Two in-process engines over the same weights, one per region of the two-region tests."""
-    made = {name: create_engine(EngineConfig(model=ModelConfig(model=tiny_moe, tokenizer=spm_tokenizer(),
-                                                               num_threads=1),
-                                             cache=CacheConfig(num_blocks=64),
-                                             scheduler=SchedulerConfig(max_model_len=512)))
-            for name in ("eu", "us")}
+    made = {
+        name: create_engine(
+            EngineConfig(
+                model=ModelConfig(model=tiny_moe, tokenizer=spm_tokenizer(), num_threads=1),
+                cache=CacheConfig(num_blocks=64),
+                scheduler=SchedulerConfig(max_model_len=512),
+            )
+        )
+        for name in ("eu", "us")
+    }
     yield made
     for eng in made.values():
         eng.shutdown()

@@ -34,16 +34,26 @@ from .frontdoor.harness import wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CONFIG = config_from_dict({
-    "region": "conf", "model_name": "tiny-moe",
-    "engine": {"model": {"model": "tiny:mixtral?seed=0&vocab_size=32768&head_dim=32",
-                         "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3", "num_threads": 1,
-                         "max_model_len": 256},
-               "cache": {"num_blocks": 64}, "reasoning": {"budget_low": 4}},
-    "replica": {"ep_size": 2, "stream_chunk_ms": 5},
-    "frontdoor": {"port": 0},
-    "ray": {"num_cpus": 4},
-}, "test")
+CONFIG = config_from_dict(
+    {
+        "region": "conf",
+        "model_name": "tiny-moe",
+        "engine": {
+            "model": {
+                "model": "tiny:mixtral?seed=0&vocab_size=32768&head_dim=32",
+                "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3",
+                "num_threads": 1,
+                "max_model_len": 256,
+            },
+            "cache": {"num_blocks": 64},
+            "reasoning": {"budget_low": 4},
+        },
+        "replica": {"ep_size": 2, "stream_chunk_ms": 5},
+        "frontdoor": {"port": 0},
+        "ray": {"num_cpus": 4},
+    },
+    "test",
+)
 
 
 def in_process(engine, loop):
@@ -99,8 +109,13 @@ def backend(request):
 
 
 def call(prompt, effort: str = "none", **params) -> GenerateRequest:
-    return GenerateRequest(f"conf-{uuid.uuid4().hex[:8]}", CONFIG.model_name, prompt,
-                           SamplingParams(**{"temperature": 0.0, "max_tokens": 6, **params}), reasoning_effort=effort)
+    return GenerateRequest(
+        f"conf-{uuid.uuid4().hex[:8]}",
+        CONFIG.model_name,
+        prompt,
+        SamplingParams(**{"temperature": 0.0, "max_tokens": 6, **params}),
+        reasoning_effort=effort,
+    )
 
 
 async def collect(backend, request) -> list[Chunk]:
@@ -127,10 +142,14 @@ def test_stream_carries_decision_first_then_usage_and_origin_last(backend, loop)
 
 
 def _greedy_runs(loop, backends, req):
-    runs = [loop.run(collect(b, dataclasses.replace(req, request_id=f"{name}-{req.request_id}")))
-            for name, (b, _) in backends]
-    return ([[t for c in chunks for t in c.token_ids] for chunks in runs],
-            [[lp for c in chunks for lp in c.logprobs or ()] for chunks in runs])
+    runs = [
+        loop.run(collect(b, dataclasses.replace(req, request_id=f"{name}-{req.request_id}")))
+        for name, (b, _) in backends
+    ]
+    return (
+        [[t for c in chunks for t in c.token_ids] for chunks in runs],
+        [[lp for c in chunks for lp in c.logprobs or ()] for chunks in runs],
+    )
 
 
 def test_both_backends_give_the_same_greedy_tokens_and_logprobs(local, remote, loop):
@@ -186,7 +205,7 @@ def test_deadline_in_the_past_ends_the_request(backend, loop):
     async def consume():
         try:
             return await asyncio.wait_for(collect(b, req), 0.6)  # what a front door does at the deadline
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     loop.run(consume())

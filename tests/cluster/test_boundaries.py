@@ -10,8 +10,12 @@ ENGINE_BOUNDARY = {"engine.api", "engine.config"}
 CLI_EXTRA = {"cluster/cli.py": {"engine.cli"}}
 # Where levante.v1 message types may appear: convert.py for levante.v1.Inference, admin.py for
 # levante.v1.Admin (served), and the clients of each.
-PROTO_MODULES = {"cluster/frontdoor/convert.py", "cluster/frontdoor/admin.py", "cluster/client.py",
-                 "cluster/drill/inject.py"}
+PROTO_MODULES = {
+    "cluster/frontdoor/convert.py",
+    "cluster/frontdoor/admin.py",
+    "cluster/client.py",
+    "cluster/drill/inject.py",
+}
 PROTO_PREFIXES = ("cluster/bench/",)
 
 
@@ -39,8 +43,11 @@ def test_protobuf_types_stop_at_the_conversion_module():
 
 
 def test_engine_never_imports_the_cluster():
-    offenders = [p.relative_to(ROOT).as_posix() for p in sources("engine", "kernels")
-                 if any(n == "cluster" or n.startswith(("cluster.", "ray", "grpc", "levante")) for n in imports_of(p))]
+    offenders = [
+        p.relative_to(ROOT).as_posix()
+        for p in sources("engine", "kernels")
+        if any(n == "cluster" or n.startswith(("cluster.", "ray", "grpc", "levante")) for n in imports_of(p))
+    ]
     assert not offenders, offenders
 
 

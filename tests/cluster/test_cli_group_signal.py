@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = {
-    "region": "group", "model_name": "tiny",
+    "region": "group",
+    "model_name": "tiny",
     "engine": {"model": {"model": "tiny:mistral?seed=0", "num_threads": 1}},
     "frontdoor": {"port": 0},
     "ray": {"num_cpus": 2},
@@ -36,14 +37,23 @@ STOP_BOUND_S = 50
 def test_sigterm_to_the_process_group_stops_promptly(tmp_path):
     path = tmp_path / "group.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "cluster.cli", "serve", "--config", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "cluster.cli", "serve", "--config", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     temp_dir = None
     try:
-        wait_until(lambda: any(" serving " in line for line in lines) or proc.poll() is not None, timeout=300,
-                   what="levante serve to come up")
+        wait_until(
+            lambda: any(" serving " in line for line in lines) or proc.poll() is not None,
+            timeout=300,
+            what="levante serve to come up",
+        )
         assert proc.poll() is None, "".join(lines)
         temp_dir = next(re.search(r"temp dir (\S+)\)", line).group(1) for line in lines if "temp dir" in line)
         os.killpg(proc.pid, signal.SIGTERM)  # the group: levante, Ray's GCS and raylet alike

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
 
@@ -27,9 +28,15 @@ from .frontdoor.harness import wait_until
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
 CONFIG = {
-    "region": "cli", "model_name": "tiny-moe",
-    "engine": {"model": {"model": "tiny:mistral4?seed=0&vocab_size=32768",
-                         "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3", "num_threads": 1}},
+    "region": "cli",
+    "model_name": "tiny-moe",
+    "engine": {
+        "model": {
+            "model": "tiny:mistral4?seed=0&vocab_size=32768",
+            "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3",
+            "num_threads": 1,
+        }
+    },
     "replica": {"ep_size": 2},
     "frontdoor": {"port": 0, "drain_timeout_s": 60},
     "ray": {"num_cpus": 4},
@@ -40,14 +47,21 @@ CONFIG = {
 def server(tmp_path):
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
     try:
-        wait_until(lambda: any("serving" in line for line in lines) or proc.poll() is not None, timeout=300,
-                   what="levante serve to come up")
+        wait_until(
+            lambda: any("serving" in line for line in lines) or proc.poll() is not None,
+            timeout=300,
+            what="levante serve to come up",
+        )
         up = next((line for line in lines if " serving " in line), None)
         assert up is not None, "".join(lines)
         port = int(re.search(r":(\d+) \(", up).group(1))
@@ -59,8 +73,11 @@ def server(tmp_path):
 
 
 def _health(ch) -> int:
-    return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="levante.v1.Inference"),
-                                                timeout=5).status
+    return (
+        health_pb2_grpc.HealthStub(ch)
+        .Check(health_pb2.HealthCheckRequest(service="levante.v1.Inference"), timeout=5)
+        .status
+    )
 
 
 def test_sigterm_drains_then_exits_cleanly(server):
@@ -68,14 +85,18 @@ def test_sigterm_drains_then_exits_cleanly(server):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.InferenceStub(ch)
-        long = stub.Generate(pb.GenerateRequest(prompt="Count with me", max_tokens=300, ignore_eos=True,
-                                                temperature=0.0), timeout=300)
+        long = stub.Generate(
+            pb.GenerateRequest(prompt="Count with me", max_tokens=300, ignore_eos=True, temperature=0.0), timeout=300
+        )
         first = next(long)  # the stream is running
         assert first.WhichOneof("kind") in ("start", "delta")
 
         proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: _health(ch) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=20,
-                   what="NOT_SERVING after SIGTERM")
+        wait_until(
+            lambda: _health(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            timeout=20,
+            what="NOT_SERVING after SIGTERM",
+        )
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Generate(pb.GenerateRequest(prompt="hello", max_tokens=2), timeout=20))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -95,9 +116,25 @@ def test_sigterm_drains_then_exits_cleanly(server):
 def test_make_serve_default_answers_paris_through_the_front_door():
     """What `make serve` runs, on the embedded SmolLM2 model, stopping after its one question."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "--config", "configs/local.yaml", "--port", "0",
-                          "--check", "What is the capital of France?", "--exit-after-check"],
-                         cwd=root, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve",
+            "--config",
+            "configs/local.yaml",
+            "--port",
+            "0",
+            "--check",
+            "What is the capital of France?",
+            "--exit-after-check",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Paris" in out.stdout, out.stdout
     assert "served by local/" in out.stderr and "effort none" in out.stderr, out.stderr

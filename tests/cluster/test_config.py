@@ -9,8 +9,14 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig, FrontDoorConfig, PeerConfig, RegionsConfig, ReplicaConfig, TenantConfig
-from cluster.config_loader import (ConfigError, config_from_dict, config_to_dict, describe_schema,
-                                   engine_config_for_rank, load_config)
+from cluster.config_loader import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    describe_schema,
+    engine_config_for_rank,
+    load_config,
+)
 from engine.config import ParallelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,8 +24,9 @@ CONFIGS = ROOT / "configs"
 # Besides cluster configs, configs/ holds topologies for `levante up` (tests/cluster/up) and drill
 # scenarios with their topologies under drills/ (tests/cluster/drill).
 TOPOLOGIES = {"two-regions.yaml"}
-SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml")
-                 if p.relative_to(CONFIGS).parts[0] != "drills" and p.name not in TOPOLOGIES)
+SHIPPED = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] != "drills" and p.name not in TOPOLOGIES
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
@@ -94,25 +101,36 @@ def test_round_trip_of_a_config_built_in_python():
     cfg = ClusterConfig(
         region="eu-west",
         replica=ReplicaConfig(ep_size=1, num_replicas=3, cpus_per_rank=0.5),
-        frontdoor=FrontDoorConfig(port=0, tenants=(
-            TenantConfig(name="a", api_key="k1", requests_per_second=2.5, burst=3),
-            TenantConfig(name="b", api_key_env="B_KEY", max_effort="low"),
-        )),
+        frontdoor=FrontDoorConfig(
+            port=0,
+            tenants=(
+                TenantConfig(name="a", api_key="k1", requests_per_second=2.5, burst=3),
+                TenantConfig(name="b", api_key_env="B_KEY", max_effort="low"),
+            ),
+        ),
     )
     plain = config_to_dict(cfg)
     assert "parallel" not in plain["engine"]
     assert plain["frontdoor"]["tenants"][1] == {
-        "name": "b", "api_key": None, "api_key_env": "B_KEY", "requests_per_second": 0.0, "burst": 0,
-        "max_concurrency": 0, "max_effort": "low"}
+        "name": "b",
+        "api_key": None,
+        "api_key_env": "B_KEY",
+        "requests_per_second": 0.0,
+        "burst": 0,
+        "max_concurrency": 0,
+        "max_effort": "low",
+    }
     assert config_from_dict(plain) == cfg
 
 
 def test_types_are_converted_from_yaml_shapes():
-    cfg = config_from_dict({
-        "replica": {"cpus_per_rank": 2},  # int accepted for float
-        "engine": {"reasoning": {"think_start_ids": [5], "think_end_ids": [6, 7]}},
-        "router": {"auto": {"keywords": ["why"], "min_deadline_s": {"high": 30}}},
-    })
+    cfg = config_from_dict(
+        {
+            "replica": {"cpus_per_rank": 2},  # int accepted for float
+            "engine": {"reasoning": {"think_start_ids": [5], "think_end_ids": [6, 7]}},
+            "router": {"auto": {"keywords": ["why"], "min_deadline_s": {"high": 30}}},
+        }
+    )
     assert cfg.replica.cpus_per_rank == 2.0 and isinstance(cfg.replica.cpus_per_rank, float)
     assert cfg.engine.reasoning.think_end_ids == (6, 7)  # list -> tuple
     assert cfg.router.auto.keywords == ("why",)
@@ -128,40 +146,61 @@ ERRORS = [
     ("engine:\n  cache:\n    block_size: x\n", "engine.cache.block_size: expected int, got str 'x'"),
     ("replica:\n  ep_size: true\n", "replica.ep_size: expected int, got bool True"),
     ("replica:\n  ep_size: 1.5\n", "replica.ep_size: expected int, got float 1.5"),
-    ("engine:\n  cache:\n    enable_prefix_caching: 1\n", "engine.cache.enable_prefix_caching: expected bool, got int 1"),
+    (
+        "engine:\n  cache:\n    enable_prefix_caching: 1\n",
+        "engine.cache.enable_prefix_caching: expected bool, got int 1",
+    ),
     ("region: null\n", "region: expected str, got null"),
     ("region: ''\n", "region: must not be empty"),
     ("replica:\n  ep_size: 0\n", "replica.ep_size: must be >= 1"),
     ("engine:\n  model:\n    dtype: fp16\n", "engine.model.dtype: must be one of ('float32', 'bfloat16'), got 'fp16'"),
     ("frontdoor:\n", "frontdoor: expected a mapping, got null"),
     ("router:\n  auto:\n    keywords: why\n", "router.auto.keywords: expected a list, got str 'why'"),
-    ("router:\n  auto:\n    min_deadline_s:\n      low: soon\n",
-     "router.auto.min_deadline_s.low: expected float, got str 'soon'"),
-    ("router:\n  auto:\n    min_deadline_s:\n      extreme: 1\n",
-     "router.auto.min_deadline_s: keys must be among"),
-    ("engine:\n  parallel:\n    ep_size: 2\n", "engine.parallel: not set in YAML: set the ranks per replica with replica.ep_size"),
-    ("engine:\n  scheduler:\n    max_model_len: 99\n",
-     "engine.scheduler.max_model_len: not set in YAML: set engine.model.max_model_len"),
+    (
+        "router:\n  auto:\n    min_deadline_s:\n      low: soon\n",
+        "router.auto.min_deadline_s.low: expected float, got str 'soon'",
+    ),
+    ("router:\n  auto:\n    min_deadline_s:\n      extreme: 1\n", "router.auto.min_deadline_s: keys must be among"),
+    (
+        "engine:\n  parallel:\n    ep_size: 2\n",
+        "engine.parallel: not set in YAML: set the ranks per replica with replica.ep_size",
+    ),
+    (
+        "engine:\n  scheduler:\n    max_model_len: 99\n",
+        "engine.scheduler.max_model_len: not set in YAML: set engine.model.max_model_len",
+    ),
     ("frontdoor:\n  tls:\n    cert: a.pem\n", "frontdoor.tls.cert: set both cert and key, or neither"),
-    ("frontdoor:\n  tenants:\n    - {name: a, api_key: k}\n    - {name: b, api_key: k, max_effort: max}\n",
-     "frontdoor.tenants[1].max_effort: must be one of ('none', 'low', 'medium', 'high')"),
+    (
+        "frontdoor:\n  tenants:\n    - {name: a, api_key: k}\n    - {name: b, api_key: k, max_effort: max}\n",
+        "frontdoor.tenants[1].max_effort: must be one of ('none', 'low', 'medium', 'high')",
+    ),
     ("frontdoor:\n  tenants:\n    - {api_key: k}\n", "frontdoor.tenants[0].name: required key is missing"),
-    ("frontdoor:\n  tenants:\n    - {name: a, api_key: k, burts: 3}\n",
-     "frontdoor.tenants[0].burts: unknown key (did you mean burst?)"),
-    ("frontdoor:\n  tenants:\n    - {name: a, api_key: k}\n    - {name: a, api_key: j}\n",
-     "frontdoor.tenants: tenant names must be unique"),
-    ("frontdoor:\n  tenants:\n    - {name: a, api_key: k}\n    - {name: b, api_key: k}\n",
-     "frontdoor.tenants: tenant api_keys must be unique"),
+    (
+        "frontdoor:\n  tenants:\n    - {name: a, api_key: k, burts: 3}\n",
+        "frontdoor.tenants[0].burts: unknown key (did you mean burst?)",
+    ),
+    (
+        "frontdoor:\n  tenants:\n    - {name: a, api_key: k}\n    - {name: a, api_key: j}\n",
+        "frontdoor.tenants: tenant names must be unique",
+    ),
+    (
+        "frontdoor:\n  tenants:\n    - {name: a, api_key: k}\n    - {name: b, api_key: k}\n",
+        "frontdoor.tenants: tenant api_keys must be unique",
+    ),
     ("router:\n  auto:\n    min_deadline_s: {low: -1}\n", "router.auto.min_deadline_s: values must be >= 0"),
     ("router:\n  auto:\n    keywords: [why, ' ']\n", "router.auto.keywords: must not contain blank keywords"),
     ("frontdoor:\n  tenants:\n    - just-a-name\n", "frontdoor.tenants[0]: expected a mapping, got str 'just-a-name'"),
     ("telemetry:\n  tracing:\n    sample_ratio: 1.5\n", "telemetry.tracing.sample_ratio: must be in [0, 1], got 1.5"),
-    ("telemetry:\n  tracing:\n    otlp_endpoint: collector\n",
-     "telemetry.tracing.otlp_endpoint: must be host:port of an OTLP gRPC receiver, got 'collector'"),
+    (
+        "telemetry:\n  tracing:\n    otlp_endpoint: collector\n",
+        "telemetry.tracing.otlp_endpoint: must be host:port of an OTLP gRPC receiver, got 'collector'",
+    ),
     ("telemetry:\n  tracing:\n    enable: true\n", "telemetry.tracing.enable: unknown key (did you mean enabled?)"),
     ("telemetry:\n  metrics:\n    port: 65536\n", "telemetry.metrics.port: must be in [0, 65535], got 65536"),
-    ("telemetry:\n  metrics: {enabled: true, port: 50051}\n",
-     "telemetry.metrics.port: must differ from frontdoor.port (50051)"),
+    (
+        "telemetry:\n  metrics: {enabled: true, port: 50051}\n",
+        "telemetry.metrics.port: must differ from frontdoor.port (50051)",
+    ),
 ]
 
 
@@ -224,8 +263,10 @@ def _leaf_keys(value: object, path: str = "") -> set[str]:
 
 
 def test_schema_covers_every_key():
-    cfg = ClusterConfig(frontdoor=FrontDoorConfig(tenants=(TenantConfig(name="a", api_key="k"),)),
-                        regions=RegionsConfig(peers=(PeerConfig(name="b", target="b:1"),)))
+    cfg = ClusterConfig(
+        frontdoor=FrontDoorConfig(tenants=(TenantConfig(name="a", api_key="k"),)),
+        regions=RegionsConfig(peers=(PeerConfig(name="b", target="b:1"),)),
+    )
     plain = config_to_dict(cfg)
     plain["frontdoor"]["tenants"] = {"[]": plain["frontdoor"]["tenants"][0]}  # items as "tenants[]"
     plain["regions"]["peers"] = {"[]": plain["regions"]["peers"][0]}
@@ -253,7 +294,8 @@ def test_readme_documents_every_key_with_type_and_default():
         assert len(found) == 1, f"configs/README.md should have one line for {entry.key}"
         default = "required" if entry.default == "required" else f"default `{entry.default}`"
         assert found[0].startswith(f"{head}({entry.type}, {default}): "), (
-            f"configs/README.md line for {entry.key} should read ({entry.type}, {default})")
+            f"configs/README.md line for {entry.key} should read ({entry.type}, {default})"
+        )
 
 
 def test_readme_documents_no_stale_keys():
@@ -262,13 +304,16 @@ def test_readme_documents_no_stale_keys():
     assert documented | headings == {e.key for e in describe_schema()}
 
 
-
 # -- regions --------------------------------------------------------------------------------------
 
 
 def test_peers_load_and_are_checked():
-    cfg = config_from_dict({"region": "eu", "regions": {"peers": [{"name": "us", "target": "127.0.0.1:50062"}],
-                                                        "health": {"interval_s": 0.5}}})
+    cfg = config_from_dict(
+        {
+            "region": "eu",
+            "regions": {"peers": [{"name": "us", "target": "127.0.0.1:50062"}], "health": {"interval_s": 0.5}},
+        }
+    )
     assert cfg.regions.peers[0].target == "127.0.0.1:50062" and cfg.regions.health.interval_s == 0.5
     with pytest.raises(ConfigError, match=r"regions\.peers\[0\]\.target: must be host:port"):
         config_from_dict({"regions": {"peers": [{"name": "us", "target": "nowhere"}]}})

@@ -26,8 +26,10 @@ def cluster(accelerator: str, **model) -> ClusterConfig:
 
 def test_gpu_ranks_run_on_cuda_over_nccl_and_cpu_ranks_stay_as_they_were():
     gpu = rank_configs(cluster("gpu"), INIT)
-    assert [(c.model.device, c.parallel.backend, c.parallel.ep_rank) for c in gpu] == [("cuda", "nccl", 0),
-                                                                                      ("cuda", "nccl", 1)]
+    assert [(c.model.device, c.parallel.backend, c.parallel.ep_rank) for c in gpu] == [
+        ("cuda", "nccl", 0),
+        ("cuda", "nccl", 1),
+    ]
     bundles = rank_bundles(cluster("gpu").replica, group_shape(cluster("gpu"))[0])
     assert len(bundles) == 2 and all(b["GPU"] == 1 for b in bundles)
     assert [c.model.device for c in rank_configs(cluster("gpu", device="cuda:0"), INIT)] == ["cuda:0", "cuda:0"]
@@ -45,13 +47,19 @@ def test_a_gpu_rank_that_sees_no_cuda_device_refuses_naming_replica_accelerator(
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
     assert str(refused.value) == (
         f"replica.accelerator: gpu reserved a GPU for this rank, which cannot use it: model.device: 'cuda' was asked "
-        f"for but this process sees no CUDA device (torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible})")
+        f"for but this process sees no CUDA device (torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible})"
+    )
 
 
 def test_a_vllm_replica_holds_one_bundle_per_device_of_its_engine():
     def vllm(accelerator: str, tp: int) -> ClusterConfig:
-        return config_from_dict({"engine": {"backend": "vllm", "vllm": {"tensor_parallel_size": tp}},
-                                 "replica": {"accelerator": accelerator}}, "test")
+        return config_from_dict(
+            {
+                "engine": {"backend": "vllm", "vllm": {"tensor_parallel_size": tp}},
+                "replica": {"accelerator": accelerator},
+            },
+            "test",
+        )
 
     assert group_shape(vllm("gpu", 2)) == (2, 0)  # vLLM's Ray workers take both GPUs; rank 0 only drives them
     assert group_shape(vllm("gpu", 1)) == (1, 1)  # one device: vLLM runs it in rank 0's own process tree

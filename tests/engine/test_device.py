@@ -16,8 +16,14 @@ import os
 import pytest
 import torch
 
-from engine.config import CacheConfig, DeviceUnavailableError, EngineConfig, ModelConfig, ParallelConfig, \
-    SchedulerConfig
+from engine.config import (
+    CacheConfig,
+    DeviceUnavailableError,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from engine.core.request import SamplingParams
 from engine.device import engine_device
 from engine.llm import LLM
@@ -53,9 +59,12 @@ def checkpoints(tmp_path_factory):
 
 
 def engine_config(path: str, device: str | None, step_tokens: int = 32, **parallel) -> EngineConfig:
-    return EngineConfig(model=ModelConfig(model=path, device=device), cache=CacheConfig(num_blocks=64, block_size=4),
-                        scheduler=SchedulerConfig(max_num_batched_tokens=step_tokens),
-                        parallel=ParallelConfig(**parallel))
+    return EngineConfig(
+        model=ModelConfig(model=path, device=device),
+        cache=CacheConfig(num_blocks=64, block_size=4),
+        scheduler=SchedulerConfig(max_num_batched_tokens=step_tokens),
+        parallel=ParallelConfig(**parallel),
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -71,14 +80,18 @@ def test_logits_equal_transformers_on_the_device(arch, device, checkpoints):
         print(f"{arch} on {device}: seq len {len(seq)} max abs diff {diff:.2e}")
         assert diff < TOL, f"{arch} on {device}: max abs diff {diff:.3e}"
         prompt_len = len(seq) - DECODE
-        assert seq[prompt_len:] == expected[prompt_len - 1:-1].argmax(-1).tolist()
+        assert seq[prompt_len:] == expected[prompt_len - 1 : -1].argmax(-1).tolist()
 
 
 def _device_types(core: EngineCore) -> dict[str, set[str]]:
     """Where each kind of engine tensor lives, by device type."""
     model = core.model
-    fused = [t for m in model.modules() for t in (getattr(m, "qkv_weight", None), getattr(m, "gate_up_weight", None))
-             if t is not None]  # plain attributes (the parts' parameters are views of them)
+    fused = [
+        t
+        for m in model.modules()
+        for t in (getattr(m, "qkv_weight", None), getattr(m, "gate_up_weight", None))
+        if t is not None
+    ]  # plain attributes (the parts' parameters are views of them)
     return {
         "parameters": {p.device.type for p in model.parameters()},
         "buffers": {b.device.type for b in model.buffers()},
@@ -133,8 +146,11 @@ def test_no_step_tensor_is_made_on_the_default_device(arch, checkpoints):
     CPU weights would raise. Covers chunked prefill beside decodes, seeded and top-k sampling, logprobs
     and prompt logprobs, and the reference kernels."""
     core = EngineCore(engine_config(checkpoints(arch), None, step_tokens=8))
-    core.add_request("a", list(range(5, 20)), SamplingParams(temperature=0.7, seed=1, max_tokens=4,
-                                                             logprobs=2, prompt_logprobs=1, ignore_eos=True))
+    core.add_request(
+        "a",
+        list(range(5, 20)),
+        SamplingParams(temperature=0.7, seed=1, max_tokens=4, logprobs=2, prompt_logprobs=1, ignore_eos=True),
+    )
     core.add_request("b", [5, 6], SamplingParams(temperature=0.7, top_k=5, max_tokens=6, ignore_eos=True))
     reference, prompts = engine_model(checkpoints(arch), backend="reference"), prompts_of([5, 9])
     with torch.device("meta"):
@@ -149,8 +165,10 @@ def test_explicit_cpu_is_exactly_the_default(checkpoints):
     """``device="cpu"`` and ``device=None``: the same tokens and bit-identical logprobs, greedy and seeded."""
     path = checkpoints("mixtral")
     prompts = prompts_of([4, 19], seed=9)
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
-              SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True, logprobs=3)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True, logprobs=3),
+    ]
     default = LLM(config=engine_config(path, None))
     explicit = LLM(config=engine_config(path, "cpu"))
     assert default.engine.device == explicit.engine.device == torch.device("cpu")
@@ -162,8 +180,10 @@ def test_explicit_cpu_is_exactly_the_default(checkpoints):
 
 def _no_cuda_message(asked: str) -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-    return (f"model.device: {asked!r} was asked for but this process sees no CUDA device "
-            f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible})")
+    return (
+        f"model.device: {asked!r} was asked for but this process sees no CUDA device "
+        f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={visible})"
+    )
 
 
 def test_cuda_without_a_cuda_device_is_refused_before_any_weight_is_read(monkeypatch, tmp_path):
@@ -173,8 +193,11 @@ def test_cuda_without_a_cuda_device_is_refused_before_any_weight_is_read(monkeyp
     worker = engine_config(nowhere, "cuda:0", ep_size=2, ep_rank=1, init_method=INIT)
     from engine.parallel.worker import ExpertWorker
 
-    for start, asked in ((lambda: EngineCore(single), "cuda"), (lambda: load_model(nowhere, single.model), "cuda"),
-                         (lambda: ExpertWorker(worker), "cuda:0")):
+    for start, asked in (
+        (lambda: EngineCore(single), "cuda"),
+        (lambda: load_model(nowhere, single.model), "cuda"),
+        (lambda: ExpertWorker(worker), "cuda:0"),
+    ):
         with pytest.raises(DeviceUnavailableError) as refused:
             start()
         assert str(refused.value) == _no_cuda_message(asked)
@@ -184,8 +207,11 @@ def test_cuda_without_a_cuda_device_is_refused_before_any_weight_is_read(monkeyp
 def test_a_cuda_index_beyond_the_visible_devices_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(DeviceUnavailableError, match=r"^model.device: 'cuda:1' was asked for but this process "
-                                                     r"sees 1 CUDA device\(s\) \(torch "):
+    with pytest.raises(
+        DeviceUnavailableError,
+        match=r"^model.device: 'cuda:1' was asked for but this process "
+        r"sees 1 CUDA device\(s\) \(torch ",
+    ):
         engine_device("cuda:1")
     assert engine_device(None) == engine_device("cpu") == torch.device("cpu")
 
@@ -208,8 +234,11 @@ def test_two_ranks_over_nccl_generate_what_one_gpu_generates(arch, checkpoints):
     prompts = prompts_of(PROMPT_LENS, seed=7)
 
     def on(cfg: EngineConfig, device: str) -> EngineConfig:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device),
-                                   parallel=dataclasses.replace(cfg.parallel, backend="nccl"))
+        return dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, device=device),
+            parallel=dataclasses.replace(cfg.parallel, backend="nccl"),
+        )
 
     single = AsyncEngine(on(config(path), "cuda:0"))
     try:

@@ -55,7 +55,7 @@ def run_and_check(llm: LLM, hf, batch: list[list[int]], gen: int = GEN):
         assert len(out.token_ids) == gen
         ours = torch.stack(seen[out.request_id])  # [gen, V]
         with torch.no_grad():
-            ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1:]  # [gen, V]
+            ref = hf(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1 :]  # [gen, V]
         diff = (ours - ref).abs().max().item()
         worst = max(worst, diff)
         assert diff < TOL, f"prompt {i}: logits differ by {diff}"

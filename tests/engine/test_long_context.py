@@ -20,8 +20,13 @@ N = 16 * 1024
 @pytest.mark.parametrize("arch", ["mistral4"])
 def test_16k_prompt_logits_and_kv_memory(arch, tmp_path):
     path = make_tiny(arch, seed=5, out=str(tmp_path / arch))
-    llm = LLM(config=EngineConfig(model=ModelConfig(model=path), cache=CacheConfig(block_size=16),
-                                  scheduler=SchedulerConfig(max_num_batched_tokens=4096)))
+    llm = LLM(
+        config=EngineConfig(
+            model=ModelConfig(model=path),
+            cache=CacheConfig(block_size=16),
+            scheduler=SchedulerConfig(max_num_batched_tokens=4096),
+        )
+    )
     vocab = llm.engine.vocab_size
     rng = random.Random(0)
     prompt = [rng.randrange(3, vocab) for _ in range(N + 5)]  # not a multiple of the block size

@@ -81,13 +81,16 @@ def _admission(reasoning: ReasoningConfig = ReasoningConfig()):
     return Admission(None, 512, [2], ONE, reasoning, 4096)
 
 
-@pytest.mark.parametrize(("max_tokens", "thinking_budget", "want"), [
-    (64, None, 32),  # the effort's 128 would take every token: half is left for the answer
-    (128, None, 64),
-    (1000, None, 128),  # room enough: the effort's budget as configured
-    (8, 100, 4),  # an explicit budget is capped too
-    (1000, 10, 10),
-])
+@pytest.mark.parametrize(
+    ("max_tokens", "thinking_budget", "want"),
+    [
+        (64, None, 32),  # the effort's 128 would take every token: half is left for the answer
+        (128, None, 64),
+        (1000, None, 128),  # room enough: the effort's budget as configured
+        (8, 100, 4),  # an explicit budget is capped too
+        (1000, 10, 10),
+    ],
+)
 def test_admission_leaves_half_of_max_tokens_for_the_answer(max_tokens, thinking_budget, want):
     from engine.core.request import SamplingParams
 

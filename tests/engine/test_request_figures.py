@@ -32,8 +32,9 @@ def run_to_end(core: EngineCore) -> dict:
 def test_timings_follow_the_stages_in_order(mixtral):
     core = EngineCore(EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64)))
     before = time.time()
-    core.add_request("a", list(range(3, 30)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
-                     arrival=before - 0.25)  # handed over a moment before the engine took it
+    core.add_request(
+        "a", list(range(3, 30)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), arrival=before - 0.25
+    )  # handed over a moment before the engine took it
     final = run_to_end(core)["a"]
     t = final.timings
     assert t is not None and t.num_preemptions == 0
@@ -52,8 +53,9 @@ def test_a_request_aborted_while_waiting_never_reached_prefill(mixtral):
 
 def test_expert_load_counts_every_routed_token(mixtral):
     cfg = tiny_config("mixtral")
-    core = EngineCore(EngineConfig(model=ModelConfig(model=mixtral),
-                                   cache=CacheConfig(num_blocks=64, enable_prefix_caching=False)))
+    core = EngineCore(
+        EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64, enable_prefix_caching=False))
+    )
     assert core.stats().expert_load == (0,)
     prompt, new = 21, 7
     core.add_request("a", list(range(3, 3 + prompt)), SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))

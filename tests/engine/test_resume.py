@@ -43,9 +43,11 @@ SEEDED_NO_HOLD = SamplingParams(temperature=1.0, top_p=0.8, seed=99, max_tokens=
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> EngineConfig:
     path = make_tiny("mistral4", seed=0, out=str(tmp_path_factory.mktemp("mistral4")), vocab_size=32768)
-    return EngineConfig(model=ModelConfig(model=path, tokenizer=TOKENIZER, max_model_len=96),
-                        cache=CacheConfig(block_size=8, num_blocks=64, enable_prefix_caching=False),
-                        reasoning=ReasoningConfig(budget_low=3, budget_medium=6))
+    return EngineConfig(
+        model=ModelConfig(model=path, tokenizer=TOKENIZER, max_model_len=96),
+        cache=CacheConfig(block_size=8, num_blocks=64, enable_prefix_caching=False),
+        reasoning=ReasoningConfig(budget_low=3, budget_medium=6),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,9 @@ def engine(config):
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def drive(core: EngineCore, rid: str, prompt, params: SamplingParams, resume: Resume | None = None) -> list[RequestDelta]:
+def drive(
+    core: EngineCore, rid: str, prompt, params: SamplingParams, resume: Resume | None = None
+) -> list[RequestDelta]:
     """One request from admission to its final delta."""
     core.add_request(rid, prompt, params, resume)
     deltas = []
@@ -136,7 +140,7 @@ def test_resume_inside_a_thinking_span(core, effort):
     ids, start, end = tokens(full), core.markers.start, core.markers.end
     budget = core.config.reasoning.budget(effort)
     # the engine opened the span and closed it at the budget: the resume points below cross both markers
-    assert tuple(ids[:3]) == start and tuple(ids[3 + budget:6 + budget]) == end
+    assert tuple(ids[:3]) == start and tuple(ids[3 + budget : 6 + budget]) == end
     assert reasoning(full) and text(full) and full[-1].usage.reasoning_tokens == budget
     for k in range(1, len(ids)):  # inside the forced start marker, the span, the forced end marker, the answer
         rest = drive(core, f"think-{k}", CHAT, params, client_after(full, k)[0])
@@ -163,13 +167,18 @@ def test_resume_next_to_a_running_request(core):
 def test_stop_string_straddling_the_resume_point(core, include):
     plain = drive(core, "plain", CHAT, SamplingParams(temperature=0, max_tokens=16))
     # a stop string made of the end of token p-1's text and the start of token p's
-    p = next(i for i in range(1, len(plain)) if len(plain[i - 1].text) >= 2 and len(plain[i].text) >= 2
-             and text(plain).find(plain[i - 1].text[-2:] + plain[i].text[:2]) == len(text(plain[:i])) - 2)
+    p = next(
+        i
+        for i in range(1, len(plain))
+        if len(plain[i - 1].text) >= 2
+        and len(plain[i].text) >= 2
+        and text(plain).find(plain[i - 1].text[-2:] + plain[i].text[:2]) == len(text(plain[:i])) - 2
+    )
     stop = plain[p - 1].text[-2:] + plain[p].text[:2]
     params = SamplingParams(temperature=0, max_tokens=16, stop=[stop], include_stop_str_in_output=include)
     full = drive(core, "stops", CHAT, params)
     assert len(tokens(full)) == p + 1 and full[-1].finish_reason == "stop"
-    assert text(full) == text(plain)[:len(text(plain[:p])) - 2 + (len(stop) if include else 0)]
+    assert text(full) == text(plain)[: len(text(plain[:p])) - 2 + (len(stop) if include else 0)]
     resume, sent, _ = client_after(full, p)
     assert len(sent) <= len(text(plain[:p])) - 2  # the previous server held the stop string's first half back
     rest = drive(core, "stops-resumed", CHAT, params, resume)
@@ -206,7 +215,11 @@ def test_replay_at_every_delta_boundary_splits_text_exactly():
     for k in range(1, n):
         resume, sent, sent_reasoning = client_after(full, k)
         # what the client got from the deltas; also less (the counts, not the tokens, say where text resumes)
-        for chars, reasoning_chars in {(len(sent), len(sent_reasoning)), (0, 0), (len(sent) // 2, len(sent_reasoning) // 2)}:
+        for chars, reasoning_chars in {
+            (len(sent), len(sent_reasoning)),
+            (0, 0),
+            (len(sent) // 2, len(sent_reasoning) // 2),
+        }:
             state = new_state()
             state.replay(resume.token_ids, chars, reasoning_chars)
             rest = stream(state, sampled[k:])
@@ -233,7 +246,11 @@ def _refusals(tok):
         "holds a stop string": (SamplingParams(stop=["world"]), Resume(hello), "resume.token_ids"),
         "not the forced marker": (SamplingParams(reasoning_effort="low"), Resume([100]), "resume.token_ids"),
         "more text than the tokens": (SamplingParams(), Resume(hello, text_chars=100), "resume.text_chars"),
-        "more reasoning than the tokens": (SamplingParams(), Resume(hello, reasoning_chars=1), "resume.reasoning_chars"),
+        "more reasoning than the tokens": (
+            SamplingParams(),
+            Resume(hello, reasoning_chars=1),
+            "resume.reasoning_chars",
+        ),
     }
 
 
@@ -261,14 +278,17 @@ async def collect_resumed(eng, rid: str, prompt, params: SamplingParams, resume:
     return [d async for d in eng.generate(rid, prompt, params, resume=resume)]
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    ({"token_ids": []}, "resume.token_ids"),
-    ({"token_ids": [3, -1]}, "resume.token_ids"),
-    ({"token_ids": [3, True]}, "resume.token_ids"),
-    ({"token_ids": "abc"}, "resume.token_ids"),
-    ({"token_ids": [3], "text_chars": -1}, "resume.text_chars"),
-    ({"token_ids": [3], "reasoning_chars": 1.5}, "resume.reasoning_chars"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"token_ids": []}, "resume.token_ids"),
+        ({"token_ids": [3, -1]}, "resume.token_ids"),
+        ({"token_ids": [3, True]}, "resume.token_ids"),
+        ({"token_ids": "abc"}, "resume.token_ids"),
+        ({"token_ids": [3], "text_chars": -1}, "resume.text_chars"),
+        ({"token_ids": [3], "reasoning_chars": 1.5}, "resume.reasoning_chars"),
+    ],
+)
 def test_resume_fields_are_checked_on_construction(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         Resume(**kwargs)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import helm_python as helm
 import jsonschema
@@ -26,8 +27,10 @@ RELEASE = "levante-test"
 NAMESPACE = "levante"
 # The newest Kubernetes version whose schemas kubernetes-validate ships.
 KUBE_VERSION = kubernetes_validate.latest_version()
-CRDS = {("ray.io/v1", "RayService"): DATA / "ray.io_rayservices.yaml",
-        ("monitoring.coreos.com/v1", "ServiceMonitor"): DATA / "monitoring.coreos.com_servicemonitors.yaml"}
+CRDS = {
+    ("ray.io/v1", "RayService"): DATA / "ray.io_rayservices.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): DATA / "monitoring.coreos.com_servicemonitors.yaml",
+}
 
 
 def example_values(path: Path) -> dict[str, Any]:
@@ -103,8 +106,12 @@ def strict_schema(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: strict_schema(v) for k, v in schema.items()}
-    if (out.get("type") == "object" and isinstance(out.get("properties"), dict) and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        out.get("type") == "object"
+        and isinstance(out.get("properties"), dict)
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 

@@ -17,8 +17,25 @@ import posixpath
 import pytest
 
 from cluster.config_loader import config_from_dict, load_config
-from tests.helm.helpers import (CHART, EXAMPLES, KUBE_VERSION, NAMESPACE, by_kind, container, crd_errors, example_values,
-                                kube_errors, lint, manifests, merged, one, pod_templates, render, selects, serve_config)
+from tests.helm.helpers import (
+    CHART,
+    EXAMPLES,
+    KUBE_VERSION,
+    NAMESPACE,
+    by_kind,
+    container,
+    crd_errors,
+    example_values,
+    kube_errors,
+    lint,
+    manifests,
+    merged,
+    one,
+    pod_templates,
+    render,
+    selects,
+    serve_config,
+)
 
 CUSTOM_KINDS = {"RayService", "ServiceMonitor"}
 ONE_REGION = CHART / "examples" / "one-region.yaml"
@@ -75,8 +92,15 @@ def test_lint_is_clean(example):
 def test_renders_the_expected_objects(example):
     _, docs = example
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "RayService",
-                     "Service"]
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "RayService",
+        "Service",
+    ]
     assert all(d["metadata"]["namespace"] == NAMESPACE for d in docs)
 
 
@@ -91,8 +115,12 @@ def test_rayservice_passes_the_kuberay_crd(example):
     rs = one(docs, "RayService")
     assert crd_errors(rs) == []
     for group, template in pod_templates(rs):
-        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"check-{group}"},
-                        "template": template}
+        pod_template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"check-{group}"},
+            "template": template,
+        }
         assert kube_errors(pod_template) == [], group
 
 
@@ -116,9 +144,12 @@ def test_serve_config_and_configmap_load_as_one_cluster_config(example, tmp_path
     assert (from_serve.ray.address, from_serve.ray.deploy) == ("auto", False)
     r = values["levante"]["replica"]
     assert (from_serve.replica.num_replicas, from_serve.replica.ep_size) == (r["num_replicas"], r.get("ep_size", 1))
-    assert from_serve.engine.backend == values["levante"]["engine"].get("backend", "vllm")  # vllm: values.yaml's default
+    assert from_serve.engine.backend == values["levante"]["engine"].get(
+        "backend", "vllm"
+    )  # vllm: values.yaml's default
     assert [p.name for p in from_serve.regions.peers] == [
-        p["name"] for p in values["levante"].get("regions", {}).get("peers", [])]
+        p["name"] for p in values["levante"].get("regions", {}).get("peers", [])
+    ]
 
 
 def test_serve_config_is_what_ray_serve_and_the_app_builder_accept(example):
@@ -208,16 +239,21 @@ def test_network_policies_select_the_pods_and_open_the_grpc_port(example):
     ray_labels = [t["metadata"]["labels"] for _, t in pod_templates(one(docs, "RayService"))]
     policies = {p["metadata"]["name"]: p for p in by_kind(docs, "NetworkPolicy")}
     fd_policy = [p for p in policies.values() if selects(p["spec"]["podSelector"]["matchLabels"], fd_labels)]
-    ray_policy = [p for p in policies.values()
-                  if all(selects(p["spec"]["podSelector"]["matchLabels"], labels) for labels in ray_labels)]
+    ray_policy = [
+        p
+        for p in policies.values()
+        if all(selects(p["spec"]["podSelector"]["matchLabels"], labels) for labels in ray_labels)
+    ]
     assert len(fd_policy) == 1 and len(ray_policy) == 1 and fd_policy != ray_policy
     grpc_rules = [r for r in fd_policy[0]["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in r.get("ports", [])]
     assert grpc_rules
     # The door and the Ray pods are one Ray cluster: each policy admits the other side on every port.
     for policy, other in ((fd_policy[0], ray_labels[0]), (ray_policy[0], fd_labels)):
-        assert any("ports" not in r and any(selects(f.get("podSelector", {}).get("matchLabels", {}), other)
-                                            for f in r.get("from", []))
-                   for r in policy["spec"]["ingress"])
+        assert any(
+            "ports" not in r
+            and any(selects(f.get("podSelector", {}).get("matchLabels", {}), other) for f in r.get("from", []))
+            for r in policy["spec"]["ingress"]
+        )
 
 
 def test_tls_paths_point_into_the_mounted_secrets(example):
@@ -267,8 +303,14 @@ def test_the_validators_reject_an_unknown_field():
 
 
 def test_service_monitor_when_enabled():
-    values = merged(example_values(ONE_REGION), {"monitoring": {"serviceMonitor": {
-        "enabled": True, "port": 9464, "labels": {"release": "kube-prometheus-stack"}}}})
+    values = merged(
+        example_values(ONE_REGION),
+        {
+            "monitoring": {
+                "serviceMonitor": {"enabled": True, "port": 9464, "labels": {"release": "kube-prometheus-stack"}}
+            }
+        },
+    )
     docs = manifests(render(values))
     sm = one(docs, "ServiceMonitor")
     assert crd_errors(sm) == []
@@ -285,16 +327,22 @@ def test_service_monitor_when_enabled():
 def test_metrics_port_reaches_the_config_the_pod_the_service_and_the_policy():
     """/metrics is on by default on Kubernetes: the door's config listens on every interface at the
     port the container, the Service and the NetworkPolicy name; off, none of them mention it."""
-    docs = manifests(render(merged(example_values(ONE_REGION), {"levante": {"telemetry": {"metrics": {"port": 9500}}}})))
+    docs = manifests(
+        render(merged(example_values(ONE_REGION), {"levante": {"telemetry": {"metrics": {"port": 9500}}}}))
+    )
     metrics = load_from_configmap(docs).telemetry.metrics
     assert (metrics.enabled, metrics.host, metrics.port) == (True, "0.0.0.0", 9500)
     fd = container(one(docs, "Deployment")["spec"]["template"]["spec"], "frontdoor")
     assert {"name": "metrics", "containerPort": 9500, "protocol": "TCP"} in fd["ports"]
-    assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"} in one(docs, "Service")["spec"]["ports"]
+    assert {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"} in one(docs, "Service")[
+        "spec"
+    ]["ports"]
     fd_policy = [p for p in by_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-frontdoor")]
     assert any({"port": 9500, "protocol": "TCP"} in r.get("ports", []) for r in fd_policy[0]["spec"]["ingress"])
 
-    off = manifests(render(merged(example_values(ONE_REGION), {"levante": {"telemetry": {"metrics": {"enabled": False}}}})))
+    off = manifests(
+        render(merged(example_values(ONE_REGION), {"levante": {"telemetry": {"metrics": {"enabled": False}}}}))
+    )
     fd = container(one(off, "Deployment")["spec"]["template"]["spec"], "frontdoor")
     assert [p["name"] for p in fd["ports"]] == ["grpc"]
     assert [p["name"] for p in one(off, "Service")["spec"]["ports"]] == ["grpc"]
@@ -303,9 +351,21 @@ def test_metrics_port_reaches_the_config_the_pod_the_service_and_the_policy():
 
 def test_grafana_dashboard_configmap_when_enabled():
     values = example_values(ONE_REGION)
-    assert not [d for d in by_kind(manifests(render(values)), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
-    values = merged(values, {"monitoring": {"grafanaDashboard": {
-        "enabled": True, "namespace": "monitoring", "annotations": {"grafana_folder": "Levante"}}}})
+    assert not [
+        d for d in by_kind(manifests(render(values)), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")
+    ]
+    values = merged(
+        values,
+        {
+            "monitoring": {
+                "grafanaDashboard": {
+                    "enabled": True,
+                    "namespace": "monitoring",
+                    "annotations": {"grafana_folder": "Levante"},
+                }
+            }
+        },
+    )
     docs = manifests(render(values))
     (board,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
     assert board["metadata"]["namespace"] == "monitoring"
@@ -342,4 +402,3 @@ def test_startup_probe_outlasts_the_first_model_load():
     fd = container(one(manifests(render(values)), "Deployment")["spec"]["template"]["spec"], "frontdoor")
     probe = fd["startupProbe"]
     assert probe["periodSeconds"] * probe["failureThreshold"] >= 3600 + 60
-

@@ -42,153 +42,273 @@ BAD = {
     # values.schema.json: one value at a time; Helm names the path and the rule.
     "negative replica count": (
         {"levante": {"replica": {"num_replicas": -1}}},
-        helm.HelmValuesError, r"at '/levante/replica/num_replicas': minimum: got -1, want 1"),
+        helm.HelmValuesError,
+        r"at '/levante/replica/num_replicas': minimum: got -1, want 1",
+    ),
     "unknown config key": (
         {"levante": {"replica": {"ep_sise": 2}}},
-        helm.HelmValuesError, r"at '/levante/replica': additional properties 'ep_sise' not allowed"),
+        helm.HelmValuesError,
+        r"at '/levante/replica': additional properties 'ep_sise' not allowed",
+    ),
     "unknown chart key": (
         {"frontdoor": {"replica": 3}},
-        helm.HelmValuesError, r"at '/frontdoor': additional properties 'replica' not allowed"),
+        helm.HelmValuesError,
+        r"at '/frontdoor': additional properties 'replica' not allowed",
+    ),
     "missing image": (
         {"image": {"repository": None}},
-        helm.HelmValuesError, r"at '/image': missing property 'repository'"),
+        helm.HelmValuesError,
+        r"at '/image': missing property 'repository'",
+    ),
     "missing region": (
         {"levante": {"region": None}},
-        helm.HelmValuesError, r"at '/levante': missing property 'region'"),
+        helm.HelmValuesError,
+        r"at '/levante': missing property 'region'",
+    ),
     "region not a DNS label": (
         {"levante": {"region": "EU West"}},
-        helm.HelmValuesError, r"at '/levante/region': '.*' does not match pattern"),
+        helm.HelmValuesError,
+        r"at '/levante/region': '.*' does not match pattern",
+    ),
     "wrong type": (
         {"levante": {"replica": {"ep_size": "4"}}},
-        helm.HelmValuesError, r"at '/levante/replica/ep_size': got string, want integer"),
+        helm.HelmValuesError,
+        r"at '/levante/replica/ep_size': got string, want integer",
+    ),
     "unknown accelerator": (
         {"levante": {"replica": {"accelerator": "tpu"}}},
-        helm.HelmValuesError, r"at '/levante/replica/accelerator': value must be one of 'cpu', 'gpu'"),
+        helm.HelmValuesError,
+        r"at '/levante/replica/accelerator': value must be one of 'cpu', 'gpu'",
+    ),
     "peer target without port": (
         {"levante": {"regions": {"peers": [{"name": "us-east", "target": "levante-us-east"}]}}},
-        helm.HelmValuesError, r"at '/levante/regions/peers/0/target': '.*' does not match pattern"),
+        helm.HelmValuesError,
+        r"at '/levante/regions/peers/0/target': '.*' does not match pattern",
+    ),
     # Templates: combinations of values.
     "RayService name KubeRay refuses": (
         {"fullnameOverride": "1-eu-west"},
-        helm.HelmRenderError, r"the RayService name \"1-eu-west\" .* must start with a letter"),
+        helm.HelmRenderError,
+        r"the RayService name \"1-eu-west\" .* must start with a letter",
+    ),
     "chart-owned ray section": (
         {"levante": {"ray": {"address": "ray://head:10001"}}},
-        helm.HelmRenderError, r"levante\.ray: set by the chart"),
+        helm.HelmRenderError,
+        r"levante\.ray: set by the chart",
+    ),
     "chart-owned frontdoor host": (
         {"levante": {"frontdoor": {"host": "127.0.0.1"}}},
-        helm.HelmRenderError, r"levante\.frontdoor\.host: set by the chart"),
+        helm.HelmRenderError,
+        r"levante\.frontdoor\.host: set by the chart",
+    ),
     "chart-owned frontdoor tls": (
         {"levante": {"frontdoor": {"tls": {"cert": "/x.pem", "key": "/y.pem"}}}},
-        helm.HelmRenderError, r"levante\.frontdoor\.tls: set by the chart from tls\.\*"),
+        helm.HelmRenderError,
+        r"levante\.frontdoor\.tls: set by the chart from tls\.\*",
+    ),
     "chart-owned metrics host": (
         {"levante": {"telemetry": {"metrics": {"host": "127.0.0.1"}}}},
-        helm.HelmRenderError, r"levante\.telemetry\.metrics\.host: set by the chart"),
+        helm.HelmRenderError,
+        r"levante\.telemetry\.metrics\.host: set by the chart",
+    ),
     "service monitor without metrics": (
-        {"monitoring": {"serviceMonitor": {"enabled": True}}, "levante": {"telemetry": {"metrics": {"enabled": False}}}},
-        helm.HelmRenderError, r"monitoring\.serviceMonitor\.enabled: the front door serves /metrics only with "
-                              r"levante\.telemetry\.metrics\.enabled"),
+        {
+            "monitoring": {"serviceMonitor": {"enabled": True}},
+            "levante": {"telemetry": {"metrics": {"enabled": False}}},
+        },
+        helm.HelmRenderError,
+        r"monitoring\.serviceMonitor\.enabled: the front door serves /metrics only with "
+        r"levante\.telemetry\.metrics\.enabled",
+    ),
     "sample ratio above one": (
         {"levante": {"telemetry": {"tracing": {"sample_ratio": 2}}}},
-        helm.HelmValuesError, r"at '/levante/telemetry/tracing/sample_ratio': maximum: got 2, want 1"),
+        helm.HelmValuesError,
+        r"at '/levante/telemetry/tracing/sample_ratio': maximum: got 2, want 1",
+    ),
     "otlp endpoint without port": (
         {"levante": {"telemetry": {"tracing": {"otlp_endpoint": "otel-collector"}}}},
-        helm.HelmValuesError, r"at '/levante/telemetry/tracing/otlp_endpoint': '.*' does not match pattern"),
+        helm.HelmValuesError,
+        r"at '/levante/telemetry/tracing/otlp_endpoint': '.*' does not match pattern",
+    ),
     "unknown dashboard key": (
         {"monitoring": {"grafanaDashboard": {"folder": "Levante"}}},
-        helm.HelmValuesError, r"at '/monitoring/grafanaDashboard': additional properties 'folder' not allowed"),
+        helm.HelmValuesError,
+        r"at '/monitoring/grafanaDashboard': additional properties 'folder' not allowed",
+    ),
     "inline tenant api key": (
         {"levante": {"frontdoor": {"tenants": [{"name": "acme", "api_key": "s3cret"}]}}},
-        helm.HelmRenderError, r"levante\.frontdoor\.tenants\[0\]\.api_key: would be written into a ConfigMap"),
+        helm.HelmRenderError,
+        r"levante\.frontdoor\.tenants\[0\]\.api_key: would be written into a ConfigMap",
+    ),
     "tls without a secret": (
         {"tls": {"enabled": True}},
-        helm.HelmRenderError, r"tls\.secretName: required when tls\.enabled is true"),
+        helm.HelmRenderError,
+        r"tls\.secretName: required when tls\.enabled is true",
+    ),
     "mutual tls without server tls": (
         {"tls": {"clientCA": {"enabled": True}}, "frontdoor": {"probes": {"handler": "tcp"}}},
-        helm.HelmRenderError, r"tls\.clientCA\.enabled: mutual TLS needs server TLS too"),
+        helm.HelmRenderError,
+        r"tls\.clientCA\.enabled: mutual TLS needs server TLS too",
+    ),
     "mutual tls with grpc probes": (
         {"tls": {"enabled": True, "secretName": "fd-tls", "clientCA": {"enabled": True}}},
-        helm.HelmRenderError, r"frontdoor\.probes\.handler: grpc cannot pass with tls\.clientCA\.enabled"),
+        helm.HelmRenderError,
+        r"frontdoor\.probes\.handler: grpc cannot pass with tls\.clientCA\.enabled",
+    ),
     "peer tls file without the peer secret": (
-        {"levante": {"regions": {"peers": [{"name": "us-east", "target": "us-east.example.net:50051",
-                                            "tls_ca": "/etc/levante/peer-tls/ca.crt"}]}}},
-        helm.HelmRenderError, r"levante\.regions\.peers\[0\]\.tls_ca: set, but peerTLS\.secretName is empty"),
+        {
+            "levante": {
+                "regions": {
+                    "peers": [
+                        {
+                            "name": "us-east",
+                            "target": "us-east.example.net:50051",
+                            "tls_ca": "/etc/levante/peer-tls/ca.crt",
+                        }
+                    ]
+                }
+            }
+        },
+        helm.HelmRenderError,
+        r"levante\.regions\.peers\[0\]\.tls_ca: set, but peerTLS\.secretName is empty",
+    ),
     "peer tls file outside the peer secret": (
-        {"peerTLS": {"secretName": "peer-tls"},
-         "levante": {"regions": {"peers": [{"name": "us-east", "target": "us-east.example.net:50051",
-                                            "tls_ca": "/certs/ca.crt"}]}}},
-        helm.HelmRenderError, r"levante\.regions\.peers\[0\]\.tls_ca: \"/certs/ca\.crt\" is not in /etc/levante/peer-tls/"),
+        {
+            "peerTLS": {"secretName": "peer-tls"},
+            "levante": {
+                "regions": {
+                    "peers": [{"name": "us-east", "target": "us-east.example.net:50051", "tls_ca": "/certs/ca.crt"}]
+                }
+            },
+        },
+        helm.HelmRenderError,
+        r"levante\.regions\.peers\[0\]\.tls_ca: \"/certs/ca\.crt\" is not in /etc/levante/peer-tls/",
+    ),
     "budget no drain can meet": (
         {"frontdoor": {"replicas": 1}},
-        helm.HelmRenderError, r"frontdoor\.pdb\.minAvailable: 1 with frontdoor\.replicas 1 lets no node drain evict"),
+        helm.HelmRenderError,
+        r"frontdoor\.pdb\.minAvailable: 1 with frontdoor\.replicas 1 lets no node drain evict",
+    ),
     "duplicate worker group": (
         {"rayCluster": {"workerGroups": [gpu_group(1, 4), gpu_group(1, 4)]}},
-        helm.HelmRenderError, r"rayCluster\.workerGroups: the name \"gpu\" is used twice"),
+        helm.HelmRenderError,
+        r"rayCluster\.workerGroups: the name \"gpu\" is used twice",
+    ),
     # The engine backend against the replica (the rules of cluster/config.py, at render time).
     "unknown engine backend": (
         {"levante": {"engine": {"backend": "trtllm"}}},
-        helm.HelmValuesError, r"at '/levante/engine/backend': value must be one of 'native', 'vllm'"),
+        helm.HelmValuesError,
+        r"at '/levante/engine/backend': value must be one of 'native', 'vllm'",
+    ),
     "misspelt vllm key": (
         {"levante": {"engine": {"vllm": {"tensor_parallel": 2}}}},
-        helm.HelmValuesError, r"at '/levante/engine/vllm': additional properties 'tensor_parallel' not allowed"),
+        helm.HelmValuesError,
+        r"at '/levante/engine/vllm': additional properties 'tensor_parallel' not allowed",
+    ),
     "vllm extra arg that is not a scalar": (
         {"levante": {"engine": {"vllm": {"extra_args": {"speculative_config": {"method": "eagle"}}}}}},
-        helm.HelmValuesError, r"at '/levante/engine/vllm/extra_args/speculative_config'"),
+        helm.HelmValuesError,
+        r"at '/levante/engine/vllm/extra_args/speculative_config'",
+    ),
     "device that is no device": (
         {"levante": {"engine": {"model": {"device": "gpu"}}}},
-        helm.HelmValuesError, r"at '/levante/engine/model/device': '.*' does not match pattern"),
+        helm.HelmValuesError,
+        r"at '/levante/engine/model/device': '.*' does not match pattern",
+    ),
     "vllm keys with the native engine": (
         {"levante": {"engine": {"backend": "native"}}},
-        helm.HelmRenderError, r"levante\.engine\.vllm: read only with levante\.engine\.backend vllm \(backend is "
-                              r"\"native\"\); .* \(enable_expert_parallel, gpu_memory_utilization, tensor_parallel_size\)"),
+        helm.HelmRenderError,
+        r"levante\.engine\.vllm: read only with levante\.engine\.backend vllm \(backend is "
+        r"\"native\"\); .* \(enable_expert_parallel, gpu_memory_utilization, tensor_parallel_size\)",
+    ),
     "expert-parallel ranks with vllm": (
         {"levante": {"replica": {"ep_size": 4}}},
-        helm.HelmRenderError, r"levante\.replica\.ep_size: must be 1 with levante\.engine\.backend vllm, got 4"),
+        helm.HelmRenderError,
+        r"levante\.replica\.ep_size: must be 1 with levante\.engine\.backend vllm, got 4",
+    ),
     "vllm over several CPU devices": (
-        {"levante": {"replica": {"accelerator": "cpu"}},
-         "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}},
-        helm.HelmRenderError, r"levante\.engine\.vllm\.tensor_parallel_size: tensor 4 x pipeline 1 x data 1 parallel = 4 "
-                              r"devices per engine needs levante\.replica\.accelerator gpu"),
+        {"levante": {"replica": {"accelerator": "cpu"}}, "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}},
+        helm.HelmRenderError,
+        r"levante\.engine\.vllm\.tensor_parallel_size: tensor 4 x pipeline 1 x data 1 parallel = 4 "
+        r"devices per engine needs levante\.replica\.accelerator gpu",
+    ),
     "cuda device on cpu bundles": (
-        native({"levante": {"engine": {"model": {"device": "cuda:0"}}, "replica": {"accelerator": "cpu"}},
-                "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}}),
-        helm.HelmRenderError, r"levante\.engine\.model\.device: \"cuda:0\" needs levante\.replica\.accelerator gpu"),
+        native(
+            {
+                "levante": {"engine": {"model": {"device": "cuda:0"}}, "replica": {"accelerator": "cpu"}},
+                "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]},
+            }
+        ),
+        helm.HelmRenderError,
+        r"levante\.engine\.model\.device: \"cuda:0\" needs levante\.replica\.accelerator gpu",
+    ),
     "cpu device on gpu bundles": (
         {"levante": {"engine": {"model": {"device": "cpu"}}}},
-        helm.HelmRenderError, r"levante\.engine\.model\.device: \"cpu\" contradicts levante\.replica\.accelerator gpu"),
+        helm.HelmRenderError,
+        r"levante\.engine\.model\.device: \"cpu\" contradicts levante\.replica\.accelerator gpu",
+    ),
     # Capacity, backend vllm: num_replicas x tensor x pipeline x data parallel GPU workers.
     "not enough GPUs for vllm": (
         {"levante": {"replica": {"num_replicas": 2}}},
         helm.HelmRenderError,
         r"levante\.replica: 2 replica\(s\) x engine\.vllm world size 4 \(tensor 4 x pipeline 1 x data 1 parallel\) = 8 "
         r"vLLM workers \(one GPU and 2 CPU each\), but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 worker\(s\)\); "
-        r".* lower replica\.num_replicas or engine\.vllm\.tensor_parallel_size"),
+        r".* lower replica\.num_replicas or engine\.vllm\.tensor_parallel_size",
+    ),
     "vllm world size counts pipeline and data parallel": (
-        {"levante": {"engine": {"vllm": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "data_parallel_size": 2}}}},
-        helm.HelmRenderError, r"1 replica\(s\) x engine\.vllm world size 8 \(tensor 2 x pipeline 2 x data 2 parallel\) = 8 vLLM workers"),
+        {
+            "levante": {
+                "engine": {"vllm": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "data_parallel_size": 2}}
+            }
+        },
+        helm.HelmRenderError,
+        r"1 replica\(s\) x engine\.vllm world size 8 \(tensor 2 x pipeline 2 x data 2 parallel\) = 8 vLLM workers",
+    ),
     "vllm strict pack across pods": (
-        {"levante": {"replica": {"placement_strategy": "STRICT_PACK"}},
-         "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]}},
-        helm.HelmRenderError, r"STRICT_PACK puts all 4 workers of a replica on one pod, but the worker pods fit only 0"),
+        {
+            "levante": {"replica": {"placement_strategy": "STRICT_PACK"}},
+            "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]},
+        },
+        helm.HelmRenderError,
+        r"STRICT_PACK puts all 4 workers of a replica on one pod, but the worker pods fit only 0",
+    ),
     # Capacity, backend native: num_replicas x ep_size ranks, one GPU (and cpus_per_rank CPUs) each.
     "not enough GPUs": (
         native({"levante": {"replica": {"num_replicas": 2, "ep_size": 4}}}),
         helm.HelmRenderError,
         r"levante\.replica: 2 replica\(s\) x ep_size 4 = 8 expert-parallel ranks \(one GPU and 2 CPU each\), "
-        r"but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 rank\(s\)\)"),
+        r"but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 rank\(s\)\)",
+    ),
     "not enough CPUs for the GPU ranks": (
         native({"rayCluster": {"workerGroups": [gpu_group(1, 4, cpu=6)]}}),
-        helm.HelmRenderError, r"= 4 expert-parallel ranks .* hold 3 \(gpu: 1 pod\(s\) x 3 rank\(s\)\)"),
+        helm.HelmRenderError,
+        r"= 4 expert-parallel ranks .* hold 3 \(gpu: 1 pod\(s\) x 3 rank\(s\)\)",
+    ),
     "cpu ranks on too few CPUs": (
-        native({"levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0, "num_replicas": 2}},
-                "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=8, name="cpu")]}}),
-        helm.HelmRenderError, r"= 8 expert-parallel ranks \(4 CPU each\), but rayCluster\.workerGroups hold 4 \(cpu: 2 pod\(s\) x 2 rank\(s\)\)"),
+        native(
+            {
+                "levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0, "num_replicas": 2}},
+                "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=8, name="cpu")]},
+            }
+        ),
+        helm.HelmRenderError,
+        r"= 8 expert-parallel ranks \(4 CPU each\), but rayCluster\.workerGroups hold 4 \(cpu: 2 pod\(s\) x 2 rank\(s\)\)",
+    ),
     "strict pack across pods": (
-        native({"levante": {"replica": {"placement_strategy": "STRICT_PACK"}},
-                "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]}}),
-        helm.HelmRenderError, r"STRICT_PACK puts all 4 ranks of a replica on one pod, but the worker pods fit only 0"),
+        native(
+            {
+                "levante": {"replica": {"placement_strategy": "STRICT_PACK"}},
+                "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]},
+            }
+        ),
+        helm.HelmRenderError,
+        r"STRICT_PACK puts all 4 ranks of a replica on one pod, but the worker pods fit only 0",
+    ),
     "strict spread on one pod": (
         native({"levante": {"replica": {"placement_strategy": "STRICT_SPREAD"}}}),
-        helm.HelmRenderError, r"STRICT_SPREAD puts each of a replica's 4 ranks on its own pod, but only 1 worker pod"),
+        helm.HelmRenderError,
+        r"STRICT_SPREAD puts each of a replica's 4 ranks on its own pod, but only 1 worker pod",
+    ),
 }
 
 
@@ -203,26 +323,47 @@ def test_bad_values_fail_with_a_clear_message(patch, error, message):
 
 GOOD = {
     "vllm: two replicas of tensor parallel 2 on one pod": {
-        "levante": {"engine": {"vllm": {"tensor_parallel_size": 2}},
-                    "replica": {"num_replicas": 2, "placement_strategy": "STRICT_PACK"}}},
+        "levante": {
+            "engine": {"vllm": {"tensor_parallel_size": 2}},
+            "replica": {"num_replicas": 2, "placement_strategy": "STRICT_PACK"},
+        }
+    },
     "vllm: pipeline parallel over two pods": {
         "levante": {"engine": {"vllm": {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}}},
-        "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]}},
+        "rayCluster": {"workerGroups": [gpu_group(2, 2, cpu=8)]},
+    },
     "vllm on one CPU device": {
-        "levante": {"engine": {"vllm": {"tensor_parallel_size": 1, "gpu_memory_utilization": None}},
-                    "replica": {"accelerator": "cpu", "cpus_per_rank": 8.0}},
-        "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}},
+        "levante": {
+            "engine": {"vllm": {"tensor_parallel_size": 1, "gpu_memory_utilization": None}},
+            "replica": {"accelerator": "cpu", "cpus_per_rank": 8.0},
+        },
+        "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]},
+    },
     "vllm on cuda": {"levante": {"engine": {"model": {"device": "cuda"}}}},
     "native on GPUs": native({}),
     "exactly enough GPUs": native({"levante": {"replica": {"num_replicas": 2, "ep_size": 2}}}),
-    "capacity from two groups": native({"levante": {"replica": {"num_replicas": 3, "ep_size": 4}},
-                                        "rayCluster": {"workerGroups": [gpu_group(2, 4), gpu_group(2, 2, name="small")]}}),
-    "cpu ranks": native({"levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0}},
-                         "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=16, name="cpu")]}}),
-    "strict spread over enough pods": native({"levante": {"replica": {"placement_strategy": "STRICT_SPREAD", "ep_size": 2}},
-                                              "rayCluster": {"workerGroups": [gpu_group(2, 1, cpu=4)]}}),
-    "mutual tls with tcp probes": {"tls": {"enabled": True, "secretName": "fd-tls", "clientCA": {"enabled": True}},
-                                   "frontdoor": {"probes": {"handler": "tcp"}}},
+    "capacity from two groups": native(
+        {
+            "levante": {"replica": {"num_replicas": 3, "ep_size": 4}},
+            "rayCluster": {"workerGroups": [gpu_group(2, 4), gpu_group(2, 2, name="small")]},
+        }
+    ),
+    "cpu ranks": native(
+        {
+            "levante": {"replica": {"accelerator": "cpu", "cpus_per_rank": 4.0}},
+            "rayCluster": {"workerGroups": [gpu_group(2, 0, cpu=16, name="cpu")]},
+        }
+    ),
+    "strict spread over enough pods": native(
+        {
+            "levante": {"replica": {"placement_strategy": "STRICT_SPREAD", "ep_size": 2}},
+            "rayCluster": {"workerGroups": [gpu_group(2, 1, cpu=4)]},
+        }
+    ),
+    "mutual tls with tcp probes": {
+        "tls": {"enabled": True, "secretName": "fd-tls", "clientCA": {"enabled": True}},
+        "frontdoor": {"probes": {"handler": "tcp"}},
+    },
 }
 
 
@@ -255,6 +396,7 @@ def test_a_template_that_renders_bad_yaml_fails_the_manifest_parse(tmp_path):
 
 
 # -- the chart follows cluster/config.py ---------------------------------------------------------
+
 
 def _schema_type(node: dict) -> str:
     """The schema node's type in describe_schema()'s words ("int", "str | null", "list of str", ...)."""

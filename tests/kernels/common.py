@@ -17,7 +17,7 @@ def shuffled_block_ids(seq_lens: list[int], block_size: int, num_blocks: int, ge
     pool = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     out, i = [], 0
     for n in need:
-        out.append(pool[i:i + n])
+        out.append(pool[i : i + n])
         i += n
     return out
 
@@ -38,9 +38,19 @@ class PagedBatch:
     caches: dict[str, torch.Tensor]
 
 
-def make_paged_batch(query_lens: list[int], seq_lens: list[int], entry_shapes: dict[str, tuple[int, ...]], *,
-                     block_size: int = 4, num_blocks: int = 64, dtype: torch.dtype = torch.float32, seed: int = 0,
-                     fill: str = "nan", contiguous: bool = False, scale: float = 1.0) -> PagedBatch:
+def make_paged_batch(
+    query_lens: list[int],
+    seq_lens: list[int],
+    entry_shapes: dict[str, tuple[int, ...]],
+    *,
+    block_size: int = 4,
+    num_blocks: int = 64,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    fill: str = "nan",
+    contiguous: bool = False,
+    scale: float = 1.0,
+) -> PagedBatch:
     """Caches named like entry_shapes (e.g. {"k": (Hkv, D), "v": (Hkv, Dv)}) holding each sequence's whole
     context, written with the reference write_kv; every other slot holds ``fill`` garbage."""
     gen = torch.Generator().manual_seed(seed)
@@ -52,10 +62,13 @@ def make_paged_batch(query_lens: list[int], seq_lens: list[int], entry_shapes: d
             nxt += n
     else:
         block_ids = shuffled_block_ids(seq_lens, block_size, num_blocks, gen)
-    caches = {name: garbage_cache((num_blocks, block_size, *shape), dtype, fill)
-              for name, shape in entry_shapes.items()}
-    contexts = [{name: (torch.randn(s, *shape, generator=gen) * scale).to(dtype)
-                 for name, shape in entry_shapes.items()} for s in seq_lens]
+    caches = {
+        name: garbage_cache((num_blocks, block_size, *shape), dtype, fill) for name, shape in entry_shapes.items()
+    }
+    contexts = [
+        {name: (torch.randn(s, *shape, generator=gen) * scale).to(dtype) for name, shape in entry_shapes.items()}
+        for s in seq_lens
+    ]
     full = AttentionMetadata.build(block_size, seq_lens, seq_lens, block_ids)  # slots of every context position
     ref = get_attention_backend("reference")
     for name in entry_shapes:

@@ -32,8 +32,13 @@ def _dense_expected(q, batch, scale, window, num_q_heads):
         group = num_q_heads // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         allowed = attention_mask(torch.arange(s_len - q_len, s_len), torch.arange(s_len), window)
-        o = F.scaled_dot_product_attention(q[start:start + q_len].double().transpose(0, 1), k.transpose(0, 1),
-                                           v.transpose(0, 1), attn_mask=allowed, scale=scale)
+        o = F.scaled_dot_product_attention(
+            q[start : start + q_len].double().transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=allowed,
+            scale=scale,
+        )
         out.append(o.transpose(0, 1))
     return torch.cat(out)
 
@@ -52,8 +57,9 @@ def test_reference_matches_dense_causal_sdpa():
     assert batch.block_ids == [[1, 2, 3, 4]]
     q = _queries(batch.meta, hq, d)
     k, v = batch.contexts[0]["k"], batch.contexts[0]["v"]
-    expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                              is_causal=True, scale=0.25).transpose(0, 1)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=0.25
+    ).transpose(0, 1)
     got = REF.paged_attention(q, batch.caches["k"], batch.caches["v"], batch.meta, 0.25)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
@@ -66,28 +72,36 @@ def test_mixed_batch_gqa_vs_dense(backend, window):
     batch = make_paged_batch(*MIXED, {"k": (hkv, d), "v": (hkv, dv)}, num_blocks=48)
     assert max(len(b) for b in batch.block_ids) == 16  # the 61-token context spans 16 blocks
     q = _queries(batch.meta, hq, d)
-    got = get_attention_backend(backend).paged_attention(q, batch.caches["k"], batch.caches["v"], batch.meta,
-                                                         d ** -0.5, sliding_window=window)
+    got = get_attention_backend(backend).paged_attention(
+        q, batch.caches["k"], batch.caches["v"], batch.meta, d**-0.5, sliding_window=window
+    )
     assert got.shape == (batch.meta.num_tokens, hq, dv) and got.dtype == q.dtype
-    expected = _dense_expected(q, batch, d ** -0.5, window, hq).float()
+    expected = _dense_expected(q, batch, d**-0.5, window, hq).float()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("query_lens,seq_lens", [
-    MIXED,
-    ([1, 1, 1, 1], [1, 30, 17, 64]),  # decode only, ragged
-    ([1, 1], [12, 12]),  # decode only, equal lengths (no padding mask)
-    ([20], [20]),  # single fresh prefill (is_causal fast path)
-    ([6, 9], [30, 9]),  # prefill only
-])
+@pytest.mark.parametrize(
+    "query_lens,seq_lens",
+    [
+        MIXED,
+        ([1, 1, 1, 1], [1, 30, 17, 64]),  # decode only, ragged
+        ([1, 1], [12, 12]),  # decode only, equal lengths (no padding mask)
+        ([20], [20]),  # single fresh prefill (is_causal fast path)
+        ([6, 9], [30, 9]),  # prefill only
+    ],
+)
 def test_cpu_matches_reference(query_lens, seq_lens, window):
     hq, hkv, d = 8, 2, 8
     batch = make_paged_batch(query_lens, seq_lens, {"k": (hkv, d), "v": (hkv, d)}, num_blocks=64, seed=3)
     q = _queries(batch.meta, hq, d)
     args = (q, batch.caches["k"], batch.caches["v"], batch.meta, 0.3)
-    torch.testing.assert_close(CPU.paged_attention(*args, sliding_window=window),
-                               REF.paged_attention(*args, sliding_window=window), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        CPU.paged_attention(*args, sliding_window=window),
+        REF.paged_attention(*args, sliding_window=window),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_cpu_matches_reference_bf16():
@@ -95,7 +109,7 @@ def test_cpu_matches_reference_bf16():
     batch = make_paged_batch(*MIXED, {"k": (hkv, d), "v": (hkv, d)}, num_blocks=48, dtype=torch.bfloat16)
     q = _queries(batch.meta, hq, d, dtype=torch.bfloat16)
     for window in (None, 6):
-        args = (q, batch.caches["k"], batch.caches["v"], batch.meta, d ** -0.5)
+        args = (q, batch.caches["k"], batch.caches["v"], batch.meta, d**-0.5)
         got, ref = CPU.paged_attention(*args, sliding_window=window), REF.paged_attention(*args, sliding_window=window)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
@@ -121,8 +135,9 @@ def test_sliding_window_pinned_end_to_end(backend):
         meta = AttentionMetadata.build(4, [q_len], [s], [[5, 2, 7]])
         k_cache = torch.randn(8, 4, 1, s)
         v_cache = torch.full((8, 4, 1, s), float("nan"))
-        get_attention_backend("reference").write_kv(v_cache, torch.eye(s)[:, None, :],
-                                                    AttentionMetadata.build(4, [s], [s], [[5, 2, 7]]).slot_mapping)
+        get_attention_backend("reference").write_kv(
+            v_cache, torch.eye(s)[:, None, :], AttentionMetadata.build(4, [s], [s], [[5, 2, 7]]).slot_mapping
+        )
         q = torch.zeros(q_len, 1, s)
         out = get_attention_backend(backend).paged_attention(q, k_cache, v_cache, meta, 1.0, sliding_window=window)
         last = out[-1, 0]  # query at position 9

@@ -16,23 +16,33 @@ H, DN, DR, DV, L = 4, 8, 4, 6, 16
 
 def _weights(seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    kv_b = torch.randn(H * (DN + DV), L, generator=gen) * L ** -0.5  # kv_b_proj.weight [H*(Dn+Dv), L]
+    kv_b = torch.randn(H * (DN + DV), L, generator=gen) * L**-0.5  # kv_b_proj.weight [H*(Dn+Dv), L]
     w_uk, w_uv = kv_b.view(H, DN + DV, L).split([DN, DV], dim=1)  # [H, Dn, L], [H, Dv, L]
     return kv_b, w_uk.to(dtype), w_uv.to(dtype)
 
 
 def _queries(num_tokens, dtype=torch.float32, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_tokens, H, DN, generator=gen).to(dtype),  # [T, H, Dn]
-            torch.randn(num_tokens, H, DR, generator=gen).to(dtype))  # [T, H, Dr]
+    return (
+        torch.randn(num_tokens, H, DN, generator=gen).to(dtype),  # [T, H, Dn]
+        torch.randn(num_tokens, H, DR, generator=gen).to(dtype),
+    )  # [T, H, Dr]
 
 
 def test_reference_matches_transformers_expand_kv():
     from transformers import Mistral4Config
     from transformers.models.mistral4.modeling_mistral4 import Mistral4Attention
 
-    config = Mistral4Config(hidden_size=32, num_attention_heads=H, num_key_value_heads=H, q_lora_rank=None,
-                            kv_lora_rank=L, qk_rope_head_dim=DR, qk_nope_head_dim=DN, v_head_dim=DV)
+    config = Mistral4Config(
+        hidden_size=32,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        q_lora_rank=None,
+        kv_lora_rank=L,
+        qk_rope_head_dim=DR,
+        qk_nope_head_dim=DN,
+        v_head_dim=DV,
+    )
     attn = Mistral4Attention(config, layer_idx=0)
     kv_b, w_uk, w_uv = _weights()
     with torch.no_grad():
@@ -50,11 +60,14 @@ def test_reference_matches_transformers_expand_kv():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("query_lens,seq_lens", [
-    ([1, 7, 1, 5, 1, 16, 3], [9, 7, 1, 23, 61, 16, 40]),  # mixed, one context over 16 shuffled blocks
-    ([1, 1, 1], [1, 33, 20]),  # decode only
-    ([12], [12]),  # fresh prefill
-])
+@pytest.mark.parametrize(
+    "query_lens,seq_lens",
+    [
+        ([1, 7, 1, 5, 1, 16, 3], [9, 7, 1, 23, 61, 16, 40]),  # mixed, one context over 16 shuffled blocks
+        ([1, 1, 1], [1, 33, 20]),  # decode only
+        ([12], [12]),  # fresh prefill
+    ],
+)
 def test_cpu_absorbed_matches_reference(query_lens, seq_lens):
     batch = make_paged_batch(query_lens, seq_lens, {"latent": (L + DR,)}, num_blocks=48, seed=5)
     _, w_uk, w_uv = _weights()

@@ -16,8 +16,8 @@ E, D, I, K = 8, 16, 12, 2
 def _problem(num_tokens=13, dtype=torch.float32, seed=0, num_experts=E, top_k=K):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, D, generator=gen).to(dtype)  # [T, D]
-    w_gate_up = (torch.randn(num_experts, 2 * I, D, generator=gen) * D ** -0.5).to(dtype)  # [E, 2I, D]
-    w_down = (torch.randn(num_experts, D, I, generator=gen) * I ** -0.5).to(dtype)  # [E, D, I]
+    w_gate_up = (torch.randn(num_experts, 2 * I, D, generator=gen) * D**-0.5).to(dtype)  # [E, 2I, D]
+    w_down = (torch.randn(num_experts, D, I, generator=gen) * I**-0.5).to(dtype)  # [E, D, I]
     weights, ids = route_softmax_topk(torch.randn(num_tokens, num_experts, generator=gen), top_k, True)
     return x, ids, weights, w_gate_up, w_down
 

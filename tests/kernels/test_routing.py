@@ -56,11 +56,19 @@ def test_grouped_topk_matches_mistral4_router(dtype, n_group, topk_group, norm, 
     from transformers import Mistral4Config
     from transformers.models.mistral4.modeling_mistral4 import Mistral4TopkRouter
 
-    config = Mistral4Config(hidden_size=16, n_routed_experts=16, num_experts_per_tok=4, n_group=n_group,
-                            topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=scale)
+    config = Mistral4Config(
+        hidden_size=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scale,
+    )
     logits, hf_weights, hf_ids = _run_hf_router(Mistral4TopkRouter(config), 16, 41, dtype, seed=1)
-    weights, ids = route_grouped_topk(logits, top_k=4, n_group=n_group, topk_group=topk_group, renormalize=norm,
-                                      routed_scaling_factor=scale)
+    weights, ids = route_grouped_topk(
+        logits, top_k=4, n_group=n_group, topk_group=topk_group, renormalize=norm, routed_scaling_factor=scale
+    )
     assert weights.dtype == dtype  # Mistral 4 keeps the logits' dtype through softmax
     _assert_same_routing(ids, weights, hf_ids, hf_weights)
 

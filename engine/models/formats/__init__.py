@@ -26,7 +26,7 @@ from torch import Tensor
 from engine.models.base import CausalLM, ModelLoadError
 from engine.models.formats import consolidated, fp8, mistral3
 
-__all__ = ["native_config", "text_model_config", "format_weight_files", "read_tensors"]
+__all__ = ["format_weight_files", "native_config", "read_tensors", "text_model_config"]
 
 
 def native_config(folder: Path) -> dict | None:
@@ -81,12 +81,12 @@ class _Shards:
 
 def _dequantized(raw: str, t: Tensor, shards: _Shards, scheme: fp8.Fp8Scheme | None, dtype: torch.dtype) -> Tensor:
     if scheme is None:
-        raise ModelLoadError(f"tensor {raw!r} is stored as {t.dtype}, but config.json has no fp8 "
-                             f"quantization_config")
+        raise ModelLoadError(f"tensor {raw!r} is stored as {t.dtype}, but config.json has no fp8 quantization_config")
     scale = shards.get(raw + fp8.SCALE_SUFFIX)
     if scale is None:
-        raise ModelLoadError(f"tensor {raw!r} is {t.dtype} but its scale {raw + fp8.SCALE_SUFFIX!r} is missing "
-                             f"from the checkpoint")
+        raise ModelLoadError(
+            f"tensor {raw!r} is {t.dtype} but its scale {raw + fp8.SCALE_SUFFIX!r} is missing from the checkpoint"
+        )
     return fp8.dequantize(raw, t, scale, scheme, dtype)
 
 

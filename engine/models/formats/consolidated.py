@@ -35,12 +35,21 @@ _UNSUPPORTED = {
     "lora": "LoRA adapters",
 }
 
-_GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
     "feed_forward.gate": "mlp.gate",
 }
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
@@ -51,7 +60,8 @@ _SKIPPED = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre
 
 def _has_hf_weights(folder: Path) -> bool:
     return (folder / "model.safetensors.index.json").is_file() or any(
-        not p.name.startswith("consolidated") for p in folder.glob("*.safetensors"))
+        not p.name.startswith("consolidated") for p in folder.glob("*.safetensors")
+    )
 
 
 def is_consolidated(folder: Path) -> bool:
@@ -71,8 +81,10 @@ def _check_params(params: dict, path: Path) -> None:
             raise ModelLoadError(f"{path}: required key {key!r} is missing")
     for key, what in _UNSUPPORTED.items():
         if params.get(key):
-            raise ModelLoadError(f"{path}: {key!r} ({what}) is not supported in Mistral's native format here; "
-                                 f"use the model's Hugging Face-format folder")
+            raise ModelLoadError(
+                f"{path}: {key!r} ({what}) is not supported in Mistral's native format here; "
+                f"use the model's Hugging Face-format folder"
+            )
 
 
 def _sliding_window(params: dict, path: Path) -> int | None:
@@ -91,8 +103,9 @@ def _moe_config(moe: dict, params: dict, path: Path) -> dict:
     extra = sorted(k for k, v in moe.items() if k not in ("num_experts", "num_experts_per_tok") and v)
     expert_dim = moe.get("expert_hidden_dim", params["hidden_dim"])
     if extra and extra != ["expert_hidden_dim"] or expert_dim != params["hidden_dim"]:
-        raise ModelLoadError(f"{path}: moe keys {extra} are not supported (only Mixtral-style "
-                             f"num_experts / num_experts_per_tok)")
+        raise ModelLoadError(
+            f"{path}: moe keys {extra} are not supported (only Mixtral-style num_experts / num_experts_per_tok)"
+        )
     try:
         return {"num_local_experts": int(moe["num_experts"]), "num_experts_per_tok": int(moe["num_experts_per_tok"])}
     except (KeyError, TypeError, ValueError) as e:
@@ -105,12 +118,17 @@ def hf_config(params: dict, path: Path) -> dict:
     heads = params["n_heads"]
     max_len = params.get("max_position_embeddings", params.get("max_seq_len", 128_000))
     hf = {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
-        "vocab_size": params["vocab_size"], "hidden_size": params["dim"],
-        "intermediate_size": params["hidden_dim"], "num_hidden_layers": params["n_layers"],
-        "num_attention_heads": heads, "num_key_value_heads": params.get("n_kv_heads") or heads,
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "vocab_size": params["vocab_size"],
+        "hidden_size": params["dim"],
+        "intermediate_size": params["hidden_dim"],
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": params.get("n_kv_heads") or heads,
         "head_dim": params.get("head_dim") or params["dim"] // heads,
-        "rms_norm_eps": params.get("norm_eps", 1e-5), "max_position_embeddings": max_len,
+        "rms_norm_eps": params.get("norm_eps", 1e-5),
+        "max_position_embeddings": max_len,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(params.get("rope_theta", 10000.0))},
         "sliding_window": _sliding_window(params, path),  # explicit: MistralConfig defaults an absent key to 4096
         "hidden_act": params.get("activation", "silu"),
@@ -132,8 +150,9 @@ def weight_files(folder: Path) -> list[Path]:
     shards = sorted(folder.glob("consolidated-*-of-*.safetensors"))
     if shards:
         return shards
-    raise ModelLoadError(f"no consolidated.safetensors (or consolidated-*-of-*.safetensors) beside {PARAMS} "
-                         f"in {folder}")
+    raise ModelLoadError(
+        f"no consolidated.safetensors (or consolidated-*-of-*.safetensors) beside {PARAMS} in {folder}"
+    )
 
 
 def hf_name(name: str) -> str | None:

@@ -47,10 +47,14 @@ def fp8_scheme(hf: dict) -> Fp8Scheme | None:
     block = q.get("weight_block_size")
     if block is None:
         return Fp8Scheme(None)
-    if not (isinstance(block, (list, tuple)) and len(block) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise ModelLoadError(f"config.json: quantization_config.weight_block_size must be two positive "
-                             f"integers, got {block!r}")
+    if not (
+        isinstance(block, (list, tuple))
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise ModelLoadError(
+            f"config.json: quantization_config.weight_block_size must be two positive integers, got {block!r}"
+        )
     return Fp8Scheme((block[0], block[1]))
 
 
@@ -66,21 +70,26 @@ def _cdiv(a: int, b: int) -> int:
 def dequantize(name: str, weight: Tensor, scale: Tensor, scheme: Fp8Scheme, dtype: torch.dtype) -> Tensor:
     """``weight`` [..., R, C] in FP8 times its ``scale`` (one, or [..., ceil(R/b0), ceil(C/b1)]), in ``dtype``."""
     if not scale.is_floating_point():
-        raise ModelLoadError(f"scale tensor {name + SCALE_SUFFIX!r} has dtype {scale.dtype}; "
-                             f"only floating-point scales are supported")
+        raise ModelLoadError(
+            f"scale tensor {name + SCALE_SUFFIX!r} has dtype {scale.dtype}; only floating-point scales are supported"
+        )
     w = weight.float()  # [..., R, C]
     s = scale.float()
     if s.numel() == 1:  # per-tensor scale: a scalar or [1]
         return (w * s.reshape(())).to(dtype)
     if scheme.block is None or w.dim() < 2:
-        raise ModelLoadError(f"scale tensor {name + SCALE_SUFFIX!r} has shape {tuple(s.shape)}, but config.json's "
-                             f"quantization_config has no weight_block_size")
+        raise ModelLoadError(
+            f"scale tensor {name + SCALE_SUFFIX!r} has shape {tuple(s.shape)}, but config.json's "
+            f"quantization_config has no weight_block_size"
+        )
     b0, b1 = scheme.block
     rows, cols = w.shape[-2:]
     expected = (*w.shape[:-2], _cdiv(rows, b0), _cdiv(cols, b1))
     if tuple(s.shape) != expected:
-        raise ModelLoadError(f"scale tensor {name + SCALE_SUFFIX!r} has shape {tuple(s.shape)}, expected {expected} "
-                             f"for {name!r} of shape {tuple(w.shape)} in {b0}x{b1} blocks")
+        raise ModelLoadError(
+            f"scale tensor {name + SCALE_SUFFIX!r} has shape {tuple(s.shape)}, expected {expected} "
+            f"for {name!r} of shape {tuple(w.shape)} in {b0}x{b1} blocks"
+        )
     # every element gets its block's scale; the last block of a dim may be partial
     s = s.repeat_interleave(b0, dim=-2)[..., :rows, :].repeat_interleave(b1, dim=-1)[..., :cols]  # [..., R, C]
     return (w * s).to(dtype)

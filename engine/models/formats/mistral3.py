@@ -19,8 +19,11 @@ FORMAT = "mistral3"
 TEXT_MODEL_TYPES = ("mistral", "mistral4")
 
 _SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
-_RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-            ("model.language_model.", "model."))
+_RENAMES = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+)
 # Keys of the wrapper that hold for its text model too.
 _INHERITED = ("quantization_config", "bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -36,8 +39,9 @@ def text_config(hf: dict, path: Path) -> dict:
         raise ModelLoadError(f"{path}: a {ARCHITECTURE} config needs a text_config object")
     model_type = text.get("model_type", "mistral")  # Mistral3Config's default text model
     if model_type not in TEXT_MODEL_TYPES:
-        raise ModelLoadError(f"{path}: text_config.model_type {model_type!r} is not supported "
-                             f"(supported: {', '.join(TEXT_MODEL_TYPES)})")
+        raise ModelLoadError(
+            f"{path}: text_config.model_type {model_type!r} is not supported (supported: {', '.join(TEXT_MODEL_TYPES)})"
+        )
     out = {k: v for k, v in text.items() if k != "architectures"}  # resolved by model_type
     out["model_type"] = model_type
     for key in _INHERITED:
@@ -56,5 +60,5 @@ def text_name(name: str) -> str | None:
         return None
     for old, new in _RENAMES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name  # lm_head.* already, or unexpected: the model then names it

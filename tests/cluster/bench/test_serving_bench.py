@@ -28,10 +28,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONFIG = {
     "region": "bench-test",
     "model_name": "tiny-moe",
-    "engine": {"model": {"model": "tiny:mistral4?seed=0&vocab_size=32768",
-                         "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3",
-                         "num_threads": 1, "max_model_len": 512},
-               "cache": {"num_blocks": 64}},
+    "engine": {
+        "model": {
+            "model": "tiny:mistral4?seed=0&vocab_size=32768",
+            "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3",
+            "num_threads": 1,
+            "max_model_len": 512,
+        },
+        "cache": {"num_blocks": 64},
+    },
     "replica": {"num_replicas": 1, "ep_size": 1, "rank_timeout_s": 30},
     "frontdoor": {"port": 0},
     "ray": {"num_cpus": 4},
@@ -66,4 +71,3 @@ def test_three_paths_give_the_same_greedy_tokens_and_every_figure():
     assert set(level["ratios"]) == {"levante/in-process", "serve-proxy/in-process", "serve-proxy/levante"}
     for ratios in level["ratios"].values():
         assert all(math.isfinite(ratios[m]) and ratios[m] > 0 for m in METRICS)
-

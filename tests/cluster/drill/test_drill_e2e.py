@@ -23,8 +23,9 @@ def drill(name: str, out, **load) -> dict:
         print(f"levante: {msg}", flush=True)
 
     before = set(glob.glob("/tmp/lv-*"))
-    result = asyncio.run(run_drill(os.path.join(REPO, "configs", "drills", f"{name}.yaml"), str(out), progress,
-                                   load, tick_s=5.0))
+    result = asyncio.run(
+        run_drill(os.path.join(REPO, "configs", "drills", f"{name}.yaml"), str(out), progress, load, tick_s=5.0)
+    )
     assert set(glob.glob("/tmp/lv-*")) <= before, "a region's Ray temp dir was left behind"
     for f in ("report.json", "records.json", "timeline.png"):
         assert (out / f).stat().st_size > 0

@@ -26,17 +26,20 @@ def slo_check(rep, name):
 # --- percentiles --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("values", "q", "expected"), [
-    (list(range(1, 11)), 50, 5),
-    (list(range(1, 11)), 90, 9),
-    (list(range(1, 11)), 99, 10),
-    (list(range(1, 11)), 0, 1),
-    (list(range(1, 101)), 99, 99),
-    (list(range(1, 101)), 7, 7),  # 0.07 * 100 is 7.000000000000001 in floats: must not round up to rank 8
-    ([3.0, 1.0, 2.0], 50, 2.0),
-    ([7.5], 99, 7.5),
-    ([], 50, None),
-])
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        (list(range(1, 11)), 50, 5),
+        (list(range(1, 11)), 90, 9),
+        (list(range(1, 11)), 99, 10),
+        (list(range(1, 11)), 0, 1),
+        (list(range(1, 101)), 99, 99),
+        (list(range(1, 101)), 7, 7),  # 0.07 * 100 is 7.000000000000001 in floats: must not round up to rank 8
+        ([3.0, 1.0, 2.0], 50, 2.0),
+        ([7.5], 99, 7.5),
+        ([], 50, None),
+    ],
+)
 def test_percentile_is_nearest_rank(values, q, expected):
     assert percentile(values, q) == expected
 
@@ -46,8 +49,12 @@ def test_percentile_is_nearest_rank(values, q, expected):
 
 def test_totals_count_failures_by_code_and_failover_kinds():
     requests = [
-        req("a", 0.0, "eu-west", failovers=[hop("eu-west", "us-east", 0.5, at_token=0),
-                                            hop("us-east", "eu-west", 0.7, at_token=4)]),
+        req(
+            "a",
+            0.0,
+            "eu-west",
+            failovers=[hop("eu-west", "us-east", 0.5, at_token=0), hop("us-east", "eu-west", 0.7, at_token=4)],
+        ),
         req("b", 1.0, "us-east", failovers=[hop("eu-west", "ap-south", 1.2), hop("ap-south", "us-east", 1.4)]),
         req("c", 2.0, "", code="UNAVAILABLE"),
         req("d", 3.0, "", code="UNAVAILABLE", ttft=None),
@@ -66,15 +73,19 @@ def test_totals_count_failures_by_code_and_failover_kinds():
 
 
 def test_replay_totals_sum_only_checked_requests():
-    requests = [req("a", 0.0, "eu-west", dup=2, lost=0), req("b", 1.0, "eu-west", dup=1, lost=3),
-                req("c", 2.0, "eu-west")]
+    requests = [
+        req("a", 0.0, "eu-west", dup=2, lost=0),
+        req("b", 1.0, "eu-west", dup=1, lost=3),
+        req("c", 2.0, "eu-west"),
+    ]
     totals = report(requests, faults=())["totals"]
     assert (totals["replay_checked"], totals["duplicated_tokens"], totals["lost_tokens"]) == (2, 3, 3)
 
 
 def test_regions_count_finished_requests_and_their_latencies():
-    requests = [req(f"e{i}", float(i), "eu-west", latency=lat, ttft=lat / 10)
-                for i, lat in enumerate([1.0, 2.0, 3.0, 4.0])]
+    requests = [
+        req(f"e{i}", float(i), "eu-west", latency=lat, ttft=lat / 10) for i, lat in enumerate([1.0, 2.0, 3.0, 4.0])
+    ]
     requests += [req("u", 0.0, "us-east", latency=0.5), req("x", 0.0, "", code="UNAVAILABLE")]
     regions = report(requests, faults=())["regions"]
     assert list(regions) == ["eu-west", "us-east"]  # a failed request ("" region) is no region's
@@ -99,7 +110,10 @@ def test_detect_is_the_first_ejection_of_the_faulted_region_at_or_after_injectio
     fault = only_fault(report([], health=health))
     assert fault["detect_s"] == 0.5
     assert (fault["detected_by"], fault["detect_state"], fault["detect_reason"]) == (
-        "client", "ejected", "connection refused")
+        "client",
+        "ejected",
+        "connection refused",
+    )
 
 
 def test_detect_at_the_injection_instant_counts_and_none_is_null():
@@ -185,19 +199,26 @@ def test_slo_fields_left_none_are_not_checked():
     assert rep["slo"] == [] and rep["passed"] is True
 
 
-@pytest.mark.parametrize(("name", "change", "actual", "note"), [
-    ("max_failed", lambda rs, hs: rs.append(req("x", 5.0, "", code="UNAVAILABLE")), 1, None),
-    ("max_duplicated_tokens", lambda rs, hs: setattr(rs[3], "duplicated_tokens", 2), 2, None),
-    ("max_lost_tokens", lambda rs, hs: setattr(rs[3], "lost_tokens", 1), 1, None),
-    ("max_lost_tokens", lambda rs, hs: [setattr(r, "lost_tokens", None) for r in rs], None,
-     "lost tokens not checked on any request"),
-    ("max_detect_s", lambda rs, hs: hs.__setitem__(0, event(11.5, "eu-west", "ejected")), 1.5, None),
-    ("max_detect_s", lambda rs, hs: hs.clear(), None, "never detected: kill eu-west"),
-    ("max_failover_s", lambda rs, hs: setattr(rs[10], "failovers", [hop("eu-west", "us-east", 12.0)]), 2.0, None),
-    ("max_failover_s", lambda rs, hs: setattr(rs[10], "failovers", []), None, "no failover: kill eu-west"),
-    ("max_p99_latency_s", lambda rs, hs: setattr(rs[5], "ended", 9.0), 4.0, None),
-    ("min_requests", lambda rs, hs: rs.__delitem__(slice(20, None)), 20, None),
-])
+@pytest.mark.parametrize(
+    ("name", "change", "actual", "note"),
+    [
+        ("max_failed", lambda rs, hs: rs.append(req("x", 5.0, "", code="UNAVAILABLE")), 1, None),
+        ("max_duplicated_tokens", lambda rs, hs: setattr(rs[3], "duplicated_tokens", 2), 2, None),
+        ("max_lost_tokens", lambda rs, hs: setattr(rs[3], "lost_tokens", 1), 1, None),
+        (
+            "max_lost_tokens",
+            lambda rs, hs: [setattr(r, "lost_tokens", None) for r in rs],
+            None,
+            "lost tokens not checked on any request",
+        ),
+        ("max_detect_s", lambda rs, hs: hs.__setitem__(0, event(11.5, "eu-west", "ejected")), 1.5, None),
+        ("max_detect_s", lambda rs, hs: hs.clear(), None, "never detected: kill eu-west"),
+        ("max_failover_s", lambda rs, hs: setattr(rs[10], "failovers", [hop("eu-west", "us-east", 12.0)]), 2.0, None),
+        ("max_failover_s", lambda rs, hs: setattr(rs[10], "failovers", []), None, "no failover: kill eu-west"),
+        ("max_p99_latency_s", lambda rs, hs: setattr(rs[5], "ended", 9.0), 4.0, None),
+        ("min_requests", lambda rs, hs: rs.__delitem__(slice(20, None)), 20, None),
+    ],
+)
 def test_each_slo_fails_on_its_own(name, change, actual, note):
     requests, health = healthy_drill()
     change(requests, health)

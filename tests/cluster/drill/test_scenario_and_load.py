@@ -16,14 +16,23 @@ from cluster.types import FailoverHop
 from cluster.up.topology import region_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-SHIPPED = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "drills", "*.yaml"))
-                 if not os.path.basename(p).startswith("two-regions"))
+SHIPPED = sorted(
+    p
+    for p in glob.glob(os.path.join(REPO, "configs", "drills", "*.yaml"))
+    if not os.path.basename(p).startswith("two-regions")
+)
 
 
 def test_the_shipped_drills_are_the_five_scenarios_and_the_vllm_outage():
     names = {os.path.splitext(os.path.basename(p))[0] for p in SHIPPED}
-    assert names == {"region-outage", "region-freeze", "replica-loss", "ep-rank-loss", "rolling-drain",
-                     "region-outage-vllm"}
+    assert names == {
+        "region-outage",
+        "region-freeze",
+        "replica-loss",
+        "ep-rank-loss",
+        "rolling-drain",
+        "region-outage-vllm",
+    }
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
@@ -43,14 +52,17 @@ def _scenario(tmp_path, **data):
     return str(path)
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"faults": [{"kind": "explode", "region": "a", "at_s": 1}]}, r"faults\[0\]\.kind: must be one of"),
-    ({"faults": [{"kind": "kill_region", "region": "a", "at_s": -1}]}, r"faults\[0\]\.at_s: must be >= 0"),
-    ({"load": {"max_seconds": 0}}, r"load\.max_seconds: must be in \(0, 3600\]"),
-    ({"load": {"requests": 10 ** 6}}, r"load\.requests: must be <= 100000"),
-    ({"slo": {"max_failed": "none"}}, r"slo\.max_failed: expected int"),
-    ({"topology": "nowhere.yaml"}, r"topology: no such file"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"faults": [{"kind": "explode", "region": "a", "at_s": 1}]}, r"faults\[0\]\.kind: must be one of"),
+        ({"faults": [{"kind": "kill_region", "region": "a", "at_s": -1}]}, r"faults\[0\]\.at_s: must be >= 0"),
+        ({"load": {"max_seconds": 0}}, r"load\.max_seconds: must be in \(0, 3600\]"),
+        ({"load": {"requests": 10**6}}, r"load\.requests: must be <= 100000"),
+        ({"slo": {"max_failed": "none"}}, r"slo\.max_failed: expected int"),
+        ({"topology": "nowhere.yaml"}, r"topology: no such file"),
+    ],
+)
 def test_bad_scenarios_name_the_key(tmp_path, data, match):
     with pytest.raises(ConfigError, match=match):
         load_scenario(_scenario(tmp_path, **data))
@@ -67,8 +79,9 @@ def test_failover_time_is_when_the_first_token_past_the_hop_arrived():
     arrivals = [(1.0, 2), (1.1, 4), (3.5, 5), (3.6, 9)]  # (time, tokens received so far)
     hops = failovers_with_times([FailoverHop("eu", "unavailable: reset", 4)], "us", arrivals)
     assert (hops[0].from_region, hops[0].to_region, hops[0].t) == ("eu", "us", 3.5)
-    before_start = failovers_with_times([FailoverHop("eu", "refused", 0), FailoverHop("ap", "timeout", 0)],
-                                        "us", [(0.7, 3)])
+    before_start = failovers_with_times(
+        [FailoverHop("eu", "refused", 0), FailoverHop("ap", "timeout", 0)], "us", [(0.7, 3)]
+    )
     assert [(h.to_region, h.t) for h in before_start] == [("ap", 0.7), ("us", 0.7)]
 
 

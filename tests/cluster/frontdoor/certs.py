@@ -24,18 +24,28 @@ def _name(cn: str) -> x509.Name:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _issue(cn: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-           extensions: list[tuple[x509.ExtensionType, bool]]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _issue(
+    cn: str,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     issuer_name, issuer_key = issuer or (_name(cn), key)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(issuer_name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
     for ext, critical in extensions:
         builder = builder.add_extension(ext, critical)
     return builder.sign(issuer_key, hashes.SHA256()), key
@@ -49,12 +59,15 @@ def make_pki(out: Path) -> dict[str, Path]:
     server_usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
     ca = (ca_cert.subject, ca_key)
     server_cert, server_key = _issue("localhost", ca, leaf + [(san, False), (server_usage, False)])
-    client_cert, client_key = _issue("test client", ca,
-                                     leaf + [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
+    client_cert, client_key = _issue(
+        "test client", ca, leaf + [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)]
+    )
     files = {
         "ca": ca_cert.public_bytes(serialization.Encoding.PEM),
-        "server_cert": server_cert.public_bytes(serialization.Encoding.PEM), "server_key": _key_pem(server_key),
-        "client_cert": client_cert.public_bytes(serialization.Encoding.PEM), "client_key": _key_pem(client_key),
+        "server_cert": server_cert.public_bytes(serialization.Encoding.PEM),
+        "server_key": _key_pem(server_key),
+        "client_cert": client_cert.public_bytes(serialization.Encoding.PEM),
+        "client_key": _key_pem(client_key),
     }
     paths = {}
     for name, data in files.items():

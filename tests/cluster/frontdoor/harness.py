@@ -8,16 +8,17 @@ import importlib.util
 import os
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import grpc
-from levante.v1 import inference_pb2 as pb
-from levante.v1 import inference_pb2_grpc as pb_grpc
 
 from cluster.config import FrontDoorConfig
 from cluster.frontdoor import FrontDoor
 from cluster.types import Backend, Chunk, ChunkError, Decision, GenerateRequest, ModelInfo, ServedBy
 from engine.api import Usage
+from levante.v1 import inference_pb2 as pb
+from levante.v1 import inference_pb2_grpc as pb_grpc
 
 GENERATE = "/levante.v1.Inference/Generate"
 MODEL = "tiny-moe"
@@ -53,8 +54,9 @@ class LoopThread:
 
 
 @contextlib.contextmanager
-def serving(loop: LoopThread, backend: Backend, config: FrontDoorConfig | None = None,
-            model_name: str = MODEL) -> Iterator[FrontDoor]:
+def serving(
+    loop: LoopThread, backend: Backend, config: FrontDoorConfig | None = None, model_name: str = MODEL
+) -> Iterator[FrontDoor]:
     door = FrontDoor(config or FrontDoorConfig(port=0), backend, "test-region", model_name)
     loop.run(door.start())
     try:
@@ -72,8 +74,9 @@ def stub(ch: grpc.Channel) -> pb_grpc.InferenceStub:
     return pb_grpc.InferenceStub(ch)
 
 
-def generate(ch: grpc.Channel, req: pb.GenerateRequest | bytes, timeout: float = 30.0,
-             metadata: tuple[tuple[str, str], ...] = ()) -> list[pb.GenerateResponse]:
+def generate(
+    ch: grpc.Channel, req: pb.GenerateRequest | bytes, timeout: float = 30.0, metadata: tuple[tuple[str, str], ...] = ()
+) -> list[pb.GenerateResponse]:
     """All responses of one call; a raw bytes request goes out as is (bad UTF-8, oversized)."""
     raw = req if isinstance(req, bytes) else req.SerializeToString()
     call = ch.unary_stream(GENERATE, request_serializer=None, response_deserializer=pb.GenerateResponse.FromString)
@@ -121,8 +124,14 @@ class ScriptedBackend(Backend):
             if self.hold is not None:
                 await self.hold.wait()
             finished = True
-            yield Chunk(token_ids=[8], text="!", finished=True, finish_reason="stop",
-                        usage=Usage(3, 2, 0, 0, "none"), served_by=ServedBy("test-region", "fake-0"))
+            yield Chunk(
+                token_ids=[8],
+                text="!",
+                finished=True,
+                finish_reason="stop",
+                usage=Usage(3, 2, 0, 0, "none"),
+                served_by=ServedBy("test-region", "fake-0"),
+            )
         finally:
             if not finished:
                 self.closed.append(request.request_id)

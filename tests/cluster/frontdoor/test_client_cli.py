@@ -26,8 +26,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="module")
 def door(loop, tmp_path_factory):
     path = make_tiny("mistral4", seed=0, out=str(tmp_path_factory.mktemp("tiny-mistral4")), vocab_size=32768)
-    engine = create_engine(EngineConfig(model=ModelConfig(model=path, tokenizer=spm_tokenizer(), num_threads=1),
-                                        cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=512)))
+    engine = create_engine(
+        EngineConfig(
+            model=ModelConfig(model=path, tokenizer=spm_tokenizer(), num_threads=1),
+            cache=CacheConfig(num_blocks=64),
+            scheduler=SchedulerConfig(max_model_len=512),
+        )
+    )
     info = loop.run(engine.info())
     backend = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), "test-region")
     with serving(loop, backend, FrontDoorConfig(port=0)) as d:
@@ -37,8 +42,9 @@ def door(loop, tmp_path_factory):
 
 def levante(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
 
 
 def test_client_health_models_and_generate(door):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from levante.v1 import inference_pb2 as pb
 
 from cluster.config import TenantConfig
 from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants, TokenBucket
@@ -11,6 +10,7 @@ from cluster.frontdoor.convert import Limits, RequestError, ResponseEncoder, dec
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, ServedBy
 from engine.api import SamplingParams, Usage
+from levante.v1 import inference_pb2 as pb
 
 LIMITS = Limits("m", max_model_len=100, max_request_bytes=1000)
 
@@ -26,19 +26,45 @@ def test_unset_fields_take_the_engine_defaults():
 
 
 def test_set_fields_arrive_including_zero_values():
-    req = decode(pb.GenerateRequest(prompt="hi", max_tokens=7, temperature=0.0, top_p=0.5, seed=0, top_k=3,
-                                    stop=["x"], stop_token_ids=[2], ignore_eos=True, preferred_region="eu",
-                                    reasoning_effort=pb.REASONING_EFFORT_HIGH, request_id="abc"))
+    req = decode(
+        pb.GenerateRequest(
+            prompt="hi",
+            max_tokens=7,
+            temperature=0.0,
+            top_p=0.5,
+            seed=0,
+            top_k=3,
+            stop=["x"],
+            stop_token_ids=[2],
+            ignore_eos=True,
+            preferred_region="eu",
+            reasoning_effort=pb.REASONING_EFFORT_HIGH,
+            request_id="abc",
+        )
+    )
     p = req.params
-    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.top_k, p.stop, p.stop_token_ids, p.ignore_eos) == \
-        (7, 0.0, 0.5, 0, 3, ("x",), (2,), True)
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.top_k, p.stop, p.stop_token_ids, p.ignore_eos) == (
+        7,
+        0.0,
+        0.5,
+        0,
+        3,
+        ("x",),
+        (2,),
+        True,
+    )
     assert (req.reasoning_effort, req.preferred_region, req.request_id) == ("high", "eu", "abc")
 
 
-@pytest.mark.parametrize("effort, expected", [
-    (pb.REASONING_EFFORT_UNSPECIFIED, AUTO), (pb.REASONING_EFFORT_AUTO, AUTO),
-    (pb.REASONING_EFFORT_NONE, "none"), (pb.REASONING_EFFORT_MEDIUM, "medium"),
-])
+@pytest.mark.parametrize(
+    "effort, expected",
+    [
+        (pb.REASONING_EFFORT_UNSPECIFIED, AUTO),
+        (pb.REASONING_EFFORT_AUTO, AUTO),
+        (pb.REASONING_EFFORT_NONE, "none"),
+        (pb.REASONING_EFFORT_MEDIUM, "medium"),
+    ],
+)
 def test_effort_mapping(effort, expected):
     assert decode(pb.GenerateRequest(prompt="hi", reasoning_effort=effort)).reasoning_effort == expected
 
@@ -50,13 +76,24 @@ def test_request_id_must_be_short_and_printable():
         decode(pb.GenerateRequest(prompt="hi", request_id="a\nb"))
 
 
-@pytest.mark.parametrize("msg, field", [
-    (pb.GenerateRequest(prompt=""), "prompt"),
-    (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="")])),
-     r"chat\.messages\[0\]\.content"),
-    (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="system", content="Be brief."),
-                                                      pb.ChatMessage(role="user")])), r"chat\.messages\[1\]\.content"),
-])
+@pytest.mark.parametrize(
+    "msg, field",
+    [
+        (pb.GenerateRequest(prompt=""), "prompt"),
+        (
+            pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="")])),
+            r"chat\.messages\[0\]\.content",
+        ),
+        (
+            pb.GenerateRequest(
+                chat=pb.ChatMessages(
+                    messages=[pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user")]
+                )
+            ),
+            r"chat\.messages\[1\]\.content",
+        ),
+    ],
+)
 def test_an_empty_prompt_is_refused_as_text_or_as_a_chat_message(msg, field):
     with pytest.raises(RequestError, match=f"^{field}: must not be empty$"):
         decode(msg)
@@ -75,9 +112,19 @@ def test_encoder_sends_start_once_and_final_with_decision_and_served_by():
     enc = ResponseEncoder("rid")
     first = [pb.GenerateResponse.FromString(b) for b in enc.encode(Chunk(decision=Decision("low", "requested low")))]
     assert [m.WhichOneof("kind") for m in first] == ["start"]
-    last = [pb.GenerateResponse.FromString(b) for b in enc.encode(Chunk(
-        token_ids=[5], reasoning_text="t", finished=True, finish_reason="stop",
-        usage=Usage(1, 2, 1, 0, "low"), served_by=ServedBy("eu", "r1")))]
+    last = [
+        pb.GenerateResponse.FromString(b)
+        for b in enc.encode(
+            Chunk(
+                token_ids=[5],
+                reasoning_text="t",
+                finished=True,
+                finish_reason="stop",
+                usage=Usage(1, 2, 1, 0, "low"),
+                served_by=ServedBy("eu", "r1"),
+            )
+        )
+    ]
     assert [m.WhichOneof("kind") for m in last] == ["delta", "final"]
     final = last[1].final
     assert final.decision.reasoning_effort == pb.REASONING_EFFORT_LOW and final.served_by.region == "eu"

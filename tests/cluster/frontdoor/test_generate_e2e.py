@@ -6,7 +6,6 @@ import re
 
 import grpc
 import pytest
-from levante.v1 import inference_pb2 as pb
 
 from cluster.backends import LocalBackend
 from cluster.config import FrontDoorConfig
@@ -14,6 +13,7 @@ from cluster.types import ModelInfo
 from engine.api import create_engine
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig, SchedulerConfig
 from engine.models.tiny import make_tiny
+from levante.v1 import inference_pb2 as pb
 
 from .harness import MODEL, channel, generate, rpc_error, serving, spm_tokenizer, stub, wait_until
 
@@ -25,9 +25,14 @@ MAX_REQUEST_BYTES = 16 * 1024
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = make_tiny("mistral4", seed=0, out=str(tmp_path_factory.mktemp("tiny-mistral4")), vocab_size=32768)
-    eng = create_engine(EngineConfig(model=ModelConfig(model=path, tokenizer=spm_tokenizer()),
-                                     cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=1000),
-                                     reasoning=ReasoningConfig(budget_low=BUDGET_LOW)))
+    eng = create_engine(
+        EngineConfig(
+            model=ModelConfig(model=path, tokenizer=spm_tokenizer()),
+            cache=CacheConfig(num_blocks=64),
+            scheduler=SchedulerConfig(max_model_len=1000),
+            reasoning=ReasoningConfig(budget_low=BUDGET_LOW),
+        )
+    )
     yield eng
     eng.shutdown()
 
@@ -60,8 +65,12 @@ def assert_still_serves(ch) -> None:
 
 
 def test_text_prompt_streams_start_deltas_final(ch):
-    out = generate(ch, pb.GenerateRequest(prompt="Hello there", max_tokens=12, temperature=0, ignore_eos=True,
-                                          request_id="client-id-1"))
+    out = generate(
+        ch,
+        pb.GenerateRequest(
+            prompt="Hello there", max_tokens=12, temperature=0, ignore_eos=True, request_id="client-id-1"
+        ),
+    )
     assert kinds(out)[0] == "start" and kinds(out)[-1] == "final" and set(kinds(out)[1:-1]) == {"delta"}
     start, final = out[0].start, out[-1].final
     assert start.request_id == final.request_id == "client-id-1"
@@ -80,8 +89,12 @@ def test_server_makes_a_request_id_when_none_is_given(ch):
 
 
 def test_low_effort_keeps_reasoning_apart_from_the_answer(ch):
-    out = generate(ch, pb.GenerateRequest(prompt="Hello", max_tokens=24, temperature=0, ignore_eos=True,
-                                          reasoning_effort=pb.REASONING_EFFORT_LOW))
+    out = generate(
+        ch,
+        pb.GenerateRequest(
+            prompt="Hello", max_tokens=24, temperature=0, ignore_eos=True, reasoning_effort=pb.REASONING_EFFORT_LOW
+        ),
+    )
     reasoning = "".join(r.delta.reasoning_text for r in out if r.HasField("delta"))
     answer = "".join(r.delta.text for r in out if r.HasField("delta"))
     final = out[-1].final
@@ -92,19 +105,28 @@ def test_low_effort_keeps_reasoning_apart_from_the_answer(ch):
 
 
 def test_chat_and_token_id_prompts(ch):
-    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi"),
-                                     pb.ChatMessage(role="assistant", content="Hello"),
-                                     pb.ChatMessage(role="user", content="Bye")])
+    chat = pb.ChatMessages(
+        messages=[
+            pb.ChatMessage(role="user", content="Hi"),
+            pb.ChatMessage(role="assistant", content="Hello"),
+            pb.ChatMessage(role="user", content="Bye"),
+        ]
+    )
     out = generate(ch, pb.GenerateRequest(chat=chat, max_tokens=3, ignore_eos=True))
     assert out[-1].final.usage.completion_tokens == 3
-    out = generate(ch, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 22557, 1117]), max_tokens=3,
-                                          ignore_eos=True))
+    out = generate(
+        ch, pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 22557, 1117]), max_tokens=3, ignore_eos=True)
+    )
     assert out[-1].final.usage.prompt_tokens == 3
 
 
 def test_logprobs_come_with_every_token_and_rank_the_greedy_choice_first(ch):
-    out = generate(ch, pb.GenerateRequest(prompt="Hello there", max_tokens=6, temperature=0.0, logprobs=3,
-                                          reasoning_effort=pb.REASONING_EFFORT_NONE))
+    out = generate(
+        ch,
+        pb.GenerateRequest(
+            prompt="Hello there", max_tokens=6, temperature=0.0, logprobs=3, reasoning_effort=pb.REASONING_EFFORT_NONE
+        ),
+    )
     deltas = [r.delta for r in out if r.WhichOneof("kind") == "delta"]
     tokens = [t for d in deltas for t in d.token_ids]
     logprobs = [lp for d in deltas for lp in d.logprobs]
@@ -135,35 +157,61 @@ def _chat(*contents: str) -> pb.ChatMessages:
 
 BAD_REQUESTS = {  # request -> how the details start (a str, or a pattern)
     "empty prompt": (pb.GenerateRequest(prompt=""), "prompt: must not be empty"),
-    "chat ending with the assistant": (pb.GenerateRequest(chat=pb.ChatMessages(messages=[
-        pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role="assistant", content="hello")])),
-        "messages: the chat template rejected them"),
-    "two assistant turns in a row": (pb.GenerateRequest(chat=pb.ChatMessages(messages=[
-        pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role="assistant", content="a"),
-        pb.ChatMessage(role="assistant", content="b")])), "messages: the chat template rejected them"),
+    "chat ending with the assistant": (
+        pb.GenerateRequest(
+            chat=pb.ChatMessages(
+                messages=[pb.ChatMessage(role="user", content="hi"), pb.ChatMessage(role="assistant", content="hello")]
+            )
+        ),
+        "messages: the chat template rejected them",
+    ),
+    "two assistant turns in a row": (
+        pb.GenerateRequest(
+            chat=pb.ChatMessages(
+                messages=[
+                    pb.ChatMessage(role="user", content="hi"),
+                    pb.ChatMessage(role="assistant", content="a"),
+                    pb.ChatMessage(role="assistant", content="b"),
+                ]
+            )
+        ),
+        "messages: the chat template rejected them",
+    ),
     "no prompt": (pb.GenerateRequest(max_tokens=3), "prompt: missing"),
-    "prompt over the context": (pb.GenerateRequest(prompt="hello " * 1200),
-                                re.compile(r"prompt: \d+ tokens does not fit max_model_len")),
+    "prompt over the context": (
+        pb.GenerateRequest(prompt="hello " * 1200),
+        re.compile(r"prompt: \d+ tokens does not fit max_model_len"),
+    ),
     "max_tokens 0": (pb.GenerateRequest(prompt="Hi", max_tokens=0), "max_tokens: must be in [1, "),
     "max_tokens over the context": (pb.GenerateRequest(prompt="Hi", max_tokens=5000), "max_tokens: must be in [1, "),
     "unknown model": (pb.GenerateRequest(prompt="Hi", model="gpt-5"), "model: unknown model 'gpt-5'"),
     "unknown effort": (pb.GenerateRequest(prompt="Hi", reasoning_effort=42), "reasoning_effort: unknown value 42"),
     "top_p 0": (pb.GenerateRequest(prompt="Hi", top_p=0.0), "top_p: must be in (0, 1]"),
     "empty stop string": (pb.GenerateRequest(prompt="Hi", stop=["ok", ""]), "stop: "),
-    "bad role": (pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")])),
-                 "chat.messages[0].role: "),
+    "bad role": (
+        pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")])),
+        "chat.messages[0].role: ",
+    ),
     "negative token id": (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, -4])), "prompt_token_ids.ids: "),
     "out-of-vocab token id": (pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=[1, 10**9])), "prompt: "),
     "logprobs over the cap": (pb.GenerateRequest(prompt="Hi", logprobs=21), "logprobs: must be in [0, 20], got 21"),
-    "bad UTF-8 in a chat message": (_with_bad_utf8(pb.GenerateRequest(chat=_chat("fine", "BAD!")), "BAD!"),
-                                    "chat.messages[1].content: is not valid UTF-8"),
-    "bad UTF-8 in the prompt": (_with_bad_utf8(pb.GenerateRequest(prompt="BAD!"), "BAD!"),
-                                "prompt: is not valid UTF-8"),
-    "bad UTF-8 in a stop string": (_with_bad_utf8(pb.GenerateRequest(prompt="x", stop=["a", "BAD!"]), "BAD!"),
-                                   "stop[1]: is not valid UTF-8"),
+    "bad UTF-8 in a chat message": (
+        _with_bad_utf8(pb.GenerateRequest(chat=_chat("fine", "BAD!")), "BAD!"),
+        "chat.messages[1].content: is not valid UTF-8",
+    ),
+    "bad UTF-8 in the prompt": (
+        _with_bad_utf8(pb.GenerateRequest(prompt="BAD!"), "BAD!"),
+        "prompt: is not valid UTF-8",
+    ),
+    "bad UTF-8 in a stop string": (
+        _with_bad_utf8(pb.GenerateRequest(prompt="x", stop=["a", "BAD!"]), "BAD!"),
+        "stop[1]: is not valid UTF-8",
+    ),
     "not protobuf": (b"\x0a\xff\xff\xff", "request: not a valid levante.v1.GenerateRequest"),
-    "oversized": (pb.GenerateRequest(prompt="x" * (MAX_REQUEST_BYTES + 10)),
-                  re.compile(r"request: \d+ bytes is over max_request_bytes 16384")),
+    "oversized": (
+        pb.GenerateRequest(prompt="x" * (MAX_REQUEST_BYTES + 10)),
+        re.compile(r"request: \d+ bytes is over max_request_bytes 16384"),
+    ),
 }
 
 
@@ -183,8 +231,11 @@ def _generated(loop, engine) -> int:
 
 
 def _assert_freed_early(loop, engine, before: int, max_tokens: int) -> None:
-    wait_until(lambda: stats(loop, engine).num_used_blocks == 0 and stats(loop, engine).num_running == 0,
-               timeout=5, what="the engine to free the aborted request")
+    wait_until(
+        lambda: stats(loop, engine).num_used_blocks == 0 and stats(loop, engine).num_running == 0,
+        timeout=5,
+        what="the engine to free the aborted request",
+    )
     assert _generated(loop, engine) - before < max_tokens  # stopped, not run to completion
 
 

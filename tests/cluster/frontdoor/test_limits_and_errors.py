@@ -7,10 +7,10 @@ import time
 
 import grpc
 import pytest
-from levante.v1 import inference_pb2 as pb
 
 from cluster.config import FrontDoorConfig, TenantConfig
 from cluster.types import ChunkError
+from levante.v1 import inference_pb2 as pb
 
 from .harness import LoopThread, ScriptedBackend, channel, generate, rpc_error, serving, stub, wait_until
 
@@ -39,11 +39,14 @@ def _open_stream(ch, metadata=()):
     return call
 
 
-@pytest.mark.parametrize("code, status", [
-    ("resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ("unavailable", grpc.StatusCode.UNAVAILABLE),
-    ("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        ("resource_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("unavailable", grpc.StatusCode.UNAVAILABLE),
+        ("invalid_argument", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_backend_errors_map_to_status_codes(loop, backend, code, status):
     backend.error = ChunkError(code, "replica", "scripted failure")
     with serving(loop, backend) as door, channel(door) as ch:
@@ -108,11 +111,14 @@ def tenants_config(monkeypatch):
     return FrontDoorConfig(port=0, tenants=TENANTS)
 
 
-@pytest.mark.parametrize("metadata, detail", [
-    ((), "authorization: missing"),
-    ((("authorization", "Bearer nope"),), "authorization: unknown API key"),
-    ((("authorization", "key-alpha"),), "authorization: expected 'Bearer <api key>'"),
-])
+@pytest.mark.parametrize(
+    "metadata, detail",
+    [
+        ((), "authorization: missing"),
+        ((("authorization", "Bearer nope"),), "authorization: unknown API key"),
+        ((("authorization", "key-alpha"),), "authorization: expected 'Bearer <api key>'"),
+    ],
+)
 def test_missing_or_wrong_key_is_unauthenticated(loop, backend, tenants_config, metadata, detail):
     with serving(loop, backend, tenants_config) as door, channel(door) as ch:
         err = rpc_error(lambda: generate(ch, REQ, metadata=metadata))

@@ -8,10 +8,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from levante.v1 import inference_pb2 as pb
 
 from cluster.config import FrontDoorConfig, TLSConfig
 from cluster.frontdoor import FrontDoor
+from levante.v1 import inference_pb2 as pb
 
 from .certs import make_pki
 from .harness import ScriptedBackend, channel, generate, rpc_error, serving, stub, wait_until
@@ -67,15 +67,20 @@ def test_health_follows_the_backend_and_reflection_lists_the_services(loop):
     with serving(loop, backend) as door, channel(door) as ch:
         assert _health(ch, "") == _health(ch, SERVICE) == health_pb2.HealthCheckResponse.SERVING
         backend.is_ready = False
-        wait_until(lambda: _health(ch, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=5,
-                   what="NOT_SERVING once the backend is not ready")
+        wait_until(
+            lambda: _health(ch, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            timeout=5,
+            what="NOT_SERVING once the backend is not ready",
+        )
         assert _health(ch, "") == health_pb2.HealthCheckResponse.NOT_SERVING
         responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         names = {s.name for r in responses for s in r.list_services_response.service}
         assert {SERVICE, "grpc.health.v1.Health"} <= names
         responses = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]), timeout=5)
+            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE)]), timeout=5
+        )
         files = [f for r in responses for f in r.file_descriptor_response.file_descriptor_proto]
         assert files and any(b"levante/v1/inference.proto" in f for f in files)  # what grpcurl needs
 
@@ -113,4 +118,3 @@ def test_drain_timeout_cancels_streams_that_do_not_finish(loop):
 
 async def _event() -> asyncio.Event:
     return asyncio.Event()
-

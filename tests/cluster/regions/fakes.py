@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from cluster.chunks import error_chunk
 from cluster.types import RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk, GenerateRequest, ModelInfo

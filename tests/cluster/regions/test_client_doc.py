@@ -23,20 +23,26 @@ MODEL = "levante-default"
 
 def client_example() -> str:
     section = DOC.read_text().split("## The client library", 1)[1]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
     assert blocks, "docs/regions.md: no python block under 'The client library'"
     return blocks[0]
 
 
 @pytest.fixture(scope="module")
 def doors(loop):
-    engine = create_engine(EngineConfig(model=ModelConfig(num_threads=1), cache=CacheConfig(num_blocks=64),
-                                        scheduler=SchedulerConfig(max_model_len=512)))
+    engine = create_engine(
+        EngineConfig(
+            model=ModelConfig(num_threads=1),
+            cache=CacheConfig(num_blocks=64),
+            scheduler=SchedulerConfig(max_model_len=512),
+        )
+    )
     info = loop.run(engine.info())
     made = {}
     for region in ADDRESSES:  # two regions' front doors over one engine: the example names two
-        door = FrontDoor(FrontDoorConfig(port=0), LocalBackend(engine, ModelInfo(MODEL, info.max_model_len), region),
-                         region, MODEL)
+        door = FrontDoor(
+            FrontDoorConfig(port=0), LocalBackend(engine, ModelInfo(MODEL, info.max_model_len), region), region, MODEL
+        )
         loop.run(door.start())
         made[region] = door
     yield made

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -13,12 +13,25 @@ from cluster.config import HealthCheckConfig, RegionsConfig
 from cluster.regions.codes import CALLER_ERRORS, fails_over, from_grpc
 from cluster.regions.failover import FailoverBackend
 from cluster.regions.health import EJECTED, HealthBook
-from cluster.types import (DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk,
-                           ChunkError, Decision, FailoverHop, GenerateRequest, ModelInfo, ServedBy)
+from cluster.types import (
+    DEADLINE_EXCEEDED,
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Backend,
+    Chunk,
+    ChunkError,
+    Decision,
+    FailoverHop,
+    GenerateRequest,
+    ModelInfo,
+    ServedBy,
+)
 from engine.api import Resume, SamplingParams
 
-HEALTH = HealthCheckConfig(consecutive_failures=1, first_token_timeout_s=0.3, stream_idle_timeout_s=0.3,
-                           slow_first_token_s=0.2)
+HEALTH = HealthCheckConfig(
+    consecutive_failures=1, first_token_timeout_s=0.3, stream_idle_timeout_s=0.3, slow_first_token_s=0.2
+)
 
 
 class Scripted(Backend):
@@ -72,6 +85,7 @@ def request(**kw) -> GenerateRequest:
 def run(fb: FailoverBackend, req: GenerateRequest) -> list[Chunk]:
     async def collect():
         return [c async for c in fb.generate(req)]
+
     return asyncio.run(collect())
 
 
@@ -111,7 +125,7 @@ def test_greedy_and_seeded_requests_keep_their_seed():
 
 
 def test_overload_spills_to_a_peer_and_is_returned_only_when_every_region_is_full():
-    full = lambda name: Scripted(name, [error_chunk(RESOURCE_EXHAUSTED, "queue", "full")])  # noqa: E731
+    full = lambda name: Scripted(name, [error_chunk(RESOURCE_EXHAUSTED, "queue", "full")])
     us = Scripted("us", [tokens(1, region="us", final=True)])
     fb = backend({"eu": full("eu"), "us": us})
     assert run(fb, request())[-1].served_by.region == "us"
@@ -177,7 +191,11 @@ def test_every_region_failing_names_each_and_why():
     eu = Scripted("eu", [error_chunk(UNAVAILABLE, "region", "refused")])
     us = Scripted("us", [error_chunk(UNAVAILABLE, "region", "reset")])
     err = run(backend({"eu": eu, "us": us}), request())[-1].error
-    assert err.code == UNAVAILABLE and "eu (unavailable: refused)" in err.message and "us (unavailable: reset)" in err.message
+    assert (
+        err.code == UNAVAILABLE
+        and "eu (unavailable: refused)" in err.message
+        and "us (unavailable: reset)" in err.message
+    )
 
 
 def test_max_attempts_bounds_the_regions_tried():

@@ -6,8 +6,14 @@ from cluster.config import HealthCheckConfig
 from cluster.regions.health import EJECTED, HEALTHY, RESTORED, UNHEALTHY, UNKNOWN, HealthBook, RegionHealth
 from cluster.regions.policy import order_regions
 
-CFG = HealthCheckConfig(unhealthy_threshold=2, healthy_threshold=2, consecutive_failures=3, base_ejection_s=5,
-                        max_ejection_s=12, cooldown_s=30)
+CFG = HealthCheckConfig(
+    unhealthy_threshold=2,
+    healthy_threshold=2,
+    consecutive_failures=3,
+    base_ejection_s=5,
+    max_ejection_s=12,
+    cooldown_s=30,
+)
 
 
 def test_active_checks_need_runs_to_change_state():

@@ -38,14 +38,21 @@ def _call(loop, peer: PeerConfig, **kw):
             return ok, chunks
         finally:
             await backend.close()
+
     return loop.run(run())
 
 
 def test_mutual_tls_and_a_key_from_the_environment(loop, pki, peer_door, monkeypatch):
     door, backend = peer_door
     monkeypatch.setenv("US_EAST_KEY", "region-key")
-    peer = PeerConfig("us-east", f"localhost:{door.port}", tls_ca=str(pki["ca"]), tls_cert=str(pki["client_cert"]),
-                      tls_key=str(pki["client_key"]), api_key_env="US_EAST_KEY")
+    peer = PeerConfig(
+        "us-east",
+        f"localhost:{door.port}",
+        tls_ca=str(pki["ca"]),
+        tls_cert=str(pki["client_cert"]),
+        tls_key=str(pki["client_key"]),
+        api_key_env="US_EAST_KEY",
+    )
     (serving_, why), chunks = _call(loop, peer)
     assert serving_ and why == ""
     assert chunks[-1].finished and chunks[-1].error is None and [t for c in chunks for t in c.token_ids] == [7, 8]
@@ -58,8 +65,13 @@ def test_without_a_client_certificate_the_peer_cannot_serve_and_a_wrong_key_is_r
     no_cert = PeerConfig("us-east", f"localhost:{door.port}", tls_ca=str(pki["ca"]))
     (serving_, why), chunks = _call(loop, no_cert, api_key="region-key")
     assert not serving_ and chunks[-1].error.code == UNAVAILABLE  # the handshake fails: try another region
-    wrong_key = PeerConfig("us-east", f"localhost:{door.port}", tls_ca=str(pki["ca"]),
-                           tls_cert=str(pki["client_cert"]), tls_key=str(pki["client_key"]))
+    wrong_key = PeerConfig(
+        "us-east",
+        f"localhost:{door.port}",
+        tls_ca=str(pki["ca"]),
+        tls_cert=str(pki["client_cert"]),
+        tls_key=str(pki["client_key"]),
+    )
     _, chunks = _call(loop, wrong_key, api_key="not-the-key")
     err = chunks[-1].error  # the key is wrong in every region: the caller hears it, no other region is tried
     assert (err.code, err.origin) == (UNAUTHENTICATED, "us-east") and err.message.startswith("authorization:")
@@ -69,6 +81,9 @@ def test_an_unreadable_certificate_or_unset_key_is_a_config_error_naming_the_key
     with pytest.raises(ValueError, match=r"^regions\.peers\[us-east\]\.tls_ca: cannot read .*missing\.pem"):
         PeerBackend(PeerConfig("us-east", "localhost:1", tls_ca=str(tmp_path / "missing.pem")))
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
-    with pytest.raises(ValueError, match=r"^regions\.peers\[us-east\]\.api_key_env: environment variable "
-                                         r"NO_SUCH_KEY is not set"):
+    with pytest.raises(
+        ValueError,
+        match=r"^regions\.peers\[us-east\]\.api_key_env: environment variable "
+        r"NO_SUCH_KEY is not set",
+    ):
         PeerBackend(PeerConfig("us-east", "localhost:1", api_key_env="NO_SUCH_KEY"))

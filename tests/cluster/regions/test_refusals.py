@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from levante.v1 import inference_pb2 as pb
 
 from cluster import cli
 from cluster.config import ClusterConfig, FrontDoorConfig, PeerConfig, RegionsConfig, TenantConfig
@@ -13,6 +12,7 @@ from cluster.frontdoor import FrontDoor
 from cluster.regions.client import RegionClient
 from cluster.regions.router import build_region_router
 from cluster.types import INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE, Chunk, ChunkError
+from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import MODEL, ScriptedBackend, generate, serving
 
@@ -25,6 +25,7 @@ def ask(loop, endpoints: list[str], prompt: str = "Hi", **kw) -> list[Chunk]:
     async def run() -> list[Chunk]:
         async with RegionClient(endpoints, **kw) as client:
             return [c async for c in client.generate(prompt, max_tokens=2)]
+
     return loop.run(run())
 
 
@@ -62,8 +63,10 @@ def test_no_key_is_unauthenticated_from_the_cli(loop, keyed, capsys, monkeypatch
     assert code == 0 and "hi!" in out
 
 
-@pytest.mark.parametrize("code, status", [(PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED),
-                                          (INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT)])
+@pytest.mark.parametrize(
+    "code, status",
+    [(PERMISSION_DENIED, grpc.StatusCode.PERMISSION_DENIED), (INVALID_ARGUMENT, grpc.StatusCode.INVALID_ARGUMENT)],
+)
 def test_a_peer_that_refuses_is_not_retried_in_the_next_region(loop, code, status):
     refusing, spare = ScriptedBackend(), ScriptedBackend()
     refusing.error = ChunkError(code, "tenant", "'acme' may not use this model")
@@ -79,8 +82,12 @@ def test_the_region_router_relays_a_peers_refusal_with_its_own_details(loop):
     down.error = ChunkError(UNAVAILABLE, "replica", "no replica is ready")
     refusing.error = ChunkError(PERMISSION_DENIED, "tenant", "'eu-west' may not use this model")
     with serving(loop, refusing) as us:
-        cfg = ClusterConfig(region="eu", model_name=MODEL, frontdoor=FrontDoorConfig(port=0),
-                            regions=RegionsConfig(peers=(PeerConfig("us", f"localhost:{us.port}"),)))
+        cfg = ClusterConfig(
+            region="eu",
+            model_name=MODEL,
+            frontdoor=FrontDoorConfig(port=0),
+            regions=RegionsConfig(peers=(PeerConfig("us", f"localhost:{us.port}"),)),
+        )
         router = build_region_router(cfg, down)  # not started: no probes, so the order is eu, then us
         door = FrontDoor(cfg.frontdoor, router.backend, "eu", MODEL)
         loop.run(door.start())
@@ -114,4 +121,3 @@ def test_an_empty_chat_prompt_is_refused_like_an_empty_raw_one(loop, capsys):
     assert (code, raw_code) == (2, 2) and backend.started == 0
     assert chat == f"levante: error: INVALID_ARGUMENT from {target}: chat.messages[0].content: must not be empty\n"
     assert raw == f"levante: error: INVALID_ARGUMENT from {target}: prompt: must not be empty\n"
-

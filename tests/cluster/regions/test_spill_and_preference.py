@@ -3,11 +3,10 @@ first, and only when every region is full does the caller see RESOURCE_EXHAUSTED
 
 from __future__ import annotations
 
-
 import grpc
 import pytest
-from levante.v1 import inference_pb2 as pb
 
+from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import generate
 from .fakes import Full

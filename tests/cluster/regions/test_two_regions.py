@@ -8,8 +8,6 @@ import socket
 
 import grpc
 import pytest
-from levante.v1 import admin_pb2, admin_pb2_grpc
-from levante.v1 import inference_pb2 as pb
 
 from cluster.backends import LocalBackend
 from cluster.config import ClusterConfig, FrontDoorConfig, HealthCheckConfig, PeerConfig, RegionsConfig
@@ -19,13 +17,21 @@ from cluster.regions.client import RegionClient
 from cluster.regions.peer import PeerBackend
 from cluster.regions.router import build_region_router
 from cluster.types import Backend, Chunk, ModelInfo
+from levante.v1 import admin_pb2, admin_pb2_grpc
+from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import MODEL, generate
 from .fakes import BreaksAfter, free_port
 
 pytestmark = pytest.mark.e2e
-HEALTH = HealthCheckConfig(interval_s=0.2, timeout_s=0.3, consecutive_failures=2, first_token_timeout_s=5.0,
-                           stream_idle_timeout_s=2.0, base_ejection_s=1.0)
+HEALTH = HealthCheckConfig(
+    interval_s=0.2,
+    timeout_s=0.3,
+    consecutive_failures=2,
+    first_token_timeout_s=5.0,
+    stream_idle_timeout_s=2.0,
+    base_ejection_s=1.0,
+)
 SAMPLED = dict(max_tokens=40, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
 
 
@@ -35,8 +41,12 @@ class Regions:
         self.ports = {"eu": free_port(), "us": free_port()}
         self.doors, self.routers = {}, {}
         for name, other in (("eu", "us"), ("us", "eu")):
-            cfg = ClusterConfig(region=name, model_name=MODEL, frontdoor=FrontDoorConfig(port=self.ports[name], admin=True),
-                                regions=RegionsConfig(peers=(PeerConfig(other, self.target(other)),), health=HEALTH))
+            cfg = ClusterConfig(
+                region=name,
+                model_name=MODEL,
+                frontdoor=FrontDoorConfig(port=self.ports[name], admin=True),
+                regions=RegionsConfig(peers=(PeerConfig(other, self.target(other)),), health=HEALTH),
+            )
             info = loop.run(engines[name].info())
             local: Backend = LocalBackend(engines[name], ModelInfo(MODEL, info.max_model_len), name)
             if name == "eu" and break_eu_after is not None:
@@ -52,6 +62,7 @@ class Regions:
             for name in ("eu", "us"):
                 await self.doors[name].start()
                 self.routers[name].start()
+
         loop.run(start())
 
     def target(self, name: str) -> str:
@@ -65,6 +76,7 @@ class Regions:
             for name in ("eu", "us"):
                 await self.doors[name].stop()
                 await self.routers[name].stop()
+
         self.loop.run(stop())
 
 
@@ -84,6 +96,7 @@ def collect(loop, endpoints, prompt="Tell me a story", on_chunk=None, **kw) -> l
                 if on_chunk is not None:
                     await on_chunk(out)
         return out
+
     return loop.run(run(), timeout=60)
 
 
@@ -181,6 +194,7 @@ def test_a_frozen_peer_fails_checks_by_timeout_and_a_dead_one_by_refusal(loop):
             out[name] = await peer.check(0.5)
             await peer.close()
         return out
+
     try:
         result = loop.run(check())
     finally:

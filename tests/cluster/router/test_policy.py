@@ -39,29 +39,56 @@ EFFORT_CASES = [
     ({"chars": 3999}, "none", "auto: no reasoning cues -> none"),
     # the long-prompt rule only raises: medium from a keyword stays medium
     ({"text": "why?", "chars": 9000}, "medium", "auto: prompt asks for reasoning ('why') -> medium"),
-    ({"text": "why?", "deadline": 4.0}, "low",
-     "auto: prompt asks for reasoning ('why') -> medium; deadline in 4.0s < 5s needed for medium -> low"),
-    ({"text": "why?", "deadline": 1.0}, "none",
-     "auto: prompt asks for reasoning ('why') -> medium; deadline in 1.0s < 5s needed for medium -> none"),
+    (
+        {"text": "why?", "deadline": 4.0},
+        "low",
+        "auto: prompt asks for reasoning ('why') -> medium; deadline in 4.0s < 5s needed for medium -> low",
+    ),
+    (
+        {"text": "why?", "deadline": 1.0},
+        "none",
+        "auto: prompt asks for reasoning ('why') -> medium; deadline in 1.0s < 5s needed for medium -> none",
+    ),
     ({"text": "why?", "deadline": 5.0}, "medium", "auto: prompt asks for reasoning ('why') -> medium"),
-    ({"text": "why?", "deadline": -1.0}, "none",
-     "auto: prompt asks for reasoning ('why') -> medium; deadline in -1.0s < 5s needed for medium -> none"),
-    ({"text": "why?", "queue": 0.8}, "low",
-     "auto: prompt asks for reasoning ('why') -> medium; queue delay 0.8s >= 0.5s -> low"),
-    ({"text": "why?", "queue": 0.5}, "low",
-     "auto: prompt asks for reasoning ('why') -> medium; queue delay 0.5s >= 0.5s -> low"),
+    (
+        {"text": "why?", "deadline": -1.0},
+        "none",
+        "auto: prompt asks for reasoning ('why') -> medium; deadline in -1.0s < 5s needed for medium -> none",
+    ),
+    (
+        {"text": "why?", "queue": 0.8},
+        "low",
+        "auto: prompt asks for reasoning ('why') -> medium; queue delay 0.8s >= 0.5s -> low",
+    ),
+    (
+        {"text": "why?", "queue": 0.5},
+        "low",
+        "auto: prompt asks for reasoning ('why') -> medium; queue delay 0.5s >= 0.5s -> low",
+    ),
     ({"text": "why?", "queue": 0.49}, "medium", "auto: prompt asks for reasoning ('why') -> medium"),
-    ({"text": "why?", "queue": 2.5}, "none",
-     "auto: prompt asks for reasoning ('why') -> medium; queue delay 2.5s >= 2s -> none"),
+    (
+        {"text": "why?", "queue": 2.5},
+        "none",
+        "auto: prompt asks for reasoning ('why') -> medium; queue delay 2.5s >= 2s -> none",
+    ),
     ({"queue": 5.0}, "none", "auto: no reasoning cues -> none"),  # nothing left to degrade
     # deadline first, then load: medium -> low (deadline) -> none (load)
-    ({"text": "why?", "deadline": 3.0, "queue": 1.0}, "none",
-     "auto: prompt asks for reasoning ('why') -> medium; deadline in 3.0s < 5s needed for medium -> low; "
-     "queue delay 1.0s >= 0.5s -> none"),
-    ({"text": "why?", "max_effort": "low"}, "low",
-     "auto: prompt asks for reasoning ('why') -> medium; capped at tenant max_effort low"),
-    ({"text": "why?", "max_effort": "none"}, "none",
-     "auto: prompt asks for reasoning ('why') -> medium; capped at tenant max_effort none"),
+    (
+        {"text": "why?", "deadline": 3.0, "queue": 1.0},
+        "none",
+        "auto: prompt asks for reasoning ('why') -> medium; deadline in 3.0s < 5s needed for medium -> low; "
+        "queue delay 1.0s >= 0.5s -> none",
+    ),
+    (
+        {"text": "why?", "max_effort": "low"},
+        "low",
+        "auto: prompt asks for reasoning ('why') -> medium; capped at tenant max_effort low",
+    ),
+    (
+        {"text": "why?", "max_effort": "none"},
+        "none",
+        "auto: prompt asks for reasoning ('why') -> medium; capped at tenant max_effort none",
+    ),
     # explicit efforts: honoured, capped, never degraded by deadline or load
     ({"requested": "high"}, "high", "requested high"),
     ({"requested": "high", "max_effort": "medium"}, "medium", "requested high; capped at tenant max_effort medium"),
@@ -78,35 +105,50 @@ def test_decide_effort(kwargs, effort, reason):
 
 
 def test_auto_rules_follow_the_config():
-    cfg = AutoEffortConfig(default="low", keyword_effort="high", keywords=("tricky",), long_prompt_chars=10,
-                           long_prompt_effort="medium", min_deadline_s={"high": 30.0},
-                           degrade_queue_delay_s=1.0, none_queue_delay_s=3.0)
+    cfg = AutoEffortConfig(
+        default="low",
+        keyword_effort="high",
+        keywords=("tricky",),
+        long_prompt_chars=10,
+        long_prompt_effort="medium",
+        min_deadline_s={"high": 30.0},
+        degrade_queue_delay_s=1.0,
+        none_queue_delay_s=3.0,
+    )
     assert decide(cfg=cfg).reason == "auto: no reasoning cues -> low"
     assert decide(text="a tricky one", cfg=cfg).effort == "high"
     assert decide(text="why?", cfg=cfg).effort == "low"  # not a keyword of this config
     assert decide(text="long enough text", cfg=cfg).reason == "auto: long prompt (16 chars >= 10) -> medium"
     # efforts absent from min_deadline_s need no time: high steps down to medium and stops there
     assert decide(text="tricky", deadline=1.0, cfg=cfg).reason == (
-        "auto: prompt asks for reasoning ('tricky') -> high; deadline in 1.0s < 30s needed for high -> medium")
+        "auto: prompt asks for reasoning ('tricky') -> high; deadline in 1.0s < 30s needed for high -> medium"
+    )
     assert decide(text="tricky", queue=0.9, cfg=cfg).effort == "high"
     assert decide(text="tricky", queue=1.0, cfg=cfg).effort == "medium"
 
 
-@pytest.mark.parametrize("requested,max_effort,field", [("max", "high", "reasoning_effort"),
-                                                         ("AUTO", "high", "reasoning_effort"),
-                                                         ("auto", "extreme", "max_effort")])
+@pytest.mark.parametrize(
+    "requested,max_effort,field",
+    [("max", "high", "reasoning_effort"), ("AUTO", "high", "reasoning_effort"), ("auto", "extreme", "max_effort")],
+)
 def test_decide_effort_rejects_unknown_efforts(requested, max_effort, field):
     with pytest.raises(ValueError, match=f"^{field}: must be one of"):
         decide(requested=requested, max_effort=max_effort)
 
 
-@given(requested=st.sampled_from(["none", "low", "medium", "high", "auto"]),
-       max_effort=st.sampled_from(["none", "low", "medium", "high"]),
-       text=st.text(max_size=40), chars=st.integers(0, 10_000),
-       deadline=st.none() | st.floats(-10, 100), queue=st.floats(0, 10))
+@given(
+    requested=st.sampled_from(["none", "low", "medium", "high", "auto"]),
+    max_effort=st.sampled_from(["none", "low", "medium", "high"]),
+    text=st.text(max_size=40),
+    chars=st.integers(0, 10_000),
+    deadline=st.none() | st.floats(-10, 100),
+    queue=st.floats(0, 10),
+)
 def test_effort_never_exceeds_the_tenant_ceiling(requested, max_effort, text, chars, deadline, queue):
     order = ["none", "low", "medium", "high"]
-    decision = decide(requested=requested, max_effort=max_effort, text=text, chars=chars, deadline=deadline, queue=queue)
+    decision = decide(
+        requested=requested, max_effort=max_effort, text=text, chars=chars, deadline=deadline, queue=queue
+    )
     assert order.index(decision.effort) <= order.index(max_effort)
     if requested != "auto":
         assert decision.effort == order[min(order.index(requested), order.index(max_effort))]
@@ -174,13 +216,41 @@ def loads(*specs: tuple[str, int] | tuple[str, int, bool]) -> list[ReplicaLoad]:
 CHOICE_CASES = [
     # (candidates, remembered replica for "p", slack, chosen, reason)
     (loads(("r1", 3), ("r2", 1), ("r3", 2)), None, 4, "r2", "least outstanding: r2 (1 in flight)"),
-    (loads(("r1", 3), ("r2", 1)), "r1", 4, "r1",
-     "prefix affinity: r1 served this prefix (3 in flight, least 1, slack 4)"),
-    (loads(("r1", 3), ("r2", 1)), "r1", 2, "r1",
-     "prefix affinity: r1 served this prefix (3 in flight, least 1, slack 2)"),
-    (loads(("r1", 3), ("r2", 1)), "r1", 1, "r2", "least outstanding: r2 (1 in flight); prefix's replica r1 busy (3 > 1 + 1)"),
-    (loads(("r1", 0, False), ("r2", 5)), "r1", 4, "r2", "least outstanding: r2 (5 in flight); prefix's replica r1 unavailable"),
-    (loads(("r1", 0), ("r2", 5)), "gone", 4, "r1", "least outstanding: r1 (0 in flight); prefix's replica gone unavailable"),
+    (
+        loads(("r1", 3), ("r2", 1)),
+        "r1",
+        4,
+        "r1",
+        "prefix affinity: r1 served this prefix (3 in flight, least 1, slack 4)",
+    ),
+    (
+        loads(("r1", 3), ("r2", 1)),
+        "r1",
+        2,
+        "r1",
+        "prefix affinity: r1 served this prefix (3 in flight, least 1, slack 2)",
+    ),
+    (
+        loads(("r1", 3), ("r2", 1)),
+        "r1",
+        1,
+        "r2",
+        "least outstanding: r2 (1 in flight); prefix's replica r1 busy (3 > 1 + 1)",
+    ),
+    (
+        loads(("r1", 0, False), ("r2", 5)),
+        "r1",
+        4,
+        "r2",
+        "least outstanding: r2 (5 in flight); prefix's replica r1 unavailable",
+    ),
+    (
+        loads(("r1", 0), ("r2", 5)),
+        "gone",
+        4,
+        "r1",
+        "least outstanding: r1 (0 in flight); prefix's replica gone unavailable",
+    ),
     (loads(("r1", 0, False), ("r2", 9), ("r3", 7, False)), None, 0, "r2", "least outstanding: r2 (9 in flight)"),
 ]
 
@@ -197,7 +267,9 @@ def test_choose_replica(candidates, remembered, slack, chosen, reason):
 def test_choose_replica_without_prefix_key_remembers_nothing_and_breaks_ties_by_id():
     affinity = PrefixAffinity(8)
     assert choose_replica(loads(("b", 1), ("a", 1), ("c", 2)), None, affinity, 4) == (
-        "a", "least outstanding: a (1 in flight)")
+        "a",
+        "least outstanding: a (1 in flight)",
+    )
     assert len(affinity) == 0
 
 
@@ -230,14 +302,23 @@ def test_no_healthy_replica():
 
 
 replica_loads = st.lists(
-    st.builds(ReplicaLoad, replica_id=st.sampled_from([f"r{i}" for i in range(6)]),
-              outstanding=st.integers(0, 50), healthy=st.booleans()),
-    min_size=1, max_size=6, unique_by=lambda r: r.replica_id,
+    st.builds(
+        ReplicaLoad,
+        replica_id=st.sampled_from([f"r{i}" for i in range(6)]),
+        outstanding=st.integers(0, 50),
+        healthy=st.booleans(),
+    ),
+    min_size=1,
+    max_size=6,
+    unique_by=lambda r: r.replica_id,
 ).filter(lambda rs: any(r.healthy for r in rs))
 
 
-@given(candidates=replica_loads, remembered=st.none() | st.sampled_from([f"r{i}" for i in range(7)]),
-       slack=st.integers(0, 100))
+@given(
+    candidates=replica_loads,
+    remembered=st.none() | st.sampled_from([f"r{i}" for i in range(7)]),
+    slack=st.integers(0, 100),
+)
 def test_choice_is_healthy_and_within_slack(candidates, remembered, slack):
     affinity = PrefixAffinity(4)
     if remembered:

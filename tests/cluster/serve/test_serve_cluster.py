@@ -11,13 +11,13 @@ import time
 
 import grpc
 import pytest
-from levante.v1 import inference_pb2 as pb
 from ray import serve
 
 from cluster.config_loader import config_from_dict
 from cluster.region import RegionServer
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from engine.api import SamplingParams, create_engine
+from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import generate, rpc_error, wait_until
 
@@ -28,12 +28,20 @@ TOKENIZER = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"
 CONFIG = {
     "region": "test-eu",
     "model_name": "tiny-moe",
-    "engine": {"model": {"model": MODEL_URI, "tokenizer": TOKENIZER, "num_threads": 1,
-                         "max_model_len": 1024},
-               "cache": {"num_blocks": 96},
-               "reasoning": {"budget_low": 6}},
-    "replica": {"num_replicas": 2, "ep_size": 2, "cpus_per_rank": 1, "max_ongoing_requests": 3,
-                "max_queued_requests": 1, "stream_chunk_ms": 10, "rank_timeout_s": 20},
+    "engine": {
+        "model": {"model": MODEL_URI, "tokenizer": TOKENIZER, "num_threads": 1, "max_model_len": 1024},
+        "cache": {"num_blocks": 96},
+        "reasoning": {"budget_low": 6},
+    },
+    "replica": {
+        "num_replicas": 2,
+        "ep_size": 2,
+        "cpus_per_rank": 1,
+        "max_ongoing_requests": 3,
+        "max_queued_requests": 1,
+        "stream_chunk_ms": 10,
+        "rank_timeout_s": 20,
+    },
     "router": {"replica_timeout_s": 60},
     "frontdoor": {"port": 0},
     "ray": {"num_cpus": 8},
@@ -114,23 +122,35 @@ def test_each_rank_holds_half_the_routed_experts(region, loop):
     assert len(statuses) == 2
     for s in statuses.values():
         ranks = s["ranks"]
-        print(f"\nreplica {s['replica']}: " + ", ".join(
-            f"rank {r.ep_rank} holds {r.num_local_expert_params} of {r.num_expert_params}" for r in ranks))
+        print(
+            f"\nreplica {s['replica']}: "
+            + ", ".join(f"rank {r.ep_rank} holds {r.num_local_expert_params} of {r.num_expert_params}" for r in ranks)
+        )
         assert [r.ep_rank for r in ranks] == [0, 1] and all(r.ep_size == 2 for r in ranks)
         assert all(r.num_local_expert_params * 2 == r.num_expert_params > 0 for r in ranks)
 
 
 def test_ep2_through_the_cluster_equals_ep1_in_process(ch, loop, tmp_path):
     prompts = [[1, 17, 230, 45, 9, 800], [1] + list(range(300, 340)), [1, 5000, 12, 13]]
-    got = [tokens_of(generate(ch, request(p, max_tokens=16, ignore_eos=True, reasoning_effort=pb.REASONING_EFFORT_NONE),
-                              timeout=120)) for p in prompts]
+    got = [
+        tokens_of(
+            generate(
+                ch, request(p, max_tokens=16, ignore_eos=True, reasoning_effort=pb.REASONING_EFFORT_NONE), timeout=120
+            )
+        )
+        for p in prompts
+    ]
     cfg = config_from_dict(CONFIG)
     engine = create_engine(cfg.engine)  # ep 1, in this process, same weights
     try:
+
         async def run(p):
             out = []
-            async for d in engine.generate(f"ref-{len(p)}", p, SamplingParams(max_tokens=16, temperature=0,
-                                                                               ignore_eos=True, reasoning_effort="none")):
+            async for d in engine.generate(
+                f"ref-{len(p)}",
+                p,
+                SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, reasoning_effort="none"),
+            ):
                 out.extend(d.token_ids)
             return out
 
@@ -150,14 +170,22 @@ def test_same_prefix_sticks_to_its_replica(ch):
 
 
 def _all_idle(loop) -> bool:
-    return all(s["stats"] is not None and s["stats"].num_running == 0 and s["stats"].num_used_blocks == 0
-               and s["outstanding"] == 0 for s in replica_statuses(loop).values())
+    return all(
+        s["stats"] is not None
+        and s["stats"].num_running == 0
+        and s["stats"].num_used_blocks == 0
+        and s["outstanding"] == 0
+        for s in replica_statuses(loop).values()
+    )
 
 
 def test_cancel_and_deadline_free_kv_blocks_on_the_replica(ch, loop):
     wait_until(lambda: _all_idle(loop), timeout=30, what="idle replicas before the test")
-    call = ch.unary_stream("/levante.v1.Inference/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
-                           response_deserializer=pb.GenerateResponse.FromString)
+    call = ch.unary_stream(
+        "/levante.v1.Inference/Generate",
+        request_serializer=pb.GenerateRequest.SerializeToString,
+        response_deserializer=pb.GenerateResponse.FromString,
+    )
     stream = call(request([1, 2, 3, 4, 5] * 10, max_tokens=500, ignore_eos=True), timeout=120)
     for r in stream:
         if r.WhichOneof("kind") == "delta":
@@ -201,15 +229,19 @@ def test_losing_one_rank_restarts_the_gang_and_traffic_goes_on(ch, loop):
         out = generate(ch, request([1, 9, 9, 9], max_tokens=3), timeout=120)  # must keep succeeding
         served.append(final_of(out).served_by.replica)
         statuses = replica_statuses(loop)
-        if all(s["state"] == "serving" for s in statuses.values()) and \
-                sum(s["restarts"] for s in statuses.values()) >= 1:
+        if (
+            all(s["state"] == "serving" for s in statuses.values())
+            and sum(s["restarts"] for s in statuses.values()) >= 1
+        ):
             break
         time.sleep(0.5)
     statuses = replica_statuses(loop)
     restarted = [s for s in statuses.values() if s["restarts"] >= 1]
-    print(f"\nrank 1 killed (asked {victim}); gang back after {time.monotonic() - began:.1f}s; "
-          f"restarted {[s['replica'] for s in restarted]} ({restarted[0]['last_failure'] if restarted else '-'}); "
-          f"{len(served)} calls served meanwhile")
+    print(
+        f"\nrank 1 killed (asked {victim}); gang back after {time.monotonic() - began:.1f}s; "
+        f"restarted {[s['replica'] for s in restarted]} ({restarted[0]['last_failure'] if restarted else '-'}); "
+        f"{len(served)} calls served meanwhile"
+    )
     assert restarted and all(s["state"] == "serving" for s in statuses.values())
     assert tokens_of(generate(ch, request([1, 2, 3], max_tokens=4), timeout=120))
 
@@ -227,5 +259,8 @@ def test_region_stays_serving_while_one_replica_restarts_with_no_traffic(region,
         seen.append(health.Check(health_pb2.HealthCheckRequest(service="levante.v1.Inference"), timeout=5).status)
         time.sleep(0.25)
     assert set(seen) == {health_pb2.HealthCheckResponse.SERVING}, seen
-    wait_until(lambda: all(s["state"] == "serving" for s in replica_statuses(loop).values()), timeout=90,
-               what="the restarted gang back")
+    wait_until(
+        lambda: all(s["state"] == "serving" for s in replica_statuses(loop).values()),
+        timeout=90,
+        what="the restarted gang back",
+    )

@@ -10,16 +10,23 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-from levante.v1 import inference_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.backends import LocalBackend
-from cluster.config import (ClusterConfig, FrontDoorConfig, HealthCheckConfig, MetricsConfig, PeerConfig,
-                            RegionsConfig, TelemetryConfig)
+from cluster.config import (
+    ClusterConfig,
+    FrontDoorConfig,
+    HealthCheckConfig,
+    MetricsConfig,
+    PeerConfig,
+    RegionsConfig,
+    TelemetryConfig,
+)
 from cluster.frontdoor import FrontDoor
 from cluster.regions.router import build_region_router
 from cluster.telemetry.hookup import ServerTelemetry
 from cluster.types import Backend, ModelInfo
+from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import MODEL, generate, wait_until
 from ..regions.fakes import BreaksAfter, free_port  # noqa: F401 -- free_port is part of this harness
@@ -31,14 +38,26 @@ HEALTH = HealthCheckConfig(interval_s=0.2, timeout_s=0.5, first_token_timeout_s=
 class Region:
     """One region in this process; ``peers``: name -> port of the other regions' front doors."""
 
-    def __init__(self, loop, engine, name: str, port: int, peers: dict[str, int] | None = None,
-                 metrics: bool = True, break_after: int | None = None):
+    def __init__(
+        self,
+        loop,
+        engine,
+        name: str,
+        port: int,
+        peers: dict[str, int] | None = None,
+        metrics: bool = True,
+        break_after: int | None = None,
+    ):
         self.loop, self.name, self.port = loop, name, port
         self.cfg = ClusterConfig(
-            region=name, model_name=MODEL, frontdoor=FrontDoorConfig(port=port),
-            regions=RegionsConfig(peers=tuple(PeerConfig(n, f"127.0.0.1:{p}") for n, p in (peers or {}).items()),
-                                  health=HEALTH),
-            telemetry=TelemetryConfig(metrics=MetricsConfig(enabled=metrics, port=0, poll_interval_s=0.2)))
+            region=name,
+            model_name=MODEL,
+            frontdoor=FrontDoorConfig(port=port),
+            regions=RegionsConfig(
+                peers=tuple(PeerConfig(n, f"127.0.0.1:{p}") for n, p in (peers or {}).items()), health=HEALTH
+            ),
+            telemetry=TelemetryConfig(metrics=MetricsConfig(enabled=metrics, port=0, poll_interval_s=0.2)),
+        )
         info = loop.run(engine.info())
         self.local = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len), name)
         backend: Backend = self.local if break_after is None else BreaksAfter(self.local, break_after)
@@ -84,10 +103,15 @@ def final_of(responses) -> pb.Final:
 
 # ---- reading a scrape ------------------------------------------------------------------------------
 
+
 def samples(families: dict, name: str, **labels: str) -> list:
     """Samples called ``name`` (e.g. ``levante_requests_total``) whose labels include ``labels``."""
-    return [s for f in families.values() for s in f.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    return [
+        s
+        for f in families.values()
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
 
 
 def value(families: dict, name: str, **labels: str) -> float:
@@ -128,8 +152,11 @@ def scrape_url(url: str) -> dict:
 def settled_scrape(url: str) -> dict:
     """The endpoint once no call is in flight: a call is counted just after its last message leaves,
     so a client can hold its answer a moment before the server has counted it."""
-    wait_until(lambda: samples(scrape_url(url), "levante_requests_in_flight")[0].value == 0, timeout=10,
-               what="the calls to end at the server")
+    wait_until(
+        lambda: samples(scrape_url(url), "levante_requests_in_flight")[0].value == 0,
+        timeout=10,
+        what="the calls to end at the server",
+    )
     return scrape_url(url)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -32,10 +33,19 @@ def _attributes(kvs) -> dict[str, Any]:
 
 def _record(span: trace_pb2.Span, resource: dict[str, Any]) -> SpanRecord:
     kind = trace_pb2.Span.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_")
-    return SpanRecord(span.name, span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex() or None, kind,
-                      span.start_time_unix_nano, span.end_time_unix_nano, _attributes(span.attributes),
-                      tuple((e.name, _attributes(e.attributes)) for e in span.events), resource,
-                      span.status.code == trace_pb2.Status.STATUS_CODE_ERROR)
+    return SpanRecord(
+        span.name,
+        span.trace_id.hex(),
+        span.span_id.hex(),
+        span.parent_span_id.hex() or None,
+        kind,
+        span.start_time_unix_nano,
+        span.end_time_unix_nano,
+        _attributes(span.attributes),
+        tuple((e.name, _attributes(e.attributes)) for e in span.events),
+        resource,
+        span.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
+    )
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -52,7 +62,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context) -> Any:  # noqa: N802 (gRPC's name)
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context) -> Any:
         received = []
         for rs in request.resource_spans:
             resource = _attributes(rs.resource.attributes)
@@ -74,8 +84,9 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             if done(spans):
                 return spans
             if time.monotonic() > end:
-                raise AssertionError(f"no {what} within {timeout_s:g}s; received {len(spans)} span(s) "
-                                     f"in {self.exports} export(s)")
+                raise AssertionError(
+                    f"no {what} within {timeout_s:g}s; received {len(spans)} span(s) in {self.exports} export(s)"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,19 @@ class SpanRecord:
 def from_sdk(span: Any) -> SpanRecord:
     """A ReadableSpan (InMemorySpanExporter)."""
     ctx, parent = span.context, span.parent
-    return SpanRecord(span.name, f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}",
-                      f"{parent.span_id:016x}" if parent is not None else None, span.kind.name,
-                      span.start_time, span.end_time, dict(span.attributes or {}),
-                      tuple((e.name, dict(e.attributes or {})) for e in span.events),
-                      dict(span.resource.attributes), span.status.status_code.name == "ERROR")
+    return SpanRecord(
+        span.name,
+        f"{ctx.trace_id:032x}",
+        f"{ctx.span_id:016x}",
+        f"{parent.span_id:016x}" if parent is not None else None,
+        span.kind.name,
+        span.start_time,
+        span.end_time,
+        dict(span.attributes or {}),
+        tuple((e.name, dict(e.attributes or {})) for e in span.events),
+        dict(span.resource.attributes),
+        span.status.status_code.name == "ERROR",
+    )
 
 
 def traceparent() -> tuple[str, str, str]:
@@ -77,8 +86,10 @@ def describe(spans: Iterable[SpanRecord]) -> str:
     def walk(s: SpanRecord, depth: int) -> None:
         ms = (s.end_ns - s.start_ns) / 1e6
         where = s.resource.get("levante.component", "")
-        lines.append(f"{'  ' * depth}{s.name} [{where}] {ms:.2f} ms{' ERROR' if s.error else ''}"
-                     + "".join(f" <{e[0]}>" for e in s.events))
+        lines.append(
+            f"{'  ' * depth}{s.name} [{where}] {ms:.2f} ms{' ERROR' if s.error else ''}"
+            + "".join(f" <{e[0]}>" for e in s.events)
+        )
         for c in sorted(children(spans, s), key=lambda c: c.start_ns):
             walk(c, depth + 1)
 

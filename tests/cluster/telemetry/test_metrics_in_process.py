@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from levante.v1 import inference_pb2 as pb
 
-from .harness import Region, call, dashboard_metrics, exported_names, filled_buckets, free_port, tokens_of, value
 from ..frontdoor.harness import wait_until
+from .harness import Region, call, dashboard_metrics, exported_names, filled_buckets, free_port, tokens_of, value
 
 pytestmark = pytest.mark.e2e
 SHARED_PREFIX = "You are a patient assistant who answers questions about the weather and the sea. " * 3
@@ -25,8 +26,19 @@ def regions(loop, engines):
     loop.run(eu.start())
     try:
         for i in range(3):  # served in us itself; a shared prefix of several KV blocks, so the cache hits
-            assert len(tokens_of(call(ports["us"], prompt=SHARED_PREFIX + f"Tell me about the sea, {i}.",
-                                      max_tokens=8, ignore_eos=True))) == 8
+            assert (
+                len(
+                    tokens_of(
+                        call(
+                            ports["us"],
+                            prompt=SHARED_PREFIX + f"Tell me about the sea, {i}.",
+                            max_tokens=8,
+                            ignore_eos=True,
+                        )
+                    )
+                )
+                == 8
+            )
         call(ports["us"], prompt="Why is the sky blue?", max_tokens=4, reasoning_effort=pb.REASONING_EFFORT_LOW)
         with pytest.raises(grpc.RpcError):
             call(ports["us"], max_tokens=0)  # INVALID_ARGUMENT
@@ -61,8 +73,9 @@ def test_engine_figures_are_polled_from_the_replica(regions):
     assert value(m, "levante_engine_queue_depth", **replica) == 0
     assert value(m, "levante_engine_running_requests", **replica) == 0
     assert value(m, "levante_prefix_cache_hit_tokens_total", **replica) > 0  # the shared prefix, twice
-    assert value(m, "levante_prefix_cache_queried_tokens_total", **replica) > \
-        value(m, "levante_prefix_cache_hit_tokens_total", **replica)
+    assert value(m, "levante_prefix_cache_queried_tokens_total", **replica) > value(
+        m, "levante_prefix_cache_hit_tokens_total", **replica
+    )
     assert value(m, "levante_preemptions_total", **replica) == 0
     assert value(m, "levante_replica_state", state="serving", **replica) == 1
     # one engine holds every expert: all routed tokens land on rank 0
@@ -72,8 +85,11 @@ def test_engine_figures_are_polled_from_the_replica(regions):
 
 def test_region_health_and_a_failover_by_reason(loop, engines, regions):
     us = regions["us"]
-    wait_until(lambda: value(us.scrape(), "levante_region_state", region="eu", state="healthy") == 1, timeout=10,
-               what="us to see eu healthy")
+    wait_until(
+        lambda: value(us.scrape(), "levante_region_state", region="eu", state="healthy") == 1,
+        timeout=10,
+        what="us to see eu healthy",
+    )
     m = us.scrape()
     assert value(m, "levante_region_available", region="eu") == 1
     assert value(m, "levante_region_check_latency_seconds", region="eu") > 0
@@ -94,8 +110,14 @@ def test_region_health_and_a_failover_by_reason(loop, engines, regions):
 # Exported for operators' own queries and alerts, not charted: the info metric, the one-hot region
 # state (availability is charted), raw block counts and the since-start hit rate (the ratio and the
 # windowed rate are charted), the poll age.
-NOT_CHARTED = {"levante_info", "levante_region_state", "levante_kv_cache_used_blocks", "levante_kv_cache_blocks",
-               "levante_prefix_cache_hit_rate", "levante_engine_stats_age_seconds"}
+NOT_CHARTED = {
+    "levante_info",
+    "levante_region_state",
+    "levante_kv_cache_used_blocks",
+    "levante_kv_cache_blocks",
+    "levante_prefix_cache_hit_rate",
+    "levante_engine_stats_age_seconds",
+}
 
 
 def _family(name: str) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from levante.v1 import inference_pb2 as pb
 
 from cluster.config_loader import config_from_dict
 from cluster.region import RegionServer
 from cluster.telemetry import spans as S
+from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import generate, wait_until
 from .harness import dashboard_metrics, exported_names, filled_buckets, samples, settled_scrape, tokens_of, value
@@ -30,16 +30,22 @@ def config(otlp_endpoint: str) -> dict:
     return {
         "region": REGION,
         "model_name": "tiny-moe",
-        "engine": {"model": {"model": "tiny:mistral4?seed=0&vocab_size=32768",
-                             "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3",
-                             "num_threads": 1, "max_model_len": 1024},
-                   "cache": {"num_blocks": 96}},
-        "replica": {"num_replicas": 1, "ep_size": 2, "cpus_per_rank": 1, "stream_chunk_ms": 10,
-                    "rank_timeout_s": 20},
+        "engine": {
+            "model": {
+                "model": "tiny:mistral4?seed=0&vocab_size=32768",
+                "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3",
+                "num_threads": 1,
+                "max_model_len": 1024,
+            },
+            "cache": {"num_blocks": 96},
+        },
+        "replica": {"num_replicas": 1, "ep_size": 2, "cpus_per_rank": 1, "stream_chunk_ms": 10, "rank_timeout_s": 20},
         "frontdoor": {"port": 0},
         "ray": {"num_cpus": 4},
-        "telemetry": {"tracing": {"enabled": True, "otlp_endpoint": otlp_endpoint, "export_interval_s": 0.2},
-                      "metrics": {"enabled": True, "port": 0, "poll_interval_s": 0.5}},
+        "telemetry": {
+            "tracing": {"enabled": True, "otlp_endpoint": otlp_endpoint, "export_interval_s": 0.2},
+            "metrics": {"enabled": True, "port": 0, "poll_interval_s": 0.5},
+        },
     }
 
 
@@ -52,8 +58,9 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def region(loop, receiver):
-    server = RegionServer(config_from_dict(config(receiver.endpoint), "test"),
-                          progress=lambda msg: print(f"[region] {msg}"))
+    server = RegionServer(
+        config_from_dict(config(receiver.endpoint), "test"), progress=lambda msg: print(f"[region] {msg}")
+    )
     try:
         loop.run(server.start(), timeout=600)
         yield server
@@ -70,10 +77,22 @@ def ask(region, metadata=(), max_tokens: int = 8) -> list:
 def test_one_trace_crosses_every_process_under_the_callers_traceparent(region, receiver):
     header, trace_id, caller_span = traceparent()
     assert len(tokens_of(ask(region, metadata=(("traceparent", header),)))) == 8
-    wanted = {S.FRONTDOOR, S.REGION_ROUTER, S.REGION_ATTEMPT, S.ROUTER, S.REPLICA, S.ENGINE, S.ENGINE_QUEUE,
-              S.ENGINE_PREFILL, S.ENGINE_DECODE}
-    received = receiver.wait_for(lambda spans: wanted <= {s.name for s in in_trace(spans, trace_id)}, 60,
-                                 f"spans {sorted(wanted)} of trace {trace_id}")
+    wanted = {
+        S.FRONTDOOR,
+        S.REGION_ROUTER,
+        S.REGION_ATTEMPT,
+        S.ROUTER,
+        S.REPLICA,
+        S.ENGINE,
+        S.ENGINE_QUEUE,
+        S.ENGINE_PREFILL,
+        S.ENGINE_DECODE,
+    }
+    received = receiver.wait_for(
+        lambda spans: wanted <= {s.name for s in in_trace(spans, trace_id)},
+        60,
+        f"spans {sorted(wanted)} of trace {trace_id}",
+    )
     trace = in_trace(received, trace_id)
     print(describe(trace))
 
@@ -87,8 +106,15 @@ def test_one_trace_crosses_every_process_under_the_callers_traceparent(region, r
 
     # each hop's process says who it is; all of them are this region's
     components = {s.name: s.resource["levante.component"] for s in (door, router, replica, engine, *stages)}
-    assert components == {S.FRONTDOOR: "frontdoor", S.ROUTER: "router", S.REPLICA: "replica", S.ENGINE: "rank0",
-                          S.ENGINE_QUEUE: "rank0", S.ENGINE_PREFILL: "rank0", S.ENGINE_DECODE: "rank0"}
+    assert components == {
+        S.FRONTDOOR: "frontdoor",
+        S.ROUTER: "router",
+        S.REPLICA: "replica",
+        S.ENGINE: "rank0",
+        S.ENGINE_QUEUE: "rank0",
+        S.ENGINE_PREFILL: "rank0",
+        S.ENGINE_DECODE: "rank0",
+    }
     assert {s.resource["levante.region"] for s in trace} == {REGION}
     assert {s.resource["service.name"] for s in trace} == {"levante"}
     # what each hop decided
@@ -115,8 +141,11 @@ def test_metrics_after_traffic(region):
     for _ in range(3):
         assert len(tokens_of(ask(region, max_tokens=6))) == 6
     m = scrape_after_poll(region)
-    for histogram in ("levante_time_to_first_token_seconds", "levante_inter_token_latency_seconds",
-                      "levante_e2e_request_latency_seconds"):
+    for histogram in (
+        "levante_time_to_first_token_seconds",
+        "levante_inter_token_latency_seconds",
+        "levante_e2e_request_latency_seconds",
+    ):
         assert filled_buckets(m, histogram) > 0, histogram
     assert value(m, "levante_requests_total", code="OK") >= 3
     assert value(m, "levante_generated_tokens_total") >= 18

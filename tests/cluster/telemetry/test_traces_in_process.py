@@ -40,8 +40,11 @@ def spans(exporter):
 def settled(spans, trace_id: str, doors: int = 1) -> list:
     """The trace once its front door spans have ended: a door's span ends after its last message
     leaves, so the client can hold its answer a moment before the server's span is done."""
-    wait_until(lambda: len(named(in_trace(spans(), trace_id), S.FRONTDOOR)) >= doors, timeout=10,
-               what=f"{doors} front door span(s) of trace {trace_id}")
+    wait_until(
+        lambda: len(named(in_trace(spans(), trace_id), S.FRONTDOOR)) >= doors,
+        timeout=10,
+        what=f"{doors} front door span(s) of trace {trace_id}",
+    )
     return in_trace(spans(), trace_id)
 
 
@@ -126,8 +129,11 @@ def test_a_region_failover_shows_in_the_trace(loop, engines, spans):
     assert first.error and first.attributes["levante.failover.at_token"] == 3
     assert first.attributes["levante.failover.reason"].startswith("unavailable: replica lost (test)")
     event = dict(first.events)[S.REGION_FAILOVER]
-    assert event == {"levante.from_region": "eu", "levante.reason": first.attributes["levante.failover.reason"],
-                     "levante.at_token": 3}
+    assert event == {
+        "levante.from_region": "eu",
+        "levante.reason": first.attributes["levante.failover.reason"],
+        "levante.at_token": 3,
+    }
     assert not second.error and second.attributes["levante.resume_from_token"] == 3
     # us's front door got the context through gRPC metadata: its spans hang under eu's second attempt
     us_door = child(trace, second, S.FRONTDOOR)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 
-PROBE = textwrap.dedent('''
+PROBE = textwrap.dedent("""
     import asyncio, json, sys
     import grpc
     from levante.v1 import inference_pb2 as pb
@@ -52,7 +52,7 @@ PROBE = textwrap.dedent('''
         }))
 
     asyncio.run(main())
-''')
+""")
 
 
 def test_tracing_off_installs_nothing_carries_nothing_and_serves():

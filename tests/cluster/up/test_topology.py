@@ -30,9 +30,18 @@ def test_shipped_two_regions_are_peers_of_each_other():
 
 def test_port_zero_gets_distinct_free_ports_and_overrides_merge(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model_name": "m", "ray": {"num_cpus": 4}}))
-    path = write(tmp_path, {"base": "base.yaml", "overrides": {"ray": {"num_cpus": 2}},
-                            "regions": [{"name": "a"}, {"name": "b", "overrides": {"model_name": "other"}},
-                                        {"name": "c", "port": 50999}]})
+    path = write(
+        tmp_path,
+        {
+            "base": "base.yaml",
+            "overrides": {"ray": {"num_cpus": 2}},
+            "regions": [
+                {"name": "a"},
+                {"name": "b", "overrides": {"model_name": "other"}},
+                {"name": "c", "port": 50999},
+            ],
+        },
+    )
     configs = region_configs(path, {"regions": {"health": {"interval_s": 0.25}}})
     ports = [c["frontdoor"]["port"] for c in configs.values()]
     assert len(set(ports)) == 3 and all(ports) and ports[2] == 50999
@@ -41,15 +50,20 @@ def test_port_zero_gets_distinct_free_ports_and_overrides_merge(tmp_path):
     assert a.regions.health.interval_s == 0.25 and {p.name for p in a.regions.peers} == {"b", "c"}
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"regions": [{"name": "a"}, {"name": "a"}]}, r"regions: region names must be unique"),
-    ({"regions": [{"name": "a b"}]}, r"regions\[0\]\.name: must be letters"),
-    ({"regions": [{"name": "a", "prot": 1}]}, r"regions\[0\]\.prot: unknown key \(did you mean port\?\)"),
-    ({"regions": []}, r"regions: list at least one region"),
-    ({"regions": [{"name": "a"}], "overrides": {"replica": {"ep_sise": 2}}},
-     r"region a, base .*replica\.ep_sise: unknown key"),
-    ({"regions": [{"name": "a"}], "base": "missing.yaml"}, r"missing\.yaml: no such config file"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"regions": [{"name": "a"}, {"name": "a"}]}, r"regions: region names must be unique"),
+        ({"regions": [{"name": "a b"}]}, r"regions\[0\]\.name: must be letters"),
+        ({"regions": [{"name": "a", "prot": 1}]}, r"regions\[0\]\.prot: unknown key \(did you mean port\?\)"),
+        ({"regions": []}, r"regions: list at least one region"),
+        (
+            {"regions": [{"name": "a"}], "overrides": {"replica": {"ep_sise": 2}}},
+            r"region a, base .*replica\.ep_sise: unknown key",
+        ),
+        ({"regions": [{"name": "a"}], "base": "missing.yaml"}, r"missing\.yaml: no such config file"),
+    ],
+)
 def test_bad_topologies_name_the_key(tmp_path, data, match):
     (tmp_path / "local.yaml").write_text("{}")
     with pytest.raises(ConfigError, match=match):

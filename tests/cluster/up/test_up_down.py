@@ -14,15 +14,19 @@ import yaml
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 BASE = {
     "model_name": "tiny-moe",
-    "engine": {"model": {"model": "tiny:mistral4?seed=0&vocab_size=32768",
-                         "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3", "num_threads": 1}},
+    "engine": {
+        "model": {
+            "model": "tiny:mistral4?seed=0&vocab_size=32768",
+            "tokenizer": "mistral-common:mistral_instruct_tokenizer_240323.model.v3",
+            "num_threads": 1,
+        }
+    },
     "ray": {"num_cpus": 2},
 }
 
 
 def levante(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def alive(pid: int) -> bool:
@@ -35,8 +39,9 @@ def alive(pid: int) -> bool:
 
 def test_up_status_down(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
-    (tmp_path / "topo.yaml").write_text(yaml.safe_dump(
-        {"base": "base.yaml", "regions": [{"name": "eu", "port": 0}, {"name": "us", "port": 0}]}))
+    (tmp_path / "topo.yaml").write_text(
+        yaml.safe_dump({"base": "base.yaml", "regions": [{"name": "eu", "port": 0}, {"name": "us", "port": 0}]})
+    )
     state = str(tmp_path / "state")
     up = levante("up", "--config", str(tmp_path / "topo.yaml"), "--state-dir", state)
     try:
@@ -56,8 +61,17 @@ def test_up_status_down(tmp_path):
         for pid in _session(eu["pid"]):
             os.kill(pid, 19)  # SIGSTOP
         try:
-            call = levante("client", "generate", "--regions", f"eu=127.0.0.1:{eu['port']},us=127.0.0.1:{us['port']}",
-                           "--max-tokens", "4", "--raw", "hello", timeout=120)
+            call = levante(
+                "client",
+                "generate",
+                "--regions",
+                f"eu=127.0.0.1:{eu['port']},us=127.0.0.1:{us['port']}",
+                "--max-tokens",
+                "4",
+                "--raw",
+                "hello",
+                timeout=120,
+            )
         finally:
             for pid in _session(eu["pid"]):
                 os.kill(pid, 18)  # SIGCONT

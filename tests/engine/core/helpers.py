@@ -12,11 +12,21 @@ from engine.core.scheduler import Scheduler, SchedulerOutput
 EOS = 0
 
 
-def make_scheduler(block_size: int = 4, num_blocks: int = 16, max_num_seqs: int = 8,
-                   max_num_batched_tokens: int = 64, max_model_len: int = 32,
-                   long_prefill_token_threshold: int = 0, enable_prefix_caching: bool = True) -> Scheduler:
-    sc = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                         max_model_len=max_model_len, long_prefill_token_threshold=long_prefill_token_threshold)
+def make_scheduler(
+    block_size: int = 4,
+    num_blocks: int = 16,
+    max_num_seqs: int = 8,
+    max_num_batched_tokens: int = 64,
+    max_model_len: int = 32,
+    long_prefill_token_threshold: int = 0,
+    enable_prefix_caching: bool = True,
+) -> Scheduler:
+    sc = SchedulerConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        long_prefill_token_threshold=long_prefill_token_threshold,
+    )
     cc = CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching)
     return Scheduler(sc, cc, num_blocks)
 

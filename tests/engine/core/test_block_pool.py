@@ -1,7 +1,6 @@
 import os
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
@@ -98,8 +97,14 @@ def test_hash_is_stable_across_processes() -> None:
     outs = set()
     for seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        r = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[3],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=Path(__file__).resolve().parents[3],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr
         outs.add(int(r.stdout))
     assert outs == {hash_block_tokens(hash_block_tokens(None, [1, 2, 3]), [4, 5, 6])}

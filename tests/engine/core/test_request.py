@@ -3,23 +3,26 @@ import pytest
 from engine.core.request import Request, RequestStatus, SamplingParams, finish_reason, is_finished
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens: must be >= 1, got 0"),
-    ({"temperature": -0.1}, "temperature: must be >= 0"),
-    ({"temperature": float("nan")}, "temperature: must be >= 0"),
-    ({"top_k": -1}, "top_k: must be >= 0"),
-    ({"top_p": 0.0}, "top_p: must be in (0, 1]"),
-    ({"top_p": 1.5}, "top_p: must be in (0, 1]"),
-    ({"min_p": -0.5}, "min_p: must be in [0, 1]"),
-    ({"min_p": 1.1}, "min_p: must be in [0, 1]"),
-    ({"seed": 1.5}, "seed: must be an int or None"),
-    ({"stop": ["ok", ""]}, "stop: must be non-empty strings"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids: must be token ids >= 0"),
-    ({"logprobs": -1}, "logprobs: must be >= 0 or None"),
-    ({"prompt_logprobs": -2}, "prompt_logprobs: must be >= 0 or None"),
-    ({"thinking_budget": -1}, "thinking_budget: must be >= 0 or None"),
-    ({"reasoning_effort": "max"}, "reasoning_effort: must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens: must be >= 1, got 0"),
+        ({"temperature": -0.1}, "temperature: must be >= 0"),
+        ({"temperature": float("nan")}, "temperature: must be >= 0"),
+        ({"top_k": -1}, "top_k: must be >= 0"),
+        ({"top_p": 0.0}, "top_p: must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p: must be in (0, 1]"),
+        ({"min_p": -0.5}, "min_p: must be in [0, 1]"),
+        ({"min_p": 1.1}, "min_p: must be in [0, 1]"),
+        ({"seed": 1.5}, "seed: must be an int or None"),
+        ({"stop": ["ok", ""]}, "stop: must be non-empty strings"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids: must be token ids >= 0"),
+        ({"logprobs": -1}, "logprobs: must be >= 0 or None"),
+        ({"prompt_logprobs": -2}, "prompt_logprobs: must be >= 0 or None"),
+        ({"thinking_budget": -1}, "thinking_budget: must be >= 0 or None"),
+        ({"reasoning_effort": "max"}, "reasoning_effort: must be one of"),
+    ],
+)
 def test_sampling_params_validation_messages(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError) as e:
         SamplingParams(**kwargs)

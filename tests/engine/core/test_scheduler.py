@@ -2,8 +2,14 @@ import pytest
 
 from engine.core.request import RequestStatus
 from engine.core.scheduler import EngineCoreOutput, ScheduledSeq
-from tests.engine.core.helpers import (ToyPagedModel, check_invariants, make_request, make_scheduler,
-                                       reference_kv, run_to_completion)
+from tests.engine.core.helpers import (
+    ToyPagedModel,
+    check_invariants,
+    make_request,
+    make_scheduler,
+    reference_kv,
+    run_to_completion,
+)
 
 
 def by_id(out) -> dict[str, ScheduledSeq]:
@@ -126,13 +132,16 @@ def test_abort_frees_blocks_at_once() -> None:
     assert out.seqs == [] and out.finished_ids == ["a", "w"]
 
 
-@pytest.mark.parametrize("sp, tokens, new, reason, stop_reason", [
-    ({}, [3, 0, 4], [3, 0], "stop", None),  # eos
-    ({"ignore_eos": True, "max_tokens": 3}, [0, 0, 0, 0], [0, 0, 0], "length", None),
-    ({"stop_token_ids": [5]}, [3, 5, 6], [3, 5], "stop", 5),
-    ({"max_tokens": 2}, [3, 4, 6], [3, 4], "length", None),
-    ({"max_tokens": 100}, [3, 4, 6], [3, 4, 6], None, None),
-])
+@pytest.mark.parametrize(
+    "sp, tokens, new, reason, stop_reason",
+    [
+        ({}, [3, 0, 4], [3, 0], "stop", None),  # eos
+        ({"ignore_eos": True, "max_tokens": 3}, [0, 0, 0, 0], [0, 0, 0], "length", None),
+        ({"stop_token_ids": [5]}, [3, 5, 6], [3, 5], "stop", 5),
+        ({"max_tokens": 2}, [3, 4, 6], [3, 4], "length", None),
+        ({"max_tokens": 100}, [3, 4, 6], [3, 4, 6], None, None),
+    ],
+)
 def test_stop_conditions(sp: dict, tokens: list[int], new: list[int], reason: str | None, stop_reason) -> None:
     s = make_scheduler()
     s.add_request(make_request("r", [1, 2], **sp))
@@ -197,7 +206,9 @@ def test_prefix_hit_in_same_and_later_step() -> None:
     s.add_request(make_request("b", list(range(1, 9)) + [50, 51], max_tokens=1))
     out = s.schedule()  # b hits the blocks a fills in this very step
     assert [(q.request_id, q.start_pos, q.token_ids, q.block_ids) for q in out.seqs] == [
-        ("a", 0, list(range(1, 10)), [1, 2, 3]), ("b", 8, [50, 51], [1, 2, 4])]
+        ("a", 0, list(range(1, 10)), [1, 2, 3]),
+        ("b", 8, [50, 51], [1, 2, 4]),
+    ]
     model.run(out)
     outs = s.update(out, {"a": [3], "b": [3]})
     assert [o.num_cached_tokens for o in outs] == [0, 8]

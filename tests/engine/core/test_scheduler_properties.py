@@ -8,8 +8,15 @@ from hypothesis import strategies as st
 
 from engine.core.kv_cache import cdiv
 from engine.core.scheduler import Scheduler
-from tests.engine.core.helpers import (EOS, ToyPagedModel, check_invariants, make_request, make_scheduler, reference_kv,
-                                       run_to_completion)
+from tests.engine.core.helpers import (
+    EOS,
+    ToyPagedModel,
+    check_invariants,
+    make_request,
+    make_scheduler,
+    reference_kv,
+    run_to_completion,
+)
 
 VOCAB = 4  # tiny, so prompts share prefixes and hit the cache
 
@@ -20,24 +27,35 @@ def configs(draw: st.DrawFn) -> dict:
     max_model_len = draw(st.integers(4, 16))
     # Mostly just enough blocks for one max_model_len sequence (or a few
     # more); sometimes fewer, so the cache caps the length.
-    return dict(block_size=bs, max_model_len=max_model_len,
-                num_blocks=max(2, cdiv(max_model_len, bs) + 1 + draw(st.sampled_from([0, 0, 1, 3, -2]))),
-                max_num_seqs=draw(st.integers(1, 4)), max_num_batched_tokens=draw(st.integers(1, 12)),
-                long_prefill_token_threshold=draw(st.integers(0, 3)), enable_prefix_caching=draw(st.booleans()))
+    return dict(
+        block_size=bs,
+        max_model_len=max_model_len,
+        num_blocks=max(2, cdiv(max_model_len, bs) + 1 + draw(st.sampled_from([0, 0, 1, 3, -2]))),
+        max_num_seqs=draw(st.integers(1, 4)),
+        max_num_batched_tokens=draw(st.integers(1, 12)),
+        long_prefill_token_threshold=draw(st.integers(0, 3)),
+        enable_prefix_caching=draw(st.booleans()),
+    )
 
 
 @st.composite
 def prompts(draw: st.DrawFn, base: list[int], max_len: int) -> list[int]:
     """Often a prefix of the example's shared ``base`` plus a random tail."""
-    head = base[:draw(st.integers(0, len(base)))]
+    head = base[: draw(st.integers(0, len(base)))]
     tail = draw(st.lists(st.integers(0, VOCAB - 1), max_size=4))
     return (head + tail)[:max_len] or [1]
 
 
 def ops(base: list[int], max_model_len: int) -> st.SearchStrategy:
-    add = st.tuples(st.just("add"), prompts(base, max_model_len - 1), st.integers(1, 8),
-                    st.sampled_from([None, EOS]), st.booleans(), st.sampled_from([(), (3,)]),
-                    st.sampled_from([None, None, None, 1]))
+    add = st.tuples(
+        st.just("add"),
+        prompts(base, max_model_len - 1),
+        st.integers(1, 8),
+        st.sampled_from([None, EOS]),
+        st.booleans(),
+        st.sampled_from([(), (3,)]),
+        st.sampled_from([None, None, None, 1]),
+    )
     abort = st.tuples(st.just("abort"), st.integers(0, 50))
     step = st.tuples(st.just("step"))
     return st.lists(st.one_of(add, add, abort, step, step), min_size=4, max_size=40)
@@ -74,8 +92,15 @@ def test_random_streams_keep_invariants_and_drain(cfg: dict, data: st.DataObject
     for op in data.draw(ops(base, cfg["max_model_len"]), label="ops"):
         if op[0] == "add":
             _, prompt, max_tokens, eos, ignore_eos, stop_ids, prompt_logprobs = op
-            req = make_request(f"r{len(added)}", prompt, eos=eos, max_tokens=max_tokens, ignore_eos=ignore_eos,
-                               stop_token_ids=stop_ids, prompt_logprobs=prompt_logprobs)
+            req = make_request(
+                f"r{len(added)}",
+                prompt,
+                eos=eos,
+                max_tokens=max_tokens,
+                ignore_eos=ignore_eos,
+                stop_token_ids=stop_ids,
+                prompt_logprobs=prompt_logprobs,
+            )
             if len(prompt) >= s.max_model_len:  # only when the cache caps the length
                 with pytest.raises(ValueError, match="^prompt: "):
                     s.add_request(req)
@@ -97,16 +122,18 @@ def test_random_streams_keep_invariants_and_drain(cfg: dict, data: st.DataObject
     for r in added:
         if r.sampling_params.prompt_logprobs is not None and r.num_output_tokens:
             # Each prompt position exactly once, even across preemptions.
-            assert flagged[r.request_id][:r.num_prompt_tokens] == list(range(r.num_prompt_tokens))
+            assert flagged[r.request_id][: r.num_prompt_tokens] == list(range(r.num_prompt_tokens))
         assert r.num_output_tokens <= r.sampling_params.max_tokens and r.num_tokens <= s.max_model_len
     if s.get_stats().prefix_cache_hits:
         event("prefix cache hit")
 
 
 @settings(max_examples=60, deadline=None)
-@given(cfg=configs(),
-       prompt_list=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8), min_size=1, max_size=5),
-       max_tokens=st.integers(1, 8))
+@given(
+    cfg=configs(),
+    prompt_list=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8), min_size=1, max_size=5),
+    max_tokens=st.integers(1, 8),
+)
 def test_outputs_do_not_depend_on_pool_size(cfg: dict, prompt_list: list[list[int]], max_tokens: int) -> None:
     """Greedy toy decoding gives the same tokens in a tiny pool (preemption,
     recompute, evictions) as in a roomy one."""
@@ -117,7 +144,7 @@ def test_outputs_do_not_depend_on_pool_size(cfg: dict, prompt_list: list[list[in
         c = dict(cfg, num_blocks=num_blocks, max_model_len=tiny.max_model_len)
         s = make_scheduler(**c)
         for i, p in enumerate(prompt_list):
-            s.add_request(make_request(f"r{i}", p[:s.max_model_len - 1], eos=EOS, max_tokens=max_tokens))
+            s.add_request(make_request(f"r{i}", p[: s.max_model_len - 1], eos=EOS, max_tokens=max_tokens))
         results.append(run_to_completion(s, ToyPagedModel(num_blocks, cfg["block_size"], VOCAB)))
         assert s.kv.num_free_blocks == num_blocks - 1
         if s.get_stats().num_preemptions_total:

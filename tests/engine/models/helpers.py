@@ -25,8 +25,12 @@ def hf_model(arch: str, path: str, dtype: torch.dtype = torch.float32):
     import transformers
 
     cls = getattr(transformers, ORACLE_CLASSES[arch])
-    return cls.from_pretrained(path, dtype=dtype, attn_implementation="eager",
-                               experts_implementation="eager" if arch in ("mixtral", "mistral4") else None).eval()
+    return cls.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation="eager",
+        experts_implementation="eager" if arch in ("mixtral", "mistral4") else None,
+    ).eval()
 
 
 @torch.inference_mode()
@@ -35,10 +39,16 @@ def hf_logits(ref, tokens: list[int]) -> torch.Tensor:
     return ref(torch.tensor([tokens])).logits[0].float()
 
 
-def engine_model(path: str, dtype: str = "float32", parallel: ParallelConfig = ParallelConfig(),
-                 backend: str = "cpu", device: str | None = None):
-    model, _ = load_model(path, ModelConfig(dtype=dtype, device=device), parallel, attention_backend=backend,
-                          moe_backend=backend)
+def engine_model(
+    path: str,
+    dtype: str = "float32",
+    parallel: ParallelConfig = ParallelConfig(),
+    backend: str = "cpu",
+    device: str | None = None,
+):
+    model, _ = load_model(
+        path, ModelConfig(dtype=dtype, device=device), parallel, attention_backend=backend, moe_backend=backend
+    )
     return model
 
 
@@ -48,8 +58,9 @@ def prompts_of(lengths: list[int], vocab: int = 512, seed: int = 0) -> list[list
 
 
 @torch.inference_mode()
-def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | None = None,
-               block_size: int = 4, seed: int = 0) -> tuple[list[list[int]], list[torch.Tensor]]:
+def run_engine(
+    model, prompts: list[list[int]], decode_steps: int, chunk: int | None = None, block_size: int = 4, seed: int = 0
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Prefill every prompt (in ``chunk``-token pieces, or whole), then greedy-decode
     ``decode_steps`` tokens, all sequences batched together in every step.
 
@@ -64,7 +75,7 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
     random.Random(seed).shuffle(pool)
     block_ids, i = [], 0
     for n in need:
-        block_ids.append(pool[i:i + n])
+        block_ids.append(pool[i : i + n])
         i += n
     caches = model.allocate_kv_cache(sum(need) + 1, block_size)
     device = model.device  # step tensors go where the weights are
@@ -78,7 +89,7 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
         for b in active:
             remaining = len(tokens[b]) - done[b]
             q = remaining if chunk is None else min(chunk, remaining)
-            step_tokens.append(tokens[b][done[b]:done[b] + q])
+            step_tokens.append(tokens[b][done[b] : done[b] + q])
             q_lens.append(q)
             seq_lens.append(done[b] + q)
         meta = AttentionMetadata.build(block_size, q_lens, seq_lens, [block_ids[b] for b in active], device)
@@ -87,7 +98,7 @@ def run_engine(model, prompts: list[list[int]], decode_steps: int, chunk: int | 
         logits = model.compute_logits(hidden)  # [T, V]
         start = 0
         for b, q in zip(active, q_lens):
-            rows[b].append(logits[start:start + q])
+            rows[b].append(logits[start : start + q])
             start += q
             done[b] += q
             if done[b] == len(tokens[b]) and len(tokens[b]) < total[b]:

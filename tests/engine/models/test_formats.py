@@ -21,8 +21,15 @@ from engine.models.loader import read_config
 from engine.models.tiny import make_tiny, tiny_config
 from engine.models.uris import mistral_common_data_dir
 from engine.tokenizer import MistralCommonTokenizer, find_tokenizer, text_only_messages
-from tests.engine.models.helpers import (engine_model, hf_logits, hf_model, load_error, max_abs_diff, prompts_of,
-                                         run_engine)
+from tests.engine.models.helpers import (
+    engine_model,
+    hf_logits,
+    hf_model,
+    load_error,
+    max_abs_diff,
+    prompts_of,
+    run_engine,
+)
 
 FP32_TOL = 1e-4
 FP8_TOL = 1e-5
@@ -43,10 +50,21 @@ def make_tiny_mistral3(text_arch: str, seed: int, out: Path, **save_kwargs) -> s
     import transformers as tf
 
     text_cls = {"mistral": tf.MistralConfig, "mistral4": tf.Mistral4Config}[text_arch]
-    vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                    head_dim=16, image_size=32, patch_size=8)
-    config = tf.Mistral3Config(text_config=text_cls(**tiny_config(text_arch)), vision_config=vision,
-                               spatial_merge_size=2, tie_word_embeddings=False)
+    vision = tf.PixtralVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=16,
+        image_size=32,
+        patch_size=8,
+    )
+    config = tf.Mistral3Config(
+        text_config=text_cls(**tiny_config(text_arch)),
+        vision_config=vision,
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tf.Mistral3ForConditionalGeneration(config).to(torch.float32)
@@ -62,7 +80,8 @@ def mistral3_oracle(path: str):
     import transformers as tf
 
     return tf.Mistral3ForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
+        path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
 
 
 @pytest.mark.slow
@@ -135,10 +154,10 @@ def quantize_fp8(w: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     for i in range(nr):
         for j in range(nc):
-            tile = w[..., i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
+            tile = w[..., i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1]
             s = (tile.abs().amax(dim=(-2, -1)) / 448.0).clamp(min=1e-12)  # [...]
             scale[..., i, j] = s
-            q[..., i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (tile / s[..., None, None]).to(torch.float8_e4m3fn)
+            q[..., i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] = (tile / s[..., None, None]).to(torch.float8_e4m3fn)
     return q, scale
 
 
@@ -150,14 +169,18 @@ def reference_dequant(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
     out = q.float()
     for i in range(scale.shape[-2]):
         for j in range(scale.shape[-1]):
-            out[..., i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] *= scale[..., i, j, None, None]
+            out[..., i * b0 : (i + 1) * b0, j * b1 : (j + 1) * b1] *= scale[..., i, j, None, None]
     return out
 
 
 def _quantized(name: str) -> bool:
     """Linear and expert weights, as Small 4 ships them; embeddings, norms, router and head stay full."""
-    return (name.endswith("_proj.weight") or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
-            or ".experts." in name and name.endswith((".w1.weight", ".w2.weight", ".w3.weight")))
+    return (
+        name.endswith("_proj.weight")
+        or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        or ".experts." in name
+        and name.endswith((".w1.weight", ".w2.weight", ".w3.weight"))
+    )
 
 
 def write_fp8(src: str, dst: Path, block: tuple[int, int]) -> Path:
@@ -181,12 +204,17 @@ def write_fp8(src: str, dst: Path, block: tuple[int, int]) -> Path:
         out[name], out[name + "_scale_inv"] = q, s
         ref[name] = reference_dequant(q, s, block)
     first = next(n for n in out if n.endswith("_scale_inv"))
-    out[first[:-len("weight_scale_inv")] + "activation_scale"] = torch.tensor(1.0)  # ignored: dynamic activations
+    out[first[: -len("weight_scale_inv")] + "activation_scale"] = torch.tensor(1.0)  # ignored: dynamic activations
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block),
-                                  "activation_scheme": "dynamic", "modules_to_not_convert": ["lm_head"]}
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": list(block),
+        "activation_scheme": "dynamic",
+        "modules_to_not_convert": ["lm_head"],
+    }
     (dst / "config.json").write_text(json.dumps(cfg))
     return ref_dir
 
@@ -281,33 +309,50 @@ def halves_to_interleaved(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-_NATIVE = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-           "self_attn.o_proj": "attention.wo", "input_layernorm": "attention_norm",
-           "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "feed_forward.w1",
-           "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
-           "block_sparse_moe.gate": "feed_forward.gate"}
+_NATIVE = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "block_sparse_moe.gate": "feed_forward.gate",
+}
 
 
 def native_name(hf: str) -> str:
-    top = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-           "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf in top:
         return top[hf]
-    layer, rest = hf[len("model.layers."):].split(".", 1)
+    layer, rest = hf[len("model.layers.") :].split(".", 1)
     rest = rest.removesuffix(".weight")
     if rest.startswith("block_sparse_moe.experts."):
-        rest = "feed_forward.experts." + rest[len("block_sparse_moe.experts."):]
+        rest = "feed_forward.experts." + rest[len("block_sparse_moe.experts.") :]
     return f"layers.{layer}.{_NATIVE.get(rest, rest)}.weight"
 
 
 def write_consolidated(src: str, dst: Path, tokenizer: str | None = None, shards: int = 1) -> str:
     """Mistral's native folder for a tiny HF Mistral/Mixtral: params.json, consolidated weights, tekken.json."""
     cfg = json.loads((Path(src) / "config.json").read_text())
-    params = {"dim": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "head_dim": cfg["head_dim"],
-              "hidden_dim": cfg["intermediate_size"], "n_heads": cfg["num_attention_heads"],
-              "n_kv_heads": cfg["num_key_value_heads"], "norm_eps": cfg["rms_norm_eps"],
-              "vocab_size": cfg["vocab_size"], "rope_theta": cfg["rope_parameters"]["rope_theta"],
-              "max_seq_len": cfg["max_position_embeddings"]}
+    params = {
+        "dim": cfg["hidden_size"],
+        "n_layers": cfg["num_hidden_layers"],
+        "head_dim": cfg["head_dim"],
+        "hidden_dim": cfg["intermediate_size"],
+        "n_heads": cfg["num_attention_heads"],
+        "n_kv_heads": cfg["num_key_value_heads"],
+        "norm_eps": cfg["rms_norm_eps"],
+        "vocab_size": cfg["vocab_size"],
+        "rope_theta": cfg["rope_parameters"]["rope_theta"],
+        "max_seq_len": cfg["max_position_embeddings"],
+    }
     if "num_local_experts" in cfg:
         params["moe"] = {"num_experts": cfg["num_local_experts"], "num_experts_per_tok": cfg["num_experts_per_tok"]}
     tensors = {}
@@ -345,7 +390,7 @@ def test_native_qk_permutation_matches_interleaved_rotary():
 
     q_hf = (interleaved_to_halves(w_native, heads) @ x).view(heads, dim)  # [H, D] halves
     cos, sin = torch.cat([freqs.cos()] * 2), torch.cat([freqs.sin()] * 2)
-    half = torch.cat([-q_hf[:, dim // 2:], q_hf[:, :dim // 2]], dim=-1)
+    half = torch.cat([-q_hf[:, dim // 2 :], q_hf[:, : dim // 2]], dim=-1)
     hf_rotated = q_hf * cos + half * sin
     # HF position j*D/2 + i holds native position 2*i + j
     assert torch.allclose(hf_rotated, native_rotated.view(heads, dim // 2, 2).transpose(1, 2).reshape(heads, dim))
@@ -387,8 +432,9 @@ def test_consolidated_params_errors(tmp_path):
     message = load_error(str(folder))
     assert "params.json: required key 'hidden_dim' is missing" in message
     (folder / "params.json").write_text(json.dumps(dict(params, qk_nope_head_dim=64, kv_lora_rank=256)))
-    assert "params.json: 'qk_nope_head_dim' (Mistral 4 / multi-head latent attention) is not supported" in \
-        load_error(str(folder))
+    assert "params.json: 'qk_nope_head_dim' (Mistral 4 / multi-head latent attention) is not supported" in load_error(
+        str(folder)
+    )
     (folder / "params.json").write_text(json.dumps(params))
     (folder / "consolidated.safetensors").unlink()
     assert "no consolidated.safetensors" in load_error(str(folder))
@@ -407,8 +453,15 @@ def test_consolidated_bad_tensor_name_is_named(tmp_path):
 
 
 def test_image_content_is_refused_naming_the_part():
-    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+            ],
+        }
+    ]
     with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[1\]: image input is not supported by this engine$"):
         text_only_messages(messages)
     with pytest.raises(ValueError, match=r"^messages\[1\]\.content\[0\]: image input"):

@@ -90,8 +90,7 @@ def transformers_gguf(converted):
 def test_conversion_writes_a_complete_folder_once(converted, monkeypatch):
     folder, stderr, cache = converted
     assert folder.parent == cache / "models"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (folder / name).is_file(), name
     assert stderr.count("\n") == 1 and "converting SmolLM2-135M-Instruct.Q4_1.gguf" in stderr
     assert [p.name for p in (cache / "models").iterdir()] == [folder.name]  # no temp leftovers
@@ -134,8 +133,9 @@ def test_engine_logits_equal_transformers_on_default_model(converted, transforme
     assert hf_config["architectures"] == ["LlamaForCausalLM"] and hf_config["tie_word_embeddings"] is True
 
     tok = AutoTokenizer.from_pretrained(str(folder))
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   add_generation_prompt=True, tokenize=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     prompts = [tok(chat)["input_ids"], tok("The quick brown fox")["input_ids"]]
     tokens, logits = run_engine(model, prompts, 6, block_size=16)
     with torch.inference_mode():

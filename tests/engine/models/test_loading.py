@@ -177,14 +177,17 @@ def test_tied_embeddings_share_one_tensor(tmp_path):
 # --------------------------------------------------------------------------- registry and cache spec
 
 
-@pytest.mark.parametrize("cfg, cls", [
-    ({"architectures": ["MistralForCausalLM"]}, MistralForCausalLM),
-    ({"architectures": ["LlamaForCausalLM"]}, LlamaForCausalLM),
-    ({"architectures": ["MixtralForCausalLM"]}, MixtralForCausalLM),
-    ({"architectures": ["Mistral4ForCausalLM"]}, Mistral4ForCausalLM),
-    ({"model_type": "llama"}, LlamaForCausalLM),
-    ({"model_type": "mistral4"}, Mistral4ForCausalLM),
-])
+@pytest.mark.parametrize(
+    "cfg, cls",
+    [
+        ({"architectures": ["MistralForCausalLM"]}, MistralForCausalLM),
+        ({"architectures": ["LlamaForCausalLM"]}, LlamaForCausalLM),
+        ({"architectures": ["MixtralForCausalLM"]}, MixtralForCausalLM),
+        ({"architectures": ["Mistral4ForCausalLM"]}, Mistral4ForCausalLM),
+        ({"model_type": "llama"}, LlamaForCausalLM),
+        ({"model_type": "mistral4"}, Mistral4ForCausalLM),
+    ],
+)
 def test_resolve_architecture(cfg, cls):
     assert resolve_architecture(cfg) is cls
 
@@ -218,8 +221,15 @@ def test_mistral_sliding_window_default_matches_transformers():
     """MistralConfig defaults sliding_window to 4096 when config.json omits it; null disables it."""
     from kernels.backend import get_attention_backend
 
-    base = {"architectures": ["MistralForCausalLM"], "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    base = {
+        "architectures": ["MistralForCausalLM"],
+        "vocab_size": 16,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     attn = get_attention_backend("reference")
     assert MistralForCausalLM(base, attention_backend=attn).cfg.sliding_window == 4096
     assert MistralForCausalLM(dict(base, sliding_window=None), attention_backend=attn).cfg.sliding_window is None

@@ -31,20 +31,29 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_tiny_uri_parses_seed_and_overrides():
     assert parse_tiny_uri("tiny:mixtral") == ("mixtral", 0, {})
-    assert parse_tiny_uri("tiny:mistral4?seed=3&vocab_size=32768&norm_topk_prob=false") == \
-        ("mistral4", 3, {"vocab_size": 32768, "norm_topk_prob": False})
-    assert parse_tiny_uri("tiny:mistral?seed=3&vocab_size=32768&sliding_window=null") == \
-        ("mistral", 3, {"vocab_size": 32768, "sliding_window": None})
+    assert parse_tiny_uri("tiny:mistral4?seed=3&vocab_size=32768&norm_topk_prob=false") == (
+        "mistral4",
+        3,
+        {"vocab_size": 32768, "norm_topk_prob": False},
+    )
+    assert parse_tiny_uri("tiny:mistral?seed=3&vocab_size=32768&sliding_window=null") == (
+        "mistral",
+        3,
+        {"vocab_size": 32768, "sliding_window": None},
+    )
 
 
-@pytest.mark.parametrize("uri,message", [
-    ("tiny:gpt2", "unknown tiny architecture 'gpt2'"),
-    ("tiny:", "unknown tiny architecture ''"),
-    ("tiny:mixtral?seed=x", "seed must be an integer"),
-    ("tiny:mixtral?n_routed_experts=4", "'n_routed_experts' cannot be set for tiny mixtral"),
-    ("tiny:mixtral?rope_parameters=1", "'rope_parameters' cannot be set"),
-    ("tiny:mixtral?seed", "bad query string"),
-])
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        ("tiny:gpt2", "unknown tiny architecture 'gpt2'"),
+        ("tiny:", "unknown tiny architecture ''"),
+        ("tiny:mixtral?seed=x", "seed must be an integer"),
+        ("tiny:mixtral?n_routed_experts=4", "'n_routed_experts' cannot be set for tiny mixtral"),
+        ("tiny:mixtral?rope_parameters=1", "'rope_parameters' cannot be set"),
+        ("tiny:mixtral?seed", "bad query string"),
+    ],
+)
 def test_bad_tiny_uris_are_named(uri, message, cache_dir):
     with pytest.raises(ModelLoadError, match=message.replace("(", r"\(")):
         resolve_model_dir(uri)
@@ -83,8 +92,10 @@ def test_concurrent_builds_end_with_one_complete_folder(tmp_path):
         return (folder / "part1").is_file() and (folder / "part2").is_file()
 
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(build_once(final, build, complete, "building")),
-                                name=f"b{i}") for i in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(build_once(final, build, complete, "building")), name=f"b{i}")
+        for i in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -96,23 +107,30 @@ def test_concurrent_builds_end_with_one_complete_folder(tmp_path):
 
 def test_mistral_common_tokenizer_uri_names_a_packaged_file():
     path = resolve_tokenizer_path("mistral-common:tekken_240911.json")
-    assert Path(path).is_file() and Path(path).parent.name == "data" and Path(path).parent.parent.name == "mistral_common"
+    assert (
+        Path(path).is_file() and Path(path).parent.name == "data" and Path(path).parent.parent.name == "mistral_common"
+    )
     assert isinstance(load_tokenizer(path), MistralCommonTokenizer)
     assert resolve_tokenizer_path("/some/folder") == "/some/folder"  # plain paths pass through
 
 
 @pytest.mark.parametrize("name", ["mistral-common:nope.json", "mistral-common:", "mistral-common:../__init__.py"])
 def test_unknown_mistral_common_files_list_the_available_ones(name):
-    with pytest.raises(ValueError, match=r"^tokenizer: .*is not a mistral-common tokenizer file \(available: .*tekken_240911\.json"):
+    with pytest.raises(
+        ValueError, match=r"^tokenizer: .*is not a mistral-common tokenizer file \(available: .*tekken_240911\.json"
+    ):
         resolve_tokenizer_path(name)
 
 
 def test_an_engine_config_can_name_both(cache_dir):
     """A tiny model with a real Mistral tokenizer: text in, tokens out, and info names the URI."""
     uri = "tiny:mistral?seed=2&vocab_size=32768&num_hidden_layers=1"
-    core = EngineCore(EngineConfig(
-        model=ModelConfig(model=uri, tokenizer="mistral-common:mistral_instruct_tokenizer_240323.model.v3"),
-        cache=CacheConfig(num_blocks=16)))
+    core = EngineCore(
+        EngineConfig(
+            model=ModelConfig(model=uri, tokenizer="mistral-common:mistral_instruct_tokenizer_240323.model.v3"),
+            cache=CacheConfig(num_blocks=16),
+        )
+    )
     info = core.info()
     assert (info.model, info.architecture, info.vocab_size) == (uri, "MistralForCausalLM", 32768)
     core.add_request("r", "Hello world")

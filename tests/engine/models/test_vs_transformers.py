@@ -69,7 +69,7 @@ def test_prefill_then_decode_matches_transformers(name, checkpoints, oracles):
         assert diff < FP32_TOL, f"{name}: max abs diff {diff:.3e}"
         # greedy tokens the engine chose are transformers' argmax too
         prompt_len = len(seq) - DECODE
-        assert seq[prompt_len:] == expected[prompt_len - 1:-1].argmax(-1).tolist()
+        assert seq[prompt_len:] == expected[prompt_len - 1 : -1].argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("name", ["mistral_sliding8", "mixtral", "mistral4"])
@@ -104,11 +104,15 @@ def test_sliding_window_changes_logits(checkpoints):
     assert max_abs_diff(a[0][8:], b[0][8:]) > 1e-2
 
 
-@pytest.mark.parametrize("overrides", [
-    {"rope_interleave": False, "attention_bias": True},
-    {"norm_topk_prob": False, "routed_scaling_factor": 2.5},
-    {"q_lora_rank": None, "first_k_dense_replace": 0, "n_group": 2, "topk_group": 1},
-], ids=["rope_not_interleaved_biased", "no_renorm_scaled", "no_q_lora_all_moe"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rope_interleave": False, "attention_bias": True},
+        {"norm_topk_prob": False, "routed_scaling_factor": 2.5},
+        {"q_lora_rank": None, "first_k_dense_replace": 0, "n_group": 2, "topk_group": 1},
+    ],
+    ids=["rope_not_interleaved_biased", "no_renorm_scaled", "no_q_lora_all_moe"],
+)
 def test_mistral4_variants(overrides, tmp_path):
     path = make_tiny("mistral4", 3, str(tmp_path), num_hidden_layers=2, **overrides)
     tokens, logits = run_engine(engine_model(path), prompts_of([9, 40]), 2)
@@ -141,21 +145,53 @@ def test_bf16_runs_and_stays_close(name, checkpoints, oracles):
         exact, hf_bf16 = hf_logits(ref32, seq), hf_logits(ref16, seq)
         ours = (got - exact).abs().mean().item()
         theirs = (hf_bf16 - exact).abs().mean().item()
-        print(f"{name} bf16: mean abs err {ours:.4f} (transformers bf16: {theirs:.4f}), "
-              f"max {max_abs_diff(got, exact):.3f}")
+        print(
+            f"{name} bf16: mean abs err {ours:.4f} (transformers bf16: {theirs:.4f}), "
+            f"max {max_abs_diff(got, exact):.3f}"
+        )
         assert ours < 1.5 * theirs + 0.01
         assert max_abs_diff(got, exact) < 0.3 * exact.abs().max().item()
 
 
-@pytest.mark.parametrize("arch, rope", [
-    ("llama", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    ("mistral", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
-    ("mistral", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
-                 "beta_fast": 16.0, "beta_slow": 2.0}),
-    ("mistral", {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64,
-                 "attention_factor": 1.3}),
-], ids=["llama3", "linear", "yarn", "yarn_attention_factor"])
+@pytest.mark.parametrize(
+    "arch, rope",
+    [
+        (
+            "llama",
+            {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        ("mistral", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+        (
+            "mistral",
+            {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+            },
+        ),
+        (
+            "mistral",
+            {
+                "rope_type": "yarn",
+                "rope_theta": 1e6,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "attention_factor": 1.3,
+            },
+        ),
+    ],
+    ids=["llama3", "linear", "yarn", "yarn_attention_factor"],
+)
 def test_scaled_rope_types(arch, rope, tmp_path):
     path = make_tiny(arch, 6, str(tmp_path), num_hidden_layers=1, rope_parameters=rope)
     tokens, logits = run_engine(engine_model(path), prompts_of([70]), 2, chunk=32)
@@ -170,11 +206,26 @@ def test_rotary_frequencies_equal_transformers():
     from engine.models.layers import RotaryEmbedding, standardize_rope_parameters
 
     cases = [
-        transformers.LlamaConfig(head_dim=64, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-        transformers.MistralConfig(head_dim=128, rope_parameters={
-            "rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 4096}),
+        transformers.LlamaConfig(
+            head_dim=64,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+        transformers.MistralConfig(
+            head_dim=128,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 1e6,
+                "factor": 16.0,
+                "original_max_position_embeddings": 4096,
+            },
+        ),
         transformers.Mistral4Config(),  # the real Mistral Small 4 defaults: yarn over the 64-dim rope part
     ]
     for config in cases:

@@ -29,9 +29,11 @@ async def generate_all(engine: EngineClient, prompts: list[list[int]], max_token
 
     async def one(i: int, prompt: list[int]) -> dict:
         deltas = [d async for d in engine.generate(f"p{i}", prompt, params)]
-        return {"tokens": [t for d in deltas for t in d.token_ids],
-                "logprobs": [lp.logprob for d in deltas for lp in (d.logprobs or [])],
-                "finish_reason": deltas[-1].finish_reason}
+        return {
+            "tokens": [t for d in deltas for t in d.token_ids],
+            "logprobs": [lp.logprob for d in deltas for lp in (d.logprobs or [])],
+            "finish_reason": deltas[-1].finish_reason,
+        }
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 

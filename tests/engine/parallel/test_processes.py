@@ -32,11 +32,15 @@ MAX_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
-    return {arch: make_tiny(arch, seed=1, out=str(tmp_path_factory.mktemp(f"ep_{arch}"))) for arch in ("mixtral", "mistral4")}
+    return {
+        arch: make_tiny(arch, seed=1, out=str(tmp_path_factory.mktemp(f"ep_{arch}")))
+        for arch in ("mixtral", "mistral4")
+    }
 
 
-def config(path: str, ep_size: int = 1, ep_rank: int = 0, init_method: str | None = None,
-           timeout_s: float = 30.0) -> EngineConfig:
+def config(
+    path: str, ep_size: int = 1, ep_rank: int = 0, init_method: str | None = None, timeout_s: float = 30.0
+) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=path, num_threads=1),  # 2 cores, 2 ranks
         cache=CacheConfig(num_blocks=256, block_size=4),
@@ -78,12 +82,14 @@ class Group:
                 continue
             all_exited = all(p.exitcode is not None for p in self.procs.values())
             if all_exited or time.monotonic() > deadline:
-                raise AssertionError(f"no {tag!r} report ({'all ranks exited' if all_exited else f'{timeout}s'}); "
-                                     f"have {sorted(self.seen)}; exit codes "
-                                     f"{({n: p.exitcode for n, p in self.procs.items()})}")
+                raise AssertionError(
+                    f"no {tag!r} report ({'all ranks exited' if all_exited else f'{timeout}s'}); "
+                    f"have {sorted(self.seen)}; exit codes "
+                    f"{ ({n: p.exitcode for n, p in self.procs.items()}) }"
+                )
         return self.seen[tag]
 
-    def __enter__(self) -> "Group":
+    def __enter__(self) -> Group:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -126,12 +132,16 @@ def test_two_ranks_generate_what_one_process_generates(checkpoints, arch):
             assert p.exitcode == 0, p.name
 
     total = single_info.num_expert_params
-    print(f"\n{arch}: ep1 holds {single_info.num_local_expert_params} routed-expert params of {total}; "
-          f"ep2 rank 0 holds {rank0.num_local_expert_params}, rank 1 holds {rank1.num_local_expert_params}")
+    print(
+        f"\n{arch}: ep1 holds {single_info.num_local_expert_params} routed-expert params of {total}; "
+        f"ep2 rank 0 holds {rank0.num_local_expert_params}, rank 1 holds {rank1.num_local_expert_params}"
+    )
     for i, (g, e) in enumerate(zip(got, expected)):
         worst = max(abs(a - b) for a, b in zip(g["logprobs"], e["logprobs"]))
-        print(f"{arch} prompt {i} ({PROMPT_LENS[i]} tokens): ep2 == ep1 {g['tokens'] == e['tokens']}, "
-              f"max |logprob diff| {worst:.2e}, first tokens {g['tokens'][:6]}")
+        print(
+            f"{arch} prompt {i} ({PROMPT_LENS[i]} tokens): ep2 == ep1 {g['tokens'] == e['tokens']}, "
+            f"max |logprob diff| {worst:.2e}, first tokens {g['tokens'][:6]}"
+        )
 
     for g, e in zip(got, expected):
         assert len(set(e["tokens"])) > 4  # a lively sequence, so equality means something
@@ -164,7 +174,9 @@ def test_a_lost_worker_fails_rank0_streams_within_the_timeout(checkpoints, how):
         signalled = time.time()
         os.kill(worker.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         ended, reason = group.get("stream_end", timeout=timeout_s + 20)
-        print(f"\nworker {how}: rank 0's stream ended ({reason}) {ended - signalled:.2f}s later (timeout_s={timeout_s})")
+        print(
+            f"\nworker {how}: rank 0's stream ended ({reason}) {ended - signalled:.2f}s later (timeout_s={timeout_s})"
+        )
         assert reason == "abort"
         assert ended - signalled < timeout_s + 2.0
         assert group.get("healthy") is False

