@@ -159,7 +159,8 @@ class AutoEffortConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    num_replicas: int = 1
+    """The replica router, in each front door's process."""
+
     prefix_chars: int = 512  # leading prompt characters hashed for prefix affinity
     affinity_slack: int = 4  # keep a prefix on its replica unless it has this many more in flight than the least
     affinity_entries: int = 4096  # prefixes remembered (LRU)
@@ -167,7 +168,6 @@ class RouterConfig:
     replica_timeout_s: float = 60.0  # no chunk from a replica for this long (keepalives included): UNAVAILABLE
 
     def __post_init__(self) -> None:
-        _check(self.num_replicas >= 1, "num_replicas", "must be >= 1")
         _check(self.prefix_chars > 0, "prefix_chars", "must be positive")
         _check(self.affinity_slack >= 0, "affinity_slack", "must be >= 0")
         _check(self.affinity_entries > 0, "affinity_entries", "must be positive")

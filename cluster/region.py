@@ -111,7 +111,7 @@ class RegionServer:
         else:
             self.progress(f"attaching to the Serve application {app_name(self.cfg)!r} (ray.deploy is false)")
         await self._report_experts()
-        local = ServeBackend(app_name(self.cfg))
+        local = ServeBackend(self.cfg)
         self.router = build_region_router(self.cfg, local, peers)
         self.router.book.listeners.append(lambda t: self.progress(f"region health: {t.region} {t.state} ({t.reason})"))
         self.frontdoor = FrontDoor(
@@ -162,11 +162,11 @@ class RegionServer:
         except Exception as e:  # noqa: BLE001 -- a report, not a requirement
             log.warning("could not read a replica's status: %r", e)
             return
-        info = status["info"]
-        if info.num_expert_params:
-            shares = ", ".join(f"rank {r.ep_rank}: {r.num_local_expert_params:,}" for r in status["ranks"] if r)
+        info = status.info
+        if info is not None and info.num_expert_params:
+            shares = ", ".join(f"rank {r.ep_rank}: {r.num_local_expert_params:,}" for r in status.ranks)
             self.progress(
-                f"replica {status['replica']}: {info.architecture}, {info.num_expert_params:,} routed-expert "
+                f"replica {status.replica}: {info.architecture}, {info.num_expert_params:,} routed-expert "
                 f"parameters over {info.ep_size} rank(s) ({shares})"
             )
 

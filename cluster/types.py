@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.api import Resume, SamplingParams, TokenLogprob, Usage
+from engine.api import EngineInfo, EngineStats, Resume, SamplingParams, TokenLogprob, Usage
 from engine.config import EFFORTS  # in increasing depth
 
 AUTO = "auto"
@@ -46,15 +46,16 @@ FORWARDED_FROM = "levante-forwarded-from"
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateRequest:
     """One validated call, as the front door hands it on."""
 
     request_id: str
     model: str
     prompt: Prompt
-    params: SamplingParams  # params.reasoning_effort is set by the router, not the caller
-    reasoning_effort: str = AUTO  # as asked: one of REQUEST_EFFORTS
+    params: SamplingParams  # everything but the effort, which has one place: reasoning_effort
+    # as asked (one of REQUEST_EFFORTS) until the router decides; then the decided one of EFFORTS
+    reasoning_effort: str = AUTO
     tenant: str = "anonymous"
     max_effort: str = "high"  # the tenant's ceiling
     deadline: float | None = None  # absolute time.time(); None: no deadline
@@ -63,6 +64,10 @@ class GenerateRequest:
     forwarded_from: str | None = None  # a peer region's router sent it here: serve it here, never forward it again
     # W3C trace context (traceparent, tracestate) of the hop that sent it; None when tracing is off
     trace_context: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.reasoning_effort is not None:
+            raise ValueError("params.reasoning_effort: the effort travels as GenerateRequest.reasoning_effort")
 
 
 @dataclass
@@ -125,6 +130,21 @@ class ModelInfo:
     max_model_len: int
     architecture: str = ""
     ep_size: int = 1
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """One engine replica, for operators, metrics and tests."""
+
+    replica: str
+    state: str  # starting | serving | restarting | failed | stopped
+    restarts: int = 0
+    last_failure: str = ""
+    outstanding: int = 0  # requests it is streaming now
+    stats: EngineStats | None = None  # None while its engine is not serving
+    info: EngineInfo | None = None  # rank 0's figures
+    ranks: tuple[EngineInfo, ...] = ()  # every rank's, rank 0 first
+    time: float = 0.0  # when it answered (time.time())
 
 
 class DeployError(RuntimeError):

@@ -1,11 +1,11 @@
-"""The peer path of the serving benchmark: Ray Serve's built-in gRPC proxy in front of our Router.
+"""The peer path of the serving benchmark: Ray Serve's built-in gRPC proxy in front of our replicas.
 
 A thin Serve deployment (its own application) that Serve's gRPC proxy calls
 with a decoded ``levante.v1.GenerateRequest``. It converts with the front
 door's own functions (cluster/frontdoor/convert.py) and streams from the
-same Router deployment the Levante front door uses, so the two paths differ
-only in what sits between the client and the Router: our grpc.aio front
-door in the caller's process, or Serve's proxy actor plus this replica.
+same engine replicas through the same ``ReplicaRouter`` the Levante front
+door uses, so the two paths differ only in what sits between the client and
+the replicas: our grpc.aio front door, or Serve's proxy actor plus this replica.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from cluster.config_loader import config_from_dict
 from cluster.frontdoor.convert import (
     Limits,
     RequestError,
     ResponseEncoder,
     decode_generate,
 )
-from cluster.serve.streams import relay
+from cluster.serve.router import ReplicaRouter
 from levante.v1 import inference_pb2 as pb
 
 
@@ -31,16 +32,17 @@ def ingress_app_name(router_app: str) -> str:
 
 
 class ServeGrpcIngress:
-    def __init__(self, router_app: str, model_name: str, max_request_bytes: int, backend_timeout_s: float):
-        self.router = serve.get_app_handle(router_app)  # the Router deployment of the Levante app
-        self.model_name = model_name
-        self.max_request_bytes = max_request_bytes
-        self.backend_timeout_s = backend_timeout_s
+    def __init__(self, levante_app: str, config: dict):
+        cfg = config_from_dict(config, source="serve deployment")
+        self.router = ReplicaRouter(serve.get_app_handle(levante_app), cfg)  # the Levante app's replicas
+        self.model_name = cfg.model_name
+        self.max_request_bytes = cfg.frontdoor.max_request_bytes
+        self.backend_timeout_s = cfg.frontdoor.backend_timeout_s
         self._limits: Limits | None = None
 
     async def _get_limits(self) -> Limits:
         if self._limits is None:  # asked once, as the front door does
-            models = await asyncio.wait_for(self.router.models.remote(), self.backend_timeout_s)
+            models = await asyncio.wait_for(self.router.models(), self.backend_timeout_s)
             model = next((m for m in models if m.name == self.model_name), models[0])
             self._limits = Limits(self.model_name, model.max_model_len, self.max_request_bytes)
         return self._limits
@@ -58,9 +60,8 @@ class ServeGrpcIngress:
                 grpc_context.set_details(str(e))
             return
         encoder = ResponseEncoder(req.request_id)
-        # the same relay (and idle timeout) as our front door's backend, so both paths do equal work
-        stream = self.router.options(stream=True).generate.remote(req)
-        async with contextlib.aclosing(relay(stream, "router", self.backend_timeout_s)) as chunks:
+        # the same router (and idle timeout) as our front door's backend, so both paths do equal work
+        async with contextlib.aclosing(self.router.generate(req)) as chunks:
             async for chunk in chunks:
                 if chunk.error is not None:
                     if grpc_context is not None:
@@ -72,10 +73,8 @@ class ServeGrpcIngress:
                     yield pb.GenerateResponse.FromString(raw)
 
 
-def build_ingress_app(
-    router_app: str, model_name: str, max_request_bytes: int, backend_timeout_s: float
-) -> serve.Application:
+def build_ingress_app(levante_app: str, config: dict) -> serve.Application:
     deployment = serve.deployment(ServeGrpcIngress).options(
         name="ServeGrpcIngress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
     )
-    return deployment.bind(router_app, model_name, max_request_bytes, backend_timeout_s)
+    return deployment.bind(levante_app, config)

@@ -3,9 +3,10 @@
 One process, one model, the same prompts on three paths:
 
 1. in-process   -- ``engine.api.create_engine`` and its ``generate()`` iterator;
-2. levante      -- a gRPC client -> our grpc.aio front door -> Router -> EngineReplica -> rank actor(s);
-3. serve-proxy  -- a gRPC client -> Ray Serve's built-in gRPC proxy -> a thin ingress deployment ->
-                   the same Router deployment (cluster/bench/serve_grpc_ingress.py).
+2. levante      -- a gRPC client -> our grpc.aio front door (which routes) -> EngineReplica (rank 0)
+                   [-> rank actors 1..];
+3. serve-proxy  -- a gRPC client -> Ray Serve's built-in gRPC proxy -> a thin ingress deployment (which
+                   routes the same way) -> the same replicas (cluster/bench/serve_grpc_ingress.py).
 
 Requests run in rounds: each round sends the same ``concurrency`` prompts to
 every path in turn (the order rotates), so drift in a shared machine's load
@@ -90,6 +91,7 @@ def run_benchmark(cfg, opts: BenchOptions, progress: Callable[[str], None] = _sa
 
     from cluster.bench.paths import GrpcPath, InProcessPath, free_port
     from cluster.bench.serve_grpc_ingress import build_ingress_app, ingress_app_name
+    from cluster.config_loader import config_to_dict
     from cluster.region import RegionServer
     from cluster.serve.app import app_name
 
@@ -104,9 +106,7 @@ def run_benchmark(cfg, opts: BenchOptions, progress: Callable[[str], None] = _sa
         port = loop_thread.run(region.start(), timeout=cfg.replica.load_timeout_s + RAY_START_S)
         progress(f"deploying the Serve gRPC proxy's ingress {ingress!r} (proxy on 127.0.0.1:{grpc_port})")
         serve.run(
-            build_ingress_app(
-                app_name(cfg), cfg.model_name, cfg.frontdoor.max_request_bytes, cfg.frontdoor.backend_timeout_s
-            ),
+            build_ingress_app(app_name(cfg), config_to_dict(cfg)),
             name=ingress,
             route_prefix=f"/{ingress}",
         )

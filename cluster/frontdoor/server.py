@@ -7,6 +7,7 @@ the bad field of a malformed one; responses leave as bytes convert.py made.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -227,12 +228,19 @@ class FrontDoor:
         self._idle.clear()
         try:
             metadata = dict(context.invocation_metadata() or ())
-            request = await self._checked(raw, context, metadata.get(FORWARDED_FROM))
-            request.tenant, request.max_effort = tenant.name, tenant.max_effort
-            client_id = request.request_id  # what the client sees; the engine's id is per tenant
-            request.request_id = f"{tenant.name}/{client_id}"
+            forwarded_from = metadata.get(FORWARDED_FROM)
+            decoded = await self._checked(raw, context, forwarded_from)
+            client_id = decoded.request_id  # what the client sees; the engine's id is per tenant
             remaining = context.time_remaining()
-            request.deadline = None if remaining is None else time.time() + remaining
+            request = dataclasses.replace(
+                decoded,
+                request_id=f"{tenant.name}/{client_id}",
+                tenant=tenant.name,
+                max_effort=tenant.max_effort,
+                deadline=None if remaining is None else time.time() + remaining,
+                forwarded_from=forwarded_from,
+                trace_context=call.carrier() if call is not None else None,
+            )
             if call is not None:
                 call.admitted(request)
             async for message in self._stream(request, client_id, context, call):
@@ -252,7 +260,6 @@ class FrontDoor:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except LookupError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        request.forwarded_from = forwarded_from
         # A region router can still send the call to a peer region; a call a peer forwarded cannot go on.
         can_go_elsewhere = self.backend.fails_over and forwarded_from is None
         if not self._health.serving and not can_go_elsewhere:  # cached: asking a busy backend per call fails calls

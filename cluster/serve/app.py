@@ -1,4 +1,4 @@
-"""The Serve application of one region: Router -> EngineReplica (each an EP group)."""
+"""The Serve application of one region: EngineReplica deployments, each rank 0 of an EP group in its placement group."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig
 from cluster.config_loader import config_from_dict, config_to_dict
+from cluster.serve.ep_group import group_shape, rank_bundles
 from cluster.serve.replica import EngineReplica
 from cluster.serve.request_router import LevanteRequestRouter
-from cluster.serve.router import Router
 
 ENGINE_DEPLOYMENT = "EngineReplica"
-ROUTER_MAX_ONGOING = 100_000  # the router only forwards; the replicas' caps are what admit work
 
 
 def app_name(cfg: ClusterConfig) -> str:
@@ -22,12 +21,16 @@ def app_name(cfg: ClusterConfig) -> str:
 def build_app(cfg: ClusterConfig) -> serve.Application:
     shipped = config_to_dict(cfg)  # plain data: every replica rebuilds (and re-checks) the typed config
     r = cfg.replica
+    num_bundles, driver_gpus = group_shape(cfg)
     engine = serve.deployment(EngineReplica).options(
         name=ENGINE_DEPLOYMENT,
         num_replicas=r.num_replicas,
         max_ongoing_requests=r.max_ongoing_requests,
         max_queued_requests=r.max_queued_requests,
-        ray_actor_options={"num_cpus": 0},  # the ranks hold the CPUs/GPUs, in their placement group
+        # the replica is rank 0, in bundle 0; ranks 1.. (or vLLM's workers) take the other bundles
+        ray_actor_options={"num_cpus": r.cpus_per_rank, "num_gpus": driver_gpus},
+        placement_group_bundles=rank_bundles(r, num_bundles),
+        placement_group_strategy=r.placement_strategy,
         request_router_config=RequestRouterConfig(
             request_router_class=LevanteRequestRouter,
             request_router_kwargs={
@@ -40,13 +43,7 @@ def build_app(cfg: ClusterConfig) -> serve.Application:
         graceful_shutdown_timeout_s=cfg.frontdoor.drain_timeout_s,
         max_constructor_retry_count=2,  # a model that fails to load fails again: say so soon
     )
-    router = serve.deployment(Router).options(
-        name="Router",
-        num_replicas=cfg.router.num_replicas,
-        max_ongoing_requests=ROUTER_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0},
-    )
-    return router.bind(engine.bind(shipped), shipped)
+    return engine.bind(shipped)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -1,8 +1,10 @@
-"""One replica's expert-parallel group: N rank actors in a placement group, restarted as a gang.
+"""One replica's expert-parallel group: rank 0 in the replica's process, ranks 1.. as actors, restarted as a gang.
 
+The replica's placement group (Serve's ``placement_group_bundles``) holds one
+bundle per rank: bundle 0 is the replica itself, ranks 1.. take the others.
 A group is all or nothing: a rank that dies leaves the others blocked in a
-collective, so any loss tears the whole group down (actors and placement
-group) and builds it again. While that happens the group reports
+collective, so any loss stops rank 0's engine and the worker actors and starts
+them all again in the same bundles. While that happens the group reports
 ``restarting`` and the replica refuses requests with UNAVAILABLE; after
 ``max_gang_restarts`` failed attempts in a row it reports ``failed`` and the
 replica's Serve health check fails, so Serve replaces the replica.
@@ -17,13 +19,12 @@ import time
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig, ReplicaConfig
 from cluster.config_loader import engine_config_for_rank
-from cluster.serve.ranks import DriverRank, WorkerRank
-from engine.api import EngineInfo
+from cluster.serve.ranks import WorkerRank, free_tcp_address, start_rank_engine
+from engine.api import EngineClient, EngineInfo
 from engine.config import EngineConfig
 
 log = logging.getLogger("levante.ep_group")
@@ -72,18 +73,19 @@ def rank_configs(cfg: ClusterConfig, init_method: str | None) -> list[EngineConf
 
 
 class EPGroup:
+    """Rank 0's engine in this process (the replica's) and ranks 1.. as actors in the replica's placement group."""
+
     def __init__(self, cluster: ClusterConfig, name: str = "replica"):
         self.cluster = cluster
         self.cfg = cluster.replica
         self.name = name
         self.state = STARTING
-        self.driver: Any = None  # DriverRank handle
+        self.engine: EngineClient | None = None  # rank 0
         self.rank_infos: list[EngineInfo] = []  # every rank's figures, rank 0 first
         self.num_restarts = 0
         self.last_failure = ""
         self._workers: list[Any] = []
         self._worker_runs: list[ray.ObjectRef] = []
-        self._pg: Any = None
         self._watch: asyncio.Task | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class EPGroup:
         try:
             await self._launch()
         except BaseException:
-            await self._teardown(graceful=False)  # no placement group or half-started ranks left behind
+            await self._teardown(graceful=False)  # no half-started ranks left behind
             raise
         self.state = SERVING
         self._watch = asyncio.create_task(self._watch_loop())
@@ -113,36 +115,21 @@ class EPGroup:
     def serving(self) -> bool:
         return self.state == SERVING
 
-    def rank_actors(self) -> list[Any]:
-        """Rank 0 first; for drills that kill one rank."""
-        return [self.driver, *self._workers]
+    def worker_actors(self) -> list[Any]:
+        """Ranks 1.., for drills that kill one rank."""
+        return list(self._workers)
 
     async def _launch(self) -> None:
         cfg, timeout = self.cfg, self.cfg.load_timeout_s
-        num_bundles, driver_gpus = group_shape(self.cluster)
-        self._pg = placement_group(
-            rank_bundles(cfg, num_bundles), strategy=cfg.placement_strategy, name=f"{self.name}-ep"
-        )
-        await asyncio.wait_for(self._pg.ready(), timeout)
-        resources = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if cfg.accelerator == "gpu" else 0}
-
-        def on_bundle(i: int) -> dict:
-            # capture: vLLM's Ray executor finds this group as the driver's current one
-            strategy = PlacementGroupSchedulingStrategy(
-                self._pg, placement_group_bundle_index=i, placement_group_capture_child_tasks=True
-            )
-            return dict(resources, scheduling_strategy=strategy)
-
-        self.driver = DriverRank.options(**{**on_bundle(0), "num_gpus": driver_gpus}).remote(
-            self.cluster.telemetry.tracing, self.cluster.region
-        )
-        init_method = None
-        if cfg.ep_size > 1:
-            init_method = await asyncio.wait_for(self.driver.rendezvous_address.remote(), cfg.rank_timeout_s)
+        pg = ray.util.get_current_placement_group()  # the replica's (Serve's placement_group_bundles)
+        init_method = free_tcp_address() if cfg.ep_size > 1 else None
         configs = rank_configs(self.cluster, init_method)
-        self._workers = [WorkerRank.options(**on_bundle(r)).remote() for r in range(1, cfg.ep_size)]
-        self._worker_runs = [w.run.remote(c) for w, c in zip(self._workers, configs[1:])]
-        start = asyncio.ensure_future(self.driver.start.remote(configs[0]))
+        self._workers = [WorkerRank.options(**_on_bundle(pg, r, cfg)).remote() for r in range(1, cfg.ep_size)]
+        self._worker_runs = [w.run.remote(c) for w, c in zip(self._workers, configs[1:], strict=True)]
+        # vLLM's workers (several GPUs per engine) go into this replica's placement group, one per bundle
+        start = asyncio.ensure_future(
+            asyncio.to_thread(start_rank_engine, configs[0], pg if self.cluster.engine.backend == "vllm" else None)
+        )
         runs = [asyncio.ensure_future(r) for r in self._worker_runs]
         # One deadline for the whole start; a worker that ends first (a load error) says why at once.
         done, _ = await asyncio.wait([start, *runs], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -151,9 +138,9 @@ class EPGroup:
         if start not in done:
             await next(iter(done))  # re-raises the worker's error
             raise RuntimeError("an expert-parallel rank exited before its group formed")
-        info = start.result()  # re-raises rank 0's load error
+        self.engine = start.result()  # re-raises rank 0's load error
         workers = await asyncio.wait_for(asyncio.gather(*map(self._joined, self._workers)), cfg.rank_timeout_s)
-        self.rank_infos = [info, *workers]
+        self.rank_infos = [await self.engine.info(), *workers]
 
     @staticmethod
     async def _joined(worker: Any) -> EngineInfo:
@@ -163,17 +150,19 @@ class EPGroup:
         return info
 
     async def _teardown(self, graceful: bool) -> None:
-        if graceful and self.driver is not None:
-            try:  # rank 0 tells the followers to stop, so they leave the process group cleanly
-                await asyncio.wait_for(self.driver.shutdown.remote(), self.cfg.rank_timeout_s)
-            except Exception:  # noqa: BLE001 -- a dead rank is what we are cleaning up after
-                pass
-        for actor in self.rank_actors():
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-        self.driver, self._workers, self._worker_runs, self._pg = None, [], [], None
+        """Rank 0 stops first when all is well (it tells the followers to leave the process group
+        cleanly); after a loss the workers go first, so a collective stuck on one fails at once."""
+        if not graceful:
+            self._kill_workers()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.shutdown, self.cfg.rank_timeout_s)
+        self._kill_workers()
+
+    def _kill_workers(self) -> None:
+        for actor in self._workers:
+            ray.kill(actor, no_restart=True)
+        self._workers, self._worker_runs = [], []
 
     # ---- failure detection and gang restart ----------------------------------------------------
 
@@ -194,11 +183,8 @@ class EPGroup:
             ended, _ = ray.wait(self._worker_runs, num_returns=1, timeout=0)
             if ended:
                 return f"rank {1 + self._worker_runs.index(ended[0])} exited"
-        try:
-            if not await asyncio.wait_for(self.driver.health.remote(), self.cfg.rank_timeout_s):
-                return "rank 0 engine is not healthy"
-        except Exception as e:  # noqa: BLE001 -- actor death, timeout: all mean the group is lost
-            return f"rank 0 unreachable: {type(e).__name__}"
+        if self.engine is None or not await self.engine.health():
+            return "rank 0 engine is not healthy"
         return ""
 
     async def restart(self, reason: str) -> None:
@@ -219,3 +205,11 @@ class EPGroup:
             return
         await self._teardown(graceful=False)  # give the resources back; Serve replaces this replica
         self.state = FAILED
+
+
+def _on_bundle(pg: Any, index: int, cfg: ReplicaConfig) -> dict[str, Any]:
+    """A worker rank's actor options: its bundle of the replica's placement group (when there is one)."""
+    options: dict[str, Any] = {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1 if cfg.accelerator == "gpu" else 0}
+    if pg is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+    return options

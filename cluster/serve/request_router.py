@@ -1,15 +1,14 @@
 """Serve's request router for engine replicas: our policy plugged into Serve's routing loop.
 
-It runs inside the router deployment's process (wherever a handle to the
+It runs inside the front door's process (wherever a handle to the
 engine deployment lives). Serve hands it the running replicas; the policy
 in ``cluster.router.policy`` ranks them (prefix affinity, then least
 outstanding) and Serve tries them in that order, skipping full ones.
 
-Serve serializes a call's arguments before routing it, so the choice cannot
-ride back on them: the request router records it in ``routing.CHOICES``
-under the hint's token, and the router deployment (same process) takes it
-from there to tell the client. Serve ships this module by value, so shared
-objects are reached through the ``routing`` module, never imported by name.
+The choice rides back on the hint itself (``hint.choice``): Serve keeps a
+call's arguments as the caller passed them until it sends them. Serve ships
+this module by value, so the hint's class is reached through the ``routing``
+module, never imported by name.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ class LevanteRequestRouter(RequestRouter):
             ranked = ranked_replicas(loads, hint.prefix_key, self._affinity, self._slack)
         except NoReplicaAvailable:  # every candidate is avoided: try them anyway rather than fail
             ranked = [(rid, "every replica failed recently; trying all") for rid in sorted(by_id)]
-        routing.CHOICES.record(hint.token, *ranked[0])
+        hint.choice = ranked[0]  # a retry after backoff overwrites the earlier try
         return [[by_id[rid]] for rid, _ in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:

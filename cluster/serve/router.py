@@ -1,11 +1,12 @@
-"""The router deployment: decides each request's reasoning depth and sends it to a replica.
+"""The replica router, in the front door's process: each request's reasoning depth and its replica.
 
 Depth comes from ``cluster.router.policy.decide_effort`` (explicit efforts
 capped by the tenant, AUTO by prompt, deadline and current queueing delay).
 The replica is chosen by ``LevanteRequestRouter`` inside this process's
-handle to the engine deployment. A replica that answers UNAVAILABLE before
-its first token (its EP group is restarting) is avoided for a while and the
-request goes to another one.
+handle to the engine deployment, and the request goes straight to it: one
+Ray hop, its chunks pushed back on the call's streaming generator. A replica
+that answers UNAVAILABLE before its first token (its EP group is restarting)
+is avoided for a while and the request goes to another one.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ from typing import Any
 from opentelemetry.trace import Span, SpanKind
 from ray.serve.exceptions import BackPressureError
 
-from cluster.config_loader import config_from_dict
+from cluster.config import ClusterConfig
 from cluster.router.policy import decide_for, prefix_key
-from cluster.serve.routing import CHOICES, RoutingHint
+from cluster.serve.routing import RoutingHint
 from cluster.serve.streams import relay
 from cluster.telemetry import spans, tracing
-from cluster.telemetry.hookup import ROUTER, setup_process_tracing
 from cluster.types import UNAVAILABLE, Chunk, Decision, GenerateRequest, ModelInfo
 
 AVOID_S = 10.0  # how long a replica that said UNAVAILABLE is skipped
@@ -67,11 +67,10 @@ class QueueDelay:
         return self.average * 0.5 ** (max(0.0, now - self._updated) / self.half_life_s)
 
 
-class Router:
-    def __init__(self, engine: Any, config: dict[str, Any]):
-        self.engine = engine  # DeploymentHandle to EngineReplica
-        self.cfg = config_from_dict(config, source="serve deployment")
-        setup_process_tracing(self.cfg, ROUTER)
+class ReplicaRouter:
+    def __init__(self, engine: Any, cfg: ClusterConfig):
+        self.engine = engine  # DeploymentHandle to EngineReplica, its request router in this process
+        self.cfg = cfg
         self.delay = QueueDelay()
         self._avoid: dict[str, float] = {}  # replica id -> until (monotonic)
         self._ready = False
@@ -80,58 +79,53 @@ class Router:
         self._probed = float("-inf")
         self._models: list[ModelInfo] | None = None
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
-        # An async generator itself (Serve streams those); the span is None with tracing off.
-        span = tracing.start_span(
-            spans.ROUTER,
-            request.trace_context,
-            SpanKind.SERVER,
-            {"levante.request_id": request.request_id, "levante.requested_effort": request.reasoning_effort},
-        )
-        if span is not None:  # the replica's spans are children of this one
-            request = dataclasses.replace(request, trace_context=tracing.carrier_of(span))
-        async with contextlib.aclosing(spans.traced(span, self._generate(request, span))) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        attributes = {"levante.requested_effort": request.reasoning_effort}
+        return spans.traced_hop(spans.ROUTER, request, attributes, lambda span: self._generate(request, span),
+                                SpanKind.CLIENT)
 
     async def _generate(self, request: GenerateRequest, span: Span | None) -> AsyncIterator[Chunk]:
         now = time.monotonic()
         decision = decide_for(request, self.delay.current(now), self.cfg.router.auto, time.time())
         tracing.set_attributes(span, {"levante.effort": decision.effort, "levante.effort_reason": decision.reason})
+        # the replica's spans are children of this one; the effort is decided from here on
+        request = dataclasses.replace(request, reasoning_effort=decision.effort,
+                                      trace_context=tracing.carrier_of(span) or request.trace_context)
         key = prefix_key(request.prompt, self.cfg.router.prefix_chars)
         for attempt in range(2):
-            hint = RoutingHint(prefix_key=key, avoid=self._avoided(now))
-            retry = sent = False
             if attempt:  # a new engine id: the first attempt's abort may not have landed yet
                 request = dataclasses.replace(request, request_id=f"{request.request_id}#retry")
+            hint = RoutingHint(prefix_key=key, avoid=self._avoided(now))
+            retry = sent = False
             async with contextlib.aclosing(self._dispatch(request, decision, hint, span)) as chunks:
                 async for chunk in chunks:
-                    lost = (
-                        chunk.error is not None
-                        and chunk.error.code == UNAVAILABLE
-                        and chunk.error.field in ("replica", "engine")
-                    )
-                    if lost and chunk.served_by is not None:
-                        self._avoid[chunk.served_by.replica] = time.monotonic() + AVOID_S
-                        if attempt == 0 and not sent:  # nothing reached the client yet: try another replica
-                            retry = True
-                            if span is not None:
-                                span.add_event(
-                                    "replica retry",
-                                    {"levante.replica": chunk.served_by.replica, "levante.reason": chunk.error.message},
-                                )
-                            break
+                    if self._lost(chunk) and attempt == 0 and not sent:  # nothing reached the client: try another
+                        retry = True
+                        if span is not None:
+                            span.add_event("replica retry", {"levante.replica": chunk.served_by.replica,
+                                                             "levante.reason": chunk.error.message})
+                        break
                     sent = sent or bool(chunk.token_ids)
                     yield chunk
             if not retry:
                 return
+
+    def _lost(self, chunk: Chunk) -> bool:
+        """True when ``chunk`` says its replica lost the request; that replica is avoided for a while."""
+        error = chunk.error
+        if error is None or error.code != UNAVAILABLE or error.field not in ("replica", "engine"):
+            return False
+        if chunk.served_by is None:
+            return False
+        self._avoid[chunk.served_by.replica] = time.monotonic() + AVOID_S
+        return True
 
     async def _dispatch(
         self, request: GenerateRequest, decision: Decision, hint: RoutingHint, span: Span | None = None
     ) -> AsyncIterator[Chunk]:
         rid = request.request_id
         self.delay.dispatched(rid, time.monotonic())
-        stream = self.engine.options(stream=True).generate.remote(request, decision, hint=hint)
+        stream = self.engine.options(stream=True).generate.remote(request, hint=hint)
         first = waiting = True
         try:  # replicas send keepalives, so silence for replica_timeout_s means a lost replica
             async with contextlib.aclosing(relay(stream, "replica", self.cfg.router.replica_timeout_s)) as chunks:
@@ -193,8 +187,9 @@ class Router:
 
 
 def _decided(decision: Decision, hint: RoutingHint, first: Chunk) -> Decision:
-    """The effort decision plus where the request went and why."""
-    choice = CHOICES.take(hint.token)
+    """The effort decision plus where the request went and why (the request router's choice rides
+    back on the hint: it runs in this process, on the same object)."""
+    choice = hint.choice
     replica = first.served_by.replica if first.served_by is not None else choice[0] if choice else ""
     reason = decision.reason
     if choice is not None and choice[0] == replica:

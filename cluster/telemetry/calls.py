@@ -37,9 +37,12 @@ class CallTelemetry:
         )
         self.observer = metrics.call() if metrics is not None else None
 
+    def carrier(self) -> dict[str, str] | None:
+        """This call's span context, for the request to carry to the next hop."""
+        return tracing.carrier_of(self.span)
+
     def admitted(self, request: GenerateRequest) -> None:
-        """The call is a valid request now: it carries this span's context to the next hop."""
-        request.trace_context = tracing.carrier_of(self.span)
+        """The call is a valid request now."""
         tracing.set_attributes(
             self.span,
             {

@@ -1,7 +1,7 @@
 """Telemetry from the cluster config, for each kind of process.
 
-- The Router and EngineReplica replicas and rank 0's actor: ``setup_process_tracing`` with the
-  config they already get (the replicas a plain dict, rank 0 its ``TracingConfig``).
+- The EngineReplica replicas (each rank 0 of its group): ``setup_process_tracing`` with the
+  config they already get.
 - The front door's process: ``ServerTelemetry`` — its tracing, the metrics registry, the
   ``/metrics`` endpoint, the engine poller and the region router's listeners.
 """
@@ -20,7 +20,7 @@ from cluster.telemetry.poller import EnginePoller, StatusSource
 
 log = logging.getLogger(__name__)
 
-FRONTDOOR, ROUTER, REPLICA, RANK0 = "frontdoor", "router", "replica", "rank0"  # levante.component
+FRONTDOOR, REPLICA = "frontdoor", "replica"  # levante.component
 
 
 def setup_process_tracing(cfg: ClusterConfig, component: str) -> bool:

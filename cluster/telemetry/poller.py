@@ -14,14 +14,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cluster.periodic import Periodic
+from cluster.types import ReplicaStatus
 from engine.api import EngineStats
 
 log = logging.getLogger(__name__)
 STALE_POLLS = 3
-StatusSource = Callable[[float], Awaitable[list[dict[str, Any]]]]  # (timeout_s) -> replica statuses
+StatusSource = Callable[[float], Awaitable[list[ReplicaStatus]]]  # (timeout_s) -> replica statuses
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,7 @@ class EnginePoller(Periodic):
             statuses = []
         now = time.monotonic()
         fresh = {
-            s["replica"]: ReplicaSnapshot(
-                s["replica"], s.get("state", "unknown"), int(s.get("restarts", 0)), s.get("stats"), now
-            )
+            s.replica: ReplicaSnapshot(s.replica, s.state, s.restarts, s.stats, now)
             for s in statuses
         }
         kept = {r: s for r, s in self.snapshots.items() if now - s.at < STALE_POLLS * self.interval_s}

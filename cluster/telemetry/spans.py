@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 from opentelemetry.trace import Span, SpanKind
 
@@ -62,6 +63,22 @@ async def traced(
         if before_end is not None:
             before_end(error)
         tracing.end_span(span, error)
+
+
+def traced_hop(
+    name: str,
+    request: GenerateRequest,
+    attributes: Mapping[str, Any],
+    body: Callable[[Span | None], AsyncIterator[Chunk]],
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> AsyncIterator[Chunk]:
+    """``body(span)``'s chunks inside one span named ``name``, a child of the request's trace context;
+    with tracing off, ``body(None)`` as it is."""
+    if not tracing.active():
+        return body(None)
+    span = tracing.start_span(name, request.trace_context, kind, {"levante.request_id": request.request_id,
+                                                                   **attributes})
+    return traced(span, body(span))
 
 
 # ---- the engine's stages -------------------------------------------------------------------------

@@ -79,11 +79,11 @@ def local(loop):
 def remote(loop):
     region = RegionServer(CONFIG, progress=lambda m: print(f"[region] {m}"))
     loop.run(region.start(), timeout=600)
-    backend = ServeBackend(app_name(CONFIG))
+    backend = ServeBackend(CONFIG)
     replica = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name(CONFIG))
 
     async def used_blocks() -> int:
-        s = (await asyncio.wait_for(replica.status.remote(), 30))["stats"]
+        s = (await asyncio.wait_for(replica.status.remote(), 30)).stats
         return s.num_used_blocks + s.num_running
 
     yield backend, used_blocks

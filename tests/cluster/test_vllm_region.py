@@ -88,7 +88,7 @@ def tokens_of(responses) -> list[int]:
 
 def used_blocks(loop) -> int:
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app_name(CONFIG))
-    stats = loop.run(asyncio.wait_for(handle.status.remote(), 30))["stats"]
+    stats = loop.run(asyncio.wait_for(handle.status.remote(), 30)).stats
     return stats.num_used_blocks + stats.num_running
 
 

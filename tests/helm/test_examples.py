@@ -180,6 +180,7 @@ def test_serve_config_is_what_ray_serve_and_the_app_builder_accept(example):
         assert override["name"] in deployments, (override["name"], sorted(deployments))
         code = deployments[override["name"]].ray_actor_options
         assert override["ray_actor_options"]["num_cpus"] == code.get("num_cpus")
+        assert override["ray_actor_options"]["num_gpus"] == code.get("num_gpus")
 
 
 def test_router_and_replicas_are_kept_on_ray_pods(example):

@@ -92,16 +92,32 @@ the chart owns. serveConfigV2 (args.config) and the front door's ConfigMap both 
 {{- end }}
 
 {{/*
-The Serve config KubeRay deploys (serveConfigV2). The deployment overrides replace the code's
-ray_actor_options as a whole (Serve's override_deployment_info), hence num_cpus 0 again: the
-router and the replica hold no CPUs, the ranks in their placement groups hold them.
+The Serve config KubeRay deploys (serveConfigV2). The deployment override replaces the code's
+ray_actor_options as a whole (Serve's override_deployment_info), hence the replica's own resources
+again, as cluster/serve/app.py sets them: it is rank 0, in bundle 0 of its placement group, with
+cpus_per_rank CPUs and its bundle's GPU unless vLLM's workers take the GPUs (world size > 1).
 */}}
 {{- define "levante.serveConfig" -}}
 {{- $cfg := include "levante.clusterConfig" . | fromJson }}
+{{- $r := $cfg.replica }}
+{{- $e := $cfg.engine }}
+{{- $world := 1 }}
+{{- if eq (default "native" $e.backend) "vllm" }}
+{{- $v := default (dict) $e.vllm }}
+{{- $world = mul (int (default 1 $v.tensor_parallel_size)) (int (default 1 $v.pipeline_parallel_size)) (int (default 1 $v.data_parallel_size)) }}
+{{- end }}
+{{- $gpus := 0 }}
+{{- if and (eq (default "cpu" $r.accelerator) "gpu") (eq (int $world) 1) }}
+{{- $gpus = 1 }}
+{{- end }}
+{{- $cpus := 1.0 }}
+{{- if hasKey $r "cpus_per_rank" }}
+{{- $cpus = float64 $r.cpus_per_rank }}
+{{- end }}
 {{- $selector := dict (include "levante.rayNodeLabelKey" .) (include "levante.rayNodeLabelValue" .) }}
-{{- $actor := dict "num_cpus" 0 "label_selector" $selector }}
+{{- $actor := dict "num_cpus" $cpus "num_gpus" $gpus "label_selector" $selector }}
 {{- $app := dict "name" (printf "levante-%s" .Values.levante.region) "import_path" "cluster.serve.app:app_builder" "route_prefix" nil "args" (dict "config" $cfg) }}
-{{- $_ := set $app "deployments" (list (dict "name" "Router" "ray_actor_options" $actor) (dict "name" "EngineReplica" "ray_actor_options" $actor)) }}
+{{- $_ := set $app "deployments" (list (dict "name" "EngineReplica" "ray_actor_options" $actor)) }}
 {{- $serve := dict "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
 {{- toYaml $serve }}
 {{- end }}

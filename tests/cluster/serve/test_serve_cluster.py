@@ -74,7 +74,7 @@ def replica_statuses(loop, n: int = 2) -> dict[str, dict]:
     handle = replica_handle()
     for _ in range(50):
         s = loop.run(_call(handle.status.remote()))
-        seen[s["replica"]] = s
+        seen[s.replica] = s
         if len(seen) == n:
             break
     return seen
@@ -121,9 +121,9 @@ def test_each_rank_holds_half_the_routed_experts(region, loop):
     statuses = replica_statuses(loop)
     assert len(statuses) == 2
     for s in statuses.values():
-        ranks = s["ranks"]
+        ranks = s.ranks
         print(
-            f"\nreplica {s['replica']}: "
+            f"\nreplica {s.replica}: "
             + ", ".join(f"rank {r.ep_rank} holds {r.num_local_expert_params} of {r.num_expert_params}" for r in ranks)
         )
         assert [r.ep_rank for r in ranks] == [0, 1] and all(r.ep_size == 2 for r in ranks)
@@ -171,10 +171,10 @@ def test_same_prefix_sticks_to_its_replica(ch):
 
 def _all_idle(loop) -> bool:
     return all(
-        s["stats"] is not None
-        and s["stats"].num_running == 0
-        and s["stats"].num_used_blocks == 0
-        and s["outstanding"] == 0
+        s.stats is not None
+        and s.stats.num_running == 0
+        and s.stats.num_used_blocks == 0
+        and s.outstanding == 0
         for s in replica_statuses(loop).values()
     )
 
@@ -190,7 +190,7 @@ def test_cancel_and_deadline_free_kv_blocks_on_the_replica(ch, loop):
     for r in stream:
         if r.WhichOneof("kind") == "delta":
             break
-    assert any(s["stats"].num_used_blocks > 0 for s in replica_statuses(loop).values())
+    assert any(s.stats.num_used_blocks > 0 for s in replica_statuses(loop).values())
     stream.cancel()
     wait_until(lambda: _all_idle(loop), timeout=30, what="blocks freed after cancel")
 
@@ -220,7 +220,7 @@ def test_full_queues_answer_resource_exhausted_and_recover(ch):
 
 def test_losing_one_rank_restarts_the_gang_and_traffic_goes_on(ch, loop):
     handle = replica_handle()
-    victim = loop.run(_call(handle.status.remote()))["replica"]
+    victim = loop.run(_call(handle.status.remote())).replica
     # kill rank 1 of whichever replica answers the next kill call, then watch it come back
     loop.run(_call(handle.kill_rank.remote(1)))
     began = time.monotonic()
@@ -230,19 +230,19 @@ def test_losing_one_rank_restarts_the_gang_and_traffic_goes_on(ch, loop):
         served.append(final_of(out).served_by.replica)
         statuses = replica_statuses(loop)
         if (
-            all(s["state"] == "serving" for s in statuses.values())
-            and sum(s["restarts"] for s in statuses.values()) >= 1
+            all(s.state == "serving" for s in statuses.values())
+            and sum(s.restarts for s in statuses.values()) >= 1
         ):
             break
         time.sleep(0.5)
     statuses = replica_statuses(loop)
-    restarted = [s for s in statuses.values() if s["restarts"] >= 1]
+    restarted = [s for s in statuses.values() if s.restarts >= 1]
     print(
         f"\nrank 1 killed (asked {victim}); gang back after {time.monotonic() - began:.1f}s; "
-        f"restarted {[s['replica'] for s in restarted]} ({restarted[0]['last_failure'] if restarted else '-'}); "
+        f"restarted {[s.replica for s in restarted]} ({restarted[0].last_failure if restarted else '-'}); "
         f"{len(served)} calls served meanwhile"
     )
-    assert restarted and all(s["state"] == "serving" for s in statuses.values())
+    assert restarted and all(s.state == "serving" for s in statuses.values())
     assert tokens_of(generate(ch, request([1, 2, 3], max_tokens=4), timeout=120))
 
 
@@ -260,7 +260,7 @@ def test_region_stays_serving_while_one_replica_restarts_with_no_traffic(region,
         time.sleep(0.25)
     assert set(seen) == {health_pb2.HealthCheckResponse.SERVING}, seen
     wait_until(
-        lambda: all(s["state"] == "serving" for s in replica_statuses(loop).values()),
+        lambda: all(s.state == "serving" for s in replica_statuses(loop).values()),
         timeout=90,
         what="the restarted gang back",
     )
