@@ -7,9 +7,9 @@ A trace of one request (docs/observability.md):
     levante.v1.Inference/Generate        front door, SERVER, parent: the caller's traceparent
       levante.region_router               the region router (cluster/regions/failover.py)
         levante.region_attempt            one per region tried, CLIENT; event "region failover" when left
-          levante.router                  the Router deployment (effort, replica), SERVER
-            levante.replica               the EngineReplica, SERVER
-              levante.engine              rank 0's engine, from the request's timings
+          levante.router                  the replica router in the front door (effort, replica), CLIENT
+            levante.replica               the EngineReplica (rank 0), SERVER, across the one Ray hop
+              levante.engine              its engine, from the request's timings
                 levante.engine.queue / .prefill / .decode
           (a peer region: its own levante.v1.Inference/Generate, through gRPC metadata)
 
@@ -93,7 +93,7 @@ def engine_spans(
 ) -> None:
     """``levante.engine`` and its queue, prefill and decode children, with the times the engine recorded.
 
-    Called where a request's final delta passes (rank 0's pump, ``LocalBackend``): it never raises,
+    Called where a request's final delta passes (``run_request``): it never raises,
     so a tracing fault cannot hold back the delta that ends a stream.
     """
     if not tracing.active() or parent is None or timings is None:

@@ -1,4 +1,4 @@
-"""The whole region on one Ray cluster: gRPC front door -> Router -> 2 replicas x 2 EP ranks.
+"""The whole region on one Ray cluster: gRPC front door (which routes) -> 2 replicas x 2 EP ranks.
 
 One Ray cluster for the module (own temp dir, stopped at the end). The model
 is a tiny Mistral 4 MoE with a real tokenizer, built from its config at start.

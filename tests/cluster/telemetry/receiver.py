@@ -1,6 +1,6 @@
 """A small OTLP/gRPC trace receiver for tests: what a collector would get from every process.
 
-Spans made in Ray actors (the Router and EngineReplica replicas, rank 0) never reach an in-memory
+Spans made in Ray actors (the EngineReplica replicas) never reach an in-memory
 exporter in the test process; they reach this, over the same OTLP exporter production uses.
 """
 

@@ -1,7 +1,7 @@
 """A real region on Ray with telemetry on: one trace across every process, and /metrics after traffic.
 
-gRPC front door (this process) -> Router (a Serve replica) -> EngineReplica (a Serve replica) ->
-rank 0 (a Ray actor; rank 1 beside it, ep_size 2). Each process exports its spans over OTLP/gRPC to
+gRPC front door and its replica router (this process) -> EngineReplica (a Serve replica, rank 0 of its
+group; rank 1 a Ray actor beside it, ep_size 2). Each process exports its spans over OTLP/gRPC to
 a receiver in this process, as they would to a collector. One Ray cluster for the module (own temp
 dir, stopped at the end).
 """
@@ -99,21 +99,21 @@ def test_one_trace_crosses_every_process_under_the_callers_traceparent(region, r
     door = only(trace, S.FRONTDOOR)
     assert door.parent_id == caller_span  # the client's traceparent was honoured: same trace, its span the parent
     attempt = child(trace, child(trace, door, S.REGION_ROUTER), S.REGION_ATTEMPT)
-    router = child(trace, attempt, S.ROUTER)  # across the Ray call from the front door to the Router replica
-    replica = child(trace, router, S.REPLICA)  # and from the Router to the EngineReplica
-    engine = child(trace, replica, S.ENGINE)  # and from the replica to rank 0
+    router = child(trace, attempt, S.ROUTER)  # the replica router, in the front door's process
+    replica = child(trace, router, S.REPLICA)  # across the one Ray call, to the EngineReplica
+    engine = child(trace, replica, S.ENGINE)  # its engine (rank 0), in the replica's process
     stages = [child(trace, engine, n) for n in (S.ENGINE_QUEUE, S.ENGINE_PREFILL, S.ENGINE_DECODE)]
 
     # each hop's process says who it is; all of them are this region's
     components = {s.name: s.resource["levante.component"] for s in (door, router, replica, engine, *stages)}
     assert components == {
         S.FRONTDOOR: "frontdoor",
-        S.ROUTER: "router",
+        S.ROUTER: "frontdoor",
         S.REPLICA: "replica",
-        S.ENGINE: "rank0",
-        S.ENGINE_QUEUE: "rank0",
-        S.ENGINE_PREFILL: "rank0",
-        S.ENGINE_DECODE: "rank0",
+        S.ENGINE: "replica",
+        S.ENGINE_QUEUE: "replica",
+        S.ENGINE_PREFILL: "replica",
+        S.ENGINE_DECODE: "replica",
     }
     assert {s.resource["levante.region"] for s in trace} == {REGION}
     assert {s.resource["service.name"] for s in trace} == {"levante"}
