@@ -151,8 +151,10 @@ def run_benchmark(args, progress=_say) -> dict[str, Any]:
 def format_report(result: dict[str, Any]) -> str:
     o, m = result["options"], result["modes"]
     lines = [
-        f"model {o['model']}; {o['rounds']} rounds x {o['requests']} sequential requests per mode, "
-        f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens",
+        (
+            f"model {o['model']}; {o['rounds']} rounds x {o['requests']} sequential requests per mode, "
+            f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens"
+        ),
         f"{'tracing':<9}{'e2e p50':>9}{'e2e p90':>9}{'e2e mean':>10}{'TTFT p50':>10}",
     ]
     for mode in (OFF, ON):

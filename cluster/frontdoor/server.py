@@ -159,7 +159,7 @@ class FrontDoor:
     async def _backend_ready(self) -> bool:
         try:
             return await asyncio.wait_for(self.backend.ready(), POLL_S)
-        except Exception:  # a backend that cannot answer is not ready
+        except Exception:  # noqa: BLE001 -- a backend that cannot answer is not ready
             return False
 
     async def _limits(self) -> Limits:
