@@ -147,10 +147,6 @@ class FrontDoor:
         if self._server is not None:
             await self._server.wait_for_termination()
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     # ---- backend ------------------------------------------------------------------------------
 
     async def _serving(self) -> bool:

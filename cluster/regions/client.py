@@ -69,7 +69,7 @@ class RegionClient:
         self.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *_exc) -> None:
         await self.close()
 
     def start(self) -> None:

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig
-from cluster.config_loader import config_from_dict, config_to_dict, describe_schema
+from cluster.config_loader import config_from_dict, config_to_dict
+from tests.cluster.schema import describe_schema
 from tests.helm.helpers import CHART, ROOT, example_values, lint, manifests, merged, render
 
 ONE_REGION = example_values(CHART / "examples" / "one-region.yaml")  # vllm: 1 replica x tensor parallel 4
