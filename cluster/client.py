@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -42,7 +43,7 @@ def format_error(code: str, details: str, origin: str | None = None) -> str:
 def open_channel(target: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.Channel:
     if ca is None and cert is None:
         return grpc.insecure_channel(target)
-    read = lambda p: open(p, "rb").read() if p else None
+    read = lambda p: Path(p).read_bytes() if p else None
     return grpc.secure_channel(target, grpc.ssl_channel_credentials(read(ca), read(key), read(cert)))
 
 

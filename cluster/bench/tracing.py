@@ -69,68 +69,55 @@ def off_path_cost_ns(number: int = 200_000) -> float:
     return min(timeit.repeat(one_request, number=number, repeat=5)) / number * 1e9
 
 
-def run_benchmark(args, progress=_say) -> dict[str, Any]:
-    from cluster.backends import LocalBackend
-    from cluster.bench.otlp_sink import OtlpSink
-    from cluster.bench.paths import GrpcPath
-    from cluster.bench.timing import percentile
-    from cluster.config import ClusterConfig, FrontDoorConfig, TracingConfig
-    from cluster.frontdoor import FrontDoor
-    from cluster.regions.router import build_region_router
-    from cluster.telemetry import tracing
-    from cluster.types import ModelInfo
+def _load_engine(args):
     from engine.api import create_engine
     from engine.config import CacheConfig, EngineConfig, ModelConfig
 
-    progress(f"loading {args.model}")
-    engine = create_engine(
+    return create_engine(
         EngineConfig(
             model=ModelConfig(model=args.model, tokenizer=args.tokenizer or None, num_threads=args.threads),
             cache=CacheConfig(enable_prefix_caching=False),
         )
     )
-    sink = OtlpSink()
-    on = TracingConfig(enabled=True, otlp_endpoint=f"127.0.0.1:{sink.port}")
-    cfg = ClusterConfig(region="bench", model_name="bench", frontdoor=FrontDoorConfig(port=0))
-    server = _LoopThread()
-    info = server.run(engine.info())
-    router = build_region_router(cfg, LocalBackend(engine, ModelInfo("bench", info.max_model_len), "bench"))
-    door = FrontDoor(cfg.frontdoor, router.backend, "bench", "bench")
-    port = server.run(door.start())
+
+
+Samples = dict[str, list[float]]  # seconds, per mode
+
+
+async def _measure(args, port: int, on, progress) -> tuple[Samples, Samples]:
+    """End-to-end latencies and TTFTs per mode through the front door on ``port``."""
+    from cluster.bench.paths import GrpcPath
+    from cluster.telemetry import tracing
+
+    latencies: Samples = {OFF: [], ON: []}
+    ttfts: Samples = {OFF: [], ON: []}
     prompt = list(range(100, 100 + args.prompt_len))
-    latencies: dict[str, list[float]] = {OFF: [], ON: []}
-    ttfts: dict[str, list[float]] = {OFF: [], ON: []}
-
-    async def measure() -> None:
-        client = GrpcPath("levante", f"127.0.0.1:{port}", 120.0)
-        await client.open()
-        try:
-            for i in range(args.warmup):
-                await client.generate(f"warm-{i}", prompt, args.max_tokens)
-            for r in range(args.rounds):
-                for mode in (OFF, ON) if r % 2 == 0 else (ON, OFF):  # alternate who goes first
-                    if mode == ON:
-                        tracing.setup_tracing(on, "bench", "frontdoor")
-                    for i in range(args.requests):
-                        t = await client.generate(f"{mode}-{r}-{i}", prompt, args.max_tokens)
-                        latencies[mode].append(t.done - t.sent)
-                        ttfts[mode].append(t.ttft)
-                    if mode == ON:
-                        tracing.shutdown()  # flushes the batch: its export is not billed to the next round
-                progress(f"round {r + 1}/{args.rounds} done ({(r + 1) * args.requests} requests per mode)")
-        finally:
-            await client.close()
-
+    client = GrpcPath("levante", f"127.0.0.1:{port}", 120.0)
+    await client.open()
     try:
-        asyncio.run(measure())
+        for i in range(args.warmup):
+            await client.generate(f"warm-{i}", prompt, args.max_tokens)
+        for r in range(args.rounds):
+            for mode in (OFF, ON) if r % 2 == 0 else (ON, OFF):  # alternate who goes first
+                if mode == ON:
+                    tracing.setup_tracing(on, "bench", "frontdoor")
+                for i in range(args.requests):
+                    t = await client.generate(f"{mode}-{r}-{i}", prompt, args.max_tokens)
+                    latencies[mode].append(t.done - t.sent)
+                    ttfts[mode].append(t.ttft)
+                if mode == ON:
+                    tracing.shutdown()  # flushes the batch: its export is not billed to the next round
+            progress(f"round {r + 1}/{args.rounds} done ({(r + 1) * args.requests} requests per mode)")
     finally:
-        server.run(door.stop())
-        server.run(router.stop())
-        server.close()
-        engine.shutdown()
-        sink.stop()
+        await client.close()
+    return latencies, ttfts
+
+
+def _summary(latencies: Samples, ttfts: Samples) -> dict[str, dict[str, float]]:
+    from cluster.bench.timing import percentile
+
     ms = 1000.0
-    summary = {
+    return {
         mode: {
             "requests": len(latencies[mode]),
             "e2e_p50_ms": percentile(latencies[mode], 50) * ms,
@@ -140,9 +127,37 @@ def run_benchmark(args, progress=_say) -> dict[str, Any]:
         }
         for mode in (OFF, ON)
     }
+
+
+def run_benchmark(args, progress=_say) -> dict[str, Any]:
+    from cluster.backends import LocalBackend
+    from cluster.bench.otlp_sink import OtlpSink
+    from cluster.config import ClusterConfig, FrontDoorConfig, TracingConfig
+    from cluster.frontdoor import FrontDoor
+    from cluster.regions.router import build_region_router
+    from cluster.types import ModelInfo
+
+    progress(f"loading {args.model}")
+    engine = _load_engine(args)
+    sink = OtlpSink()
+    on = TracingConfig(enabled=True, otlp_endpoint=f"127.0.0.1:{sink.port}")
+    cfg = ClusterConfig(region="bench", model_name="bench", frontdoor=FrontDoorConfig(port=0))
+    server = _LoopThread()
+    info = server.run(engine.info())
+    router = build_region_router(cfg, LocalBackend(engine, ModelInfo("bench", info.max_model_len), "bench"))
+    door = FrontDoor(cfg.frontdoor, router.backend, "bench", "bench")
+    port = server.run(door.start())
+    try:
+        latencies, ttfts = asyncio.run(_measure(args, port, on, progress))
+    finally:
+        server.run(door.stop())
+        server.run(router.stop())
+        server.close()
+        engine.shutdown()
+        sink.stop()
     return {
         "options": {k: v for k, v in vars(args).items() if k != "func"},
-        "modes": summary,
+        "modes": _summary(latencies, ttfts),
         "spans_exported": sink.spans,
         "off_path_ns": off_path_cost_ns(),
     }
@@ -151,8 +166,10 @@ def run_benchmark(args, progress=_say) -> dict[str, Any]:
 def format_report(result: dict[str, Any]) -> str:
     o, m = result["options"], result["modes"]
     lines = [
-        f"model {o['model']}; {o['rounds']} rounds x {o['requests']} sequential requests per mode, "
-        f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens",
+        (
+            f"model {o['model']}; {o['rounds']} rounds x {o['requests']} sequential requests per mode, "
+            f"{o['max_tokens']} greedy tokens, prompts of {o['prompt_len']} tokens"
+        ),
         f"{'tracing':<9}{'e2e p50':>9}{'e2e p90':>9}{'e2e mean':>10}{'TTFT p50':>10}",
     ]
     for mode in (OFF, ON):

@@ -148,10 +148,6 @@ class FrontDoor:
         if self._server is not None:
             await self._server.wait_for_termination()
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     # ---- backend ------------------------------------------------------------------------------
 
     async def _serving(self) -> bool:
@@ -160,7 +156,7 @@ class FrontDoor:
     async def _backend_ready(self) -> bool:
         try:
             return await asyncio.wait_for(self.backend.ready(), POLL_S)
-        except Exception:  # a backend that cannot answer is not ready
+        except Exception:  # noqa: BLE001 -- a backend that cannot answer is not ready
             return False
 
     async def _limits(self) -> Limits:

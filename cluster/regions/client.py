@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Self
 
 from cluster.config import HealthCheckConfig, PeerConfig, RegionsConfig
 from cluster.regions.checker import HealthChecker
@@ -64,11 +65,11 @@ class RegionClient:
         self.checker = HealthChecker(self.book, {p.peer.name: p.check for p in self.peers})
         self.model = model
 
-    async def __aenter__(self) -> RegionClient:
+    async def __aenter__(self) -> Self:
         self.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *_exc) -> None:
         await self.close()
 
     def start(self) -> None:

@@ -37,9 +37,6 @@ _FROM_GRPC = {
     grpc.StatusCode.NOT_FOUND: NOT_FOUND,
 }
 
-# The request's own fault: every region would refuse it the same way.
-CALLER_ERRORS = frozenset({UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND})
-
 
 def from_grpc(status: grpc.StatusCode) -> str:
     """The chunk code of a status a front door answered with; the rest means it could not serve."""

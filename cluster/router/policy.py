@@ -57,6 +57,14 @@ def decide_effort(
     if requested != AUTO:
         return _capped(requested, max_effort, [f"requested {requested}"])
 
+    effort, steps = _effort_from_cues(prompt_text, prompt_chars, cfg)
+    effort = _effort_within_deadline(effort, deadline_s, cfg, steps)
+    effort = _effort_under_load(effort, queue_delay_s, cfg, steps)
+    return _capped(effort, max_effort, ["auto: " + steps[0], *steps[1:]])
+
+
+def _effort_from_cues(prompt_text: str, prompt_chars: int, cfg: AutoEffortConfig) -> tuple[str, list[str]]:
+    """AUTO's starting effort: the default, deepened by reasoning keywords and a long prompt; and why."""
     effort = cfg.default
     steps: list[str] = []
     keyword = find_keyword(prompt_text, cfg.keywords)
@@ -68,27 +76,34 @@ def decide_effort(
         steps.append(f"long prompt ({prompt_chars} chars >= {cfg.long_prompt_chars}) -> {effort}")
     if not steps:
         steps.append(f"no reasoning cues -> {effort}")
+    return effort, steps
 
-    if deadline_s is not None:
-        fitting = effort
-        while fitting != "none" and deadline_s < cfg.min_deadline_s.get(fitting, 0.0):
-            fitting = EFFORTS[EFFORTS.index(fitting) - 1]
-        if fitting != effort:
-            steps.append(
-                f"deadline in {deadline_s:.1f}s < {cfg.min_deadline_s.get(effort, 0.0):g}s needed for "
-                f"{effort} -> {fitting}"
-            )
-            effort = fitting
 
-    if effort != "none":
-        if queue_delay_s >= cfg.none_queue_delay_s:
-            effort = "none"
-            steps.append(f"queue delay {queue_delay_s:.1f}s >= {cfg.none_queue_delay_s:g}s -> none")
-        elif queue_delay_s >= cfg.degrade_queue_delay_s:
-            effort = EFFORTS[EFFORTS.index(effort) - 1]
-            steps.append(f"queue delay {queue_delay_s:.1f}s >= {cfg.degrade_queue_delay_s:g}s -> {effort}")
+def _effort_within_deadline(effort: str, deadline_s: float | None, cfg: AutoEffortConfig, steps: list[str]) -> str:
+    """The deepest effort up to ``effort`` whose ``min_deadline_s`` the deadline leaves; a step if lowered."""
+    if deadline_s is None:
+        return effort
+    fitting = effort
+    while fitting != "none" and deadline_s < cfg.min_deadline_s.get(fitting, 0.0):
+        fitting = EFFORTS[EFFORTS.index(fitting) - 1]
+    if fitting != effort:
+        steps.append(
+            f"deadline in {deadline_s:.1f}s < {cfg.min_deadline_s.get(effort, 0.0):g}s needed for {effort} -> {fitting}"
+        )
+    return fitting
 
-    return _capped(effort, max_effort, ["auto: " + steps[0], *steps[1:]])
+
+def _effort_under_load(effort: str, queue_delay_s: float, cfg: AutoEffortConfig, steps: list[str]) -> str:
+    """One level shallower past ``degrade_queue_delay_s``, none past ``none_queue_delay_s``; a step if lowered."""
+    if effort == "none":
+        return effort
+    if queue_delay_s >= cfg.none_queue_delay_s:
+        steps.append(f"queue delay {queue_delay_s:.1f}s >= {cfg.none_queue_delay_s:g}s -> none")
+        return "none"
+    if queue_delay_s >= cfg.degrade_queue_delay_s:
+        effort = EFFORTS[EFFORTS.index(effort) - 1]
+        steps.append(f"queue delay {queue_delay_s:.1f}s >= {cfg.degrade_queue_delay_s:g}s -> {effort}")
+    return effort
 
 
 def decide_for(request: GenerateRequest, queue_delay_s: float, cfg: AutoEffortConfig, now: float) -> Decision:

@@ -5,7 +5,7 @@ metrics server's thread and only reads."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,9 +15,54 @@ from cluster.telemetry.poller import EnginePoller
 
 if TYPE_CHECKING:
     from cluster.regions.health import HealthBook
+    from engine.api import EngineStats
 
 REGION_STATES = ("healthy", "unhealthy", "ejected", "unknown")
 GROUP_STATES = ("starting", "serving", "restarting", "failed", "stopped")
+
+
+# One series per replica from its last EngineStats: (kind, name, help, how to read it).
+ENGINE_FIGURES: tuple[tuple[type, str, str, Callable[[EngineStats], float]], ...] = (
+    (
+        GaugeMetricFamily,
+        "levante_engine_queue_depth",
+        "Requests waiting in the engine's queue",
+        lambda st: st.num_waiting,
+    ),
+    (GaugeMetricFamily, "levante_engine_running_requests", "Requests the engine is running", lambda st: st.num_running),
+    (
+        GaugeMetricFamily,
+        "levante_kv_cache_usage_ratio",
+        "Share of the paged KV cache's blocks in use",
+        lambda st: st.kv_cache_usage,
+    ),
+    (GaugeMetricFamily, "levante_kv_cache_used_blocks", "KV cache blocks in use", lambda st: st.num_used_blocks),
+    (GaugeMetricFamily, "levante_kv_cache_blocks", "Usable KV cache blocks", lambda st: st.num_blocks),
+    (
+        GaugeMetricFamily,
+        "levante_prefix_cache_hit_rate",
+        "Prompt tokens found in the prefix cache / tokens looked up, since start",
+        lambda st: st.prefix_cache_hit_rate,
+    ),
+    (
+        CounterMetricFamily,
+        "levante_prefix_cache_queried_tokens",
+        "Prompt tokens looked up in the prefix cache",
+        lambda st: st.prefix_cache_queried_tokens,
+    ),
+    (
+        CounterMetricFamily,
+        "levante_prefix_cache_hit_tokens",
+        "Prompt tokens found in the prefix cache",
+        lambda st: st.prefix_cache_hit_tokens,
+    ),
+    (
+        CounterMetricFamily,
+        "levante_preemptions",
+        "Requests preempted (KV freed, recomputed later)",
+        lambda st: st.num_preemptions,
+    ),
+)
 
 
 class RegionHealthCollector(Collector):
@@ -58,28 +103,7 @@ class EngineCollector(Collector):
         self.poller = poller
 
     def collect(self) -> Iterator:
-        R = ["replica"]
-        queue = GaugeMetricFamily("levante_engine_queue_depth", "Requests waiting in the engine's queue", labels=R)
-        running = GaugeMetricFamily("levante_engine_running_requests", "Requests the engine is running", labels=R)
-        kv_use = GaugeMetricFamily(
-            "levante_kv_cache_usage_ratio", "Share of the paged KV cache's blocks in use", labels=R
-        )
-        kv_used = GaugeMetricFamily("levante_kv_cache_used_blocks", "KV cache blocks in use", labels=R)
-        kv_total = GaugeMetricFamily("levante_kv_cache_blocks", "Usable KV cache blocks", labels=R)
-        hit_rate = GaugeMetricFamily(
-            "levante_prefix_cache_hit_rate",
-            "Prompt tokens found in the prefix cache / tokens looked up, since start",
-            labels=R,
-        )
-        queried = CounterMetricFamily(
-            "levante_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", labels=R
-        )
-        hits = CounterMetricFamily(
-            "levante_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", labels=R
-        )
-        preemptions = CounterMetricFamily(
-            "levante_preemptions", "Requests preempted (KV freed, recomputed later)", labels=R
-        )
+        figures = [(kind(name, doc, labels=["replica"]), read) for kind, name, doc, read in ENGINE_FIGURES]
         experts = CounterMetricFamily(
             "levante_expert_routed_tokens",
             "Token-to-expert assignments routed to the experts each expert-parallel rank holds, summed over MoE layers",
@@ -91,10 +115,10 @@ class EngineCollector(Collector):
             labels=["replica", "state"],
         )
         restarts = CounterMetricFamily(
-            "levante_replica_gang_restarts", "Gang restarts of the replica's group", labels=R
+            "levante_replica_gang_restarts", "Gang restarts of the replica's group", labels=["replica"]
         )
         age = GaugeMetricFamily(
-            "levante_engine_stats_age_seconds", "Age of the replica's last polled figures", labels=R
+            "levante_engine_stats_age_seconds", "Age of the replica's last polled figures", labels=["replica"]
         )
         now = time.monotonic()
         for snap in list(self.poller.snapshots.values()):
@@ -106,29 +130,8 @@ class EngineCollector(Collector):
             st = snap.stats
             if st is None:
                 continue
-            queue.add_metric(r, st.num_waiting)
-            running.add_metric(r, st.num_running)
-            kv_use.add_metric(r, st.kv_cache_usage)
-            kv_used.add_metric(r, st.num_used_blocks)
-            kv_total.add_metric(r, st.num_blocks)
-            hit_rate.add_metric(r, st.prefix_cache_hit_rate)
-            queried.add_metric(r, st.prefix_cache_queried_tokens)
-            hits.add_metric(r, st.prefix_cache_hit_tokens)
-            preemptions.add_metric(r, st.num_preemptions)
+            for family, read in figures:
+                family.add_metric(r, read(st))
             for rank, load in enumerate(st.expert_load):
                 experts.add_metric([snap.replica, str(rank)], load)
-        yield from (
-            queue,
-            running,
-            kv_use,
-            kv_used,
-            kv_total,
-            hit_rate,
-            queried,
-            hits,
-            preemptions,
-            experts,
-            state,
-            restarts,
-            age,
-        )
+        yield from (*(family for family, _ in figures), experts, state, restarts, age)

@@ -32,8 +32,6 @@ from cluster.config_loader import (
     resolve_paths,
 )
 
-RAW_KEYS = ("overrides",)  # free-form mappings, checked when each region's config is built
-
 
 @dataclass(frozen=True)
 class RegionEntry:

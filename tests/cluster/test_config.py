@@ -13,11 +13,11 @@ from cluster.config_loader import (
     ConfigError,
     config_from_dict,
     config_to_dict,
-    describe_schema,
     engine_config_for_rank,
     load_config,
 )
 from engine.config import ParallelConfig
+from tests.cluster.schema import describe_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

@@ -53,7 +53,7 @@ def test_every_example_is_tested():
 
 def test_gpu_examples_use_the_vllm_backend(example):
     """The GPU path the chart recommends: vLLM, one engine per replica over its GPUs, ep_size 1."""
-    values, docs = example
+    _values, docs = example
     cfg = load_from_configmap(docs)
     assert cfg.replica.accelerator == "gpu" and cfg.engine.backend == "vllm" and cfg.replica.ep_size == 1
     assert cfg.engine.vllm.gpu_memory_utilization  # else vLLM's KV cache is engine.cache's 512 MiB
@@ -229,7 +229,7 @@ def test_frontdoor_port_probes_service_and_selectors_agree(example):
     assert selects(dep["spec"]["selector"]["matchLabels"], pod_labels)
     assert selects(one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
 
-    cm_volume = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"][0]
+    cm_volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
     assert cm_volume["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
 
 

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from cluster.config import ClusterConfig
-from cluster.config_loader import config_from_dict, config_to_dict, describe_schema
+from cluster.config_loader import config_from_dict, config_to_dict
+from tests.cluster.schema import describe_schema
 from tests.helm.helpers import CHART, ROOT, example_values, lint, manifests, merged, render
 
 ONE_REGION = example_values(CHART / "examples" / "one-region.yaml")  # vllm: 1 replica x tensor parallel 4
@@ -117,8 +118,10 @@ BAD = {
             "levante": {"telemetry": {"metrics": {"enabled": False}}},
         },
         helm.HelmRenderError,
-        r"monitoring\.serviceMonitor\.enabled: the front door serves /metrics only with "
-        r"levante\.telemetry\.metrics\.enabled",
+        (
+            r"monitoring\.serviceMonitor\.enabled: the front door serves /metrics only with "
+            r"levante\.telemetry\.metrics\.enabled"
+        ),
     ),
     "sample ratio above one": (
         {"levante": {"telemetry": {"tracing": {"sample_ratio": 2}}}},
@@ -218,8 +221,10 @@ BAD = {
     "vllm keys with the native engine": (
         {"levante": {"engine": {"backend": "native"}}},
         helm.HelmRenderError,
-        r"levante\.engine\.vllm: read only with levante\.engine\.backend vllm \(backend is "
-        r"\"native\"\); .* \(enable_expert_parallel, gpu_memory_utilization, tensor_parallel_size\)",
+        (
+            r"levante\.engine\.vllm: read only with levante\.engine\.backend vllm \(backend is "
+            r"\"native\"\); .* \(enable_expert_parallel, gpu_memory_utilization, tensor_parallel_size\)"
+        ),
     ),
     "expert-parallel ranks with vllm": (
         {"levante": {"replica": {"ep_size": 4}}},
@@ -229,8 +234,10 @@ BAD = {
     "vllm over several CPU devices": (
         {"levante": {"replica": {"accelerator": "cpu"}}, "rayCluster": {"workerGroups": [gpu_group(1, 0, name="cpu")]}},
         helm.HelmRenderError,
-        r"levante\.engine\.vllm\.tensor_parallel_size: tensor 4 x pipeline 1 x data 1 parallel = 4 "
-        r"devices per engine needs levante\.replica\.accelerator gpu",
+        (
+            r"levante\.engine\.vllm\.tensor_parallel_size: tensor 4 x pipeline 1 x data 1 parallel = 4 "
+            r"devices per engine needs levante\.replica\.accelerator gpu"
+        ),
     ),
     "cuda device on cpu bundles": (
         native(
@@ -251,9 +258,11 @@ BAD = {
     "not enough GPUs for vllm": (
         {"levante": {"replica": {"num_replicas": 2}}},
         helm.HelmRenderError,
-        r"levante\.replica: 2 replica\(s\) x engine\.vllm world size 4 \(tensor 4 x pipeline 1 x data 1 parallel\) = 8 "
-        r"vLLM workers \(one GPU and 2 CPU each\), but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 worker\(s\)\); "
-        r".* lower replica\.num_replicas or engine\.vllm\.tensor_parallel_size",
+        (
+            r"levante\.replica: 2 replica\(s\) x engine\.vllm world size 4 \(tensor 4 x pipeline 1 x data 1 parallel\) = 8 "
+            r"vLLM workers \(one GPU and 2 CPU each\), but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 worker\(s\)\); "
+            r".* lower replica\.num_replicas or engine\.vllm\.tensor_parallel_size"
+        ),
     ),
     "vllm world size counts pipeline and data parallel": (
         {
@@ -276,8 +285,10 @@ BAD = {
     "not enough GPUs": (
         native({"levante": {"replica": {"num_replicas": 2, "ep_size": 4}}}),
         helm.HelmRenderError,
-        r"levante\.replica: 2 replica\(s\) x ep_size 4 = 8 expert-parallel ranks \(one GPU and 2 CPU each\), "
-        r"but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 rank\(s\)\)",
+        (
+            r"levante\.replica: 2 replica\(s\) x ep_size 4 = 8 expert-parallel ranks \(one GPU and 2 CPU each\), "
+            r"but rayCluster\.workerGroups hold 4 \(gpu: 1 pod\(s\) x 4 rank\(s\)\)"
+        ),
     ),
     "not enough CPUs for the GPU ranks": (
         native({"rayCluster": {"workerGroups": [gpu_group(1, 4, cpu=6)]}}),

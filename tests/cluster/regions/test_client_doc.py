@@ -56,7 +56,7 @@ def test_the_documented_example_runs_and_answers(doors, capsys):
     for region, address in ADDRESSES.items():
         assert f"{region}={address}" in code, f"the example no longer names {region}={address}"
         code = code.replace(address, f"127.0.0.1:{doors[region].port}")
-    exec(compile(code, str(DOC), "exec"), {"__name__": "__main__"})  # its own asyncio.run(main())
+    exec(compile(code, str(DOC), "exec"), {"__name__": "__main__"})  # noqa: S102 -- the doc's example as __main__: its own asyncio.run(main())
     out = capsys.readouterr().out
     answer, _, summary = out.rstrip("\n").rpartition("\n")
     assert answer.strip(), f"no answer: {out!r}"

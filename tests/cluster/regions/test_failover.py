@@ -10,13 +10,17 @@ import pytest
 
 from cluster.chunks import error_chunk
 from cluster.config import HealthCheckConfig, RegionsConfig
-from cluster.regions.codes import CALLER_ERRORS, fails_over, from_grpc
+from cluster.regions.codes import fails_over, from_grpc
 from cluster.regions.failover import FailoverBackend
 from cluster.regions.health import EJECTED, HealthBook
 from cluster.types import (
     DEADLINE_EXCEEDED,
+    FAILED_PRECONDITION,
     INVALID_ARGUMENT,
+    NOT_FOUND,
+    PERMISSION_DENIED,
     RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
     UNAVAILABLE,
     Backend,
     Chunk,
@@ -28,6 +32,9 @@ from cluster.types import (
     ServedBy,
 )
 from engine.api import Resume, SamplingParams
+
+# The request's own fault: every region would refuse it the same way (cluster/regions/codes.py).
+CALLER_ERRORS = frozenset({UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND})
 
 HEALTH = HealthCheckConfig(
     consecutive_failures=1, first_token_timeout_s=0.3, stream_idle_timeout_s=0.3, slow_first_token_s=0.2

@@ -63,7 +63,7 @@ def test_mutual_tls_and_a_key_from_the_environment(loop, pki, peer_door, monkeyp
 def test_without_a_client_certificate_the_peer_cannot_serve_and_a_wrong_key_is_refused_as_such(loop, pki, peer_door):
     door, _ = peer_door
     no_cert = PeerConfig("us-east", f"localhost:{door.port}", tls_ca=str(pki["ca"]))
-    (serving_, why), chunks = _call(loop, no_cert, api_key="region-key")
+    (serving_, _why), chunks = _call(loop, no_cert, api_key="region-key")
     assert not serving_ and chunks[-1].error.code == UNAVAILABLE  # the handshake fails: try another region
     wrong_key = PeerConfig(
         "us-east",

@@ -76,8 +76,10 @@ EFFORT_CASES = [
     (
         {"text": "why?", "deadline": 3.0, "queue": 1.0},
         "none",
-        "auto: prompt asks for reasoning ('why') -> medium; deadline in 3.0s < 5s needed for medium -> low; "
-        "queue delay 1.0s >= 0.5s -> none",
+        (
+            "auto: prompt asks for reasoning ('why') -> medium; deadline in 3.0s < 5s needed for medium -> low; "
+            "queue delay 1.0s >= 0.5s -> none"
+        ),
     ),
     (
         {"text": "why?", "max_effort": "low"},

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,7 +48,7 @@ def test_up_status_down(tmp_path):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "eu: serving on 127.0.0.1:" in up.stdout and "us: serving on 127.0.0.1:" in up.stdout
-        regions = {r["name"]: r for r in json.load(open(os.path.join(state, "regions.json")))}
+        regions = {r["name"]: r for r in json.loads(Path(state, "regions.json").read_text())}
         assert regions["eu"]["pid"] != regions["us"]["pid"]
 
         status = levante("status", "--state-dir", state)
@@ -93,7 +94,7 @@ def _session(leader: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                fields = open(f"/proc/{entry}/stat", "rb").read().rsplit(b")", 1)[1].split()
+                fields = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()
             except OSError:
                 continue
             if int(fields[3]) == leader and fields[0] != b"Z":
