@@ -44,7 +44,9 @@ async def run_request(
 ) -> AsyncIterator[Chunk]:
     """The chunks of ``request`` on ``engine``; every chunk that can end the stream names ``served_by``."""
     if request.reasoning_effort not in EFFORTS:  # the router decides AUTO before a request gets here
-        yield _by(error_chunk(INVALID_ARGUMENT, "reasoning_effort", f"undecided: {request.reasoning_effort!r}"), served_by)
+        yield _by(
+            error_chunk(INVALID_ARGUMENT, "reasoning_effort", f"undecided: {request.reasoning_effort!r}"), served_by
+        )
         return
     params = dataclasses.replace(request.params, reasoning_effort=request.reasoning_effort)
     try:

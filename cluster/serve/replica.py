@@ -50,10 +50,14 @@ class EngineReplica:
         # An async generator function itself: Serve streams those. ``hint`` is read by the request
         # router in the caller's process.
         del hint
-        attributes = {"levante.replica": self.replica_id, "levante.ep_size": self.cfg.replica.ep_size,
-                      "levante.effort": request.reasoning_effort}
-        hop = spans.traced_hop(spans.REPLICA, request, attributes, lambda span: self._generate(request, span),
-                               SpanKind.SERVER)
+        attributes = {
+            "levante.replica": self.replica_id,
+            "levante.ep_size": self.cfg.replica.ep_size,
+            "levante.effort": request.reasoning_effort,
+        }
+        hop = spans.traced_hop(
+            spans.REPLICA, request, attributes, lambda span: self._generate(request, span), SpanKind.SERVER
+        )
         async with contextlib.aclosing(hop) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -85,8 +89,17 @@ class EngineReplica:
         del hint
         engine = self.group.engine
         stats = await engine.stats() if self.group.serving and engine is not None else None
-        return ReplicaStatus(self.replica_id, self.group.state, self.group.num_restarts, self.group.last_failure,
-                             self.outstanding, stats, self.group.info, tuple(self.group.rank_infos), time.time())
+        return ReplicaStatus(
+            self.replica_id,
+            self.group.state,
+            self.group.num_restarts,
+            self.group.last_failure,
+            self.outstanding,
+            stats,
+            self.group.info,
+            tuple(self.group.rank_infos),
+            time.time(),
+        )
 
     async def ready(self, hint: RoutingHint | None = None) -> tuple[str, bool]:
         """(this replica, whether it serves); ``hint`` lets the router steer probes past replicas that said no."""

@@ -81,16 +81,18 @@ class ReplicaRouter:
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         attributes = {"levante.requested_effort": request.reasoning_effort}
-        return spans.traced_hop(spans.ROUTER, request, attributes, lambda span: self._generate(request, span),
-                                SpanKind.CLIENT)
+        return spans.traced_hop(
+            spans.ROUTER, request, attributes, lambda span: self._generate(request, span), SpanKind.CLIENT
+        )
 
     async def _generate(self, request: GenerateRequest, span: Span | None) -> AsyncIterator[Chunk]:
         now = time.monotonic()
         decision = decide_for(request, self.delay.current(now), self.cfg.router.auto, time.time())
         tracing.set_attributes(span, {"levante.effort": decision.effort, "levante.effort_reason": decision.reason})
         # the replica's spans are children of this one; the effort is decided from here on
-        request = dataclasses.replace(request, reasoning_effort=decision.effort,
-                                      trace_context=tracing.carrier_of(span) or request.trace_context)
+        request = dataclasses.replace(
+            request, reasoning_effort=decision.effort, trace_context=tracing.carrier_of(span) or request.trace_context
+        )
         key = prefix_key(request.prompt, self.cfg.router.prefix_chars)
         for attempt in range(2):
             if attempt:  # a new engine id: the first attempt's abort may not have landed yet
@@ -102,8 +104,10 @@ class ReplicaRouter:
                     if self._lost(chunk) and attempt == 0 and not sent:  # nothing reached the client: try another
                         retry = True
                         if span is not None:
-                            span.add_event("replica retry", {"levante.replica": chunk.served_by.replica,
-                                                             "levante.reason": chunk.error.message})
+                            span.add_event(
+                                "replica retry",
+                                {"levante.replica": chunk.served_by.replica, "levante.reason": chunk.error.message},
+                            )
                         break
                     sent = sent or bool(chunk.token_ids)
                     yield chunk

@@ -51,10 +51,7 @@ class EnginePoller(Periodic):
             log.debug("engine poll failed: %r", e)
             statuses = []
         now = time.monotonic()
-        fresh = {
-            s.replica: ReplicaSnapshot(s.replica, s.state, s.restarts, s.stats, now)
-            for s in statuses
-        }
+        fresh = {s.replica: ReplicaSnapshot(s.replica, s.state, s.restarts, s.stats, now) for s in statuses}
         kept = {r: s for r, s in self.snapshots.items() if now - s.at < STALE_POLLS * self.interval_s}
         self.snapshots = {**kept, **fresh}
         self.polls += 1

@@ -76,8 +76,9 @@ def traced_hop(
     with tracing off, ``body(None)`` as it is."""
     if not tracing.active():
         return body(None)
-    span = tracing.start_span(name, request.trace_context, kind, {"levante.request_id": request.request_id,
-                                                                   **attributes})
+    span = tracing.start_span(
+        name, request.trace_context, kind, {"levante.request_id": request.request_id, **attributes}
+    )
     return traced(span, body(span))
 
 

@@ -171,10 +171,7 @@ def test_same_prefix_sticks_to_its_replica(ch):
 
 def _all_idle(loop) -> bool:
     return all(
-        s.stats is not None
-        and s.stats.num_running == 0
-        and s.stats.num_used_blocks == 0
-        and s.outstanding == 0
+        s.stats is not None and s.stats.num_running == 0 and s.stats.num_used_blocks == 0 and s.outstanding == 0
         for s in replica_statuses(loop).values()
     )
 
@@ -229,10 +226,7 @@ def test_losing_one_rank_restarts_the_gang_and_traffic_goes_on(ch, loop):
         out = generate(ch, request([1, 9, 9, 9], max_tokens=3), timeout=120)  # must keep succeeding
         served.append(final_of(out).served_by.replica)
         statuses = replica_statuses(loop)
-        if (
-            all(s.state == "serving" for s in statuses.values())
-            and sum(s.restarts for s in statuses.values()) >= 1
-        ):
+        if all(s.state == "serving" for s in statuses.values()) and sum(s.restarts for s in statuses.values()) >= 1:
             break
         time.sleep(0.5)
     statuses = replica_statuses(loop)
