@@ -6,7 +6,7 @@ tests wait on; a function only tests call is dead, not allowlisted.
 """
 
 # gRPC servicer methods, called by grpc by the RPC's name
-_.Export  # cluster/bench/otlp_sink.py: the OTLP TraceService
+_.Export  # cluster/ops/bench/otlp_sink.py: the OTLP TraceService
 
 # Ray Serve: the application builder named in serveConfigV2 (the Helm chart's import_path)
 app_builder  # cluster/serve/app.py
@@ -33,21 +33,21 @@ mm_cache_stats  # StatLoggerBase.record's parameters, passed by keyword
 engine_idx
 
 # dataclass fields read by name: asdict() into JSON reports, fields()/getattr, YAML keys
-_.ttft_p50_ms  # cluster/bench/timing.py PathStats, the bench-serving report's columns
+_.ttft_p50_ms  # cluster/ops/bench/timing.py PathStats, the bench-serving report's columns
 _.ttft_p99_ms
 _.itl_p50_ms
 _.itl_p99_ms
 _.chunk_gap_p50_ms
 _.chunk_gap_p99_ms
 _.tokens_per_chunk
-_.max_failed  # cluster/drill/records.py SLO: set in scenario files, checked field by field
+_.max_failed  # cluster/ops/drill/records.py SLO: set in scenario files, checked field by field
 _.max_duplicated_tokens
 _.max_lost_tokens
 _.max_detect_s
 _.max_failover_s
 _.max_p99_latency_s
 _.min_requests
-_.to_region  # cluster/drill/records.py Failover, saved with the drill's records
+_.to_region  # cluster/ops/drill/records.py Failover, saved with the drill's records
 _.quantization  # engine/config.py VllmConfig, passed to vLLM by name (engine/vllm/args.py)
 
 # a counter the telemetry tests wait on for a fresh poll of the engines

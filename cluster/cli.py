@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import engine.cli
 from cluster import client as client_cli
-from cluster.drill import cli as drill_cli
+from cluster.ops.drill import cli as drill_cli
+from cluster.ops.up import cli as up_cli
+from cluster.ops.up.processes import RegionsError
 from cluster.types import DeployError
-from cluster.up import cli as up_cli
-from cluster.up.processes import RegionsError
 
 DEFAULT_CONFIG = "configs/local.yaml"
 
@@ -99,7 +99,7 @@ async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) ->
 
 
 def _add_bench_serving(sub) -> None:
-    from cluster.bench import serving  # light: Ray, grpc and torch load only when the command runs
+    from cluster.ops.bench import serving  # light: Ray, grpc and torch load only when the command runs
 
     p = sub.add_parser(
         "bench-serving",
@@ -111,7 +111,7 @@ def _add_bench_serving(sub) -> None:
 
 
 def _add_bench_tracing(sub) -> None:
-    from cluster.bench import tracing  # light: the engine and grpc load only when the command runs
+    from cluster.ops.bench import tracing  # light: the engine and grpc load only when the command runs
 
     p = sub.add_parser("bench-tracing", help="what tracing costs a request through the front door: off vs on")
     tracing.add_arguments(p)

@@ -120,7 +120,7 @@ class ReplicaConfig:
 
 @dataclass(frozen=True)
 class AutoEffortConfig:
-    """The small policy behind ``reasoning_effort: AUTO`` (cluster/router/policy.py)."""
+    """The small policy behind ``reasoning_effort: AUTO`` (cluster/policy/effort.py)."""
 
     default: str = "none"  # a short, plain prompt
     keyword_effort: str = "medium"  # the prompt asks for reasoning ("prove", "step by step", ...)

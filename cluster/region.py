@@ -25,13 +25,13 @@ from ray import serve
 from ray._private import ray_constants
 from ray.serve.config import gRPCOptions
 
+from cluster.backends.serve import ServeBackend
 from cluster.config import ClusterConfig
 from cluster.frontdoor.admin import AdminService
 from cluster.frontdoor.server import FrontDoor
 from cluster.preflight import preflight
-from cluster.regions.router import RegionRouter, build_peers, build_region_router
+from cluster.regions.region_router import RegionRouter, build_peers, build_region_router
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name, build_app
-from cluster.serve.backend import ServeBackend
 from cluster.telemetry.hookup import ServerTelemetry
 from cluster.types import DeployError
 

@@ -17,7 +17,7 @@ from opentelemetry.trace import Span
 from cluster.backends.pipeline import run_request
 from cluster.chunks import engine_error_chunk
 from cluster.config import AutoEffortConfig
-from cluster.router.policy import decide_for
+from cluster.policy.effort import decide_for
 from cluster.telemetry import spans, tracing
 from cluster.types import Backend, Chunk, Decision, GenerateRequest, ModelInfo, ReplicaStatus, ServedBy
 from engine.api import EngineClient, EngineError

@@ -14,7 +14,7 @@ import grpc
 from levante.v1 import admin_pb2 as pb
 
 if TYPE_CHECKING:  # the region router imports the front door's conversions; at run time we only hold one
-    from cluster.regions.router import RegionRouter
+    from cluster.regions.region_router import RegionRouter
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name  # "levante.v1.Admin"
 

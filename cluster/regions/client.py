@@ -25,11 +25,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Self
 
+from cluster.backends.failover import FailoverBackend
+from cluster.backends.peer import PeerBackend
 from cluster.config import HealthCheckConfig, PeerConfig, RegionsConfig
 from cluster.regions.checker import HealthChecker
-from cluster.regions.failover import FailoverBackend
 from cluster.regions.health import HealthBook
-from cluster.regions.peer import PeerBackend
 from cluster.telemetry.tracing import ambient_carrier
 from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
 from engine.api import SamplingParams

@@ -23,7 +23,7 @@ from cluster.backends.pipeline import Batching, run_request
 from cluster.chunks import error_chunk
 from cluster.config_loader import config_from_dict
 from cluster.serve.ep_group import FAILED, EPGroup
-from cluster.serve.routing import RoutingHint
+from cluster.serve.routing_hint import RoutingHint
 from cluster.telemetry import spans
 from cluster.telemetry.hookup import REPLICA, setup_process_tracing
 from cluster.types import UNAVAILABLE, Chunk, GenerateRequest, ModelInfo, ReplicaStatus, ServedBy

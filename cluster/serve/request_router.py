@@ -2,12 +2,12 @@
 
 It runs inside the front door's process (wherever a handle to the
 engine deployment lives). Serve hands it the running replicas; the policy
-in ``cluster.router.policy`` ranks them (prefix affinity, then least
+in ``cluster.policy.effort`` ranks them (prefix affinity, then least
 outstanding) and Serve tries them in that order, skipping full ones.
 
 The choice rides back on the hint itself (``hint.choice``): Serve keeps a
 call's arguments as the caller passed them until it sends them. Serve ships
-this module by value, so the hint's class is reached through the ``routing``
+this module by value, so the hint's class is reached through the ``routing_hint``
 module, never imported by name.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from cluster.router.policy import NoReplicaAvailable, PrefixAffinity, ReplicaLoad, ranked_replicas
-from cluster.serve import routing  # by module: this module is pickled by value, routing is not
+from cluster.policy.replicas import NoReplicaAvailable, PrefixAffinity, ReplicaLoad, ranked_replicas
+from cluster.serve import routing_hint  # by module: this module is pickled by value, routing_hint is not
 
 
 class LevanteRequestRouter(RequestRouter):
@@ -32,8 +32,8 @@ class LevanteRequestRouter(RequestRouter):
         hint = pending_request.kwargs.get("hint") if pending_request is not None else None
         if pending_request is not None:
             pending_request.routing_context.should_backoff = True  # all full: back off, don't spin
-        if not isinstance(hint, routing.RoutingHint):
-            hint = routing.RoutingHint()
+        if not isinstance(hint, routing_hint.RoutingHint):
+            hint = routing_hint.RoutingHint()
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = [
             ReplicaLoad(rid, self.replica_queue_len_cache.get(r.replica_id) or 0, healthy=rid not in hint.avoid)
@@ -48,7 +48,7 @@ class LevanteRequestRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
         hint = pending_request.kwargs.get("hint")
-        if isinstance(hint, routing.RoutingHint) and hint.prefix_key is not None:
+        if isinstance(hint, routing_hint.RoutingHint) and hint.prefix_key is not None:
             self._affinity.remember(hint.prefix_key, replica_id.unique_id)  # where it really went
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:

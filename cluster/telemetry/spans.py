@@ -5,7 +5,7 @@ the fact from ``RequestTimings``, so the engine itself stays free of OpenTelemet
 A trace of one request (docs/observability.md):
 
     levante.v1.Inference/Generate        front door, SERVER, parent: the caller's traceparent
-      levante.region_router               the region router (cluster/regions/failover.py)
+      levante.region_router               the region router (cluster/backends/failover.py)
         levante.region_attempt            one per region tried, CLIENT; event "region failover" when left
           levante.router                  the replica router in the front door (effort, replica), CLIENT
             levante.replica               the EngineReplica (rank 0), SERVER, across the one Ray hop

@@ -22,10 +22,10 @@ import pytest
 from ray import serve
 
 from cluster.backends import LocalBackend
+from cluster.backends.serve import ServeBackend
 from cluster.config_loader import config_from_dict
 from cluster.region import RegionServer
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
-from cluster.serve.backend import ServeBackend
 from cluster.types import INVALID_ARGUMENT, Chunk, GenerateRequest, ModelInfo
 from engine.api import SamplingParams, create_engine
 from engine.config import CacheConfig

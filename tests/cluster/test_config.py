@@ -21,8 +21,8 @@ from tests.cluster.schema import describe_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-# Besides cluster configs, configs/ holds topologies for `levante up` (tests/cluster/up) and drill
-# scenarios with their topologies under drills/ (tests/cluster/drill).
+# Besides cluster configs, configs/ holds topologies for `levante up` (tests/cluster/ops/up) and drill
+# scenarios with their topologies under drills/ (tests/cluster/ops/drill).
 TOPOLOGIES = {"two-regions.yaml"}
 SHIPPED = sorted(
     p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] != "drills" and p.name not in TOPOLOGIES

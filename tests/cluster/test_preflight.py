@@ -16,8 +16,8 @@ import yaml
 
 from cluster import cli
 from cluster.config_loader import ConfigError, config_from_dict, config_to_dict, load_config
+from cluster.ops.up.topology import region_configs
 from cluster.preflight import preflight, problems
-from cluster.up.topology import region_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 UNSET = "LEVANTE_TEST_PREFLIGHT_UNSET"
@@ -194,7 +194,7 @@ def test_serve_refuses_a_topology_and_up_refuses_a_cluster_config(tmp_path):
 
 
 def test_up_checks_every_region_before_starting_any(tmp_path, monkeypatch, capsys):
-    from cluster.up.processes import LocalRegions
+    from cluster.ops.up.processes import LocalRegions
 
     spawned: list[str] = []
     monkeypatch.setattr(LocalRegions, "_spawn", lambda self, name, cfg: spawned.append(name))

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from cluster.backends.failover import FailoverBackend
 from cluster.chunks import error_chunk
 from cluster.config import HealthCheckConfig, RegionsConfig
 from cluster.regions.codes import fails_over, from_grpc
-from cluster.regions.failover import FailoverBackend
 from cluster.regions.health import EJECTED, HealthBook
 from cluster.types import (
     DEADLINE_EXCEEDED,
@@ -236,7 +236,7 @@ def test_a_resumed_request_that_breaks_again_resumes_from_everything_sent():
 
 
 def test_an_explicit_effort_leaves_the_region_capped_at_the_tenants_ceiling():
-    from cluster.router.policy import within_ceiling
+    from cluster.policy.effort import within_ceiling
 
     assert within_ceiling(request(reasoning_effort="high", max_effort="low")).reasoning_effort == "low"
     assert within_ceiling(request(reasoning_effort="none", max_effort="low")).reasoning_effort == "none"

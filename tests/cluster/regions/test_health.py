@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cluster.config import HealthCheckConfig
+from cluster.policy.regions import order_regions
 from cluster.regions.health import EJECTED, HEALTHY, RESTORED, UNHEALTHY, UNKNOWN, HealthBook, RegionHealth
-from cluster.regions.policy import order_regions
 
 CFG = HealthCheckConfig(
     unhealthy_threshold=2,

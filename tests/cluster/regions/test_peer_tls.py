@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.backends.peer import PeerBackend
 from cluster.config import FrontDoorConfig, PeerConfig, TenantConfig, TLSConfig
-from cluster.regions.peer import PeerBackend
 from cluster.types import UNAUTHENTICATED, UNAVAILABLE, GenerateRequest
 from engine.api import SamplingParams
 

@@ -243,7 +243,7 @@ def test_losing_one_rank_restarts_the_gang_and_traffic_goes_on(ch, loop):
 def test_region_stays_serving_while_one_replica_restarts_with_no_traffic(region, ch, loop):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from cluster.serve.router import READY_TIMEOUT_S
+    from cluster.serve.replica_router import READY_TIMEOUT_S
 
     time.sleep(READY_TIMEOUT_S + 1)  # no recent answers: readiness rests on the probes alone
     loop.run(_call(replica_handle().kill_rank.remote(1)))

@@ -23,7 +23,7 @@ from cluster.config import (
     TelemetryConfig,
 )
 from cluster.frontdoor import FrontDoor
-from cluster.regions.router import build_region_router
+from cluster.regions.region_router import build_region_router
 from cluster.telemetry.hookup import ServerTelemetry
 from cluster.types import Backend, ModelInfo
 from levante.v1 import inference_pb2 as pb

@@ -22,7 +22,7 @@ PROBE = textwrap.dedent("""
 
     from cluster.config import ClusterConfig, FrontDoorConfig
     from cluster.frontdoor import FrontDoor
-    from cluster.regions.router import build_region_router
+    from cluster.regions.region_router import build_region_router
     from cluster.telemetry import tracing
     from cluster.telemetry.hookup import ServerTelemetry
     from tests.cluster.frontdoor.harness import GENERATE, MODEL, ScriptedBackend

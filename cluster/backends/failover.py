@@ -1,0 +1,239 @@
+"""``FailoverBackend``: one stream to the caller, whichever regions it takes to serve it.
+
+Each request tries regions in the order ``order_regions`` gives (preferred, local, then peers by
+latency; ejected or unhealthy ones last). A region that fails before the first token is simply
+the next one's turn; a stream that breaks mid-way is resumed in the next region from the
+tokens already passed on (same prompt, seed and effort), so the caller sees no duplicated and
+no missing tokens. RESOURCE_EXHAUSTED spills to the next region; only when every region is full
+does the caller get it. Bad requests, refused credentials and deadlines are never retried: they
+reach the caller as themselves (``cluster.regions.codes`` holds the rule).
+
+Used twice: by each front door (its own region plus its peers) and by the client library
+(``cluster.regions.client``: a list of front doors, no local region).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+from cluster.chunks import error_chunk
+from cluster.config import RegionsConfig
+from cluster.policy.regions import order_regions
+from cluster.regions.codes import fails_over
+from cluster.regions.health import HealthBook
+from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
+from cluster.types import (
+    DEADLINE_EXCEEDED,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+    Backend,
+    Chunk,
+    ChunkError,
+    Decision,
+    FailoverHop,
+    GenerateRequest,
+    ModelInfo,
+)
+from engine.api import Resume
+
+SEED_BITS = 62
+
+
+class _Progress:
+    """What the caller has been given so far: enough to resume the stream elsewhere."""
+
+    def __init__(self, resumed: Resume | None) -> None:
+        # a request that is itself a resume (from a client, or a peer) starts from what it carries
+        self.token_ids: list[int] = list(resumed.token_ids) if resumed else []
+        self.text_chars = resumed.text_chars if resumed else 0
+        self.reasoning_chars = resumed.reasoning_chars if resumed else 0
+        self.decision: Decision | None = None
+        self.failovers: list[FailoverHop] = []
+
+    def resume(self) -> Resume | None:
+        if not self.token_ids:
+            return None
+        return Resume(tuple(self.token_ids), self.text_chars, self.reasoning_chars)
+
+    def pass_on(self, chunk: Chunk) -> Chunk:
+        self.token_ids.extend(chunk.token_ids)
+        self.text_chars += len(chunk.text)
+        self.reasoning_chars += len(chunk.reasoning_text)
+        if chunk.decision is not None:
+            # the caller keeps the first decision: a resumed region was told to use its effort
+            self.decision = self.decision or chunk.decision
+            chunk.decision = self.decision
+        if chunk.finished and self.failovers:  # ours first: the region that served may report its own too
+            chunk.failovers = self.failovers + (chunk.failovers or [])
+        return chunk
+
+
+@dataclasses.dataclass
+class _Outcome:
+    done: bool = False  # the caller got its final chunk (an answer or an error not worth retrying)
+    reason: str = ""  # why this region was left
+    error: ChunkError | None = None
+
+
+def _said(error: ChunkError) -> str:
+    return f"{error.origin}: {error.message}" if error.origin else error.message
+
+
+def _reason(error: ChunkError) -> str:
+    """Why a region was left: the code once, then who said it, then what it said."""
+    return f"{error.code}: {_said(error)}"
+
+
+def _with_seed(request: GenerateRequest) -> GenerateRequest:
+    """A sampled request gets a seed now, so a resumed stream draws from the same generator."""
+    params = request.params
+    if params.greedy or params.seed is not None:
+        return request
+    return dataclasses.replace(request, params=dataclasses.replace(params, seed=random.getrandbits(SEED_BITS)))
+
+
+class FailoverBackend(Backend):
+    def __init__(
+        self,
+        members: dict[str, Backend],
+        book: HealthBook,
+        cfg: RegionsConfig,
+        local: str | None = None,
+        by_latency: bool = True,
+    ):
+        self.members, self.book, self.cfg, self.local = members, book, cfg, local
+        self.by_latency = by_latency  # False: the members' own order (a client's list of endpoints)
+        self.failover_listeners: list[Callable[[FailoverHop], None]] = []  # metrics (cluster/telemetry)
+
+    @property
+    def fails_over(self) -> bool:
+        return len(self.members) > 1
+
+    def order(self, preferred: str | None) -> list[str]:
+        regions = [self.book.regions[name] for name in self.members]
+        ranked = order_regions(regions, self.book.clock(), (preferred, self.local), self.by_latency)
+        return ranked[: self.cfg.max_attempts]
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        trace = route_trace(request)  # with tracing on: a span for the route and one per region attempt
+        chunks = self._route(request, trace)
+        return trace.wrap(chunks) if isinstance(trace, RouteTrace) else chunks
+
+    async def _route(self, request: GenerateRequest, trace: AnyRouteTrace) -> AsyncIterator[Chunk]:
+        if request.forwarded_from is not None and self.local is not None:
+            # a peer's router already chose us: serve here or fail, so requests never bounce between regions
+            request = trace.attempt(self.local, 0, request)
+            async with contextlib.aclosing(self.members[self.local].generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        request = _with_seed(request)
+        progress = _Progress(request.resume)
+        last: ChunkError | None = None
+        for index, region in enumerate(self.order(request.preferred_region)):
+            if request.deadline is not None and time.time() >= request.deadline:
+                break
+            outcome = _Outcome()
+            attempt = trace.attempt(region, index, self._for_attempt(request, progress))
+            async with contextlib.aclosing(self._attempt(region, attempt, progress, outcome)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            if outcome.done:
+                return
+            hop = FailoverHop(region, outcome.reason, len(progress.token_ids))
+            progress.failovers.append(hop)
+            trace.failover(hop)
+            for listener in self.failover_listeners:
+                listener(hop)
+            last = outcome.error
+        if last is not None and request.deadline is not None and time.time() >= request.deadline:
+            yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed while failing over between regions")
+        elif last is not None and last.code == RESOURCE_EXHAUSTED:
+            yield error_chunk(RESOURCE_EXHAUSTED, last.field, f"every region is full: {_said(last)}")
+        else:
+            tried = ", ".join(f"{h.from_region} ({h.reason})" for h in progress.failovers) or "none"
+            yield error_chunk(UNAVAILABLE, "regions", f"no region could serve this request; tried {tried}")
+
+    @staticmethod
+    def _for_attempt(request: GenerateRequest, progress: _Progress) -> GenerateRequest:
+        resume = progress.resume()
+        if resume is None:
+            return request
+        # the effort the first region chose, so the next one renders the same prompt and budget
+        effort = progress.decision.effort if progress.decision is not None else request.reasoning_effort
+        return dataclasses.replace(request, resume=resume, reasoning_effort=effort)
+
+    async def _attempt(
+        self, region: str, request: GenerateRequest, progress: _Progress, outcome: _Outcome
+    ) -> AsyncIterator[Chunk]:
+        """One region's try: yields what it produced; ``outcome`` says whether to go on elsewhere."""
+        health = self.cfg.health
+        began = time.monotonic()
+        first_token = not progress.token_ids  # a resumed stream is past its first token
+        waiting, slow = True, False
+        async with contextlib.aclosing(self.members[region].generate(request)) as chunks:
+            while True:
+                limit = health.first_token_timeout_s if waiting and first_token else health.stream_idle_timeout_s
+                # the first token's limit counts from the attempt's start (keepalives do not extend it)
+                timeout = limit - (time.monotonic() - began) if waiting and first_token else limit
+                if request.deadline is not None:
+                    timeout = min(timeout, request.deadline - time.time())
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks, None), max(timeout, 0.0))
+                except TimeoutError:
+                    if request.deadline is not None and time.time() >= request.deadline:  # the caller's limit
+                        outcome.done = True
+                        yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished")
+                        return
+                    what = "first token" if waiting else "chunk"
+                    self._leave(region, outcome, f"timeout: no {what} within {limit:g}s")
+                    return
+                if chunk is None:
+                    self._leave(region, outcome, "unavailable: the stream ended before its final chunk")
+                    return
+                if chunk.error is not None:
+                    if fails_over(chunk.error.code, self.cfg.spill_on_overload):
+                        self._leave(region, outcome, _reason(chunk.error), chunk.error)
+                        return
+                    outcome.done = True
+                    yield chunk
+                    return
+                if waiting and (chunk.token_ids or chunk.finished):
+                    waiting = False
+                    took = time.monotonic() - began
+                    slow = first_token and took > health.slow_first_token_s
+                    if slow:  # served, but a sign of trouble all the same
+                        self.book.on_failure(region, f"slow: first token after {took:.2f}s")
+                yield progress.pass_on(chunk)
+                if chunk.finished:
+                    outcome.done = True
+                    if not slow:
+                        self.book.on_success(region)
+                    return
+
+    def _leave(self, region: str, outcome: _Outcome, reason: str, error: ChunkError | None = None) -> None:
+        outcome.reason = reason
+        outcome.error = error or ChunkError(UNAVAILABLE, "region", f"{region}: {reason}")
+        if error is None or error.code == UNAVAILABLE:  # a full region is busy, not sick
+            self.book.on_failure(region, reason)
+
+    # ---- Backend --------------------------------------------------------------------------------
+
+    async def models(self) -> list[ModelInfo]:
+        for region in self.order(None):
+            try:
+                return await self.members[region].models()
+            except Exception:  # noqa: BLE001 -- the next region may answer
+                continue
+        raise LookupError("regions: no region answered ListModels")
+
+    async def ready(self) -> bool:
+        """This region's own readiness (what its health service reports to peers and load balancers)."""
+        if self.local is not None:
+            return await self.members[self.local].ready()
+        return any(self.book.available(name) for name in self.members)

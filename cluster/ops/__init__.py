@@ -1,0 +1,1 @@
+"""Operating regions: up/down/status, failover drills, benchmarks."""

@@ -1,0 +1,1 @@
+"""Routing decisions as plain functions: reasoning depth, replica ranking, region order."""
