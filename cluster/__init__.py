@@ -1,4 +1,4 @@
-"""The Ray Serve cluster: front door, router, replicas (arrives with issue 3).
+"""The serving cluster: front door, routing policy, Ray Serve replicas, regions, telemetry and operations.
 
-Imports the engine only through ``engine.api`` and ``engine.config``.
+Reaches the engine only through ``engine.api``, ``engine.types`` and ``engine.config``.
 """
