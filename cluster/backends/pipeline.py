@@ -96,7 +96,8 @@ async def _next_chunk(
     left = None if deadline is None else max(0.0, deadline - time.time())
     timeout = min((t for t in (left, batching.keepalive_s) if t is not None), default=None)
     try:
-        first = await asyncio.wait_for(deltas.get(), timeout)
+        async with asyncio.timeout(timeout):
+            first = await deltas.get()
     except TimeoutError:
         if deadline is not None and time.time() >= deadline:
             return error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished"), None
@@ -120,6 +121,7 @@ async def _next_within(deltas: asyncio.Queue[RequestDelta], until: float) -> Req
     if left <= 0:
         return None
     try:
-        return await asyncio.wait_for(deltas.get(), left)
+        async with asyncio.timeout(left):
+            return await deltas.get()
     except TimeoutError:
         return None

@@ -24,7 +24,8 @@ async def relay(stream: Any, callee: str, idle_timeout_s: float | None) -> Async
     try:
         while True:
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+                async with asyncio.timeout(idle_timeout_s):
+                    chunk = await stream.__anext__()
             except StopAsyncIteration:
                 ended = True
                 return

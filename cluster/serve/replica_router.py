@@ -130,7 +130,7 @@ class ReplicaRouter:
     ) -> AsyncIterator[Chunk]:
         rid = request.request_id
         self.delay.dispatched(rid, time.monotonic())
-        stream = self.engine.options(stream=True).generate.remote(request, hint=hint)
+        stream = self.engine.options(stream=True, _by_reference=False).generate.remote(request, hint=hint)
         first = waiting = True
         try:  # replicas send keepalives, so silence for replica_timeout_s means a lost replica
             async with contextlib.aclosing(relay(stream, "replica", self.cfg.router.replica_timeout_s)) as chunks:
