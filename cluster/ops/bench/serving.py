@@ -272,8 +272,19 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"{'ratio':<27}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'tok/s':>8}")
         for key, r in level["ratios"].items():
             lines.append(f"{key:<27}" + "".join(f"{r[m]:>{w}.2f}x" for m, w in zip(METRICS, (9, 9, 8, 8, 7))))
+        lines.append(_overheads(level["paths"]))
     lines.append("(milliseconds; ITL = chunk gap / tokens in the chunk, per token; gap = per chunk)")
     return "\n".join(lines)
+
+
+def _overheads(paths: dict[str, dict]) -> str:
+    """TTFT p50 over in-process's, per serving path, and how levante's compares with the Serve proxy's."""
+    base = paths[IN_PROCESS]["ttft_p50_ms"]
+    ours, theirs = (paths[p]["ttft_p50_ms"] - base for p in (LEVANTE, SERVE_PROXY))
+    return (
+        f"TTFT p50 overhead over in-process: levante {ours:.1f} ms, serve-proxy {theirs:.1f} ms "
+        f"(levante/serve-proxy {_ratio(ours, theirs):.2f})"
+    )
 
 
 # ---- command line ----------------------------------------------------------------------------------
