@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 
 from cluster.config import ClusterConfig
 from cluster.config_loader import config_from_dict, config_to_dict
@@ -42,6 +43,8 @@ def build_app(cfg: ClusterConfig) -> serve.Application:
         health_check_timeout_s=r.rank_timeout_s,
         graceful_shutdown_timeout_s=cfg.frontdoor.drain_timeout_s,
         max_constructor_retry_count=2,  # a model that fails to load fails again: say so soon
+        # a log line per streamed call costs the replica's CPU; the front door's metrics and traces count calls
+        logging_config=LoggingConfig(enable_access_log=False),
     )
     return engine.bind(shipped)
 

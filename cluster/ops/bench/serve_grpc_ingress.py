@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.serve.schema import LoggingConfig
 
 from cluster.config_loader import config_from_dict
 from cluster.frontdoor.convert import (
@@ -75,6 +76,10 @@ class ServeGrpcIngress:
 
 def build_ingress_app(levante_app: str, config: dict) -> serve.Application:
     deployment = serve.deployment(ServeGrpcIngress).options(
-        name="ServeGrpcIngress", num_replicas=1, max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0}
+        name="ServeGrpcIngress",
+        num_replicas=1,
+        max_ongoing_requests=100_000,
+        ray_actor_options={"num_cpus": 0},
+        logging_config=LoggingConfig(enable_access_log=False),  # as the replicas: equal work
     )
     return deployment.bind(levante_app, config)
