@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-from engine.api import EngineError, Resume
 from engine.config import EngineConfig, ReasoningConfig
 from engine.core.request import SamplingParams
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, ThinkMarkers, check_effort, resolve_markers
 from engine.tokenizer import Tokenizer, model_tokenizer
-
-Prompt = str | list[int] | list[dict[str, Any]]
+from engine.types import EngineError, Prompt, Resume
 
 
 def eos_ids_of(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:

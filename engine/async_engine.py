@@ -19,10 +19,10 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from engine.api import EngineClient, EngineError, EngineInfo, EngineStats, RequestDelta, Resume
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
-from engine.llm_engine import EngineCore, Prompt
+from engine.llm_engine import EngineCore
+from engine.types import EngineClient, EngineError, EngineInfo, EngineStats, Prompt, RequestDelta, Resume
 
 
 class AsyncEngine(EngineClient):

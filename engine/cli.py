@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from engine.config import EFFORTS
 
 if TYPE_CHECKING:
-    from engine.admission import Prompt
+    from engine.types import Prompt
 
 
 def _add_generate(sub) -> None:
@@ -181,7 +181,7 @@ def add_commands(sub) -> None:
 
 def run(args, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a parsed command: bad input ends in one ``levante: error:`` line and exit code 2."""
-    from engine.api import EngineError
+    from engine.types import EngineError
 
     try:
         return args.func(args)

@@ -6,10 +6,10 @@ import itertools
 import sys
 from collections.abc import Iterator, Sequence
 
-from engine.api import EngineStats, Message, RequestDelta, RequestOutput, Resume
 from engine.config import EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
-from engine.llm_engine import EngineCore, Prompt
+from engine.llm_engine import EngineCore
+from engine.types import EngineStats, Message, Prompt, RequestDelta, RequestOutput, Resume
 
 
 class LLM:

@@ -14,17 +14,7 @@ import time
 
 import torch
 
-from engine.admission import Admission, Prompt, model_max_len
-from engine.api import (
-    EngineError,
-    EngineInfo,
-    EngineStats,
-    RequestDelta,
-    RequestOutput,
-    RequestTimings,
-    Resume,
-    TokenLogprob,
-)
+from engine.admission import Admission, model_max_len
 from engine.config import EngineConfig
 from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
@@ -34,8 +24,19 @@ from engine.output import RequestState, merge_final
 from engine.runner import ModelRunner, StepResult
 from engine.sampler import SampleRow, logprobs_of
 from engine.tokenizer import Tokenizer
+from engine.types import (
+    EngineError,
+    EngineInfo,
+    EngineStats,
+    Prompt,
+    RequestDelta,
+    RequestOutput,
+    RequestTimings,
+    Resume,
+    TokenLogprob,
+)
 
-__all__ = ["EngineCore", "Prompt"]
+__all__ = ["EngineCore"]
 
 
 @dataclasses.dataclass

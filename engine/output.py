@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.api import RequestDelta, RequestOutput, TokenLogprob, Usage
 from engine.core.request import SamplingParams
 from engine.reasoning import ANSWER, REASONING, ReasoningState
 from engine.tokenizer import Tokenizer
+from engine.types import RequestDelta, RequestOutput, TokenLogprob, Usage
 
 
 class IncrementalDetokenizer:

@@ -19,11 +19,11 @@ from typing import Protocol
 
 import torch
 
-from engine.api import TokenLogprob
 from engine.core.request import Request
 from engine.core.scheduler import ScheduledSeq, SchedulerOutput
 from engine.models.base import CausalLM
 from engine.sampler import Sampler, SampleRow, logprobs_of
+from engine.types import TokenLogprob
 from kernels.metadata import AttentionMetadata
 
 

@@ -12,7 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from engine.api import Message
+from engine.types import Message
 
 _IMAGE_PARTS = ("image_url", "image", "input_image")
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 
-from engine.api import EngineInfo
 from engine.config import EngineConfig
 from engine.device import engine_device
 from engine.models.loader import default_model_path, load_model
@@ -21,6 +20,7 @@ from engine.parallel.broadcast import StepReceiver
 from engine.parallel.driver import check_expert_parallel
 from engine.parallel.group import ExpertGroup
 from engine.runner import ModelRunner
+from engine.types import EngineInfo
 
 
 class ExpertWorker:

@@ -22,21 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.admission import Admission, Admitted, Prompt, model_max_len
-from engine.api import (
+from engine.admission import Admission, Admitted, model_max_len
+from engine.config import EngineConfig
+from engine.core.request import SamplingParams
+from engine.output import RequestState, merge_final
+from engine.types import (
     EngineClient,
     EngineError,
     EngineInfo,
     EngineStats,
+    Prompt,
     RequestDelta,
     RequestOutput,
     RequestTimings,
     Resume,
     TokenLogprob,
 )
-from engine.config import EngineConfig
-from engine.core.request import SamplingParams
-from engine.output import RequestState, merge_final
 from engine.vllm.args import check_extra_args, engine_kwargs, known_engine_args
 from engine.vllm.processor import REASONING_KEY, reasoning_args
 from engine.vllm.stats import StatsRecorder

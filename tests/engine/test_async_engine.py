@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from engine.api import EngineClient, EngineError
 from engine.async_engine import AsyncEngine
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
 from engine.models.tiny import make_tiny
+from engine.types import EngineClient, EngineError
 
 
 @pytest.fixture(scope="module")

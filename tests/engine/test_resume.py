@@ -20,7 +20,6 @@ import dataclasses
 
 import pytest
 
-from engine.api import EngineError, RequestDelta, Resume
 from engine.async_engine import AsyncEngine
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig
 from engine.core.request import SamplingParams
@@ -30,6 +29,7 @@ from engine.models.uris import resolve_tokenizer_path
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, resolve_markers
 from engine.tokenizer import load_tokenizer
+from engine.types import EngineError, RequestDelta, Resume
 from tests.engine.test_async_engine import collect, run
 
 TOKENIZER = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"

@@ -11,9 +11,10 @@ import asyncio
 import socket
 import time
 
-from engine.api import EngineClient, create_engine
+from engine.api import create_engine
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
+from engine.types import EngineClient
 
 
 def free_init_method() -> str:
