@@ -10,8 +10,8 @@ from engine._lazy import lazy_getattr
 
 _EXPORTS = {
     "LLM": "engine.llm",
-    "AsyncEngine": "engine.async_engine",
-    "EngineCore": "engine.llm_engine",
+    "AsyncEngine": "engine.native.async_engine",
+    "EngineCore": "engine.native.engine_core",
     "SamplingParams": "engine.core.request",
     "EngineClient": "engine.types",
     "RequestOutput": "engine.types",

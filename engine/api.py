@@ -37,7 +37,7 @@ def create_engine(config: EngineConfig, placement_group: Any = None) -> EngineCl
         from engine.vllm.engine import VllmEngine
 
         return VllmEngine(config, placement_group)
-    from engine.async_engine import AsyncEngine
+    from engine.native.async_engine import AsyncEngine
 
     return AsyncEngine(config)
 
@@ -50,6 +50,6 @@ def run_expert_worker(config: EngineConfig, on_ready: Callable[[EngineInfo], Non
     peer ends the group, it is never repaired in place). ``on_ready`` gets this
     rank's ``EngineInfo`` once it has joined, before the first step.
     """
-    from engine.parallel.worker import run_worker
+    from engine.native.parallel.worker import run_worker
 
     run_worker(config, on_ready)

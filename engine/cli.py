@@ -150,7 +150,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_make_tiny(args) -> int:
-    from engine.models.tiny import make_tiny, make_tiny_with_tokenizer
+    from engine.checkpoint.tiny import make_tiny, make_tiny_with_tokenizer
 
     if args.tokenizer:
         print(make_tiny_with_tokenizer(args.arch, args.seed, args.out, args.tokenizer))
@@ -160,7 +160,7 @@ def _cmd_make_tiny(args) -> int:
 
 
 def _cmd_default(args) -> int:
-    from engine.models.loader import default_model_path
+    from engine.checkpoint.gguf import default_model_path
 
     print(default_model_path())
     return 0

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from engine.config import EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
-from engine.llm_engine import EngineCore
+from engine.native.engine_core import EngineCore
 from engine.types import EngineStats, Message, Prompt, RequestDelta, RequestOutput, Resume
 
 

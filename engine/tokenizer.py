@@ -182,8 +182,8 @@ def model_tokenizer(name: str | None, model_dir: str, vocab_size: int) -> Tokeni
     A vocabulary larger than the model's is refused here, at load, with both
     sizes: its ids would index past the embedding on the first prompt.
     """
-    from engine.models.base import ModelLoadError
-    from engine.models.uris import resolve_tokenizer_path
+    from engine.checkpoint.files import ModelLoadError
+    from engine.checkpoint.uris import resolve_tokenizer_path
 
     tokenizer = load_tokenizer(resolve_tokenizer_path(name)) if name else find_tokenizer(model_dir)
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:

@@ -74,7 +74,8 @@ class VllmEngine(EngineClient):
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor import Executor
 
-        from engine.models.loader import default_model_path, read_config, resolve_model_dir
+        from engine.checkpoint.folder import read_config, resolve_model_dir
+        from engine.checkpoint.gguf import default_model_path
 
         self.config = config
         self.model_path = config.model.model or default_model_path()

@@ -6,7 +6,7 @@ import pytest
 
 from engine.api import create_engine
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.models.tiny import make_tiny
+from engine.checkpoint.tiny import make_tiny
 
 from .frontdoor.harness import LoopThread, spm_tokenizer
 

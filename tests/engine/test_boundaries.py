@@ -43,7 +43,7 @@ TELEMETRY = ("opentelemetry", "prometheus_client")
 
 @pytest.mark.slow
 def test_engine_imports_no_ray_grpc_protobuf():
-    mods = _modules_after("import engine.llm, engine.async_engine, engine.cli")
+    mods = _modules_after("import engine.llm, engine.native.async_engine, engine.cli")
     assert not {m for m in mods if m.split(".")[0] in ("ray", "grpc", "google") + TELEMETRY}
 
 

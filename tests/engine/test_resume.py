@@ -20,17 +20,17 @@ import dataclasses
 
 import pytest
 
-from engine.async_engine import AsyncEngine
+from engine.checkpoint.tiny import make_tiny
+from engine.checkpoint.uris import resolve_tokenizer_path
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig
 from engine.core.request import SamplingParams
-from engine.llm_engine import EngineCore
-from engine.models.tiny import make_tiny
-from engine.models.uris import resolve_tokenizer_path
+from engine.native.async_engine import AsyncEngine
+from engine.native.engine_core import EngineCore
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, resolve_markers
 from engine.tokenizer import load_tokenizer
 from engine.types import EngineError, RequestDelta, Resume
-from tests.engine.test_async_engine import collect, run
+from tests.engine.native.test_async_engine import collect, run
 
 TOKENIZER = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"
 CHAT = [{"role": "user", "content": "Tell me about the Levante wind"}]
