@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.core.request import SamplingParams
+from engine.core.stop import find_stop_string, stop_string_hold
 from engine.reasoning import ANSWER, REASONING, ReasoningState
 from engine.tokenizer import Tokenizer
 from engine.types import RequestDelta, RequestOutput, TokenLogprob, Usage
@@ -82,7 +83,7 @@ class RequestState:
     def __post_init__(self) -> None:
         self._answer_detok = IncrementalDetokenizer(self.tokenizer)
         self._reasoning_detok = IncrementalDetokenizer(self.tokenizer)
-        self._hold = max((len(s) for s in self.params.stop), default=1) - 1
+        self._hold = stop_string_hold(self.params.stop)
         if self.params.logprobs is not None:
             self.logprobs = []
 
@@ -159,13 +160,12 @@ class RequestState:
         )
 
     def _check_stop_strings(self) -> None:
-        for stop in self.params.stop:
-            # only the new tail can hold a new match
-            at = self.answer.find(stop, max(0, self.answer_sent - len(stop)))
-            if at >= 0:
-                cut = at + len(stop) if self.params.include_stop_str_in_output else at
-                self.answer, self.stop_reason, self.stopped_by_string = self.answer[:cut], stop, True
-                return
+        found = find_stop_string(
+            self.answer, self.params.stop, self.answer_sent, self.params.include_stop_str_in_output
+        )
+        if found is not None:
+            cut, stop = found
+            self.answer, self.stop_reason, self.stopped_by_string = self.answer[:cut], stop, True
 
     def usage(self) -> Usage:
         return Usage(

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from engine.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache import KVCacheManager
 from engine.core.request import Request, RequestStatus, finish_reason, is_finished
+from engine.core.stop import check_token
+
+_STATUS_OF = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
 
 @dataclass
@@ -252,7 +255,7 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[EngineCoreOutput]:
         """Append sampled tokens of the seqs that sampled; finish and free
-        those that hit a stop condition."""
+        those that hit a stop condition (``engine.core.stop``)."""
         outs: list[EngineCoreOutput] = []
         for seq in output.seqs:
             req = self.requests.get(seq.request_id)
@@ -274,16 +277,12 @@ class Scheduler:
 
     def _append_until_stop(self, req: Request, token_ids: list[int]) -> tuple[list[int], RequestStatus | None]:
         """Append tokens one by one; tokens after a stop are dropped."""
-        sp = req.sampling_params
         for k, t in enumerate(token_ids):
             req.append_output_token_ids(t)
-            status: RequestStatus | None = None
-            if t == req.eos_token_id and not sp.ignore_eos:
-                status = RequestStatus.FINISHED_STOPPED
-            elif t in sp.stop_token_ids:
-                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, t
-            elif req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
-                status = RequestStatus.FINISHED_LENGTH
-            if status is not None:
-                return list(token_ids[: k + 1]), status
+            stop = check_token(
+                t, req.sampling_params, req.eos_token_id, req.num_output_tokens, req.num_tokens, self.max_model_len
+            )
+            if stop is not None:
+                req.stop_reason = stop.stop_reason
+                return list(token_ids[: k + 1]), _STATUS_OF[stop.finish_reason]
         return list(token_ids), None
