@@ -54,6 +54,31 @@ class IncrementalDetokenizer:
         return text[len(before) :]
 
 
+def collect_output(
+    prompt_token_ids: list[int], params: SamplingParams, deltas: Sequence[RequestDelta]
+) -> RequestOutput:
+    """A finished request's whole output from its deltas, in order, the last one finished.
+
+    The same as its ``RequestState.to_output`` at the end (for a request that
+    was not resumed): tokens, texts and logprobs are what the deltas add up
+    to, the rest comes with the final delta.
+    """
+    final = deltas[-1]
+    return RequestOutput(
+        request_id=final.request_id,
+        prompt_token_ids=prompt_token_ids,
+        token_ids=[t for d in deltas for t in d.token_ids],
+        text="".join(d.text for d in deltas),
+        reasoning_text="".join(d.reasoning_text for d in deltas),
+        finish_reason=final.finish_reason,
+        stop_reason=final.stop_reason,
+        usage=final.usage,  # type: ignore[arg-type]
+        logprobs=[lp for d in deltas for lp in d.logprobs or []] if params.logprobs is not None else None,
+        prompt_logprobs=final.prompt_logprobs,
+        timings=final.timings,
+    )
+
+
 def merge_final(step: RequestDelta, final: RequestDelta) -> RequestDelta:
     """One delta for a request's last step and its end: the step's tokens and text, then what ``finish`` flushed."""
     final.token_ids = step.token_ids + final.token_ids
@@ -136,6 +161,7 @@ class RequestState:
         self.cached_tokens = cached_tokens
         delta = self._decode(self.reasoning.flush(), [], None, final=True)
         delta.finished, delta.finish_reason, delta.usage = True, finish_reason, self.usage()
+        delta.stop_reason, delta.prompt_logprobs = self.stop_reason, self.prompt_logprobs
         return delta
 
     def _decode(self, released, token_ids, logprobs, final: bool) -> RequestDelta:

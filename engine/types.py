@@ -114,6 +114,9 @@ class RequestDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" (set when finished)
     usage: Usage | None = None  # set when finished
     timings: RequestTimings | None = None  # set when finished by the engine's own step loop
+    # Set when finished, so a request's deltas add up to its whole RequestOutput:
+    stop_reason: int | str | None = None  # the stop token id or string that ended it (None for eos)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # if asked for; the first prompt token has none
 
 
 @dataclass

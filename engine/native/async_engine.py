@@ -148,14 +148,11 @@ class AsyncEngine(EngineClient):
         elif msg[0] == "abort":
             delta = self.core.abort_request(msg[1])
             if delta is not None:
-                self.core.finished.pop(msg[1], None)
                 self._stats = self.core.stats()
                 self._deliver(delta)
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:
         for d in deltas:
-            if d.finished:
-                self.core.finished.pop(d.request_id, None)
             self._deliver(d)
 
     def _deliver(self, d: RequestDelta) -> None:

@@ -32,7 +32,6 @@ from engine.types import (
     EngineStats,
     Prompt,
     RequestDelta,
-    RequestOutput,
     RequestTimings,
     Resume,
     TokenLogprob,
@@ -80,7 +79,6 @@ class EngineCore:
         self.markers = self.admission.markers
         self.requests: dict[str, Request] = {}
         self.states: dict[str, RequestState] = {}
-        self.finished: dict[str, RequestOutput] = {}
         self.stages: dict[str, _Stages] = {}
         self._num_generated = 0
         self._num_prompt = 0
@@ -105,8 +103,9 @@ class EngineCore:
         params: SamplingParams | None = None,
         resume: Resume | None = None,
         arrival: float | None = None,
-    ) -> None:
-        """Admit a request; with ``resume``, one whose first outputs another engine produced.
+    ) -> list[int]:
+        """Admit a request, and return its prompt's token ids; with ``resume``, one whose first outputs another
+        engine produced.
 
         A resumed request is a request preempted by recompute: its prompt is
         encoded as usual, the resumed tokens are its first outputs (they count
@@ -134,8 +133,10 @@ class EngineCore:
         self.requests[request_id], self.states[request_id] = req, admitted.state
         self.stages[request_id] = _Stages(time.time() if arrival is None else arrival)
         self._num_prompt += len(admitted.prompt_ids)
+        return admitted.prompt_ids
 
     def abort_request(self, request_id: str) -> RequestDelta | None:
+        """End a request now and free its blocks: its final delta (finish reason ``abort``), None if unknown."""
         if request_id not in self.requests:
             return None
         self.scheduler.abort_requests([request_id])
@@ -147,6 +148,7 @@ class EngineCore:
     # ---- the step loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestDelta]:
+        """One step: every request that got new tokens, or ended, has its delta here (the last one finished)."""
         sched = self.scheduler.schedule()
         if not sched.seqs:
             return []
@@ -216,7 +218,6 @@ class EngineCore:
         delta.timings = RequestTimings(
             stages.arrival, stages.first_scheduled, stages.first_token, time.time(), req.num_preemptions
         )
-        self.finished[request_id] = dataclasses.replace(state.to_output(reason), timings=delta.timings)
         return delta
 
     # ---- expert-parallel group -------------------------------------------------------------------

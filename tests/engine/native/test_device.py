@@ -31,6 +31,7 @@ from engine.native.device import engine_device
 from engine.native.engine_core import EngineCore
 from engine.native.models.loader import load_model
 from engine.native.runner import StepInputs
+from engine.output import collect_output
 from tests.devices import DEVICES, no_cuda_reason, usable
 from tests.engine.native.models.helpers import engine_model, hf_logits, hf_model, max_abs_diff, prompts_of, run_engine
 
@@ -116,10 +117,11 @@ def test_weights_cache_and_step_tensors_live_on_the_device(arch, device, checkpo
     seen: list[str] = []
     core.runner.logits_hook = lambda ids, logits: seen.append(logits.device.type)
     params = SamplingParams(temperature=0.8, seed=11, max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1)
-    core.add_request("r", [5, 6, 7, 9], params)
+    prompt_ids = core.add_request("r", [5, 6, 7, 9], params)
+    deltas = []
     while core.has_unfinished_requests():
-        core.step()
-    out = core.finished.pop("r")
+        deltas += core.step()
+    out = collect_output(prompt_ids, params, deltas)
     assert seen == [device] * 3
     assert core.runner.sampler._generator.device.type == device
     assert len(out.token_ids) == 3 and all(isinstance(t, int) for t in out.token_ids)
@@ -153,11 +155,13 @@ def test_no_step_tensor_is_made_on_the_default_device(arch, checkpoints):
     )
     core.add_request("b", [5, 6], SamplingParams(temperature=0.7, top_k=5, max_tokens=6, ignore_eos=True))
     reference, prompts = engine_model(checkpoints(arch), backend="reference"), prompts_of([5, 9])
+    generated: dict[str, list[int]] = {"a": [], "b": []}
     with torch.device("meta"):
         while core.has_unfinished_requests():
-            core.step()
+            for d in core.step():
+                generated[d.request_id] += d.token_ids
         tokens, _ = run_engine(reference, prompts, 2, chunk=4)
-    assert [len(core.finished[r].token_ids) for r in "ab"] == [4, 6]
+    assert [len(generated[r]) for r in "ab"] == [4, 6]
     assert [len(t) for t in tokens] == [7, 11]
 
 

@@ -12,6 +12,7 @@ from engine.checkpoint.tiny import make_tiny, tiny_config
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from engine.core.request import SamplingParams
 from engine.native.engine_core import EngineCore
+from engine.output import collect_output
 from tests.engine.native.models.helpers import engine_model
 
 
@@ -32,15 +33,14 @@ def run_to_end(core: EngineCore) -> dict:
 def test_timings_follow_the_stages_in_order(mixtral):
     core = EngineCore(EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64)))
     before = time.time()
-    core.add_request(
-        "a", list(range(3, 30)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), arrival=before - 0.25
-    )  # handed over a moment before the engine took it
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt_ids = core.add_request("a", list(range(3, 30)), params, arrival=before - 0.25)  # handed over a moment ago
     final = run_to_end(core)["a"]
     t = final.timings
     assert t is not None and t.num_preemptions == 0
     assert t.arrival == before - 0.25
     assert t.arrival < before <= t.first_scheduled <= t.first_token <= t.finished <= time.time()
-    assert core.finished["a"].timings == t  # the LLM API's output carries the same figures
+    assert collect_output(prompt_ids, params, [final]).timings == t  # the LLM API's output carries the same figures
 
 
 def test_a_request_aborted_while_waiting_never_reached_prefill(mixtral):
