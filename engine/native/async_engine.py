@@ -18,17 +18,56 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 from engine.native.engine_core import EngineCore
 from engine.types import EngineClient, EngineError, EngineInfo, EngineStats, Prompt, RequestDelta, Resume
 
+# What callers put in the engine thread's inbox; only that thread touches the EngineCore.
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    resume: Resume | None
+    arrival: float  # time.time() at submit: the wait in the inbox (behind a running step) is queueing too
+    loop: asyncio.AbstractEventLoop  # the submitter's, where ``done`` resolves
+    done: asyncio.Future  # admitted (None) or refused (the EngineError)
+
+    def resolve(self, error: BaseException | None = None) -> None:
+        """From the engine thread: let the submitter's ``await`` return, or raise ``error``."""
+        self.loop.call_soon_threadsafe(self._settle, error)
+
+    def _settle(self, error: BaseException | None) -> None:  # on the submitter's loop
+        if self.done.done():  # the submitter gave up waiting (cancelled)
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do: wakes a thread blocked on an empty inbox, so it sees it is stopping."""
+
+
+InboxMessage = AddRequest | AbortRequest | Wake
+
 
 class AsyncEngine(EngineClient):
     def __init__(self, config: EngineConfig = EngineConfig(), core: EngineCore | None = None):
         self.core = core or EngineCore(config)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.stats()
         self._info = self.core.info()
@@ -46,7 +85,7 @@ class AsyncEngine(EngineClient):
         loop = asyncio.get_running_loop()
         self._streams[request_id] = (loop, asyncio.Queue())
         done: asyncio.Future = loop.create_future()
-        self._inbox.put(("add", request_id, prompt, params, resume, time.time(), loop, done))
+        self._inbox.put(AddRequest(request_id, prompt, params, resume, time.time(), loop, done))
         try:
             await done  # admission errors (bad prompt, too long) surface here, raised in the caller
         except BaseException:
@@ -67,7 +106,7 @@ class AsyncEngine(EngineClient):
             self._streams.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        self._inbox.put(AbortRequest(request_id))
 
     async def stats(self) -> EngineStats:
         return self._stats
@@ -80,7 +119,7 @@ class AsyncEngine(EngineClient):
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping.set()
-        self._inbox.put(("wake",))
+        self._inbox.put(Wake())
         self._thread.join(timeout)
 
     # ---- the engine thread ----------------------------------------------------------------------
@@ -112,10 +151,8 @@ class AsyncEngine(EngineClient):
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg[0] == "add":
-                *_, loop, done = msg
-                err = EngineError("engine", f"stopped: {self._error!r}", kind="unavailable")
-                loop.call_soon_threadsafe(lambda d=done, e=err: d.done() or d.set_exception(e))
+            if isinstance(msg, AddRequest):
+                msg.resolve(EngineError("engine", f"stopped: {self._error!r}", kind="unavailable"))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -129,27 +166,28 @@ class AsyncEngine(EngineClient):
             except queue.Empty:
                 return
 
-    def _handle(self, msg: tuple) -> None:
-        if msg[0] == "add":
-            _, rid, prompt, params, resume, arrival, loop, done = msg
-            try:  # arrival: the wait in the inbox (behind a running step) is queueing too
-                self.core.add_request(rid, prompt, params, resume, arrival=arrival)
-            except Exception as e:  # noqa: BLE001 -- one bad request fails itself, never the engine thread
-                err = (
-                    e
-                    if isinstance(e, EngineError)
-                    else EngineError.from_value_error(e)
-                    if isinstance(e, ValueError)
-                    else EngineError("request", f"could not be admitted: {type(e).__name__}: {e}")
-                )
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(err))
-                return
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
-        elif msg[0] == "abort":
-            delta = self.core.abort_request(msg[1])
+    def _handle(self, msg: InboxMessage) -> None:
+        if isinstance(msg, AddRequest):
+            self._add(msg)
+        elif isinstance(msg, AbortRequest):
+            delta = self.core.abort_request(msg.request_id)
             if delta is not None:
                 self._stats = self.core.stats()
                 self._deliver(delta)
+
+    def _add(self, msg: AddRequest) -> None:
+        try:
+            self.core.add_request(msg.request_id, msg.prompt, msg.params, msg.resume, arrival=msg.arrival)
+        except Exception as e:  # noqa: BLE001 -- one bad request fails itself, never the engine thread
+            msg.resolve(
+                e
+                if isinstance(e, EngineError)
+                else EngineError.from_value_error(e)
+                if isinstance(e, ValueError)
+                else EngineError("request", f"could not be admitted: {type(e).__name__}: {e}")
+            )
+            return
+        msg.resolve()
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:
         for d in deltas:
