@@ -38,8 +38,9 @@ def create_engine(config: EngineConfig, placement_group: Any = None) -> EngineCl
 
         return VllmEngine(config, placement_group)
     from engine.native.async_engine import AsyncEngine
+    from engine.native.builder import build_engine_core
 
-    return AsyncEngine(config)
+    return AsyncEngine(build_engine_core(config))
 
 
 def run_expert_worker(config: EngineConfig, on_ready: Callable[[EngineInfo], None] | None = None) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from engine.config import EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
-from engine.native.engine_core import EngineCore
+from engine.native.builder import build_engine_core
 from engine.output import collect_output
 from engine.types import EngineStats, Message, Prompt, RequestDelta, RequestOutput, Resume
 
@@ -42,7 +42,7 @@ class LLM:
 
             self._vllm = OfflineVllm(config)
         else:
-            self.engine = EngineCore(config)
+            self.engine = build_engine_core(config)
         self._ids = itertools.count()
 
     @property

@@ -73,15 +73,30 @@ class SchedulerStats:
     prefix_cache_hits: int  # tokens found
 
 
+def max_len_within_cache(max_model_len: int, num_blocks: int, block_size: int) -> int:
+    """``max_model_len``, capped by what ``num_blocks`` blocks hold (the null block aside).
+
+    A sequence longer than the whole cache could never run, even alone (it
+    would be preempted and re-admitted forever), so such a cache caps the
+    length: requests then finish with "length" at capacity.
+    """
+    return min(max_model_len, (num_blocks - 1) * block_size)
+
+
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int | None = None,
+    ) -> None:
+        """``max_model_len``: the longest sequence the engine resolved for its model (None: the config's)."""
         self.config = scheduler_config
         self.block_size = cache_config.block_size
-        # A sequence longer than the whole cache could never run, even alone
-        # (it would be preempted and re-admitted forever), so such a cache
-        # caps the length: requests then finish with "length" at capacity.
-        self.kv_capacity_tokens = (num_blocks - 1) * self.block_size
-        self.max_model_len = min(scheduler_config.max_model_len, self.kv_capacity_tokens)
+        asked = scheduler_config.max_model_len if max_model_len is None else max_model_len
+        self.max_model_len = max_len_within_cache(asked, num_blocks, self.block_size)
+        self._capped_by_cache = self.max_model_len < asked
         self.kv = KVCacheManager(self.block_size, num_blocks, cache_config.enable_prefix_caching, self.max_model_len)
         self.requests: dict[str, Request] = {}  # unfinished only
         self.waiting: deque[Request] = deque()
@@ -93,7 +108,7 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         n, limit = request.num_tokens, self.max_model_len
         if n >= limit:
-            capped = "" if limit == self.config.max_model_len else f", capped by a KV cache of {limit} tokens"
+            capped = f", capped by a KV cache of {limit} tokens" if self._capped_by_cache else ""
             raise ValueError(
                 f"prompt: {n} tokens exceeds max_model_len {limit}{capped} "
                 f"(at most {limit - 1}, leaving room for one generated token)"

@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
 from engine.core.request import SamplingParams
 from engine.native.engine_core import EngineCore
 from engine.types import EngineClient, EngineError, EngineInfo, EngineStats, Prompt, RequestDelta, Resume
@@ -65,8 +64,9 @@ InboxMessage = AddRequest | AbortRequest | Wake
 
 
 class AsyncEngine(EngineClient):
-    def __init__(self, config: EngineConfig = EngineConfig(), core: EngineCore | None = None):
-        self.core = core or EngineCore(config)
+    def __init__(self, core: EngineCore):
+        """Drive a built core (``engine.native.builder.build_engine_core``) from a thread started here."""
+        self.core = core
         self._inbox: queue.SimpleQueue[InboxMessage] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.stats()

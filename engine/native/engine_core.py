@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.admission import Admission, model_max_len
-from engine.checkpoint.folder import resolve_model_dir
-from engine.checkpoint.gguf import default_model_path
+from engine.admission import Admission
 from engine.config import EngineConfig
 from engine.core.request import Request, RequestStatus, SamplingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
-from engine.native.device import engine_device
-from engine.native.models.loader import load_model
 from engine.native.runner import ModelRunner, StepResult
 from engine.native.sampler import SampleRow, logprobs_of
 from engine.output import RequestState, merge_final
@@ -37,7 +34,33 @@ from engine.types import (
     TokenLogprob,
 )
 
-__all__ = ["EngineCore"]
+if TYPE_CHECKING:
+    from engine.native.parallel.broadcast import StepBroadcaster
+
+__all__ = ["EngineCore", "EngineLimits", "EngineParts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+    """Sizes resolved at start from the model, the config and the memory; the config itself is never rewritten."""
+
+    num_blocks: int  # KV cache blocks, the null block 0 included
+    block_size: int
+    kv_bytes_per_block: int
+    max_model_len: int  # the longest sequence: the config's or the model's, within what the KV cache holds
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineParts:
+    """What an ``EngineCore`` runs with, loaded, sized and allocated by ``engine.native.builder``."""
+
+    model_path: str  # as the config gave it (a folder, .gguf or tiny: URI), for EngineInfo
+    architecture: str
+    vocab_size: int
+    runner: ModelRunner  # the model, its paged KV cache and the sampler
+    admission: Admission  # the tokenizer, end-of-text ids and thinking markers
+    limits: EngineLimits
+    broadcaster: StepBroadcaster | None = None  # rank 0 of an expert-parallel group: sends each step to ranks 1..
 
 
 @dataclasses.dataclass
@@ -50,49 +73,30 @@ class _Stages:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig = EngineConfig()):
-        self.config = config
-        self.device = engine_device(config.model.device)  # before anything is read: an unseen GPU fails fast
-        if config.model.num_threads:
-            torch.set_num_threads(config.model.num_threads)
-        self.model_path = config.model.model or default_model_path()  # as given (a folder, .gguf or tiny: URI)
-        model_dir = resolve_model_dir(self.model_path)
-        self.model, hf_config = load_model(model_dir, config.model, config.parallel)
-        self.architecture = (hf_config.get("architectures") or [type(self.model).__name__])[0]
-        self.vocab_size = int(hf_config["vocab_size"])
+    """Built by ``engine.native.builder.build_engine_core``; takes its parts as they are (no I/O here)."""
 
-        block_size = config.cache.block_size
-        spec = self.model.kv_cache_spec()
-        self.kv_bytes_per_block = spec.bytes_per_block(block_size)
-        # +1: block 0 is the null block that pads block tables
-        num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // self.kv_bytes_per_block + 1
-        sched_cfg = dataclasses.replace(
-            config.scheduler, max_model_len=model_max_len(config.model.max_model_len, hf_config)
+    def __init__(self, config: EngineConfig, parts: EngineParts):
+        self.config = config
+        self.model_path, self.architecture, self.vocab_size = parts.model_path, parts.architecture, parts.vocab_size
+        self.runner, self.admission, self.limits = parts.runner, parts.admission, parts.limits
+        self.model = parts.runner.model
+        self.max_model_len = parts.limits.max_model_len
+        self.scheduler = Scheduler(
+            config.scheduler, config.cache, parts.limits.num_blocks, max_model_len=parts.limits.max_model_len
         )
-        self.scheduler = Scheduler(sched_cfg, config.cache, num_blocks)
-        self.max_model_len = (
-            self.scheduler.max_model_len
-        )  # also capped when the cache cannot hold a full-length sequence
-        self.runner = ModelRunner(self.model, num_blocks, block_size)
-        self.admission = Admission.for_model(config, model_dir, hf_config, self.max_model_len)
-        self.tokenizer: Tokenizer | None = self.admission.tokenizer
-        self.markers = self.admission.markers
+        self.tokenizer: Tokenizer | None = parts.admission.tokenizer
+        self.markers = parts.admission.markers
         self.requests: dict[str, Request] = {}
         self.states: dict[str, RequestState] = {}
         self.stages: dict[str, _Stages] = {}
         self._num_generated = 0
         self._num_prompt = 0
-        self.broadcaster = None  # rank 0 of an expert-parallel group: sends each step to ranks 1..
-        if config.parallel.ep_size > 1:  # last: join the group only once everything local has worked
-            from engine.native.parallel.driver import start_driver
-            from engine.native.parallel.wire import Hello
+        self.broadcaster = parts.broadcaster
 
-            self.broadcaster = start_driver(
-                self.model,
-                config.parallel,
-                Hello(num_blocks, block_size, self.max_model_len, self.vocab_size, self.model.num_expert_params()),
-            )
-            self.runner.step_sink = self.broadcaster
+    @property
+    def device(self) -> torch.device:
+        """Where the weights, the KV cache and every step tensor live."""
+        return self.runner.device
 
     # ---- admission -------------------------------------------------------------------------------
 
@@ -263,9 +267,9 @@ class EngineCore:
             block_size=self.config.cache.block_size,
             num_blocks=usable,
             num_used_blocks=s.num_used_blocks,
-            kv_cache_bytes=self.runner.num_blocks * self.kv_bytes_per_block,
-            kv_bytes_per_block=self.kv_bytes_per_block,
-            kv_used_bytes=s.num_used_blocks * self.kv_bytes_per_block,
+            kv_cache_bytes=self.runner.num_blocks * self.limits.kv_bytes_per_block,
+            kv_bytes_per_block=self.limits.kv_bytes_per_block,
+            kv_used_bytes=s.num_used_blocks * self.limits.kv_bytes_per_block,
             kv_cache_usage=s.kv_usage,
             prefix_cache_hit_rate=s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
             num_generated_tokens=self._num_generated,

@@ -25,6 +25,7 @@ from engine.checkpoint.uris import resolve_tokenizer_path
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig
 from engine.core.request import SamplingParams
 from engine.native.async_engine import AsyncEngine
+from engine.native.builder import build_engine_core
 from engine.native.engine_core import EngineCore
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, resolve_markers
@@ -52,12 +53,12 @@ def config(tmp_path_factory) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def core(config) -> EngineCore:
-    return EngineCore(config)
+    return build_engine_core(config)
 
 
 @pytest.fixture(scope="module")
 def engine(config):
-    eng = AsyncEngine(config)
+    eng = AsyncEngine(build_engine_core(config))
     yield eng
     eng.shutdown()
 

@@ -11,12 +11,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-import torch
-
-from engine.checkpoint.gguf import default_model_path
 from engine.config import EngineConfig
-from engine.native.device import engine_device
-from engine.native.models.loader import load_model
+from engine.native.builder import load_native_model
 from engine.native.parallel.broadcast import StepReceiver
 from engine.native.parallel.driver import check_expert_parallel
 from engine.native.parallel.group import ExpertGroup
@@ -34,15 +30,12 @@ class ExpertWorker:
                 f"parallel.ep_rank: an expert worker is rank 1..ep_size-1 of a group, "
                 f"got rank {parallel.ep_rank} of {parallel.ep_size}"
             )
-        engine_device(config.model.device)  # an unseen GPU fails before anything is read
-        if config.model.num_threads:
-            torch.set_num_threads(config.model.num_threads)
         self.config = config
-        self.model_name = config.model.model or default_model_path()
-        self.model, hf_config = load_model(self.model_name, config.model, parallel)
+        loaded = load_native_model(config)  # as rank 0 loads it, this rank's experts only
+        self.model, self.model_name = loaded.model, loaded.model_path
         check_expert_parallel(self.model, parallel)
-        self.architecture = (hf_config.get("architectures") or ["?"])[0]
-        self.vocab_size = int(hf_config["vocab_size"])
+        self.architecture = (loaded.hf_config.get("architectures") or ["?"])[0]
+        self.vocab_size = int(loaded.hf_config["vocab_size"])
         self.group = ExpertGroup.join(parallel, self.model.device)
         try:
             self.model.set_moe_combine(self.group.all_reduce_sum)

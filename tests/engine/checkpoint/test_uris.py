@@ -15,7 +15,7 @@ from engine.checkpoint.folder import read_config, resolve_model_dir
 from engine.checkpoint.tiny import make_tiny
 from engine.checkpoint.uris import parse_tiny_uri, resolve_tokenizer_path, tiny_model_dir
 from engine.config import CacheConfig, EngineConfig, ModelConfig
-from engine.native.engine_core import EngineCore
+from engine.native.builder import build_engine_core
 from engine.tokenizer import MistralCommonTokenizer, load_tokenizer
 
 
@@ -125,7 +125,7 @@ def test_unknown_mistral_common_files_list_the_available_ones(name):
 def test_an_engine_config_can_name_both(cache_dir):
     """A tiny model with a real Mistral tokenizer: text in, tokens out, and info names the URI."""
     uri = "tiny:mistral?seed=2&vocab_size=32768&num_hidden_layers=1"
-    core = EngineCore(
+    core = build_engine_core(
         EngineConfig(
             model=ModelConfig(model=uri, tokenizer="mistral-common:mistral_instruct_tokenizer_240323.model.v3"),
             cache=CacheConfig(num_blocks=16),

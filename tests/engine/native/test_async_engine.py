@@ -10,13 +10,16 @@ from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
 from engine.native.async_engine import AsyncEngine
+from engine.native.builder import build_engine_core
 from engine.types import EngineClient, EngineError
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = make_tiny("mistral", seed=3, out=str(tmp_path_factory.mktemp("tiny")))
-    eng = AsyncEngine(EngineConfig(model=ModelConfig(model=path), cache=CacheConfig(num_blocks=64, block_size=8)))
+    eng = AsyncEngine(
+        build_engine_core(EngineConfig(model=ModelConfig(model=path), cache=CacheConfig(num_blocks=64, block_size=8)))
+    )
     yield eng
     eng.shutdown()
 

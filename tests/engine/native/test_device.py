@@ -27,6 +27,7 @@ from engine.config import (
 )
 from engine.core.request import SamplingParams
 from engine.llm import LLM
+from engine.native.builder import build_engine_core
 from engine.native.device import engine_device
 from engine.native.engine_core import EngineCore
 from engine.native.models.loader import load_model
@@ -103,7 +104,7 @@ def _device_types(core: EngineCore) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize("arch", ["mixtral", "mistral4"])
 def test_weights_cache_and_step_tensors_live_on_the_device(arch, device, checkpoints):
-    core = EngineCore(engine_config(checkpoints(arch), device))
+    core = build_engine_core(engine_config(checkpoints(arch), device))
     assert _device_types(core) == {k: {device} for k in ("parameters", "buffers", "fused weights", "kv cache")}
     assert core.device.type == core.runner.device.type == device
 
@@ -147,7 +148,7 @@ def test_no_step_tensor_is_made_on_the_default_device(arch, checkpoints):
     tensor made without the engine's device would be a meta tensor, and the first op mixing it with the
     CPU weights would raise. Covers chunked prefill beside decodes, seeded and top-k sampling, logprobs
     and prompt logprobs, and the reference kernels."""
-    core = EngineCore(engine_config(checkpoints(arch), None, step_tokens=8))
+    core = build_engine_core(engine_config(checkpoints(arch), None, step_tokens=8))
     core.add_request(
         "a",
         list(range(5, 20)),
@@ -198,7 +199,7 @@ def test_cuda_without_a_cuda_device_is_refused_before_any_weight_is_read(monkeyp
     from engine.native.parallel.worker import ExpertWorker
 
     for start, asked in (
-        (lambda: EngineCore(single), "cuda"),
+        (lambda: build_engine_core(single), "cuda"),
         (lambda: load_model(nowhere, single.model), "cuda"),
         (lambda: ExpertWorker(worker), "cuda:0"),
     ):
@@ -244,7 +245,7 @@ def test_two_ranks_over_nccl_generate_what_one_gpu_generates(arch, checkpoints):
             parallel=dataclasses.replace(cfg.parallel, backend="nccl"),
         )
 
-    single = AsyncEngine(on(config(path), "cuda:0"))
+    single = AsyncEngine(build_engine_core(on(config(path), "cuda:0")))
     try:
         expected = asyncio.run(asyncio.wait_for(ranks.generate_all(single, prompts, MAX_TOKENS), 120))
     finally:

@@ -11,6 +11,7 @@ import torch
 from engine.checkpoint.tiny import make_tiny, tiny_config
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from engine.core.request import SamplingParams
+from engine.native.builder import build_engine_core
 from engine.native.engine_core import EngineCore
 from engine.output import collect_output
 from tests.engine.native.models.helpers import engine_model
@@ -31,7 +32,7 @@ def run_to_end(core: EngineCore) -> dict:
 
 
 def test_timings_follow_the_stages_in_order(mixtral):
-    core = EngineCore(EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64)))
+    core = build_engine_core(EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64)))
     before = time.time()
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompt_ids = core.add_request("a", list(range(3, 30)), params, arrival=before - 0.25)  # handed over a moment ago
@@ -44,7 +45,7 @@ def test_timings_follow_the_stages_in_order(mixtral):
 
 
 def test_a_request_aborted_while_waiting_never_reached_prefill(mixtral):
-    core = EngineCore(EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64)))
+    core = build_engine_core(EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64)))
     core.add_request("w", [5, 6, 7], SamplingParams(max_tokens=4))
     delta = core.abort_request("w")
     assert delta.timings.first_scheduled is None and delta.timings.first_token is None
@@ -53,7 +54,7 @@ def test_a_request_aborted_while_waiting_never_reached_prefill(mixtral):
 
 def test_expert_load_counts_every_routed_token(mixtral):
     cfg = tiny_config("mixtral")
-    core = EngineCore(
+    core = build_engine_core(
         EngineConfig(model=ModelConfig(model=mixtral), cache=CacheConfig(num_blocks=64, enable_prefix_caching=False))
     )
     assert core.stats().expert_load == (0,)

@@ -21,6 +21,7 @@ import torch
 from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from engine.native.async_engine import AsyncEngine
+from engine.native.builder import build_engine_core
 from tests.engine.native.models.helpers import prompts_of
 from tests.engine.native.parallel import ranks
 
@@ -103,7 +104,7 @@ class Group:
 
 def run_single_process(path: str, prompts: list[list[int]]):
     threads = torch.get_num_threads()
-    engine = AsyncEngine(config(path))
+    engine = AsyncEngine(build_engine_core(config(path)))
     try:
         outputs = asyncio.run(asyncio.wait_for(ranks.generate_all(engine, prompts, MAX_TOKENS), 120))
         return outputs, asyncio.run(engine.info())

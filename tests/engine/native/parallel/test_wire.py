@@ -8,7 +8,7 @@ import torch
 from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from engine.core.scheduler import ScheduledSeq
-from engine.native.engine_core import EngineCore
+from engine.native.builder import build_engine_core
 from engine.native.parallel.wire import HEADER_LEN, Hello, Kind, pack_step, payload_len, step_header, unpack_step
 from engine.native.runner import StepInputs
 from tests.engine.native.models.helpers import engine_model, prompts_of, run_engine
@@ -65,7 +65,7 @@ def test_a_dense_model_is_not_split(tmp_path):
         parallel=ParallelConfig(ep_size=2, init_method="tcp://127.0.0.1:1"),
     )
     with pytest.raises(ValueError, match="no routed experts"):
-        EngineCore(cfg)  # before any rendezvous: nothing to wait for
+        build_engine_core(cfg)  # before any rendezvous: nothing to wait for
 
 
 def test_the_engine_runs_only_on_rank_0(tmp_path):
@@ -76,7 +76,7 @@ def test_the_engine_runs_only_on_rank_0(tmp_path):
         parallel=ParallelConfig(ep_size=2, ep_rank=1, init_method="tcp://127.0.0.1:1"),
     )
     with pytest.raises(ValueError, match="run_expert_worker"):
-        EngineCore(cfg)
+        build_engine_core(cfg)
 
 
 def test_half_of_the_experts_alone_do_not_reproduce_the_model(tmp_path):
