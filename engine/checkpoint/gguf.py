@@ -101,10 +101,22 @@ def _gguf_hf_name(name: str) -> str | None:
 
 
 def _write_gguf_as_hf(gguf_path: Path, out: Path) -> None:
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
     from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    reader = _read_llama_gguf(gguf_path)
+    config = _hf_config(reader, gguf_path.name)
+    tensors = _hf_tensors(reader, gguf_path.name, config["num_attention_heads"], config["num_key_value_heads"])
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with open(out / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(str(out))
+
+
+def _read_llama_gguf(gguf_path: Path):
+    """The file's ``GGUFReader``; ModelLoadError for a bad file, another architecture or rope scaling."""
+    from gguf import GGUFReader
 
     try:
         reader = GGUFReader(str(gguf_path))
@@ -116,13 +128,15 @@ def _write_gguf_as_hf(gguf_path: Path, out: Path) -> None:
     scaling = _gguf_field(reader, "llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise ModelLoadError(f"GGUF rope scaling {scaling!r} of {gguf_path.name} is not supported")
+    return reader
 
+
+def _hf_config(reader, source: str) -> dict:
+    """The Hugging Face config.json of a llama GGUF's metadata (``source``: the file's name, recorded in it)."""
     heads = int(_gguf_field(reader, "llama.attention.head_count"))
-    kv_heads = int(_gguf_field(reader, "llama.attention.head_count_kv", heads))
     hidden = int(_gguf_field(reader, "llama.embedding_length"))
-    names = {t.name for t in reader.tensors}
     vocab = _gguf_field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    config = {
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": int(vocab),
@@ -130,7 +144,7 @@ def _write_gguf_as_hf(gguf_path: Path, out: Path) -> None:
         "intermediate_size": int(_gguf_field(reader, "llama.feed_forward_length")),
         "num_hidden_layers": int(_gguf_field(reader, "llama.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
+        "num_key_value_heads": int(_gguf_field(reader, "llama.attention.head_count_kv", heads)),
         "head_dim": int(_gguf_field(reader, "llama.rope.dimension_count", hidden // heads)),
         "rms_norm_eps": float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "max_position_embeddings": int(_gguf_field(reader, "llama.context_length", 2048)),
@@ -139,30 +153,29 @@ def _write_gguf_as_hf(gguf_path: Path, out: Path) -> None:
             "rope_theta": float(_gguf_field(reader, "llama.rope.freq_base", 10000.0)),
         },
         "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in names,
+        "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors},
         "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": _gguf_field(reader, "tokenizer.ggml.padding_token_id"),
         "dtype": "float32",
-        "levante_source": gguf_path.name,
+        "levante_source": source,
     }
+
+
+def _hf_tensors(reader, source: str, heads: int, kv_heads: int) -> dict[str, Tensor]:
+    """Every tensor dequantized to float32 under its Hugging Face name, q/k rows back in HF's rotary order."""
+    import numpy as np
+    from gguf.quants import dequantize
 
     tensors: dict[str, Tensor] = {}
     for t in reader.tensors:
         hf_name = _gguf_hf_name(t.name)
         if hf_name is None:
-            raise ModelLoadError(f"GGUF tensor {t.name!r} of {gguf_path.name} has no Hugging Face equivalent here")
+            raise ModelLoadError(f"GGUF tensor {t.name!r} of {source} has no Hugging Face equivalent here")
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32, order="C", copy=True))
         if ".self_attn.q_proj." in hf_name:
             w = _unpermute_rope_rows(w, heads)
         elif ".self_attn.k_proj." in hf_name:
             w = _unpermute_rope_rows(w, kv_heads)
         tensors[hf_name] = w.contiguous()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    with open(out / "config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer.save_pretrained(str(out))
+    return tensors
