@@ -190,8 +190,7 @@ def _tokenizer_files(path: str) -> list[str]:
 def make_tiny_with_tokenizer(arch: str, seed: int, out: str, tokenizer: str, **overrides) -> str:
     """``make_tiny`` with ``tokenizer`` (a path or ``mistral-common:<file>``) copied into ``out``; the config's
     vocab_size and bos/eos ids come from it unless overridden. Returns ``out``."""
-    from engine.checkpoint.uris import resolve_tokenizer_path
-    from engine.tokenizer import load_tokenizer
+    from engine.tokenizer import load_tokenizer, resolve_tokenizer_path
 
     path = resolve_tokenizer_path(tokenizer)
     tok = load_tokenizer(path)

@@ -1,11 +1,10 @@
-"""Model and tokenizer names a config may give instead of a path.
+"""Model names a config may give instead of a path.
 
-- ``tiny:<arch>`` or ``tiny:<arch>?seed=0&vocab_size=32768``: a random tiny
-  checkpoint (``engine.checkpoint.tiny``), built once into the model cache under a
-  name that hashes everything it depends on, so each rank of a group (or a
-  later run) finds the same weights.
-- ``mistral-common:<file name>``: a tokenizer file shipped in the
-  ``mistral_common`` package's ``data/`` folder (e.g. ``tekken_240911.json``).
+``tiny:<arch>`` or ``tiny:<arch>?seed=0&vocab_size=32768``: a random tiny
+checkpoint (``engine.checkpoint.tiny``), built once into the model cache under
+a name that hashes everything it depends on, so each rank of a group (or a
+later run) finds the same weights. (Tokenizer names, ``mistral-common:<file>``,
+are ``engine.tokenizer``'s.)
 
 Parsing does no heavy imports; torch and transformers load only to build.
 """
@@ -23,7 +22,6 @@ from engine.checkpoint.cache import build_once, cache_root
 from engine.checkpoint.files import ModelLoadError
 
 TINY_SCHEME = "tiny:"
-MISTRAL_COMMON_SCHEME = "mistral-common:"
 
 
 def is_tiny_uri(name: str) -> bool:
@@ -97,30 +95,3 @@ def tiny_model_dir(uri: str) -> Path:
         )
 
     return build_once(final, build, is_complete, f"building {uri!r}")
-
-
-def mistral_common_data_dir() -> Path:
-    """``mistral_common/data`` located without importing the package."""
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("tokenizer: the mistral-common package is not installed (pip install mistral-common)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-def resolve_tokenizer_path(name: str) -> str:
-    """A tokenizer path: ``mistral-common:<file>`` resolved to the packaged file, anything else as is."""
-    if not name.startswith(MISTRAL_COMMON_SCHEME):
-        return name
-    file = name[len(MISTRAL_COMMON_SCHEME) :]
-    data = mistral_common_data_dir()
-    path = data / file
-    if not file or "/" in file or "\\" in file or not path.is_file():
-        available = (
-            sorted(p.name for p in data.iterdir() if p.is_file() and not p.name.startswith("_"))
-            if data.is_dir()
-            else []
-        )
-        raise ValueError(
-            f"tokenizer: {name!r} is not a mistral-common tokenizer file (available: {', '.join(available) or 'none'})"
-        )
-    return str(path)

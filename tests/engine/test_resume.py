@@ -21,7 +21,6 @@ import dataclasses
 import pytest
 
 from engine.checkpoint.tiny import make_tiny
-from engine.checkpoint.uris import resolve_tokenizer_path
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig
 from engine.core.request import SamplingParams
 from engine.native.async_engine import AsyncEngine
@@ -29,7 +28,7 @@ from engine.native.builder import build_engine_core
 from engine.native.engine_core import EngineCore
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, resolve_markers
-from engine.tokenizer import load_tokenizer
+from engine.tokenizer import load_tokenizer, resolve_tokenizer_path
 from engine.types import EngineError, RequestDelta, Resume
 from tests.engine.native.test_async_engine import collect, run
 

@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 from engine.checkpoint.folder import read_config
 from engine.checkpoint.formats.consolidated import interleaved_to_halves
 from engine.checkpoint.tiny import make_tiny, tiny_config
-from engine.checkpoint.uris import mistral_common_data_dir
-from engine.tokenizer import MistralCommonTokenizer, find_tokenizer, text_only_messages
+from engine.tokenizer import MistralCommonTokenizer, find_tokenizer, mistral_common_data_dir, text_only_messages
 from tests.engine.native.models.helpers import (
     engine_model,
     hf_logits,

@@ -13,10 +13,10 @@ from engine.checkpoint.cache import build_once
 from engine.checkpoint.files import ModelLoadError
 from engine.checkpoint.folder import read_config, resolve_model_dir
 from engine.checkpoint.tiny import make_tiny
-from engine.checkpoint.uris import parse_tiny_uri, resolve_tokenizer_path, tiny_model_dir
+from engine.checkpoint.uris import parse_tiny_uri, tiny_model_dir
 from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.native.builder import build_engine_core
-from engine.tokenizer import MistralCommonTokenizer, load_tokenizer
+from engine.tokenizer import MistralCommonTokenizer, load_tokenizer, resolve_tokenizer_path
 
 
 @pytest.fixture
