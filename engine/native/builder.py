@@ -48,7 +48,7 @@ def load_native_model(config: EngineConfig) -> LoadedModel:
 
 
 def resolve_limits(config: EngineConfig, model: CausalLM, hf_config: dict) -> EngineLimits:
-    """KV blocks from ``cache.num_blocks`` or the memory budget; the longest sequence within the model's and the cache's."""
+    """KV blocks from ``cache.num_blocks`` or the memory budget; the longest sequence the model and the cache allow."""
     block_size = config.cache.block_size
     kv_bytes_per_block = model.kv_cache_spec().bytes_per_block(block_size)
     # +1: block 0 is the null block that pads block tables

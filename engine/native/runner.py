@@ -50,7 +50,7 @@ class StepInputs:
 
 
 class StepSink(Protocol):
-    """Where rank 0 sends each step's inputs before its own forward (``engine.native.parallel.broadcast.StepBroadcaster``)."""
+    """Where rank 0 sends each step's inputs before its own forward (``engine.native.parallel``'s broadcaster)."""
 
     def send(self, inputs: StepInputs) -> None: ...
 
