@@ -21,7 +21,7 @@ _.should_backoff  # set on Serve's routing context, read by Serve
 _.collect  # cluster/telemetry/collectors.py
 
 # torch.nn.Module adds extra_repr() to print(module)
-_.extra_repr  # engine/models/layers.py
+_.extra_repr  # engine/native/models/layers.py
 
 # vLLM plugins: the logits processor is loaded by its import path (engine/vllm/args.py PROCESSOR),
 # then called through vLLM's LogitsProcessor and StatLoggerBase interfaces

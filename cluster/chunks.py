@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cluster.types import ERROR_CODES, UNAVAILABLE, Chunk, ChunkError
-from engine.api import EngineError, RequestDelta
+from engine.types import EngineError, RequestDelta
 
 
 def merge_deltas(deltas: list[RequestDelta]) -> Chunk:

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.api import EngineInfo, EngineStats, Resume, SamplingParams, TokenLogprob, Usage
 from engine.config import EFFORTS  # in increasing depth
+from engine.types import EngineInfo, EngineStats, Resume, SamplingParams, TokenLogprob, Usage
 
 AUTO = "auto"
 REQUEST_EFFORTS = EFFORTS + (AUTO,)

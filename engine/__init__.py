@@ -1,7 +1,7 @@
 """Levante's paged-attention engine for Mistral-family models.
 
-Imports are lazy so that ``engine.core`` (torch-free) and ``engine.api`` can
-be used without loading torch.
+Imports are lazy so that ``engine.core``, ``engine.types`` and ``engine.api``
+(torch-free) can be used without loading torch.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ from engine._lazy import lazy_getattr
 
 _EXPORTS = {
     "LLM": "engine.llm",
-    "AsyncEngine": "engine.async_engine",
-    "EngineCore": "engine.llm_engine",
+    "AsyncEngine": "engine.native.async_engine",
+    "EngineCore": "engine.native.engine_core",
     "SamplingParams": "engine.core.request",
-    "EngineClient": "engine.api",
-    "RequestOutput": "engine.api",
-    "RequestDelta": "engine.api",
-    "EngineStats": "engine.api",
-    "EngineError": "engine.api",
+    "EngineClient": "engine.types",
+    "RequestOutput": "engine.types",
+    "RequestDelta": "engine.types",
+    "EngineStats": "engine.types",
+    "EngineError": "engine.types",
+    "create_engine": "engine.api",
     "EngineConfig": "engine.config",
 }
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-from engine.api import EngineError, Resume
 from engine.config import EngineConfig, ReasoningConfig
 from engine.core.request import SamplingParams
+from engine.core.stop import stop_token
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, ThinkMarkers, check_effort, resolve_markers
 from engine.tokenizer import Tokenizer, model_tokenizer
-
-Prompt = str | list[int] | list[dict[str, Any]]
+from engine.types import EngineError, Prompt, Resume
 
 
 def eos_ids_of(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:
@@ -152,15 +150,12 @@ class Admission:
                 "resume.token_ids",
                 f"{resume.token_ids[bad]} at index {bad} is not below the vocab size {self.vocab_size}",
             )
-        end = next((i for i, t in enumerate(resume.token_ids) if self.ends_request(t, params)), None)
+        # params already carry the extra end-of-text ids among their stop tokens
+        end = next((i for i, t in enumerate(resume.token_ids) if stop_token(t, params, self.eos_id)), None)
         if end is not None:
             raise EngineError(
                 "resume.token_ids", f"already finished: token {resume.token_ids[end]} at index {end} is a stop token"
             )
-
-    def ends_request(self, token: int, params: SamplingParams) -> bool:
-        """The scheduler's stop-token rule (``params`` with the extra EOS ids already among its stop tokens)."""
-        return (token == self.eos_id and not params.ignore_eos) or token in params.stop_token_ids
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

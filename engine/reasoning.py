@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.config import EFFORTS, ReasoningConfig
+from engine.core.stop import is_end_of_text
 from engine.tokenizer import Tokenizer
 
 REASONING, ANSWER, MARKER = "reasoning", "answer", "marker"
@@ -84,7 +85,7 @@ class ReasoningState:
         An end-of-text inside a thinking span closes the span instead, so a
         request that thinks always gets to its answer.
         """
-        if not self._pending and self.in_think and sampled in self.eos_ids and self.markers.end:
+        if not self._pending and self.in_think and is_end_of_text(sampled, self.eos_ids) and self.markers.end:
             self._force(self.markers.end)
         return self._pending.popleft() if self._pending else sampled
 

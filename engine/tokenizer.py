@@ -2,19 +2,25 @@
 
 ``load_tokenizer(path)`` picks the implementation: a mistral-common file
 (``tekken*.json`` or ``*.model.v*``), a folder holding one, or a Hugging Face
-folder / GGUF file read through ``transformers.AutoTokenizer``.
+folder / GGUF file read through ``transformers.AutoTokenizer``. A config may
+also name ``mistral-common:<file name>``: a tokenizer file shipped in the
+``mistral_common`` package's ``data/`` folder (e.g. ``tekken_240911.json``).
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
-from engine.api import Message
+from engine.checkpoint.files import ModelLoadError
+from engine.types import Message
 
 _IMAGE_PARTS = ("image_url", "image", "input_image")
+MISTRAL_COMMON_SCHEME = "mistral-common:"
 
 
 def text_only_messages(messages: list[Message]) -> list[Message]:
@@ -182,9 +188,6 @@ def model_tokenizer(name: str | None, model_dir: str, vocab_size: int) -> Tokeni
     A vocabulary larger than the model's is refused here, at load, with both
     sizes: its ids would index past the embedding on the first prompt.
     """
-    from engine.models.base import ModelLoadError
-    from engine.models.uris import resolve_tokenizer_path
-
     tokenizer = load_tokenizer(resolve_tokenizer_path(name)) if name else find_tokenizer(model_dir)
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise ModelLoadError(
@@ -192,3 +195,30 @@ def model_tokenizer(name: str | None, model_dir: str, vocab_size: int) -> Tokeni
             f"model's vocab_size {vocab_size}; use the tokenizer the model was trained with"
         )
     return tokenizer
+
+
+def mistral_common_data_dir() -> Path:
+    """``mistral_common/data`` located without importing the package."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("tokenizer: the mistral-common package is not installed (pip install mistral-common)")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def resolve_tokenizer_path(name: str) -> str:
+    """A tokenizer path: ``mistral-common:<file>`` resolved to the packaged file, anything else as is."""
+    if not name.startswith(MISTRAL_COMMON_SCHEME):
+        return name
+    file = name[len(MISTRAL_COMMON_SCHEME) :]
+    data = mistral_common_data_dir()
+    path = data / file
+    if not file or "/" in file or "\\" in file or not path.is_file():
+        available = (
+            sorted(p.name for p in data.iterdir() if p.is_file() and not p.name.startswith("_"))
+            if data.is_dir()
+            else []
+        )
+        raise ValueError(
+            f"tokenizer: {name!r} is not a mistral-common tokenizer file (available: {', '.join(available) or 'none'})"
+        )
+    return str(path)

@@ -39,7 +39,7 @@ from cluster.types import (
     GenerateRequest,
     ModelInfo,
 )
-from engine.api import Resume
+from engine.types import Resume
 
 SEED_BITS = 62
 

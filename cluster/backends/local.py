@@ -20,7 +20,7 @@ from cluster.config import AutoEffortConfig
 from cluster.policy.effort import decide_for
 from cluster.telemetry import spans, tracing
 from cluster.types import Backend, Chunk, Decision, GenerateRequest, ModelInfo, ReplicaStatus, ServedBy
-from engine.api import EngineClient, EngineError
+from engine.types import EngineClient, EngineError
 
 
 class LocalBackend(Backend):

@@ -20,8 +20,8 @@ from opentelemetry.trace import Span
 from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
 from cluster.telemetry import spans
 from cluster.types import DEADLINE_EXCEEDED, INVALID_ARGUMENT, Chunk, GenerateRequest, ServedBy
-from engine.api import EngineClient, EngineError, RequestDelta
 from engine.config import EFFORTS
+from engine.types import EngineClient, EngineError, RequestDelta
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from google.protobuf.message import DecodeError
 
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, ServedBy
-from engine.api import EngineError, Resume, SamplingParams, TokenLogprob, Usage
+from engine.types import EngineError, Resume, SamplingParams, TokenLogprob, Usage
 from levante.v1 import inference_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"

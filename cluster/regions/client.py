@@ -32,7 +32,7 @@ from cluster.regions.checker import HealthChecker
 from cluster.regions.health import HealthBook
 from cluster.telemetry.tracing import ambient_carrier
 from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
-from engine.api import SamplingParams
+from engine.types import SamplingParams
 
 
 def parse_endpoint(spec: str | PeerConfig) -> PeerConfig:

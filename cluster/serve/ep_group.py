@@ -24,8 +24,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import ClusterConfig, ReplicaConfig
 from cluster.config_loader import engine_config_for_rank
 from cluster.serve.ranks import WorkerRank, free_tcp_address, start_rank_engine
-from engine.api import EngineClient, EngineInfo
 from engine.config import EngineConfig
+from engine.types import EngineClient, EngineInfo
 
 log = logging.getLogger("levante.ep_group")
 

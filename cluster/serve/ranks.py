@@ -13,14 +13,9 @@ from typing import Any, TypeVar
 
 import ray
 
-from engine.api import (
-    EngineClient,
-    EngineConfig,
-    EngineInfo,
-    create_engine,
-    run_expert_worker,
-)
-from engine.config import DeviceUnavailableError
+from engine.api import create_engine, run_expert_worker
+from engine.config import DeviceUnavailableError, EngineConfig
+from engine.types import EngineClient, EngineInfo
 
 
 def free_tcp_address() -> str:

@@ -15,7 +15,7 @@ from cluster.telemetry.poller import EnginePoller
 
 if TYPE_CHECKING:
     from cluster.regions.health import HealthBook
-    from engine.api import EngineStats
+    from engine.types import EngineStats
 
 REGION_STATES = ("healthy", "unhealthy", "ejected", "unknown")
 GROUP_STATES = ("starting", "serving", "restarting", "failed", "stopped")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from cluster.periodic import Periodic
 from cluster.types import ReplicaStatus
-from engine.api import EngineStats
+from engine.types import EngineStats
 
 log = logging.getLogger(__name__)
 STALE_POLLS = 3

@@ -28,7 +28,7 @@ from opentelemetry.trace import Span, SpanKind
 
 from cluster.telemetry import tracing
 from cluster.types import Chunk, FailoverHop, GenerateRequest
-from engine.api import RequestTimings, Usage
+from engine.types import RequestTimings, Usage
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from engine.config import CacheConfig, SchedulerConfig
 from engine.core.kv_cache import KVCacheManager
 from engine.core.request import Request, RequestStatus, finish_reason, is_finished
+from engine.core.stop import check_token
+
+_STATUS_OF = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
 
 @dataclass
@@ -43,13 +46,6 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq]  # running requests first, then newly admitted ones
     num_batched_tokens: int
     preempted_ids: list[str] = field(default_factory=list)
-    # Requests that ended (any reason) since the previous schedule, so the
-    # runner can drop per-request state.
-    finished_ids: list[str] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
 
 
 @dataclass
@@ -77,20 +73,34 @@ class SchedulerStats:
     prefix_cache_hits: int  # tokens found
 
 
+def max_len_within_cache(max_model_len: int, num_blocks: int, block_size: int) -> int:
+    """``max_model_len``, capped by what ``num_blocks`` blocks hold (the null block aside).
+
+    A sequence longer than the whole cache could never run, even alone (it
+    would be preempted and re-admitted forever), so such a cache caps the
+    length: requests then finish with "length" at capacity.
+    """
+    return min(max_model_len, (num_blocks - 1) * block_size)
+
+
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int) -> None:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int | None = None,
+    ) -> None:
+        """``max_model_len``: the longest sequence the engine resolved for its model (None: the config's)."""
         self.config = scheduler_config
         self.block_size = cache_config.block_size
-        # A sequence longer than the whole cache could never run, even alone
-        # (it would be preempted and re-admitted forever), so such a cache
-        # caps the length: requests then finish with "length" at capacity.
-        self.kv_capacity_tokens = (num_blocks - 1) * self.block_size
-        self.max_model_len = min(scheduler_config.max_model_len, self.kv_capacity_tokens)
+        asked = scheduler_config.max_model_len if max_model_len is None else max_model_len
+        self.max_model_len = max_len_within_cache(asked, num_blocks, self.block_size)
+        self._capped_by_cache = self.max_model_len < asked
         self.kv = KVCacheManager(self.block_size, num_blocks, cache_config.enable_prefix_caching, self.max_model_len)
         self.requests: dict[str, Request] = {}  # unfinished only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self._finished_ids: list[str] = []
         self.num_preemptions_total = 0
 
     # ---- requests in and out -------------------------------------------------
@@ -98,7 +108,7 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         n, limit = request.num_tokens, self.max_model_len
         if n >= limit:
-            capped = "" if limit == self.config.max_model_len else f", capped by a KV cache of {limit} tokens"
+            capped = f", capped by a KV cache of {limit} tokens" if self._capped_by_cache else ""
             raise ValueError(
                 f"prompt: {n} tokens exceeds max_model_len {limit}{capped} "
                 f"(at most {limit - 1}, leaving room for one generated token)"
@@ -130,7 +140,6 @@ class Scheduler:
         req.status = status
         self.kv.free(req)
         del self.requests[req.request_id]
-        self._finished_ids.append(req.request_id)
 
     def _remove_from_queue(self, req: Request) -> None:
         # Waiting covers never-admitted and preempted requests (the latter
@@ -142,9 +151,6 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
 
     def get_stats(self) -> SchedulerStats:
         pool = self.kv.pool
@@ -172,12 +178,10 @@ class Scheduler:
         # After a preemption the pool is tight: admitting would only thrash.
         if not preempted:
             budget = self._schedule_waiting(budget, seqs)
-        finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             seqs=seqs,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             preempted_ids=preempted,
-            finished_ids=finished,
         )
 
     def _chunk(self, req: Request, budget: int, num_hit: int = 0) -> int:
@@ -266,7 +270,7 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[EngineCoreOutput]:
         """Append sampled tokens of the seqs that sampled; finish and free
-        those that hit a stop condition."""
+        those that hit a stop condition (``engine.core.stop``)."""
         outs: list[EngineCoreOutput] = []
         for seq in output.seqs:
             req = self.requests.get(seq.request_id)
@@ -288,16 +292,12 @@ class Scheduler:
 
     def _append_until_stop(self, req: Request, token_ids: list[int]) -> tuple[list[int], RequestStatus | None]:
         """Append tokens one by one; tokens after a stop are dropped."""
-        sp = req.sampling_params
         for k, t in enumerate(token_ids):
             req.append_output_token_ids(t)
-            status: RequestStatus | None = None
-            if t == req.eos_token_id and not sp.ignore_eos:
-                status = RequestStatus.FINISHED_STOPPED
-            elif t in sp.stop_token_ids:
-                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, t
-            elif req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.max_model_len:
-                status = RequestStatus.FINISHED_LENGTH
-            if status is not None:
-                return list(token_ids[: k + 1]), status
+            stop = check_token(
+                t, req.sampling_params, req.eos_token_id, req.num_output_tokens, req.num_tokens, self.max_model_len
+            )
+            if stop is not None:
+                req.stop_reason = stop.stop_reason
+                return list(token_ids[: k + 1]), _STATUS_OF[stop.finish_reason]
         return list(token_ids), None

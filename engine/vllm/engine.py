@@ -22,21 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.admission import Admission, Admitted, Prompt, model_max_len
-from engine.api import (
+from engine.admission import Admission, Admitted, model_max_len
+from engine.config import EngineConfig
+from engine.core.request import SamplingParams
+from engine.output import RequestState, merge_final
+from engine.types import (
     EngineClient,
     EngineError,
     EngineInfo,
     EngineStats,
+    Prompt,
     RequestDelta,
     RequestOutput,
     RequestTimings,
     Resume,
     TokenLogprob,
 )
-from engine.config import EngineConfig
-from engine.core.request import SamplingParams
-from engine.output import RequestState, merge_final
 from engine.vllm.args import check_extra_args, engine_kwargs, known_engine_args
 from engine.vllm.processor import REASONING_KEY, reasoning_args
 from engine.vllm.stats import StatsRecorder
@@ -73,7 +74,8 @@ class VllmEngine(EngineClient):
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor import Executor
 
-        from engine.models.loader import default_model_path, read_config, resolve_model_dir
+        from engine.checkpoint.folder import read_config, resolve_model_dir
+        from engine.checkpoint.gguf import default_model_path
 
         self.config = config
         self.model_path = config.model.model or default_model_path()

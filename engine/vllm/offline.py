@@ -8,10 +8,10 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from engine.api import EngineStats, RequestDelta, RequestOutput, Resume
 from engine.config import EngineConfig
 from engine.core.request import SamplingParams
-from engine.vllm.engine import Prompt, VllmEngine
+from engine.types import EngineStats, Prompt, RequestDelta, RequestOutput, Resume
+from engine.vllm.engine import VllmEngine
 
 T = TypeVar("T")
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from engine.api import EngineStats
 from engine.config import CacheConfig
+from engine.types import EngineStats
 
 
 class StatsRecorder:

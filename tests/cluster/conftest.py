@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.api import create_engine
+from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.models.tiny import make_tiny
 
 from .frontdoor.harness import LoopThread, spm_tokenizer
 

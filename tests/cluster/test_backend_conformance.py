@@ -27,8 +27,9 @@ from cluster.config_loader import config_from_dict
 from cluster.region import RegionServer
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from cluster.types import INVALID_ARGUMENT, Chunk, GenerateRequest, ModelInfo
-from engine.api import SamplingParams, create_engine
+from engine.api import create_engine
 from engine.config import CacheConfig
+from engine.types import SamplingParams
 
 from .frontdoor.harness import wait_until
 

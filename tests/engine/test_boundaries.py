@@ -21,9 +21,19 @@ def _modules_after(code: str) -> set[str]:
 def test_engine_core_and_api_import_no_torch():
     mods = _modules_after(
         "import engine.core.scheduler, engine.core.kv_cache, engine.core.block_pool, "
-        "engine.core.request, engine.api, engine.config"
+        "engine.core.request, engine.api, engine.types, engine.config"
     )
     assert "torch" not in mods
+
+
+def test_no_import_cycle_runs_through_engine_api():
+    """engine.api assembles engines and everything inside speaks engine.types, so nothing it loads imports it back."""
+    import grimp
+
+    graph = grimp.build_graph("engine", cache_dir=None)
+    loaded_by_api = graph.find_upstream_modules("engine.api")
+    importing_api = graph.find_downstream_modules("engine.api")
+    assert loaded_by_api and not loaded_by_api & importing_api, sorted(loaded_by_api & importing_api)
 
 
 # Telemetry lives in cluster/: the engine records plain figures (RequestTimings, EngineStats) and
@@ -33,7 +43,7 @@ TELEMETRY = ("opentelemetry", "prometheus_client")
 
 @pytest.mark.slow
 def test_engine_imports_no_ray_grpc_protobuf():
-    mods = _modules_after("import engine.llm, engine.async_engine, engine.cli")
+    mods = _modules_after("import engine.llm, engine.native.async_engine, engine.cli")
     assert not {m for m in mods if m.split(".")[0] in ("ray", "grpc", "google") + TELEMETRY}
 
 

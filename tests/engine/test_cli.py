@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from engine.cli import main
-from engine.models.uris import resolve_tokenizer_path
+from engine.tokenizer import resolve_tokenizer_path
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPM = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"  # 32768 tokens

@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
+from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core.request import SamplingParams
 from engine.llm import LLM
-from engine.models.tiny import make_tiny
 from tests.engine.reference import load_hf_reference
 
 pytestmark = pytest.mark.slow

@@ -20,17 +20,17 @@ import dataclasses
 
 import pytest
 
-from engine.api import EngineError, RequestDelta, Resume
-from engine.async_engine import AsyncEngine
+from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig
 from engine.core.request import SamplingParams
-from engine.llm_engine import EngineCore
-from engine.models.tiny import make_tiny
-from engine.models.uris import resolve_tokenizer_path
+from engine.native.async_engine import AsyncEngine
+from engine.native.builder import build_engine_core
+from engine.native.engine_core import EngineCore
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, resolve_markers
-from engine.tokenizer import load_tokenizer
-from tests.engine.test_async_engine import collect, run
+from engine.tokenizer import load_tokenizer, resolve_tokenizer_path
+from engine.types import EngineError, RequestDelta, Resume
+from tests.engine.native.test_async_engine import collect, run
 
 TOKENIZER = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"
 CHAT = [{"role": "user", "content": "Tell me about the Levante wind"}]
@@ -52,12 +52,12 @@ def config(tmp_path_factory) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def core(config) -> EngineCore:
-    return EngineCore(config)
+    return build_engine_core(config)
 
 
 @pytest.fixture(scope="module")
 def engine(config):
-    eng = AsyncEngine(config)
+    eng = AsyncEngine(build_engine_core(config))
     yield eng
     eng.shutdown()
 
@@ -73,7 +73,6 @@ def drive(
     deltas = []
     while core.has_unfinished_requests():
         deltas += [d for d in core.step() if d.request_id == rid]
-    core.finished.pop(rid)
     return deltas
 
 
@@ -160,7 +159,6 @@ def test_resume_next_to_a_running_request(core):
     rest = [d for step in steps for d in step if d.request_id == "resumed"]
     assert any({d.request_id for d in step} == {"other", "resumed"} for step in steps)  # they shared steps
     assert_continues(full, k, rest)
-    core.finished.clear()
 
 
 @pytest.mark.parametrize("include", [False, True], ids=["cut", "included"])

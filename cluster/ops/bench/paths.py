@@ -24,7 +24,8 @@ import grpc
 from cluster.config import ClusterConfig
 from cluster.config_loader import engine_config_for_rank
 from cluster.ops.bench.timing import RequestTiming
-from engine.api import EngineClient, SamplingParams, create_engine, run_expert_worker
+from engine.api import create_engine, run_expert_worker
+from engine.types import EngineClient, SamplingParams
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
 

@@ -53,7 +53,7 @@ def off_path_cost_ns(number: int = 200_000) -> float:
     from cluster.telemetry import tracing
     from cluster.telemetry.spans import RouteTrace, route_trace
     from cluster.types import GenerateRequest
-    from engine.api import SamplingParams
+    from engine.types import SamplingParams
 
     assert not tracing.active()
     request = GenerateRequest("r", "m", "hi", SamplingParams())

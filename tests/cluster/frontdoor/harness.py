@@ -16,7 +16,7 @@ import grpc
 from cluster.config import FrontDoorConfig
 from cluster.frontdoor import FrontDoor
 from cluster.types import Backend, Chunk, ChunkError, Decision, GenerateRequest, ModelInfo, ServedBy
-from engine.api import Usage
+from engine.types import Usage
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
 

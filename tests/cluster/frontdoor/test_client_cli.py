@@ -14,8 +14,8 @@ from cluster.backends import LocalBackend
 from cluster.config import FrontDoorConfig
 from cluster.types import ModelInfo
 from engine.api import create_engine
+from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.models.tiny import make_tiny
 
 from .harness import MODEL, serving, spm_tokenizer
 

@@ -9,7 +9,7 @@ from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants, TokenBucke
 from cluster.frontdoor.convert import Limits, RequestError, ResponseEncoder, decode_generate
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, ServedBy
-from engine.api import SamplingParams, Usage
+from engine.types import SamplingParams, Usage
 from levante.v1 import inference_pb2 as pb
 
 LIMITS = Limits("m", max_model_len=100, max_request_bytes=1000)

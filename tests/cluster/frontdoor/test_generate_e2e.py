@@ -11,8 +11,8 @@ from cluster.backends import LocalBackend
 from cluster.config import FrontDoorConfig
 from cluster.types import ModelInfo
 from engine.api import create_engine
+from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig, SchedulerConfig
-from engine.models.tiny import make_tiny
 from levante.v1 import inference_pb2 as pb
 
 from .harness import MODEL, channel, generate, rpc_error, serving, spm_tokenizer, stub, wait_until

@@ -31,7 +31,7 @@ from cluster.types import (
     ModelInfo,
     ServedBy,
 )
-from engine.api import Resume, SamplingParams
+from engine.types import Resume, SamplingParams
 
 # The request's own fault: every region would refuse it the same way (cluster/regions/codes.py).
 CALLER_ERRORS = frozenset({UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND})

@@ -7,7 +7,7 @@ import pytest
 from cluster.backends.peer import PeerBackend
 from cluster.config import FrontDoorConfig, PeerConfig, TenantConfig, TLSConfig
 from cluster.types import UNAUTHENTICATED, UNAVAILABLE, GenerateRequest
-from engine.api import SamplingParams
+from engine.types import SamplingParams
 
 from ..frontdoor.certs import make_pki
 from ..frontdoor.harness import ScriptedBackend, serving

@@ -16,7 +16,8 @@ from ray import serve
 from cluster.config_loader import config_from_dict
 from cluster.region import RegionServer
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
-from engine.api import SamplingParams, create_engine
+from engine.api import create_engine
+from engine.types import SamplingParams
 from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import generate, rpc_error, wait_until

