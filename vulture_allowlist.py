@@ -52,3 +52,15 @@ _.quantization  # engine/config.py VllmConfig, passed to vLLM by name (engine/vl
 
 # a counter the telemetry tests wait on for a fresh poll of the engines
 _.polls  # cluster/telemetry/poller.py
+
+# EngineStats is the engine's public boundary: LLM.stats() and EngineClient.stats() hand these to users
+_.kv_cache_bytes  # engine/types.py
+_.kv_used_bytes
+_.num_generated_tokens
+
+# What a scheduler step did and the pool's free list, in exact ids: the torch-free core's unit tests
+# check the one scheduling rule through them (tests/engine/core)
+_.num_batched_tokens  # engine/core/scheduler.py SchedulerOutput
+_.preempted_ids
+_.null_block  # engine/core/block_pool.py BlockPool
+_.free_block_ids

@@ -94,7 +94,7 @@ class Admission:
                 return tokenizer.apply_chat_template(list(prompt), reasoning_effort=effort)  # type: ignore[arg-type]
             except ValueError:
                 raise
-            except Exception as e:  # a template that rejects the conversation (order of roles...): the caller's input
+            except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation: the caller's input
                 raise EngineError("messages", f"the chat template rejected them: {type(e).__name__}: {e}") from None
         ids = list(prompt)  # type: ignore[arg-type]
         if not ids:

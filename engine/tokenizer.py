@@ -135,7 +135,7 @@ class MistralCommonTokenizer(Tokenizer):
     def special_token_id(self, token: str) -> int | None:
         try:
             tid = self._tok.get_special_token(token)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- mistral-common raises several kinds for an unknown token
             return None
         # SentencePiece answers unknown pieces with the unk id instead of failing.
         return None if tid == getattr(self._tok, "unk_id", None) else tid
@@ -202,7 +202,7 @@ def mistral_common_data_dir() -> Path:
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("tokenizer: the mistral-common package is not installed (pip install mistral-common)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 def resolve_tokenizer_path(name: str) -> str:

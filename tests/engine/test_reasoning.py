@@ -53,7 +53,7 @@ def test_model_closes_before_budget():
 def test_multi_token_marker_prefix_held_back_then_released():
     st = ReasoningState(MULTI, "high", 100, [1, 7, 8])
     # 7 starts the end marker "7 9" but 7 10 is not it: both are reasoning
-    emitted, rel = run(st, [7, 10, 7, 9, 30])
+    _emitted, rel = run(st, [7, 10, 7, 9, 30])
     assert [(t, ch) for t, ch in rel] == [(7, REASONING), (10, REASONING), (7, MARKER), (9, MARKER), (30, ANSWER)]
 
 

@@ -9,7 +9,7 @@ from engine.tokenizer import MistralCommonTokenizer, load_tokenizer
 
 DATA = os.path.join(os.path.dirname(mistral_common.__file__), "data")
 SPM = os.path.join(DATA, "mistral_instruct_tokenizer_240323.model.v3")
-TEKKEN = sorted(glob.glob(os.path.join(DATA, "tekken*.json")))[-1]
+TEKKEN = max(glob.glob(os.path.join(DATA, "tekken*.json")))
 
 
 @pytest.fixture(scope="module", params=[SPM, TEKKEN], ids=["sentencepiece", "tekken"])

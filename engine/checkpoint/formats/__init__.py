@@ -111,7 +111,7 @@ def read_tensors(files: list[Path], hf: dict, model: WeightSink, where: dict) ->
             shards = _Shards(files, stack)
             for file, handle in shards.handles.items():
                 where["file"] = file
-                for raw in handle.keys():
+                for raw in handle.keys():  # noqa: SIM118 -- a safetensors handle has keys(), no __iter__
                     if scheme is not None and fp8.is_scale_name(raw):
                         continue
                     name = rename(raw)

@@ -48,7 +48,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def hf_get(hf: dict, key: str, default: Any) -> Any:
     """``hf[key]`` if present (an explicit null stays None, as in transformers), else ``default``."""
-    return hf[key] if key in hf else default
+    return hf.get(key, default)
 
 
 _EXPERTS = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(.+)")

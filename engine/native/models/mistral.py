@@ -12,6 +12,7 @@ Differences between the two families handled here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class MistralForCausalLM(DecoderLM):
     family = "mistral"
     honours_sliding_window = True  # LlamaModel ignores the key; MistralModel / MixtralModel mask with it
     # transformers' config-class defaults for keys a config.json may omit
-    defaults = dict(
+    defaults: ClassVar[dict] = dict(
         vocab_size=32000,
         hidden_size=4096,
         intermediate_size=14336,
@@ -167,7 +168,7 @@ class LlamaForCausalLM(MistralForCausalLM):
 
     family = "llama"
     honours_sliding_window = False
-    defaults = dict(
+    defaults: ClassVar[dict] = dict(
         MistralForCausalLM.defaults,
         intermediate_size=11008,
         num_key_value_heads=None,

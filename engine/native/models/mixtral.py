@@ -9,6 +9,8 @@ both load, as do per-expert ``gate_proj/up_proj/down_proj``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 
 from engine.native.models.decoder import hf_get
@@ -24,7 +26,7 @@ class MixtralMoE(RoutedMoE):
 
 class MixtralForCausalLM(MistralForCausalLM):
     family = "mixtral"
-    defaults = dict(MistralForCausalLM.defaults, rms_norm_eps=1e-5, sliding_window=None)
+    defaults: ClassVar[dict] = dict(MistralForCausalLM.defaults, rms_norm_eps=1e-5, sliding_window=None)
 
     def parse_moe_config(self, hf: dict) -> dict:
         num_experts = hf_get(hf, "num_local_experts", 8)

@@ -175,8 +175,7 @@ def reference_dequant(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
 def _quantized(name: str) -> bool:
     """Linear and expert weights, as Small 4 ships them; embeddings, norms, router and head stay full."""
     return (
-        name.endswith("_proj.weight")
-        or name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        name.endswith(("_proj.weight", "experts.gate_up_proj", "experts.down_proj"))
         or ".experts." in name
         and name.endswith((".w1.weight", ".w2.weight", ".w3.weight"))
     )

@@ -20,7 +20,7 @@ from tests.engine.native.models.helpers import max_abs_diff, run_engine
 
 def default_gguf() -> Path:
     spec = importlib.util.find_spec(loader.DEFAULT_MODEL_PACKAGE)
-    return sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
+    return min(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 
 
 def test_default_location_logic_without_writing(monkeypatch, tmp_path):

@@ -87,7 +87,7 @@ def test_failed_allocation_changes_nothing() -> None:
     other = make_request("o", [7] * 4)
     kv.allocate_slots(other, 4)  # takes block 4
     e = make_request("e", list(range(1, 9)) + [50] * 8)  # 16 tokens: hits 1, 2 + needs 2 new
-    hits, n = kv.get_computed_blocks(e)
+    hits, _n = kv.get_computed_blocks(e)
     assert ids(hits) == [1, 2]
     before = (kv.pool.free_block_ids(), [b.ref_cnt for b in kv.pool.blocks], kv.pool.prefix_cache_queries)
     assert kv.allocate_slots(e, 8, hits) is None  # 2 revived + 2 new > 3 free

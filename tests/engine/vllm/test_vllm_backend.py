@@ -116,7 +116,7 @@ def test_effort_none_bans_the_start_marker(pair):
 
 
 def test_stop_string_cuts_like_native(pair):
-    native, vllm = pair
+    native, _vllm = pair
     probe = native.generate([CHAT], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
     stop = probe.text[len(probe.text) // 2 :][:3]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])

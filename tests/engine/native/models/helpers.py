@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 import random
 
 import pytest
@@ -94,7 +96,9 @@ def run_engine(
             seq_lens.append(done[b] + q)
         meta = AttentionMetadata.build(block_size, q_lens, seq_lens, [block_ids[b] for b in active], device)
         positions = torch.cat([torch.arange(s - q, s, device=device) for q, s in zip(q_lens, seq_lens)])
-        hidden = model(torch.tensor(sum(step_tokens, []), device=device), positions, meta, caches)
+        hidden = model(
+            torch.tensor(functools.reduce(operator.iadd, step_tokens, []), device=device), positions, meta, caches
+        )
         logits = model.compute_logits(hidden)  # [T, V]
         start = 0
         for b, q in zip(active, q_lens):

@@ -76,7 +76,7 @@ def test_two_ranks_sum_to_the_single_rank_model(checkpoint):
     prompts = prompts_of([5, 14, 23])
     full = engine_model(path)
     full_tokens, full_logits = run_engine(full, prompts, 6)
-    models, results = run_ranks(path, 2, prompts, 6)
+    _models, results = run_ranks(path, 2, prompts, 6)
     for tokens, logits in results:
         assert tokens == full_tokens
         for got, expected in zip(logits, full_logits):

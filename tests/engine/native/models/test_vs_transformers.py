@@ -57,7 +57,7 @@ def oracles(checkpoints):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_prefill_then_decode_matches_transformers(name, checkpoints, oracles):
-    arch, path = checkpoints(name)
+    _arch, path = checkpoints(name)
     model = engine_model(path)
     tokens, logits = run_engine(model, prompts_of(LENGTHS), DECODE)
     ref = oracles(name)

@@ -14,6 +14,7 @@ import os
 import queue
 import signal
 import time
+from typing import Self
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ class Group:
                 )
         return self.seen[tag]
 
-    def __enter__(self) -> Group:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
