@@ -208,20 +208,6 @@ def print_table(results: list[BackendResult], opts: BenchOptions, n_tokens: int)
     print(f"ratio: each backend's tokens/s over {first}'s")
 
 
-def _legacy_keys(results: list[BackendResult], tokens: list[Tokens], n_tokens: int) -> dict:
-    """The keys ``--json`` wrote before ``--backend`` existed, when both of their backends ran."""
-    by = {r.backend: (r, t) for r, t in zip(results, tokens)}
-    if "native" not in by or "transformers" not in by:
-        return {}
-    (ours, ours_t), (hf, hf_t) = by["native"], by["transformers"]
-    return {
-        "levante_tokens_per_s": ours.tokens_per_s,
-        "transformers_tokens_per_s": hf.tokens_per_s,
-        "ratio": ours.tokens_per_s / hf.tokens_per_s,
-        "greedy_token_agreement": _agreeing(ours_t, hf_t) / max(n_tokens, 1),
-    }
-
-
 def _model_config(path: str) -> dict:
     from engine.checkpoint.folder import read_config, resolve_model_dir
 
@@ -263,7 +249,6 @@ def run(args) -> int:
             "torch_threads": opts.threads,
             "vllm_mode": ("eager" if opts.vllm_eager else "compiled") if "vllm" in backends else None,
             "backends": [asdict(r) for r in results],
-            **_legacy_keys(results, tokens, n_tokens),
         }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
