@@ -19,8 +19,7 @@ MAX_REPLICAS_POLLED = 256  # a bound on one poll's asks, whatever the deployment
 class ServeBackend(Backend):
     def __init__(self, cfg: ClusterConfig, call_timeout_s: float = 30.0):
         self.app_name = app_name(cfg)
-        self.replicas = serve.get_app_handle(self.app_name)  # the engine deployment (the app's ingress)
-        self.router = ReplicaRouter(self.replicas, cfg)
+        self.router = ReplicaRouter(serve.get_app_handle(self.app_name), cfg)  # the app's ingress: the replicas
         self.call_timeout_s = call_timeout_s
 
     async def replica_statuses(self, timeout_s: float) -> list[ReplicaStatus]:
@@ -38,7 +37,7 @@ class ServeBackend(Backend):
                 break
             try:
                 status = await asyncio.wait_for(
-                    self.replicas.status.remote(hint=RoutingHint(avoid=frozenset(seen))), left
+                    self.router.engine().status.remote(hint=RoutingHint(avoid=frozenset(seen))), left
                 )
             except Exception:  # noqa: BLE001 -- a replica that cannot answer now; the others still count
                 break
@@ -51,11 +50,11 @@ class ServeBackend(Backend):
 
     async def kill_replica(self) -> str:
         """One engine replica (whichever Serve picks) exits as if it crashed; returns its id."""
-        return await asyncio.wait_for(self.replicas.crash.remote(), self.call_timeout_s)
+        return await asyncio.wait_for(self.router.engine().crash.remote(), self.call_timeout_s)
 
     async def kill_rank(self, rank: int) -> str:
         """One expert-parallel rank of one replica dies; returns the replica's id."""
-        return await asyncio.wait_for(self.replicas.kill_rank.remote(rank), self.call_timeout_s)
+        return await asyncio.wait_for(self.router.engine().kill_rank.remote(rank), self.call_timeout_s)
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         # No idle timeout of its own: the front door applies backend_timeout_s and closes us.

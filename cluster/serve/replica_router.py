@@ -70,7 +70,7 @@ class QueueDelay:
 
 class ReplicaRouter:
     def __init__(self, engine: Any, cfg: ClusterConfig):
-        self.engine = engine  # DeploymentHandle to EngineReplica, its request router in this process
+        self._engine = engine  # DeploymentHandle to EngineReplica, its request router in this process
         self.cfg = cfg
         self.delay = QueueDelay()
         self._avoid: dict[str, float] = {}  # replica id -> until (monotonic)
@@ -79,6 +79,13 @@ class ReplicaRouter:
         self._probe: asyncio.Task | None = None
         self._probed = float("-inf")
         self._models: list[ModelInfo] | None = None
+
+    def engine(self) -> Any:
+        """The handle, its router on the calling event loop (made on first use, inside the loop): Serve's
+        default, a router thread of its own, costs a cross-thread hand-off for every streamed chunk."""
+        if not self._engine.is_initialized:
+            self._engine._init(_run_router_in_separate_loop=False)
+        return self._engine
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         attributes = {"levante.requested_effort": request.reasoning_effort}
@@ -130,7 +137,7 @@ class ReplicaRouter:
     ) -> AsyncIterator[Chunk]:
         rid = request.request_id
         self.delay.dispatched(rid, time.monotonic())
-        stream = self.engine.options(stream=True, _by_reference=False).generate.remote(request, hint=hint)
+        stream = self.engine().options(stream=True, _by_reference=False).generate.remote(request, hint=hint)
         first = waiting = True
         try:  # replicas send keepalives, so silence for replica_timeout_s means a lost replica
             async with contextlib.aclosing(relay(stream, "replica", self.cfg.router.replica_timeout_s)) as chunks:
@@ -159,7 +166,7 @@ class ReplicaRouter:
 
     async def models(self) -> list[ModelInfo]:
         if self._models is None:  # asked once: the model does not change under a running app
-            self._models = [await asyncio.wait_for(self.engine.model_info.remote(), READY_TIMEOUT_S)]
+            self._models = [await asyncio.wait_for(self.engine().model_info.remote(), READY_TIMEOUT_S)]
         return self._models
 
     async def ready(self) -> bool:
@@ -178,7 +185,7 @@ class ReplicaRouter:
         for _ in range(self.cfg.replica.num_replicas):
             hint = RoutingHint(avoid=frozenset(said_no))
             try:
-                replica, serving = await asyncio.wait_for(self.engine.ready.remote(hint=hint), READY_TIMEOUT_S)
+                replica, serving = await asyncio.wait_for(self.engine().ready.remote(hint=hint), READY_TIMEOUT_S)
             except BackPressureError:
                 self._ready = True  # every queue is full: busy, not down
                 return
