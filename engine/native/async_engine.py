@@ -190,11 +190,22 @@ class AsyncEngine(EngineClient):
         msg.resolve()
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:
+        """A step's deltas, one hand-off per event loop rather than per request: each wakes a loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestDelta]]] = {}
         for d in deltas:
-            self._deliver(d)
+            target = self._streams.get(d.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], d))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _deliver(self, d: RequestDelta) -> None:
         target = self._streams.get(d.request_id)
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, d)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestDelta]]) -> None:
+    for q, d in items:
+        q.put_nowait(d)
