@@ -84,8 +84,12 @@ def _by(chunk: Chunk, served_by: ServedBy) -> Chunk:
 
 
 async def _pump(engine: EngineClient, request_id: str, deltas: asyncio.Queue[RequestDelta]) -> None:
-    async for delta in engine.stream(request_id):
-        deltas.put_nowait(delta)
+    try:
+        async for delta in engine.stream(request_id):
+            deltas.put_nowait(delta)
+    except Exception:  # noqa: BLE001 -- a stream that breaks ends the request as the engine's abort would
+        await engine.abort(request_id)
+        deltas.put_nowait(RequestDelta(request_id, [], finished=True, finish_reason="abort"))
 
 
 async def _next_chunk(
