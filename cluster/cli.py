@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 
 import engine.cli
-from cluster import client as client_cli
-from cluster.ops.drill import cli as drill_cli
-from cluster.ops.up import cli as up_cli
+from cluster import client_cli
+from cluster.ops.drill import drill_cli
+from cluster.ops.up import up_cli
 from cluster.ops.up.processes import RegionsError
 from cluster.types import DeployError
 
@@ -111,11 +111,11 @@ def _add_bench_serving(sub) -> None:
 
 
 def _add_bench_tracing(sub) -> None:
-    from cluster.ops.bench import tracing  # light: the engine and grpc load only when the command runs
+    from cluster.ops.bench import tracing_bench  # light: the engine and grpc load only when the command runs
 
     p = sub.add_parser("bench-tracing", help="what tracing costs a request through the front door: off vs on")
-    tracing.add_arguments(p)
-    p.set_defaults(func=tracing.run)
+    tracing_bench.add_arguments(p)
+    p.set_defaults(func=tracing_bench.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

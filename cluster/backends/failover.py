@@ -9,7 +9,7 @@ does the caller get it. Bad requests, refused credentials and deadlines are neve
 reach the caller as themselves (``cluster.regions.codes`` holds the rule).
 
 Used twice: by each front door (its own region plus its peers) and by the client library
-(``cluster.regions.client``: a list of front doors, no local region).
+(``cluster.regions.region_client``: a list of front doors, no local region).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cluster.chunks import error_chunk
 from cluster.config import RegionsConfig
 from cluster.policy.regions import order_regions
 from cluster.regions.codes import fails_over
-from cluster.regions.health import HealthBook
+from cluster.regions.health_book import HealthBook
 from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
 from cluster.types import (
     DEADLINE_EXCEEDED,

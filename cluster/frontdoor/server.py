@@ -28,7 +28,7 @@ from cluster.frontdoor.convert import (
     decode_list_models,
     encode_models,
 )
-from cluster.frontdoor.health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
+from cluster.frontdoor.grpc_health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.tls import server_credentials
 from cluster.telemetry import tracing
 from cluster.telemetry.calls import CallTelemetry, call_code

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cluster.regions.health import RegionHealth
+from cluster.regions.health_book import RegionHealth
 
 
 def order_regions(

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from cluster.periodic import Periodic
-from cluster.regions.health import HealthBook
+from cluster.regions.health_book import HealthBook
 
 Probe = Callable[[float], Awaitable[tuple[bool, str]]]  # (timeout_s) -> (serving, why not)
 

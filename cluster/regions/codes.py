@@ -1,6 +1,6 @@
 """Which errors fail over to the next region, and how a front door's gRPC status becomes a chunk code.
 
-The one rule both the region router and the client library (``cluster.regions.client``) follow:
+The one rule both the region router and the client library (``cluster.regions.region_client``) follow:
 
 - a region that cannot serve (UNAVAILABLE, and any status that means the call or the peer broke:
   CANCELLED, INTERNAL, UNKNOWN, ...) is the next region's turn;

@@ -9,7 +9,7 @@ from cluster.backends.faults import FaultInjector
 from cluster.backends.peer import PeerBackend
 from cluster.config import ClusterConfig
 from cluster.regions.checker import HealthChecker, Probe
-from cluster.regions.health import HealthBook
+from cluster.regions.health_book import HealthBook
 from cluster.types import Backend
 
 

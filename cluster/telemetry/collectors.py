@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 from cluster.telemetry.poller import EnginePoller
 
 if TYPE_CHECKING:
-    from cluster.regions.health import HealthBook
+    from cluster.regions.health_book import HealthBook
     from engine.types import EngineStats
 
 REGION_STATES = ("healthy", "unhealthy", "ejected", "unknown")

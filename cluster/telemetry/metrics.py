@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from cluster.regions.health import Transition
+    from cluster.regions.health_book import Transition
     from cluster.types import Chunk, FailoverHop
 
 # Seconds. TTFT spans a cached short prompt to a long prefill behind a queue; ITL a decode step.

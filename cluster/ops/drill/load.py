@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from cluster.ops.drill.records import Failover, RequestRecord
 from cluster.ops.drill.scenario import LoadSpec
-from cluster.regions.client import RegionClient
+from cluster.regions.region_client import RegionClient
 from cluster.types import GRPC_NAMES, Chunk, FailoverHop
 
 

@@ -20,7 +20,7 @@ from cluster.ops.drill.report import build_report, format_summary, write_json, w
 from cluster.ops.drill.scenario import FaultSpec, Scenario, check_faults, load_scenario
 from cluster.ops.up.processes import LocalRegions
 from cluster.ops.up.topology import region_configs
-from cluster.regions.client import RegionClient
+from cluster.regions.region_client import RegionClient
 
 Progress = Callable[[str], None]
 

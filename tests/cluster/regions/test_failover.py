@@ -12,7 +12,7 @@ from cluster.backends.failover import FailoverBackend
 from cluster.chunks import error_chunk
 from cluster.config import HealthCheckConfig, RegionsConfig
 from cluster.regions.codes import fails_over, from_grpc
-from cluster.regions.health import EJECTED, HealthBook
+from cluster.regions.health_book import EJECTED, HealthBook
 from cluster.types import (
     DEADLINE_EXCEEDED,
     FAILED_PRECONDITION,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cluster.config import HealthCheckConfig
 from cluster.policy.regions import order_regions
-from cluster.regions.health import EJECTED, HEALTHY, RESTORED, UNHEALTHY, UNKNOWN, HealthBook, RegionHealth
+from cluster.regions.health_book import EJECTED, HEALTHY, RESTORED, UNHEALTHY, UNKNOWN, HealthBook, RegionHealth
 
 CFG = HealthCheckConfig(
     unhealthy_threshold=2,

@@ -9,7 +9,7 @@ import pytest
 from cluster import cli
 from cluster.config import ClusterConfig, FrontDoorConfig, PeerConfig, RegionsConfig, TenantConfig
 from cluster.frontdoor import FrontDoor
-from cluster.regions.client import RegionClient
+from cluster.regions.region_client import RegionClient
 from cluster.regions.region_router import build_region_router
 from cluster.types import INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE, Chunk, ChunkError
 from levante.v1 import inference_pb2 as pb

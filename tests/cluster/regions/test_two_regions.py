@@ -14,7 +14,7 @@ from cluster.backends.peer import PeerBackend
 from cluster.config import ClusterConfig, FrontDoorConfig, HealthCheckConfig, PeerConfig, RegionsConfig
 from cluster.frontdoor import FrontDoor
 from cluster.frontdoor.admin import AdminService
-from cluster.regions.client import RegionClient
+from cluster.regions.region_client import RegionClient
 from cluster.regions.region_router import build_region_router
 from cluster.types import Backend, Chunk, ModelInfo
 from levante.v1 import admin_pb2, admin_pb2_grpc

@@ -10,7 +10,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cluster.regions.client import RegionClient
+from cluster.regions.region_client import RegionClient
 from cluster.telemetry import spans as S
 from cluster.telemetry import tracing
 

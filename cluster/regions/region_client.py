@@ -29,7 +29,7 @@ from cluster.backends.failover import FailoverBackend
 from cluster.backends.peer import PeerBackend
 from cluster.config import HealthCheckConfig, PeerConfig, RegionsConfig
 from cluster.regions.checker import HealthChecker
-from cluster.regions.health import HealthBook
+from cluster.regions.health_book import HealthBook
 from cluster.telemetry.tracing import ambient_carrier
 from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
 from engine.types import SamplingParams

@@ -4,7 +4,7 @@ Streams the answer as it comes, with the reasoning shown apart (dimmed on a
 terminal, after ``[thinking]``) from the answer (after ``[answer]``), then
 one summary line on stderr: finish reason, usage, the effort the router chose
 and why, which region and replica served it, and any failover on the way.
-``generate`` goes through the client library (``cluster.regions.client``), so
+``generate`` goes through the client library (``cluster.regions.region_client``), so
 with ``--regions`` it fails over between front doors and resumes a broken
 stream in the next one.
 """
@@ -21,7 +21,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.regions.client import RegionClient, parse_endpoint
+from cluster.regions.region_client import RegionClient, parse_endpoint
 from cluster.types import GRPC_NAMES, REQUEST_EFFORTS, Chunk
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
