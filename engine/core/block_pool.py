@@ -121,6 +121,8 @@ class BlockPool:
         if not self.enable_caching:
             return
         for block, h in zip(blocks, block_hashes, strict=True):
+            if block is self.null_block:
+                continue  # stands in for a block the sliding window dropped: it holds nothing
             # Already registered (a prefix hit), or another block computed the
             # same content first: keep the existing entry, this copy stays private.
             if block.block_hash is None and h not in self._cached:

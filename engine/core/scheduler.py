@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.core.kv_cache import KVCacheManager
+from engine.core.kv_cache import KVCacheManager, window_chunk_limit
 from engine.core.request import Request, RequestStatus, finish_reason, is_finished
 from engine.core.stop import check_token
 
@@ -29,7 +29,9 @@ class ScheduledSeq:
     request_id: str
     token_ids: list[int]  # all_token_ids[start_pos : start_pos + n]
     start_pos: int  # tokens already in the cache (context before this chunk)
-    block_ids: list[int]  # the request's whole block table, position p -> block_ids[p // block_size]
+    # The request's whole block table, position p -> block_ids[p // block_size]; the null block 0
+    # where its sliding window dropped a block (no query of this chunk sees those positions).
+    block_ids: list[int]
     samples: bool  # the chunk reaches the last known token: sample a next one
     # The chunk covers prompt positions of a prompt_logprobs request whose
     # logprobs were not sent yet (each prompt position is flagged exactly once,
@@ -73,13 +75,19 @@ class SchedulerStats:
     prefix_cache_hits: int  # tokens found
 
 
-def max_len_within_cache(max_model_len: int, num_blocks: int, block_size: int) -> int:
+def max_len_within_cache(
+    max_model_len: int, num_blocks: int, block_size: int, sliding_window: int | None = None
+) -> int:
     """``max_model_len``, capped by what ``num_blocks`` blocks hold (the null block aside).
 
     A sequence longer than the whole cache could never run, even alone (it
     would be preempted and re-admitted forever), so such a cache caps the
-    length: requests then finish with "length" at capacity.
+    length: requests then finish with "length" at capacity. A sliding-window
+    model whose window fits the cache is not capped: a request holds only its
+    window and its chunk.
     """
+    if window_chunk_limit(num_blocks, block_size, sliding_window) is not None:
+        return max_model_len
     return min(max_model_len, (num_blocks - 1) * block_size)
 
 
@@ -90,14 +98,20 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int | None = None,
+        sliding_window: int | None = None,
     ) -> None:
-        """``max_model_len``: the longest sequence the engine resolved for its model (None: the config's)."""
+        """``max_model_len``: the longest sequence the engine resolved for its model (None: the config's).
+        ``sliding_window``: the model's attention window; blocks behind it go back to the pool."""
         self.config = scheduler_config
         self.block_size = cache_config.block_size
         asked = scheduler_config.max_model_len if max_model_len is None else max_model_len
-        self.max_model_len = max_len_within_cache(asked, num_blocks, self.block_size)
+        self.max_model_len = max_len_within_cache(asked, num_blocks, self.block_size, sliding_window)
         self._capped_by_cache = self.max_model_len < asked
-        self.kv = KVCacheManager(self.block_size, num_blocks, cache_config.enable_prefix_caching, self.max_model_len)
+        # A chunk must fit the cache beside its window, or a long prompt could never start.
+        self._max_chunk = window_chunk_limit(num_blocks, self.block_size, sliding_window)
+        self.kv = KVCacheManager(
+            self.block_size, num_blocks, cache_config.enable_prefix_caching, self.max_model_len, sliding_window
+        )
         self.requests: dict[str, Request] = {}  # unfinished only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -190,6 +204,8 @@ class Scheduler:
         n = min(req.num_tokens - start, budget)
         if self.config.long_prefill_token_threshold > 0:
             n = min(n, self.config.long_prefill_token_threshold)
+        if self._max_chunk is not None:
+            n = min(n, self._max_chunk)
         # Recompute of a prompt_logprobs request: end the chunk where unsent
         # prompt logprobs begin, so each prompt position is flagged once.
         if start < req.prompt_logprobs_pos < start + n:

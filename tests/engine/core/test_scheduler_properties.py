@@ -26,7 +26,8 @@ def configs(draw: st.DrawFn) -> dict:
     bs = draw(st.integers(1, 4))
     max_model_len = draw(st.integers(4, 16))
     # Mostly just enough blocks for one max_model_len sequence (or a few
-    # more); sometimes fewer, so the cache caps the length.
+    # more); sometimes fewer, so the cache caps the length, unless a sliding
+    # window drops blocks behind it (the toy model needs a window >= 2).
     return dict(
         block_size=bs,
         max_model_len=max_model_len,
@@ -35,6 +36,7 @@ def configs(draw: st.DrawFn) -> dict:
         max_num_batched_tokens=draw(st.integers(1, 12)),
         long_prefill_token_threshold=draw(st.integers(0, 3)),
         enable_prefix_caching=draw(st.booleans()),
+        sliding_window=draw(st.sampled_from([None, None, 2, 3, 5, 8])),
     )
 
 
@@ -75,6 +77,8 @@ def step(s: Scheduler, model: ToyPagedModel, data: st.DataObject, flagged: dict[
         event("prefix hit or prefill chunk")
     if len(out.seqs) > 1 and any(not q.samples for q in out.seqs):
         event("prefill chunk batched with others")
+    if any(0 in q.block_ids for q in out.seqs):
+        event("sliding window dropped a block")
     sampled = {rid: [data.draw(st.integers(0, VOCAB - 1), label=f"tok {rid}")] for rid in kvs}
     for o in s.update(out, sampled):
         assert o.new_token_ids == sampled[o.request_id]
@@ -85,7 +89,7 @@ def step(s: Scheduler, model: ToyPagedModel, data: st.DataObject, flagged: dict[
 @given(cfg=configs(), data=st.data())
 def test_random_streams_keep_invariants_and_drain(cfg: dict, data: st.DataObject) -> None:
     s = make_scheduler(**cfg)
-    model = ToyPagedModel(cfg["num_blocks"], cfg["block_size"], VOCAB)
+    model = ToyPagedModel(cfg["num_blocks"], cfg["block_size"], VOCAB, cfg["sliding_window"])
     added = []
     flagged: dict[str, list[int]] = {}  # prompt positions sent with wants_prompt_logprobs
     base = data.draw(st.lists(st.integers(0, VOCAB - 1), max_size=12), label="shared prefix")
@@ -145,7 +149,8 @@ def test_outputs_do_not_depend_on_pool_size(cfg: dict, prompt_list: list[list[in
         s = make_scheduler(**c)
         for i, p in enumerate(prompt_list):
             s.add_request(make_request(f"r{i}", p[: s.max_model_len - 1], eos=EOS, max_tokens=max_tokens))
-        results.append(run_to_completion(s, ToyPagedModel(num_blocks, cfg["block_size"], VOCAB)))
+        model = ToyPagedModel(num_blocks, cfg["block_size"], VOCAB, cfg["sliding_window"])
+        results.append(run_to_completion(s, model))
         assert s.kv.num_free_blocks == num_blocks - 1
         if s.get_stats().num_preemptions_total:
             event("preempted")
