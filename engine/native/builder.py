@@ -50,13 +50,13 @@ def load_native_model(config: EngineConfig) -> LoadedModel:
 def resolve_limits(config: EngineConfig, model: CausalLM, hf_config: dict) -> EngineLimits:
     """KV blocks from ``cache.num_blocks`` or the memory budget; the longest sequence the model and the cache allow."""
     block_size = config.cache.block_size
-    kv_bytes_per_block = model.kv_cache_spec().bytes_per_block(block_size)
+    spec = model.kv_cache_spec()
+    kv_bytes_per_block = spec.bytes_per_block(block_size)
     # +1: block 0 is the null block that pads block tables
     num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory_bytes // kv_bytes_per_block + 1
     longest = model_max_len(config.model.max_model_len, hf_config)
-    return EngineLimits(
-        num_blocks, block_size, kv_bytes_per_block, max_len_within_cache(longest, num_blocks, block_size)
-    )
+    max_len = max_len_within_cache(longest, num_blocks, block_size, spec.sliding_window)
+    return EngineLimits(num_blocks, block_size, kv_bytes_per_block, max_len, spec.sliding_window)
 
 
 def build_engine_core(config: EngineConfig) -> EngineCore:

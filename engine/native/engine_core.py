@@ -48,6 +48,7 @@ class EngineLimits:
     block_size: int
     kv_bytes_per_block: int
     max_model_len: int  # the longest sequence: the config's or the model's, within what the KV cache holds
+    sliding_window: int | None = None  # the model's attention window: the scheduler frees blocks behind it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,11 @@ class EngineCore:
         self.model = parts.runner.model
         self.max_model_len = parts.limits.max_model_len
         self.scheduler = Scheduler(
-            config.scheduler, config.cache, parts.limits.num_blocks, max_model_len=parts.limits.max_model_len
+            config.scheduler,
+            config.cache,
+            parts.limits.num_blocks,
+            max_model_len=parts.limits.max_model_len,
+            sliding_window=parts.limits.sliding_window,
         )
         self.tokenizer: Tokenizer | None = parts.admission.tokenizer
         self.markers = parts.admission.markers

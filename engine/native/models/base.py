@@ -32,6 +32,7 @@ class KVCacheSpec:
     num_layers: int
     entry_shapes: tuple[tuple[int, ...], ...]
     dtype: torch.dtype
+    sliding_window: int | None = None  # every layer attends this window: older blocks can be dropped
 
     def __post_init__(self) -> None:
         if self.kind not in ("gqa", "mla"):

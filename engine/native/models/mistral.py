@@ -160,7 +160,13 @@ class MistralForCausalLM(DecoderLM):
 
     def kv_cache_spec(self) -> KVCacheSpec:
         entry = (self.cfg.num_kv_heads, self.cfg.head_dim)
-        return KVCacheSpec(kind="gqa", num_layers=self.cfg.num_layers, entry_shapes=(entry, entry), dtype=self.dtype)
+        return KVCacheSpec(
+            kind="gqa",
+            num_layers=self.cfg.num_layers,
+            entry_shapes=(entry, entry),
+            dtype=self.dtype,
+            sliding_window=self.cfg.sliding_window,
+        )
 
 
 class LlamaForCausalLM(MistralForCausalLM):
