@@ -23,15 +23,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def window_chunk_limit(num_blocks: int, block_size: int, sliding_window: int | None) -> int | None:
-    """Most tokens one chunk may compute so that a request alone always fits
-    the cache: its window's ``W - 1`` keys plus the chunk, at any block
-    alignment. None without a window, or when the cache cannot hold even the
-    window and one token (it then caps the sequence length instead)."""
-    if sliding_window is None:
-        return None
-    limit = (num_blocks - 2) * block_size - sliding_window + 2
-    return limit if limit >= 1 else None
+def window_fits(num_blocks: int, block_size: int, sliding_window: int | None) -> bool:
+    """Whether a request alone always fits the cache however long it grows:
+    its window's ``W - 1`` keys plus one token, at any block alignment."""
+    return sliding_window is not None and (num_blocks - 2) * block_size - sliding_window + 2 >= 1
 
 
 class KVCacheManager:
@@ -78,6 +73,13 @@ class KVCacheManager:
         if self.sliding_window is None:
             return 0
         return max(0, num_computed_tokens - self.sliding_window + 1) // self.block_size
+
+    def max_chunk_tokens(self, num_computed_tokens: int) -> int:
+        """Most tokens a request at ``num_computed_tokens`` may compute next
+        and still fit the cache alone, its skipped blocks given back. Never
+        binds for a sequence within the cache; at least 1 when the window fits."""
+        usable = self.pool.num_blocks - 1 + self.num_skipped_blocks(num_computed_tokens)
+        return usable * self.block_size - num_computed_tokens
 
     def _free_skipped_blocks(self, request: Request, blocks: list[KVCacheBlock]) -> None:
         """Return the blocks the window left behind to the pool; the null block

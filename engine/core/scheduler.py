@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.core.kv_cache import KVCacheManager, window_chunk_limit
+from engine.core.kv_cache import KVCacheManager, window_fits
 from engine.core.request import Request, RequestStatus, finish_reason, is_finished
 from engine.core.stop import check_token
 
@@ -86,7 +86,7 @@ def max_len_within_cache(
     model whose window fits the cache is not capped: a request holds only its
     window and its chunk.
     """
-    if window_chunk_limit(num_blocks, block_size, sliding_window) is not None:
+    if window_fits(num_blocks, block_size, sliding_window):
         return max_model_len
     return min(max_model_len, (num_blocks - 1) * block_size)
 
@@ -107,8 +107,6 @@ class Scheduler:
         asked = scheduler_config.max_model_len if max_model_len is None else max_model_len
         self.max_model_len = max_len_within_cache(asked, num_blocks, self.block_size, sliding_window)
         self._capped_by_cache = self.max_model_len < asked
-        # A chunk must fit the cache beside its window, or a long prompt could never start.
-        self._max_chunk = window_chunk_limit(num_blocks, self.block_size, sliding_window)
         self.kv = KVCacheManager(
             self.block_size, num_blocks, cache_config.enable_prefix_caching, self.max_model_len, sliding_window
         )
@@ -204,8 +202,8 @@ class Scheduler:
         n = min(req.num_tokens - start, budget)
         if self.config.long_prefill_token_threshold > 0:
             n = min(n, self.config.long_prefill_token_threshold)
-        if self._max_chunk is not None:
-            n = min(n, self._max_chunk)
+        # Beside the window it needs, or a prompt longer than the cache could never start.
+        n = min(n, self.kv.max_chunk_tokens(start))
         # Recompute of a prompt_logprobs request: end the chunk where unsent
         # prompt logprobs begin, so each prompt position is flagged once.
         if start < req.prompt_logprobs_pos < start + n:

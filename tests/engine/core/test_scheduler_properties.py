@@ -31,7 +31,7 @@ def configs(draw: st.DrawFn) -> dict:
     return dict(
         block_size=bs,
         max_model_len=max_model_len,
-        num_blocks=max(2, cdiv(max_model_len, bs) + 1 + draw(st.sampled_from([0, 0, 1, 3, -2]))),
+        num_blocks=max(2, cdiv(max_model_len, bs) + 1 + draw(st.sampled_from([0, 0, 1, 3, -2, -4]))),
         max_num_seqs=draw(st.integers(1, 4)),
         max_num_batched_tokens=draw(st.integers(1, 12)),
         long_prefill_token_threshold=draw(st.integers(0, 3)),
@@ -111,6 +111,8 @@ def test_random_streams_keep_invariants_and_drain(cfg: dict, data: st.DataObject
                 continue
             s.add_request(req)
             added.append(req)
+            if len(prompt) > (cfg["num_blocks"] - 1) * cfg["block_size"]:
+                event("prompt longer than the cache")
         elif op[0] == "abort" and added:
             s.abort_requests([added[op[1] % len(added)].request_id])
         else:

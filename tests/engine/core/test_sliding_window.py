@@ -8,7 +8,7 @@ next query is at s, blocks wholly below s - 7 are dropped.
 
 import pytest
 
-from engine.core.kv_cache import KVCacheManager, window_chunk_limit
+from engine.core.kv_cache import KVCacheManager, window_fits
 from engine.core.request import RequestStatus
 from engine.core.scheduler import max_len_within_cache
 from tests.engine.core.helpers import (
@@ -96,7 +96,7 @@ def test_block_dropped_by_the_window_survives_preemption_and_abort() -> None:
     """Block 1, dropped by a's window, goes to b, back to the pool when b is
     preempted, then to a again: every hand-over is one reference, and a's null
     entry is never freed."""
-    # 5 usable blocks; a chunk takes at most (6-2)*4 - 8 + 2 = 10 tokens.
+    # 5 usable blocks
     s = make_scheduler(block_size=BS, num_blocks=6, max_model_len=100, max_num_batched_tokens=10, sliding_window=W)
     a = make_request("a", list(range(1, 11)), max_tokens=20, ignore_eos=True)
     b = make_request("b", list(range(101, 109)), max_tokens=20, ignore_eos=True)
@@ -133,11 +133,11 @@ class ChunkRecorder(ToyPagedModel):
 
 
 def test_prompt_longer_than_the_cache_is_served() -> None:
-    """5 usable blocks hold 20 tokens; a 50-token prompt runs in chunks of
-    window_chunk_limit tokens, and its greedy toy outputs equal those of a
-    roomy pool, with and without the window."""
-    assert window_chunk_limit(6, BS, W) == 10
-    assert window_chunk_limit(3, BS, W) is None and window_chunk_limit(6, BS, None) is None
+    """5 usable blocks hold 20 tokens; a 50-token prompt runs in chunks that
+    fit beside its window, and its greedy toy outputs equal those of a roomy
+    pool, with and without the window."""
+    assert window_fits(6, BS, W) and window_fits(4, BS, W)  # 3 usable blocks: 7 keys and a token, any alignment
+    assert not window_fits(3, BS, W) and not window_fits(100, BS, None)
     assert max_len_within_cache(200, 6, BS, W) == 200
     assert max_len_within_cache(200, 6, BS, None) == 20
     assert max_len_within_cache(200, 3, BS, W) == 8  # not even the window fits: the cache caps as before
@@ -152,7 +152,7 @@ def test_prompt_longer_than_the_cache_is_served() -> None:
         outputs.append(run_to_completion(s, model))
         chunks.append(model.chunks)
         assert s.kv.num_free_blocks == num_blocks - 1
-    assert chunks[0] == [10] * 5 + [1] * 11 and chunks[1] == chunks[2] == [50] + [1] * 11
+    assert chunks[0] == [20, 12, 12, 6] + [1] * 11 and chunks[1] == chunks[2] == [50] + [1] * 11
     assert len(outputs[0]["x"]) == 12 and outputs[0] == outputs[1] == outputs[2]
 
 
@@ -161,17 +161,17 @@ def test_small_cache_chunks_and_tables() -> None:
     s = make_scheduler(block_size=BS, num_blocks=6, max_model_len=200, sliding_window=W)
     s.add_request(make_request("x", list(range(50)), max_tokens=1))
     seen = []
-    for _ in range(5):
+    for _ in range(4):
         out = s.schedule()
         seen.extend((q.start_pos, q.num_tokens, q.block_ids) for q in out.seqs)
         check_invariants(s)
         s.update(out, sample_all(out))
+    # Each chunk takes what the pool holds beside the window its first query sees.
     assert seen == [
-        (0, 10, [1, 2, 3]),
-        (10, 10, [1, 2, 3, 4, 5]),  # query 10 sees 3..10: nothing to drop yet
-        (20, 10, [0, 0, 0, 4, 5, 3, 2, 1]),  # query 20 sees 13..20: 0..11 dropped, tail first, reused
-        (30, 10, [0, 0, 0, 0, 0, 3, 2, 1, 5, 4]),
-        (40, 10, [0, 0, 0, 0, 0, 0, 0, 0, 5, 4, 1, 2, 3]),
+        (0, 20, [1, 2, 3, 4, 5]),
+        (20, 12, [0, 0, 0, 4, 5, 3, 2, 1]),  # query 20 sees 13..20: 0..11 dropped, tail first, reused
+        (32, 12, [0, 0, 0, 0, 0, 0, 2, 1, 3, 5, 4]),  # query 32 sees 25..32
+        (44, 6, [0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 4, 3, 1]),  # query 44 sees 37..44: 5 and 4 stay
     ]
     assert not s.has_unfinished_requests() and s.kv.num_free_blocks == 5
 
