@@ -4,7 +4,9 @@ One rule, as in vLLM v1: each step, a request's ``num_computed_tokens``
 catches up with its ``num_tokens`` as far as the token budget allows. A
 prompt is many tokens behind (prefill, chunked by the budget), a decode is
 one behind, a prefix hit jumps ahead, and a preempted request drops back to
-zero and recomputes. There are no separate prefill/decode phases.
+zero and recomputes. There are no separate prefill/decode phases. With a
+sliding window, the blocks behind a request's window go back to the pool as
+it advances (``engine.core.kv_cache``).
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ class Scheduler:
         n = min(req.num_tokens - start, budget)
         if self.config.long_prefill_token_threshold > 0:
             n = min(n, self.config.long_prefill_token_threshold)
-        # Beside the window it needs, or a prompt longer than the cache could never start.
+        # The chunk must fit the pool beside the window it needs, or a prompt
+        # longer than the cache (sliding window) could never start.
         n = min(n, self.kv.max_chunk_tokens(start))
         # Recompute of a prompt_logprobs request: end the chunk where unsent
         # prompt logprobs begin, so each prompt position is flagged once.

@@ -35,7 +35,7 @@ class StepInputs:
     positions: list[int]  # [T]
     query_lens: list[int]  # [B] new tokens per sequence
     seq_lens: list[int]  # [B] context length including the new tokens
-    block_ids: list[list[int]]  # [B][n_b] each sequence's block table
+    block_ids: list[list[int]]  # [B][n_b] each sequence's block table; 0 (null) before a sliding window
 
     @staticmethod
     def of(seqs: Sequence[ScheduledSeq]) -> StepInputs:
