@@ -110,6 +110,17 @@ def _add_bench_serving(sub) -> None:
     p.set_defaults(func=serving.run)
 
 
+def _add_bench_long_doc(sub) -> None:
+    from cluster.ops.bench import long_document  # light: Ray and grpc load only when the command runs
+
+    p = sub.add_parser(
+        "bench-long-doc",
+        help="a long document asked twice through a region with two replicas: both times to first token",
+    )
+    long_document.add_arguments(p)
+    p.set_defaults(func=long_document.run)
+
+
 def _add_bench_tracing(sub) -> None:
     from cluster.ops.bench import tracing_bench  # light: the engine and grpc load only when the command runs
 
@@ -127,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up_cli.add_commands(sub)
     drill_cli.add_commands(sub)
     _add_bench_serving(sub)
+    _add_bench_long_doc(sub)
     _add_bench_tracing(sub)
     return engine.cli.run(parser.parse_args(argv), errors=(*client_cli.ERRORS, DeployError, RegionsError))
 

@@ -14,11 +14,13 @@ import pytest
 from ray import serve
 
 from cluster.config_loader import config_from_dict
+from cluster.ops.bench.long_document import DocOptions, ask, prompts
 from cluster.region import RegionServer
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from engine.api import create_engine
 from engine.types import SamplingParams
 from levante.v1 import inference_pb2 as pb
+from levante.v1 import inference_pb2_grpc as pb_grpc
 
 from ..frontdoor.harness import generate, rpc_error, wait_until
 
@@ -168,6 +170,20 @@ def test_same_prefix_sticks_to_its_replica(ch):
     assert again.served_by.replica == first.served_by.replica
     assert "prefix affinity" in again.decision.reason
     assert again.usage.cached_tokens > 0  # the point of affinity: the prefix cache pays off
+
+
+def test_a_long_document_asked_twice_reaches_the_replica_that_holds_it(region, loop):
+    opts = DocOptions(doc_tokens=960, question_tokens=16, max_tokens=4, seed=7)  # 60 blocks, then the question
+
+    async def both():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{region.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            return [await ask(stub, f"long-doc-{i}", p, opts) for i, p in enumerate(prompts(opts))]
+
+    one, two = loop.run(both(), timeout=300)
+    assert one.prompt_tokens == two.prompt_tokens == 976
+    assert two.replica == one.replica
+    assert (one.cached_tokens, two.cached_tokens) == (0, 960)  # the whole document, from the prefix cache
 
 
 def _all_idle(loop) -> bool:
