@@ -77,6 +77,28 @@ def test_no_first_chunk_in_time_is_unavailable_and_closes_the_stream(loop, backe
         wait_until(lambda: len(backend.closed) == 1, what="the backend stream to be closed")
 
 
+def test_a_silent_backend_gets_heartbeats_to_callers_that_ask_and_nothing_new_to_others(loop, backend):
+    backend.first_delay_s = 1.0  # five heartbeat intervals before the first chunk
+    with serving(loop, backend, FrontDoorConfig(port=0, heartbeat_s=0.2)) as door, channel(door) as ch:
+        asked = generate(ch, pb.GenerateRequest(prompt="Hi", max_tokens=2, stream_progress=True))
+        plain = generate(ch, REQ)
+    kinds = [r.WhichOneof("kind") for r in asked]
+    assert kinds.count("progress") >= 3 and kinds.index("delta") > kinds.index("progress"), kinds
+    assert kinds[-3:] == ["delta", "delta", "final"]
+    beats = [r.progress for r in asked if r.HasField("progress")]
+    assert all(p.prompt_tokens == 0 for p in beats)  # a scripted backend reports no prefill progress: unknown
+    assert [r.WhichOneof("kind") for r in plain] == ["start", "delta", "delta", "final"]  # the old contract
+
+
+def test_the_tenants_first_token_limit_reaches_the_router_but_not_from_a_forwarding_region(loop, backend):
+    cfg = FrontDoorConfig(port=0, tenants=(TenantConfig("slow-ok", api_key="k", first_token_timeout_s=2.5),))
+    key = (("authorization", "Bearer k"),)
+    with serving(loop, backend, cfg) as door, channel(door) as ch:
+        generate(ch, REQ, metadata=key)
+        generate(ch, REQ, metadata=key + (("levante-forwarded-from", "eu-west"),))
+    assert [r.first_token_timeout_s for r in backend.requests] == [2.5, None]
+
+
 def test_deadline_reaches_the_backend_request(loop, backend):
     with serving(loop, backend) as door, channel(door) as ch:
         generate(ch, REQ, timeout=20)
