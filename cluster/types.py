@@ -139,11 +139,6 @@ class Chunk:
     error: ChunkError | None = None  # set: the request failed; no more chunks follow
     progress: PrefillProgress | None = None  # the latest prefill progress these deltas reported
 
-    @property
-    def is_heartbeat(self) -> bool:
-        """Nothing for the caller but a sign of life (a keepalive, or prefill progress)."""
-        return not (self.token_ids or self.text or self.reasoning_text or self.finished or self.error)
-
 
 @dataclass
 class ModelInfo:

@@ -205,8 +205,10 @@ ERRORS = [
     # the former first-token liveness keys: named, with what replaced them
     (
         "regions:\n  health: {slow_first_token_s: 2.0}\n",
-        "regions.health.slow_first_token_s: removed: a slow first token no longer marks a region as dead; "
-        "liveness is regions.health.stream_idle_timeout_s",
+        (
+            "regions.health.slow_first_token_s: removed: a slow first token no longer marks a region as dead; "
+            "liveness is regions.health.stream_idle_timeout_s"
+        ),
     ),
     (
         "regions:\n  health: {first_token_timeout_s: 10}\n",

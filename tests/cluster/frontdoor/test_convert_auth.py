@@ -178,12 +178,12 @@ def test_prefill_progress_goes_out_as_progress_to_a_caller_that_asked_and_comes_
     assert [m.WhichOneof("kind") for m in out] == ["start", "progress"]
     assert (out[1].progress.prompt_tokens_processed, out[1].progress.prompt_tokens) == (64, 300)
     back = decode_response(out[1].SerializeToString())
-    assert back.progress == PrefillProgress(64, 300) and back.is_heartbeat and not back.finished
+    assert back.progress == PrefillProgress(64, 300) and not back.token_ids and not back.finished
     beat = pb.GenerateResponse.FromString(enc.heartbeat())  # repeats the latest progress
     assert beat.progress.prompt_tokens_processed == 64
     # a heartbeat with nothing known, and a kind a later version may add: signs of life, never a Final
     unknown = decode_response(pb.GenerateResponse(progress=pb.Progress()).SerializeToString())
-    assert unknown.progress is None and unknown.is_heartbeat
+    assert unknown.progress is None and not unknown.token_ids and not unknown.finished
     assert not decode_response(pb.GenerateResponse().SerializeToString()).finished
     # a caller that did not ask gets the stream it always got
     quiet = ResponseEncoder("rid").encode(Chunk(progress=PrefillProgress(64, 300)))
