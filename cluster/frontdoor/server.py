@@ -333,10 +333,15 @@ class FrontDoor:
 
 
 async def _pump(backend: AsyncIterator[Chunk], chunks: asyncio.Queue[Chunk | None]) -> None:
-    """The backend's chunks into ``chunks``, then None; cancelling it closes the backend's generator."""
-    async with contextlib.aclosing(backend) as stream:  # type: ignore[type-var]
-        async for chunk in stream:
-            chunks.put_nowait(chunk)
-            if chunk.finished:
-                return
-    chunks.put_nowait(None)
+    """The backend's chunks into ``chunks``, then None (also when it broke); cancelling it closes the
+    backend's generator."""
+    try:
+        async with contextlib.aclosing(backend) as stream:  # type: ignore[type-var]
+            async for chunk in stream:
+                chunks.put_nowait(chunk)
+                if chunk.finished:
+                    return
+    except Exception:  # a backend that raises instead of sending an error chunk: the call ends UNAVAILABLE
+        log.exception("backend stream failed")
+    finally:
+        chunks.put_nowait(None)
