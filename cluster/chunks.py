@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.types import ERROR_CODES, UNAVAILABLE, Chunk, ChunkError
+from cluster.types import ERROR_CODES, UNAVAILABLE, Chunk, ChunkError, PrefillProgress
 from engine.types import EngineError, RequestDelta
 
 
@@ -20,6 +20,8 @@ def merge_deltas(deltas: list[RequestDelta]) -> Chunk:
         chunk.reasoning_text += d.reasoning_text
         if d.logprobs:
             chunk.logprobs = (chunk.logprobs or []) + d.logprobs
+        if d.prompt_tokens_done is not None:
+            chunk.progress = PrefillProgress(d.prompt_tokens_done, d.prompt_tokens_total or d.prompt_tokens_done)
         if d.finished:
             chunk.finished, chunk.finish_reason, chunk.usage = True, d.finish_reason, d.usage
     if chunk.finished and chunk.finish_reason == "abort":

@@ -11,6 +11,7 @@ stream in the next one.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import os
@@ -22,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.regions.region_client import RegionClient, parse_endpoint
-from cluster.types import GRPC_NAMES, REQUEST_EFFORTS, Chunk
+from cluster.types import GRPC_NAMES, REQUEST_EFFORTS, Chunk, PrefillProgress
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
 
@@ -82,6 +83,29 @@ class StreamPrinter:
         self.out.flush()
 
 
+class ProgressBar:
+    """A long prompt's prefill on stderr, redrawn in place; erased when the answer starts."""
+
+    WIDTH = 30
+
+    def __init__(self, err: TextIO):
+        self.err, self.shown = err, False
+
+    def update(self, progress: PrefillProgress) -> None:
+        done, total = progress.prompt_tokens_processed, max(progress.prompt_tokens, 1)
+        filled = min(self.WIDTH, self.WIDTH * done // total)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.err.write(f"\rprefill [{bar}] {done}/{progress.prompt_tokens} prompt tokens")
+        self.err.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.err.write("\r\x1b[2K" if self.err.isatty() else "\n")
+            self.err.flush()
+            self.shown = False
+
+
 def summary(final: Chunk) -> str:
     """One line: finish reason, usage, the effort chosen and why, who served it, the failovers."""
     u, d, by = final.usage, final.decision, final.served_by
@@ -108,18 +132,26 @@ def stream_generate(
     model: str = "",
     out: TextIO | None = None,
     err: TextIO | None = None,
+    progress: bool | None = None,
 ) -> Chunk:
     """Print one streamed answer from the first region that can serve it; returns the final chunk.
 
     ``endpoints``: ``name=host:port`` (or ``host:port``), in the order to try; ``request``: the
-    keyword arguments of ``RegionClient.generate``.
+    keyword arguments of ``RegionClient.generate``. ``progress``: draw the prefill's progress on
+    ``err`` (None: when ``err`` is a terminal); the answer's stream stays clean.
     """
     peers = [dataclasses.replace(parse_endpoint(e), **(tls or {})) for e in endpoints]
+    err = err or sys.stderr
+    bar = ProgressBar(err) if (err.isatty() if progress is None else progress) else None
 
     async def run() -> Chunk | None:
         printer, last = StreamPrinter(out), None
         async with RegionClient(peers, api_key=api_key, max_attempts=len(peers), model=model) as client:
             async for chunk in client.generate(**request):
+                if bar is not None and chunk.progress is not None and not chunk.token_ids:
+                    bar.update(chunk.progress)
+                elif bar is not None and (chunk.token_ids or chunk.finished):
+                    bar.clear()
                 printer.feed(chunk.text, chunk.reasoning_text)
                 last = chunk
         printer.end()
@@ -131,7 +163,7 @@ def stream_generate(
     if final.error is not None:
         e = final.error
         raise ClientError(format_error(GRPC_NAMES.get(e.code, e.code.upper()), e.message, e.origin))
-    (err or sys.stderr).write(summary(final) + "\n")
+    err.write(summary(final) + "\n")
     return final
 
 
@@ -156,7 +188,20 @@ def add_commands(sub) -> None:
     p = sub.add_parser("client", help="call a Levante front door over gRPC")
     csub = p.add_subparsers(dest="client_cmd", required=True)
     g = csub.add_parser("generate", help="stream an answer; reasoning is shown apart from the answer")
-    g.add_argument("prompt")
+    g.add_argument("prompt", help="the prompt; with --file, the question about the document")
+    g.add_argument(
+        "--file",
+        default=None,
+        metavar="PATH",
+        help="a document (UTF-8 text) to ask about: sent with the prompt as one user message, "
+        "the document's text first, then a blank line, then the prompt",
+    )
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw the prompt's prefill progress on stderr (default: when stderr is a terminal)",
+    )
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=None)
@@ -190,9 +235,19 @@ def _channel(args) -> grpc.Channel:
     return open_channel(args.target, args.tls_ca, args.tls_cert, args.tls_key)
 
 
+def _prompt(args) -> str:
+    if args.file is None:
+        return args.prompt
+    try:
+        document = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClientError(f"--file: cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    return f"{document.rstrip()}\n\n{args.prompt}"
+
+
 def _cmd_generate(args) -> int:
     request = dict(
-        prompt=args.prompt,
+        prompt=_prompt(args),
         raw=args.raw,
         effort=args.effort,
         preferred_region=args.region,
@@ -204,7 +259,7 @@ def _cmd_generate(args) -> int:
             request[name] = getattr(args, name)
     endpoints = args.regions.split(",") if args.regions else [args.target]
     tls = {k: v for k, v in (("tls_ca", args.tls_ca), ("tls_cert", args.tls_cert), ("tls_key", args.tls_key)) if v}
-    stream_generate(endpoints, request, api_key=args.api_key, tls=tls, model=args.model)
+    stream_generate(endpoints, request, api_key=args.api_key, tls=tls, model=args.model, progress=args.progress)
     return 0
 
 

@@ -48,6 +48,9 @@ class TenantConfig:
     burst: int = 0  # token-bucket depth; 0: max(1, requests_per_second)
     max_concurrency: int = 0
     max_effort: str = "high"
+    # a request with no first token this long after it arrived ends with DEADLINE_EXCEEDED (a limit the
+    # tenant asked for, never a sign of a dead region: no region is ejected for it); 0: no limit
+    first_token_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must not be empty")
@@ -58,6 +61,7 @@ class TenantConfig:
         _check(self.burst >= 0, "burst", "must be >= 0")
         _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0")
         _check(self.max_effort in EFFORTS, "max_effort", f"must be one of {EFFORTS}")
+        _check(self.first_token_timeout_s >= 0, "first_token_timeout_s", "must be >= 0 (0: no limit)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class FrontDoorConfig:
     max_inflight: int = 256  # calls in flight across tenants; beyond: RESOURCE_EXHAUSTED
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may take to finish
     backend_timeout_s: float = 90.0  # no chunk from the backend for this long (first or next): UNAVAILABLE
+    heartbeat_s: float = 0.5  # with nothing else to send for this long, a stream gets a Progress message
     admin: bool = False  # serve levante.v1.Admin (fault injection for drills, region health); never on a public port
 
     def __post_init__(self) -> None:
@@ -78,6 +83,7 @@ class FrontDoorConfig:
         _check(self.max_inflight > 0, "max_inflight", "must be positive")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
         _check(self.backend_timeout_s > 0, "backend_timeout_s", "must be positive")
+        _check(self.heartbeat_s > 0, "heartbeat_s", "must be positive")
         names = [t.name for t in self.tenants]
         _check(len(names) == len(set(names)), "tenants", "tenant names must be unique")
         keys = [t.api_key for t in self.tenants if t.api_key is not None]  # a key must identify one tenant
@@ -96,7 +102,8 @@ class ReplicaConfig:
     cpus_per_rank: float = 1.0
     placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD put ranks on different nodes
     stream_chunk_tokens: int = 16  # a chunk closes at this many tokens...
-    stream_chunk_ms: float = 20.0  # ...or this long after its first token
+    stream_chunk_ms: float = 20.0  # ...or this long after its first token (and prefill progress at most this often)
+    heartbeat_s: float = 0.5  # with nothing to send for this long (queued, prefilling), a keepalive goes out
     max_gang_restarts: int = 3  # consecutive failed restarts before the replica gives up (Serve replaces it)
     rank_timeout_s: float = 60.0  # per call to a rank, and per collective between ranks (a frozen rank fails the group)
     load_timeout_s: float = 900.0  # placing the group and loading the model on every rank
@@ -113,6 +120,7 @@ class ReplicaConfig:
             f"must be one of {PLACEMENT_STRATEGIES}",
         )
         _check(self.stream_chunk_ms >= 0, "stream_chunk_ms", "must be >= 0")
+        _check(self.heartbeat_s > 0, "heartbeat_s", "must be positive")
         _check(self.max_gang_restarts >= 0, "max_gang_restarts", "must be >= 0")
         _check(self.rank_timeout_s > 0, "rank_timeout_s", "must be positive")
         _check(self.load_timeout_s > 0, "load_timeout_s", "must be positive")
@@ -213,29 +221,25 @@ class PeerConfig:
 @dataclass(frozen=True)
 class HealthCheckConfig:
     """How a region router (and the client library) judges each region: active checks plus passive
-    outlier detection with ejection, in the manner of Envoy and gRPC A50."""
+    outlier detection with ejection, in the manner of Envoy and gRPC A50. A region is dead when its
+    heartbeats stop or its checks fail, never because a first token is slow: every hop sends a
+    heartbeat at least every 0.5s (``replica.heartbeat_s``, ``frontdoor.heartbeat_s``) while a
+    request waits or prefills, so a frozen region is left within ``stream_idle_timeout_s``."""
 
-    interval_s: float = 1.0  # active grpc.health.v1 Check on every region this often
-    timeout_s: float = 1.0  # a check not answered within this is a failure ("timeout")
+    interval_s: float = 0.5  # active grpc.health.v1 Check on every region this often
+    timeout_s: float = 0.5  # a check not answered within this is a failure ("timeout")
     unhealthy_threshold: int = 2  # consecutive failed checks before a region is unhealthy
     healthy_threshold: int = 2  # consecutive good checks before it is healthy again
-    consecutive_failures: int = 3  # passive: errors, timeouts or slow first tokens in a row before ejection
+    consecutive_failures: int = 3  # passive: errors or silent streams in a row before ejection
     base_ejection_s: float = 5.0  # ejected for base * (number of ejections), up to max_ejection_s
     max_ejection_s: float = 60.0
     cooldown_s: float = 30.0  # this long without an ejection forgets the earlier ones (backoff resets)
-    slow_first_token_s: float = 2.0  # a first token slower than this counts as a failure (the request goes on)
-    first_token_timeout_s: float = 10.0  # no first chunk within this: give up on the region, try the next
-    stream_idle_timeout_s: float = 10.0  # no chunk within this mid-stream: resume the stream elsewhere
+    # no chunk at all (heartbeats included) for this long, before or after the first token: the region is
+    # lost; a stream not yet started tries the next region, one that started resumes there
+    stream_idle_timeout_s: float = 1.5
 
     def __post_init__(self) -> None:
-        for name in (
-            "interval_s",
-            "timeout_s",
-            "base_ejection_s",
-            "slow_first_token_s",
-            "first_token_timeout_s",
-            "stream_idle_timeout_s",
-        ):
+        for name in ("interval_s", "timeout_s", "base_ejection_s", "stream_idle_timeout_s"):
             _check(getattr(self, name) > 0, name, "must be positive")
         for name in ("unhealthy_threshold", "healthy_threshold", "consecutive_failures"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
@@ -328,6 +332,12 @@ class ClusterConfig:
             "regions.peers",
             f"must not list this region ({self.region!r}) itself",
         )
+        idle = self.regions.health.stream_idle_timeout_s
+        for name, beat in (
+            ("replica.heartbeat_s", self.replica.heartbeat_s),
+            ("frontdoor.heartbeat_s", self.frontdoor.heartbeat_s),
+        ):
+            _check(beat < idle, name, f"{beat:g} must be below regions.health.stream_idle_timeout_s ({idle:g})")
         metrics = self.telemetry.metrics
         _check(
             not (metrics.enabled and metrics.port and metrics.port == self.frontdoor.port),

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, HealthCheckConfig
 from engine.config import EngineConfig
 
 _MISSING = dataclasses.MISSING
@@ -40,6 +40,18 @@ _DERIVED = {
     "(the replica derives each rank's engine.parallel from it)",
     "engine.scheduler.max_model_len": "not set in YAML: set engine.model.max_model_len "
     "(the engine derives the scheduler's from it and the cache size)",
+}
+
+_LIVENESS = (
+    "a slow first token no longer marks a region as dead; liveness is regions.health.stream_idle_timeout_s "
+    "(no chunk, heartbeats included) and the health checks"
+)
+# Keys that were removed, and what replaced them: named in the error instead of "unknown key".
+_REPLACED: dict[tuple[type, str], str] = {
+    (HealthCheckConfig, "slow_first_token_s"): f"removed: {_LIVENESS}",
+    (HealthCheckConfig, "first_token_timeout_s"): f"removed: {_LIVENESS}; a limit on the first token "
+    "is a tenant's setting: frontdoor.tenants[].first_token_timeout_s (it ends the request with "
+    "DEADLINE_EXCEEDED, and ejects no region)",
 }
 
 
@@ -239,7 +251,8 @@ class _Mapper:
         hints = typing.get_type_hints(cls)
         for key in data:
             if key not in fields:
-                raise self.error(_join(path, str(key)), _unknown_key(str(key), fields))
+                why = _REPLACED.get((cls, str(key))) or _unknown_key(str(key), fields)
+                raise self.error(_join(path, str(key)), why)
         kwargs = {}
         for name, f in fields.items():
             if name in data:

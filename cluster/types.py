@@ -64,10 +64,16 @@ class GenerateRequest:
     forwarded_from: str | None = None  # a peer region's router sent it here: serve it here, never forward it again
     # W3C trace context (traceparent, tracestate) of the hop that sent it; None when tracing is off
     trace_context: dict[str, str] | None = None
+    # the caller's limit on its first token (a tenant's setting), counted by the region router from when it
+    # took the request; exceeded: DEADLINE_EXCEEDED, and no region is blamed. None: no limit
+    first_token_timeout_s: float | None = None
+    stream_progress: bool = False  # the caller takes Progress messages (heartbeats, prefill progress)
 
     def __post_init__(self) -> None:
         if self.params.reasoning_effort is not None:
             raise ValueError("params.reasoning_effort: the effort travels as GenerateRequest.reasoning_effort")
+        if self.first_token_timeout_s is not None and self.first_token_timeout_s <= 0:
+            raise ValueError("first_token_timeout_s: must be positive (None: no limit)")
 
 
 @dataclass
@@ -107,6 +113,15 @@ class ChunkError:
         return f"{self.field}: {self.message}" if self.field else self.message
 
 
+@dataclass(frozen=True)
+class PrefillProgress:
+    """How far a request's prefill got: tokens in the KV cache, of the tokens it prefills (prompt, and a
+    resumed stream's tokens)."""
+
+    prompt_tokens_processed: int
+    prompt_tokens: int
+
+
 @dataclass
 class Chunk:
     """Several token deltas of one request, batched so each Serve hop carries many tokens."""
@@ -122,6 +137,7 @@ class Chunk:
     served_by: ServedBy | None = None  # on the final chunk
     failovers: list[FailoverHop] | None = None  # on the final chunk: the regions this request left, in order
     error: ChunkError | None = None  # set: the request failed; no more chunks follow
+    progress: PrefillProgress | None = None  # the latest prefill progress these deltas reported
 
 
 @dataclass

@@ -117,6 +117,10 @@ class RequestDelta:
     # Set when finished, so a request's deltas add up to its whole RequestOutput:
     stop_reason: int | str | None = None  # the stop token id or string that ended it (None for eos)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # if asked for; the first prompt token has none
+    # A prefill chunk that did not finish the prompt: no tokens, and how far prefill got (tokens in the
+    # KV cache, of ``prompt_tokens_total``). None: not a progress report.
+    prompt_tokens_done: int | None = None
+    prompt_tokens_total: int | None = None
 
 
 @dataclass

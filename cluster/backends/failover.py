@@ -47,9 +47,12 @@ SEED_BITS = 62
 class _Progress:
     """What the caller has been given so far: enough to resume the stream elsewhere."""
 
-    def __init__(self, resumed: Resume | None) -> None:
+    def __init__(self, resumed: Resume | None, first_token_timeout_s: float | None = None) -> None:
         # a request that is itself a resume (from a client, or a peer) starts from what it carries
         self.token_ids: list[int] = list(resumed.token_ids) if resumed else []
+        self.first_token_timeout_s = first_token_timeout_s if not self.token_ids else None
+        # the caller's limit on its first token, across every region tried (monotonic); None: none
+        self.first_token_by = None if self.first_token_timeout_s is None else time.monotonic() + first_token_timeout_s
         self.text_chars = resumed.text_chars if resumed else 0
         self.reasoning_chars = resumed.reasoning_chars if resumed else 0
         self.decision: Decision | None = None
@@ -61,6 +64,8 @@ class _Progress:
         return Resume(tuple(self.token_ids), self.text_chars, self.reasoning_chars)
 
     def pass_on(self, chunk: Chunk) -> Chunk:
+        if chunk.token_ids or chunk.finished:
+            self.first_token_by = None  # answered: the first token's limit is met
         self.token_ids.extend(chunk.token_ids)
         self.text_chars += len(chunk.text)
         self.reasoning_chars += len(chunk.reasoning_text)
@@ -87,6 +92,24 @@ def _said(error: ChunkError) -> str:
 def _reason(error: ChunkError) -> str:
     """Why a region was left: the code once, then who said it, then what it said."""
     return f"{error.code}: {_said(error)}"
+
+
+def _left(request: GenerateRequest, progress: _Progress) -> list[float]:
+    """Seconds left before the caller's limits: its deadline, and its first token's (while it waits)."""
+    left = []
+    if request.deadline is not None:
+        left.append(request.deadline - time.time())
+    if progress.first_token_by is not None:
+        left.append(progress.first_token_by - time.monotonic())
+    return left
+
+
+def _first_token_late(progress: _Progress) -> Chunk:
+    return error_chunk(
+        DEADLINE_EXCEEDED,
+        "first_token_timeout_s",
+        f"no first token within {progress.first_token_timeout_s:g}s (the tenant's limit); the request was stopped",
+    )
 
 
 def _with_seed(request: GenerateRequest) -> GenerateRequest:
@@ -126,14 +149,18 @@ class FailoverBackend(Backend):
 
     async def _route(self, request: GenerateRequest, trace: AnyRouteTrace) -> AsyncIterator[Chunk]:
         if request.forwarded_from is not None and self.local is not None:
-            # a peer's router already chose us: serve here or fail, so requests never bounce between regions
-            request = trace.attempt(self.local, 0, request)
-            async with contextlib.aclosing(self.members[self.local].generate(request)) as chunks:
+            # a peer's router already chose us: serve here or fail, so requests never bounce between regions;
+            # the same liveness test holds, so a silent replica here fails the call and the peer moves on
+            outcome = _Outcome()
+            attempt = trace.attempt(self.local, 0, request)
+            async with contextlib.aclosing(self._attempt(self.local, attempt, _Progress(None), outcome)) as chunks:
                 async for chunk in chunks:
                     yield chunk
+            if not outcome.done and outcome.error is not None:
+                yield Chunk(finished=True, error=outcome.error)
             return
         request = _with_seed(request)
-        progress = _Progress(request.resume)
+        progress = _Progress(request.resume, request.first_token_timeout_s)
         last: ChunkError | None = None
         for index, region in enumerate(self.order(request.preferred_region)):
             if request.deadline is not None and time.time() >= request.deadline:
@@ -144,6 +171,9 @@ class FailoverBackend(Backend):
                 async for chunk in chunks:
                     yield chunk
             if outcome.done:
+                return
+            if outcome.error is None:  # the caller's own limit on its first token passed: no region to blame
+                yield _first_token_late(progress)
                 return
             hop = FailoverHop(region, outcome.reason, len(progress.token_ids))
             progress.failovers.append(hop)
@@ -171,18 +201,16 @@ class FailoverBackend(Backend):
     async def _attempt(
         self, region: str, request: GenerateRequest, progress: _Progress, outcome: _Outcome
     ) -> AsyncIterator[Chunk]:
-        """One region's try: yields what it produced; ``outcome`` says whether to go on elsewhere."""
-        health = self.cfg.health
-        began = time.monotonic()
-        first_token = not progress.token_ids  # a resumed stream is past its first token
-        waiting, slow = True, False
+        """One region's try: yields what it produced; ``outcome`` says whether to go on elsewhere.
+
+        The liveness test is the idle limit: no chunk at all (heartbeats included) for
+        ``stream_idle_timeout_s``, before or after the first token. A slow first token is not a
+        failure: a region that heartbeats while it prefills is alive, however long the prompt.
+        """
+        limit = self.cfg.health.stream_idle_timeout_s
         async with contextlib.aclosing(self.members[region].generate(request)) as chunks:
             while True:
-                limit = health.first_token_timeout_s if waiting and first_token else health.stream_idle_timeout_s
-                # the first token's limit counts from the attempt's start (keepalives do not extend it)
-                timeout = limit - (time.monotonic() - began) if waiting and first_token else limit
-                if request.deadline is not None:
-                    timeout = min(timeout, request.deadline - time.time())
+                timeout = min([limit, *_left(request, progress)])
                 try:
                     chunk = await asyncio.wait_for(anext(chunks, None), max(timeout, 0.0))
                 except TimeoutError:
@@ -190,8 +218,9 @@ class FailoverBackend(Backend):
                         outcome.done = True
                         yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished")
                         return
-                    what = "first token" if waiting else "chunk"
-                    self._leave(region, outcome, f"timeout: no {what} within {limit:g}s")
+                    if progress.first_token_by is not None and time.monotonic() >= progress.first_token_by:
+                        return  # the caller's limit on its first token: the route ends it, no region is blamed
+                    self._leave(region, outcome, f"timeout: no chunk or heartbeat within {limit:g}s")
                     return
                 if chunk is None:
                     self._leave(region, outcome, "unavailable: the stream ended before its final chunk")
@@ -203,17 +232,10 @@ class FailoverBackend(Backend):
                     outcome.done = True
                     yield chunk
                     return
-                if waiting and (chunk.token_ids or chunk.finished):
-                    waiting = False
-                    took = time.monotonic() - began
-                    slow = first_token and took > health.slow_first_token_s
-                    if slow:  # served, but a sign of trouble all the same
-                        self.book.on_failure(region, f"slow: first token after {took:.2f}s")
                 yield progress.pass_on(chunk)
                 if chunk.finished:
                     outcome.done = True
-                    if not slow:
-                        self.book.on_success(region)
+                    self.book.on_success(region)
                     return
 
     def _leave(self, region: str, outcome: _Outcome, reason: str, error: ChunkError | None = None) -> None:

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 
 from opentelemetry.trace import Span
 
-from cluster.backends.pipeline import run_request
+from cluster.backends.pipeline import Batching, run_request
 from cluster.chunks import engine_error_chunk
-from cluster.config import AutoEffortConfig
+from cluster.config import AutoEffortConfig, ReplicaConfig
 from cluster.policy.effort import decide_for
 from cluster.telemetry import spans, tracing
 from cluster.types import Backend, Chunk, Decision, GenerateRequest, ModelInfo, ReplicaStatus, ServedBy
@@ -33,8 +33,10 @@ class LocalBackend(Backend):
         region: str,
         replica: str = "local-0",
         auto: AutoEffortConfig | None = None,
+        heartbeat_s: float = ReplicaConfig.heartbeat_s,
     ):
         self.engine, self.info, self.auto = engine, info, auto or AutoEffortConfig()
+        self.batching = Batching(keepalive_s=heartbeat_s)  # a region router's idle limit hears from a long prefill
         self.served_by = ServedBy(region, replica)
 
     def decide(self, request: GenerateRequest) -> Decision:
@@ -66,7 +68,9 @@ class LocalBackend(Backend):
             return
         tracing.set_attributes(span, {"levante.effort": decision.effort, "levante.effort_reason": decision.reason})
         decided = dataclasses.replace(request, reasoning_effort=decision.effort)
-        async with contextlib.aclosing(run_request(self.engine, decided, self.served_by, span)) as chunks:
+        async with contextlib.aclosing(
+            run_request(self.engine, decided, self.served_by, span, self.batching)
+        ) as chunks:
             first = True
             async for chunk in chunks:
                 if first and chunk.error is None:  # the engine took the request

@@ -27,8 +27,9 @@ from engine.types import EngineClient, EngineError, RequestDelta
 @dataclass(frozen=True)
 class Batching:
     """How deltas become chunks: the first token goes alone, at once; later chunks close at
-    ``max_tokens`` tokens or ``max_wait_s`` after their first delta. With nothing for ``keepalive_s``
-    (a long prefill, a queue) an empty chunk goes out, so the caller can tell slow from lost."""
+    ``max_tokens`` tokens or ``max_wait_s`` after their first delta. Prefill progress goes out at most
+    once per ``max_wait_s`` (the latest report). With nothing for ``keepalive_s`` (a queue, a prefill
+    step longer than that) an empty chunk goes out, so the caller can tell slow from lost."""
 
     max_tokens: int = 1
     max_wait_s: float = 0.0
@@ -59,10 +60,11 @@ async def run_request(
     engine_done = False  # the engine finished the request itself: nothing to abort
     try:
         yield Chunk(served_by=served_by)
-        wait_s = 0.0
+        wait_s = 0.0  # until the first token: it goes alone, at once
         while True:
             chunk, last = await _next_chunk(deltas, request.deadline, batching, wait_s)
-            wait_s = batching.max_wait_s
+            if chunk.token_ids:
+                wait_s = batching.max_wait_s
             if last is not None and last.finished:
                 engine_done = True
                 spans.engine_spans(span, request.request_id, last.timings, last.usage, last.finish_reason)
@@ -96,7 +98,8 @@ async def _next_chunk(
     deltas: asyncio.Queue[RequestDelta], deadline: float | None, batching: Batching, wait_s: float
 ) -> tuple[Chunk, RequestDelta | None]:
     """The next chunk and its last delta: waits for one delta (a keepalive or the deadline may come
-    first), then takes more for up to ``wait_s`` or ``batching.max_tokens`` tokens."""
+    first), then takes more for up to ``wait_s`` or ``batching.max_tokens`` tokens. A progress report
+    waits up to ``batching.max_wait_s`` for later ones, unless the first token comes: that goes at once."""
     left = None if deadline is None else max(0.0, deadline - time.time())
     timeout = min((t for t in (left, batching.keepalive_s) if t is not None), default=None)
     try:
@@ -107,9 +110,9 @@ async def _next_chunk(
             return error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished"), None
         return Chunk(), None  # keepalive
     got = [first]
-    until = asyncio.get_running_loop().time() + wait_s
+    until = asyncio.get_running_loop().time() + (wait_s if first.token_ids else batching.max_wait_s)
     num_tokens = len(first.token_ids)
-    while not got[-1].finished and num_tokens < batching.max_tokens:
+    while not got[-1].finished and num_tokens < batching.max_tokens and not (num_tokens and wait_s == 0):
         more = await _next_within(deltas, until)
         if more is None:
             break

@@ -47,6 +47,7 @@ class Tenant:
     max_effort: str = "high"
     max_concurrency: int = 0  # 0: unlimited
     bucket: TokenBucket | None = None  # None: no rate limit
+    first_token_timeout_s: float | None = None  # the tenant's limit on a first token; None: none
     inflight: int = field(default=0, compare=False)
 
 
@@ -58,7 +59,8 @@ def _tenant(cfg: TenantConfig, clock: Callable[[], float]) -> Tenant:
     bucket = None
     if cfg.requests_per_second > 0:
         bucket = TokenBucket(cfg.requests_per_second, cfg.burst or max(1.0, cfg.requests_per_second), clock)
-    return Tenant(cfg.name, cfg.max_effort, cfg.max_concurrency, bucket)
+    first_token = cfg.first_token_timeout_s or None
+    return Tenant(cfg.name, cfg.max_effort, cfg.max_concurrency, bucket, first_token_timeout_s=first_token)
 
 
 class Tenants:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from cluster.frontdoor.wire import find_invalid_utf8
-from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, ServedBy
+from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, PrefillProgress, ServedBy
 from engine.types import EngineError, Resume, SamplingParams, TokenLogprob, Usage
 from levante.v1 import inference_pb2 as pb
 
@@ -141,6 +141,7 @@ def decode_generate(raw: bytes, limits: Limits) -> GenerateRequest:
         reasoning_effort=_EFFORT_FROM_PB[msg.reasoning_effort],
         preferred_region=msg.preferred_region if msg.HasField("preferred_region") else None,
         resume=_resume(msg),
+        stream_progress=msg.stream_progress,
     )
 
 
@@ -156,13 +157,20 @@ def _logprob(lp: TokenLogprob) -> pb.TokenLogprob:
 
 
 class ResponseEncoder:
-    """Chunks of one request -> serialized responses: one Start, Deltas, one Final."""
+    """Chunks of one request -> serialized responses: one Start, Deltas, one Final; with ``progress``,
+    a Progress message for each chunk that reports prefill progress, and ``heartbeat()`` on demand."""
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, progress: bool = False):
         self.request_id = request_id
+        self.progress = progress
         self._decision: pb.RoutingDecision | None = None
         self._served_by: ServedBy | None = None
         self._started = False
+        self._last = pb.Progress()  # the latest prefill progress, repeated by heartbeats
+
+    def heartbeat(self) -> bytes:
+        """A Progress message repeating the latest progress: the stream is alive, nothing else to send."""
+        return pb.GenerateResponse(progress=self._last).SerializeToString()
 
     def encode(self, chunk: Chunk) -> list[bytes]:
         out: list[pb.GenerateResponse] = []
@@ -171,6 +179,11 @@ class ResponseEncoder:
         if not self._started:
             self._started = True
             out.append(pb.GenerateResponse(start=pb.Start(request_id=self.request_id, decision=self._decision)))
+        if chunk.progress is not None:
+            p = chunk.progress
+            self._last = pb.Progress(prompt_tokens_processed=p.prompt_tokens_processed, prompt_tokens=p.prompt_tokens)
+            if self.progress and not (chunk.token_ids or chunk.finished):
+                out.append(pb.GenerateResponse(progress=self._last))
         if chunk.token_ids or chunk.text or chunk.reasoning_text:
             delta = pb.Delta(
                 text=chunk.text,
@@ -242,6 +255,7 @@ def encode_generate(request: GenerateRequest) -> bytes:
         top_p=p.top_p,
         reasoning_effort=_EFFORT_TO_PB[request.reasoning_effort],
         request_id=request.request_id[-MAX_REQUEST_ID_CHARS:],
+        stream_progress=True,  # a router and the client library judge a region by its heartbeats
     )
     for name in ("seed", "logprobs"):
         if getattr(p, name) is not None:
@@ -263,17 +277,24 @@ def encode_generate(request: GenerateRequest) -> bytes:
 
 
 def decode_response(raw: bytes) -> Chunk:
-    """One ``GenerateResponse`` from a peer as a chunk (a Start becomes an empty chunk with the decision)."""
+    """One ``GenerateResponse`` from a peer as a chunk (a Start becomes an empty chunk with the decision, a
+    Progress one with its progress, a kind this version does not know an empty one: a sign of life)."""
     msg = pb.GenerateResponse.FromString(raw)
     kind = msg.WhichOneof("kind")
     if kind == "start":
         return Chunk(decision=_decision_from_pb(msg.start.decision))
+    if kind == "progress":
+        p = msg.progress
+        known = p.prompt_tokens > 0
+        return Chunk(progress=PrefillProgress(p.prompt_tokens_processed, p.prompt_tokens) if known else None)
     if kind == "delta":
         d = msg.delta
         logprobs = [
             TokenLogprob(lp.token_id, lp.logprob, {t.token_id: t.logprob for t in lp.top}) for lp in d.logprobs
         ] or None
         return Chunk(token_ids=list(d.token_ids), text=d.text, reasoning_text=d.reasoning_text, logprobs=logprobs)
+    if kind != "final":
+        return Chunk()
     f = msg.final
     u = f.usage
     return Chunk(

@@ -7,6 +7,7 @@ the bad field of a malformed one; responses leave as bytes convert.py made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -236,6 +237,8 @@ class FrontDoor:
                 deadline=None if remaining is None else time.time() + remaining,
                 forwarded_from=forwarded_from,
                 trace_context=call.carrier() if call is not None else None,
+                # a forwarding region already holds its caller to the limit; its own tenant's would be wrong
+                first_token_timeout_s=tenant.first_token_timeout_s if forwarded_from is None else None,
             )
             if call is not None:
                 call.admitted(request)
@@ -265,44 +268,80 @@ class FrontDoor:
     async def _stream(
         self, request: GenerateRequest, client_id: str, context: grpc.aio.ServicerContext, call: CallTelemetry | None
     ) -> AsyncIterator[bytes]:
-        chunks = aiter(self.backend.generate(request))
-        encoder = ResponseEncoder(client_id)
+        """The backend's chunks as messages. The backend is read by a task of its own, so that while it is
+        silent the caller still hears from us every ``heartbeat_s`` (a Progress message, when it asked)."""
+        encoder = ResponseEncoder(client_id, progress=request.stream_progress)
+        chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        pump = asyncio.create_task(_pump(self.backend.generate(request), chunks))
         try:
-            chunk = await self._next(chunks, request, context, self.config.backend_timeout_s)
+            heard = sent = time.monotonic()  # the backend's last chunk; our last message
             while True:
+                chunk = await self._next(chunks, request, context, heard, sent)
+                if chunk is None:  # nothing for heartbeat_s: still working on it
+                    if encoder.progress:
+                        sent = time.monotonic()
+                        yield encoder.heartbeat()
+                    continue
+                heard = time.monotonic()
                 if chunk.error is not None:
                     code = _STATUS.get(chunk.error.code, grpc.StatusCode.INTERNAL)
                     await context.abort(code, chunk.error.details)  # a peer's refusal keeps its own details
                 if call is not None:
                     call.chunk(chunk)
                 for message in encoder.encode(chunk):
+                    sent = time.monotonic()
                     yield message
                 if chunk.finished:
                     return
-                chunk = await self._next(chunks, request, context, self.config.backend_timeout_s)
         finally:
-            close = getattr(chunks, "aclose", None)
-            if close is not None:
-                await close()  # the backend aborts its engine request (cancel, deadline, error)
+            pump.cancel()  # the backend's generator closes, and aborts its engine request (cancel, deadline, error)
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
 
-    @staticmethod
     async def _next(
-        chunks: AsyncIterator[Chunk], request: GenerateRequest, context: grpc.aio.ServicerContext, idle_timeout: float
-    ) -> Chunk:
-        """The next chunk, within the backend timeout and the call's deadline.
+        self,
+        chunks: asyncio.Queue[Chunk | None],
+        request: GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        heard: float,
+        sent: float,
+    ) -> Chunk | None:
+        """The next chunk; None when it is time for a heartbeat. Aborts the call when the backend was silent
+        for ``backend_timeout_s`` or the call's deadline passed.
 
         The deadline is enforced here too: grpc cancels the call at its deadline, but freeing
         the engine's KV blocks should not depend on when that cancellation lands.
         """
+        cfg, now = self.config, time.monotonic()
         left = None if request.deadline is None else request.deadline - time.time()
-        timeout = idle_timeout if left is None else min(left, idle_timeout)
+        silent_left = cfg.backend_timeout_s - (now - heard)
+        timeout = min(t for t in (left, silent_left, cfg.heartbeat_s - (now - sent)) if t is not None)
         try:
-            async with asyncio.timeout(timeout):  # in this task: no task per chunk, as wait_for makes
-                chunk = await anext(chunks, None)
+            async with asyncio.timeout(max(timeout, 0.0)):  # in this task: no task per chunk, as wait_for makes
+                chunk = await chunks.get()
         except TimeoutError:
-            if left is not None and timeout == left:
+            if left is not None and time.time() >= request.deadline:  # type: ignore[operator]
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline: passed before the stream finished")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: no response within {idle_timeout:g}s")
+            if time.monotonic() - heard >= cfg.backend_timeout_s:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"backend: no response within {cfg.backend_timeout_s:g}s"
+                )
+            return None
         if chunk is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: the stream ended before its final chunk")
         return chunk
+
+
+async def _pump(backend: AsyncIterator[Chunk], chunks: asyncio.Queue[Chunk | None]) -> None:
+    """The backend's chunks into ``chunks``, then None (also when it broke); cancelling it closes the
+    backend's generator."""
+    try:
+        async with contextlib.aclosing(backend) as stream:  # type: ignore[type-var]
+            async for chunk in stream:
+                chunks.put_nowait(chunk)
+                if chunk.finished:
+                    return
+    except Exception:  # a backend that raises instead of sending an error chunk: the call ends UNAVAILABLE
+        log.exception("backend stream failed")
+    finally:
+        chunks.put_nowait(None)

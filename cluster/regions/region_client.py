@@ -89,12 +89,15 @@ class RegionClient:
         effort: str = AUTO,
         preferred_region: str | None = None,
         timeout_s: float | None = None,
+        first_token_timeout_s: float | None = None,
         request_id: str | None = None,
         **sampling,
     ) -> AsyncIterator[Chunk]:
         """Stream one answer. ``prompt``: text, token ids or chat messages; ``sampling``: SamplingParams
         fields (max_tokens, temperature, seed, stop, ...). Errors come as a final chunk with ``error``
-        (its ``origin``: the front door that answered with it).
+        (its ``origin``: the front door that answered with it). ``first_token_timeout_s``: no first
+        token within this (across every region tried) ends it with DEADLINE_EXCEEDED, blaming no region.
+        Chunks that only report a long prompt's prefill have ``progress`` and no text.
 
         Text is sent as one user chat message, so the model's chat template applies (without it an
         instruct model tends to answer nothing); ``raw=True`` sends it as a raw prompt, as is.
@@ -109,6 +112,7 @@ class RegionClient:
             reasoning_effort=effort,
             preferred_region=preferred_region,
             deadline=None if timeout_s is None else time.time() + timeout_s,
+            first_token_timeout_s=first_token_timeout_s,
             trace_context=ambient_carrier(),
         )  # the caller's current span, if it traces: the regions join its trace
         return self.backend.generate(request)

@@ -39,8 +39,9 @@ class EngineReplica:
             self.replica_id = "replica-0"
         self.served_by = ServedBy(self.cfg.region, self.replica_id)
         r = self.cfg.replica
-        # a keepalive well inside the caller's idle timeout, so only a lost replica goes silent that long
-        keepalive_s = min(r.rank_timeout_s, self.cfg.router.replica_timeout_s) / 2
+        # a keepalive well inside every caller's idle limit (a region router's is regions.health.stream_idle_timeout_s),
+        # so only a lost replica goes silent that long, however long a prompt takes to prefill
+        keepalive_s = min(r.heartbeat_s, r.rank_timeout_s / 2, self.cfg.router.replica_timeout_s / 2)
         self.batching = Batching(r.stream_chunk_tokens, r.stream_chunk_ms / 1000, keepalive_s)
         self.group = EPGroup(self.cfg, name=f"levante-{self.replica_id}")
         await self.group.start()

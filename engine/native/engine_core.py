@@ -167,7 +167,21 @@ class EngineCore:
             if stages.first_scheduled is None:
                 stages.first_scheduled = began
         result = self.runner.execute(sched, self.requests, self._sample_rows(sched))
-        return self._update(sched, result)
+        return self._prefill_progress(sched) + self._update(sched, result)
+
+    def _prefill_progress(self, sched: SchedulerOutput) -> list[RequestDelta]:
+        """A tokenless delta for each prefill chunk that did not reach the prompt's end: a long prompt's
+        stream shows it is moving (and how far) before its first token."""
+        out = []
+        for s in sched.seqs:
+            req = self.requests.get(s.request_id)
+            if req is not None and not s.samples:
+                out.append(
+                    RequestDelta(
+                        s.request_id, [], prompt_tokens_done=req.num_computed_tokens, prompt_tokens_total=req.num_tokens
+                    )
+                )
+        return out
 
     def _sample_rows(self, sched: SchedulerOutput) -> dict[str, SampleRow]:
         rows = {}

@@ -119,6 +119,7 @@ def test_round_trip_of_a_config_built_in_python():
         "burst": 0,
         "max_concurrency": 0,
         "max_effort": "low",
+        "first_token_timeout_s": 0.0,
     }
     assert config_from_dict(plain) == cfg
 
@@ -201,7 +202,32 @@ ERRORS = [
         "telemetry:\n  metrics: {enabled: true, port: 50051}\n",
         "telemetry.metrics.port: must differ from frontdoor.port (50051)",
     ),
+    # the former first-token liveness keys: named, with what replaced them
+    (
+        "regions:\n  health: {slow_first_token_s: 2.0}\n",
+        (
+            "regions.health.slow_first_token_s: removed: a slow first token no longer marks a region as dead; "
+            "liveness is regions.health.stream_idle_timeout_s"
+        ),
+    ),
+    (
+        "regions:\n  health: {first_token_timeout_s: 10}\n",
+        "regions.health.first_token_timeout_s: removed: a slow first token no longer marks a region as dead",
+    ),
+    (
+        "frontdoor:\n  tenants: [{name: a, api_key: k, first_token_timeout_s: -1}]\n",
+        "frontdoor.tenants[0].first_token_timeout_s: must be >= 0 (0: no limit)",
+    ),
+    (
+        "regions:\n  health: {stream_idle_timeout_s: 0.4}\n",
+        "replica.heartbeat_s: 0.5 must be below regions.health.stream_idle_timeout_s (0.4)",
+    ),
 ]
+
+
+def test_the_removed_first_token_key_points_at_the_tenant_setting(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"frontdoor\.tenants\[\]\.first_token_timeout_s \(it ends the request"):
+        load_config(write(tmp_path, "regions:\n  health: {first_token_timeout_s: 10}\n"))
 
 
 @pytest.mark.parametrize("text,expected", ERRORS, ids=[e[1].split(":")[0] for e in ERRORS])

@@ -85,11 +85,7 @@ class Scenario:
     faults: tuple[FaultSpec, ...] = ()
     slo: SLO = field(default_factory=SLO)
     window_s: float = 5.0  # latency windows before, during and after each fault
-    client_health: HealthCheckConfig = field(
-        default_factory=lambda: HealthCheckConfig(
-            interval_s=0.5, timeout_s=0.5, first_token_timeout_s=3.0, stream_idle_timeout_s=1.5, base_ejection_s=3.0
-        )
-    )
+    client_health: HealthCheckConfig = field(default_factory=HealthCheckConfig)  # the shipped defaults
     start_timeout_s: float = 600.0  # for every region to serve (model loading included)
 
     def __post_init__(self) -> None:

@@ -52,7 +52,8 @@ class InferenceServicer:
     """
 
     def Generate(self, request, context):
-        """One request, streamed back: a Start, then Deltas, then exactly one Final.
+        """One request, streamed back: a Start, then Deltas, then exactly one Final; with
+        `stream_progress` set, Progress messages too, whenever no Delta flows (see Progress).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,3 +95,22 @@ def test_the_first_token_goes_at_once_and_later_chunks_gather_within_the_window(
     engine = ScriptedEngine([delta(1), 0.05, delta(2), 0.01, delta(3), delta(4, finished=True)])
     chunks = run(engine, batching=Batching(max_tokens=16, max_wait_s=0.5))
     assert [c.token_ids for c in chunks[1:]] == [[1], [2, 3, 4]]
+
+
+def progress(done: int, total: int = 100) -> RequestDelta:
+    return RequestDelta("q", [], prompt_tokens_done=done, prompt_tokens_total=total)
+
+
+def test_prefill_progress_is_coalesced_within_the_window_and_the_first_token_is_not_held():
+    # three reports at once, then one after the window, then the first token right behind a report
+    script = [progress(10), progress(20), progress(30), 0.3, progress(40), delta(1), delta(2, finished=True)]
+    chunks = run(ScriptedEngine(script), batching=Batching(max_tokens=16, max_wait_s=0.1))
+    reports = [(c.progress.prompt_tokens_processed, c.progress.prompt_tokens) for c in chunks if c.progress]
+    assert reports == [(30, 100), (40, 100)]  # the latest of each window
+    assert chunks[-2].token_ids == [1] and chunks[-2].progress is not None  # the first token went with it, at once
+    assert chunks[-1].token_ids == [2] and chunks[-1].finished
+
+
+def test_without_a_window_each_report_apart_goes_out():
+    chunks = run(ScriptedEngine([progress(5), 0.05, progress(9), 0.05, delta(1, finished=True)]))
+    assert [c.progress.prompt_tokens_processed for c in chunks if c.progress] == [5, 9]

@@ -6,9 +6,16 @@ import pytest
 
 from cluster.config import TenantConfig
 from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants, TokenBucket
-from cluster.frontdoor.convert import Limits, RequestError, ResponseEncoder, decode_generate
+from cluster.frontdoor.convert import (
+    Limits,
+    RequestError,
+    ResponseEncoder,
+    decode_generate,
+    decode_response,
+    encode_generate,
+)
 from cluster.frontdoor.wire import find_invalid_utf8
-from cluster.types import AUTO, Chunk, Decision, ServedBy
+from cluster.types import AUTO, Chunk, Decision, GenerateRequest, PrefillProgress, ServedBy
 from engine.types import SamplingParams, Usage
 from levante.v1 import inference_pb2 as pb
 
@@ -163,3 +170,28 @@ def test_duplicate_keys_are_rejected():
 
 def test_without_tenants_everyone_is_anonymous():
     assert Tenants.from_config([], environ={}).authenticate([]).name == "anonymous"
+
+
+def test_prefill_progress_goes_out_as_progress_to_a_caller_that_asked_and_comes_back_as_a_chunk():
+    enc = ResponseEncoder("rid", progress=True)
+    out = [pb.GenerateResponse.FromString(m) for m in enc.encode(Chunk(progress=PrefillProgress(64, 300)))]
+    assert [m.WhichOneof("kind") for m in out] == ["start", "progress"]
+    assert (out[1].progress.prompt_tokens_processed, out[1].progress.prompt_tokens) == (64, 300)
+    back = decode_response(out[1].SerializeToString())
+    assert back.progress == PrefillProgress(64, 300) and not back.token_ids and not back.finished
+    beat = pb.GenerateResponse.FromString(enc.heartbeat())  # repeats the latest progress
+    assert beat.progress.prompt_tokens_processed == 64
+    # a heartbeat with nothing known, and a kind a later version may add: signs of life, never a Final
+    unknown = decode_response(pb.GenerateResponse(progress=pb.Progress()).SerializeToString())
+    assert unknown.progress is None and not unknown.token_ids and not unknown.finished
+    assert not decode_response(pb.GenerateResponse().SerializeToString()).finished
+    # a caller that did not ask gets the stream it always got
+    quiet = ResponseEncoder("rid").encode(Chunk(progress=PrefillProgress(64, 300)))
+    assert [pb.GenerateResponse.FromString(m).WhichOneof("kind") for m in quiet] == ["start"]
+
+
+def test_a_region_calling_another_asks_for_progress():
+    request = GenerateRequest("t/1", "m", "hi", SamplingParams(max_tokens=3), reasoning_effort="none")
+    raw = encode_generate(request)
+    assert pb.GenerateRequest.FromString(raw).stream_progress
+    assert decode_generate(raw, Limits("m", 64, 1 << 20)).stream_progress

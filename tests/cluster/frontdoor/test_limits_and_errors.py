@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from cluster.config import FrontDoorConfig, TenantConfig
-from cluster.types import ChunkError
+from cluster.types import Chunk, ChunkError, Decision
 from levante.v1 import inference_pb2 as pb
 
 from .harness import LoopThread, ScriptedBackend, channel, generate, rpc_error, serving, stub, wait_until
@@ -75,6 +75,40 @@ def test_no_first_chunk_in_time_is_unavailable_and_closes_the_stream(loop, backe
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "no response within 0.3s" in err.details()
         assert time.monotonic() - began < 3
         wait_until(lambda: len(backend.closed) == 1, what="the backend stream to be closed")
+
+
+def test_a_silent_backend_gets_heartbeats_to_callers_that_ask_and_nothing_new_to_others(loop, backend):
+    backend.first_delay_s = 1.0  # five heartbeat intervals before the first chunk
+    with serving(loop, backend, FrontDoorConfig(port=0, heartbeat_s=0.2)) as door, channel(door) as ch:
+        asked = generate(ch, pb.GenerateRequest(prompt="Hi", max_tokens=2, stream_progress=True))
+        plain = generate(ch, REQ)
+    kinds = [r.WhichOneof("kind") for r in asked]
+    assert kinds.count("progress") >= 3 and kinds.index("delta") > kinds.index("progress"), kinds
+    assert kinds[-3:] == ["delta", "delta", "final"]
+    beats = [r.progress for r in asked if r.HasField("progress")]
+    assert all(p.prompt_tokens == 0 for p in beats)  # a scripted backend reports no prefill progress: unknown
+    assert [r.WhichOneof("kind") for r in plain] == ["start", "delta", "delta", "final"]  # the old contract
+
+
+class Raises(ScriptedBackend):
+    async def generate(self, request):
+        yield Chunk(decision=Decision("none", "scripted"))
+        raise RuntimeError("a bug in a backend")
+
+
+def test_a_backend_that_raises_ends_the_call_at_once_instead_of_heartbeating_on(loop):
+    with serving(loop, Raises(), FrontDoorConfig(port=0, heartbeat_s=0.05)) as door, channel(door) as ch:
+        err = rpc_error(lambda: generate(ch, pb.GenerateRequest(prompt="Hi", max_tokens=2, stream_progress=True)))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "ended before its final chunk" in err.details()
+
+
+def test_the_tenants_first_token_limit_reaches_the_router_but_not_from_a_forwarding_region(loop, backend):
+    cfg = FrontDoorConfig(port=0, tenants=(TenantConfig("slow-ok", api_key="k", first_token_timeout_s=2.5),))
+    key = (("authorization", "Bearer k"),)
+    with serving(loop, backend, cfg) as door, channel(door) as ch:
+        generate(ch, REQ, metadata=key)
+        generate(ch, REQ, metadata=key + (("levante-forwarded-from", "eu-west"),))
+    assert [r.first_token_timeout_s for r in backend.requests] == [2.5, None]
 
 
 def test_deadline_reaches_the_backend_request(loop, backend):

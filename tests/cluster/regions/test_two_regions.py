@@ -28,7 +28,6 @@ HEALTH = HealthCheckConfig(
     interval_s=0.2,
     timeout_s=0.3,
     consecutive_failures=2,
-    first_token_timeout_s=5.0,
     stream_idle_timeout_s=2.0,
     base_ejection_s=1.0,
 )

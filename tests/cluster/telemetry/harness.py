@@ -32,7 +32,7 @@ from ..frontdoor.harness import MODEL, generate, wait_until
 from ..regions.fakes import BreaksAfter, free_port  # noqa: F401 -- free_port is part of this harness
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "helm" / "levante" / "dashboards" / "levante.json"
-HEALTH = HealthCheckConfig(interval_s=0.2, timeout_s=0.5, first_token_timeout_s=10.0, stream_idle_timeout_s=5.0)
+HEALTH = HealthCheckConfig(interval_s=0.2, timeout_s=0.5, stream_idle_timeout_s=5.0)
 
 
 class Region:
