@@ -107,7 +107,9 @@ async def _measure(cfg, opts: DocOptions, progress: Callable[[str], None]) -> di
             tag = time.time_ns()
             progress(f"question 1: a {opts.doc_tokens}-token document, cold")
             one = await ask(stub, f"doc-{tag}-1", first_prompt, opts)
-            progress(f"question 1: first token after {one.ttft_s:.2f}s on {one.replica}")
+            progress(
+                f"question 1: first token after {one.ttft_s:.2f}s, done after {one.total_s:.2f}s, on {one.replica}"
+            )
             progress("question 2: the same document, another question")
             two = await ask(stub, f"doc-{tag}-2", second_prompt, opts)
     finally:
