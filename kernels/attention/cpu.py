@@ -128,10 +128,14 @@ class _Tiling:
     decode_from: int  # decode rows with a visible span above this are tiled too
     cpu_flash: bool  # CPU tensors: the aten flash op per tile (False: the portable matmul path, as on CUDA)
 
-    def tiles(self, span: int, q_len: int) -> bool:
+    def tiles(self, span: int, q_len: int, seq_len: int) -> bool:
         if self.key_tile is None:
             return False
-        return span > (self.decode_from if q_len == 1 else self.key_tile)
+        if q_len == 1:
+            return span > self.decode_from
+        # A chunk that is its whole visible context runs as one is_causal SDPA; any other needs a
+        # [Q, L] mask, which makes SDPA several times slower than the tiles even at L = 8K.
+        return span > self.key_tile or not (q_len == span == seq_len)
 
 
 @dataclass
@@ -147,7 +151,7 @@ class _StepPlan:
     def build(meta: AttentionMetadata, window: int | None, tiling: _Tiling) -> _StepPlan:
         q_lens, s_lens, bs = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size
         spans = [s if window is None else min(s, q + window - 1) for q, s in zip(q_lens, s_lens)]
-        long = [tiling.tiles(span, q) for span, q in zip(spans, q_lens)]
+        long = [tiling.tiles(span, q, s) for span, q, s in zip(spans, q_lens, s_lens)]
         if meta.is_decode_only and not any(long):
             return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [], [])
         starts = [0, *accumulate(q_lens)]  # host copy of meta.query_start_loc: no device sync
@@ -180,7 +184,7 @@ class CpuAttentionBackend(AttentionBackend):
     name = "cpu"
 
     def __init__(
-        self, key_tile: int | None = 2048, query_tile: int = 512, decode_from: int = 16384, cpu_flash: bool = True
+        self, key_tile: int | None = 8192, query_tile: int = 512, decode_from: int = 16384, cpu_flash: bool = True
     ):
         # key_tile: positions per key tile, and the visible span above which a prefill chunk is tiled;
         # measured on the tiny Mistral 4 (see docs/benchmarks.md, "Long contexts").
