@@ -128,6 +128,7 @@ N_256K = 256 * 1024
 SMALL_256K = dict(
     num_hidden_layers=1,
     num_attention_heads=1,
+    num_key_value_heads=1,
     kv_lora_rank=8,
     qk_rope_head_dim=4,
     qk_nope_head_dim=8,
