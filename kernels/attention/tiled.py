@@ -24,6 +24,15 @@ On CPU each tile op is one ``aten._scaled_dot_product_flash_attention_for_cpu`` 
 (out, logsumexp) and tiles the query axis itself. That op is CPU-only: on other devices (CUDA) the
 portable path computes the same (out, lse) with plain matmuls over query pieces of ``query_tile``
 rows, so its score buffer is ``[Hq, query_tile, key_tile]``.
+
+Measured (2 shared cores, one MLA layer of the tiny Mistral 4, a 2048-query chunk at the end of a
+64K context, ms per layer): one gather + ``[Q, L]``-masked SDPA (``cpu_untiled``) 3448; flash op
+with key tiles of 2048 / 8192 / 32768 positions 628 / 615 / 642; portable matmul path 10817 (key
+tile 2048). The flash op runs at ~65-70 GFLOP/s whether K is expanded (stride 0) or the heads are
+folded into the query axis, so MQA/GQA simply expand K and V. Hence: flash op on CPU, key tile 8192.
+MLA stays in the absorbed (latent) form for long chunks too: expanding each key tile through
+kv_b_proj and attending per head over 24 features instead of 40 measured slower (2805 vs 1669 ms
+per layer in the same setting).
 """
 
 from __future__ import annotations
