@@ -91,8 +91,13 @@ def _add_bench_long(sub) -> None:
     p.add_argument("--lengths", default="65536,262144", help="comma list of prompt lengths in tokens")
     p.add_argument("--max-tokens", type=int, default=8, help="greedy tokens after each prompt")
     p.add_argument("--chunk", type=int, default=2048, help="prefill tokens per step (scheduler.max_num_batched_tokens)")
-    p.add_argument("--old-backend", choices=ATTENTION_BACKENDS, default="cpu_untiled")
-    p.add_argument("--new-backend", choices=ATTENTION_BACKENDS, default="cpu")
+    p.add_argument(
+        "--old-backend",
+        choices=ATTENTION_BACKENDS,
+        default="cpu_untiled",
+        help="the path before tiling (default); 'reference', the spec, gathers position by position in Python",
+    )
+    p.add_argument("--new-backend", choices=ATTENTION_BACKENDS, default="cpu", help="the tiled path (default)")
     p.add_argument(
         "--old-up-to", type=int, default=65536, help="run the old backend only at lengths up to this (it is slow)"
     )
