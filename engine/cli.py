@@ -1,4 +1,4 @@
-"""``levante`` command line: generate, models, bench.
+"""``levante`` command line: generate, models, bench, bench-long.
 
 Bad arguments and bad model folders end in one clear line on stderr and
 exit code 2, never a traceback.
@@ -79,6 +79,31 @@ def _add_bench(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.set_defaults(func=_cmd_bench)
+
+
+def _add_bench_long(sub) -> None:
+    from engine.config import ATTENTION_BACKENDS
+
+    p = sub.add_parser(
+        "bench-long", help="one long prompt: attention before tiling against the tiled path (time, peak RSS, KV)"
+    )
+    p.add_argument("--model", default=None, help="default: the tiny Mistral 4 with positions for the longest run")
+    p.add_argument("--lengths", default="65536,262144", help="comma list of prompt lengths in tokens")
+    p.add_argument("--max-tokens", type=int, default=8, help="greedy tokens after each prompt")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill tokens per step (scheduler.max_num_batched_tokens)")
+    p.add_argument(
+        "--old-backend",
+        choices=ATTENTION_BACKENDS,
+        default="cpu_untiled",
+        help="the path before tiling (default); 'reference', the spec, gathers position by position in Python",
+    )
+    p.add_argument("--new-backend", choices=ATTENTION_BACKENDS, default="cpu", help="the tiled path (default)")
+    p.add_argument(
+        "--old-up-to", type=int, default=65536, help="run the old backend only at lengths up to this (it is slow)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run; default: torch's")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.set_defaults(func=_cmd_bench_long)
 
 
 def _token_ids(text: str) -> list[int]:
@@ -172,11 +197,18 @@ def _cmd_bench(args) -> int:
     return run(args)
 
 
+def _cmd_bench_long(args) -> int:
+    from engine.bench_long import run
+
+    return run(args)
+
+
 def add_commands(sub) -> None:
     """The engine's subcommands; ``cluster.cli`` adds the serving ones beside them."""
     _add_generate(sub)
     _add_models(sub)
     _add_bench(sub)
+    _add_bench_long(sub)
 
 
 def run(args, errors: tuple[type[BaseException], ...] = ()) -> int:

@@ -15,6 +15,9 @@ BACKENDS = ("gloo", "nccl")
 ENGINE_BACKENDS = ("native", "vllm")
 KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 EXECUTORS = ("ray", "mp", "uni")
+# The native engine's paged attention (kernels.backend): "cpu" (tiled for long contexts, on CPU or CUDA
+# tensors), "cpu_untiled" (one gather of the whole context per layer: the path before tiling) or "reference".
+ATTENTION_BACKENDS = ("cpu", "cpu_untiled", "reference")
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -41,9 +44,15 @@ class ModelConfig:
     # Where weights, KV cache and step tensors live: "cpu", "cuda" or "cuda:N". None: "cpu" for the
     # native engine; the vllm backend's own platform (its build decides).
     device: str | None = None
+    attention_backend: str = "cpu"  # native engine only: one of ATTENTION_BACKENDS
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _check(
+            self.attention_backend in ATTENTION_BACKENDS,
+            "attention_backend",
+            f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
+        )
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
         _check(
             self.device is None or _is_device(self.device),

@@ -100,10 +100,14 @@ class MoEBackend(ABC):
 
 
 def _attention_backends() -> dict[str, type[AttentionBackend]]:
-    from kernels.attention.cpu import CpuAttentionBackend
+    from kernels.attention.cpu import CpuAttentionBackend, CpuUntiledAttentionBackend
     from kernels.attention.reference import ReferenceAttentionBackend
 
-    return {"reference": ReferenceAttentionBackend, "cpu": CpuAttentionBackend}
+    return {
+        "reference": ReferenceAttentionBackend,
+        "cpu": CpuAttentionBackend,
+        "cpu_untiled": CpuUntiledAttentionBackend,
+    }
 
 
 def _moe_backends() -> dict[str, type[MoEBackend]]:
@@ -122,7 +126,8 @@ def _pick(kind: str, choices: dict, name: str):
 
 
 def get_attention_backend(name: str = "cpu") -> AttentionBackend:
-    """``"reference"`` (the spec) or ``"cpu"`` (what the engine runs, on CPU or CUDA tensors)."""
+    """``"reference"`` (the spec), ``"cpu"`` (what the engine runs, on CPU or CUDA tensors) or
+    ``"cpu_untiled"`` (``"cpu"`` without its long-context tiles: the path before them, to measure against)."""
     return _pick("attention", _attention_backends(), name)
 
 

@@ -43,7 +43,9 @@ def load_native_model(config: EngineConfig) -> LoadedModel:
         torch.set_num_threads(config.model.num_threads)
     model_path = config.model.model or default_model_path()
     model_dir = resolve_model_dir(model_path)
-    model, hf_config = load_model(model_dir, config.model, config.parallel)
+    model, hf_config = load_model(
+        model_dir, config.model, config.parallel, attention_backend=config.model.attention_backend
+    )
     return LoadedModel(model, model_path, model_dir, hf_config)
 
 

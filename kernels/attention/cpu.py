@@ -20,6 +20,10 @@ Built for low per-step overhead:
   (``q_nope @ w_uk``), attention runs as MQA directly over the cached
   ``[latent ; k_rope]`` rows with the latent itself as value, and the result is
   projected out with ``w_uv``. Per-head K/V are never materialized.
+* long contexts (a visible span over ``key_tile`` positions, prefill chunks and decode rows alike)
+  go to ``kernels.attention.tiled``: the cache is read one key tile at a time and partial results
+  are merged by log-sum-exp, so nothing is sized by the context. ``CpuUntiledAttentionBackend``
+  keeps the one-gather path for every length (the old behaviour, for benchmarks).
 * everything that depends only on the batch (gather slots, padding / causal
   masks, row indices) is planned once per step and sliding window, kept in
   ``meta.derive``, and shared by all layers; a layer only gathers its own
@@ -30,12 +34,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.attention.tiled import TiledPlan, attend_tiled
 from kernels.backend import AttentionBackend
 from kernels.metadata import AttentionMetadata
 
@@ -106,21 +112,50 @@ class _PrefillPlan:
         return _PrefillPlan(start, q_len, slots, mask)
 
 
+def _visible_slots(block_table: Tensor, seq_len: int, q_len: int, block_size: int, window: int | None) -> Tensor:
+    """[L] cache slots of the keys any of a chunk's queries can see (never a slot before the window)."""
+    first_k = 0 if window is None else max(0, seq_len - q_len - window + 1)
+    key_pos = torch.arange(first_k, seq_len, device=block_table.device)  # [L]
+    return _slots(block_table[None], key_pos[None], block_size)[0]
+
+
+@dataclass(frozen=True)
+class _Tiling:
+    """When a sequence goes to the tiled path, and its tile sizes. ``key_tile`` None: never."""
+
+    key_tile: int | None
+    query_tile: int  # the portable (non-CPU) path's query piece
+    decode_from: int  # decode rows with a visible span above this are tiled too
+    cpu_flash: bool  # CPU tensors: the aten flash op per tile (False: the portable matmul path, as on CUDA)
+
+    def tiles(self, span: int, q_len: int, seq_len: int) -> bool:
+        if self.key_tile is None:
+            return False
+        if q_len == 1:
+            return span > self.decode_from
+        # A chunk that is its whole visible context runs as one is_causal SDPA; any other needs a
+        # [Q, L] mask, which makes SDPA several times slower than the tiles even at L = 8K.
+        return span > self.key_tile or not (q_len == span == seq_len)
+
+
 @dataclass
 class _StepPlan:
     """How one step's batch is attended, for one sliding window; identical for every layer."""
 
-    decode: _DecodePlan | None  # the query_len == 1 rows, batched
-    decode_rows: Tensor | None  # [B_dec] their rows in the batch; None when every row decodes
+    decode: _DecodePlan | None  # the short query_len == 1 rows, batched
+    decode_rows: Tensor | None  # [B_dec] their rows in the batch; None when every row decodes this way
     prefill: list[_PrefillPlan]
+    tiled: list[TiledPlan]  # long contexts, one plan per sequence
 
     @staticmethod
-    def build(meta: AttentionMetadata, window: int | None) -> _StepPlan:
+    def build(meta: AttentionMetadata, window: int | None, tiling: _Tiling) -> _StepPlan:
         q_lens, s_lens, bs = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size
-        if meta.is_decode_only:
-            return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [])
+        spans = [s if window is None else min(s, q + window - 1) for q, s in zip(q_lens, s_lens)]
+        long = [tiling.tiles(span, q, s) for span, q, s in zip(spans, q_lens, s_lens)]
+        if meta.is_decode_only and not any(long):
+            return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [], [])
         starts = [0, *accumulate(q_lens)]  # host copy of meta.query_start_loc: no device sync
-        decode = [b for b, n in enumerate(q_lens) if n == 1]
+        decode = [b for b, n in enumerate(q_lens) if n == 1 and not long[b]]
         dec_plan = rows = None
         if decode:
             dec_plan = _DecodePlan.build(meta.block_tables[decode], [s_lens[b] for b in decode], bs, window)
@@ -128,13 +163,32 @@ class _StepPlan:
         prefill = [
             _PrefillPlan.build(starts[b], n, meta.block_tables[b], s_lens[b], bs, window)
             for b, n in enumerate(q_lens)
-            if n > 1
+            if n > 1 and not long[b]
         ]
-        return _StepPlan(dec_plan, rows, prefill)
+        tiled = [
+            TiledPlan.build(
+                starts[b],
+                n,
+                _visible_slots(meta.block_tables[b], s_lens[b], n, bs, window),
+                s_lens[b],
+                window,
+                tiling.key_tile,
+            )
+            for b, n in enumerate(q_lens)
+            if long[b]
+        ]
+        return _StepPlan(dec_plan, rows, prefill, tiled)
 
 
 class CpuAttentionBackend(AttentionBackend):
     name = "cpu"
+
+    def __init__(
+        self, key_tile: int | None = 8192, query_tile: int = 512, decode_from: int = 16384, cpu_flash: bool = True
+    ):
+        # key_tile: positions per key tile, and the visible span above which a prefill chunk is tiled;
+        # measured on the tiny Mistral 4 (see docs/benchmarks.md, "Long contexts").
+        self.tiling = _Tiling(key_tile, query_tile, decode_from, cpu_flash)
 
     def write_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
         # cache [NB, BS, *entry]; new [T, *entry]; slot_mapping [T]
@@ -174,7 +228,7 @@ class CpuAttentionBackend(AttentionBackend):
         if not meta.query_lens_cpu:
             return q.new_empty(0, q.shape[1], v_dim)
         # Built by the first layer of the step, reused by the others (the plan depends only on the batch).
-        plan = meta.derive(("cpu_attention", window), lambda: _StepPlan.build(meta, window))
+        plan = meta.derive(("cpu_attention", window, self.tiling), lambda: _StepPlan.build(meta, window, self.tiling))
         caches = (k_cache, v_cache, v_dim, scale)
         if plan.decode is not None and plan.decode_rows is None:  # decode-only step
             return self._decode(q, plan.decode, *caches)
@@ -185,6 +239,10 @@ class CpuAttentionBackend(AttentionBackend):
             out[rows] = self._decode(q[rows], plan.decode, *caches)
         for p in plan.prefill:
             out[p.start : p.start + p.q_len] = self._prefill(q[p.start : p.start + p.q_len], p, *caches)
+        gather = partial(self._kv, k_cache, v_cache, v_dim, dtype=q.dtype)  # slots [nk] -> K, V tile
+        for p in plan.tiled:
+            rows = slice(p.start, p.start + p.q_len)
+            out[rows] = attend_tiled(q[rows], gather, v_dim, p, scale, self.tiling.query_tile, self.tiling.cpu_flash)
         return out
 
     @staticmethod
@@ -243,3 +301,13 @@ class CpuAttentionBackend(AttentionBackend):
         # Absorb w_uv on the way out: V_h = c @ w_uv[h].T, so o_h = (p @ c) @ w_uv[h].T
         o = torch.bmm(o_latent.transpose(0, 1), w_uv.to(o_latent.dtype).transpose(1, 2))  # [H, T, Dv]
         return o.transpose(0, 1)  # [T, H, Dv]
+
+
+class CpuUntiledAttentionBackend(CpuAttentionBackend):
+    """The CPU backend without the tiled path: one gather of the whole visible context per layer and
+    sequence, and a ``[Q, L]`` mask for chunked prefill. Kept to measure against (``levante bench-long``)."""
+
+    name = "cpu_untiled"
+
+    def __init__(self):
+        super().__init__(key_tile=None)

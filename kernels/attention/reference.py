@@ -2,6 +2,10 @@
 
 Per sequence: walk the block table to gather the context's keys/values,
 build the causal (+ sliding window) mask by hand, softmax in float32.
+
+Keys before the earliest one any query of the chunk can see (``seq_len - query_len - W + 1`` with a
+sliding window ``W``) are never gathered: their blocks may already be freed and replaced by the null
+block, whose contents are garbage (NaN). Masking after the fact would not do: ``0 * NaN`` is NaN.
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ from kernels.backend import AttentionBackend
 from kernels.metadata import AttentionMetadata
 
 
-def gather_context(cache: Tensor, block_table: Tensor, seq_len: int) -> Tensor:
-    """Entries of positions 0..seq_len-1 of one sequence, in order.
+def gather_context(cache: Tensor, block_table: Tensor, seq_len: int, first: int = 0) -> Tensor:
+    """Entries of positions first..seq_len-1 of one sequence, in order.
 
-    cache: [NB, BS, *entry]; block_table: [max_blocks] -> [seq_len, *entry]
+    cache: [NB, BS, *entry]; block_table: [max_blocks] -> [seq_len - first, *entry]
     """
     block_size = cache.shape[1]
     rows = []
-    for pos in range(seq_len):
+    for pos in range(first, seq_len):
         block = int(block_table[pos // block_size])
         rows.append(cache[block, pos % block_size])
     return torch.stack(rows)
@@ -56,14 +60,17 @@ class ReferenceAttentionBackend(AttentionBackend):
             slot = int(slot_mapping[t])
             cache[slot // block_size, slot % block_size] = new[t].to(cache.dtype)
 
-    def _per_sequence(self, meta: AttentionMetadata):
-        """Yields (row_start, query_len, seq_len, block_table_row, query_pos [Q], key_pos [S])."""
+    def _per_sequence(self, meta: AttentionMetadata, window: int | None = None):
+        """Yields (row_start, query_len, seq_len, block_table_row, query_pos [Q], key_pos [S]).
+
+        key_pos starts at the earliest key any of the queries sees."""
         for b in range(meta.num_seqs):
             q_len, s_len = meta.query_lens_cpu[b], meta.seq_lens_cpu[b]
             start = int(meta.query_start_loc[b])
             dev = meta.block_tables.device
             query_pos = torch.arange(s_len - q_len, s_len, device=dev)
-            key_pos = torch.arange(s_len, device=dev)
+            first = 0 if window is None else max(0, s_len - q_len - window + 1)  # earliest visible key
+            key_pos = torch.arange(first, s_len, device=dev)
             yield start, q_len, s_len, meta.block_tables[b], query_pos, key_pos
 
     def paged_attention(
@@ -80,9 +87,10 @@ class ReferenceAttentionBackend(AttentionBackend):
         assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
         group = num_q_heads // num_kv_heads
         out = q.new_empty(q.shape[0], num_q_heads, v_cache.shape[-1])  # [T, Hq, Dv]
-        for start, q_len, s_len, table, query_pos, key_pos in self._per_sequence(meta):
-            k = gather_context(k_cache, table, s_len)  # [S, Hkv, D]
-            v = gather_context(v_cache, table, s_len)  # [S, Hkv, Dv]
+        for start, q_len, s_len, table, query_pos, key_pos in self._per_sequence(meta, sliding_window):
+            first = int(key_pos[0])
+            k = gather_context(k_cache, table, s_len, first)  # [S, Hkv, D]
+            v = gather_context(v_cache, table, s_len, first)  # [S, Hkv, Dv]
             # query head h reads kv head h // group (== transformers' repeat_kv)
             k = k.repeat_interleave(group, dim=1)  # [S, Hq, D]
             v = v.repeat_interleave(group, dim=1)  # [S, Hq, Dv]
