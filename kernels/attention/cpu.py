@@ -33,6 +33,7 @@ Built for low per-step overhead:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
@@ -214,6 +215,10 @@ class CpuAttentionBackend(AttentionBackend):
         assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
         return self._attend(q, k_cache, v_cache, v_cache.shape[-1], meta, scale, sliding_window)
 
+    def _plan(self, meta: AttentionMetadata, window: int | None) -> _StepPlan:
+        # Built by the first layer of the step, reused by the others (the plan depends only on the batch).
+        return meta.derive(("cpu_attention", window, self.tiling), lambda: _StepPlan.build(meta, window, self.tiling))
+
     def _attend(
         self,
         q: Tensor,
@@ -223,12 +228,13 @@ class CpuAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         window: int | None,
+        skip_tiled: Callable[[TiledPlan], bool] | None = None,
     ) -> Tensor:
-        """v_cache None means V is the first v_dim features of each K entry (MLA: the latent)."""
+        """v_cache None means V is the first v_dim features of each K entry (MLA: the latent).
+        Rows of tiled plans that ``skip_tiled`` picks are left for the caller (uninitialized here)."""
         if not meta.query_lens_cpu:
             return q.new_empty(0, q.shape[1], v_dim)
-        # Built by the first layer of the step, reused by the others (the plan depends only on the batch).
-        plan = meta.derive(("cpu_attention", window, self.tiling), lambda: _StepPlan.build(meta, window, self.tiling))
+        plan = self._plan(meta, window)
         caches = (k_cache, v_cache, v_dim, scale)
         if plan.decode is not None and plan.decode_rows is None:  # decode-only step
             return self._decode(q, plan.decode, *caches)
@@ -241,9 +247,12 @@ class CpuAttentionBackend(AttentionBackend):
             out[p.start : p.start + p.q_len] = self._prefill(q[p.start : p.start + p.q_len], p, *caches)
         gather = partial(self._kv, k_cache, v_cache, v_dim, dtype=q.dtype)  # slots [nk] -> K, V tile
         for p in plan.tiled:
-            rows = slice(p.start, p.start + p.q_len)
-            out[rows] = attend_tiled(q[rows], gather, v_dim, p, scale, self.tiling.query_tile, self.tiling.cpu_flash)
+            if skip_tiled is None or not skip_tiled(p):
+                out[p.rows] = self._tiled(q[p.rows], gather, v_dim, p, scale)
         return out
+
+    def _tiled(self, q: Tensor, gather: Callable, v_dim: int, plan: TiledPlan, scale: float) -> Tensor:
+        return attend_tiled(q, gather, v_dim, plan, scale, self.tiling.query_tile, self.tiling.cpu_flash)
 
     @staticmethod
     def _kv(k_cache: Tensor, v_cache: Tensor | None, v_dim: int, slots: Tensor, dtype: torch.dtype):
@@ -297,10 +306,42 @@ class CpuAttentionBackend(AttentionBackend):
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q_nope.dtype)).transpose(0, 1)  # [T, H, L]
         q_full = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)  # [T, H, L + Dr]
         k_cache = latent_cache.unsqueeze(2)  # [NB, BS, 1, L + Dr]  (MQA: one shared "kv head"; V = its first L)
-        o_latent = self._attend(q_full, k_cache, None, latent_dim, meta, scale, None)  # [T, H, L]
+        expand = partial(_expansion_pays, latent_dim=latent_dim, nope_dim=w_uk.shape[1], v_dim=w_uv.shape[1])
+        o_latent = self._attend(q_full, k_cache, None, latent_dim, meta, scale, None, expand)  # [T, H, L]
         # Absorb w_uv on the way out: V_h = c @ w_uv[h].T, so o_h = (p @ c) @ w_uv[h].T
-        o = torch.bmm(o_latent.transpose(0, 1), w_uv.to(o_latent.dtype).transpose(1, 2))  # [H, T, Dv]
-        return o.transpose(0, 1)  # [T, H, Dv]
+        o = torch.bmm(o_latent.transpose(0, 1), w_uv.to(o_latent.dtype).transpose(1, 2)).transpose(0, 1)  # [T, H, Dv]
+        if not meta.query_lens_cpu:
+            return o
+        gather = partial(_expanded_kv, latent_cache, w_uk, w_uv)
+        for p in filter(expand, self._plan(meta, None).tiled):
+            q_heads = torch.cat([q_nope[p.rows], q_rope[p.rows].to(q_nope.dtype)], dim=-1)  # [Q, H, Dn + Dr]
+            o[p.rows] = self._tiled(q_heads, gather, w_uv.shape[1], p, scale)
+        return o
+
+
+def _expansion_pays(plan: TiledPlan, latent_dim: int, nope_dim: int, v_dim: int) -> bool:
+    """Whether a long MLA chunk is cheaper attended per head (keys expanded) than in latent space.
+
+    Per query-key pair and head, the flash op (V padded to K's width) costs ~4 * D flops: D = L + Dr
+    in latent space, Dn + Dr per head, so expanding saves 4 * (L - Dn) per pair and head; expanding a
+    key costs 2 * L * (Dn + Dv) per head. Prefill chunks win (compute bound), decode rows do not.
+    """
+    return plan.q_len * 2 * (latent_dim - nope_dim) > latent_dim * (nope_dim + v_dim)
+
+
+def _expanded_kv(latent_cache: Tensor, w_uk: Tensor, w_uv: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-head K and V of the keys at slots [nk], from their cached latents.
+
+    latent_cache [NB, BS, L + Dr]; w_uk [H, Dn, L]; w_uv [H, Dv, L] -> K [nk, H, Dn + Dr], V [nk, H, Dv]
+    """
+    num_heads, nope_dim, latent_dim = w_uk.shape
+    rows = _gather(latent_cache, slots)  # [nk, L + Dr]
+    latent, k_rope = rows[:, :latent_dim], rows[:, latent_dim:]  # [nk, L], [nk, Dr]
+    k_nope = latent @ w_uk.to(latent.dtype).reshape(-1, latent_dim).T  # [nk, H * Dn]
+    v = latent @ w_uv.to(latent.dtype).reshape(-1, latent_dim).T  # [nk, H * Dv]
+    k_rope = k_rope[:, None, :].expand(-1, num_heads, -1)  # [nk, H, Dr]
+    k = torch.cat([k_nope.view(-1, num_heads, nope_dim), k_rope], dim=-1)  # [nk, H, Dn + Dr]
+    return k, v.view(-1, num_heads, w_uv.shape[1])
 
 
 class CpuUntiledAttentionBackend(CpuAttentionBackend):

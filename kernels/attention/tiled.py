@@ -72,6 +72,11 @@ class TiledPlan:
     slots: Tensor  # [L] cache slots of the visible keys, in position order (L = visible span)
     tiles: list[_KeyTile] = field(default_factory=list)
 
+    @property
+    def rows(self) -> slice:
+        """This sequence's rows of the step's batch."""
+        return slice(self.start, self.start + self.q_len)
+
     @staticmethod
     def build(start: int, q_len: int, slots: Tensor, seq_len: int, window: int | None, key_tile: int) -> TiledPlan:
         """slots: [L] slots of positions ``seq_len - L .. seq_len - 1`` (the earliest key any query sees)."""
@@ -155,6 +160,8 @@ def _per_query_head(x: Tensor, num_heads: int) -> Tensor:
 
     MQA (MLA's one latent "head") is a stride-0 expand; GQA copies the tile once per group member."""
     x = x.transpose(0, 1)[None]  # [1, Hkv, nk, D]
+    if x.shape[1] == num_heads:
+        return x
     if x.shape[1] == 1:
         return x.expand(1, num_heads, *x.shape[2:])
     return x.repeat_interleave(num_heads // x.shape[1], dim=1)

@@ -118,3 +118,16 @@ def test_null_blocks_before_the_window_never_contribute(backend, window):
     assert torch.isfinite(got).all()
     expected = _dense_expected(q, batch, d**-0.5, window, hq).float()  # from the dense contexts: no cache
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_long_mla_chunks_go_per_head_and_decode_rows_stay_in_latent_space():
+    """With the MLA test dims, b0's 16-query chunk is attended per head in test_tiled_mla_matches_reference."""
+    from kernels.attention.cpu import _expansion_pays
+    from tests.kernels.test_mla import DN, DV, L
+
+    def plan(q_len: int) -> TiledPlan:
+        return TiledPlan(0, q_len, torch.zeros(0, dtype=torch.long))
+
+    assert _expansion_pays(plan(16), L, DN, DV)
+    assert not _expansion_pays(plan(1), L, DN, DV)
+    assert not _expansion_pays(plan(16), latent_dim=DN, nope_dim=DN, v_dim=DV)  # no smaller in latent space: never
