@@ -30,9 +30,11 @@ Measured (2 shared cores, one MLA layer of the tiny Mistral 4, a 2048-query chun
 with key tiles of 2048 / 8192 / 32768 positions 628 / 615 / 642; portable matmul path 10817 (key
 tile 2048). The flash op runs at ~65-70 GFLOP/s whether K is expanded (stride 0) or the heads are
 folded into the query axis, so MQA/GQA simply expand K and V. Hence: flash op on CPU, key tile 8192.
-MLA stays in the absorbed (latent) form for long chunks too: expanding each key tile through
-kv_b_proj and attending per head over 24 features instead of 40 measured slower (2805 vs 1669 ms
-per layer in the same setting).
+MLA: a first per-head variant (each key tile expanded through kv_b_proj) measured slower than the
+absorbed latent form (2805 vs 1669 ms per layer); expanding a key tile with one matmul per weight
+(``cpu._expanded_kv``) is cheap, and attending per head over 24 features instead of 40 took the
+whole 64K prefill from 32.6 s to 23.6 s, so long prefill chunks go per head (``cpu._expansion_pays``)
+and decode rows stay in latent space.
 """
 
 from __future__ import annotations

@@ -34,6 +34,14 @@ def test_bench_long_runs_old_and_new_and_skips_old_above_the_limit(tmp_path, cap
         assert r["seconds"] > 0 and r["peak_rss_bytes"] > 50 * 2**20 and len(r["tokens"]) == 2
 
 
+def test_the_old_path_may_be_the_reference_backend(capsys):
+    args = ["--lengths", "300", "--old-backend", "reference", "--max-tokens", "2", "--chunk", "128", "--threads", "1"]
+    assert main(["bench-long", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "300 reference" in printed and "300 speed-up" in printed
+    assert "(reference / cpu); tokens identical" in printed
+
+
 def test_a_failing_run_is_one_line_and_exit_2(capsys):
     assert main(["bench-long", "--model", "tiny:nosucharch", "--lengths", "64", "--old-up-to", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
