@@ -19,14 +19,13 @@ pytest.importorskip("vllm", reason="vLLM is not installed (make test installs vl
 from ray import serve
 
 from cluster.config_loader import config_from_dict
-from cluster.region import RegionServer
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from engine.config import EngineConfig, ModelConfig, ReasoningConfig
 from engine.core.request import SamplingParams
 from engine.llm import LLM
 from levante.v1 import inference_pb2 as pb
 
-from .frontdoor.harness import GENERATE, wait_until
+from .frontdoor.harness import GENERATE, running_region, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 MODEL = "tiny:mistral?seed=0&vocab_size=32768&head_dim=32"
@@ -52,10 +51,8 @@ CHAT = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Tell me ab
 
 @pytest.fixture(scope="module")
 def region(loop):
-    server = RegionServer(CONFIG, progress=lambda m: print(f"[region] {m}"))
-    loop.run(server.start(), timeout=900)
-    yield server
-    loop.run(server.stop(), timeout=120)
+    with running_region(loop, CONFIG, start_timeout_s=900) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -141,3 +141,16 @@ class ScriptedBackend(Backend):
 
     async def ready(self) -> bool:
         return self.is_ready
+
+
+@contextlib.contextmanager
+def running_region(loop: LoopThread, cfg: Any, name: str = "region", start_timeout_s: float = 600) -> Iterator[Any]:
+    """A ``RegionServer`` (its own Ray cluster, temp dir and ports) started on ``loop``, stopped on exit."""
+    from cluster.region import RegionServer  # Ray: only for the tests that start a region
+
+    server = RegionServer(cfg, progress=lambda msg: print(f"[{name}] {msg}"))
+    try:
+        loop.run(server.start(), timeout=start_timeout_s)
+        yield server
+    finally:
+        loop.run(server.stop(), timeout=120)

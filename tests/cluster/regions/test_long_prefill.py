@@ -20,14 +20,13 @@ import pytest
 from cluster.config import ClusterConfig, FrontDoorConfig, HealthCheckConfig, PeerConfig, RegionsConfig
 from cluster.config_loader import config_from_dict
 from cluster.frontdoor.server import FrontDoor
-from cluster.region import RegionServer
 from cluster.regions.health_book import HEALTHY
 from cluster.regions.region_client import RegionClient
 from cluster.regions.region_router import build_region_router
 from cluster.types import Backend, Chunk, GenerateRequest, ModelInfo
 from levante.v1 import inference_pb2 as pb
 
-from ..frontdoor.harness import generate
+from ..frontdoor.harness import generate, running_region
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
@@ -78,12 +77,8 @@ class NotHere(Backend):
 
 @pytest.fixture(scope="module")
 def eu(loop):
-    server = RegionServer(config_from_dict(eu_config(), "test"), progress=lambda msg: print(f"[eu-west] {msg}"))
-    try:
-        loop.run(server.start(), timeout=600)
+    with running_region(loop, config_from_dict(eu_config(), "test"), "eu-west") as server:
         yield server
-    finally:
-        loop.run(server.stop(), timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,13 @@ from ray import serve
 
 from cluster.config_loader import config_from_dict
 from cluster.ops.bench.long_document import DocOptions, ask, prompts
-from cluster.region import RegionServer
 from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from engine.api import create_engine
 from engine.types import SamplingParams
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
 
-from ..frontdoor.harness import generate, rpc_error, wait_until
+from ..frontdoor.harness import generate, rpc_error, running_region, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
@@ -53,12 +52,8 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def region(loop):
-    server = RegionServer(config_from_dict(CONFIG, "test"), progress=lambda msg: print(f"[region] {msg}"))
-    try:
-        loop.run(server.start(), timeout=600)
+    with running_region(loop, config_from_dict(CONFIG, "test")) as server:
         yield server
-    finally:
-        loop.run(server.stop(), timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ import grpc
 import pytest
 
 from cluster.config_loader import config_from_dict
-from cluster.region import RegionServer
 from cluster.telemetry import spans as S
 from levante.v1 import inference_pb2 as pb
 
-from ..frontdoor.harness import generate, wait_until
+from ..frontdoor.harness import generate, running_region, wait_until
 from .harness import dashboard_metrics, exported_names, filled_buckets, samples, settled_scrape, tokens_of, value
 from .receiver import OtlpReceiver
 from .spans import child, describe, in_trace, named, only, traceparent, within
@@ -58,14 +57,8 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def region(loop, receiver):
-    server = RegionServer(
-        config_from_dict(config(receiver.endpoint), "test"), progress=lambda msg: print(f"[region] {msg}")
-    )
-    try:
-        loop.run(server.start(), timeout=600)
+    with running_region(loop, config_from_dict(config(receiver.endpoint), "test")) as server:
         yield server
-    finally:
-        loop.run(server.stop(), timeout=120)
 
 
 def ask(region, metadata=(), max_tokens: int = 8) -> list:
