@@ -274,12 +274,12 @@ class FrontDoor:
         chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
         pump = asyncio.create_task(_pump(self.backend.generate(request), chunks))
         try:
-            heard = sent = time.monotonic()  # the backend's last chunk; our last message
+            heard = sent = time.monotonic()  # the backend's last chunk; our last message (or heartbeat moment)
             while True:
                 chunk = await self._next(chunks, request, context, heard, sent)
                 if chunk is None:  # nothing for heartbeat_s: still working on it
+                    sent = time.monotonic()  # the next moment is heartbeat_s on, heartbeat sent or not
                     if encoder.progress:
-                        sent = time.monotonic()
                         yield encoder.heartbeat()
                     continue
                 heard = time.monotonic()

@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from cluster.config import FrontDoorConfig, TenantConfig
+from cluster.frontdoor.server import FrontDoor
 from cluster.types import Chunk, ChunkError, Decision
 from levante.v1 import inference_pb2 as pb
 
@@ -88,6 +89,22 @@ def test_a_silent_backend_gets_heartbeats_to_callers_that_ask_and_nothing_new_to
     beats = [r.progress for r in asked if r.HasField("progress")]
     assert all(p.prompt_tokens == 0 for p in beats)  # a scripted backend reports no prefill progress: unknown
     assert [r.WhichOneof("kind") for r in plain] == ["start", "delta", "delta", "final"]  # the old contract
+
+
+def test_a_silent_backend_does_not_spin_the_door_for_callers_that_did_not_ask(loop, backend, monkeypatch):
+    """Without Progress to send, the door still waits a heartbeat interval at a time, not in a busy loop."""
+    waits = []
+    real_next = FrontDoor._next
+
+    async def counted(self, *args):
+        waits.append(1)
+        return await real_next(self, *args)
+
+    monkeypatch.setattr(FrontDoor, "_next", counted)
+    backend.first_delay_s = 1.0  # five heartbeat intervals before the first chunk
+    with serving(loop, backend, FrontDoorConfig(port=0, heartbeat_s=0.2)) as door, channel(door) as ch:
+        assert [r.WhichOneof("kind") for r in generate(ch, REQ)] == ["start", "delta", "delta", "final"]
+    assert len(waits) < 50, f"{len(waits)} waits for one call: the door spins while the backend is silent"
 
 
 class Raises(ScriptedBackend):
