@@ -86,6 +86,19 @@ class _DecodePlan:
         return _DecodePlan(_slots(block_tables, positions, block_size), mask)
 
 
+def _first_visible(seq_len: int, q_len: int, window: int | None) -> int:
+    """The earliest key position any query of a chunk (the last ``q_len`` of ``seq_len``) can see."""
+    return 0 if window is None else max(0, seq_len - q_len - window + 1)
+
+
+def _visible_keys(
+    block_table: Tensor, seq_len: int, q_len: int, block_size: int, window: int | None
+) -> tuple[Tensor, Tensor]:
+    """Positions [L] and cache slots [L] of the keys any of a chunk's queries can see (none before the window)."""
+    key_pos = torch.arange(_first_visible(seq_len, q_len, window), seq_len, device=block_table.device)  # [L]
+    return key_pos, _slots(block_table[None], key_pos[None], block_size)[0]
+
+
 @dataclass
 class _PrefillPlan:
     """One sequence whose chunk has several queries: rows start:start+q_len of the batch."""
@@ -101,9 +114,7 @@ class _PrefillPlan:
     ) -> _PrefillPlan:
         # block_table [W]
         first_q = seq_len - q_len
-        first_k = 0 if window is None else max(0, first_q - window + 1)  # earliest key any query can see
-        key_pos = torch.arange(first_k, seq_len, device=block_table.device)  # [L]
-        slots = _slots(block_table[None], key_pos[None], block_size)[0]  # [L]
+        key_pos, slots = _visible_keys(block_table, seq_len, q_len, block_size, window)  # [L], [L]
         mask = None
         if not (first_q == 0 and (window is None or window >= seq_len)):
             query_pos = torch.arange(first_q, seq_len, device=block_table.device)[:, None]  # [Q, 1]
@@ -111,13 +122,6 @@ class _PrefillPlan:
             if window is not None:
                 mask &= key_pos[None, :] > query_pos - window
         return _PrefillPlan(start, q_len, slots, mask)
-
-
-def _visible_slots(block_table: Tensor, seq_len: int, q_len: int, block_size: int, window: int | None) -> Tensor:
-    """[L] cache slots of the keys any of a chunk's queries can see (never a slot before the window)."""
-    first_k = 0 if window is None else max(0, seq_len - q_len - window + 1)
-    key_pos = torch.arange(first_k, seq_len, device=block_table.device)  # [L]
-    return _slots(block_table[None], key_pos[None], block_size)[0]
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class _StepPlan:
     @staticmethod
     def build(meta: AttentionMetadata, window: int | None, tiling: _Tiling) -> _StepPlan:
         q_lens, s_lens, bs = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size
-        spans = [s if window is None else min(s, q + window - 1) for q, s in zip(q_lens, s_lens)]
+        spans = [s - _first_visible(s, q, window) for q, s in zip(q_lens, s_lens)]  # keys each chunk sees
         long = [tiling.tiles(span, q, s) for span, q, s in zip(spans, q_lens, s_lens)]
         if meta.is_decode_only and not any(long):
             return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [], [])
@@ -170,7 +174,7 @@ class _StepPlan:
             TiledPlan.build(
                 starts[b],
                 n,
-                _visible_slots(meta.block_tables[b], s_lens[b], n, bs, window),
+                _visible_keys(meta.block_tables[b], s_lens[b], n, bs, window)[1],
                 s_lens[b],
                 window,
                 tiling.key_tile,
