@@ -62,12 +62,13 @@ def run_child(run: LongRun) -> LongResult:
 
     from engine.checkpoint.folder import read_config, resolve_model_dir
     from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from engine.core.kv_cache import cdiv
     from engine.core.request import SamplingParams
     from engine.llm import LLM
 
     start = time.perf_counter()
     block_size = 16
-    blocks = -(-(run.length + run.max_tokens) // block_size)
+    blocks = cdiv(run.length + run.max_tokens, block_size)
     cfg = EngineConfig(
         model=ModelConfig(model=run.model, attention_backend=run.backend, num_threads=run.threads),
         cache=CacheConfig(block_size=block_size, num_blocks=blocks + 1),  # +1: the null block
