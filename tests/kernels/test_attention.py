@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,3 +201,11 @@ def test_cpu_write_kv_into_strided_views():
     ref = torch.zeros(5, 4, 2, 8)
     REF.write_kv(ref, odd.reshape(20, 2, 8)[slots], slots)
     torch.testing.assert_close(odd, ref)
+
+
+def test_the_config_offers_exactly_the_backends_the_factory_builds():
+    from engine.config import ATTENTION_BACKENDS
+
+    assert [get_attention_backend(name).name for name in ATTENTION_BACKENDS] == list(ATTENTION_BACKENDS)
+    with pytest.raises(ValueError, match=re.escape(f"choices: {sorted(ATTENTION_BACKENDS)}")):  # and no others
+        get_attention_backend("flash")
