@@ -65,6 +65,29 @@ class TenantConfig:
 
 
 @dataclass(frozen=True)
+class InputLimitsConfig:
+    """Caps on what one request may carry, each refused as INVALID_ARGUMENT naming the field and the cap.
+    ``frontdoor.max_request_bytes`` bounds the whole message; these bound its parts, so no field costs the
+    engine more than a real request needs (every stop id is checked at every step)."""
+
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_chat_messages: int = 256
+    max_role_chars: int = 32  # roles are "system", "user" or "assistant"; a longer one is refused unread
+    max_model_name_chars: int = 256
+    max_request_id_chars: int = 128  # peers forward at most the last 128: keep it >= 128 in every region
+    max_logprobs: int = 20  # top-n alternatives per token: enough to inspect, not a vocabulary dump
+
+    def __post_init__(self) -> None:
+        for name in ("max_stop_strings", "max_stop_token_ids", "max_logprobs"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("max_stop_string_chars", "max_chat_messages", "max_model_name_chars", "max_request_id_chars"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.max_role_chars >= len("assistant"), "max_role_chars", "must be >= 9 (len('assistant'))")
+
+
+@dataclass(frozen=True)
 class FrontDoorConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port
@@ -76,6 +99,7 @@ class FrontDoorConfig:
     backend_timeout_s: float = 90.0  # no chunk from the backend for this long (first or next): UNAVAILABLE
     heartbeat_s: float = 0.5  # with nothing else to send for this long, a stream gets a Progress message
     admin: bool = False  # serve levante.v1.Admin (fault injection for drills, region health); never on a public port
+    limits: InputLimitsConfig = field(default_factory=InputLimitsConfig)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")

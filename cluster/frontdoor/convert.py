@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from cluster.config import InputLimitsConfig
+from cluster.frontdoor.errors import clip
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, PrefillProgress, ServedBy
 from engine.types import EngineError, Resume, SamplingParams, TokenLogprob, Usage
 from levante.v1 import inference_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
-MAX_REQUEST_ID_CHARS = 128
-MAX_LOGPROBS = 20  # top-n alternatives per token: enough to inspect, not a vocabulary dump
+# what a region sends a peer: the default cap, so a peer with default limits takes it
+FORWARDED_REQUEST_ID_CHARS = InputLimitsConfig.max_request_id_chars
 CHAT_ROLES = ("system", "user", "assistant")
 
 _EFFORT_FROM_PB = {
@@ -49,6 +51,7 @@ class Limits:
     model_name: str  # the default model, and the only one served
     max_model_len: int
     max_request_bytes: int
+    inputs: InputLimitsConfig = InputLimitsConfig()  # frontdoor.limits
 
 
 def _parse(raw: bytes, limits: Limits) -> pb.GenerateRequest:
@@ -63,7 +66,7 @@ def _parse(raw: bytes, limits: Limits) -> pb.GenerateRequest:
         raise RequestError("request", "not a valid levante.v1.GenerateRequest message") from None
 
 
-def _prompt(msg: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+def _prompt(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> str | list[int] | list[dict[str, str]]:
     kind = msg.WhichOneof("input")
     if kind is None:
         raise RequestError("prompt", "missing; set one of prompt, chat, prompt_token_ids")
@@ -72,14 +75,7 @@ def _prompt(msg: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
             raise RequestError("prompt", "must not be empty")
         return msg.prompt
     if kind == "chat":
-        if not msg.chat.messages:
-            raise RequestError("chat.messages", "must not be empty")
-        for i, m in enumerate(msg.chat.messages):
-            if m.role not in CHAT_ROLES:
-                raise RequestError(f"chat.messages[{i}].role", f"must be one of {CHAT_ROLES}, got {m.role!r}")
-            if not m.content:  # as a raw prompt: an empty message is a mistake, not a question
-                raise RequestError(f"chat.messages[{i}].content", "must not be empty")
-        return [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+        return _chat(msg.chat, caps)
     ids = list(msg.prompt_token_ids.ids)
     if not ids:
         raise RequestError("prompt_token_ids.ids", "must not be empty")
@@ -88,11 +84,41 @@ def _prompt(msg: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
     return ids
 
 
+def _over(field: str, count: int, cap: int, key: str, what: str) -> None:
+    """Refuse ``count`` above ``cap``, naming the field, the cap and the config key that sets it."""
+    if count > cap:
+        raise RequestError(field, f"at most {cap} {what} (frontdoor.limits.{key}), got {count}")
+
+
+def _chat(chat: pb.ChatMessages, caps: InputLimitsConfig) -> list[dict[str, str]]:
+    if not chat.messages:
+        raise RequestError("chat.messages", "must not be empty")
+    _over("chat.messages", len(chat.messages), caps.max_chat_messages, "max_chat_messages", "messages")
+    for i, m in enumerate(chat.messages):
+        _over(f"chat.messages[{i}].role", len(m.role), caps.max_role_chars, "max_role_chars", "characters")
+        if m.role not in CHAT_ROLES:
+            raise RequestError(f"chat.messages[{i}].role", f"must be one of {CHAT_ROLES}, got {clip(m.role)}")
+        if not m.content:  # as a raw prompt: an empty message is a mistake, not a question
+            raise RequestError(f"chat.messages[{i}].content", "must not be empty")
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
+
+
+def _check_stops(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> None:
+    """Every stop string and stop id is checked at every step: their number and size are capped."""
+    _over("stop", len(msg.stop), caps.max_stop_strings, "max_stop_strings", "stop strings")
+    for i, stop in enumerate(msg.stop):
+        _over(f"stop[{i}]", len(stop), caps.max_stop_string_chars, "max_stop_string_chars", "characters")
+    count = len(msg.stop_token_ids)
+    _over("stop_token_ids", count, caps.max_stop_token_ids, "max_stop_token_ids", "stop token ids")
+
+
 def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
     if msg.HasField("max_tokens") and not 1 <= msg.max_tokens <= limits.max_model_len:
         raise RequestError("max_tokens", f"must be in [1, {limits.max_model_len}], got {msg.max_tokens}")
-    if msg.HasField("logprobs") and not 0 <= msg.logprobs <= MAX_LOGPROBS:
-        raise RequestError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {msg.logprobs}")
+    top = limits.inputs.max_logprobs
+    if msg.HasField("logprobs") and not 0 <= msg.logprobs <= top:
+        raise RequestError("logprobs", f"must be in [0, {top}] (frontdoor.limits.max_logprobs), got {msg.logprobs}")
+    _check_stops(msg, limits.inputs)
     given = {
         name: getattr(msg, name)
         for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs")
@@ -124,19 +150,26 @@ def _resume(msg: pb.GenerateRequest) -> Resume | None:
         raise RequestError(err.field, err.message) from None
 
 
+def _check_names(msg: pb.GenerateRequest, limits: Limits) -> None:
+    caps = limits.inputs
+    _over("model", len(msg.model), caps.max_model_name_chars, "max_model_name_chars", "characters")
+    if msg.model not in ("", limits.model_name):
+        raise RequestError("model", f"unknown model {clip(msg.model)}; this server serves {limits.model_name!r}")
+    _over("request_id", len(msg.request_id), caps.max_request_id_chars, "max_request_id_chars", "characters")
+    if not msg.request_id.isprintable():
+        raise RequestError("request_id", f"must be printable, got {clip(msg.request_id)}")
+
+
 def decode_generate(raw: bytes, limits: Limits) -> GenerateRequest:
     """A checked ``GenerateRequest`` (tenant, max_effort and deadline are the caller's to fill)."""
     msg = _parse(raw, limits)
-    if msg.model not in ("", limits.model_name):
-        raise RequestError("model", f"unknown model {msg.model!r}; this server serves {limits.model_name!r}")
+    _check_names(msg, limits)
     if msg.reasoning_effort not in _EFFORT_FROM_PB:
         raise RequestError("reasoning_effort", f"unknown value {msg.reasoning_effort}")
-    if len(msg.request_id) > MAX_REQUEST_ID_CHARS or not msg.request_id.isprintable():
-        raise RequestError("request_id", f"must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
     return GenerateRequest(
         request_id=msg.request_id or uuid.uuid4().hex,
         model=limits.model_name,
-        prompt=_prompt(msg),
+        prompt=_prompt(msg, limits.inputs),
         params=_params(msg, limits),
         reasoning_effort=_EFFORT_FROM_PB[msg.reasoning_effort],
         preferred_region=msg.preferred_region if msg.HasField("preferred_region") else None,
@@ -254,7 +287,7 @@ def encode_generate(request: GenerateRequest) -> bytes:
         temperature=p.temperature,
         top_p=p.top_p,
         reasoning_effort=_EFFORT_TO_PB[request.reasoning_effort],
-        request_id=request.request_id[-MAX_REQUEST_ID_CHARS:],
+        request_id=request.request_id[-FORWARDED_REQUEST_ID_CHARS:],
         stream_progress=True,  # a router and the client library judge a region by its heartbeats
     )
     for name in ("seed", "logprobs"):

@@ -29,6 +29,7 @@ from cluster.frontdoor.convert import (
     decode_list_models,
     encode_models,
 )
+from cluster.frontdoor.errors import abort
 from cluster.frontdoor.grpc_health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.tls import server_credentials
 from cluster.telemetry import tracing
@@ -136,7 +137,7 @@ class FrontDoor:
         try:
             self._tenants.authenticate(context.invocation_metadata() or ())
         except AuthError as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
 
     async def stop(self) -> None:
         """Stop at once: running calls are cancelled (their engine requests aborted)."""
@@ -169,7 +170,7 @@ class FrontDoor:
             self._model = next((m for m in models if m.name == self.model_name), models[0] if models else None)
         if self._model is None:
             raise LookupError("backend: serves no model")
-        return Limits(self.model_name, self._model.max_model_len, self.config.max_request_bytes)
+        return Limits(self.model_name, self._model.max_model_len, self.config.max_request_bytes, self.config.limits)
 
     # ---- RPCs ----------------------------------------------------------------------------------
 
@@ -178,13 +179,13 @@ class FrontDoor:
             self._tenants.authenticate(context.invocation_metadata() or ())
             decode_list_models(raw)
         except AuthError as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
         except RequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             return encode_models(await self.backend.models())
         except Exception as e:  # a backend that cannot answer: retryable, and no stack trace to the client
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend: cannot list its models: {e!r}")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"backend: cannot list its models: {e!r}")
             raise
 
     async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -207,20 +208,21 @@ class FrontDoor:
         self, raw: bytes, context: grpc.aio.ServicerContext, call: CallTelemetry | None
     ) -> AsyncIterator[bytes]:
         if self._draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server: draining; retry on another front door")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "server: draining; retry on another front door")
         try:
             tenant = self._tenants.authenticate(context.invocation_metadata() or ())
         except AuthError as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
         if self._inflight >= self.config.max_inflight:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server: {self._inflight} calls in flight (max_inflight); retry later",
             )
         try:
             self._tenants.admit(tenant)
         except LimitExceeded as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         self._inflight += 1
         self._idle.clear()
         try:
@@ -256,13 +258,13 @@ class FrontDoor:
         try:
             request = decode_generate(raw, await self._limits())
         except RequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except LookupError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         # A region router can still send the call to a peer region; a call a peer forwarded cannot go on.
         can_go_elsewhere = self.backend.fails_over and forwarded_from is None
         if not self._health.serving and not can_go_elsewhere:  # cached: asking a busy backend per call fails calls
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
         return request
 
     async def _stream(
@@ -285,7 +287,7 @@ class FrontDoor:
                 heard = time.monotonic()
                 if chunk.error is not None:
                     code = _STATUS.get(chunk.error.code, grpc.StatusCode.INTERNAL)
-                    await context.abort(code, chunk.error.details)  # a peer's refusal keeps its own details
+                    await abort(context, code, chunk.error.details)  # a peer's refusal keeps its own details
                 if call is not None:
                     call.chunk(chunk)
                 for message in encoder.encode(chunk):
@@ -321,14 +323,14 @@ class FrontDoor:
                 chunk = await chunks.get()
         except TimeoutError:
             if left is not None and time.time() >= request.deadline:  # type: ignore[operator]
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline: passed before the stream finished")
+                await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline: passed before the stream finished")
             if time.monotonic() - heard >= cfg.backend_timeout_s:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"backend: no response within {cfg.backend_timeout_s:g}s"
+                await abort(
+                    context, grpc.StatusCode.UNAVAILABLE, f"backend: no response within {cfg.backend_timeout_s:g}s"
                 )
             return None
         if chunk is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "backend: the stream ended before its final chunk")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "backend: the stream ended before its final chunk")
         return chunk
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from engine.config import EFFORTS
@@ -23,6 +23,19 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+# A temperature this low is greedy: dividing logits by less overflows float32 (inf - inf = NaN, and the
+# argmax over NaN picks token 0). vLLM draws the same line (its _SAMPLING_EPS).
+MIN_TEMPERATURE = 1e-5
+
+
+def _first_bad(values: tuple, ok: Callable[[object], bool]) -> str:
+    """``", got v at index i"`` for the first value ``ok`` refuses, or "": errors name one value, never all."""
+    for i, v in enumerate(values):
+        if not ok(v):
+            return f", got {(v[:40] if isinstance(v, str) else v)!r} at index {i}"  # a few dozen characters at most
+    return ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,8 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         self._validate()
+        if self.temperature < MIN_TEMPERATURE:  # every engine and sampler then takes the greedy path
+            object.__setattr__(self, "temperature", 0.0)
 
     def _validate(self) -> None:
         _check(
@@ -66,14 +81,10 @@ class SamplingParams:
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
         _check(self.seed is None or _is_int(self.seed), "seed", f"must be an int or None, got {self.seed!r}")
-        _check(
-            all(isinstance(s, str) and s for s in self.stop), "stop", f"must be non-empty strings, got {self.stop!r}"
-        )
-        _check(
-            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-            "stop_token_ids",
-            f"must be token ids >= 0, got {self.stop_token_ids!r}",
-        )
+        bad = _first_bad(self.stop, lambda s: isinstance(s, str) and bool(s))
+        _check(not bad, "stop", f"must be non-empty strings{bad}")
+        bad = _first_bad(self.stop_token_ids, lambda t: _is_int(t) and t >= 0)
+        _check(not bad, "stop_token_ids", f"must be token ids >= 0{bad}")
         for name in ("logprobs", "prompt_logprobs", "thinking_budget"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v >= 0), name, f"must be >= 0 or None, got {v!r}")

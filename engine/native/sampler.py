@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.core.request import SamplingParams
+from engine.core.request import MIN_TEMPERATURE, SamplingParams
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the generator's seed space
 
@@ -68,7 +68,10 @@ class Sampler:
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities after temperature, top-k, top-p and min-p. logits: [V] -> [V]."""
-    logits = logits.float() / params.temperature
+    # Floored here too (float32 turns 1e-300 into 0, and 0/0 is NaN), and shifted so the largest logit is
+    # 0: a small temperature then sends the others to -inf, never the largest to inf (inf - inf is NaN).
+    logits = logits.float()
+    logits = (logits - logits.max()) / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

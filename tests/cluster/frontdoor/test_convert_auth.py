@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import TenantConfig
+from cluster.config import FrontDoorConfig, InputLimitsConfig, TenantConfig
 from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants, TokenBucket
 from cluster.frontdoor.convert import (
     Limits,
@@ -14,6 +14,7 @@ from cluster.frontdoor.convert import (
     decode_response,
     encode_generate,
 )
+from cluster.frontdoor.errors import clip, short
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, GenerateRequest, PrefillProgress, ServedBy
 from engine.types import SamplingParams, Usage
@@ -104,6 +105,110 @@ def test_request_id_must_be_short_and_printable():
 def test_an_empty_prompt_is_refused_as_text_or_as_a_chat_message(msg, field):
     with pytest.raises(RequestError, match=f"^{field}: must not be empty$"):
         decode(msg)
+
+
+CAPS = InputLimitsConfig(
+    max_stop_strings=2,
+    max_stop_string_chars=3,
+    max_stop_token_ids=2,
+    max_chat_messages=2,
+    max_role_chars=9,
+    max_model_name_chars=4,
+    max_request_id_chars=5,
+    max_logprobs=1,
+)
+CAPPED = Limits("m", max_model_len=100, max_request_bytes=10_000, inputs=CAPS)
+
+
+def _msgs(n: int, role: str = "user") -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=role, content="hi") for _ in range(n)])
+
+
+# (the field at its cap, the same field one past it, the refusal's field, the cap's config key)
+AT_AND_PAST_CAPS = {
+    "stop strings": (dict(stop=["a", "b"]), dict(stop=["a", "b", "c"]), "stop", "max_stop_strings"),
+    "stop string chars": (dict(stop=["x", "abc"]), dict(stop=["x", "abcd"]), r"stop\[1\]", "max_stop_string_chars"),
+    "stop token ids": (
+        dict(stop_token_ids=[1, 2]),
+        dict(stop_token_ids=[1, 2, 3]),
+        "stop_token_ids",
+        "max_stop_token_ids",
+    ),
+    "chat messages": (dict(chat=_msgs(2)), dict(chat=_msgs(3)), r"chat\.messages", "max_chat_messages"),
+    "role chars": (
+        dict(chat=_msgs(1, "assistant")),
+        dict(chat=_msgs(1, "assistant!")),
+        r"chat\.messages\[0\]\.role",
+        "max_role_chars",
+    ),
+    "model name": (dict(model="m"), dict(model="mmmmm"), "model", "max_model_name_chars"),
+    "request id": (dict(request_id="abcde"), dict(request_id="abcdef"), "request_id", "max_request_id_chars"),
+    "logprobs": (dict(logprobs=1), dict(logprobs=2), "logprobs", "max_logprobs"),
+}
+
+
+@pytest.mark.parametrize("at, past, field, key", AT_AND_PAST_CAPS.values(), ids=AT_AND_PAST_CAPS.keys())
+def test_each_cap_takes_its_limit_and_refuses_one_more_naming_the_field_and_the_key(at, past, field, key):
+    def msg(fields):
+        return pb.GenerateRequest(**({"prompt": "hi"} if "chat" not in fields else {}), **fields)
+
+    decode_generate(msg(at).SerializeToString(), CAPPED)
+    with pytest.raises(RequestError, match=rf"^{field}: .*\(frontdoor\.limits\.{key}\)"):
+        decode_generate(msg(past).SerializeToString(), CAPPED)
+
+
+def test_default_caps_fit_real_use_and_come_from_the_config():
+    caps = Limits("m", 100, 1 << 20).inputs
+    assert caps == InputLimitsConfig() == FrontDoorConfig().limits
+    assert (caps.max_stop_strings, caps.max_stop_string_chars, caps.max_stop_token_ids) == (16, 256, 64)
+    assert caps.max_chat_messages >= 100 and caps.max_request_id_chars == 128 and caps.max_logprobs == 20
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_stop_strings=-1), "max_stop_strings"),
+        (dict(max_stop_string_chars=0), "max_stop_string_chars"),
+        (dict(max_chat_messages=0), "max_chat_messages"),
+        (dict(max_role_chars=8), "max_role_chars"),
+        (dict(max_logprobs=-1), "max_logprobs"),
+    ],
+)
+def test_input_limits_config_names_a_bad_key(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        InputLimitsConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "msg, field",
+    [
+        (pb.GenerateRequest(chat=_msgs(1, "robot" * 6)), "chat.messages[0].role"),  # under the cap, unknown
+        (pb.GenerateRequest(prompt="hi", model="other" * 50), "model"),  # under the cap, unknown
+        (pb.GenerateRequest(prompt="hi", request_id="\n" * 100), "request_id"),  # not printable
+        (pb.GenerateRequest(prompt="hi", stop=["x" * 256] * 15 + [""]), "stop"),  # empty: SamplingParams' check
+        (pb.GenerateRequest(prompt="hi", stop_token_ids=[7] * 63 + [-1]), "stop_token_ids"),  # negative
+    ],
+)
+def test_refusals_echo_at_most_a_clipped_value(msg, field):
+    with pytest.raises(RequestError) as e:
+        decode_generate(msg.SerializeToString(), Limits("m", 100, 1 << 20))
+    assert e.value.field == field and len(str(e.value)) <= 160, str(e.value)
+
+
+def test_clip_keeps_short_values_and_cuts_long_ones_saying_their_size():
+    assert clip("user") == "'user'" and clip(7) == "7"
+    assert clip("x" * 900_000).startswith("'xxx") and clip("x" * 900_000).endswith("x... (900000 chars)")
+    assert len(clip("x" * 900_000)) == 60 + len("... (900000 chars)")
+    assert clip(tuple(range(300_000))).endswith("... (300000 items)") and len(clip(tuple(range(300_000)))) < 100
+    assert len(clip("\x00" * 50)) < 100  # escapes make a repr longer than its value: cut as well
+    assert short("f: " + "y" * 10_000).startswith("f: yyy") and len(short("f: " + "y" * 10_000)) <= 300
+
+
+def test_a_temperature_below_the_floor_is_greedy():
+    for t in (1e-300, 5e-324, 1e-6):
+        params = decode(pb.GenerateRequest(prompt="hi", temperature=t)).params
+        assert params.greedy and params.temperature == 0.0
+    assert not decode(pb.GenerateRequest(prompt="hi", temperature=1e-4)).params.greedy
 
 
 def test_invalid_utf8_path_counts_repeated_elements_and_skips_other_fields():

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from cluster.config import FrontDoorConfig, TenantConfig
+from cluster.config import FrontDoorConfig, InputLimitsConfig, TenantConfig
 from cluster.frontdoor.server import FrontDoor
 from cluster.types import Chunk, ChunkError, Decision
 from levante.v1 import inference_pb2 as pb
@@ -224,3 +224,91 @@ def test_missing_key_variable_fails_start_naming_it(loop, backend, monkeypatch):
     door = FrontDoor(FrontDoorConfig(port=0, tenants=TENANTS), backend, "r", "m")
     with pytest.raises(ValueError, match=r"tenants\[1\] \('beta'\)\.api_key_env: .*LEVANTE_TEST_BETA_KEY"):
         loop.run(door.start())
+
+
+# -- bounded inputs: a refusal reaches the client as INVALID_ARGUMENT naming the field, never an echo of
+# the input too large for the client's metadata limit (which it would report as RESOURCE_EXHAUSTED)
+
+MAX_DETAILS = 300  # cluster.frontdoor.errors.MAX_DETAILS_CHARS
+BIG = 900_000
+
+
+def _chat(role: str) -> pb.GenerateRequest:
+    return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=role, content="Hi")]), max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "request_, config, field",
+    [
+        (_chat("r" * BIG), FrontDoorConfig(port=0), "chat.messages[0].role"),
+        (pb.GenerateRequest(prompt="Hi", model="m" * BIG), FrontDoorConfig(port=0), "model"),
+        (
+            pb.GenerateRequest(prompt="Hi", stop_token_ids=[1] * 299_999 + [-1]),
+            FrontDoorConfig(port=0),
+            "stop_token_ids",
+        ),
+        (  # with the count cap raised past them: the bad id itself is named, not the 300,000 others
+            pb.GenerateRequest(prompt="Hi", stop_token_ids=[1] * 299_999 + [-1]),
+            FrontDoorConfig(port=0, limits=InputLimitsConfig(max_stop_token_ids=300_000)),
+            "stop_token_ids",
+        ),
+        (  # past our cap, SamplingParams' own check names the bad (empty) one without echoing the long one
+            pb.GenerateRequest(prompt="Hi", stop=["s" * BIG, ""]),
+            FrontDoorConfig(port=0, limits=InputLimitsConfig(max_stop_string_chars=BIG)),
+            "stop",
+        ),
+    ],
+    ids=[
+        "900KB role",
+        "900KB model name",
+        "300k stop ids, one bad",
+        "300k stop ids allowed, one bad",
+        "900KB stop string allowed, one empty",
+    ],
+)
+def test_huge_bad_fields_reach_the_client_as_invalid_argument_naming_the_field(loop, backend, request_, config, field):
+    with serving(loop, backend, config) as door, channel(door) as ch:
+        err = rpc_error(lambda: generate(ch, request_))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert err.details().startswith(f"{field}: ") and len(err.details()) <= MAX_DETAILS, err.details()
+        assert generate(ch, REQ)[-1].HasField("final")
+    assert backend.started == 1  # only the good call reached the backend
+
+
+def test_a_backend_refusal_with_huge_details_still_reaches_the_client_with_its_code(loop, backend):
+    backend.error = ChunkError("invalid_argument", "prompt", "x" * 100_000)  # a peer region echoing a prompt
+    with serving(loop, backend) as door, channel(door) as ch:
+        err = rpc_error(lambda: generate(ch, REQ))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("prompt: xxx") and len(err.details()) <= MAX_DETAILS
+
+
+@pytest.mark.parametrize(
+    "request_, limits, message",
+    [
+        (
+            pb.GenerateRequest(prompt="Hi", stop=["a", "b", "c"]),
+            InputLimitsConfig(max_stop_strings=2),
+            "stop: at most 2 stop strings (frontdoor.limits.max_stop_strings), got 3",
+        ),
+        (
+            pb.GenerateRequest(prompt="Hi", stop_token_ids=[1, 2]),
+            InputLimitsConfig(max_stop_token_ids=1),
+            "stop_token_ids: at most 1 stop token ids (frontdoor.limits.max_stop_token_ids), got 2",
+        ),
+        (
+            pb.GenerateRequest(prompt="Hi", request_id="abcd"),
+            InputLimitsConfig(max_request_id_chars=3),
+            "request_id: at most 3 characters (frontdoor.limits.max_request_id_chars), got 4",
+        ),
+        (
+            pb.GenerateRequest(prompt="Hi", logprobs=3),
+            InputLimitsConfig(max_logprobs=2),
+            "logprobs: must be in [0, 2] (frontdoor.limits.max_logprobs), got 3",
+        ),
+    ],
+)
+def test_configured_caps_reach_the_client(loop, backend, request_, limits, message):
+    with serving(loop, backend, FrontDoorConfig(port=0, limits=limits)) as door, channel(door) as ch:
+        err = rpc_error(lambda: generate(ch, request_))
+    assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)

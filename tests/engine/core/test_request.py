@@ -1,6 +1,6 @@
 import pytest
 
-from engine.core.request import Request, RequestStatus, SamplingParams, finish_reason, is_finished
+from engine.core.request import MIN_TEMPERATURE, Request, RequestStatus, SamplingParams, finish_reason, is_finished
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,21 @@ def test_request_rejects_empty_prompt() -> None:
         Request("r", [])
     with pytest.raises(ValueError, match="^prompt: token ids"):
         Request("r", [1, -3])
+
+
+def test_a_temperature_below_the_floor_is_greedy() -> None:
+    for t in (1e-300, 5e-324, MIN_TEMPERATURE / 2):
+        assert SamplingParams(temperature=t).greedy and SamplingParams(temperature=t).temperature == 0.0
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy  # the floor itself still samples
+
+
+def test_a_bad_stop_or_stop_id_is_named_alone_not_echoed_with_all_the_others() -> None:
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop_token_ids=[1] * 299_999 + [-1])
+    assert str(e.value) == "stop_token_ids: must be token ids >= 0, got -1 at index 299999"
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop=["s" * 900_000, ""])
+    assert str(e.value) == "stop: must be non-empty strings, got '' at index 1"
+    with pytest.raises(ValueError) as e:
+        SamplingParams(stop=["ok", 7 * 10**100])  # type: ignore[list-item]
+    assert len(str(e.value)) < 200  # a huge non-string is named by index too

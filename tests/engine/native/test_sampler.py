@@ -1,6 +1,6 @@
 import torch
 
-from engine.core.request import SamplingParams
+from engine.core.request import MIN_TEMPERATURE, SamplingParams
 from engine.native.sampler import Sampler, SampleRow, filtered_probs, logprobs_of
 
 
@@ -62,3 +62,27 @@ def test_logprobs_of_matches_log_softmax():
     lp = torch.log_softmax(x, -1)
     assert abs(chosen[0] - lp[0, 3].item()) < 1e-6 and abs(chosen[1] - lp[1, 4].item()) < 1e-6
     assert list(tops[0]) == torch.topk(lp[0], 2).indices.tolist()
+
+
+def _unfloored(temperature: float, **kwargs) -> SamplingParams:
+    """Params whose temperature skipped SamplingParams' floor: what the kernel must survive on its own."""
+    params = SamplingParams(temperature=1.0, **kwargs)
+    object.__setattr__(params, "temperature", temperature)
+    return params
+
+
+def test_a_tiny_temperature_gives_no_nan_and_all_mass_on_the_argmax():
+    x = _logits(1)[0] * 10  # logits in the tens, as a real model's are
+    for t in (1e-300, 1e-40, MIN_TEMPERATURE):
+        probs = filtered_probs(x, _unfloored(t, top_p=0.9, min_p=0.1))
+        assert not probs.isnan().any(), t
+        assert probs.argmax() == x.argmax() and probs.max() == 1.0, t
+
+
+def test_the_sampler_picks_the_argmax_below_the_temperature_floor():
+    x = _logits(3) * 10
+    greedy = x.argmax(-1).tolist()
+    rows = [SampleRow(SamplingParams(temperature=1e-300, seed=s), 0) for s in range(3)]
+    assert Sampler()(x, rows) == greedy
+    mixed = [SampleRow(_unfloored(1e-300, seed=1), 0), SampleRow(SamplingParams(temperature=1.0), 0)]
+    assert Sampler()(x[:2], mixed)[0] == greedy[0]  # the kernel path itself, in a batch with a sampled row
