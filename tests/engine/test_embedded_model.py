@@ -61,3 +61,11 @@ def test_reasoning_effort_splits_thinking_from_answer(llm):
     deltas = list(llm.stream(FRANCE, params))
     assert "".join(d.reasoning_text for d in deltas) == out.reasoning_text
     assert "".join(d.text for d in deltas) == out.text
+
+
+def test_a_vanishing_temperature_answers_as_greedy(llm):
+    """1e-300 once overflowed the logits to NaN, and the argmax over NaN picked token 0: an empty answer."""
+    greedy = llm.chat(FRANCE, SamplingParams(temperature=0, max_tokens=32))[0]
+    tiny = llm.chat(FRANCE, SamplingParams(temperature=1e-300, max_tokens=32))[0]
+    assert greedy.text == "The capital of France is Paris."
+    assert (tiny.text, tiny.token_ids) == (greedy.text, greedy.token_ids)
