@@ -7,7 +7,7 @@ ours to explain (field named) rather than a generic parse failure of grpc.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -51,7 +51,7 @@ class Limits:
     model_name: str  # the default model, and the only one served
     max_model_len: int
     max_request_bytes: int
-    inputs: InputLimitsConfig = InputLimitsConfig()  # frontdoor.limits
+    inputs: InputLimitsConfig = field(default_factory=InputLimitsConfig)  # frontdoor.limits
 
 
 def _parse(raw: bytes, limits: Limits) -> pb.GenerateRequest:
