@@ -117,7 +117,7 @@ def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
         raise RequestError("max_tokens", f"must be in [1, {limits.max_model_len}], got {msg.max_tokens}")
     top = limits.inputs.max_logprobs
     if msg.HasField("logprobs") and not 0 <= msg.logprobs <= top:
-        raise RequestError("logprobs", f"must be in [0, {top}] (frontdoor.limits.max_logprobs), got {msg.logprobs}")
+        raise RequestError("logprobs", f"must be in [0, {top}], got {msg.logprobs} (frontdoor.limits.max_logprobs)")
     _check_stops(msg, limits.inputs)
     given = {
         name: getattr(msg, name)

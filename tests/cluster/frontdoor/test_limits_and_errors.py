@@ -304,7 +304,7 @@ def test_a_backend_refusal_with_huge_details_still_reaches_the_client_with_its_c
         (
             pb.GenerateRequest(prompt="Hi", logprobs=3),
             InputLimitsConfig(max_logprobs=2),
-            "logprobs: must be in [0, 2] (frontdoor.limits.max_logprobs), got 3",
+            "logprobs: must be in [0, 2], got 3 (frontdoor.limits.max_logprobs)",
         ),
     ],
 )
