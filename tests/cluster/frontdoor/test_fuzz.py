@@ -10,6 +10,7 @@ SERVING, and the engine's KV blocks come back after every call.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -50,7 +51,15 @@ INT31 = st.sampled_from([0, 1, 32767, 32768, 2**31 - 1]) | st.integers(0, 2**31 
 INT64 = st.sampled_from([0, -1, 2**63 - 1, -(2**63)]) | st.integers(-(2**63), 2**63 - 1)
 SHORT_TEXT = st.text(min_size=1, max_size=12)
 LONG_TEXT = st.builds(lambda c, n: c * n, st.characters(), st.integers(1, 3000))  # up to a few KB in UTF-8
-PRINTABLE = st.text(st.characters(categories=["L", "N", "P", "S", "Zs"]), max_size=128)
+_IDS = itertools.count()
+
+
+def _unique(request_id: str) -> str:
+    """A request id no earlier call used, so no call can meet a twin still finishing on the server."""
+    return f"{next(_IDS)}:{request_id}"
+
+
+PRINTABLE = st.text(st.characters(categories=["L", "N", "P", "S", "Zs"]), max_size=120).map(_unique)
 
 # Values out of range or of the wrong shape, for one field at a time.
 INT32 = st.sampled_from([0, -1, 2**31 - 1, -(2**31)]) | st.integers(-(2**31), 2**31 - 1)
@@ -66,7 +75,7 @@ HOSTILE = {
     "stop": st.lists(TEXT, max_size=20),
     "stop_token_ids": st.lists(INT32, max_size=70),
     "model": TEXT,
-    "request_id": TEXT,
+    "request_id": TEXT.map(_unique),
     "reasoning_effort": INT32,
     "prompt": st.just(""),
     "chat": st.lists(st.tuples(st.sampled_from(["", "tool", "USER", "r" * 40]) | TEXT, TEXT), max_size=4),
@@ -107,7 +116,7 @@ def _valid(draw) -> pb.GenerateRequest:
     _set(msg, "stop", draw(st.lists(SHORT_TEXT | st.text(min_size=256, max_size=256), max_size=16)))
     _set(msg, "stop_token_ids", draw(st.lists(INT31, max_size=64)))
     msg.model = draw(st.sampled_from(["", MODEL]))
-    msg.request_id = draw(PRINTABLE)
+    msg.request_id = draw(st.just("") | PRINTABLE)
     msg.reasoning_effort = draw(st.integers(0, 5))
     msg.ignore_eos, msg.stream_progress = draw(st.booleans()), draw(st.booleans())
     if draw(st.booleans()):
