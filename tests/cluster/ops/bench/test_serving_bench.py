@@ -136,6 +136,8 @@ def test_ctrl_c_while_starting_stops_what_it_started_and_exits(tmp_path):
         except subprocess.TimeoutExpired:
             pytest.fail(f"bench-serving still running {STOP_BOUND_S}s after Ctrl-C:\n" + "".join(lines))
         assert proc.returncode == 130, "".join(lines)
+        # a start-up call left running would start a fresh Ray cluster once ours is gone (Ray's auto-init)
+        assert not any("Started a local Ray instance" in line for line in lines), "".join(lines)
         wait_until(lambda: any("interrupted" in line for line in lines), timeout=10, what="the last lines")
         assert not os.path.exists(temp_dir), f"{temp_dir} left behind"
         wait_until(lambda: not _pids_naming(temp_dir), timeout=10, what="its Ray cluster's processes to be gone")
