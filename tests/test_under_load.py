@@ -24,9 +24,7 @@ def running(pid: int) -> bool:
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_test_under_load_runs_beside_a_busy_loop_and_kills_it_even_when_the_run_fails():
     # in place of `make test`: a run that sees the loop spinning (state R, within 10 s), then fails
-    probe = (
-        "sh -c 'for i in $$(seq 100); do grep -q \") R \" /proc/$$BUSY_PID/stat && exit 3; sleep 0.1; done; exit 1'"
-    )
+    probe = "sh -c 'for i in $$(seq 100); do grep -q \") R \" /proc/$$BUSY_PID/stat && exit 3; sleep 0.1; done; exit 1'"
     result = subprocess.run(
         ["make", "-s", "test-under-load", f"UNDER_LOAD={probe}"],
         cwd=ROOT,
