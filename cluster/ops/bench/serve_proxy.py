@@ -11,44 +11,23 @@ again on a fresh port, a few times. Nothing is deployed until the proxy has boun
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable
 
-import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cluster.ops.ports import reserve_port
 
 SERVICER = "levante.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
-PROXY_ACTOR_PREFIX = "SERVE_PROXY_ACTOR"  # ray.serve._private.constants.SERVE_PROXY_NAME
-SERVE_NAMESPACE = "serve"
 
 
 class ProxyStartError(RuntimeError):
-    """Serve's gRPC proxy did not come up on any of the ports tried."""
+    """Serve's gRPC proxy could not bind any of the ports it was given."""
 
 
-def _proxy_actors(timeout_s: float) -> list:
-    """Serve's proxy actors, once its controller has made them (it does so in its own loop)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        named = ray.util.list_named_actors(all_namespaces=True)
-        names = [a["name"] for a in named if a["namespace"] == SERVE_NAMESPACE and PROXY_ACTOR_PREFIX in a["name"]]
-        if names:
-            return [ray.get_actor(n, namespace=SERVE_NAMESPACE) for n in names]
-        if time.monotonic() > deadline:
-            raise ProxyStartError(f"Serve made no proxy within {timeout_s:g}s")
-        time.sleep(0.2)
-
-
-def proxy_bound(timeout_s: float) -> str | None:
-    """None once every proxy has bound its ports; otherwise why not (e.g. "Failed to bind ...")."""
-    try:
-        ray.get([p.ready.remote() for p in _proxy_actors(timeout_s)], timeout=timeout_s)
-    except Exception as e:  # noqa: BLE001 -- the proxy's own error, or its actor gone after it
-        return str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-    return None
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else repr(e)
 
 
 class ServeGrpcProxy:
@@ -57,12 +36,10 @@ class ServeGrpcProxy:
     def __init__(
         self,
         attempts: int = 5,
-        ready_timeout_s: float = 120.0,
         reserve: Callable[[], socket.socket] = reserve_port,
         progress: Callable[[str], None] = print,
     ):
-        self.attempts, self.ready_timeout_s = attempts, ready_timeout_s
-        self.reserve, self.progress = reserve, progress
+        self.attempts, self.reserve, self.progress = attempts, reserve, progress
         self.port: int | None = None
 
     def start(self) -> None:
@@ -71,17 +48,19 @@ class ServeGrpcProxy:
             reservation = self.reserve()
             port = reservation.getsockname()[1]
             try:
-                serve.start(  # HTTP too: loopback, on a port of the kernel's (0), so it never takes 8000
+                serve.start(  # waits for the proxy to bind; HTTP on loopback port 0, so it never takes 8000
                     proxy_location="HeadOnly",
                     http_options={"host": "127.0.0.1", "port": 0},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER]),
                 )
-                error = proxy_bound(self.ready_timeout_s) or ""
-            finally:
-                reservation.close()  # the proxy listens on the port now, or never bound it
-            if not error:
                 self.port = port
                 return
+            except Exception as e:
+                if "Failed to bind" not in str(e):
+                    raise
+                error = _last_line(e)
+            finally:
+                reservation.close()  # the proxy listens on the port now, or never bound it
             self.progress(f"Serve's gRPC proxy did not start on port {port} ({error}); attempt {attempt}")
-            serve.shutdown()  # Serve takes proxy options only when it starts
-        raise ProxyStartError(f"Serve's gRPC proxy did not start in {self.attempts} attempts; last: {error}")
+            serve.shutdown()  # its controller and proxy: Serve takes proxy options only when it starts
+        raise ProxyStartError(f"Serve's gRPC proxy could not bind a port in {self.attempts} attempts; last: {error}")
