@@ -35,6 +35,17 @@ serve: $(STAMP)
 test: $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
+# `make test` while a busy loop keeps one core busy, as a package install beside it would: the suite
+# must pass on a busy machine. The loop is killed by its PID when the run ends, fails or is interrupted.
+# UNDER_LOAD: what runs under the load (the loop's PID in BUSY_PID).
+.PHONY: test-under-load
+UNDER_LOAD ?= $(MAKE) test
+test-under-load:
+	@$(PYTHON) -c 'while True: pass' & busy=$$!; \
+	trap 'kill $$busy 2>/dev/null' EXIT; trap 'exit 130' INT TERM; \
+	echo "test-under-load: one core kept busy by pid $$busy"; \
+	BUSY_PID=$$busy $(UNDER_LOAD)
+
 # The lint tools (the test extras; configured in pyproject.toml); tests/test_lint.py runs the same in `make test`.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -23,7 +23,6 @@ from collections.abc import Callable
 import ray
 from ray import serve
 from ray._private import ray_constants
-from ray.serve.config import gRPCOptions
 
 from cluster.backends.serve import ServeBackend
 from cluster.config import ClusterConfig
@@ -79,15 +78,15 @@ class RegionServer:
         self,
         cfg: ClusterConfig,
         progress: Callable[[str], None] = _say,
-        serve_grpc_port: int | None = None,
+        start_serve: Callable[[], None] | None = None,
         source: str | None = None,
     ):
         self.cfg = cfg
         self.source = source  # the config file, named in preflight errors
         self.progress = progress
-        # Set: Serve also starts its own gRPC proxy (levante.v1 servicer) on this port, for
-        # benchmarks beside it. Serve takes proxy options only when it first starts, hence here.
-        self.serve_grpc_port = serve_grpc_port
+        # Set: called in place of serve.start, e.g. to start Serve's own gRPC proxy for benchmarks
+        # beside ours (cluster/ops/bench/serve_proxy.py). Serve takes proxy options only when it first starts.
+        self.start_serve = start_serve
         self.frontdoor: FrontDoor | None = None
         self.router: RegionRouter | None = None
         self.port: int | None = None
@@ -205,17 +204,10 @@ class RegionServer:
 
     def _deploy(self) -> None:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what matters
-        if self.serve_grpc_port is None:
+        if self.start_serve is None:
             serve.start(proxy_location="Disabled")  # our front door takes the traffic, not Serve's proxies
-        else:  # the proxy serves HTTP too: loopback, on a free port (0), so it never takes 8000
-            serve.start(
-                proxy_location="HeadOnly",
-                http_options={"host": "127.0.0.1", "port": 0},
-                grpc_options=gRPCOptions(
-                    port=self.serve_grpc_port,
-                    grpc_servicer_functions=["levante.v1.inference_pb2_grpc.add_InferenceServicer_to_server"],
-                ),
-            )
+        else:
+            self.start_serve()
         try:
             serve.run(build_app(self.cfg), name=app_name(self.cfg), route_prefix=None)
         except RuntimeError as e:  # Serve says only "failed"; the replica's own error is in the app status

@@ -7,12 +7,21 @@ What crosses an engine's boundary (``EngineClient`` and its dataclasses) is
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.config import EngineConfig
 
 if TYPE_CHECKING:  # annotations only: the types live in engine.types, not here
     from engine.types import EngineClient, EngineInfo
+
+
+class Rendezvous(Protocol):
+    """An expert-parallel group's meeting point (``host_rendezvous``), hosted by this process."""
+
+    port: int
+    init_method: str
+
+    def close(self) -> None: ...
 
 
 def create_engine(config: EngineConfig, placement_group: Any = None) -> EngineClient:
@@ -54,3 +63,16 @@ def run_expert_worker(config: EngineConfig, on_ready: Callable[[EngineInfo], Non
     from engine.native.parallel.worker import run_worker
 
     run_worker(config, on_ready)
+
+
+def host_rendezvous(host: str, world_size: int, timeout_s: float) -> Rendezvous:
+    """A rendezvous for an expert-parallel group of ``world_size`` ranks, listening on ``host``.
+
+    Bound now on a port the kernel picks (read back: no race with other
+    processes for it). Give every rank ``init_method=rendezvous.init_method``
+    and ``store_hosted=True``, keep the rendezvous until the group has ended,
+    then ``close()`` it. Loads torch.
+    """
+    from engine.native.parallel.rendezvous import HostedStore
+
+    return HostedStore(host, world_size, timeout_s)

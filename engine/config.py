@@ -141,14 +141,18 @@ class ParallelConfig:
     """Expert parallelism: ranks in a group, which one this process is, and how they meet.
 
     Every rank gets the same config except ``ep_rank``. Rank 0 drives the engine
-    and hosts the rendezvous at ``init_method``; ``timeout_s`` bounds every
-    collective, so a dead or stuck peer fails the group instead of hanging it.
+    and hosts the rendezvous at ``init_method``, unless ``store_hosted``: then
+    whoever launched the ranks hosts it there (``engine.api.host_rendezvous``,
+    bound before any rank starts) and every rank joins as a client.
+    ``timeout_s`` bounds every collective, so a dead or stuck peer fails the
+    group instead of hanging it.
     """
 
     ep_size: int = 1
     ep_rank: int = 0
     backend: str = "gloo"  # torch.distributed backend: "gloo" (CPU) or "nccl" (GPU)
     init_method: str | None = None  # rendezvous URL, e.g. "tcp://10.0.0.5:29500"; needed when ep_size > 1
+    store_hosted: bool = False  # True: the launcher hosts the store at init_method (engine.api.host_rendezvous)
     timeout_s: float = 60.0
 
     def __post_init__(self) -> None:

@@ -23,7 +23,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig, ReplicaConfig
 from cluster.config_loader import engine_config_for_rank
-from cluster.serve.ranks import WorkerRank, free_tcp_address, start_rank_engine
+from cluster.serve.ranks import WorkerRank, start_rank_engine
+from engine.api import Rendezvous, host_rendezvous
 from engine.config import EngineConfig
 from engine.types import EngineClient, EngineInfo
 
@@ -53,7 +54,7 @@ def group_shape(cluster: ClusterConfig) -> tuple[int, int]:
     return cluster.replica.ep_size, int(gpu)
 
 
-def rank_configs(cfg: ClusterConfig, init_method: str | None) -> list[EngineConfig]:
+def rank_configs(cfg: ClusterConfig, init_method: str | None, store_hosted: bool = False) -> list[EngineConfig]:
     """The engine config of each rank: the same model, its own ``ep_rank``; gloo on CPU, NCCL on GPU.
 
     On GPU a rank's model goes to ``cuda`` unless the config names a device: Ray sets each rank's
@@ -63,7 +64,12 @@ def rank_configs(cfg: ClusterConfig, init_method: str | None) -> list[EngineConf
     gpu = cfg.replica.accelerator == "gpu"
     configs = [
         engine_config_for_rank(
-            cfg, r, init_method=init_method, backend="nccl" if gpu else "gloo", timeout_s=cfg.replica.rank_timeout_s
+            cfg,
+            r,
+            init_method=init_method,
+            store_hosted=store_hosted,
+            backend="nccl" if gpu else "gloo",
+            timeout_s=cfg.replica.rank_timeout_s,
         )
         for r in range(cfg.replica.ep_size)
     ]
@@ -87,6 +93,7 @@ class EPGroup:
         self._workers: list[Any] = []
         self._worker_runs: list[ray.ObjectRef] = []
         self._watch: asyncio.Task | None = None
+        self._rendezvous: Rendezvous | None = None  # hosted here, for the group's life
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -122,8 +129,10 @@ class EPGroup:
     async def _launch(self) -> None:
         cfg, timeout = self.cfg, self.cfg.load_timeout_s
         pg = ray.util.get_current_placement_group()  # the replica's (Serve's placement_group_bundles)
-        init_method = free_tcp_address() if cfg.ep_size > 1 else None
-        configs = rank_configs(self.cluster, init_method)
+        if cfg.ep_size > 1:  # bound before any rank starts, on a port the kernel picks: no race for it
+            self._rendezvous = host_rendezvous(ray.util.get_node_ip_address(), cfg.ep_size, cfg.rank_timeout_s)
+        init_method = None if self._rendezvous is None else self._rendezvous.init_method
+        configs = rank_configs(self.cluster, init_method, store_hosted=self._rendezvous is not None)
         self._workers = [WorkerRank.options(**_on_bundle(pg, r, cfg)).remote() for r in range(1, cfg.ep_size)]
         self._worker_runs = [w.run.remote(c) for w, c in zip(self._workers, configs[1:], strict=True)]
         # vLLM's workers (several GPUs per engine) go into this replica's placement group, one per bundle
@@ -158,6 +167,9 @@ class EPGroup:
         if engine is not None:
             await asyncio.to_thread(engine.shutdown, self.cfg.rank_timeout_s)
         self._kill_workers()
+        if self._rendezvous is not None:  # the next start hosts a new one
+            self._rendezvous.close()
+            self._rendezvous = None
 
     def _kill_workers(self) -> None:
         for actor in self._workers:

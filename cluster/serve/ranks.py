@@ -7,7 +7,6 @@ the model forward on their slice of the experts.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,19 +15,6 @@ import ray
 from engine.api import create_engine, run_expert_worker
 from engine.config import DeviceUnavailableError, EngineConfig
 from engine.types import EngineClient, EngineInfo
-
-
-def free_tcp_address() -> str:
-    """``tcp://<this node's ip>:<free port>`` for torch.distributed's rendezvous.
-
-    The port is free when we look; rank 0 binds it moments later. A clash
-    fails the group's start, and the gang restart picks another.
-    """
-    ip = ray.util.get_node_ip_address()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return f"tcp://{ip}:{s.getsockname()[1]}"
-
 
 _T = TypeVar("_T")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,17 +23,10 @@ import grpc
 from cluster.config import ClusterConfig
 from cluster.config_loader import engine_config_for_rank
 from cluster.ops.bench.timing import RequestTiming
-from engine.api import create_engine, run_expert_worker
+from engine.api import Rendezvous, create_engine, host_rendezvous, run_expert_worker
 from engine.types import EngineClient, SamplingParams
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InProcessPath:
@@ -45,6 +37,7 @@ class InProcessPath:
         self.timeout_s = timeout_s
         self.engine: EngineClient | None = None
         self._followers: list[Any] = []
+        self.rendezvous: Rendezvous | None = None  # the EP group's, hosted here
 
     def start(self) -> None:
         """Blocks until the model is loaded on every rank."""
@@ -52,8 +45,12 @@ class InProcessPath:
         if ep == 1:
             self.engine = create_engine(self.cfg.engine)
             return
-        init = f"tcp://127.0.0.1:{free_port()}"
-        configs = [engine_config_for_rank(self.cfg, r, init_method=init, backend="gloo") for r in range(ep)]
+        # bound now on a port the kernel picks, before any rank starts: no other process can take it
+        self.rendezvous = host_rendezvous("127.0.0.1", ep, self.cfg.engine.parallel.timeout_s)
+        init = self.rendezvous.init_method
+        configs = [
+            engine_config_for_rank(self.cfg, r, init_method=init, store_hosted=True, backend="gloo") for r in range(ep)
+        ]
         ctx = mp.get_context("spawn")  # a fresh interpreter: no Ray or grpc state inherited
         for c in configs[1:]:
             p = ctx.Process(target=run_expert_worker, args=(c,), name=f"bench-ep-rank{c.parallel.ep_rank}", daemon=True)
@@ -88,6 +85,9 @@ class InProcessPath:
                 p.kill()
                 p.join(5)
         self._followers = []
+        if self.rendezvous is not None:
+            self.rendezvous.close()
+            self.rendezvous = None
 
 
 class GrpcPath:

@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import threading
@@ -77,65 +78,90 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro, timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """``coro``'s result; cancelled in the loop when the wait ends otherwise (Ctrl-C, timeout)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
-        self.loop.close()
+        if not self._thread.is_alive():  # still inside a blocking call: a daemon thread, left to exit with us
+            self.loop.close()
 
 
-def run_benchmark(cfg, opts: BenchOptions, progress: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Start everything, measure every path, stop everything; returns the results (see ``_level``)."""
-    from ray import serve
+def run_benchmark(cfg, opts: BenchOptions, progress: Callable[[str], None] = _say, proxy=None) -> dict[str, Any]:
+    """Start everything, measure every path, stop everything; returns the results (see ``_level``).
 
-    from cluster.config_loader import config_to_dict
-    from cluster.ops.bench.paths import GrpcPath, InProcessPath, free_port
-    from cluster.ops.bench.serve_grpc_ingress import build_ingress_app, ingress_app_name
+    Interrupted (Ctrl-C) at any point, even while starting, it stops what it started before the
+    KeyboardInterrupt goes on: the engines, the Serve apps and the region (its Ray cluster too).
+    ``proxy``: how Serve's gRPC proxy starts (a ``serve_proxy.ServeGrpcProxy``; default: a new one).
+    """
+    from cluster.ops.bench.paths import InProcessPath
+    from cluster.ops.bench.serve_proxy import ServeGrpcProxy
     from cluster.region import RegionServer
-    from cluster.serve.app import app_name
 
     cfg = bench_config(cfg)
     loop_thread = _LoopThread()
-    grpc_port = free_port()
-    region = RegionServer(cfg, progress=progress, serve_grpc_port=grpc_port)
+    proxy = proxy or ServeGrpcProxy(progress=progress)
+    region = RegionServer(cfg, progress=progress, start_serve=proxy.start)
     in_process = InProcessPath(cfg, opts.request_timeout_s)
-    ingress = ingress_app_name(app_name(cfg))
-    deployed_ingress = False
+    ingress: list[str] = []  # the ingress app, once deployed
     try:
         port = loop_thread.run(region.start(), timeout=cfg.replica.load_timeout_s + RAY_START_S)
-        progress(f"deploying the Serve gRPC proxy's ingress {ingress!r} (proxy on 127.0.0.1:{grpc_port})")
-        serve.run(
-            build_ingress_app(app_name(cfg), config_to_dict(cfg)),
-            name=ingress,
-            route_prefix=f"/{ingress}",
-        )
-        deployed_ingress = True
-        progress(
-            f"loading the in-process engine (ep_size {cfg.replica.ep_size}, "
-            f"{cfg.engine.model.num_threads} torch thread(s) per rank)"
-        )
-        in_process.start()
-        paths = {
-            IN_PROCESS: in_process,
-            LEVANTE: GrpcPath(LEVANTE, f"{cfg.frontdoor.host}:{port}", opts.request_timeout_s),
-            SERVE_PROXY: GrpcPath(
-                SERVE_PROXY, f"127.0.0.1:{grpc_port}", opts.request_timeout_s, metadata=(("application", ingress),)
-            ),
-        }
+        paths = _start_paths(cfg, opts, port, proxy.port, in_process, ingress, progress)
         levels = asyncio.run(_measure(paths, opts, progress))
     finally:
-        in_process.stop()
-        if deployed_ingress:
-            try:
-                serve.delete(ingress)
-            except Exception as e:  # noqa: BLE001 -- stopping anyway; ray.shutdown ends it too
-                progress(f"could not delete {ingress!r}: {e!r}")
-        try:
-            loop_thread.run(region.stop(), timeout=cfg.frontdoor.drain_timeout_s + 120)
-        finally:
-            loop_thread.close()
+        _stop(cfg, loop_thread, region, in_process, ingress, progress)
     return {"config": _described(cfg), "options": dataclasses.asdict(opts), "levels": levels}
+
+
+def _start_paths(cfg, opts: BenchOptions, port: int, grpc_port, in_process, ingress: list, progress) -> dict:
+    """Deploy the Serve proxy's ingress app and load the in-process engine: the three paths."""
+    from ray import serve
+
+    from cluster.config_loader import config_to_dict
+    from cluster.ops.bench.paths import GrpcPath
+    from cluster.ops.bench.serve_grpc_ingress import build_ingress_app, ingress_app_name
+    from cluster.serve.app import app_name
+
+    name = ingress_app_name(app_name(cfg))
+    progress(f"deploying the Serve gRPC proxy's ingress {name!r} (proxy on 127.0.0.1:{grpc_port})")
+    ingress.append(name)  # before serve.run: an interrupted deploy is deleted too
+    serve.run(build_ingress_app(app_name(cfg), config_to_dict(cfg)), name=name, route_prefix=f"/{name}")
+    progress(
+        f"loading the in-process engine (ep_size {cfg.replica.ep_size}, "
+        f"{cfg.engine.model.num_threads} torch thread(s) per rank)"
+    )
+    in_process.start()
+    return {
+        IN_PROCESS: in_process,
+        LEVANTE: GrpcPath(LEVANTE, f"{cfg.frontdoor.host}:{port}", opts.request_timeout_s),
+        SERVE_PROXY: GrpcPath(
+            SERVE_PROXY, f"127.0.0.1:{grpc_port}", opts.request_timeout_s, metadata=(("application", name),)
+        ),
+    }
+
+
+def _stop(cfg, loop_thread: _LoopThread, region, in_process, ingress: list, progress) -> None:
+    """Stop, in order, whatever was started; RegionServer.stop ends the Ray cluster (by PID, if Ray lost it)."""
+    from ray import serve
+
+    in_process.stop()
+    for name in ingress:
+        if region.ray_lost():
+            break  # a signal to the process group ended Ray too: nothing to ask it
+        try:
+            serve.delete(name)
+        except Exception as e:  # noqa: BLE001 -- stopping anyway; ray.shutdown ends it too
+            progress(f"could not delete {name!r}: {e!r}")
+    try:
+        loop_thread.run(region.stop(), timeout=cfg.frontdoor.drain_timeout_s + 120)
+    finally:
+        loop_thread.close()
 
 
 def _described(cfg) -> dict[str, Any]:
@@ -329,7 +355,15 @@ def run(args) -> int:
         warmup=args.warmup,
         seed=args.seed,
     )
-    result = run_benchmark(load_config(args.config), opts)
+    try:
+        result = run_benchmark(load_config(args.config), opts)
+    except KeyboardInterrupt:
+        _say("interrupted: what the benchmark started is stopped")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Ray's exit hooks would wait on a GCS the interrupt may have ended, and a start-up call
+        # may still block a worker thread: everything of ours is stopped, so leave without them.
+        os._exit(130)
     result["config"]["file"] = args.config
     print(format_report(result), flush=True)
     if args.json:

@@ -18,6 +18,7 @@ from cluster.ops.drill.records import FaultRecord, HealthEvent, RequestRecord
 from cluster.ops.drill.replay import replay_check
 from cluster.ops.drill.report import build_report, format_summary, write_json, write_png
 from cluster.ops.drill.scenario import FaultSpec, Scenario, check_faults, load_scenario
+from cluster.ops.ports import Reservations
 from cluster.ops.up.processes import LocalRegions
 from cluster.ops.up.topology import region_configs
 from cluster.regions.region_client import RegionClient
@@ -86,12 +87,13 @@ async def run_drill(
         import dataclasses
 
         scenario = dataclasses.replace(scenario, load=dataclasses.replace(scenario.load, **load_overrides))
-    configs = region_configs(topology, overrides)
-    check_faults(scenario, list(configs), path)
-    os.makedirs(out_dir, exist_ok=True)
-    regions = LocalRegions(os.path.join(out_dir, "regions"))
-    progress(f"drill {scenario.name!r}: starting {len(configs)} region(s): {', '.join(configs)}")
-    await asyncio.to_thread(regions.start, configs, progress, scenario.start_timeout_s)
+    with Reservations() as reserved:  # ports of port-0 regions, held until every region serves
+        configs = region_configs(topology, overrides, reserved)
+        check_faults(scenario, list(configs), path)
+        os.makedirs(out_dir, exist_ok=True)
+        regions = LocalRegions(os.path.join(out_dir, "regions"))
+        progress(f"drill {scenario.name!r}: starting {len(configs)} region(s): {', '.join(configs)}")
+        await asyncio.to_thread(regions.start, configs, progress, scenario.start_timeout_s)
     try:
         return await _drill(scenario, regions, out_dir, progress, tick_s)
     finally:

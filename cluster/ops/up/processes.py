@@ -23,6 +23,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.ops.ports import reserve_port
+
 STATE_FILE = "regions.json"
 Progress = Callable[[str], None]
 
@@ -156,9 +158,19 @@ class LocalRegions:
         shutil.rmtree(old.temp_dir, ignore_errors=True)
         with open(old.config_path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
-        self.regions[name] = self._spawn(name, cfg)
-        self.save()
-        self.wait_serving([name], progress, timeout_s)
+        deadline = time.monotonic() + 10
+        while old.alive() and time.monotonic() < deadline:  # its listener goes with its last process
+            time.sleep(0.1)
+        try:  # held until the new process binds it: its peers know only this port
+            reservation = reserve_port(old.port)
+        except OSError as e:
+            raise RegionsError(f"region {name}: its port {old.port} was taken while it was down: {e}") from None
+        try:
+            self.regions[name] = self._spawn(name, cfg)
+            self.save()
+            self.wait_serving([name], progress, timeout_s)
+        finally:
+            reservation.close()
 
     def wait_serving(self, names: Iterable[str], progress: Progress, timeout_s: float = 600.0) -> None:
         names = list(names)

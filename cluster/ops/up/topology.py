@@ -6,7 +6,7 @@
     overrides: {...}          # merged over the base for every region (e.g. regions.health for drills)
     regions:
       - name: eu-west
-        port: 50061           # 0: a free port, chosen when the regions start
+        port: 50061           # 0: a port the kernel picks, reserved until the region binds it
         overrides: {...}      # this region only
 
 Each region's config is the base, the overrides, then ``region``, ``frontdoor.port``,
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +30,13 @@ from cluster.config_loader import (
     read_yaml,
     resolve_paths,
 )
+from cluster.ops.ports import Reservations
 
 
 @dataclass(frozen=True)
 class RegionEntry:
     name: str
-    port: int = 0  # 0: a free port, chosen at start
+    port: int = 0  # 0: a port the kernel picks, reserved until the region binds it
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -76,14 +76,15 @@ def _raw(data: dict, key: str, source: str) -> dict:
     return value
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def region_configs(
+    path: str, extra_overrides: dict | None = None, reservations: Reservations | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every region's cluster config (plain data, checked), in the topology's order.
 
-
-def region_configs(path: str, extra_overrides: dict | None = None) -> dict[str, dict[str, Any]]:
-    """Every region's cluster config (plain data, checked), in the topology's order."""
+    A region on port 0 gets a port the kernel picks, kept in ``reservations`` until the caller has
+    started the regions (each peer must know it before the region binds it: cluster/ops/ports.py).
+    Without ``reservations`` the ports are only chosen, for callers that start nothing.
+    """
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
@@ -105,7 +106,12 @@ def region_configs(path: str, extra_overrides: dict | None = None) -> dict[str, 
     check_kind(base, base_path, CLUSTER_CONFIG)
     # Absolute from here on: each region's config is written to the state dir and loaded from there.
     base = resolve_paths(base, os.path.dirname(base_path))
-    ports = {r.name: r.port or free_port() for r in topo.regions}
+    held = Reservations() if reservations is None else reservations
+    try:
+        ports = {r.name: r.port or held.take(r.name) for r in topo.regions}
+    finally:
+        if reservations is None:
+            held.release()
     out = {}
     for i, r in enumerate(topo.regions):
         cfg = _merge(_merge(base, overrides), per_region.get(i, {}))

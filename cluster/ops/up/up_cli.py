@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from cluster.config_loader import config_from_dict
+from cluster.ops.ports import Reservations
 from cluster.ops.up.processes import LocalRegions
 from cluster.ops.up.topology import region_configs
 from cluster.preflight import preflight
@@ -35,13 +36,14 @@ def add_commands(sub) -> None:
 
 
 def _cmd_up(args) -> int:
-    configs = region_configs(args.config)
     regions = LocalRegions(args.state_dir)
-    regions.check_none_running()  # first: their ports being taken is not the news
-    for name, cfg in configs.items():  # every region's files, variables and ports before any region starts
-        preflight(config_from_dict(cfg, args.config), f"{args.config} (region {name})")
-    _say(f"starting {len(configs)} region(s): {', '.join(configs)} (logs in {os.path.relpath(regions.state_dir)})")
-    regions.start(configs, _say, args.timeout)
+    with Reservations() as reserved:  # ports of port-0 regions, held until every region serves
+        configs = region_configs(args.config, reservations=reserved)
+        regions.check_none_running()  # first: their ports being taken is not the news
+        for name, cfg in configs.items():  # every region's files, variables and ports before any region starts
+            preflight(config_from_dict(cfg, args.config), f"{args.config} (region {name})")
+        _say(f"starting {len(configs)} region(s): {', '.join(configs)} (logs in {os.path.relpath(regions.state_dir)})")
+        regions.start(configs, _say, args.timeout)
     for r in regions.regions.values():
         _say(f"region {r.name}: {r.target} (pid {r.pid})")
     _say(f"`levante down --state-dir {args.state_dir}` stops them")

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from engine.config import ParallelConfig
+from engine.native.parallel.rendezvous import client_store
 
 
 def message_device(parallel: ParallelConfig, engine_device: torch.device) -> torch.device:
@@ -53,12 +54,14 @@ class ExpertGroup:
         group = cls(parallel, engine_device)
         if group.device.type == "cuda":
             torch.cuda.set_device(group.device)  # NCCL binds this rank's communicator to the current device
+        # A hosted store (rendezvous.HostedStore): every rank a client. Otherwise rank 0 binds init_method.
+        where = {"store": client_store(parallel)} if parallel.store_hosted else {"init_method": parallel.init_method}
         dist.init_process_group(
             parallel.backend,
-            init_method=parallel.init_method,
             world_size=parallel.ep_size,
             rank=parallel.ep_rank,
             timeout=timedelta(seconds=parallel.timeout_s),
+            **where,
         )
         group._joined = True
         return group

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 from collections.abc import AsyncIterator
 
 from cluster.chunks import error_chunk
 from cluster.types import RESOURCE_EXHAUSTED, UNAVAILABLE, Backend, Chunk, GenerateRequest, ModelInfo
 
+UNBOUND = "127.0.0.1:0"  # a peer's target until its front door is bound (see aim_peers)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def aim_peers(router, ports: dict[str, int]) -> None:
+    """Point a region router's peers at their front doors, bound on port 0 and read back.
+
+    Regions that know each other cannot all know the ports before any is bound; a PeerBackend
+    makes its channel on first use, so its target may change until the router starts.
+    """
+    for peer in router.peers:
+        peer.peer = dataclasses.replace(peer.peer, target=f"127.0.0.1:{ports[peer.peer.name]}")
+
+
+def refusing_port() -> socket.socket:
+    """A loopback port that refuses connections (bound, never listening) and stays so until closed."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 class _Wrapper(Backend):

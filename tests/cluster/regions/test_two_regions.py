@@ -21,7 +21,7 @@ from levante.v1 import admin_pb2, admin_pb2_grpc
 from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import MODEL, generate
-from .fakes import BreaksAfter, free_port
+from .fakes import UNBOUND, BreaksAfter, aim_peers, refusing_port
 
 pytestmark = pytest.mark.e2e
 HEALTH = HealthCheckConfig(
@@ -37,14 +37,14 @@ SAMPLED = dict(max_tokens=40, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=
 class Regions:
     def __init__(self, loop, engines, break_eu_after: int | None = None, wrap_eu=None):
         self.loop = loop
-        self.ports = {"eu": free_port(), "us": free_port()}
+        self.ports = {}  # each front door's, bound on port 0 and read back; the routers are aimed after
         self.doors, self.routers = {}, {}
         for name, other in (("eu", "us"), ("us", "eu")):
             cfg = ClusterConfig(
                 region=name,
                 model_name=MODEL,
-                frontdoor=FrontDoorConfig(port=self.ports[name], admin=True),
-                regions=RegionsConfig(peers=(PeerConfig(other, self.target(other)),), health=HEALTH),
+                frontdoor=FrontDoorConfig(port=0, admin=True),
+                regions=RegionsConfig(peers=(PeerConfig(other, UNBOUND),), health=HEALTH),
             )
             info = loop.run(engines[name].info())
             local: Backend = LocalBackend(engines[name], ModelInfo(MODEL, info.max_model_len), name)
@@ -59,7 +59,9 @@ class Regions:
 
         async def start():
             for name in ("eu", "us"):
-                await self.doors[name].start()
+                self.ports[name] = await self.doors[name].start()
+            for name in ("eu", "us"):
+                aim_peers(self.routers[name], self.ports)
                 self.routers[name].start()
 
         loop.run(start())
@@ -184,11 +186,11 @@ def test_a_frozen_peer_fails_checks_by_timeout_and_a_dead_one_by_refusal(loop):
     frozen = socket.socket()
     frozen.bind(("127.0.0.1", 0))
     frozen.listen(8)  # accepts connections (the kernel does), never answers: a SIGSTOPped process
-    dead = free_port()  # nobody listens
+    dead = refusing_port()  # nobody listens, and nobody else can take the port meanwhile
 
     async def check():
         out = {}
-        for name, port in (("frozen", frozen.getsockname()[1]), ("dead", dead)):
+        for name, port in (("frozen", frozen.getsockname()[1]), ("dead", dead.getsockname()[1])):
             peer = PeerBackend(PeerConfig(name, f"127.0.0.1:{port}"))
             out[name] = await peer.check(0.5)
             await peer.close()
@@ -198,5 +200,6 @@ def test_a_frozen_peer_fails_checks_by_timeout_and_a_dead_one_by_refusal(loop):
         result = loop.run(check())
     finally:
         frozen.close()
+        dead.close()
     assert result["frozen"] == (False, "timeout: no health answer within 0.5s")
     assert result["dead"][0] is False and result["dead"][1].startswith("unavailable:")

@@ -29,33 +29,31 @@ from cluster.types import Backend, ModelInfo
 from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import MODEL, generate, wait_until
-from ..regions.fakes import BreaksAfter, free_port  # noqa: F401 -- free_port is part of this harness
+from ..regions.fakes import UNBOUND, BreaksAfter, aim_peers
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "helm" / "levante" / "dashboards" / "levante.json"
 HEALTH = HealthCheckConfig(interval_s=0.2, timeout_s=0.5, stream_idle_timeout_s=5.0)
 
 
 class Region:
-    """One region in this process; ``peers``: name -> port of the other regions' front doors."""
+    """One region in this process, its front door on a port the kernel picks; ``peers``: the other
+    regions' names (``start_all`` aims them at those regions' ports once bound)."""
 
     def __init__(
         self,
         loop,
         engine,
         name: str,
-        port: int,
-        peers: dict[str, int] | None = None,
+        peers: tuple[str, ...] = (),
         metrics: bool = True,
         break_after: int | None = None,
     ):
-        self.loop, self.name, self.port = loop, name, port
+        self.loop, self.name, self.port = loop, name, 0
         self.cfg = ClusterConfig(
             region=name,
             model_name=MODEL,
-            frontdoor=FrontDoorConfig(port=port),
-            regions=RegionsConfig(
-                peers=tuple(PeerConfig(n, f"127.0.0.1:{p}") for n, p in (peers or {}).items()), health=HEALTH
-            ),
+            frontdoor=FrontDoorConfig(port=0),
+            regions=RegionsConfig(peers=tuple(PeerConfig(n, UNBOUND) for n in peers), health=HEALTH),
             telemetry=TelemetryConfig(metrics=MetricsConfig(enabled=metrics, port=0, poll_interval_s=0.2)),
         )
         info = loop.run(engine.info())
@@ -65,8 +63,16 @@ class Region:
         self.telemetry = ServerTelemetry(self.cfg)
         self.door = FrontDoor(self.cfg.frontdoor, self.router.backend, name, MODEL, metrics=self.telemetry.metrics)
 
-    async def start(self) -> None:
-        await self.door.start()
+    async def start(self, peer_ports: dict[str, int] | None = None) -> None:
+        """Bind, then route; ``peer_ports``: where the peers' front doors are (see ``start_all``)."""
+        await self.bind()
+        await self.serve(peer_ports or {})
+
+    async def bind(self) -> None:
+        self.port = await self.door.start()
+
+    async def serve(self, peer_ports: dict[str, int]) -> None:
+        aim_peers(self.router, peer_ports)
         self.router.start()
         self.telemetry.watch(self.router, self.local.replica_statuses)
         self.telemetry.serve_metrics()
@@ -84,6 +90,15 @@ class Region:
 
     def scrape(self) -> dict:
         return settled_scrape(f"http://127.0.0.1:{self.telemetry.port}/metrics")
+
+
+def start_all(loop, *regions: Region) -> None:
+    """Regions that are each other's peers: every front door bound first, then every router aimed."""
+    for r in regions:
+        loop.run(r.bind())
+    ports = {r.name: r.port for r in regions}
+    for r in regions:
+        loop.run(r.serve(ports))
 
 
 def call(port: int, prompt: str = "Tell me about the sea.", metadata: tuple = (), **fields) -> list:

@@ -74,7 +74,20 @@ def child(spans: list[SpanRecord], parent: SpanRecord, name: str) -> SpanRecord:
 
 
 def within(inner: SpanRecord, outer: SpanRecord, slack_ns: int = 0) -> bool:
+    """``inner`` runs inside ``outer``: for two spans of one process, whose clock reads are ordered."""
     return outer.start_ns - slack_ns <= inner.start_ns <= inner.end_ns <= outer.end_ns + slack_ns
+
+
+CROSS_PROCESS_SKEW_NS = 50_000_000  # 50 ms: a busy machine may run a process's clock read late by that much
+
+
+def began_during(inner: SpanRecord, outer: SpanRecord, skew_ns: int = CROSS_PROCESS_SKEW_NS) -> bool:
+    """``inner`` (another process's span, the callee) began while ``outer`` (the caller) ran.
+
+    Only the start is causal across processes: the caller ends its span when the last message
+    arrives, and the callee ends its own when its generator is closed, which may come later.
+    """
+    return outer.start_ns - skew_ns <= inner.start_ns <= outer.end_ns + skew_ns
 
 
 def describe(spans: Iterable[SpanRecord]) -> str:

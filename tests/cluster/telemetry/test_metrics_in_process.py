@@ -10,7 +10,7 @@ import pytest
 from levante.v1 import inference_pb2 as pb
 
 from ..frontdoor.harness import wait_until
-from .harness import Region, call, dashboard_metrics, exported_names, filled_buckets, free_port, tokens_of, value
+from .harness import Region, call, dashboard_metrics, exported_names, filled_buckets, start_all, tokens_of, value
 
 pytestmark = pytest.mark.e2e
 SHARED_PREFIX = "You are a patient assistant who answers questions about the weather and the sea. " * 3
@@ -19,11 +19,10 @@ SHARED_PREFIX = "You are a patient assistant who answers questions about the wea
 @pytest.fixture(scope="module")
 def regions(loop, engines):
     """eu (its replica breaks after 2 tokens of any stream) and us, peers of each other; traffic sent once."""
-    ports = {"eu": free_port(), "us": free_port()}
-    us = Region(loop, engines["us"], "us", ports["us"], peers={"eu": ports["eu"]})
-    eu = Region(loop, engines["eu"], "eu", ports["eu"], peers={"us": ports["us"]})
-    loop.run(us.start())
-    loop.run(eu.start())
+    us = Region(loop, engines["us"], "us", peers=("eu",))
+    eu = Region(loop, engines["eu"], "eu", peers=("us",))
+    start_all(loop, us, eu)
+    ports = {"eu": eu.port, "us": us.port}
     try:
         for i in range(3):  # served in us itself; a shared prefix of several KV blocks, so the cache hits
             assert (
@@ -95,8 +94,8 @@ def test_region_health_and_a_failover_by_reason(loop, engines, regions):
     assert value(m, "levante_region_check_latency_seconds", region="eu") > 0
     assert value(m, "levante_region_health_transitions_total", region="eu", state="healthy") == 1
 
-    broken = Region(loop, engines["eu"], "eu-broken", free_port(), peers={"us": us.port}, break_after=2)
-    loop.run(broken.start())
+    broken = Region(loop, engines["eu"], "eu-broken", peers=("us",), break_after=2)
+    loop.run(broken.start({"us": us.port}))
     try:
         out = call(broken.port, max_tokens=6, ignore_eos=True)
         assert len(tokens_of(out)) == 6

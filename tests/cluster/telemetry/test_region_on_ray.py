@@ -18,7 +18,7 @@ from levante.v1 import inference_pb2 as pb
 from ..frontdoor.harness import generate, running_region, wait_until
 from .harness import dashboard_metrics, exported_names, filled_buckets, samples, settled_scrape, tokens_of, value
 from .receiver import OtlpReceiver
-from .spans import child, describe, in_trace, named, only, traceparent, within
+from .spans import began_during, child, describe, in_trace, named, only, traceparent, within
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e, pytest.mark.slow]
 
@@ -116,9 +116,11 @@ def test_one_trace_crosses_every_process_under_the_callers_traceparent(region, r
     assert "replica:" in router.attributes["levante.decision_reason"]
     assert replica.attributes["levante.ep_size"] == 2
     assert engine.attributes["levante.completion_tokens"] == 8
-    # one machine, one clock: every hop sits inside its caller (a few ms of slack for clock reads)
-    for inner, outer in ((router, attempt), (replica, router), (engine, replica)):
-        assert within(inner, outer, slack_ns=5_000_000), (inner.name, outer.name)
+    # nesting is proven by the ids above; times only within one process, and across the Ray hop only
+    # that the callee began while its caller ran (tens of ms of skew allowed: a busy machine)
+    assert within(router, attempt), describe(trace)
+    assert within(engine, replica, slack_ns=2_000_000), describe(trace)  # the engine's times: float seconds
+    assert began_during(replica, router), describe(trace)
     assert stages[0].end_ns == stages[1].start_ns and stages[1].end_ns == stages[2].start_ns
     assert len(named(trace, S.ENGINE)) == 1
 

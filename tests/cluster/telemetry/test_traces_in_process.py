@@ -15,7 +15,7 @@ from cluster.telemetry import spans as S
 from cluster.telemetry import tracing
 
 from ..frontdoor.harness import wait_until
-from .harness import HEALTH, Region, call, final_of, free_port, tokens_of
+from .harness import HEALTH, Region, call, final_of, start_all, tokens_of
 from .spans import child, describe, from_sdk, in_trace, named, only, traceparent, within
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +50,7 @@ def settled(spans, trace_id: str, doors: int = 1) -> list:
 
 @pytest.fixture
 def eu(loop, engines):
-    region = Region(loop, engines["eu"], "eu", free_port())
+    region = Region(loop, engines["eu"], "eu")
     loop.run(region.start())
     yield region
     loop.run(region.stop())
@@ -104,11 +104,10 @@ def test_a_refused_call_is_a_failed_server_span(eu, spans):
 def test_a_region_failover_shows_in_the_trace(loop, engines, spans):
     """eu's replica breaks after 3 tokens; eu's router resumes the stream in us over gRPC, passing the
     trace context in metadata, so us's spans join the same trace under eu's second attempt."""
-    ports = {"eu": free_port(), "us": free_port()}
-    eu = Region(loop, engines["eu"], "eu", ports["eu"], peers={"us": ports["us"]}, break_after=3)
-    us = Region(loop, engines["us"], "us", ports["us"], peers={"eu": ports["eu"]})
-    loop.run(us.start())
-    loop.run(eu.start())
+    eu = Region(loop, engines["eu"], "eu", peers=("us",), break_after=3)
+    us = Region(loop, engines["us"], "us", peers=("eu",))
+    start_all(loop, us, eu)
+    ports = {"eu": eu.port, "us": us.port}
     try:
         header, trace_id, caller_span = traceparent()
         out = call(ports["eu"], metadata=(("traceparent", header),), max_tokens=10, ignore_eos=True)

@@ -250,8 +250,7 @@ def test_two_ranks_over_nccl_generate_what_one_gpu_generates(arch, checkpoints):
         expected = asyncio.run(asyncio.wait_for(ranks.generate_all(single, prompts, MAX_TOKENS), 120))
     finally:
         single.shutdown()
-    init = ranks.free_init_method()
-    with Group() as group:
+    with ranks.rendezvous() as init, Group() as group:
         group.start("rank1", ranks.follow, on(config(path, 2, 1, init), "cuda:1"))
         group.start("rank0", ranks.drive, on(config(path, 2, 0, init), "cuda:0"), prompts, MAX_TOKENS)
         got = group.get("outputs", timeout=180)

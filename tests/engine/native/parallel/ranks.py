@@ -8,20 +8,37 @@ through a multiprocessing queue as ``(tag, value)`` pairs.
 from __future__ import annotations
 
 import asyncio
-import socket
+import contextlib
 import time
+from collections.abc import Iterator
 
-from engine.api import create_engine
-from engine.config import EngineConfig
+from engine.api import create_engine, host_rendezvous
+from engine.config import EngineConfig, ParallelConfig
 from engine.core.request import SamplingParams
 from engine.types import EngineClient
 
 
-def free_init_method() -> str:
-    """A loopback rendezvous URL on a port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+@contextlib.contextmanager
+def rendezvous(ep_size: int = 2, timeout_s: float = 30.0) -> Iterator[str]:
+    """A loopback rendezvous hosted by the test's process for the block (ranks join with ``store_hosted``)."""
+    hosted = host_rendezvous("127.0.0.1", ep_size, timeout_s)
+    try:
+        yield hosted.init_method
+    finally:
+        hosted.close()
+
+
+def join_and_sum(parallel: ParallelConfig, results) -> None:
+    """A rank that joins the group, adds its rank + 1 across the group and reports the sum."""
+    import torch
+
+    from engine.native.parallel.group import ExpertGroup
+
+    group = ExpertGroup.join(parallel)
+    try:
+        results.put(("sum", group.all_reduce_sum(torch.tensor([parallel.ep_rank + 1.0])).item()))
+    finally:
+        group.close()
 
 
 async def generate_all(engine: EngineClient, prompts: list[list[int]], max_tokens: int) -> list[dict]:

@@ -9,10 +9,12 @@ a dead or frozen rank must fail rank 0's streams within ``timeout_s``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import time
 from typing import Self
 
@@ -47,7 +49,13 @@ def config(
         model=ModelConfig(model=path, num_threads=1),  # 2 cores, 2 ranks
         cache=CacheConfig(num_blocks=256, block_size=4),
         scheduler=SchedulerConfig(max_num_batched_tokens=16),
-        parallel=ParallelConfig(ep_size=ep_size, ep_rank=ep_rank, init_method=init_method, timeout_s=timeout_s),
+        parallel=ParallelConfig(
+            ep_size=ep_size,
+            ep_rank=ep_rank,
+            init_method=init_method,
+            store_hosted=init_method is not None,  # ranks.rendezvous
+            timeout_s=timeout_s,
+        ),
     )
 
 
@@ -120,8 +128,7 @@ def test_two_ranks_generate_what_one_process_generates(checkpoints, arch):
     prompts = prompts_of(PROMPT_LENS, seed=7)
     expected, single_info = run_single_process(path, prompts)
 
-    init = ranks.free_init_method()
-    with Group() as group:
+    with ranks.rendezvous() as init, Group() as group:
         group.start("rank1", ranks.follow, config(path, 2, 1, init))
         group.start("rank0", ranks.drive, config(path, 2, 0, init), prompts, MAX_TOKENS)
         got = group.get("outputs")
@@ -167,8 +174,7 @@ def test_a_lost_worker_fails_rank0_streams_within_the_timeout(checkpoints, how):
     closes, and only the collective timeout can tell; either way no stream hangs."""
     timeout_s = 3.0
     path = checkpoints["mixtral"]
-    init = ranks.free_init_method()
-    with Group() as group:
+    with ranks.rendezvous() as init, Group() as group:
         worker = group.start("rank1", ranks.follow, config(path, 2, 1, init, timeout_s))
         group.start("rank0", ranks.drive_long_request, config(path, 2, 0, init, timeout_s), [5, 6, 7, 8])
         group.get("streaming")
@@ -189,8 +195,7 @@ def test_a_worker_lost_while_idle_turns_rank0_unhealthy(checkpoints):
     """No traffic: rank 0's keepalives notice the loss, so health checks see it before any request."""
     timeout_s = 3.0
     path = checkpoints["mixtral"]
-    init = ranks.free_init_method()
-    with Group() as group:
+    with ranks.rendezvous() as init, Group() as group:
         worker = group.start("rank1", ranks.follow, config(path, 2, 1, init, timeout_s))
         group.start("rank0", ranks.drive_then_idle, config(path, 2, 0, init, timeout_s), [5, 6, 7], 3 * timeout_s)
         group.get("idle")
@@ -205,8 +210,7 @@ def test_a_lost_driver_ends_the_worker_instead_of_hanging(checkpoints):
     """The other direction: rank 1 blocked waiting for steps raises once rank 0 is gone."""
     timeout_s = 3.0
     path = checkpoints["mixtral"]
-    init = ranks.free_init_method()
-    with Group() as group:
+    with ranks.rendezvous() as init, Group() as group:
         group.start("rank1", ranks.follow, config(path, 2, 1, init, timeout_s))
         driver = group.start("rank0", ranks.drive_long_request, config(path, 2, 0, init, timeout_s), [5, 6, 7, 8])
         group.get("streaming")
@@ -219,9 +223,22 @@ def test_a_lost_driver_ends_the_worker_instead_of_hanging(checkpoints):
 
 def test_ranks_that_loaded_different_models_refuse_to_start(checkpoints, tmp_path):
     other = make_tiny("mixtral", seed=1, out=str(tmp_path / "other"), intermediate_size=32)
-    init = ranks.free_init_method()
-    with Group() as group:
+    with ranks.rendezvous() as init, Group() as group:
         group.start("rank1", ranks.follow, config(other, 2, 1, init, 10.0))
         group.start("rank0", ranks.start_engine, config(checkpoints["mixtral"], 2, 0, init, 10.0))
         assert "loaded a different model" in group.get("engine_error")
         assert "routed-expert params" in group.get("worker_error")[1]
+
+
+def test_a_hosted_rendezvous_holds_its_port_before_any_rank_starts():
+    """The launcher binds the store on port 0 and reads the port back, so no other process can take
+    it before the ranks arrive (a port picked free and bound later can be); then both ranks meet there."""
+    with ranks.rendezvous() as init, Group() as group:
+        port = int(init.rsplit(":", 1)[1])
+        with socket.socket() as s, pytest.raises(OSError) as taken:
+            s.bind(("127.0.0.1", port))
+        assert taken.value.errno == errno.EADDRINUSE
+        for rank in (1, 0):
+            parallel = ParallelConfig(ep_size=2, ep_rank=rank, init_method=init, store_hosted=True, timeout_s=30)
+            group.start(f"rank{rank}", ranks.join_and_sum, parallel)
+        assert group.get("sum") == 3.0  # 1 + 2: both ranks joined the one group
