@@ -51,9 +51,14 @@ class TenantConfig:
     # a request with no first token this long after it arrived ends with DEADLINE_EXCEEDED (a limit the
     # tenant asked for, never a sign of a dead region: no region is ejected for it); 0: no limit
     first_token_timeout_s: float = 0.0
+    # Tenants share prefix-cache hits (and their timing) only within one group; None: a group of its own
+    prefix_cache_group: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must not be empty")
+        # "tenant/" prefixes the tenant's request ids: a "/" in a name would let two tenants' ids collide
+        _check("/" not in self.name, "name", f"must not contain '/', got {self.name!r}")
+        _check(self.prefix_cache_group != "", "prefix_cache_group", "must not be empty (null: the tenant's own)")
         _check(
             (self.api_key is None) != (self.api_key_env is None), "api_key", "set exactly one of api_key, api_key_env"
         )
@@ -62,6 +67,11 @@ class TenantConfig:
         _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0")
         _check(self.max_effort in EFFORTS, "max_effort", f"must be one of {EFFORTS}")
         _check(self.first_token_timeout_s >= 0, "first_token_timeout_s", "must be >= 0 (0: no limit)")
+
+    @property
+    def cache_group(self) -> str:
+        """The prefix-cache namespace of this tenant's requests."""
+        return self.prefix_cache_group or self.name
 
 
 @dataclass(frozen=True)

@@ -81,9 +81,9 @@ class SamplingParams:
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v >= 0), name, f"must be >= 0 or None, got {v!r}")
         _check(
-            self.cache_salt is None or isinstance(self.cache_salt, str),
+            self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
             "cache_salt",
-            f"must be a string or None, got {type(self.cache_salt).__name__}",
+            f"must be a non-empty string or None, got {self.cache_salt!r:.40}",
         )
         _check(
             self.reasoning_effort is None or self.reasoning_effort in EFFORTS,

@@ -72,6 +72,7 @@ def test_scheduler_reports_cached_tokens_per_salt() -> None:
     assert got == {"a": 0, "b": 0, "c": 8}
 
 
-def test_salt_must_be_a_string() -> None:
-    with pytest.raises(ValueError, match="^cache_salt: must be a string or None, got int"):
-        SamplingParams(cache_salt=7)  # type: ignore[arg-type]
+@pytest.mark.parametrize("salt", [7, ""])
+def test_salt_must_be_a_non_empty_string(salt: object) -> None:
+    with pytest.raises(ValueError, match="^cache_salt: must be a non-empty string or None"):
+        SamplingParams(cache_salt=salt)  # type: ignore[arg-type]
