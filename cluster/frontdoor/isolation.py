@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import AsyncIterator
 
@@ -25,6 +26,14 @@ MAX_SALT_CHARS = 256  # a forwarded salt is our own kind of value: longer is not
 def engine_request_id(tenant: str, client_id: str) -> str:
     """The id the router, the replica and the engine know a call by."""
     return f"{tenant}/{client_id}"
+
+
+def forwarded_id(engine_id: str, limit: int) -> str:
+    """``engine_id`` as a peer front door takes it (at most ``limit`` characters), still one tenant's own:
+    cutting a long id would drop its tenant and let two tenants' calls meet at the peer."""
+    if len(engine_id) <= limit:
+        return engine_id
+    return "h:" + hashlib.blake2b(engine_id.encode("utf-8", "surrogatepass"), digest_size=24).hexdigest()
 
 
 def cache_salt(group: str, forwarded: str | None) -> str:
