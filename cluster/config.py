@@ -51,9 +51,14 @@ class TenantConfig:
     # a request with no first token this long after it arrived ends with DEADLINE_EXCEEDED (a limit the
     # tenant asked for, never a sign of a dead region: no region is ejected for it); 0: no limit
     first_token_timeout_s: float = 0.0
+    # Tenants share prefix-cache hits (and their timing) only within one group; None: a group of its own
+    prefix_cache_group: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must not be empty")
+        # "tenant/" prefixes the tenant's request ids: a "/" in a name would let two tenants' ids collide
+        _check("/" not in self.name, "name", f"must not contain '/', got {self.name!r}")
+        _check(self.prefix_cache_group != "", "prefix_cache_group", "must not be empty (null: the tenant's own)")
         _check(
             (self.api_key is None) != (self.api_key_env is None), "api_key", "set exactly one of api_key, api_key_env"
         )
@@ -62,6 +67,11 @@ class TenantConfig:
         _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0")
         _check(self.max_effort in EFFORTS, "max_effort", f"must be one of {EFFORTS}")
         _check(self.first_token_timeout_s >= 0, "first_token_timeout_s", "must be >= 0 (0: no limit)")
+
+    @property
+    def cache_group(self) -> str:
+        """The prefix-cache namespace of this tenant's requests."""
+        return self.prefix_cache_group or self.name
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class InputLimitsConfig:
     max_chat_messages: int = 256
     max_role_chars: int = 32  # roles are "system", "user" or "assistant"; a longer one is refused unread
     max_model_name_chars: int = 256
-    max_request_id_chars: int = 128  # peers forward at most the last 128: keep it >= 128 in every region
+    max_request_id_chars: int = 128  # a longer forwarded id is hashed to fit 128: keep it >= 128 in every region
     max_logprobs: int = 20  # top-n alternatives per token: enough to inspect, not a vocabulary dump
 
     def __post_init__(self) -> None:

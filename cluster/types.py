@@ -42,6 +42,9 @@ GRPC_NAMES = {code: code.upper() for code in ERROR_CODES}  # the gRPC status eac
 # gRPC metadata a region router puts on a call it forwards to a peer: the peer serves it itself
 # (or fails), so a request never bounces between regions.
 FORWARDED_FROM = "levante-forwarded-from"
+# ... and the prefix-cache salt of its caller, so the peer keeps that caller's hits apart from its other
+# callers' (the peer only ever narrows its own caller's namespace with it: see cluster.frontdoor.isolation).
+CACHE_SALT = "levante-cache-salt"
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
 

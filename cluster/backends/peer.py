@@ -24,6 +24,7 @@ from cluster.policy.effort import within_ceiling
 from cluster.regions.codes import from_grpc
 from cluster.telemetry.tracing import grpc_metadata
 from cluster.types import (
+    CACHE_SALT,
     FORWARDED_FROM,
     GRPC_NAMES,
     UNAVAILABLE,
@@ -92,17 +93,23 @@ class PeerBackend(Backend):
             await self._channel.close()
             self._channel = None
 
-    def _metadata(self, trace_context: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    def _metadata(
+        self, trace_context: dict[str, str] | None = None, cache_salt: str | None = None
+    ) -> list[tuple[str, str]]:
         md = [("authorization", f"Bearer {self._api_key}")] if self._api_key else []
         if self.forwarded_from is not None:
             md.append((FORWARDED_FROM, self.forwarded_from))
+        if cache_salt is not None:
+            md.append((CACHE_SALT, cache_salt))
         return md + grpc_metadata(trace_context)  # W3C traceparent/tracestate: the peer's spans join the trace
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         request = within_ceiling(request)
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
         call = self.channel.unary_stream(f"/{SERVICE_NAME}/Generate")(
-            encode_generate(request), timeout=timeout, metadata=self._metadata(request.trace_context)
+            encode_generate(request),
+            timeout=timeout,
+            metadata=self._metadata(request.trace_context, request.params.cache_salt),
         )
         try:
             async for raw in call:

@@ -48,6 +48,7 @@ class Tenant:
     max_concurrency: int = 0  # 0: unlimited
     bucket: TokenBucket | None = None  # None: no rate limit
     first_token_timeout_s: float | None = None  # the tenant's limit on a first token; None: none
+    cache_group: str | None = None  # prefix-cache namespace (frontdoor.tenants[].prefix_cache_group); None: the name
     inflight: int = field(default=0, compare=False)
 
 
@@ -60,7 +61,14 @@ def _tenant(cfg: TenantConfig, clock: Callable[[], float]) -> Tenant:
     if cfg.requests_per_second > 0:
         bucket = TokenBucket(cfg.requests_per_second, cfg.burst or max(1.0, cfg.requests_per_second), clock)
     first_token = cfg.first_token_timeout_s or None
-    return Tenant(cfg.name, cfg.max_effort, cfg.max_concurrency, bucket, first_token_timeout_s=first_token)
+    return Tenant(
+        cfg.name,
+        cfg.max_effort,
+        cfg.max_concurrency,
+        bucket,
+        first_token_timeout_s=first_token,
+        cache_group=cfg.cache_group,
+    )
 
 
 class Tenants:

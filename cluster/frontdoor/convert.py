@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError
 
 from cluster.config import InputLimitsConfig
 from cluster.frontdoor.errors import clip
+from cluster.frontdoor.isolation import forwarded_id
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, PrefillProgress, ServedBy
 from engine.types import EngineError, Resume, SamplingParams, TokenLogprob, Usage
@@ -287,7 +288,7 @@ def encode_generate(request: GenerateRequest) -> bytes:
         temperature=p.temperature,
         top_p=p.top_p,
         reasoning_effort=_EFFORT_TO_PB[request.reasoning_effort],
-        request_id=request.request_id[-FORWARDED_REQUEST_ID_CHARS:],
+        request_id=forwarded_id(request.request_id, FORWARDED_REQUEST_ID_CHARS),
         stream_progress=True,  # a router and the client library judge a region by its heartbeats
     )
     for name in ("seed", "logprobs"):

@@ -31,11 +31,12 @@ from cluster.frontdoor.convert import (
 )
 from cluster.frontdoor.errors import abort
 from cluster.frontdoor.grpc_health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
+from cluster.frontdoor.isolation import InflightIds, cache_salt, engine_request_id
 from cluster.frontdoor.tls import server_credentials
 from cluster.telemetry import tracing
 from cluster.telemetry.calls import CallTelemetry, call_code
 from cluster.telemetry.metrics import ServerMetrics
-from cluster.types import ERROR_CODES, FORWARDED_FROM, Backend, Chunk, GenerateRequest, ModelInfo
+from cluster.types import CACHE_SALT, ERROR_CODES, FORWARDED_FROM, Backend, Chunk, GenerateRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class FrontDoor:
         self._tenants = Tenants({})
         self._model: ModelInfo | None = None
         self._inflight = 0
+        self._ids = InflightIds()  # engine ids of the calls in flight: a duplicate is refused
         self._idle = asyncio.Event()
         self._draining = False
         self.admin = None  # an AdminService (frontdoor.admin), set by the owner before start()
@@ -231,9 +233,11 @@ class FrontDoor:
             decoded = await self._checked(raw, context, forwarded_from)
             client_id = decoded.request_id  # what the client sees; the engine's id is per tenant
             remaining = context.time_remaining()
+            salt = cache_salt(tenant.cache_group or tenant.name, metadata.get(CACHE_SALT))
             request = dataclasses.replace(
                 decoded,
-                request_id=f"{tenant.name}/{client_id}",
+                request_id=engine_request_id(tenant.name, client_id),
+                params=dataclasses.replace(decoded.params, cache_salt=salt),
                 tenant=tenant.name,
                 max_effort=tenant.max_effort,
                 deadline=None if remaining is None else time.time() + remaining,
@@ -244,8 +248,9 @@ class FrontDoor:
             )
             if call is not None:
                 call.admitted(request)
-            async for message in self._stream(request, client_id, context, call):
-                yield message
+            async with self._ids.claimed(request.request_id, client_id, context):
+                async for message in self._stream(request, client_id, context, call):
+                    yield message
         finally:
             self._tenants.release(tenant)
             self._inflight -= 1

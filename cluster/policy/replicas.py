@@ -14,14 +14,16 @@ from cluster.policy.effort import render_prompt
 from cluster.types import Prompt
 
 
-def prefix_key(prompt: Prompt, prefix_chars: int) -> str | None:
+def prefix_key(prompt: Prompt, prefix_chars: int, salt: str | None = None) -> str | None:
     """A hash of the prompt's first ``prefix_chars`` characters, or None for an empty prompt.
 
     Requests with the same key likely share KV blocks, so sending them to one
     replica lets its prefix cache hit. Chat messages are hashed as rendered by
     ``render_prompt``; token ids as their first ``prefix_chars // 4`` ids
     (about 4 characters per token). Each kind is tagged so a text and a token
-    list never share a key.
+    list never share a key. ``salt`` (the request's prefix-cache salt) keys
+    the hash: requests that cannot share blocks never share affinity, so where
+    one tenant's request goes says nothing of another's prompts.
     """
     if not prompt:
         return None
@@ -31,7 +33,8 @@ def prefix_key(prompt: Prompt, prefix_chars: int) -> str | None:
         material = "m:" + render_prompt(prompt)[:prefix_chars]
     else:
         material = "i:" + ",".join(str(int(t)) for t in prompt[: max(1, prefix_chars // 4)])
-    return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    key = b"" if salt is None else hashlib.blake2b(salt.encode("utf-8", "surrogatepass"), digest_size=32).digest()
+    return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16, key=key).hexdigest()
 
 
 class PrefixAffinity:

@@ -101,7 +101,7 @@ class ReplicaRouter:
         request = dataclasses.replace(
             request, reasoning_effort=decision.effort, trace_context=tracing.carrier_of(span) or request.trace_context
         )
-        key = prefix_key(request.prompt, self.cfg.router.prefix_chars)
+        key = prefix_key(request.prompt, self.cfg.router.prefix_chars, request.params.cache_salt)
         for attempt in range(2):
             if attempt:  # a new engine id: the first attempt's abort may not have landed yet
                 request = dataclasses.replace(request, request_id=f"{request.request_id}#retry")

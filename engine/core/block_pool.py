@@ -39,16 +39,21 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int], extra_k
     return int.from_bytes(h.digest(), "little")
 
 
-def compute_block_hashes(token_ids: Sequence[int], block_size: int, start_hashes: list[int] | None = None) -> list[int]:
+def compute_block_hashes(
+    token_ids: Sequence[int], block_size: int, start_hashes: list[int] | None = None, salt: str | None = None
+) -> list[int]:
     """Hashes of every full block of ``token_ids``.
 
     ``start_hashes`` (hashes of the leading blocks, e.g. a request's cached
     list) is extended IN PLACE and returned, so only new full blocks get hashed.
+    ``salt`` goes into the first block's hash only: the chain carries it to
+    every later block, so requests with different salts never share a block.
     """
     hashes = [] if start_hashes is None else start_hashes
     for i in range(len(hashes), len(token_ids) // block_size):
         parent = hashes[i - 1] if i > 0 else None
-        hashes.append(hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size]))
+        extra = (salt,) if salt is not None and i == 0 else None
+        hashes.append(hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size], extra))
     return hashes
 
 

@@ -95,7 +95,8 @@ class KVCacheManager:
         self.pool.free_blocks(dropped)
 
     def _block_hashes(self, request: Request) -> list[int]:
-        return compute_block_hashes(request.all_token_ids, self.block_size, request.block_hashes)
+        salt = request.sampling_params.cache_salt
+        return compute_block_hashes(request.all_token_ids, self.block_size, request.block_hashes, salt)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest run of cached full blocks from the start of the request.

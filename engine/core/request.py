@@ -56,6 +56,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-n logprobs per prompt token
     reasoning_effort: str | None = None  # one of EFFORTS; None: engine default
     thinking_budget: int | None = None  # overrides the effort's budget; either is capped at max_tokens // 2
+    # Prefix-cache namespace: a request reuses cached KV blocks only of requests with the same salt
+    # (a serving layer sets it per tenant, so hits never tell one tenant what another sent). None: unsalted.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         # Callers (JSON APIs) hand us lists; freeze them so the params stay
@@ -88,6 +91,11 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs", "thinking_budget"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v >= 0), name, f"must be >= 0 or None, got {v!r}")
+        _check(
+            self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
+            "cache_salt",
+            f"must be a non-empty string or None, got {self.cache_salt!r:.40}",
+        )
         _check(
             self.reasoning_effort is None or self.reasoning_effort in EFFORTS,
             "reasoning_effort",

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from engine.core.request import SamplingParams
 from engine.native.engine_core import EngineCore
@@ -56,11 +57,20 @@ class AbortRequest:
 
 
 @dataclass(frozen=True)
+class Forget:
+    """Abort a request whose submitter gave up during admission, then free its id (``AsyncEngine._forget``)."""
+
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    stream: tuple[asyncio.AbstractEventLoop, Any]  # the stand-in that holds the id meanwhile
+
+
+@dataclass(frozen=True)
 class Wake:
     """Nothing to do: wakes a thread blocked on an empty inbox, so it sees it is stopping."""
 
 
-InboxMessage = AddRequest | AbortRequest | Wake
+InboxMessage = AddRequest | AbortRequest | Forget | Wake
 
 
 class AsyncEngine(EngineClient):
@@ -88,6 +98,12 @@ class AsyncEngine(EngineClient):
         self._inbox.put(AddRequest(request_id, prompt, params, resume, time.time(), loop, done))
         try:
             await done  # admission errors (bad prompt, too long) surface here, raised in the caller
+        except asyncio.CancelledError:
+            # The engine thread may admit it still: end it there (queued behind the add), or it runs on
+            # with no one to stop it. Until then a stand-in holds its id and swallows what it sent.
+            stand_in = self._streams[request_id] = (loop, _Discard())
+            self._inbox.put(Forget(request_id, loop, stand_in))
+            raise
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -174,6 +190,11 @@ class AsyncEngine(EngineClient):
             if delta is not None:
                 self._stats = self.core.stats()
                 self._deliver(delta)
+        elif isinstance(msg, Forget):
+            if self.core.abort_request(msg.request_id) is not None:
+                self._stats = self.core.stats()
+            # after every delta it sent (the same loop, in order): then the id is free
+            msg.loop.call_soon_threadsafe(self._forget, msg)
 
     def _add(self, msg: AddRequest) -> None:
         try:
@@ -188,6 +209,10 @@ class AsyncEngine(EngineClient):
             )
             return
         msg.resolve()
+
+    def _forget(self, msg: Forget) -> None:  # on the submitter's loop
+        if self._streams.get(msg.request_id) is msg.stream:
+            del self._streams[msg.request_id]
 
     def _dispatch(self, deltas: list[RequestDelta]) -> None:
         """A step's deltas, one hand-off per event loop rather than per request: each wakes a loop."""
@@ -204,6 +229,13 @@ class AsyncEngine(EngineClient):
         if target is not None:
             loop, q = target
             loop.call_soon_threadsafe(q.put_nowait, d)
+
+
+class _Discard:
+    """The queue of a request nobody reads any more."""
+
+    def put_nowait(self, item: object) -> None:
+        del item
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestDelta]]) -> None:

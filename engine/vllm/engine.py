@@ -104,6 +104,9 @@ class VllmEngine(EngineClient):
         cache = self.llm.vllm_config.cache_config
         self.num_blocks, self.block_size = int(cache.num_gpu_blocks or 0), int(cache.block_size)
         self._streams: dict[str, _Stream] = {}
+        # Ids between the duplicate check and their stream's registration (vLLM's add_request awaits):
+        # a twin submitted meanwhile is refused instead of replacing the first one's stream.
+        self._admitting: set[str] = set()
         self.finished: dict[str, RequestOutput] = {}  # for LLM's offline API: final outputs until collected
         self._error: BaseException | None = None
 
@@ -123,19 +126,23 @@ class VllmEngine(EngineClient):
     async def submit(
         self, request_id: str, prompt: Prompt, params: SamplingParams, resume: Resume | None = None
     ) -> None:
-        await self._check_can_take(request_id, self._streams, self._error)
+        await self._check_can_take(request_id, self._streams.keys() | self._admitting, self._error)
         admitted = self.admission.admit(request_id, prompt, params, resume)
         resumed = list(resume.token_ids) if resume is not None else []
         stream = _Stream(admitted.state, admitted.params, len(admitted.prompt_ids), time.time())
         vparams = self._vllm_params(admitted, len(resumed))
         from vllm.inputs import TokensPrompt
 
+        vprompt = TokensPrompt(prompt_token_ids=admitted.prompt_ids + resumed)
+        if params.cache_salt is not None:  # vLLM salts the first block's hash, as the native engine does
+            vprompt["cache_salt"] = params.cache_salt
+        self._admitting.add(request_id)
         try:
-            collector = await self.llm.add_request(
-                request_id, TokensPrompt(prompt_token_ids=admitted.prompt_ids + resumed), vparams
-            )
+            collector = await self.llm.add_request(request_id, vprompt, vparams)
         except ValueError as e:  # vLLM's own checks on the request
             raise EngineError("request", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        finally:
+            self._admitting.discard(request_id)
         stream.vllm_id = collector.request_id
         self._streams[request_id] = stream
         stream.pump = asyncio.create_task(self._pump(request_id, stream, collector))

@@ -165,6 +165,39 @@ def test_bad_input_is_refused_naming_the_field(pair):
     assert vllm.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=2))[0].finish_reason  # still serves
 
 
+def test_cache_salt_keeps_prefix_hits_apart(pair):
+    """Same prompt, three salts: only a request with the first one's salt reports its cached prefix."""
+    prompt = [1] + list(range(500, 699))  # 200 tokens: at least one full block of either engine (vLLM on CPU: 128)
+
+    def cached(llm: LLM, salt: str) -> int:
+        sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, cache_salt=salt)
+        return llm.generate([prompt], sp)[0].usage.cached_tokens
+
+    for llm in pair:
+        assert cached(llm, "tenant-a") == 0
+        assert cached(llm, "tenant-b") == 0  # a's prefix is cached, but not for b
+        assert cached(llm, "tenant-a") > 0
+
+
+def test_a_twin_submitted_during_admission_is_refused_and_the_first_completes(pair):
+    """vLLM's add_request awaits: a twin sent meanwhile must not replace the first request's stream."""
+    offline = pair[1]._vllm
+    engine = offline.engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def twins() -> tuple[list, list]:
+        submits = [engine.submit("twin", [1, 2, 3, 4] * 8, params) for _ in range(2)]
+        results = await asyncio.gather(*submits, return_exceptions=True)
+        await engine.abort("no-such-request")  # what a cancelled twin's caller would do; touches nothing
+        deltas = [d async for d in engine.stream("twin")]
+        return results, deltas
+
+    results, deltas = offline._run(asyncio.wait_for(twins(), 120))
+    refused = [r for r in results if isinstance(r, EngineError)]
+    assert len(refused) == 1 and refused[0].field == "request_id" and results.count(None) == 1
+    assert sum(len(d.token_ids) for d in deltas) == 12 and deltas[-1].finish_reason == "length"
+
+
 def _engine_processes() -> list[int]:
     """vLLM's engine processes under this test process (found by the title vLLM gives them)."""
     found = []
