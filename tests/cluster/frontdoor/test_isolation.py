@@ -15,7 +15,7 @@ import pytest
 from cluster.backends import LocalBackend
 from cluster.backends.peer import PeerBackend
 from cluster.config import FrontDoorConfig, PeerConfig, TenantConfig
-from cluster.frontdoor.convert import MAX_REQUEST_ID_CHARS, encode_generate
+from cluster.frontdoor.convert import FORWARDED_REQUEST_ID_CHARS, encode_generate
 from cluster.frontdoor.isolation import cache_salt
 from cluster.policy.replicas import prefix_key
 from cluster.types import CACHE_SALT, GenerateRequest, ModelInfo
@@ -159,9 +159,9 @@ def forwarded_request_id(request_id: str) -> str:
 
 def test_a_long_forwarded_id_keeps_its_tenant():
     """Cut to the last 128 characters, two tenants' long ids would become one id at the peer."""
-    client_id = "x" * MAX_REQUEST_ID_CHARS
+    client_id = "x" * FORWARDED_REQUEST_ID_CHARS
     a, b = forwarded_request_id(f"a/{client_id}"), forwarded_request_id(f"b/{client_id}")
-    assert a != b and max(len(a), len(b)) <= MAX_REQUEST_ID_CHARS
+    assert a != b and max(len(a), len(b)) <= FORWARDED_REQUEST_ID_CHARS
     assert forwarded_request_id("a/short") == "a/short"  # ids that fit go as they are
 
 
