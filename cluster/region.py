@@ -27,7 +27,7 @@ from ray.serve.config import gRPCOptions
 
 from cluster.backends.serve import ServeBackend
 from cluster.config import ClusterConfig
-from cluster.frontdoor.admin import AdminService
+from cluster.frontdoor.admin import ADMIN_LINE, AdminService
 from cluster.frontdoor.server import FrontDoor
 from cluster.preflight import preflight
 from cluster.regions.region_router import RegionRouter, build_peers, build_region_router
@@ -91,6 +91,7 @@ class RegionServer:
         self.frontdoor: FrontDoor | None = None
         self.router: RegionRouter | None = None
         self.port: int | None = None
+        self.admin_port: int | None = None  # levante.v1.Admin's own port, when frontdoor.admin.enabled
         self.telemetry: ServerTelemetry | None = None  # traces and /metrics of this process
         self._temp_dir: str | None = None
         self._owns_ray = False
@@ -121,9 +122,13 @@ class RegionServer:
             self.cfg.model_name,
             metrics=self.telemetry.metrics,
         )
-        if self.cfg.frontdoor.admin:
-            self.frontdoor.admin = AdminService(self.router, self.frontdoor, local, self.frontdoor.authenticate)
+        admin = self.cfg.frontdoor.admin
+        if admin.enabled:  # its own server, on its own port (loopback by default), behind the admin credential
+            self.frontdoor.admin = AdminService(self.router, self.frontdoor, local)
         self.port = await self.frontdoor.start()
+        if admin.enabled:  # `levante up` reads the bound port from this line (admin.port 0: any free port)
+            self.admin_port = self.frontdoor.admin_port
+            self.progress(f"{ADMIN_LINE}{admin.host}:{self.admin_port}")
         self.router.start()
         self.telemetry.watch(self.router, local.replica_statuses)
         if self.cfg.telemetry.tracing.enabled:

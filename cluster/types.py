@@ -42,6 +42,9 @@ GRPC_NAMES = {code: code.upper() for code in ERROR_CODES}  # the gRPC status eac
 # gRPC metadata a region router puts on a call it forwards to a peer: the peer serves it itself
 # (or fails), so a request never bounces between regions.
 FORWARDED_FROM = "levante-forwarded-from"
+# ... and the effort ceiling of the tenant who sent it, which the peer enforces (AUTO included). Both are
+# trusted only from a caller with the peer role; from anyone else they are ignored and counted.
+MAX_EFFORT = "levante-max-effort"
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
 
