@@ -126,9 +126,9 @@ def test_config_refuses_admin_without_a_credential_and_names_the_old_form():
 
 def test_admin_start_refuses_an_unset_key_variable(loop, monkeypatch):
     monkeypatch.delenv(ADMIN_ENV)
-    with pytest.raises(ValueError, match=rf"frontdoor\.admin\.api_key_env: environment variable '{ADMIN_ENV}'"):
-        with admin_door(loop, ScriptedBackend()):
-            pass
+    match = rf"frontdoor\.admin\.api_key_env: environment variable '{ADMIN_ENV}'"
+    with pytest.raises(ValueError, match=match), admin_door(loop, ScriptedBackend()):
+        pass
 
 
 def test_kill_rank_refuses_rank_0_the_groups_driver(loop):
