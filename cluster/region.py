@@ -138,6 +138,11 @@ class RegionServer:
             )
         if self.cfg.regions.peers:
             self.progress("peers: " + ", ".join(f"{p.name} at {p.target}" for p in self.cfg.regions.peers))
+            if not any(t.role == "peer" for t in self.cfg.frontdoor.tenants):
+                self.progress(
+                    "warning: no frontdoor.tenants entry has role: peer, so the peers cannot resume streams "
+                    "here, and calls they forward are taken as new ones"
+                )
         scheme = "tls" if self.cfg.frontdoor.tls.enabled else "plaintext"
         self.progress(
             f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "

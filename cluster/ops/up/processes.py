@@ -111,6 +111,10 @@ class LocalRegions:
     def admin_key(self) -> str:
         return self.keys[ADMIN_KEY_ENV]
 
+    @property
+    def peer_key(self) -> str:
+        return self.keys[PEER_KEY_ENV]
+
     # ---- state ---------------------------------------------------------------------------------
 
     @property

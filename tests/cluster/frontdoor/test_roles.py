@@ -13,10 +13,11 @@ import grpc
 import pytest
 
 from cluster.backends.peer import PeerBackend
-from cluster.config import AdminConfig, AutoEffortConfig, FrontDoorConfig, PeerConfig, TenantConfig
+from cluster.config import AdminConfig, AutoEffortConfig, FrontDoorConfig, PeerConfig, TenantConfig, TLSConfig
 from cluster.config_loader import ConfigError, config_from_dict
 from cluster.frontdoor import FrontDoor
 from cluster.frontdoor.admin import AdminService
+from cluster.frontdoor.auth import AuthError, Tenants
 from cluster.policy.effort import decide_for
 from cluster.telemetry.metrics import ServerMetrics
 from cluster.types import AUTO, FORWARDED_FROM, MAX_EFFORT, GenerateRequest
@@ -24,6 +25,7 @@ from engine.types import SamplingParams
 from levante.v1 import admin_pb2, admin_pb2_grpc
 from levante.v1 import inference_pb2 as pb
 
+from .certs import make_pki
 from .harness import ScriptedBackend, channel, generate, rpc_error, wait_until
 
 ADMIN_ENV = "LEVANTE_TEST_ADMIN_KEY"
@@ -52,9 +54,9 @@ class Replicas:
 
 
 @contextlib.contextmanager
-def admin_door(loop, backend, tenants=TENANTS, **door) -> Iterator[tuple[FrontDoor, Replicas]]:
-    """A front door with Admin enabled (admin key from ADMIN_ENV) and a router stand-in."""
-    admin = AdminConfig(enabled=True, api_key_env=ADMIN_ENV)
+def admin_door(loop, backend, tenants=TENANTS, admin=None, **door) -> Iterator[tuple[FrontDoor, Replicas]]:
+    """A front door with Admin enabled (by default: admin key from ADMIN_ENV) and a router stand-in."""
+    admin = admin or AdminConfig(enabled=True, api_key_env=ADMIN_ENV)
     door_ = FrontDoor(FrontDoorConfig(port=0, tenants=tenants, admin=admin, **door), backend, "eu", "tiny-moe")
     replicas = Replicas()
     router = SimpleNamespace(faults=SimpleNamespace(delay_s=0.0))
@@ -111,6 +113,24 @@ def test_admin_is_served_on_its_own_loopback_port_never_on_the_public_one(loop):
         assert err.code() == grpc.StatusCode.UNIMPLEMENTED
         assert door.admin.router.faults.delay_s == 0.0 and door._health.serving  # no drain happened
     assert AdminConfig().host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("listed, code", [("test client", None), ("ops", grpc.StatusCode.PERMISSION_DENIED)])
+def test_a_client_certificate_listed_in_client_identities_is_an_admin(loop, tmp_path, listed, code):
+    pki = make_pki(tmp_path)
+    tls = TLSConfig(cert=str(pki["server_cert"]), key=str(pki["server_key"]), client_ca=str(pki["ca"]))
+    admin = AdminConfig(enabled=True, client_identities=(listed,))
+    with admin_door(loop, ScriptedBackend(), admin=admin, tls=tls) as (door, _):
+        creds = grpc.ssl_channel_credentials(
+            pki["ca"].read_bytes(), pki["client_key"].read_bytes(), pki["client_cert"].read_bytes()
+        )
+        with grpc.secure_channel(f"localhost:{door.admin_port}", creds) as ch:
+            ask = lambda: admin_pb2_grpc.AdminStub(ch).InjectFault(fault(admin_pb2.FAULT_KIND_DRAIN), timeout=5)
+            if code is None:
+                assert "draining" in ask().detail and not door._health.serving
+            else:
+                err = rpc_error(ask)
+                assert err.code() == code and "'test client': not in frontdoor.admin.client_identities" in err.details()
 
 
 def test_config_refuses_admin_without_a_credential_and_names_the_old_form():
@@ -176,6 +196,17 @@ async def _event() -> asyncio.Event:
 
 
 # ---- the peer role -----------------------------------------------------------------------------
+
+
+def test_peer_keys_alone_keep_keyless_calls_anonymous_and_refuse_unknown_keys():
+    tenants = Tenants.from_config((TenantConfig("us-east", api_key="peer-key", role="peer"),), {})
+    anonymous = tenants.authenticate([])
+    assert anonymous.name == "anonymous" and not anonymous.is_peer  # the dev mode: generate, never resume
+    assert tenants.authenticate(bearer("peer-key")).is_peer
+    with pytest.raises(AuthError, match="unknown API key"):
+        tenants.authenticate(bearer("guess"))
+    with pytest.raises(ValueError, match=r"^role: must be one of \('tenant', 'peer'\)"):
+        TenantConfig("ops", api_key="k", role="admin")
 
 
 @contextlib.contextmanager
