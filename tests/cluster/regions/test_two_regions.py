@@ -4,6 +4,7 @@ tiny engine, reached only over gRPC: failover, resume mid-stream, drain, ejectio
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import grpc
@@ -42,13 +43,9 @@ HEALTH = HealthCheckConfig(
 # the regions' routers present a peer key to each other (only a peer may resume a stream); Admin wants its own
 PEER_KEY_ENV, ADMIN_KEY_ENV = "LEVANTE_TEST_PEER_KEY", "LEVANTE_TEST_ADMIN_KEY"
 ADMIN_METADATA = (("authorization", "Bearer admin-key"),)
+os.environ.setdefault(PEER_KEY_ENV, "peer-key")  # also for the modules that import Regions
+os.environ.setdefault(ADMIN_KEY_ENV, "admin-key")
 SAMPLED = dict(max_tokens=40, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
-
-
-@pytest.fixture(autouse=True)
-def keys(monkeypatch):
-    monkeypatch.setenv(PEER_KEY_ENV, "peer-key")
-    monkeypatch.setenv(ADMIN_KEY_ENV, "admin-key")
 
 
 class Regions:
