@@ -75,6 +75,7 @@ class FrontDoor:
         self.admin_port = 0  # the admin server's own port, once started
         # peer-only metadata that a caller without the peer role sent, and we ignored (also in metrics)
         self.ignored_metadata: collections.Counter[str] = collections.Counter()
+        self._warned: set[tuple[str, str]] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -269,7 +270,8 @@ class FrontDoor:
 
     def _peer_metadata(self, tenant: Tenant, metadata: dict[str, str]) -> tuple[str | None, str | None]:
         """(forwarded_from, the original tenant's effort ceiling): trusted from a peer only. Anyone else's
-        are ignored, counted and logged: they would turn off failover and lift the tenant's ceiling."""
+        are ignored, counted and logged (once per tenant and key: a client cannot flood the log); a forged
+        forwarded-from would turn off the caller's failover and its tenant's first-token limit."""
         forwarded_from, ceiling = metadata.get(FORWARDED_FROM), metadata.get(MAX_EFFORT)
         if tenant.is_peer:
             return forwarded_from, ceiling if ceiling in EFFORTS else None
@@ -278,7 +280,9 @@ class FrontDoor:
                 self.ignored_metadata[key] += 1
                 if self.metrics is not None:
                     self.metrics.untrusted_metadata.labels(key).inc()
-                log.warning("ignored %s metadata from tenant %r: it has no peer role", key, tenant.name)
+                if (tenant.name, key) not in self._warned:
+                    self._warned.add((tenant.name, key))
+                    log.warning("ignored %s metadata from tenant %r: it has no peer role (counted)", key, tenant.name)
         return None, None
 
     async def _checked(
