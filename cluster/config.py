@@ -13,6 +13,7 @@ from engine.config import EFFORTS, EngineConfig
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 ACCELERATORS = ("cpu", "gpu")
+ROLES = ("tenant", "peer")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -54,6 +55,10 @@ class TenantConfig:
     # Tenants share prefix-cache hits (and their timing) only within one group; None: a group of its own
     prefix_cache_group: str | None = None
 
+    # "peer": another region's router; only a peer may resume a stream or say which region forwarded a
+    # call (and whose effort ceiling it carries). A peer key alone does not turn on authentication.
+    role: str = "tenant"
+
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must not be empty")
         # "tenant/" prefixes the tenant's request ids: a "/" in a name would let two tenants' ids collide
@@ -62,6 +67,7 @@ class TenantConfig:
         _check(
             (self.api_key is None) != (self.api_key_env is None), "api_key", "set exactly one of api_key, api_key_env"
         )
+        _check(self.role in ROLES, "role", f"must be one of {ROLES}, got {self.role!r}")
         _check(self.requests_per_second >= 0, "requests_per_second", "must be >= 0")
         _check(self.burst >= 0, "burst", "must be >= 0")
         _check(self.max_concurrency >= 0, "max_concurrency", "must be >= 0")
@@ -98,6 +104,30 @@ class InputLimitsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """``levante.v1.Admin`` (fault injection, region health) on a server and port of its own."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # loopback: reachable only from this machine unless set otherwise
+    port: int = 0  # 0: any free port (logged, and read back by `levante up`)
+    api_key_env: str | None = None  # environment variable holding the admin key (read at server start)
+    # mutual TLS: subject common names or SAN DNS names of client certificates that are admins
+    client_identities: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host), "host", "must not be empty")
+        _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
+        _check(self.api_key_env is None or bool(self.api_key_env), "api_key_env", "must not be empty")
+        _check(all(self.client_identities), "client_identities", "must not contain empty names")
+        _check(
+            not self.enabled or self.api_key_env is not None or bool(self.client_identities),
+            "api_key_env",
+            "admin is enabled without a credential: set api_key_env (a variable holding the admin key) "
+            "or client_identities (mutual TLS)",
+        )
+
+
+@dataclass(frozen=True)
 class FrontDoorConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port
@@ -108,7 +138,7 @@ class FrontDoorConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may take to finish
     backend_timeout_s: float = 90.0  # no chunk from the backend for this long (first or next): UNAVAILABLE
     heartbeat_s: float = 0.5  # with nothing else to send for this long, a stream gets a Progress message
-    admin: bool = False  # serve levante.v1.Admin (fault injection for drills, region health); never on a public port
+    admin: AdminConfig = field(default_factory=AdminConfig)  # levante.v1.Admin, on its own port
     limits: InputLimitsConfig = field(default_factory=InputLimitsConfig)
 
     def __post_init__(self) -> None:
@@ -122,6 +152,16 @@ class FrontDoorConfig:
         _check(len(names) == len(set(names)), "tenants", "tenant names must be unique")
         keys = [t.api_key for t in self.tenants if t.api_key is not None]  # a key must identify one tenant
         _check(len(keys) == len(set(keys)), "tenants", "tenant api_keys must be unique")
+        _check(
+            not self.admin.client_identities or self.tls.client_ca is not None,
+            "admin.client_identities",
+            "need mutual TLS: set tls.client_ca (and tls.cert, tls.key)",
+        )
+        _check(
+            not (self.admin.enabled and self.admin.port and self.admin.port == self.port),
+            "admin.port",
+            f"must differ from port ({self.port}): admin never shares the public port",
+        )
 
 
 @dataclass(frozen=True)

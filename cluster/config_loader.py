@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from cluster.config import ClusterConfig, HealthCheckConfig
+from cluster.config import ClusterConfig, FrontDoorConfig, HealthCheckConfig
 from engine.config import EngineConfig
 
 _MISSING = dataclasses.MISSING
@@ -52,6 +52,18 @@ _REPLACED: dict[tuple[type, str], str] = {
     (HealthCheckConfig, "first_token_timeout_s"): f"removed: {_LIVENESS}; a limit on the first token "
     "is a tenant's setting: frontdoor.tenants[].first_token_timeout_s (it ends the request with "
     "DEADLINE_EXCEEDED, and ejects no region)",
+}
+
+# Keys whose form changed: a value of the old type gets this message instead of a bare type error.
+_OLD_FORMS: dict[tuple[type, str], tuple[type, str]] = {
+    (FrontDoorConfig, "admin"): (
+        bool,
+        (
+            "a bare true/false is the old form: admin is now a mapping, served on its own port "
+            "(127.0.0.1 by default) and only with a credential, e.g. "
+            "{enabled: true, api_key_env: LEVANTE_ADMIN_KEY} (see configs/README.md)"
+        ),
+    ),
 }
 
 
@@ -253,6 +265,9 @@ class _Mapper:
             if key not in fields:
                 why = _REPLACED.get((cls, str(key))) or _unknown_key(str(key), fields)
                 raise self.error(_join(path, str(key)), why)
+            old = _OLD_FORMS.get((cls, str(key)))
+            if old is not None and isinstance(data[key], old[0]):
+                raise self.error(_join(path, str(key)), old[1])
         kwargs = {}
         for name, f in fields.items():
             if name in data:

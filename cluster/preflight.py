@@ -31,7 +31,13 @@ def preflight(cfg: ClusterConfig, source: str | None = None, environ: Mapping[st
 
 def problems(cfg: ClusterConfig, environ: Mapping[str, str]) -> list[Problem]:
     """Every problem found, in file order: TLS files, tenants' keys, peers, then ports."""
-    return [*_tls_files(cfg), *_tenant_keys(cfg, environ), *_peers(cfg, environ), *_ports(cfg)]
+    return [
+        *_tls_files(cfg),
+        *_tenant_keys(cfg, environ),
+        *_admin_key(cfg, environ),
+        *_peers(cfg, environ),
+        *_ports(cfg),
+    ]
 
 
 def _unreadable(path: str) -> str | None:
@@ -71,6 +77,14 @@ def _tenant_keys(cfg: ClusterConfig, environ: Mapping[str, str]) -> Iterator[Pro
         owners.setdefault(key, tenant.name)
 
 
+def _admin_key(cfg: ClusterConfig, environ: Mapping[str, str]) -> Iterator[Problem]:
+    admin = cfg.frontdoor.admin
+    if admin.enabled and admin.api_key_env is not None:
+        why = _unset(environ, admin.api_key_env)
+        if why:
+            yield "frontdoor.admin.api_key_env", why
+
+
 def _peers(cfg: ClusterConfig, environ: Mapping[str, str]) -> Iterator[Problem]:
     for i, peer in enumerate(cfg.regions.peers):
         where = f"regions.peers[{i}]"
@@ -90,6 +104,8 @@ def _ports(cfg: ClusterConfig) -> Iterator[Problem]:
     wanted = [("frontdoor.port", fd.host, fd.port)]
     if metrics.enabled:
         wanted.append(("telemetry.metrics.port", metrics.host, metrics.port))
+    if fd.admin.enabled:
+        wanted.append(("frontdoor.admin.port", fd.admin.host, fd.admin.port))
     for key, host, port in wanted:
         why = port_in_use(host, port)
         if why:

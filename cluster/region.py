@@ -26,7 +26,7 @@ from ray._private import ray_constants
 
 from cluster.backends.serve import ServeBackend
 from cluster.config import ClusterConfig
-from cluster.frontdoor.admin import AdminService
+from cluster.frontdoor.admin import ADMIN_LINE, AdminService
 from cluster.frontdoor.server import FrontDoor
 from cluster.preflight import preflight
 from cluster.regions.region_router import RegionRouter, build_peers, build_region_router
@@ -90,6 +90,7 @@ class RegionServer:
         self.frontdoor: FrontDoor | None = None
         self.router: RegionRouter | None = None
         self.port: int | None = None
+        self.admin_port: int | None = None  # levante.v1.Admin's own port, when frontdoor.admin.enabled
         self.telemetry: ServerTelemetry | None = None  # traces and /metrics of this process
         self._temp_dir: str | None = None
         self._owns_ray = False
@@ -120,9 +121,13 @@ class RegionServer:
             self.cfg.model_name,
             metrics=self.telemetry.metrics,
         )
-        if self.cfg.frontdoor.admin:
-            self.frontdoor.admin = AdminService(self.router, self.frontdoor, local, self.frontdoor.authenticate)
+        admin = self.cfg.frontdoor.admin
+        if admin.enabled:  # its own server, on its own port (loopback by default), behind the admin credential
+            self.frontdoor.admin = AdminService(self.router, self.frontdoor, local)
         self.port = await self.frontdoor.start()
+        if admin.enabled:  # `levante up` reads the bound port from this line (admin.port 0: any free port)
+            self.admin_port = self.frontdoor.admin_port
+            self.progress(f"{ADMIN_LINE}{admin.host}:{self.admin_port}")
         self.router.start()
         self.telemetry.watch(self.router, local.replica_statuses)
         if self.cfg.telemetry.tracing.enabled:
@@ -132,6 +137,11 @@ class RegionServer:
             )
         if self.cfg.regions.peers:
             self.progress("peers: " + ", ".join(f"{p.name} at {p.target}" for p in self.cfg.regions.peers))
+            if not any(t.role == "peer" for t in self.cfg.frontdoor.tenants):
+                self.progress(
+                    "warning: no frontdoor.tenants entry has role: peer, so the peers cannot resume streams "
+                    "here, and calls they forward are taken as new ones"
+                )
         scheme = "tls" if self.cfg.frontdoor.tls.enabled else "plaintext"
         self.progress(
             f"region {self.cfg.region!r} serving {self.cfg.model_name!r} on "

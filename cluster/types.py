@@ -45,6 +45,9 @@ FORWARDED_FROM = "levante-forwarded-from"
 # ... and the prefix-cache salt of its caller, so the peer keeps that caller's hits apart from its other
 # callers' (the peer only ever narrows its own caller's namespace with it: see cluster.frontdoor.isolation).
 CACHE_SALT = "levante-cache-salt"
+# ... and the effort ceiling of the tenant who sent it, which the peer enforces (AUTO included). Both are
+# trusted only from a caller with the peer role; from anyone else they are ignored and counted.
+MAX_EFFORT = "levante-max-effort"
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
 

@@ -8,6 +8,12 @@ no missing tokens. RESOURCE_EXHAUSTED spills to the next region; only when every
 does the caller get it. Bad requests, refused credentials and deadlines are never retried: they
 reach the caller as themselves (``cluster.regions.codes`` holds the rule).
 
+A region resumes a stream only for a caller with the peer role (another region's router): the
+tokens a ``resume`` carries are taken on trust. A caller without that role (the client library of
+an end client) resumes by replay instead (``replay=True``): the request goes to the next region
+again, from the start, with the same seed and effort, and the tokens the caller already has are
+checked against the replay's and dropped.
+
 Used twice: by each front door (its own region plus its peers) and by the client library
 (``cluster.regions.region_client``: a list of front doors, no local region).
 """
@@ -29,6 +35,7 @@ from cluster.regions.health_book import HealthBook
 from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
 from cluster.types import (
     DEADLINE_EXCEEDED,
+    FAILED_PRECONDITION,
     RESOURCE_EXHAUSTED,
     UNAVAILABLE,
     Backend,
@@ -112,6 +119,57 @@ def _first_token_late(progress: _Progress) -> Chunk:
     )
 
 
+class _Replay:
+    """Drops from a replayed stream what the caller already has, checking its tokens match."""
+
+    def __init__(self, progress: _Progress, region: str) -> None:
+        self.expected = list(progress.token_ids)
+        self.tokens, self.text, self.reasoning = len(self.expected), progress.text_chars, progress.reasoning_chars
+        self.seen = 0  # replayed tokens checked so far
+        self.region = region
+
+    def trim(self, chunk: Chunk) -> Chunk:
+        """The chunk less the part the caller has; an error chunk when the replay differs."""
+        k = min(len(chunk.token_ids), self.tokens)
+        if chunk.token_ids[:k] != self.expected[self.seen : self.seen + k]:
+            at = self.seen + next(i for i in range(k) if chunk.token_ids[i] != self.expected[self.seen + i])
+            return error_chunk(
+                FAILED_PRECONDITION,
+                "resume",
+                f"the replay in {self.region} differs from the tokens already sent, at token {at}; "
+                f"the stream cannot go on unchanged (retry the request)",
+            )
+        t, r = min(len(chunk.text), self.text), min(len(chunk.reasoning_text), self.reasoning)
+        self.tokens, self.text, self.reasoning, self.seen = (
+            self.tokens - k,
+            self.text - t,
+            self.reasoning - r,
+            self.seen + k,
+        )
+        if not (k or t or r):
+            return chunk
+        logprobs = chunk.logprobs[k:] if chunk.logprobs is not None else None
+        return dataclasses.replace(
+            chunk,
+            token_ids=chunk.token_ids[k:],
+            text=chunk.text[t:],
+            reasoning_text=chunk.reasoning_text[r:],
+            logprobs=logprobs,
+        )
+
+
+async def _replayed(chunks: AsyncIterator[Chunk], replay: _Replay) -> AsyncIterator[Chunk]:
+    async with contextlib.aclosing(chunks) as stream:  # type: ignore[type-var]
+        async for chunk in stream:
+            if chunk.error is not None:
+                yield chunk
+                return
+            chunk = replay.trim(chunk)
+            yield chunk
+            if chunk.finished:
+                return
+
+
 def _with_seed(request: GenerateRequest) -> GenerateRequest:
     """A sampled request gets a seed now, so a resumed stream draws from the same generator."""
     params = request.params
@@ -128,9 +186,11 @@ class FailoverBackend(Backend):
         cfg: RegionsConfig,
         local: str | None = None,
         by_latency: bool = True,
+        replay: bool = False,
     ):
         self.members, self.book, self.cfg, self.local = members, book, cfg, local
         self.by_latency = by_latency  # False: the members' own order (a client's list of endpoints)
+        self.replay = replay  # True: resume a broken stream by replay (a caller without the peer role)
         self.failover_listeners: list[Callable[[FailoverHop], None]] = []  # metrics (cluster/telemetry)
 
     @property
@@ -166,7 +226,7 @@ class FailoverBackend(Backend):
             if request.deadline is not None and time.time() >= request.deadline:
                 break
             outcome = _Outcome()
-            attempt = trace.attempt(region, index, self._for_attempt(request, progress))
+            attempt = trace.attempt(region, index, self._for_attempt(request, progress, self.replay))
             async with contextlib.aclosing(self._attempt(region, attempt, progress, outcome)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -190,13 +250,13 @@ class FailoverBackend(Backend):
             yield error_chunk(UNAVAILABLE, "regions", f"no region could serve this request; tried {tried}")
 
     @staticmethod
-    def _for_attempt(request: GenerateRequest, progress: _Progress) -> GenerateRequest:
+    def _for_attempt(request: GenerateRequest, progress: _Progress, replay: bool) -> GenerateRequest:
         resume = progress.resume()
         if resume is None:
             return request
         # the effort the first region chose, so the next one renders the same prompt and budget
         effort = progress.decision.effort if progress.decision is not None else request.reasoning_effort
-        return dataclasses.replace(request, resume=resume, reasoning_effort=effort)
+        return dataclasses.replace(request, resume=None if replay else resume, reasoning_effort=effort)
 
     async def _attempt(
         self, region: str, request: GenerateRequest, progress: _Progress, outcome: _Outcome
@@ -208,7 +268,10 @@ class FailoverBackend(Backend):
         failure: a region that heartbeats while it prefills is alive, however long the prompt.
         """
         limit = self.cfg.health.stream_idle_timeout_s
-        async with contextlib.aclosing(self.members[region].generate(request)) as chunks:
+        source = self.members[region].generate(request)
+        if self.replay and progress.token_ids:
+            source = _replayed(source, _Replay(progress, region))
+        async with contextlib.aclosing(source) as chunks:
             while True:
                 timeout = min([limit, *_left(request, progress)])
                 try:

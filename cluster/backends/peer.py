@@ -3,8 +3,10 @@
 Requests go as bytes made by ``cluster.frontdoor.convert`` and come back as chunks; a failed
 call becomes an error chunk with the peer's own details and the peer as its ``origin``: a peer
 that died or broke the call is UNAVAILABLE (the caller moves on), one that refused the request
-keeps its code (``cluster.regions.codes`` says which fail over). ``forwarded_from`` marks calls a router makes, so the peer serves them itself instead of
-forwarding them again.
+keeps its code (``cluster.regions.codes`` says which fail over). ``forwarded_from`` marks calls a
+router makes, so the peer serves them itself instead of forwarding them again; such calls also carry
+the tenant's effort ceiling, which the peer enforces (AUTO included). A peer trusts both, and a
+``resume``, only from a key with the peer role: a region router presents one (``api_key_env``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cluster.types import (
     CACHE_SALT,
     FORWARDED_FROM,
     GRPC_NAMES,
+    MAX_EFFORT,
     UNAVAILABLE,
     Backend,
     Chunk,
@@ -94,11 +97,16 @@ class PeerBackend(Backend):
             self._channel = None
 
     def _metadata(
-        self, trace_context: dict[str, str] | None = None, cache_salt: str | None = None
+        self,
+        trace_context: dict[str, str] | None = None,
+        cache_salt: str | None = None,
+        max_effort: str | None = None,
     ) -> list[tuple[str, str]]:
         md = [("authorization", f"Bearer {self._api_key}")] if self._api_key else []
         if self.forwarded_from is not None:
             md.append((FORWARDED_FROM, self.forwarded_from))
+            if max_effort is not None:  # the tenant's ceiling travels with its call
+                md.append((MAX_EFFORT, max_effort))
         if cache_salt is not None:
             md.append((CACHE_SALT, cache_salt))
         return md + grpc_metadata(trace_context)  # W3C traceparent/tracestate: the peer's spans join the trace
@@ -109,7 +117,7 @@ class PeerBackend(Backend):
         call = self.channel.unary_stream(f"/{SERVICE_NAME}/Generate")(
             encode_generate(request),
             timeout=timeout,
-            metadata=self._metadata(request.trace_context, request.params.cache_salt),
+            metadata=self._metadata(request.trace_context, request.params.cache_salt, request.max_effort),
         )
         try:
             async for raw in call:

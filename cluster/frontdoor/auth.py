@@ -1,5 +1,9 @@
 """API keys -> tenants, and each tenant's limits: a token bucket for the request rate, a concurrency cap.
 
+Roles: a key belongs to a tenant (an end client) or a peer (another region's router, which alone
+may resume a stream or name the region that forwarded a call). The admin key, or a listed client
+certificate, is the only admin credential (``AdminAuth``); no tenant or peer key is one.
+
 Keys are compared by their SHA-256 digest, so no key is kept or compared in
 the clear. ``Tenants`` lives on the front door's event loop: no locks.
 """
@@ -7,17 +11,23 @@ the clear. ``Tenants`` lives on the front door's event loop: no locks.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cluster.config import TenantConfig
+from cluster.config import AdminConfig, TenantConfig
 
 ANONYMOUS = "anonymous"
+PEER = "peer"
 
 
 class AuthError(Exception):
     """The caller is not who it must be (UNAUTHENTICATED)."""
+
+
+class Forbidden(Exception):
+    """The caller is known but its role does not allow the call (PERMISSION_DENIED)."""
 
 
 class LimitExceeded(Exception):
@@ -49,7 +59,12 @@ class Tenant:
     bucket: TokenBucket | None = None  # None: no rate limit
     first_token_timeout_s: float | None = None  # the tenant's limit on a first token; None: none
     cache_group: str | None = None  # prefix-cache namespace (frontdoor.tenants[].prefix_cache_group); None: the name
+    role: str = "tenant"  # or PEER
     inflight: int = field(default=0, compare=False)
+
+    @property
+    def is_peer(self) -> bool:
+        return self.role == PEER
 
 
 def _digest(key: str) -> bytes:
@@ -68,11 +83,24 @@ def _tenant(cfg: TenantConfig, clock: Callable[[], float]) -> Tenant:
         bucket,
         first_token_timeout_s=first_token,
         cache_group=cfg.cache_group,
+        role=cfg.role,
     )
 
 
+def _bearer(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
+    """The key of ``authorization: Bearer <key>``; None when no such header was sent."""
+    header = next((v for k, v in metadata if k.lower() == "authorization"), None)
+    if header is None:
+        return None
+    scheme, _, key = header.strip().partition(" ") if isinstance(header, str) else ("", "", "")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthError("authorization: expected 'Bearer <api key>'")
+    return key.strip()
+
+
 class Tenants:
-    """Who may call. With no tenants configured every call is the unlimited tenant ``anonymous``."""
+    """Who may call. With no tenant of role ``tenant`` configured, a call without a key is the unlimited
+    tenant ``anonymous`` (a dev setup); a call with a key must present a configured one (a peer's)."""
 
     def __init__(self, by_digest: Mapping[bytes, Tenant]):
         self._by_digest = dict(by_digest)
@@ -97,21 +125,24 @@ class Tenants:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._by_digest)
+        """Whether every call needs a key (some tenant is configured; peers alone do not require one)."""
+        return any(not t.is_peer for t in self._by_digest.values())
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Tenant:
-        if not self.enabled:
+        if not self._by_digest:
+            return self._anonymous  # no keys at all: whatever a caller sends, it is anonymous
+        key = _bearer(metadata)
+        if key is None:
+            if self.enabled:
+                raise AuthError("authorization: missing; send metadata 'authorization: Bearer <api key>'")
             return self._anonymous
-        header = next((v for k, v in metadata if k.lower() == "authorization"), None)
-        if not isinstance(header, str):
-            raise AuthError("authorization: missing; send metadata 'authorization: Bearer <api key>'")
-        scheme, _, key = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthError("authorization: expected 'Bearer <api key>'")
-        tenant = self._by_digest.get(_digest(key.strip()))
+        tenant = self.lookup(key)
         if tenant is None:
             raise AuthError("authorization: unknown API key")
         return tenant
+
+    def lookup(self, key: str) -> Tenant | None:
+        return self._by_digest.get(_digest(key))
 
     def admit(self, tenant: Tenant) -> None:
         """Count one call against the tenant's limits; pair with ``release`` when it ends."""
@@ -129,3 +160,47 @@ class Tenants:
 
     def release(self, tenant: Tenant) -> None:
         tenant.inflight -= 1
+
+
+class AdminAuth:
+    """Who may call ``levante.v1.Admin``: the admin key, or a client certificate named in
+    ``frontdoor.admin.client_identities``. Tenant and peer keys are known callers without the role."""
+
+    def __init__(self, key_digest: bytes | None, identities: frozenset[str], tenants: Tenants):
+        self._digest, self._identities, self._tenants = key_digest, identities, tenants
+
+    @classmethod
+    def from_config(cls, cfg: AdminConfig, environ: Mapping[str, str], tenants: Tenants) -> AdminAuth:
+        """Read the admin key now; raises ValueError naming the key when its variable is unset or reused."""
+        digest = None
+        if cfg.api_key_env is not None:
+            key = environ.get(cfg.api_key_env)
+            if not key:
+                raise ValueError(
+                    f"frontdoor.admin.api_key_env: environment variable {cfg.api_key_env!r} is not set or empty"
+                )
+            if tenants.lookup(key) is not None:
+                raise ValueError("frontdoor.admin.api_key_env: the admin key is also a tenant's or peer's key")
+            digest = _digest(key)
+        return cls(digest, frozenset(cfg.client_identities), tenants)
+
+    def check(self, metadata: Sequence[tuple[str, str | bytes]], identities: Sequence[str]) -> str:
+        """Who the admin is; raises AuthError (no or unknown credential) or Forbidden (a credential
+        without the admin role)."""
+        listed = self._identities.intersection(identities)
+        if listed:
+            return f"client certificate {min(listed)!r}"
+        key = _bearer(metadata)
+        if key is None:
+            if identities:
+                raise Forbidden(f"client certificate {identities[0]!r}: not in frontdoor.admin.client_identities")
+            raise AuthError(
+                "authorization: admin calls need the admin key ('authorization: Bearer <admin key>') "
+                "or a client certificate listed in frontdoor.admin.client_identities"
+            )
+        if self._digest is not None and hmac.compare_digest(_digest(key), self._digest):
+            return "admin key"
+        tenant = self._tenants.lookup(key)
+        if tenant is not None:
+            raise Forbidden(f"authorization: {tenant.role} {tenant.name!r} has no admin role")
+        raise AuthError("authorization: unknown admin key")

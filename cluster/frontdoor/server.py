@@ -7,6 +7,7 @@ the bad field of a malformed one; responses leave as bytes convert.py made.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -18,8 +19,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.config import FrontDoorConfig
-from cluster.frontdoor.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
-from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenants
+from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenant, Tenants
 from cluster.frontdoor.convert import (
     SERVICE_NAME,
     Limits,
@@ -33,10 +33,21 @@ from cluster.frontdoor.errors import abort
 from cluster.frontdoor.grpc_health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.isolation import InflightIds, cache_salt, engine_request_id
 from cluster.frontdoor.tls import server_credentials
+from cluster.policy.effort import lowest_effort
 from cluster.telemetry import tracing
 from cluster.telemetry.calls import CallTelemetry, call_code
 from cluster.telemetry.metrics import ServerMetrics
-from cluster.types import CACHE_SALT, ERROR_CODES, FORWARDED_FROM, Backend, Chunk, GenerateRequest, ModelInfo
+from cluster.types import (
+    CACHE_SALT,
+    EFFORTS,
+    ERROR_CODES,
+    FORWARDED_FROM,
+    MAX_EFFORT,
+    Backend,
+    Chunk,
+    GenerateRequest,
+    ModelInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +73,13 @@ class FrontDoor:
         self._inflight = 0
         self._ids = InflightIds()  # engine ids of the calls in flight: a duplicate is refused
         self._idle = asyncio.Event()
-        self._draining = False
+        self._draining = False  # a real drain (SIGTERM): it ends in stop(), nothing undoes it
+        self._paused = False  # an admin's drain (drills): RESTORE undoes it
         self.admin = None  # an AdminService (frontdoor.admin), set by the owner before start()
+        self.admin_port = 0  # the admin server's own port, once started
+        # peer-only metadata that a caller without the peer role sent, and we ignored (also in metrics)
+        self.ignored_metadata: collections.Counter[str] = collections.Counter()
+        self._warned: set[tuple[str, str]] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -86,17 +102,17 @@ class FrontDoor:
             )
         )
         self._health.add_to(server)
-        services = [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME]
-        if self.admin is not None:
-            self.admin.add_to(server)
-            services.append(ADMIN_SERVICE_NAME)
-        reflection.enable_server_reflection(services, server)
+        reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+        if self.admin is not None:  # its own server and port, loopback by default: never the public one
+            self.admin_port = await self.admin.start(self.config, self._tenants, os.environ)
         address = f"{self.config.host}:{self.config.port}"
         try:
             self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
         except RuntimeError:  # grpc's "Failed to bind": say which key to change
             self.port = 0
         if not self.port:
+            if self.admin is not None:
+                await self.admin.stop()
             raise OSError(f"frontdoor.port: cannot bind {address} (in use?)")
         await server.start()
         self._server = server
@@ -128,22 +144,21 @@ class FrontDoor:
 
     async def pause(self) -> None:
         """A drain that can be undone (drills): NOT_SERVING and new calls refused; running streams go on."""
-        self._draining = True
+        self._paused = True
         await self._health.set(NOT_SERVING)
 
     async def resume(self) -> None:
-        self._draining = False
+        """Undo ``pause``; refused (RuntimeError) while a real drain runs: that one only ends in stop()."""
+        if self._draining:
+            raise RuntimeError("the front door is draining to shut down (SIGTERM); only an admin drain can be undone")
+        self._paused = False
         await self._health.refresh()
-
-    async def authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        try:
-            self._tenants.authenticate(context.invocation_metadata() or ())
-        except AuthError as e:
-            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
 
     async def stop(self) -> None:
         """Stop at once: running calls are cancelled (their engine requests aborted)."""
         self._health.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         if self._server is not None:
             await self._server.stop(grace=None)
             self._server = None
@@ -155,7 +170,7 @@ class FrontDoor:
     # ---- backend ------------------------------------------------------------------------------
 
     async def _serving(self) -> bool:
-        return not self._draining and await self._backend_ready()
+        return not self._draining and not self._paused and await self._backend_ready()
 
     async def _backend_ready(self) -> bool:
         try:
@@ -209,7 +224,7 @@ class FrontDoor:
     async def _serve(
         self, raw: bytes, context: grpc.aio.ServicerContext, call: CallTelemetry | None
     ) -> AsyncIterator[bytes]:
-        if self._draining:
+        if self._draining or self._paused:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "server: draining; retry on another front door")
         try:
             tenant = self._tenants.authenticate(context.invocation_metadata() or ())
@@ -229,8 +244,14 @@ class FrontDoor:
         self._idle.clear()
         try:
             metadata = dict(context.invocation_metadata() or ())
-            forwarded_from = metadata.get(FORWARDED_FROM)
+            forwarded_from, ceiling = self._peer_metadata(tenant, metadata)
             decoded = await self._checked(raw, context, forwarded_from)
+            if decoded.resume is not None and not tenant.is_peer:  # tokens the engine would take on trust
+                await abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "resume: only a peer region may resume a stream (this caller's key has no peer role)",
+                )
             client_id = decoded.request_id  # what the client sees; the engine's id is per tenant
             remaining = context.time_remaining()
             salt = cache_salt(tenant.cache_group or tenant.name, metadata.get(CACHE_SALT))
@@ -239,7 +260,7 @@ class FrontDoor:
                 request_id=engine_request_id(tenant.name, client_id),
                 params=dataclasses.replace(decoded.params, cache_salt=salt),
                 tenant=tenant.name,
-                max_effort=tenant.max_effort,
+                max_effort=lowest_effort(tenant.max_effort, ceiling),  # the forwarding tenant's ceiling holds here
                 deadline=None if remaining is None else time.time() + remaining,
                 forwarded_from=forwarded_from,
                 trace_context=call.carrier() if call is not None else None,
@@ -256,6 +277,23 @@ class FrontDoor:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    def _peer_metadata(self, tenant: Tenant, metadata: dict[str, str]) -> tuple[str | None, str | None]:
+        """(forwarded_from, the original tenant's effort ceiling): trusted from a peer only. Anyone else's
+        are ignored, counted and logged (once per tenant and key: a client cannot flood the log); a forged
+        forwarded-from would turn off the caller's failover and its tenant's first-token limit."""
+        forwarded_from, ceiling = metadata.get(FORWARDED_FROM), metadata.get(MAX_EFFORT)
+        if tenant.is_peer:
+            return forwarded_from, ceiling if ceiling in EFFORTS else None
+        for key in (FORWARDED_FROM, MAX_EFFORT):
+            if metadata.get(key) is not None:
+                self.ignored_metadata[key] += 1
+                if self.metrics is not None:
+                    self.metrics.untrusted_metadata.labels(key).inc()
+                if (tenant.name, key) not in self._warned:
+                    self._warned.add((tenant.name, key))
+                    log.warning("ignored %s metadata from tenant %r: it has no peer role (counted)", key, tenant.name)
+        return None, None
 
     async def _checked(
         self, raw: bytes, context: grpc.aio.ServicerContext, forwarded_from: str | None

@@ -145,6 +145,11 @@ def within_ceiling(request: GenerateRequest) -> GenerateRequest:
     return request
 
 
+def lowest_effort(effort: str, ceiling: str | None) -> str:
+    """The shallower of ``effort`` and ``ceiling`` (None: no ceiling)."""
+    return effort if ceiling is None or not _deeper(effort, ceiling) else ceiling
+
+
 def _capped(effort: str, max_effort: str, steps: list[str]) -> Decision:
     if _deeper(effort, max_effort):
         steps.append(f"capped at tenant max_effort {max_effort}")

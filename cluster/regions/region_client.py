@@ -3,7 +3,14 @@
 It holds its own ordered list of front doors (one per region) and does what each front door's
 region router does, one level up: active health checks and outlier ejection per region, the
 next region when one fails before the stream starts, and a broken stream resumed in the next
-region from the tokens already received (same seed), so the caller sees one stream.
+region (same seed and effort), so the caller sees one stream.
+
+How a broken stream resumes depends on the caller's role. An end client (a tenant's key, or none)
+may not send ``resume``: a region would take its tokens on trust. So by default the client replays:
+it asks the next region again, from the start, and passes on only what comes after the tokens it
+already yielded, checking that the replay's first tokens are those (if not, the stream ends with
+FAILED_PRECONDITION on ``resume``). That costs the next region the tokens again. A client holding a
+peer key (``peer=True``, e.g. an operator's drill tool) resumes in place instead.
 
     async def main() -> None:
         async with RegionClient(["eu-west=10.0.0.1:50051", "us-east=10.1.0.1:50051"]) as client:
@@ -51,6 +58,7 @@ class RegionClient:
         max_attempts: int | None = None,
         model: str = "",
         api_key: str | None = None,
+        peer: bool = False,
     ):
         peers = [parse_endpoint(e) for e in endpoints]
         if not peers:
@@ -61,7 +69,8 @@ class RegionClient:
             raise ValueError("endpoints: region names must be unique")
         self.book = HealthBook(health, members)
         cfg = RegionsConfig(health=health, max_attempts=max_attempts or len(peers))
-        self.backend = FailoverBackend(members, self.book, cfg, local=None, by_latency=False)
+        # not a peer: resume by replay (no region takes a `resume` from an end client)
+        self.backend = FailoverBackend(members, self.book, cfg, local=None, by_latency=False, replay=not peer)
         self.checker = HealthChecker(self.book, {p.peer.name: p.check for p in self.peers})
         self.model = model
 

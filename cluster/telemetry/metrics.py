@@ -127,6 +127,12 @@ class ServerMetrics:
             ["region", "state"],
             registry=r,
         )
+        self.untrusted_metadata = Counter(
+            "levante_untrusted_metadata_ignored",
+            "Peer-only metadata (forwarded-from, effort ceiling) sent by a caller without the peer role, ignored",
+            ["key"],
+            registry=r,
+        )
 
     def call(self) -> CallObserver:
         return CallObserver(self)

@@ -121,6 +121,7 @@ def test_round_trip_of_a_config_built_in_python():
         "max_effort": "low",
         "first_token_timeout_s": 0.0,
         "prefix_cache_group": None,
+        "role": "tenant",
     }
     assert config_from_dict(plain) == cfg
 

@@ -1,4 +1,5 @@
-"""Injecting a scenario's faults: signals to a region's processes, or its Admin service."""
+"""Injecting a scenario's faults: signals to a region's processes, or its Admin service (on the
+region's own admin port, with the run's admin key)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,14 @@ class Injector:
     def __init__(self, regions: LocalRegions, progress: Callable[[str], None], start_timeout_s: float = 600.0):
         self.regions, self.progress, self.start_timeout_s = regions, progress, start_timeout_s
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.regions.admin_key}"),)
+
     async def _admin(self, region: str, request: admin_pb2.FaultRequest) -> str:
-        async with grpc.aio.insecure_channel(self.regions.regions[region].target) as ch:
-            reply = await admin_pb2_grpc.AdminStub(ch).InjectFault(request, timeout=ADMIN_TIMEOUT_S)
+        async with grpc.aio.insecure_channel(self.regions.regions[region].admin_target) as ch:
+            reply = await admin_pb2_grpc.AdminStub(ch).InjectFault(
+                request, timeout=ADMIN_TIMEOUT_S, metadata=self._metadata()
+            )
         return reply.detail
 
     async def inject(self, f: FaultSpec) -> str:
@@ -51,8 +57,10 @@ class Injector:
     async def region_transitions(self, region: str) -> list[admin_pb2.HealthTransition]:
         """The region router's own record of health transitions (empty if it cannot answer)."""
         try:
-            async with grpc.aio.insecure_channel(self.regions.regions[region].target) as ch:
-                reply = await admin_pb2_grpc.AdminStub(ch).RegionHealth(admin_pb2.RegionHealthRequest(), timeout=5)
+            async with grpc.aio.insecure_channel(self.regions.regions[region].admin_target) as ch:
+                reply = await admin_pb2_grpc.AdminStub(ch).RegionHealth(
+                    admin_pb2.RegionHealthRequest(), timeout=5, metadata=self._metadata()
+                )
         except grpc.aio.AioRpcError:
             return []
         return list(reply.transitions)

@@ -107,7 +107,9 @@ async def _drill(
     endpoints = [f"{r.name}={r.target}" for r in regions.regions.values()]
     health: list[HealthEvent] = []
     faults: list[FaultRecord] = []
-    async with RegionClient(endpoints, health=scenario.client_health) as client:
+    # the drill is the operator's own client: with the run's peer key it resumes broken streams in place,
+    # as the regions' routers do, so its failover times are the regions' and not a replay's
+    async with RegionClient(endpoints, health=scenario.client_health, api_key=regions.peer_key, peer=True) as client:
         clock = _Clock()
         client.book.listeners.append(
             lambda t: health.append(HealthEvent(clock.of(t.t), "client", t.region, t.state, t.reason))

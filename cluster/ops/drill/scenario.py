@@ -46,7 +46,7 @@ class FaultSpec:
         _check(self.kind in FAULT_KINDS, "kind", f"must be one of {FAULT_KINDS}, got {self.kind!r}")
         _check(self.at_s >= 0, "at_s", "must be >= 0")
         _check(self.duration_s is None or self.duration_s > 0, "duration_s", "must be positive (or null)")
-        _check(self.rank >= 0, "rank", "must be >= 0")
+        _check(self.rank >= 1, "rank", "must be >= 1 (rank 0 is the group's driver: kill_replica kills it)")
         _check(0 < self.delay_s <= 600, "delay_s", "must be in (0, 600]")
 
     @property

@@ -3,13 +3,15 @@ region can be stopped, killed (SIGKILL to every process of the region, Ray's inc
 (SIGSTOP) and thawed (SIGCONT) as a whole, and nothing of another region is touched.
 
 The state (pids, ports, logs, Ray temp dirs) is a JSON file in the state dir, so ``levante down``
-in another shell stops what ``levante up`` started.
+in another shell stops what ``levante up`` started. The run's keys (admin, peer: fresh random values,
+given to each region process in its environment) are kept beside it, readable only by this user.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,9 +25,12 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.frontdoor.admin import ADMIN_LINE
+from cluster.ops.up.topology import ADMIN_KEY_ENV, PEER_KEY_ENV
 from cluster.ops.ports import reserve_port
 
 STATE_FILE = "regions.json"
+KEYS_FILE = "keys.json"
 Progress = Callable[[str], None]
 
 
@@ -42,10 +47,22 @@ class RegionProcess:
     log_path: str
     temp_dir: str  # its Ray cluster's temp dir (ours to remove)
     drain_timeout_s: float = 30.0
+    admin: bool = False  # it serves levante.v1.Admin (on admin_port, read from its log once bound)
+    admin_port: int = 0
+    log_offset: int = 0  # where this run's lines start in log_path (a restarted region appends)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def admin_target(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
+
+    @property
+    def ready(self) -> bool:
+        """Serving, and its admin port known when it has one."""
+        return (not self.admin or bool(self.admin_port)) and self.serving(0.5)
 
     def pids(self) -> list[int]:
         """Every process of the region: all processes in the leader's session."""
@@ -79,11 +96,25 @@ class RegionProcess:
         return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def new_keys() -> dict[str, str]:
+    """This run's admin and peer keys, as the environment variables the region configs name."""
+    return {ADMIN_KEY_ENV: secrets.token_urlsafe(32), PEER_KEY_ENV: secrets.token_urlsafe(32)}
+
+
 class LocalRegions:
-    def __init__(self, state_dir: str):
+    def __init__(self, state_dir: str, keys: dict[str, str] | None = None):
         self.state_dir = os.path.abspath(state_dir)
         self.regions: dict[str, RegionProcess] = {}
         self.configs: dict[str, dict] = {}
+        self.keys = keys if keys is not None else new_keys()  # the regions' environment: admin and peer keys
+
+    @property
+    def admin_key(self) -> str:
+        return self.keys[ADMIN_KEY_ENV]
+
+    @property
+    def peer_key(self) -> str:
+        return self.keys[PEER_KEY_ENV]
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -95,15 +126,23 @@ class LocalRegions:
         os.makedirs(self.state_dir, exist_ok=True)
         with open(self.state_path, "w", encoding="utf-8") as f:
             json.dump([asdict(r) for r in self.regions.values()], f, indent=2)
+        keys = os.path.join(self.state_dir, KEYS_FILE)
+        with open(os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
+            json.dump(self.keys, f)
 
     @classmethod
     def load(cls, state_dir: str) -> LocalRegions:
-        lr = cls(state_dir)
+        lr = cls(state_dir, keys={})
         try:
             with open(lr.state_path, encoding="utf-8") as f:
                 lr.regions = {d["name"]: RegionProcess(**d) for d in json.load(f)}
         except FileNotFoundError:
             raise RegionsError(f"{lr.state_path}: no regions were started from this state dir") from None
+        try:
+            with open(os.path.join(lr.state_dir, KEYS_FILE), encoding="utf-8") as f:
+                lr.keys = json.load(f)
+        except FileNotFoundError:
+            pass  # stopping needs no key
         return lr
 
     # ---- starting ------------------------------------------------------------------------------
@@ -141,15 +180,21 @@ class LocalRegions:
             yaml.safe_dump(cfg, f, sort_keys=False)
         log_path = os.path.join(self.state_dir, f"{name}.log")
         with open(log_path, "ab") as log:
+            offset = log.tell()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cluster.cli", "serve", "--config", config_path],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                env={**os.environ, **self.keys},  # never in the config file: only this run's processes know them
             )
-        drain = float(cfg.get("frontdoor", {}).get("drain_timeout_s", 30.0))
-        return RegionProcess(name, proc.pid, int(cfg["frontdoor"]["port"]), config_path, log_path, temp_dir, drain)
+        door = cfg.get("frontdoor", {})
+        drain = float(door.get("drain_timeout_s", 30.0))
+        admin = isinstance(door.get("admin"), dict) and bool(door["admin"].get("enabled"))
+        return RegionProcess(
+            name, proc.pid, int(door["port"]), config_path, log_path, temp_dir, drain, admin, log_offset=offset
+        )
 
     def restart(self, name: str, progress: Progress, timeout_s: float = 600.0) -> None:
         """Start a region again (after a kill) from the config it had."""
@@ -174,15 +219,16 @@ class LocalRegions:
 
     def wait_serving(self, names: Iterable[str], progress: Progress, timeout_s: float = 600.0) -> None:
         names = list(names)
-        offsets = {n: 0 for n in names}
+        offsets = {n: self.regions[n].log_offset for n in names}
         deadline = time.monotonic() + timeout_s
         pending = set(names)
         while pending:
             for name in sorted(pending):
                 region = self.regions[name]
                 offsets[name] = self._relay_log(region, offsets[name], progress)
-                if region.serving(0.5):
+                if region.ready:
                     pending.discard(name)
+                    self.save()  # with the admin port
                     progress(f"{name}: serving on {region.target}")
                 elif not _running(region.pid):
                     raise RegionsError(
@@ -208,6 +254,8 @@ class LocalRegions:
         for line in complete.decode(errors="replace").splitlines():
             if line.startswith("levante: "):
                 progress(f"{region.name}: {line.removeprefix('levante: ')}")
+            if line.startswith(f"levante: {ADMIN_LINE}"):  # the port it bound (admin.port 0: any free one)
+                region.admin_port = int(line.rsplit(":", 1)[1])
         return offset + len(complete) + (1 if complete else 0)
 
     # ---- faults and stopping -------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     base: local.yaml          # every region's cluster config (relative to this file; relative paths
                               # in it resolve against its own folder, in overrides against this file's)
-    admin: true               # each front door serves levante.v1.Admin (drills inject faults through it)
+    admin: true               # each region serves levante.v1.Admin on its own loopback port, behind an
+                              # admin key `levante up` makes per run (drills inject faults through it)
     overrides: {...}          # merged over the base for every region (e.g. regions.health for drills)
     regions:
       - name: eu-west
@@ -10,7 +11,11 @@
         overrides: {...}      # this region only
 
 Each region's config is the base, the overrides, then ``region``, ``frontdoor.port``,
-``frontdoor.admin`` and ``regions.peers`` (every other region, on loopback) set from here.
+``frontdoor.admin`` and ``regions.peers`` (every other region, on loopback) set from here. The
+regions' keys are environment variables that ``levante up`` sets for each region process, fresh
+random values every run: ``ADMIN_KEY_ENV`` (the admin credential) and ``PEER_KEY_ENV`` (each region
+presents it to its peers, and accepts it as a tenant ``PEER_TENANT`` with the peer role, so peers
+may resume streams and mark calls as forwarded).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from cluster.config_loader import (
     resolve_paths,
 )
 from cluster.ops.ports import Reservations
+
+ADMIN_KEY_ENV = "LEVANTE_ADMIN_KEY"
+PEER_KEY_ENV = "LEVANTE_PEER_KEY"
+PEER_TENANT = "levante-peers"
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,18 @@ def _raw(data: dict, key: str, source: str) -> dict:
     return value
 
 
+def _set_frontdoor(cfg: dict, port: int, admin: bool) -> None:
+    """The region's port, its admin service (on with the run's admin key), and its peers' key."""
+    door = cfg.setdefault("frontdoor", {})
+    door["port"] = port
+    if admin and isinstance(door.get("admin", {}), dict):  # the old `admin: true` form: the loader names it
+        door["admin"] = {**door.get("admin", {}), "enabled": True, "api_key_env": ADMIN_KEY_ENV}
+    peer = {"name": PEER_TENANT, "api_key_env": PEER_KEY_ENV, "role": "peer"}
+    tenants = door.get("tenants") or []
+    if isinstance(tenants, list):  # anything else: the loader names it
+        door["tenants"] = [*tenants, peer]
+
+
 def region_configs(
     path: str, extra_overrides: dict | None = None, reservations: Reservations | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -116,9 +137,11 @@ def region_configs(
     for i, r in enumerate(topo.regions):
         cfg = _merge(_merge(base, overrides), per_region.get(i, {}))
         cfg["region"] = r.name
-        cfg.setdefault("frontdoor", {}).update(port=ports[r.name], admin=topo.admin)
+        _set_frontdoor(cfg, ports[r.name], topo.admin)
         cfg.setdefault("regions", {})["peers"] = [
-            {"name": o.name, "target": f"127.0.0.1:{ports[o.name]}"} for o in topo.regions if o.name != r.name
+            {"name": o.name, "target": f"127.0.0.1:{ports[o.name]}", "api_key_env": PEER_KEY_ENV}
+            for o in topo.regions
+            if o.name != r.name
         ]
         config_from_dict(cfg, f"{path} (region {r.name}, base {topo.base})")  # checked now, not in a child process
         out[r.name] = cfg

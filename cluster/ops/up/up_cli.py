@@ -36,16 +36,20 @@ def add_commands(sub) -> None:
 
 
 def _cmd_up(args) -> int:
-    regions = LocalRegions(args.state_dir)
+    regions = LocalRegions(args.state_dir)  # with this run's admin and peer keys
     with Reservations() as reserved:  # ports of port-0 regions, held until every region serves
         configs = region_configs(args.config, reservations=reserved)
         regions.check_none_running()  # first: their ports being taken is not the news
+        environ = {**os.environ, **regions.keys}  # what each region process will see
         for name, cfg in configs.items():  # every region's files, variables and ports before any region starts
-            preflight(config_from_dict(cfg, args.config), f"{args.config} (region {name})")
+            preflight(config_from_dict(cfg, args.config), f"{args.config} (region {name})", environ)
         _say(f"starting {len(configs)} region(s): {', '.join(configs)} (logs in {os.path.relpath(regions.state_dir)})")
         regions.start(configs, _say, args.timeout)
     for r in regions.regions.values():
-        _say(f"region {r.name}: {r.target} (pid {r.pid})")
+        admin = f", admin on {r.admin_target}" if r.admin else ""
+        _say(f"region {r.name}: {r.target} (pid {r.pid}{admin})")
+    if any(r.admin for r in regions.regions.values()):
+        _say(f"the admin key of this run is in {os.path.join(os.path.relpath(regions.state_dir), 'keys.json')}")
     _say(f"`levante down --state-dir {args.state_dir}` stops them")
     return 0
 

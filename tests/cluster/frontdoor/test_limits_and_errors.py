@@ -120,11 +120,14 @@ def test_a_backend_that_raises_ends_the_call_at_once_instead_of_heartbeating_on(
 
 
 def test_the_tenants_first_token_limit_reaches_the_router_but_not_from_a_forwarding_region(loop, backend):
-    cfg = FrontDoorConfig(port=0, tenants=(TenantConfig("slow-ok", api_key="k", first_token_timeout_s=2.5),))
-    key = (("authorization", "Bearer k"),)
-    with serving(loop, backend, cfg) as door, channel(door) as ch:
-        generate(ch, REQ, metadata=key)
-        generate(ch, REQ, metadata=key + (("levante-forwarded-from", "eu-west"),))
+    tenants = (
+        TenantConfig("slow-ok", api_key="k", first_token_timeout_s=2.5),
+        TenantConfig("eu-west", api_key="p", role="peer"),
+    )
+    forwarded = (("levante-forwarded-from", "eu-west"),)
+    with serving(loop, backend, FrontDoorConfig(port=0, tenants=tenants)) as door, channel(door) as ch:
+        generate(ch, REQ, metadata=(("authorization", "Bearer k"),))
+        generate(ch, REQ, metadata=(("authorization", "Bearer p"), *forwarded))
     assert [r.first_token_timeout_s for r in backend.requests] == [2.5, None]
 
 

@@ -110,6 +110,33 @@ def test_a_stream_broken_mid_way_resumes_elsewhere_with_nothing_lost_or_repeated
     assert final.failovers[0].reason == "unavailable: lost"
 
 
+def replaying(members: dict) -> FailoverBackend:
+    """As the client library without a peer key: no `resume`, the next region replays the stream."""
+    book = HealthBook(HEALTH, members)
+    return FailoverBackend(members, book, RegionsConfig(health=HEALTH), local=None, by_latency=False, replay=True)
+
+
+def test_without_the_peer_role_a_broken_stream_is_replayed_and_what_the_caller_has_is_dropped():
+    eu = Scripted("eu", [start(), tokens(1, 2), tokens(3), error_chunk(UNAVAILABLE, "replica", "lost")])
+    us = Scripted("us", [start(), tokens(1, 2), tokens(3, 4), tokens(5, 6, region="us", final=True)])
+    chunks = run(replaying({"eu": eu, "us": us}), request())
+    assert [t for c in chunks for t in c.token_ids] == [1, 2, 3, 4, 5, 6]
+    assert "".join(c.text for c in chunks) == "".join(f"<{i}>" for i in range(1, 7))
+    replayed = us.requests[0]
+    assert replayed.resume is None  # nothing a region must take on trust
+    assert replayed.reasoning_effort == "low" and replayed.params.seed == eu.requests[0].params.seed
+    assert [(h.from_region, h.at_token) for h in chunks[-1].failovers] == [("eu", 3)]
+
+
+def test_a_replay_that_differs_from_what_the_caller_has_ends_the_stream_with_failed_precondition():
+    eu = Scripted("eu", [start(), tokens(1, 2), error_chunk(UNAVAILABLE, "replica", "lost")])
+    us = Scripted("us", [start(), tokens(1, 9), tokens(3, region="us", final=True)])
+    chunks = run(replaying({"eu": eu, "us": us}), request())
+    assert [t for c in chunks for t in c.token_ids] == [1, 2]  # nothing of the differing replay
+    error = chunks[-1].error
+    assert error.code == FAILED_PRECONDITION and error.field == "resume" and "at token 1" in error.message
+
+
 def test_a_region_that_fails_before_starting_is_retried_and_ejected():
     eu = Scripted("eu", [error_chunk(UNAVAILABLE, "region", "eu: connection refused")])
     us = Scripted("us", [start(), tokens(1, region="us", final=True)])

@@ -23,7 +23,7 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def peer_door(loop, pki):
     tls = TLSConfig(cert=str(pki["server_cert"]), key=str(pki["server_key"]), client_ca=str(pki["ca"]))
-    config = FrontDoorConfig(port=0, tls=tls, tenants=(TenantConfig("eu-west", api_key="region-key"),))
+    config = FrontDoorConfig(port=0, tls=tls, tenants=(TenantConfig("eu-west", api_key="region-key", role="peer"),))
     backend = ScriptedBackend()
     with serving(loop, backend, config) as door:
         yield door, backend

@@ -4,6 +4,7 @@ tiny engine, reached only over gRPC: failover, resume mid-stream, drain, ejectio
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import grpc
@@ -11,7 +12,15 @@ import pytest
 
 from cluster.backends import LocalBackend
 from cluster.backends.peer import PeerBackend
-from cluster.config import ClusterConfig, FrontDoorConfig, HealthCheckConfig, PeerConfig, RegionsConfig
+from cluster.config import (
+    AdminConfig,
+    ClusterConfig,
+    FrontDoorConfig,
+    HealthCheckConfig,
+    PeerConfig,
+    RegionsConfig,
+    TenantConfig,
+)
 from cluster.frontdoor import FrontDoor
 from cluster.frontdoor.admin import AdminService
 from cluster.regions.region_client import RegionClient
@@ -31,6 +40,11 @@ HEALTH = HealthCheckConfig(
     stream_idle_timeout_s=2.0,
     base_ejection_s=1.0,
 )
+# the regions' routers present a peer key to each other (only a peer may resume a stream); Admin wants its own
+PEER_KEY_ENV, ADMIN_KEY_ENV = "LEVANTE_TEST_PEER_KEY", "LEVANTE_TEST_ADMIN_KEY"
+ADMIN_METADATA = (("authorization", "Bearer admin-key"),)
+os.environ.setdefault(PEER_KEY_ENV, "peer-key")  # also for the modules that import Regions
+os.environ.setdefault(ADMIN_KEY_ENV, "admin-key")
 SAMPLED = dict(max_tokens=40, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
 
 
@@ -43,8 +57,12 @@ class Regions:
             cfg = ClusterConfig(
                 region=name,
                 model_name=MODEL,
-                frontdoor=FrontDoorConfig(port=0, admin=True),
-                regions=RegionsConfig(peers=(PeerConfig(other, UNBOUND),), health=HEALTH),
+                frontdoor=FrontDoorConfig(
+                    port=0,
+                    admin=AdminConfig(enabled=True, api_key_env=ADMIN_KEY_ENV),
+                    tenants=(TenantConfig("peers", api_key_env=PEER_KEY_ENV, role="peer"),),
+                ),
+                regions=RegionsConfig(peers=(PeerConfig(other, UNBOUND, api_key_env=PEER_KEY_ENV),), health=HEALTH),
             )
             info = loop.run(engines[name].info())
             local: Backend = LocalBackend(engines[name], ModelInfo(MODEL, info.max_model_len), name)
@@ -54,7 +72,7 @@ class Regions:
                 local = wrap_eu(local)
             router = build_region_router(cfg, local)
             door = FrontDoor(cfg.frontdoor, router.backend, name, MODEL)
-            door.admin = AdminService(router, door, None, door.authenticate)
+            door.admin = AdminService(router, door, None)
             self.doors[name], self.routers[name] = door, router
 
         async def start():
@@ -154,31 +172,40 @@ def test_final_on_the_wire_names_the_failover(loop, engines):
         regions.close()
 
 
-def _admin(target: str):
-    return admin_pb2_grpc.AdminStub(grpc.insecure_channel(target))
+def _admin(door: FrontDoor):
+    return admin_pb2_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{door.admin_port}"))  # not the public port
 
 
 def test_drain_sends_traffic_to_the_peer_and_restore_brings_it_back(loop, regions):
-    admin = _admin(regions.target("eu"))
-    assert "draining" in admin.InjectFault(admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_DRAIN), timeout=5).detail
+    admin = _admin(regions.doors["eu"])
+    assert (
+        "draining"
+        in admin.InjectFault(
+            admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_DRAIN), timeout=5, metadata=ADMIN_METADATA
+        ).detail
+    )
     drained = collect(loop, regions.endpoints("eu", "us"), max_tokens=4)
     assert drained[-1].served_by.region == "us" and drained[-1].failovers[0].from_region == "eu"
-    admin.InjectFault(admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_RESTORE), timeout=5)
+    admin.InjectFault(admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_RESTORE), timeout=5, metadata=ADMIN_METADATA)
     back = collect(loop, regions.endpoints("eu", "us"), max_tokens=4)
     assert back[-1].served_by.region == "eu" and not back[-1].failovers
 
 
 def test_admin_reports_each_routers_view_and_rejects_bad_faults(loop, regions):
-    admin = _admin(regions.target("eu"))
+    admin = _admin(regions.doors["eu"])
     loop.run(asyncio.sleep(0.5))  # a few active checks
-    reply = admin.RegionHealth(admin_pb2.RegionHealthRequest(), timeout=5)
+    reply = admin.RegionHealth(admin_pb2.RegionHealthRequest(), timeout=5, metadata=ADMIN_METADATA)
     view = {r.name: r for r in reply.regions}
     assert set(view) == {"eu", "us"} and view["eu"].local and view["us"].available and view["us"].latency_ms > 0
     with pytest.raises(grpc.RpcError) as e:
-        admin.InjectFault(admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_SLOW, delay_s=-1), timeout=5)
+        admin.InjectFault(
+            admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_SLOW, delay_s=-1), timeout=5, metadata=ADMIN_METADATA
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "delay_s" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        admin.InjectFault(admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_KILL_REPLICA), timeout=5)
+        admin.InjectFault(
+            admin_pb2.FaultRequest(kind=admin_pb2.FAULT_KIND_KILL_REPLICA), timeout=5, metadata=ADMIN_METADATA
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # no Serve replicas in this process
 
 

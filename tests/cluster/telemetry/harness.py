@@ -5,6 +5,7 @@ endpoint, engine poller, region listeners). Regions reach each other over gRPC o
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ from cluster.config import (
     PeerConfig,
     RegionsConfig,
     TelemetryConfig,
+    TenantConfig,
 )
 from cluster.frontdoor import FrontDoor
 from cluster.regions.region_router import build_region_router
@@ -33,6 +35,10 @@ from ..regions.fakes import UNBOUND, BreaksAfter, aim_peers
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "helm" / "levante" / "dashboards" / "levante.json"
 HEALTH = HealthCheckConfig(interval_s=0.2, timeout_s=0.5, stream_idle_timeout_s=5.0)
+# the regions' routers present it to each other: only a peer may resume a stream or forward a call
+PEER_KEY_ENV = "LEVANTE_TEST_PEER_KEY"
+os.environ.setdefault(PEER_KEY_ENV, "peer-key")
+PEERS = (TenantConfig("peers", api_key_env=PEER_KEY_ENV, role="peer"),)
 
 
 class Region:
@@ -52,8 +58,10 @@ class Region:
         self.cfg = ClusterConfig(
             region=name,
             model_name=MODEL,
-            frontdoor=FrontDoorConfig(port=0),
-            regions=RegionsConfig(peers=tuple(PeerConfig(n, UNBOUND) for n in peers), health=HEALTH),
+            frontdoor=FrontDoorConfig(port=0, tenants=PEERS),
+            regions=RegionsConfig(
+                peers=tuple(PeerConfig(n, UNBOUND, api_key_env=PEER_KEY_ENV) for n in peers), health=HEALTH
+            ),
             telemetry=TelemetryConfig(metrics=MetricsConfig(enabled=metrics, port=0, poll_interval_s=0.2)),
         )
         info = loop.run(engine.info())

@@ -108,9 +108,10 @@ def test_region_health_and_a_failover_by_reason(loop, engines, regions):
 
 # Exported for operators' own queries and alerts, not charted: the info metric, the one-hot region
 # state (availability is charted), raw block counts and the since-start hit rate (the ratio and the
-# windowed rate are charted), the poll age.
+# windowed rate are charted), the poll age, and peer-only metadata ignored from non-peers (for an alert).
 NOT_CHARTED = {
     "levante_info",
+    "levante_untrusted_metadata_ignored",
     "levante_region_state",
     "levante_kv_cache_used_blocks",
     "levante_kv_cache_blocks",

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from cluster.config_loader import ConfigError, config_from_dict
-from cluster.ops.up.topology import region_configs
+from cluster.ops.up.processes import new_keys
+from cluster.ops.up.topology import ADMIN_KEY_ENV, PEER_KEY_ENV, PEER_TENANT, region_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
@@ -23,9 +24,25 @@ def test_shipped_two_regions_are_peers_of_each_other():
     configs = region_configs(os.path.join(REPO, "configs", "two-regions.yaml"))
     assert list(configs) == ["eu-west", "us-east"]
     eu = config_from_dict(configs["eu-west"])
-    assert eu.region == "eu-west" and eu.frontdoor.port == 50061 and eu.frontdoor.admin
+    assert eu.region == "eu-west" and eu.frontdoor.port == 50061 and eu.frontdoor.admin.enabled
     assert [(p.name, p.target) for p in eu.regions.peers] == [("us-east", "127.0.0.1:50062")]
     assert config_from_dict(configs["us-east"]).regions.peers[0].target == "127.0.0.1:50061"
+
+
+def test_regions_get_admin_on_loopback_with_the_runs_key_and_peer_keys_for_each_other(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({"frontdoor": {"tenants": [{"name": "acme", "api_key_env": "ACME_KEY"}]}})
+    )
+    configs = region_configs(write(tmp_path, {"base": "base.yaml", "regions": [{"name": "a"}, {"name": "b"}]}))
+    a = config_from_dict(configs["a"])
+    assert a.frontdoor.admin.enabled and a.frontdoor.admin.api_key_env == ADMIN_KEY_ENV
+    assert (a.frontdoor.admin.host, a.frontdoor.admin.port) == ("127.0.0.1", 0)
+    assert [(t.name, t.role) for t in a.frontdoor.tenants] == [("acme", "tenant"), (PEER_TENANT, "peer")]
+    assert a.frontdoor.tenants[1].api_key_env == PEER_KEY_ENV
+    assert [(p.name, p.api_key_env) for p in a.regions.peers] == [("b", PEER_KEY_ENV)]
+    one, two = new_keys(), new_keys()
+    assert set(one) == {ADMIN_KEY_ENV, PEER_KEY_ENV} and len(one[ADMIN_KEY_ENV]) >= 32
+    assert one[ADMIN_KEY_ENV] != one[PEER_KEY_ENV] and one != two  # fresh, random, per run
 
 
 def test_port_zero_gets_distinct_free_ports_and_overrides_merge(tmp_path):
