@@ -26,8 +26,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.frontdoor.admin import ADMIN_LINE
-from cluster.ops.up.topology import ADMIN_KEY_ENV, PEER_KEY_ENV
 from cluster.ops.ports import reserve_port
+from cluster.ops.up.topology import ADMIN_KEY_ENV, PEER_KEY_ENV
 
 STATE_FILE = "regions.json"
 KEYS_FILE = "keys.json"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cluster.ops.ports import Reservations, reserve_port
-from cluster.ops.up.topology import region_configs
+from cluster.ops.up.topology import PEER_KEY_ENV, region_configs
 
 
 def taken(port: int) -> bool:
@@ -63,7 +63,9 @@ def test_region_configs_hold_the_ports_they_choose_until_released(tmp_path):
     with Reservations() as reserved:
         configs = region_configs(str(path), reservations=reserved)
         ports = {n: c["frontdoor"]["port"] for n, c in configs.items()}
-        assert configs["a"]["regions"]["peers"] == [{"name": "b", "target": f"127.0.0.1:{ports['b']}"}]
+        assert configs["a"]["regions"]["peers"] == [
+            {"name": "b", "target": f"127.0.0.1:{ports['b']}", "api_key_env": PEER_KEY_ENV}
+        ]
         assert all(taken(p) for p in ports.values()), "a chosen port was let go before its region bound it"
     assert not any(taken(p) for p in ports.values())
 
