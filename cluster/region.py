@@ -42,6 +42,9 @@ def _say(msg: str) -> None:
     print(f"levante: {msg}", flush=True)
 
 
+RAY_START_TIMEOUT = "timed out during startup"  # what ray.init raises when its raylet registers late
+
+
 def _started_ray_processes() -> dict[str, subprocess.Popen]:
     """The processes ``ray.init`` just started here (GCS, raylet, log monitor...), by type.
 
@@ -185,12 +188,32 @@ class RegionServer:
             self.progress(f"joining Ray at {rc.address}")
             ray.init(address=rc.address, namespace=rc.namespace, logging_level="ERROR")
             return
-        # Unix socket paths under the temp dir must stay short (~100 bytes): keep it near the root.
-        self._temp_dir = rc.temp_dir or tempfile.mkdtemp(prefix="lv-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        self.progress(f"starting a local Ray cluster (temp dir {self._temp_dir})")
+        for attempt in (1, 2):
+            # Unix socket paths under the temp dir must stay short (~100 bytes): keep it near the root.
+            self._temp_dir = rc.temp_dir or tempfile.mkdtemp(
+                prefix="lv-", dir="/tmp" if os.path.isdir("/tmp") else None
+            )
+            self.progress(f"starting a local Ray cluster (temp dir {self._temp_dir})")
+            try:
+                self._init_local_ray()
+                break
+            except BaseException as e:
+                self._kill_ray_leftovers()  # by PID: what this attempt started
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                self._remove_temp_dir()
+                # Ray waits a fixed 30 s for its raylet to register; a busy machine can take longer, once
+                if attempt == 2 or not isinstance(e, Exception) or RAY_START_TIMEOUT not in str(e):
+                    raise
+                self.progress("Ray's node did not register in time (a busy machine?); starting it once more")
+        self._owns_ray = True
+        self._ray_procs = _started_ray_processes()
+
+    def _init_local_ray(self) -> None:
         # Ctrl-C in a terminal signals the whole process group. Ray's processes inherit an ignored
         # SIGINT, so the interrupt reaches only us and we drain, then stop them ourselves.
         # (Only the main thread may touch signals; embedded elsewhere, e.g. in tests, we leave them be.)
+        rc = self.cfg.ray
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
@@ -203,14 +226,9 @@ class RegionServer:
                 logging_level="ERROR",
                 log_to_driver=False,
             )
-        except BaseException:
-            self._remove_temp_dir()
-            raise
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
-        self._owns_ray = True
-        self._ray_procs = _started_ray_processes()
 
     def _deploy(self) -> None:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what matters
