@@ -290,6 +290,12 @@ class PeerConfig:
             (self.tls_cert is None) == (self.tls_key is None), "tls_cert", "set both tls_cert and tls_key, or neither"
         )
         _check(self.tls_cert is None or self.tls_ca is not None, "tls_ca", "mutual TLS needs tls_ca too")
+        # A key sent over a plaintext channel is a key given to anyone on the path.
+        _check(
+            self.api_key_env is None or self.tls_ca is not None,
+            "api_key_env",
+            "an API key is sent only over TLS; set tls_ca too",
+        )
 
 
 @dataclass(frozen=True)
