@@ -37,8 +37,7 @@ REFUSED = {
     ),
     "a peer key without tls": (
         merged(ONE_REGION, {"levante": {"regions": {"peers": [PEER]}}}),
-        r"levante\.regions\.peers\[0\]\.api_key_env: the key would travel in plaintext; "
-        r"set levante\.regions\.peers\[0\]\.tls_ca",
+        r"levante\.regions\.peers\[0\]\.api_key_env: the key would travel in plaintext; set levante\.regions\.peers\[0\]\.tls_ca",
     ),
 }
 
