@@ -97,4 +97,6 @@ image: $(ROOTFS_TAR) image-context | image-tools
 	  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $$ctr && \
 	  buildah commit --rm $$ctr $(IMAGE_BASE) && touch $(IMAGE_DIR)/.base-imported; \
 	fi
+	@# the previous build of this tag, else each rebuild leaves a 2 GB untagged image behind
+	-buildah rmi $(IMAGE):$(IMAGE_TAG) >/dev/null 2>&1
 	buildah bud --isolation chroot --build-arg BASE=$(IMAGE_BASE) -f Dockerfile -t $(IMAGE):$(IMAGE_TAG) $(IMAGE_DIR)
