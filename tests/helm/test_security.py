@@ -73,7 +73,8 @@ def test_notes_warn_when_insecure_is_allowed():
     text = notes(ONE_REGION)
     assert "WARNING: security.allowInsecure is true" in text
     assert "plaintext (tls.enabled is false)" in text and "unauthenticated (no levante.frontdoor.tenants" in text
-    assert "Any pod in the cluster can reach it" in text
+    assert "Any pod in the cluster can reach it" in text and "LoadBalancer" not in text
+    assert "outside the cluster" in notes(merged(ONE_REGION, {"frontdoor": {"service": {"type": "LoadBalancer"}}}))
     # Only what is really open is listed.
     text = notes(merged(ONE_REGION, TLS))
     assert "unauthenticated" in text and "plaintext (tls.enabled" not in text
