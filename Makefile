@@ -69,7 +69,7 @@ IMAGE_BASE  := localhost/levante-base:bookworm
 ROOTFS_TAR  := $(IMAGE_DIR)/bookworm-rootfs.tar
 DEBIAN_MIRROR ?= http://deb.debian.org/debian
 
-.PHONY: image image-context image-tools
+.PHONY: image image-context image-tools clean-image
 
 image-tools:
 	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
@@ -92,7 +92,7 @@ image-context: | $(PY)
 	cp -r configs $(IMAGE_DIR)/configs
 
 image: $(ROOTFS_TAR) image-context | image-tools
-	@if [ $(IMAGE_DIR)/.base-imported -ot $(ROOTFS_TAR) ] || ! buildah inspect --type image $(IMAGE_BASE) >/dev/null 2>&1; then \
+	@if [ ! $(IMAGE_DIR)/.base-imported -nt $(ROOTFS_TAR) ] || ! buildah inspect --type image $(IMAGE_BASE) >/dev/null 2>&1; then \
 	  ctr=$$(buildah from scratch) && buildah add $$ctr $(ROOTFS_TAR) / && \
 	  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $$ctr && \
 	  buildah commit --rm $$ctr $(IMAGE_BASE) && touch $(IMAGE_DIR)/.base-imported; \
@@ -100,3 +100,8 @@ image: $(ROOTFS_TAR) image-context | image-tools
 	@# the previous build of this tag, else each rebuild leaves a 2 GB untagged image behind
 	-buildah rmi $(IMAGE):$(IMAGE_TAG) >/dev/null 2>&1
 	buildah bud --isolation chroot --build-arg BASE=$(IMAGE_BASE) -f Dockerfile -t $(IMAGE):$(IMAGE_TAG) $(IMAGE_DIR)
+
+# The images and the cached base and wheels (the next make image starts from debootstrap again).
+clean-image:
+	-buildah rmi $(IMAGE):$(IMAGE_TAG) $(IMAGE_BASE)
+	rm -rf $(IMAGE_DIR)
