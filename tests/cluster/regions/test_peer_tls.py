@@ -77,7 +77,7 @@ def test_without_a_client_certificate_the_peer_cannot_serve_and_a_wrong_key_is_r
     assert (err.code, err.origin) == (UNAUTHENTICATED, "us-east") and err.message.startswith("authorization:")
 
 
-def test_an_unreadable_certificate_or_unset_key_is_a_config_error_naming_the_key(tmp_path, monkeypatch, pki):
+def test_an_unreadable_certificate_or_unset_key_is_a_config_error_naming_the_key(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"^regions\.peers\[us-east\]\.tls_ca: cannot read .*missing\.pem"):
         PeerBackend(PeerConfig("us-east", "localhost:1", tls_ca=str(tmp_path / "missing.pem")))
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
@@ -86,4 +86,4 @@ def test_an_unreadable_certificate_or_unset_key_is_a_config_error_naming_the_key
         match=r"^regions\.peers\[us-east\]\.api_key_env: environment variable "
         r"NO_SUCH_KEY is not set",
     ):
-        PeerBackend(PeerConfig("us-east", "localhost:1", tls_ca=str(pki["ca"]), api_key_env="NO_SUCH_KEY"))
+        PeerBackend(PeerConfig("us-east", "localhost:1", api_key_env="NO_SUCH_KEY"))
