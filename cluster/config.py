@@ -7,6 +7,7 @@ engine's configs, constructors do no I/O and raise ``ValueError("field: ...")``.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from engine.config import EFFORTS, EngineConfig
@@ -268,6 +269,16 @@ class RayConfig:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", "must be >= 1")
 
 
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a DNS name: it may resolve anywhere
+        return False
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     """Another region's front door, reached over gRPC only."""
@@ -290,6 +301,13 @@ class PeerConfig:
             (self.tls_cert is None) == (self.tls_key is None), "tls_cert", "set both tls_cert and tls_key, or neither"
         )
         _check(self.tls_cert is None or self.tls_ca is not None, "tls_ca", "mutual TLS needs tls_ca too")
+        # A key sent over a plaintext channel is a key given to anyone on the path; on loopback
+        # (regions on one machine, `levante up`) there is no path.
+        _check(
+            self.api_key_env is None or self.tls_ca is not None or _is_loopback(self.target.rsplit(":", 1)[0]),
+            "api_key_env",
+            f"an API key is sent only over TLS to {self.target!r} (not a loopback address); set tls_ca too",
+        )
 
 
 @dataclass(frozen=True)

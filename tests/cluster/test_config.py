@@ -349,3 +349,16 @@ def test_peers_load_and_are_checked():
         config_from_dict({"region": "eu", "regions": {"peers": [{"name": "eu", "target": "h:1"}]}})
     with pytest.raises(ConfigError, match=r"regions\.health\.max_ejection_s: must be >= base_ejection_s"):
         config_from_dict({"regions": {"health": {"base_ejection_s": 10, "max_ejection_s": 5}}})
+
+
+def test_a_peer_api_key_is_refused_without_tls():
+    """The key a region presents to a peer would cross the network in the clear without tls_ca;
+    only a loopback peer (regions on one machine, `levante up`) may take it in plaintext."""
+    peer = {"name": "us", "target": "us.example.net:50051", "api_key_env": "LEVANTE_KEY_US"}
+    for target in ("us.example.net:50051", "10.0.0.7:50051", "[2001:db8::1]:50051", "localhost.example.net:1"):
+        with pytest.raises(ConfigError, match=r"regions\.peers\[0\]\.api_key_env: an API key is sent only over TLS"):
+            config_from_dict({"regions": {"peers": [{**peer, "target": target}]}})
+    cfg = config_from_dict({"regions": {"peers": [{**peer, "tls_ca": "/etc/levante/peer-tls/ca.crt"}]}})
+    assert cfg.regions.peers[0].api_key_env == "LEVANTE_KEY_US"
+    for target in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051", "127.0.0.2:1"):
+        assert config_from_dict({"regions": {"peers": [{**peer, "target": target}]}}).regions.peers[0].target == target

@@ -56,10 +56,10 @@ BAD = {
         helm.HelmValuesError,
         r"at '/frontdoor': additional properties 'replica' not allowed",
     ),
-    "missing image": (
-        {"image": {"repository": None}},
+    "empty image repository": (
+        {"image": {"repository": ""}},
         helm.HelmValuesError,
-        r"at '/image': missing property 'repository'",
+        r"at '/image/repository': minLength: got 0, want 1",
     ),
     "missing region": (
         {"levante": {"region": None}},

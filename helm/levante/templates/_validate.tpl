@@ -50,10 +50,26 @@ names the values to change. Rendered by validate.yaml, so `helm template`, `helm
 {{- end }}
 {{- end }}
 
-{{- /* Peers' TLS files must come from the mounted peerTLS Secret. */}}
+{{- /*
+Secure by default: the door is reachable from other pods (and through a LoadBalancer from other
+networks), so it must encrypt (server TLS) and know its callers (API keys, or client certificates).
+*/}}
+{{- if not .Values.security.allowInsecure }}
+{{- if not .Values.tls.enabled }}
+{{- fail "security: the front door would serve plaintext; set tls.enabled and tls.secretName (helm/levante/examples/tls.yaml), or security.allowInsecure: true to accept that" }}
+{{- end }}
+{{- if and (not $fd.tenants) (not .Values.tls.clientCA.enabled) }}
+{{- fail "security: the front door would accept any caller; set levante.frontdoor.tenants (API keys through api_key_env and frontdoor.env) or tls.clientCA.enabled (mutual TLS), or security.allowInsecure: true to accept that" }}
+{{- end }}
+{{- end }}
+
+{{- /* Peers' TLS files must come from the mounted peerTLS Secret; an API key only travels over TLS. */}}
 {{- $peerDir := include "levante.peerTLSDir" . }}
 {{- $regions := default (dict) $lv.regions }}
 {{- range $i, $p := (default (list) $regions.peers) }}
+{{- if and $p.api_key_env (not $p.tls_ca) }}
+{{- fail (printf "levante.regions.peers[%d].api_key_env: the key would travel in plaintext; set levante.regions.peers[%d].tls_ca (a file of peerTLS.secretName) to call %q over TLS" $i $i (toString $p.name)) }}
+{{- end }}
 {{- range $k := list "tls_ca" "tls_cert" "tls_key" }}
 {{- $path := index $p $k }}
 {{- if $path }}
