@@ -216,8 +216,10 @@ class FailoverBackend(Backend):
         async with contextlib.aclosing(self.members[region].generate(request)) as chunks:
             while True:
                 timeout = min([limit, *_left(request, progress)])
-                try:
-                    chunk = await asyncio.wait_for(anext(chunks, None), max(timeout, 0.0))
+                try:  # in this task: Python 3.11's wait_for loses a cancel that lands as a chunk arrives,
+                    # and the caller's cancelled stream would then run on to its end in the engine
+                    async with asyncio.timeout(max(timeout, 0.0)):
+                        chunk = await anext(chunks, None)
                 except TimeoutError:
                     if request.deadline is not None and time.time() >= request.deadline:  # the caller's limit
                         outcome.done = True
