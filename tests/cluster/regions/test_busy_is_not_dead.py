@@ -127,3 +127,52 @@ def test_full_here_and_down_there_answers_busy_not_dead():
     error = chunks[-1].error
     assert error.code == RESOURCE_EXHAUSTED and "no region has room" in error.message
     assert ejected(b) == {"us"} and b.regions["eu"].state(b.clock()) in (HEALTHY, "unknown")
+
+
+class Endless(Backend):
+    """Chunks as fast as the loop turns, until closed; counts the streams still running."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.stop = False  # ends a stream whose cancel was lost, so the test can finish
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        self.running += 1
+        try:
+            while not self.stop:
+                await asyncio.sleep(0)
+                yield Chunk(token_ids=[1], text="a")
+        finally:
+            self.running -= 1
+
+    async def models(self) -> list[ModelInfo]:
+        return [ModelInfo("m", 64)]
+
+    async def ready(self) -> bool:
+        return True
+
+
+def test_a_cancelled_caller_always_closes_the_regions_stream():
+    # A cancel landing as a chunk arrives must not be lost (the engine request would run on to its end).
+    member = Endless()
+    b = HealthBook(EJECT_AT_ONCE, ["eu"], local="eu")
+    fb = FailoverBackend({"eu": member}, b, RegionsConfig(health=EJECT_AT_ONCE), local="eu")
+    request = GenerateRequest("t/1", "m", "hi", SamplingParams(max_tokens=4))
+
+    async def consume() -> None:
+        async for _ in fb.generate(request):
+            pass
+
+    async def main() -> int:
+        for i in range(200):
+            task = asyncio.create_task(consume())
+            for _ in range(1 + i % 7):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.wait({task}, timeout=2)
+            if not task.done():  # the cancel was lost: the stream runs on
+                break
+        running, member.stop = member.running, True
+        return running
+
+    assert asyncio.run(main()) == 0
