@@ -136,6 +136,12 @@ class FrontDoorConfig:
     tenants: tuple[TenantConfig, ...] = ()  # empty: no authentication, every call is tenant "anonymous"
     max_request_bytes: int = 1 << 20  # larger requests: INVALID_ARGUMENT naming the size
     max_inflight: int = 256  # calls in flight across tenants; beyond: RESOURCE_EXHAUSTED
+    # every RPC at once (health checks, ListModels, Admin too), refused by grpc itself beyond it; above
+    # max_inflight, so a door full of Generate calls still answers its health checks
+    maximum_concurrent_rpcs: int = 320
+    max_streams_per_connection: int = 128  # Generate calls at once on one client connection; 0: no cap
+    write_timeout_s: float = 30.0  # a stream whose client took no message for this long is stopped
+    retry_after_ms: int = 1000  # the retry hint sent with every RESOURCE_EXHAUSTED refusal
     drain_timeout_s: float = 30.0  # on SIGTERM, how long running streams may take to finish
     backend_timeout_s: float = 90.0  # no chunk from the backend for this long (first or next): UNAVAILABLE
     heartbeat_s: float = 0.5  # with nothing else to send for this long, a stream gets a Progress message
@@ -146,6 +152,14 @@ class FrontDoorConfig:
         _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
         _check(self.max_request_bytes > 0, "max_request_bytes", "must be positive")
         _check(self.max_inflight > 0, "max_inflight", "must be positive")
+        _check(
+            self.maximum_concurrent_rpcs > self.max_inflight,
+            "maximum_concurrent_rpcs",
+            f"must exceed max_inflight ({self.max_inflight}), so health checks are answered under load",
+        )
+        _check(self.max_streams_per_connection >= 0, "max_streams_per_connection", "must be >= 0 (0: no cap)")
+        _check(self.write_timeout_s > 0, "write_timeout_s", "must be positive")
+        _check(self.retry_after_ms >= 0, "retry_after_ms", "must be >= 0")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0")
         _check(self.backend_timeout_s > 0, "backend_timeout_s", "must be positive")
         _check(self.heartbeat_s > 0, "heartbeat_s", "must be positive")
@@ -329,6 +343,9 @@ class HealthCheckConfig:
     # no chunk at all (heartbeats included) for this long, before or after the first token: the region is
     # lost; a stream not yet started tries the next region, one that started resumes there
     stream_idle_timeout_s: float = 1.5
+    # at most this share of the regions is ejected at once (Envoy's max_ejection_percent); one ejection is
+    # always allowed, and never of the last region that takes traffic: a busy cluster is not a dead one
+    max_ejection_percent: float = 50.0
 
     def __post_init__(self) -> None:
         for name in ("interval_s", "timeout_s", "base_ejection_s", "stream_idle_timeout_s"):
@@ -337,6 +354,7 @@ class HealthCheckConfig:
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         _check(self.max_ejection_s >= self.base_ejection_s, "max_ejection_s", "must be >= base_ejection_s")
         _check(self.cooldown_s >= 0, "cooldown_s", "must be >= 0")
+        _check(0 <= self.max_ejection_percent <= 100, "max_ejection_percent", "must be in [0, 100]")
 
 
 @dataclass(frozen=True)

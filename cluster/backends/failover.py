@@ -222,6 +222,7 @@ class FailoverBackend(Backend):
         request = _with_seed(request)
         progress = _Progress(request.resume, request.first_token_timeout_s)
         last: ChunkError | None = None
+        full: ChunkError | None = None  # the last RESOURCE_EXHAUSTED: a busy region, not a failed one
         for index, region in enumerate(self.order(request.preferred_region)):
             if request.deadline is not None and time.time() >= request.deadline:
                 break
@@ -241,10 +242,14 @@ class FailoverBackend(Backend):
             for listener in self.failover_listeners:
                 listener(hop)
             last = outcome.error
+            if last.code == RESOURCE_EXHAUSTED:
+                full = last
         if last is not None and request.deadline is not None and time.time() >= request.deadline:
             yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed while failing over between regions")
         elif last is not None and last.code == RESOURCE_EXHAUSTED:
             yield error_chunk(RESOURCE_EXHAUSTED, last.field, f"every region is full: {_said(last)}")
+        elif full is not None:  # busy in one region, down in the others: a retry later may succeed
+            yield error_chunk(RESOURCE_EXHAUSTED, full.field, f"no region has room: {_said(full)}")
         else:
             tried = ", ".join(f"{h.from_region} ({h.reason})" for h in progress.failovers) or "none"
             yield error_chunk(UNAVAILABLE, "regions", f"no region could serve this request; tried {tried}")
@@ -274,8 +279,10 @@ class FailoverBackend(Backend):
         async with contextlib.aclosing(source) as chunks:
             while True:
                 timeout = min([limit, *_left(request, progress)])
-                try:
-                    chunk = await asyncio.wait_for(anext(chunks, None), max(timeout, 0.0))
+                try:  # in this task: Python 3.11's wait_for loses a cancel that lands as a chunk arrives,
+                    # and the caller's cancelled stream would then run on to its end in the engine
+                    async with asyncio.timeout(max(timeout, 0.0)):
+                        chunk = await anext(chunks, None)
                 except TimeoutError:
                     if request.deadline is not None and time.time() >= request.deadline:  # the caller's limit
                         outcome.done = True

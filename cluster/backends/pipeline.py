@@ -21,7 +21,7 @@ from cluster.chunks import engine_error_chunk, error_chunk, merge_deltas
 from cluster.telemetry import spans
 from cluster.types import DEADLINE_EXCEEDED, INVALID_ARGUMENT, Chunk, GenerateRequest, ServedBy
 from engine.config import EFFORTS
-from engine.types import EngineClient, EngineError, RequestDelta
+from engine.types import EngineClient, EngineError, RequestDelta, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ async def run_request(
         return
     params = dataclasses.replace(request.params, reasoning_effort=request.reasoning_effort)
     try:
-        await engine.submit(request.request_id, request.prompt, params, resume=request.resume)
+        async with contextlib.aclosing(_submit(engine, request, params, served_by, batching.keepalive_s)) as waiting:
+            async for keepalive in waiting:
+                yield keepalive
     except EngineError as e:
         yield _by(engine_error_chunk(e), served_by)
         return
@@ -78,6 +80,28 @@ async def run_request(
             await engine.abort(request.request_id)
         with contextlib.suppress(asyncio.CancelledError):
             await pump
+
+
+async def _submit(
+    engine: EngineClient,
+    request: GenerateRequest,
+    params: SamplingParams,
+    served_by: ServedBy,
+    keepalive_s: float | None,
+) -> AsyncIterator[Chunk]:
+    """Submits ``request``; a keepalive every ``keepalive_s`` until the engine took it. An engine takes
+    requests between steps, and a busy one's steps are long: that wait is queueing, not silence, and a
+    region router would otherwise take the busy region for a lost one. Raises the engine's refusal.
+    Closed before the engine answered, it aborts the request, which the engine may still take."""
+    submit = asyncio.ensure_future(engine.submit(request.request_id, request.prompt, params, resume=request.resume))
+    try:
+        while not (await asyncio.wait([submit], timeout=keepalive_s))[0]:
+            yield Chunk(served_by=served_by)  # who has it, as the first chunk after submit says
+    finally:
+        if not submit.done():
+            submit.cancel()
+            await engine.abort(request.request_id)
+    submit.result()
 
 
 def _by(chunk: Chunk, served_by: ServedBy) -> Chunk:

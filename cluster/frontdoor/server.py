@@ -32,6 +32,7 @@ from cluster.frontdoor.convert import (
 from cluster.frontdoor.errors import abort
 from cluster.frontdoor.grpc_health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
 from cluster.frontdoor.isolation import InflightIds, cache_salt, engine_request_id
+from cluster.frontdoor.shedding import Connections, refuse, written
 from cluster.frontdoor.tls import server_credentials
 from cluster.policy.effort import lowest_effort
 from cluster.telemetry import tracing
@@ -43,6 +44,7 @@ from cluster.types import (
     ERROR_CODES,
     FORWARDED_FROM,
     MAX_EFFORT,
+    RESOURCE_EXHAUSTED,
     Backend,
     Chunk,
     GenerateRequest,
@@ -72,6 +74,7 @@ class FrontDoor:
         self._model: ModelInfo | None = None
         self._inflight = 0
         self._ids = InflightIds()  # engine ids of the calls in flight: a duplicate is refused
+        self._connections = Connections(config.max_streams_per_connection)
         self._idle = asyncio.Event()
         self._draining = False  # a real drain (SIGTERM): it ends in stop(), nothing undoes it
         self._paused = False  # an admin's drain (drills): RESTORE undoes it
@@ -89,13 +92,19 @@ class FrontDoor:
         creds = server_credentials(self.config.tls)
         # grpc's own limit sits above ours so an oversized request reaches convert.py and gets a clear error.
         limit = self.config.max_request_bytes + max(self.config.max_request_bytes, 1 << 20)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit)],
+            maximum_concurrent_rpcs=self.config.maximum_concurrent_rpcs,
+        )
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(
                     SERVICE_NAME,
                     {
-                        "Generate": grpc.unary_stream_rpc_method_handler(self._generate),  # bytes in, bytes out
+                        # bytes in, bytes out; written by us, each message within write_timeout_s
+                        "Generate": grpc.unary_stream_rpc_method_handler(
+                            written(self._generate, self.config.write_timeout_s, self.config.retry_after_ms)
+                        ),
                         "ListModels": grpc.unary_unary_rpc_method_handler(self._list_models),
                     },
                 ),
@@ -231,15 +240,15 @@ class FrontDoor:
         except AuthError as e:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
         if self._inflight >= self.config.max_inflight:
-            await abort(
+            await refuse(
                 context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server: {self._inflight} calls in flight (max_inflight); retry later",
+                self.config.retry_after_ms,
             )
         try:
             self._tenants.admit(tenant)
         except LimitExceeded as e:
-            await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await refuse(context, str(e), self.config.retry_after_ms)
         self._inflight += 1
         self._idle.clear()
         try:
@@ -315,6 +324,14 @@ class FrontDoor:
     ) -> AsyncIterator[bytes]:
         """The backend's chunks as messages. The backend is read by a task of its own, so that while it is
         silent the caller still hears from us every ``heartbeat_s`` (a Progress message, when it asked)."""
+        peer = context.peer() or ""
+        if not self._connections.admit(peer):
+            await refuse(
+                context,
+                f"server: {self.config.max_streams_per_connection} streams on this connection "
+                "(max_streams_per_connection); retry later or open another connection",
+                self.config.retry_after_ms,
+            )
         encoder = ResponseEncoder(client_id, progress=request.stream_progress)
         chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
         pump = asyncio.create_task(_pump(self.backend.generate(request), chunks))
@@ -329,8 +346,7 @@ class FrontDoor:
                     continue
                 heard = time.monotonic()
                 if chunk.error is not None:
-                    code = _STATUS.get(chunk.error.code, grpc.StatusCode.INTERNAL)
-                    await abort(context, code, chunk.error.details)  # a peer's refusal keeps its own details
+                    await self._refused(context, chunk)
                 if call is not None:
                     call.chunk(chunk)
                 for message in encoder.encode(chunk):
@@ -339,9 +355,19 @@ class FrontDoor:
                 if chunk.finished:
                     return
         finally:
+            self._connections.release(peer)
             pump.cancel()  # the backend's generator closes, and aborts its engine request (cancel, deadline, error)
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+
+    async def _refused(self, context: grpc.aio.ServicerContext, chunk: Chunk) -> None:
+        """Ends the call with the backend's error; a full backend's with the retry hint."""
+        error = chunk.error
+        assert error is not None
+        if error.code == RESOURCE_EXHAUSTED:
+            await refuse(context, error.details, self.config.retry_after_ms)
+        code = _STATUS.get(error.code, grpc.StatusCode.INTERNAL)
+        await abort(context, code, error.details)  # a peer's refusal keeps its own details
 
     async def _next(
         self,

@@ -6,6 +6,8 @@ Two signals, as Envoy and gRPC A50 combine them:
 - passive (outlier detection): errors, timeouts and slow first tokens of real requests;
   ``consecutive_failures`` in a row eject the region for ``base_ejection_s`` times the number of
   ejections so far (capped at ``max_ejection_s``); ``cooldown_s`` without one forgets them.
+  As Envoy's ``max_ejection_percent``: at most that share of the regions is out at once (one
+  ejection is always allowed), and never the last region that takes traffic.
 
 A region takes traffic when it is not ejected and not unhealthy. Every change of state is a
 ``Transition`` (with its reason), so reports can tell a closed socket from a timeout.
@@ -80,12 +82,13 @@ class RegionHealth:
         del now
         self._failures = 0
 
-    def on_failure(self, now: float, reason: str) -> Transition | None:
-        """An error, timeout or slow first token of a real request; ejects after enough in a row."""
+    def on_failure(self, now: float, reason: str, may_eject: bool = True) -> Transition | None:
+        """An error or silent stream of a real request; ejects after enough in a row, when ``may_eject``
+        (the book's cap). Held back, the run goes on: the next failure asks again."""
         if now < self.ejected_until:
             return None  # already out; requests that were under way are still failing
         self._failures += 1
-        if self._failures < self.cfg.consecutive_failures:
+        if self._failures < self.cfg.consecutive_failures or not may_eject:
             return None
         if now - self._last_ejected > self.cfg.cooldown_s + self._last_duration():
             self.ejections = 0  # a long quiet spell: back off from the start again
@@ -139,7 +142,16 @@ class HealthBook:
         self.regions[region].on_success(self.clock())
 
     def on_failure(self, region: str, reason: str) -> None:
-        self._record(self.regions[region].on_failure(self.clock(), reason))
+        now = self.clock()
+        self._record(self.regions[region].on_failure(now, reason, self.may_eject(region, now)))
+
+    def may_eject(self, region: str, now: float) -> bool:
+        """The ejection cap: another region still takes traffic, and the ejected share stays within
+        ``max_ejection_percent`` (one ejection is always allowed)."""
+        if not any(h.available(now) for name, h in self.regions.items() if name != region):
+            return False
+        ejected = sum(1 for h in self.regions.values() if now < h.ejected_until)
+        return ejected == 0 or (ejected + 1) * 100 <= self.cfg.max_ejection_percent * len(self.regions)
 
     def poll(self) -> None:
         now = self.clock()
