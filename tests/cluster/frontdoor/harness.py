@@ -53,6 +53,14 @@ class LoopThread:
         self.loop.close()
 
 
+def engine_backend(loop: LoopThread, engine: Any, region: str = "test-region") -> Backend:
+    """A LocalBackend over a real engine, serving it as ``MODEL`` with the engine's own limits."""
+    from cluster.backends.local import LocalBackend
+
+    info = loop.run(engine.info())
+    return LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), region)
+
+
 @contextlib.contextmanager
 def serving(
     loop: LoopThread, backend: Backend, config: FrontDoorConfig | None = None, model_name: str = MODEL

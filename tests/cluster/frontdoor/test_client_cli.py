@@ -11,14 +11,12 @@ import sys
 
 import pytest
 
-from cluster.backends import LocalBackend
 from cluster.config import FrontDoorConfig
-from cluster.types import ModelInfo
 from engine.api import create_engine
 from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
-from .harness import MODEL, serving, spm_tokenizer
+from .harness import MODEL, engine_backend, serving, spm_tokenizer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -35,8 +33,7 @@ def door(loop, tmp_path_factory):
             scheduler=SchedulerConfig(max_model_len=512, max_num_batched_tokens=32),
         )
     )
-    info = loop.run(engine.info())
-    backend = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), "test-region")
+    backend = engine_backend(loop, engine)
     with serving(loop, backend, FrontDoorConfig(port=0)) as d:
         yield d
     engine.shutdown()

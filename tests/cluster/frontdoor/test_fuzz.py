@@ -21,16 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cluster.backends import LocalBackend
 from cluster.config import FrontDoorConfig
 from cluster.frontdoor.convert import Limits, RequestError, decode_generate
 from cluster.frontdoor.errors import MAX_DETAILS_CHARS, short
-from cluster.types import ModelInfo
 from engine.api import create_engine
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from levante.v1 import inference_pb2 as pb
 
-from .harness import GENERATE, MODEL, channel, serving, spm_tokenizer, wait_until
+from .harness import GENERATE, MODEL, channel, engine_backend, serving, spm_tokenizer, wait_until
 
 pytestmark = pytest.mark.e2e
 MAX_MODEL_LEN = 96  # a request the door lets through generates at most this many tokens
@@ -147,8 +145,7 @@ def engine(tiny_moe):
 
 @pytest.fixture(scope="module")
 def door(engine, loop):
-    info = loop.run(engine.info())
-    backend = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), "test-region")
+    backend = engine_backend(loop, engine)
     with serving(loop, backend, FrontDoorConfig(port=0, max_request_bytes=MAX_REQUEST_BYTES)) as d:
         yield d
 

@@ -7,15 +7,13 @@ import re
 import grpc
 import pytest
 
-from cluster.backends import LocalBackend
 from cluster.config import FrontDoorConfig
-from cluster.types import ModelInfo
 from engine.api import create_engine
 from engine.checkpoint.tiny import make_tiny
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig, SchedulerConfig
 from levante.v1 import inference_pb2 as pb
 
-from .harness import MODEL, channel, generate, rpc_error, serving, spm_tokenizer, stub, wait_until
+from .harness import MODEL, channel, engine_backend, generate, rpc_error, serving, spm_tokenizer, stub, wait_until
 
 pytestmark = pytest.mark.e2e
 BUDGET_LOW = 6
@@ -39,8 +37,7 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def door(engine, loop):
-    info = loop.run(engine.info())
-    backend = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), "test-region")
+    backend = engine_backend(loop, engine)
     with serving(loop, backend, FrontDoorConfig(port=0, max_request_bytes=MAX_REQUEST_BYTES)) as d:
         yield d
 

@@ -12,19 +12,29 @@ import json
 import grpc
 import pytest
 
-from cluster.backends import LocalBackend
 from cluster.backends.peer import PeerBackend
 from cluster.config import FrontDoorConfig, PeerConfig, TenantConfig
 from cluster.frontdoor.convert import FORWARDED_REQUEST_ID_CHARS, encode_generate
 from cluster.frontdoor.isolation import cache_salt
 from cluster.policy.replicas import prefix_key
-from cluster.types import CACHE_SALT, GenerateRequest, ModelInfo
+from cluster.types import CACHE_SALT, GenerateRequest
 from engine.api import create_engine
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.types import SamplingParams
 from levante.v1 import inference_pb2 as pb
 
-from .harness import GENERATE, MODEL, ScriptedBackend, channel, generate, rpc_error, serving, spm_tokenizer, wait_until
+from .harness import (
+    GENERATE,
+    MODEL,
+    ScriptedBackend,
+    channel,
+    engine_backend,
+    generate,
+    rpc_error,
+    serving,
+    spm_tokenizer,
+    wait_until,
+)
 
 # a and c share a prefix-cache group; b has one of its own (its name)
 TENANTS = (
@@ -54,8 +64,7 @@ def engine(tiny_moe):
 
 @pytest.fixture(scope="module")
 def ch(engine, loop):
-    info = loop.run(engine.info())
-    backend = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), "test-region")
+    backend = engine_backend(loop, engine)
     with serving(loop, backend, FrontDoorConfig(port=0, tenants=TENANTS)) as door, channel(door) as c:
         yield c
 

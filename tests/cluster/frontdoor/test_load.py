@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from cluster.backends import LocalBackend
 from cluster.backends.failover import FailoverBackend
 from cluster.config import FrontDoorConfig, HealthCheckConfig, RegionsConfig, TenantConfig
 from cluster.regions.health_book import HealthBook
-from cluster.types import ModelInfo
 from engine.api import create_engine
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from levante.v1 import inference_pb2 as pb
 
-from .harness import GENERATE, MODEL, LoopThread, generate, serving, spm_tokenizer, wait_until
+from .harness import GENERATE, LoopThread, engine_backend, generate, serving, spm_tokenizer, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 STREAMS, LOAD_S = 200, 30.0
@@ -67,11 +65,10 @@ def engine(tiny_moe):
 
 @contextlib.contextmanager
 def region(loop: LoopThread, engine) -> Iterator:
-    info = loop.run(engine.info())
     # The door, the router and the engine's callbacks share one event loop here, and on two busy cores it
     # can stall past the default 1.5 s idle limit: this test is about leaks and whole streams, not liveness.
     health = HealthCheckConfig(stream_idle_timeout_s=15.0)
-    local = LocalBackend(engine, ModelInfo(MODEL, info.max_model_len, info.architecture, info.ep_size), "local")
+    local = engine_backend(loop, engine, "local")
     book = HealthBook(health, ["local"], local="local")
     router = FailoverBackend({"local": local}, book, RegionsConfig(health=health), local="local")
     cfg = FrontDoorConfig(port=0, tenants=(TenantConfig(name="load", api_key=KEY),), write_timeout_s=1.0)
