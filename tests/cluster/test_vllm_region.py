@@ -30,6 +30,7 @@ from .frontdoor.harness import GENERATE, running_region, wait_until
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.e2e]
 MODEL = "tiny:mistral?seed=0&vocab_size=32768&head_dim=32"
 TOKENIZER = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"
+PEER_KEY = "test-peer-key"
 CONFIG = config_from_dict(
     {
         "region": "vllm-test",
@@ -41,7 +42,8 @@ CONFIG = config_from_dict(
             "reasoning": {"think_start_ids": [1000], "think_end_ids": [1001], "budget_low": 4},
         },
         "replica": {"stream_chunk_ms": 5},
-        "frontdoor": {"port": 0},
+        # a peer key: only another region's router may resume a stream; keyless calls stay anonymous
+        "frontdoor": {"port": 0, "tenants": [{"name": "peers", "api_key": PEER_KEY, "role": "peer"}]},
         "ray": {"num_cpus": 4},
     },
     "test",
@@ -71,12 +73,12 @@ def native():
     )
 
 
-def call(ch, req: pb.GenerateRequest, timeout: float = 60.0):
+def call(ch, req: pb.GenerateRequest, timeout: float = 60.0, metadata: tuple[tuple[str, str], ...] = ()):
     return ch.unary_stream(
         GENERATE,
         request_serializer=pb.GenerateRequest.SerializeToString,
         response_deserializer=pb.GenerateResponse.FromString,
-    )(req, timeout=timeout)
+    )(req, timeout=timeout, metadata=metadata)
 
 
 def tokens_of(responses) -> list[int]:
@@ -164,6 +166,7 @@ def test_a_resumed_call_continues_the_uninterrupted_stream(ch):
                 reasoning_effort=pb.REASONING_EFFORT_LOW,
                 resume=resume,
             ),
+            metadata=(("authorization", f"Bearer {PEER_KEY}"),),
         )
     )
     assert list(resume.token_ids) + tokens_of(rest) == tokens_of(whole)
