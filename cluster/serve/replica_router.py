@@ -140,9 +140,10 @@ class ReplicaRouter:
         stream = self.engine().options(stream=True, _by_reference=False).generate.remote(request, hint=hint)
         first = waiting = True
         try:  # replicas send keepalives, so silence for replica_timeout_s means a lost replica
-            async with contextlib.aclosing(relay(stream, "replica", self.cfg.router.replica_timeout_s)) as chunks:
+            timeout_s, keepalive_s = self.cfg.router.replica_timeout_s, self.cfg.replica.heartbeat_s
+            async with contextlib.aclosing(relay(stream, "replica", timeout_s, keepalive_s)) as chunks:
                 async for chunk in chunks:
-                    if first:
+                    if first and (hint.choice is not None or chunk.token_ids or chunk.finished):  # assigned
                         chunk.decision = _decided(decision, hint, chunk)
                         tracing.set_attributes(
                             span,
