@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.core.request import SamplingParams
+from engine.core.request import SamplingParams, StructuredOutput, ToolSpec
 
 __all__ = [
     "EngineClient",
@@ -28,7 +28,10 @@ __all__ = [
     "RequestTimings",
     "Resume",
     "SamplingParams",
+    "StructuredOutput",
     "TokenLogprob",
+    "ToolCallDelta",
+    "ToolSpec",
     "Usage",
 ]
 
@@ -85,6 +88,16 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of the model's ``index``-th tool call: its id and name come once, first; arguments in pieces."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""  # the next piece of the arguments' JSON text
+
+
+@dataclass(frozen=True)
 class RequestTimings:
     """When one request went through the engine's stages: wall-clock ``time.time()`` seconds.
 
@@ -121,6 +134,7 @@ class RequestDelta:
     # KV cache, of ``prompt_tokens_total``). None: not a progress report.
     prompt_tokens_done: int | None = None
     prompt_tokens_total: int | None = None
+    tool_calls: list[ToolCallDelta] | None = None  # with tools: the calls parsed from the new tokens
 
 
 @dataclass

@@ -38,6 +38,40 @@ def _first_bad(values: tuple, ok: Callable[[object], bool]) -> str:
     return ""
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema")
+TOOL_CHOICES = ("auto", "none", "required")  # or the name of one of the request's tools
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Constrain the output to JSON: any object, or one that a JSON Schema accepts."""
+
+    kind: str  # one of STRUCTURED_KINDS
+    schema: str | None = None  # the JSON Schema as JSON text (kind "json_schema")
+    name: str = ""  # the schema's name, as OpenAI's json_schema.name
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.kind in STRUCTURED_KINDS, "response_format.type", f"must be one of {STRUCTURED_KINDS}")
+        _check(
+            (self.schema is not None) == (self.kind == "json_schema"),
+            "response_format.json_schema",
+            "a schema comes with kind json_schema, and only with it",
+        )
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call."""
+
+    name: str
+    description: str = ""
+    parameters: str = "{}"  # its arguments' JSON Schema, as JSON text
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name), "tools.name", "must be a non-empty string")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. Checked on construction."""
@@ -59,6 +93,9 @@ class SamplingParams:
     # Prefix-cache namespace: a request reuses cached KV blocks only of requests with the same salt
     # (a serving layer sets it per tenant, so hits never tell one tenant what another sent). None: unsalted.
     cache_salt: str | None = None
+    structured: StructuredOutput | None = None  # None: unconstrained
+    tools: tuple[ToolSpec, ...] = ()  # rendered into the chat prompt; their calls come back parsed
+    tool_choice: str | None = None  # one of TOOL_CHOICES or a tool's name; None: "auto" with tools
 
     def __post_init__(self) -> None:
         # Callers (JSON APIs) hand us lists; freeze them so the params stay
@@ -67,6 +104,7 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "tools", tuple(self.tools))
         self._validate()
         if self.temperature < MIN_TEMPERATURE:  # every engine and sampler then takes the greedy path
             object.__setattr__(self, "temperature", 0.0)
@@ -101,6 +139,18 @@ class SamplingParams:
             "reasoning_effort",
             f"must be one of {EFFORTS} or None, got {self.reasoning_effort!r}",
         )
+        self._validate_tools()
+
+    def _validate_tools(self) -> None:
+        names = [t.name for t in self.tools]
+        _check(len(set(names)) == len(names), "tools", "function names must be unique")
+        choice = self.tool_choice
+        _check(
+            choice is None or choice in TOOL_CHOICES or choice in names,
+            "tool_choice",
+            f"must be one of {TOOL_CHOICES} or the name of a tool, got {choice!r:.60}",
+        )
+        _check(choice in (None, "none", "auto") or bool(self.tools), "tool_choice", f"{choice!r:.60} needs tools")
 
     @property
     def greedy(self) -> bool:
