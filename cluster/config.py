@@ -129,6 +129,22 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP API, served by the front door beside gRPC (same process and backends)."""
+
+    port: int | None = 8000  # 0: any free port; None: no HTTP
+    host: str | None = None  # None: the front door's own host
+
+    def __post_init__(self) -> None:
+        _check(self.port is None or 0 <= self.port <= 65535, "port", f"must be in [0, 65535] or null, got {self.port}")
+        _check(self.host is None or bool(self.host), "host", "must not be empty (null: the front door's host)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+
+@dataclass(frozen=True)
 class FrontDoorConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port
@@ -147,6 +163,7 @@ class FrontDoorConfig:
     heartbeat_s: float = 0.5  # with nothing else to send for this long, a stream gets a Progress message
     admin: AdminConfig = field(default_factory=AdminConfig)  # levante.v1.Admin, on its own port
     limits: InputLimitsConfig = field(default_factory=InputLimitsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)  # the OpenAI-compatible API, on a port of its own
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
@@ -176,6 +193,11 @@ class FrontDoorConfig:
             not (self.admin.enabled and self.admin.port and self.admin.port == self.port),
             "admin.port",
             f"must differ from port ({self.port}): admin never shares the public port",
+        )
+        _check(
+            not (self.http.port and self.http.port in (self.port, self.admin.port)),
+            "http.port",
+            f"must differ from port ({self.port}) and admin.port: HTTP has a port of its own",
         )
 
 

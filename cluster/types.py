@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EFFORTS  # in increasing depth
-from engine.types import EngineInfo, EngineStats, Resume, SamplingParams, TokenLogprob, Usage
+from engine.types import EngineInfo, EngineStats, Resume, SamplingParams, TokenLogprob, ToolCallDelta, Usage
 
 AUTO = "auto"
 REQUEST_EFFORTS = EFFORTS + (AUTO,)
@@ -144,6 +144,7 @@ class Chunk:
     failovers: list[FailoverHop] | None = None  # on the final chunk: the regions this request left, in order
     error: ChunkError | None = None  # set: the request failed; no more chunks follow
     progress: PrefillProgress | None = None  # the latest prefill progress these deltas reported
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass

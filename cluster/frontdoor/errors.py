@@ -32,6 +32,18 @@ def short(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
     return details if len(details) <= limit else f"{details[: limit - 20]}... ({len(details)} chars)"
 
 
+class Refusal(Exception):
+    """A call the front door ends with an error, whatever the transport: ``code`` is one of
+    ``cluster.types.ERROR_CODES`` (gRPC maps it onto a status, HTTP onto a status code)."""
+
+    def __init__(self, code: str, details: str, field: str = "", retry_after_ms: int | None = None):
+        super().__init__(short(details))
+        self.code = code
+        self.details = short(details)
+        self.field = field  # the request field at fault ("" when none): HTTP's ``param``
+        self.retry_after_ms = retry_after_ms  # set when the caller may retry after this long
+
+
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
     """``context.abort`` with details that always reach the client."""
     await context.abort(code, short(details))

@@ -18,7 +18,8 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 
-import grpc
+from cluster.frontdoor.errors import Refusal
+from cluster.types import INVALID_ARGUMENT
 
 MAX_SALT_CHARS = 256  # a forwarded salt is our own kind of value: longer is not one
 
@@ -50,12 +51,13 @@ class InflightIds:
         self._ids: set[str] = set()
 
     @contextlib.asynccontextmanager
-    async def claimed(self, engine_id: str, client_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Hold ``engine_id`` for the call's life; a call whose id is held is aborted before it starts."""
+    async def claimed(self, engine_id: str, client_id: str) -> AsyncIterator[None]:
+        """Hold ``engine_id`` for the call's life; a call whose id is held is refused before it starts."""
         if engine_id in self._ids:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise Refusal(
+                INVALID_ARGUMENT,
                 f"request_id: {client_id[:64]!r} is already in flight; use a new id per call",
+                "request_id",
             )
         self._ids.add(engine_id)
         try:

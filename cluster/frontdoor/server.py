@@ -1,6 +1,11 @@
-"""The gRPC front door: ``levante.v1.Inference`` on grpc.aio, with health, reflection, TLS and drain.
+"""The front door: ``levante.v1.Inference`` on grpc.aio, with health, reflection, TLS and drain, and the
+OpenAI-compatible HTTP API (``cluster.frontdoor.http``) on the same event loop.
 
-Requests arrive as bytes (no grpc deserializer) so that convert.py can name
+One transport-neutral ``FrontDoor.run`` serves a call (authenticate, admit or shed, decode, tenant
+rewriting, id claims, the backend's stream with heartbeats, deadline and backend timeout) and ends a
+refused one with a ``Refusal``; the gRPC servicer below and the HTTP routes are adapters around it.
+
+gRPC requests arrive as bytes (no grpc deserializer) so that convert.py can name
 the bad field of a malformed one; responses leave as bytes convert.py made.
 """
 
@@ -13,13 +18,15 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import NoReturn
 
 import grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.config import FrontDoorConfig
 from cluster.frontdoor.auth import AuthError, LimitExceeded, Tenant, Tenants
+from cluster.frontdoor.call import CallInfo, Encoder, T
 from cluster.frontdoor.convert import (
     SERVICE_NAME,
     Limits,
@@ -29,8 +36,9 @@ from cluster.frontdoor.convert import (
     decode_list_models,
     encode_models,
 )
-from cluster.frontdoor.errors import abort
+from cluster.frontdoor.errors import Refusal, abort
 from cluster.frontdoor.grpc_health import HEALTH_SERVICE_NAME, NOT_SERVING, POLL_S, HealthReporter
+from cluster.frontdoor.http.server import HttpServer
 from cluster.frontdoor.isolation import InflightIds, cache_salt, engine_request_id
 from cluster.frontdoor.shedding import Connections, refuse, written
 from cluster.frontdoor.tls import server_credentials
@@ -40,13 +48,19 @@ from cluster.telemetry.calls import CallTelemetry, call_code
 from cluster.telemetry.metrics import ServerMetrics
 from cluster.types import (
     CACHE_SALT,
+    DEADLINE_EXCEEDED,
     EFFORTS,
     ERROR_CODES,
     FORWARDED_FROM,
+    INVALID_ARGUMENT,
     MAX_EFFORT,
+    PERMISSION_DENIED,
     RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
     Backend,
     Chunk,
+    ChunkError,
     GenerateRequest,
     ModelInfo,
 )
@@ -80,6 +94,7 @@ class FrontDoor:
         self._paused = False  # an admin's drain (drills): RESTORE undoes it
         self.admin = None  # an AdminService (frontdoor.admin), set by the owner before start()
         self.admin_port = 0  # the admin server's own port, once started
+        self.http: HttpServer | None = None  # the OpenAI-compatible API, while it runs (frontdoor.http)
         # peer-only metadata that a caller without the peer role sent, and we ignored (also in metrics)
         self.ignored_metadata: collections.Counter[str] = collections.Counter()
         self._warned: set[tuple[str, str]] = set()
@@ -126,14 +141,21 @@ class FrontDoor:
         await server.start()
         self._server = server
         self._idle.set()
+        if self.config.http.enabled:
+            try:
+                self.http = await HttpServer.start(self, self.config)
+            except BaseException:
+                await self.stop()
+                raise
         await self._health.refresh()
         self._health.start()
         log.info(
-            "front door on %s (port %d, tls=%s, region %s)",
+            "front door on %s (port %d, tls=%s, region %s, http %s)",
             self.config.host,
             self.port,
             self.config.tls.enabled,
             self.region,
+            self.http.url if self.http is not None else "off",
         )
         return self.port
 
@@ -168,6 +190,9 @@ class FrontDoor:
         self._health.stop()
         if self.admin is not None:
             await self.admin.stop()
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self._server is not None:
             await self._server.stop(grace=None)
             self._server = None
@@ -177,6 +202,11 @@ class FrontDoor:
             await self._server.wait_for_termination()
 
     # ---- backend ------------------------------------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        """The health this door reports now (cached; false while draining or paused)."""
+        return self._health.serving and not self._draining and not self._paused
 
     async def _serving(self) -> bool:
         return not self._draining and not self._paused and await self._backend_ready()
@@ -198,94 +228,92 @@ class FrontDoor:
             raise LookupError("backend: serves no model")
         return Limits(self.model_name, self._model.max_model_len, self.config.max_request_bytes, self.config.limits)
 
-    # ---- RPCs ----------------------------------------------------------------------------------
+    # ---- one call, whatever the transport -----------------------------------------------------
 
-    async def _list_models(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Tenant:
         try:
-            self._tenants.authenticate(context.invocation_metadata() or ())
-            decode_list_models(raw)
+            return self._tenants.authenticate(metadata)
         except AuthError as e:
-            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
-        except RequestError as e:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            return encode_models(await self.backend.models())
-        except Exception as e:  # a backend that cannot answer: retryable, and no stack trace to the client
-            await abort(context, grpc.StatusCode.UNAVAILABLE, f"backend: cannot list its models: {e!r}")
-            raise
+            raise Refusal(UNAUTHENTICATED, str(e), "authorization") from None
 
-    async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        # Telemetry sees every call, refused ones included; with tracing and metrics off there is none.
-        call = None
-        if self.metrics is not None or tracing.active():
-            call = CallTelemetry(self.metrics, dict(context.invocation_metadata() or ()), self.region)
-        failure: BaseException | None = None
+    async def models(self) -> list[ModelInfo]:
         try:
-            async for message in self._serve(raw, context, call):
+            return await self.backend.models()
+        except Exception as e:  # noqa: BLE001 -- a backend that cannot answer: retryable, no stack trace
+            raise Refusal(UNAVAILABLE, f"backend: cannot list its models: {e!r}") from None
+
+    async def run(
+        self,
+        info: CallInfo,
+        decode: Callable[[Limits], GenerateRequest],
+        make_encoder: Callable[[GenerateRequest, str], Encoder[T]],
+        call: CallTelemetry | None,
+    ) -> AsyncIterator[T]:
+        """One Generate call: admit it, check it, stream its messages. Ends with ``Refusal`` when refused;
+        the gRPC servicer and the HTTP routes are adapters around it. ``decode`` turns the body into a
+        request (raising ``RequestError`` or ``Refusal``); ``make_encoder`` turns chunks into messages."""
+        async with self._admitted(info, decode, call) as (request, client_id):
+            async for message in self._stream(request, info, make_encoder(request, client_id), call):
                 yield message
-        except BaseException as e:
-            failure = e
-            raise
-        finally:
-            if call is not None:
-                call.done(*call_code(context, failure))
 
-    async def _serve(
-        self, raw: bytes, context: grpc.aio.ServicerContext, call: CallTelemetry | None
-    ) -> AsyncIterator[bytes]:
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, info: CallInfo, decode: Callable[[Limits], GenerateRequest], call: CallTelemetry | None
+    ) -> AsyncIterator[tuple[GenerateRequest, str]]:
+        """The checked request and the client's id for it, counted in flight while the block runs."""
         if self._draining or self._paused:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "server: draining; retry on another front door")
-        try:
-            tenant = self._tenants.authenticate(context.invocation_metadata() or ())
-        except AuthError as e:
-            await abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+            raise Refusal(UNAVAILABLE, "server: draining; retry on another front door")
+        tenant = self.authenticate(info.metadata)
+        retry = self.config.retry_after_ms
         if self._inflight >= self.config.max_inflight:
-            await refuse(
-                context,
-                f"server: {self._inflight} calls in flight (max_inflight); retry later",
-                self.config.retry_after_ms,
+            raise Refusal(
+                RESOURCE_EXHAUSTED, f"server: {self._inflight} calls in flight (max_inflight); retry later", "", retry
             )
         try:
             self._tenants.admit(tenant)
         except LimitExceeded as e:
-            await refuse(context, str(e), self.config.retry_after_ms)
+            raise Refusal(RESOURCE_EXHAUSTED, str(e), "", retry) from None
         self._inflight += 1
         self._idle.clear()
         try:
-            metadata = dict(context.invocation_metadata() or ())
-            forwarded_from, ceiling = self._peer_metadata(tenant, metadata)
-            decoded = await self._checked(raw, context, forwarded_from)
-            if decoded.resume is not None and not tenant.is_peer:  # tokens the engine would take on trust
-                await abort(
-                    context,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    "resume: only a peer region may resume a stream (this caller's key has no peer role)",
-                )
-            client_id = decoded.request_id  # what the client sees; the engine's id is per tenant
-            remaining = context.time_remaining()
-            salt = cache_salt(tenant.cache_group or tenant.name, metadata.get(CACHE_SALT))
-            request = dataclasses.replace(
-                decoded,
-                request_id=engine_request_id(tenant.name, client_id),
-                params=dataclasses.replace(decoded.params, cache_salt=salt),
-                tenant=tenant.name,
-                max_effort=lowest_effort(tenant.max_effort, ceiling),  # the forwarding tenant's ceiling holds here
-                deadline=None if remaining is None else time.time() + remaining,
-                forwarded_from=forwarded_from,
-                trace_context=call.carrier() if call is not None else None,
-                # a forwarding region already holds its caller to the limit; its own tenant's would be wrong
-                first_token_timeout_s=tenant.first_token_timeout_s if forwarded_from is None else None,
-            )
-            if call is not None:
-                call.admitted(request)
-            async with self._ids.claimed(request.request_id, client_id, context):
-                async for message in self._stream(request, client_id, context, call):
-                    yield message
+            request, client_id = await self._request(tenant, info, decode, call)
+            async with self._ids.claimed(request.request_id, client_id):
+                yield request, client_id
         finally:
             self._tenants.release(tenant)
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
+
+    async def _request(
+        self, tenant: Tenant, info: CallInfo, decode: Callable[[Limits], GenerateRequest], call: CallTelemetry | None
+    ) -> tuple[GenerateRequest, str]:
+        metadata = info.headers
+        forwarded_from, ceiling = self._peer_metadata(tenant, metadata)
+        decoded = await self._checked(decode, forwarded_from)
+        if decoded.resume is not None and not tenant.is_peer:  # tokens the engine would take on trust
+            raise Refusal(
+                PERMISSION_DENIED,
+                "resume: only a peer region may resume a stream (this caller's key has no peer role)",
+                "resume",
+            )
+        client_id = decoded.request_id  # what the client sees; the engine's id is per tenant
+        salt = cache_salt(tenant.cache_group or tenant.name, metadata.get(CACHE_SALT))
+        request = dataclasses.replace(
+            decoded,
+            request_id=engine_request_id(tenant.name, client_id),
+            params=dataclasses.replace(decoded.params, cache_salt=salt),
+            tenant=tenant.name,
+            max_effort=lowest_effort(tenant.max_effort, ceiling),  # the forwarding tenant's ceiling holds here
+            deadline=info.deadline,
+            forwarded_from=forwarded_from,
+            trace_context=call.carrier() if call is not None else None,
+            # a forwarding region already holds its caller to the limit; its own tenant's would be wrong
+            first_token_timeout_s=tenant.first_token_timeout_s if forwarded_from is None else None,
+        )
+        if call is not None:
+            call.admitted(request)
+        return request, client_id
 
     def _peer_metadata(self, tenant: Tenant, metadata: dict[str, str]) -> tuple[str | None, str | None]:
         """(forwarded_from, the original tenant's effort ceiling): trusted from a peer only. Anyone else's
@@ -305,40 +333,39 @@ class FrontDoor:
         return None, None
 
     async def _checked(
-        self, raw: bytes, context: grpc.aio.ServicerContext, forwarded_from: str | None
+        self, decode: Callable[[Limits], GenerateRequest], forwarded_from: str | None
     ) -> GenerateRequest:
         try:
-            request = decode_generate(raw, await self._limits())
+            request = decode(await self._limits())
         except RequestError as e:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise Refusal(INVALID_ARGUMENT, str(e), e.field) from None
         except LookupError as e:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+            raise Refusal(UNAVAILABLE, str(e)) from None
         # A region router can still send the call to a peer region; a call a peer forwarded cannot go on.
         can_go_elsewhere = self.backend.fails_over and forwarded_from is None
         if not self._health.serving and not can_go_elsewhere:  # cached: asking a busy backend per call fails calls
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "backend: no replica is ready")
+            raise Refusal(UNAVAILABLE, "backend: no replica is ready")
         return request
 
     async def _stream(
-        self, request: GenerateRequest, client_id: str, context: grpc.aio.ServicerContext, call: CallTelemetry | None
-    ) -> AsyncIterator[bytes]:
+        self, request: GenerateRequest, info: CallInfo, encoder: Encoder[T], call: CallTelemetry | None
+    ) -> AsyncIterator[T]:
         """The backend's chunks as messages. The backend is read by a task of its own, so that while it is
-        silent the caller still hears from us every ``heartbeat_s`` (a Progress message, when it asked)."""
-        peer = context.peer() or ""
-        if not self._connections.admit(peer):
-            await refuse(
-                context,
+        silent the caller still hears from us every ``heartbeat_s`` (when its encoder sends heartbeats)."""
+        if not self._connections.admit(info.peer):
+            raise Refusal(
+                RESOURCE_EXHAUSTED,
                 f"server: {self.config.max_streams_per_connection} streams on this connection "
                 "(max_streams_per_connection); retry later or open another connection",
+                "",
                 self.config.retry_after_ms,
             )
-        encoder = ResponseEncoder(client_id, progress=request.stream_progress)
         chunks: asyncio.Queue[Chunk | None] = asyncio.Queue()
         pump = asyncio.create_task(_pump(self.backend.generate(request), chunks))
         try:
             heard = sent = time.monotonic()  # the backend's last chunk; our last message (or heartbeat moment)
             while True:
-                chunk = await self._next(chunks, request, context, heard, sent)
+                chunk = await self._next(chunks, request, heard, sent)
                 if chunk is None:  # nothing for heartbeat_s: still working on it
                     sent = time.monotonic()  # the next moment is heartbeat_s on, heartbeat sent or not
                     if encoder.progress:
@@ -346,7 +373,7 @@ class FrontDoor:
                     continue
                 heard = time.monotonic()
                 if chunk.error is not None:
-                    await self._refused(context, chunk)
+                    raise self._refusal(chunk.error)
                 if call is not None:
                     call.chunk(chunk)
                 for message in encoder.encode(chunk):
@@ -355,29 +382,21 @@ class FrontDoor:
                 if chunk.finished:
                     return
         finally:
-            self._connections.release(peer)
+            self._connections.release(info.peer)
             pump.cancel()  # the backend's generator closes, and aborts its engine request (cancel, deadline, error)
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
 
-    async def _refused(self, context: grpc.aio.ServicerContext, chunk: Chunk) -> None:
-        """Ends the call with the backend's error; a full backend's with the retry hint."""
-        error = chunk.error
-        assert error is not None
-        if error.code == RESOURCE_EXHAUSTED:
-            await refuse(context, error.details, self.config.retry_after_ms)
-        code = _STATUS.get(error.code, grpc.StatusCode.INTERNAL)
-        await abort(context, code, error.details)  # a peer's refusal keeps its own details
+    def _refusal(self, error: ChunkError) -> Refusal:
+        """The backend's error as this call's end (a peer's refusal keeps its own details); a full
+        backend's with the retry hint."""
+        retry = self.config.retry_after_ms if error.code == RESOURCE_EXHAUSTED else None
+        return Refusal(error.code, error.details, error.field, retry)
 
     async def _next(
-        self,
-        chunks: asyncio.Queue[Chunk | None],
-        request: GenerateRequest,
-        context: grpc.aio.ServicerContext,
-        heard: float,
-        sent: float,
+        self, chunks: asyncio.Queue[Chunk | None], request: GenerateRequest, heard: float, sent: float
     ) -> Chunk | None:
-        """The next chunk; None when it is time for a heartbeat. Aborts the call when the backend was silent
+        """The next chunk; None when it is time for a heartbeat. Refuses the call when the backend was silent
         for ``backend_timeout_s`` or the call's deadline passed.
 
         The deadline is enforced here too: grpc cancels the call at its deadline, but freeing
@@ -392,15 +411,63 @@ class FrontDoor:
                 chunk = await chunks.get()
         except TimeoutError:
             if left is not None and time.time() >= request.deadline:  # type: ignore[operator]
-                await abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline: passed before the stream finished")
+                raise Refusal(DEADLINE_EXCEEDED, "deadline: passed before the stream finished") from None
             if time.monotonic() - heard >= cfg.backend_timeout_s:
-                await abort(
-                    context, grpc.StatusCode.UNAVAILABLE, f"backend: no response within {cfg.backend_timeout_s:g}s"
-                )
+                raise Refusal(UNAVAILABLE, f"backend: no response within {cfg.backend_timeout_s:g}s") from None
             return None
         if chunk is None:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "backend: the stream ended before its final chunk")
+            raise Refusal(UNAVAILABLE, "backend: the stream ended before its final chunk")
         return chunk
+
+    # ---- gRPC: levante.v1.Inference ------------------------------------------------------------
+
+    async def _list_models(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            self.authenticate(context.invocation_metadata() or ())
+            try:
+                decode_list_models(raw)
+            except RequestError as e:
+                raise Refusal(INVALID_ARGUMENT, str(e), e.field) from None
+            return encode_models(await self.models())
+        except Refusal as r:
+            await _abort(context, r)
+
+    async def _generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        # Telemetry sees every call, refused ones included; with tracing and metrics off there is none.
+        call = None
+        if self.metrics is not None or tracing.active():
+            call = CallTelemetry(self.metrics, dict(context.invocation_metadata() or ()), self.region)
+        failure: BaseException | None = None
+        try:
+            remaining = context.time_remaining()
+            info = CallInfo(
+                tuple(context.invocation_metadata() or ()),
+                context.peer() or "",
+                None if remaining is None else time.time() + remaining,
+            )
+            messages = self.run(info, lambda limits: decode_generate(raw, limits), _grpc_encoder, call)
+            async with contextlib.aclosing(messages):  # type: ignore[type-var]
+                async for message in messages:
+                    yield message
+        except Refusal as r:
+            await _abort(context, r)
+        except BaseException as e:
+            failure = e
+            raise
+        finally:
+            if call is not None:
+                call.done(*call_code(context, failure))
+
+
+def _grpc_encoder(request: GenerateRequest, client_id: str) -> ResponseEncoder:
+    return ResponseEncoder(client_id, progress=request.stream_progress)
+
+
+async def _abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> NoReturn:
+    """End a gRPC call with ``refusal``: its status, and the retry hint when it has one."""
+    if refusal.retry_after_ms is not None:
+        await refuse(context, refusal.details, refusal.retry_after_ms)
+    await abort(context, _STATUS.get(refusal.code, grpc.StatusCode.INTERNAL), refusal.details)
 
 
 async def _pump(backend: AsyncIterator[Chunk], chunks: asyncio.Queue[Chunk | None]) -> None:
