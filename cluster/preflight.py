@@ -106,6 +106,8 @@ def _ports(cfg: ClusterConfig) -> Iterator[Problem]:
         wanted.append(("telemetry.metrics.port", metrics.host, metrics.port))
     if fd.admin.enabled:
         wanted.append(("frontdoor.admin.port", fd.admin.host, fd.admin.port))
+    if fd.http.port is not None:
+        wanted.append(("frontdoor.http.port", fd.http.host or fd.host, fd.http.port))
     for key, host, port in wanted:
         why = port_in_use(host, port)
         if why:

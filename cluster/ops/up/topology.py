@@ -11,7 +11,7 @@
         overrides: {...}      # this region only
 
 Each region's config is the base, the overrides, then ``region``, ``frontdoor.port``,
-``frontdoor.admin`` and ``regions.peers`` (every other region, on loopback) set from here. The
+``frontdoor.http.port`` (0, any free port, unless set), ``frontdoor.admin`` and ``regions.peers`` (every other region, on loopback) set from here. The
 regions' keys are environment variables that ``levante up`` sets for each region process, fresh
 random values every run: ``ADMIN_KEY_ENV`` (the admin credential) and ``PEER_KEY_ENV`` (each region
 presents it to its peers, and accepts it as a tenant ``PEER_TENANT`` with the peer role, so peers
@@ -89,6 +89,9 @@ def _set_frontdoor(cfg: dict, port: int, admin: bool) -> None:
     """The region's port, its admin service (on with the run's admin key), and its peers' key."""
     door = cfg.setdefault("frontdoor", {})
     door["port"] = port
+    http = door.get("http", {})
+    if isinstance(http, dict) and "port" not in http:  # regions on one machine: each HTTP API on a free port
+        door["http"] = {**http, "port": 0}
     if admin and isinstance(door.get("admin", {}), dict):  # the old `admin: true` form: the loader names it
         door["admin"] = {**door.get("admin", {}), "enabled": True, "api_key_env": ADMIN_KEY_ENV}
     peer = {"name": PEER_TENANT, "api_key_env": PEER_KEY_ENV, "role": "peer"}
