@@ -285,7 +285,7 @@ def _options(body: Mapping[str, Any], kind: str) -> HttpRequest:
     if n not in (None, 1):
         raise RequestError("n", f"only 1 choice per request, got {n}")
     _type(body, "user", str, "a string")  # taken, and not used
-    logprobs = body.get("logprobs") not in (None, False)
+    logprobs = body.get("logprobs") is not None and body.get("logprobs") is not False  # completions' 0: on
     return HttpRequest(kind, stream, include, logprobs)
 
 
