@@ -86,6 +86,12 @@ async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) ->
             f"Ctrl-C or SIGTERM drains and stops",
             flush=True,
         )
+        http = server.frontdoor.http if server.frontdoor is not None else None
+        if http is not None:
+            print(
+                f"levante: OpenAI-compatible HTTP API at {http.url}/v1 (POST {http.url}/v1/chat/completions)",
+                flush=True,
+            )
         await stop.wait()
         return 0
     finally:

@@ -27,7 +27,7 @@ CONFIG = {
     "region": "group",
     "model_name": "tiny",
     "engine": {"model": {"model": "tiny:mistral?seed=0", "num_threads": 1}},
-    "frontdoor": {"port": 0},
+    "frontdoor": {"port": 0, "http": {"port": 0}},
     "ray": {"num_cpus": 2},
 }
 # Below the 60 s Ray waits for a lost GCS: the point is that stop does not wait for it.

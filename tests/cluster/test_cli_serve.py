@@ -16,6 +16,8 @@ import threading
 import time
 
 import grpc
+import httpx
+import openai
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,7 +40,7 @@ CONFIG = {
         }
     },
     "replica": {"ep_size": 2},
-    "frontdoor": {"port": 0, "drain_timeout_s": 60},
+    "frontdoor": {"port": 0, "drain_timeout_s": 60, "http": {"port": 0}},
     "ray": {"num_cpus": 4},
 }
 
@@ -72,6 +74,13 @@ def server(tmp_path):
         proc.wait(60)
 
 
+def _http_url(lines: list[str]) -> str:
+    """The HTTP API's address, as `levante serve` prints it."""
+    wait_until(lambda: any("OpenAI-compatible HTTP API at" in line for line in lines), timeout=30, what="the HTTP line")
+    line = next(line for line in lines if "OpenAI-compatible HTTP API at" in line)
+    return re.search(r"at (http://\S+)/v1 ", line).group(1)
+
+
 def _health(ch) -> int:
     return (
         health_pb2_grpc.HealthStub(ch)
@@ -82,6 +91,11 @@ def _health(ch) -> int:
 
 def test_sigterm_drains_then_exits_cleanly(server):
     proc, port, lines = server
+    http = _http_url(lines)
+    answer = openai.OpenAI(base_url=f"{http}/v1", api_key="none", max_retries=0).completions.create(
+        model="tiny-moe", prompt="Hello", max_tokens=2
+    )
+    assert answer.usage.completion_tokens == 2
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.InferenceStub(ch)
@@ -97,6 +111,7 @@ def test_sigterm_drains_then_exits_cleanly(server):
             timeout=20,
             what="NOT_SERVING after SIGTERM",
         )
+        assert httpx.get(f"{http}/health").status_code == 503  # the HTTP API drains with the door
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Generate(pb.GenerateRequest(prompt="hello", max_tokens=2), timeout=20))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -94,10 +94,12 @@ async def _measure(cfg, opts: DocOptions, progress: Callable[[str], None]) -> di
 
     import grpc
 
+    from cluster.config import HttpConfig
     from cluster.region import RegionServer
     from levante.v1 import inference_pb2_grpc as pb_grpc
 
-    cfg = dataclasses.replace(cfg, frontdoor=dataclasses.replace(cfg.frontdoor, port=0))
+    # gRPC on a free port; no HTTP (measured over gRPC, and its fixed port may be taken)
+    cfg = dataclasses.replace(cfg, frontdoor=dataclasses.replace(cfg.frontdoor, port=0, http=HttpConfig(port=None)))
     first_prompt, second_prompt = prompts(opts)
     server = RegionServer(cfg, progress=progress)
     port = await server.start()

@@ -57,16 +57,20 @@ def _say(msg: str) -> None:
 
 
 def bench_config(cfg):
-    """The config every path runs: prefix caching off, the front door on a free port, and an
+    """The config every path runs: prefix caching off, the front door on a free port (no HTTP), and an
     explicit torch thread count (Ray gives an actor as many threads as it has CPUs; the
     in-process engine must not get more)."""
+    from cluster.config import HttpConfig
+
     threads = cfg.engine.model.num_threads or max(1, int(cfg.replica.cpus_per_rank))
     engine = dataclasses.replace(
         cfg.engine,
         model=dataclasses.replace(cfg.engine.model, num_threads=threads),
         cache=dataclasses.replace(cfg.engine.cache, enable_prefix_caching=False),
     )
-    return dataclasses.replace(cfg, engine=engine, frontdoor=dataclasses.replace(cfg.frontdoor, port=0))
+    return dataclasses.replace(
+        cfg, engine=engine, frontdoor=dataclasses.replace(cfg.frontdoor, port=0, http=HttpConfig(port=None))
+    )
 
 
 class _LoopThread:

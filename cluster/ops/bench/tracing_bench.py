@@ -131,7 +131,7 @@ def _summary(latencies: Samples, ttfts: Samples) -> dict[str, dict[str, float]]:
 
 def run_benchmark(args, progress=_say) -> dict[str, Any]:
     from cluster.backends import LocalBackend
-    from cluster.config import ClusterConfig, FrontDoorConfig, TracingConfig
+    from cluster.config import ClusterConfig, FrontDoorConfig, HttpConfig, TracingConfig
     from cluster.frontdoor import FrontDoor
     from cluster.ops.bench.otlp_sink import OtlpSink
     from cluster.regions.region_router import build_region_router
@@ -141,7 +141,9 @@ def run_benchmark(args, progress=_say) -> dict[str, Any]:
     engine = _load_engine(args)
     sink = OtlpSink()
     on = TracingConfig(enabled=True, otlp_endpoint=f"127.0.0.1:{sink.port}")
-    cfg = ClusterConfig(region="bench", model_name="bench", frontdoor=FrontDoorConfig(port=0))
+    cfg = ClusterConfig(
+        region="bench", model_name="bench", frontdoor=FrontDoorConfig(port=0, http=HttpConfig(port=None))
+    )
     server = _LoopThread()
     info = server.run(engine.info())
     router = build_region_router(cfg, LocalBackend(engine, ModelInfo("bench", info.max_model_len), "bench"))

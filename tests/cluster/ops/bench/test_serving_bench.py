@@ -54,7 +54,7 @@ CONFIG = {
         "cache": {"num_blocks": 64},
     },
     "replica": {"num_replicas": 1, "ep_size": 1, "rank_timeout_s": 30},
-    "frontdoor": {"port": 0},
+    "frontdoor": {"port": 0, "http": {"port": 0}},
     "ray": {"num_cpus": 4},
 }
 OPTIONS = BenchOptions(num_requests=3, max_tokens=4, prompt_len=8, warmup=1, request_timeout_s=60)
