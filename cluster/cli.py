@@ -27,6 +27,12 @@ def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="run one region: Ray, the Serve app and the gRPC front door")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"cluster YAML (default {DEFAULT_CONFIG})")
     p.add_argument("--port", type=int, default=None, help="front door port (overrides the config)")
+    p.add_argument(
+        "--http-port",
+        type=_http_port,
+        default=None,
+        help="the OpenAI-compatible HTTP API's port, 0: any free one, off: no HTTP (overrides frontdoor.http.port)",
+    )
     p.add_argument("--region", default=None, help="this region's name (overrides the config's region)")
     p.add_argument(
         "--check",
@@ -55,10 +61,18 @@ def _cmd_serve(args) -> int:
     cfg = load_config(args.config)
     if args.port is not None:
         cfg = dataclasses.replace(cfg, frontdoor=dataclasses.replace(cfg.frontdoor, port=args.port))
+    if args.http_port is not None:
+        port = None if args.http_port == "off" else args.http_port
+        http = dataclasses.replace(cfg.frontdoor.http, port=port)
+        cfg = dataclasses.replace(cfg, frontdoor=dataclasses.replace(cfg.frontdoor, http=http))
     if args.region is not None:
         cfg = dataclasses.replace(cfg, region=args.region)  # re-checked: it must not be one of its peers
     preflight(cfg, args.config)  # before Ray is even imported: a bad file, variable or port fails in a second
     return asyncio.run(_serve(cfg, args.config, args.check, args.exit_after_check))
+
+
+def _http_port(value: str) -> int | str:
+    return value if value == "off" else int(value)
 
 
 async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) -> int:

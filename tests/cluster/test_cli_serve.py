@@ -141,6 +141,8 @@ def test_make_serve_default_answers_paris_through_the_front_door():
             "configs/local.yaml",
             "--port",
             "0",
+            "--http-port",
+            "0",
             "--check",
             "What is the capital of France?",
             "--exit-after-check",
