@@ -345,8 +345,8 @@ def test_metrics_port_reaches_the_config_the_pod_the_service_and_the_policy():
         render(merged(example_values(ONE_REGION), {"levante": {"telemetry": {"metrics": {"enabled": False}}}}))
     )
     fd = container(one(off, "Deployment")["spec"]["template"]["spec"], "frontdoor")
-    assert [p["name"] for p in fd["ports"]] == ["grpc"]
-    assert [p["name"] for p in one(off, "Service")["spec"]["ports"]] == ["grpc"]
+    assert [p["name"] for p in fd["ports"]] == ["grpc", "http"]  # HTTP is on by default (tests/helm/test_http.py)
+    assert [p["name"] for p in one(off, "Service")["spec"]["ports"]] == ["grpc", "http"]
     assert load_from_configmap(off).telemetry.metrics.enabled is False
 
 

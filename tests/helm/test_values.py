@@ -455,7 +455,13 @@ def test_values_yaml_defaults_are_the_config_defaults():
     """values.yaml repeats some config defaults (the templates read them); only deliberate ones differ."""
     # Kubernetes runs replicas on GPUs, with vLLM (the GPU production path), local runs on CPUs with
     # the native engine; a pod's metrics port is its own, while regions started on one machine would share it.
-    deliberate = {"replica.accelerator": "gpu", "engine.backend": "vllm", "telemetry.metrics.enabled": True}
+    # HTTP on 8080: Serve's HTTP proxy may hold 8000 on every Ray node, the front door's pod included.
+    deliberate = {
+        "replica.accelerator": "gpu",
+        "engine.backend": "vllm",
+        "telemetry.metrics.enabled": True,
+        "frontdoor.http.port": 8080,
+    }
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())["levante"]
     config = config_to_dict(ClusterConfig())
 

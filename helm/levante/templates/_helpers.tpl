@@ -72,6 +72,12 @@ the chart owns. serveConfigV2 (args.config) and the front door's ConfigMap both 
 {{- $cfg := deepCopy .Values.levante }}
 {{- $fd := deepCopy (default (dict) $cfg.frontdoor) }}
 {{- $_ := set $fd "host" "0.0.0.0" }}
+{{- /* http.port null in a values file removes the key (Helm): say null to the door too, or it takes 8000. */}}
+{{- $http := deepCopy (default (dict) $fd.http) }}
+{{- if not (hasKey $http "port") }}
+{{- $_ := set $http "port" nil }}
+{{- end }}
+{{- $_ := set $fd "http" $http }}
 {{- if .Values.tls.enabled }}
 {{- $tls := dict "cert" (printf "%s/tls.crt" (include "levante.tlsDir" .)) "key" (printf "%s/tls.key" (include "levante.tlsDir" .)) }}
 {{- if .Values.tls.clientCA.enabled }}
@@ -128,6 +134,11 @@ cpus_per_rank CPUs and its bundle's GPU unless vLLM's workers take the GPUs (wor
 {{- end }}
 {{- define "levante.metricsPort" -}}
 {{- int (dig "telemetry" "metrics" "port" 9464 .Values.levante) }}
+{{- end }}
+
+{{/* The front door's OpenAI-compatible HTTP port (levante.frontdoor.http.port); "" when HTTP is off (null). */}}
+{{- define "levante.httpPort" -}}
+{{- with dig "frontdoor" "http" "port" nil .Values.levante }}{{ int . }}{{- end }}
 {{- end }}
 
 {{/* Front door probe handler (frontdoor.probes.handler); see values.yaml. */}}

@@ -20,6 +20,9 @@ names the values to change. Rendered by validate.yaml, so `helm template`, `helm
 {{- if hasKey $fd "host" }}
 {{- fail "levante.frontdoor.host: set by the chart (0.0.0.0 inside the pod); remove it" }}
 {{- end }}
+{{- if hasKey (default (dict) $fd.http) "host" }}
+{{- fail "levante.frontdoor.http.host: set by the chart (the door's host, 0.0.0.0 inside the pod); remove it" }}
+{{- end }}
 {{- if hasKey $fd "tls" }}
 {{- fail "levante.frontdoor.tls: set by the chart from tls.* (the certificate Secret is mounted at /etc/levante/tls); remove it and set tls.enabled and tls.secretName" }}
 {{- end }}
