@@ -17,6 +17,10 @@ _.choose_replicas
 _.on_request_routed
 _.should_backoff  # set on Serve's routing context, read by Serve
 
+# uvicorn's Server: it calls capture_signals() around serving, and reads should_exit each tick
+_.capture_signals  # cluster/frontdoor/http/server.py
+_.should_exit
+
 # prometheus_client calls a registered Collector's collect() at scrape time
 _.collect  # cluster/telemetry/collectors.py
 

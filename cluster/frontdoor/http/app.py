@@ -137,7 +137,7 @@ class CallResponse(Response):
         self.door, self.options, self.info, self.decode, self.call = door, options, info, decode, call
         self.code, self.details = "OK", None  # how it ended, as telemetry counts it (gRPC status names)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, _scope: Scope, receive: Receive, send: Send) -> None:
         work = self._stream(send) if self.options.stream else self._whole(send)
         try:
             if await _until_disconnect(work, receive):
