@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from cluster.frontdoor.server import FrontDoor
 
 TIMEOUT_HEADER = "levante-timeout-s"  # the call's deadline, in seconds from its arrival
+WRITE_TIMEOUT = "write_timeout_s: the client read nothing; stream stopped"
+log = logging.getLogger(__name__)
 
 
 def refusal_response(refusal: Refusal, status: int | None = None) -> JSONResponse:
@@ -48,6 +51,10 @@ def refusal_response(refusal: Refusal, status: int | None = None) -> JSONRespons
 
 class _TooLarge(Exception):
     pass
+
+
+class _WriteTimeout(Exception):
+    """The client took no event for ``write_timeout_s``."""
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -184,14 +191,28 @@ class CallResponse(Response):
                 return
             headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": first.encode(), "more_body": True})
             try:
+                await self._write(send, first)
                 async for message in messages:
-                    await send({"type": "http.response.body", "body": message.encode(), "more_body": True})
+                    await self._write(send, message)
+            except _WriteTimeout:
+                self.code, self.details = "RESOURCE_EXHAUSTED", WRITE_TIMEOUT
+                return  # unfinished: uvicorn closes the connection, which the client does not read anyway
             except Refusal as r:
                 self._refused(r)
                 await send({"type": "http.response.body", "body": sse(error_body(r)).encode(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _write(self, send: Send, message: str) -> None:
+        """One event, taken by the client within ``write_timeout_s``; a client that reads nothing for that
+        long loses its stream (and the engine its request), as over gRPC."""
+        limit = self.door.config.write_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                await send({"type": "http.response.body", "body": message.encode(), "more_body": True})
+        except TimeoutError:
+            log.warning("write timeout: %s read nothing for %gs; its stream was stopped", self.info.peer, limit)
+            raise _WriteTimeout from None
 
 
 def _telemetry(door: FrontDoor, request: Request) -> CallTelemetry | None:

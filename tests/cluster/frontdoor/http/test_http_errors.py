@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import socket
 
 import httpx
 import openai
@@ -13,7 +15,7 @@ import pytest
 from cluster.config import FrontDoorConfig, HttpConfig, TenantConfig
 from cluster.config_loader import ConfigError, config_from_dict
 from cluster.frontdoor.http.app import TIMEOUT_HEADER
-from cluster.types import ChunkError
+from cluster.types import Chunk, ChunkError
 
 from ..harness import MODEL, ScriptedBackend, serving, wait_until
 from .harness import client, status_error
@@ -149,3 +151,31 @@ def test_a_refusal_mid_stream_is_an_error_event(loop, backend):
             list(stream)
         loop.call(backend.hold.set)
     assert first.choices[0].delta.content == "hi"
+
+
+class Floods(ScriptedBackend):
+    """An endless stream of large chunks, until its generator is closed."""
+
+    async def generate(self, request):
+        self.requests.append(request)
+        try:
+            while True:
+                yield Chunk(token_ids=[7], text="x" * 65536)
+                await asyncio.sleep(0)
+        finally:
+            self.closed.append(request.request_id)
+
+
+def test_a_client_that_reads_nothing_loses_its_stream_after_write_timeout(loop):
+    backend = Floods()
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "stream": True}).encode()
+    head = f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    with serving(loop, backend, FrontDoorConfig(port=0, write_timeout_s=0.5)) as door:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once: the door's writes wait
+            sock.connect(("127.0.0.1", door.http.port))
+            sock.sendall(head.encode() + b"\r\n\r\n" + body)
+            wait_until(
+                lambda: len(backend.closed) == 1, timeout=30, what="the stream of the client that reads nothing to stop"
+            )
+        wait_until(lambda: door._inflight == 0, what="its slot to be freed")
