@@ -45,7 +45,7 @@ class HttpServer:
     def __init__(self, server: _Uvicorn, task: asyncio.Task[None], sock: socket.socket, scheme: str):
         self._server, self._task = server, task
         host, self.port = sock.getsockname()[:2]
-        self.url = f"{scheme}://{host}:{self.port}"
+        self.url = f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
 
     @classmethod
     async def start(cls, door: FrontDoor, config: FrontDoorConfig) -> HttpServer:
