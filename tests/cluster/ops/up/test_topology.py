@@ -85,3 +85,13 @@ def test_bad_topologies_name_the_key(tmp_path, data, match):
     (tmp_path / "local.yaml").write_text("{}")
     with pytest.raises(ConfigError, match=match):
         region_configs(write(tmp_path, data))
+
+
+def test_each_regions_http_api_takes_a_free_port_unless_its_config_sets_one(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model_name": "m"}))
+    regions = [{"name": "a"}, {"name": "b", "overrides": {"frontdoor": {"http": {"port": 8123}}}}]
+    configs = region_configs(write(tmp_path, {"base": "base.yaml", "regions": regions}))
+    # the plain data `levante up` hands each region: 0 written out, not the shipped 8000 they would all want
+    assert configs["a"]["frontdoor"]["http"] == {"port": 0}
+    assert configs["b"]["frontdoor"]["http"] == {"port": 8123}
+    assert config_from_dict(configs["b"]).frontdoor.http.port == 8123
