@@ -32,6 +32,12 @@ FIELDS = {
 # Set to these, a field asks for nothing: accepted (clients such as LangChain send them by default).
 _NEUTRAL: dict[str, object] = {"frequency_penalty": 0, "presence_penalty": 0, "echo": False, "best_of": 1}
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+_MESSAGE_FIELDS = {
+    "system": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "tool_calls"},
+    "tool": {"role", "content", "tool_call_id"},
+}  # name: taken, and not used (as `user`)
 TOOL_CHOICES = ("auto", "none", "required")
 
 
@@ -107,6 +113,9 @@ def _message(m: Any, i: int, caps: InputLimitsConfig) -> dict[str, Any]:
     _over(f"{where}.role", len(role), caps.max_role_chars, "max_role_chars", "characters")
     if role not in CHAT_ROLES:
         raise RequestError(f"{where}.role", f"must be one of {CHAT_ROLES}, got {clip(role)}")
+    for key, value in m.items():  # a message field we would drop is refused, as a request field is
+        if value is not None and key not in _MESSAGE_FIELDS[role]:
+            raise RequestError(f"{where}.{clip(key, 40).strip(chr(39))}", f"not supported in a {role} message")
     out: dict[str, Any] = {"role": role, "content": _content(m.get("content"), f"{where}.content")}
     if role == "assistant" and m.get("tool_calls"):
         out["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")

@@ -63,6 +63,8 @@ def test_http_off_serves_grpc_only(loop, backend):
         ({"reasoning_effort": "extreme"}, 400, "reasoning_effort", "reasoning_effort: must be one of"),
         ({"messages": []}, 400, "messages", "messages: must not be empty"),
         ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "must be one of"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, 400, "messages[0].tool_calls", "user"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]", "text"),
         ({"response_format": {"type": "yaml"}}, 400, "response_format.type", "must be text, json_object"),
         ({"tool_choice": "required"}, 400, "tool_choice", "'required' needs tools"),
         ({"model": "gpt-4o"}, 404, "model", "model: unknown model 'gpt-4o'"),
