@@ -14,6 +14,7 @@ import pytest
 
 from cluster.config import FrontDoorConfig, HttpConfig, TenantConfig
 from cluster.config_loader import ConfigError, config_from_dict
+from cluster.frontdoor import FrontDoor
 from cluster.frontdoor.http.app import TIMEOUT_HEADER
 from cluster.types import Chunk, ChunkError
 
@@ -181,3 +182,13 @@ def test_a_client_that_reads_nothing_loses_its_stream_after_write_timeout(loop):
                 lambda: len(backend.closed) == 1, timeout=30, what="the stream of the client that reads nothing to stop"
             )
         wait_until(lambda: door._inflight == 0, what="its slot to be freed")
+
+
+def test_a_taken_http_port_fails_start_naming_the_key(loop, backend):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        door = FrontDoor(FrontDoorConfig(port=0, http=HttpConfig(port=taken.getsockname()[1])), backend, "r", MODEL)
+        with pytest.raises(OSError, match=r"^frontdoor\.http\.port: cannot bind 127\.0\.0\.1:\d+"):
+            loop.run(door.start())
+    assert door.http is None and door._server is None  # the gRPC server it had started is stopped again
