@@ -8,6 +8,7 @@ import dataclasses
 import json
 import socket
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -17,8 +18,9 @@ from cluster.config_loader import ConfigError, config_from_dict
 from cluster.frontdoor import FrontDoor
 from cluster.frontdoor.http.app import TIMEOUT_HEADER
 from cluster.types import Chunk, ChunkError
+from levante.v1 import inference_pb2 as pb
 
-from ..harness import MODEL, ScriptedBackend, serving, wait_until
+from ..harness import MODEL, ScriptedBackend, channel, generate, rpc_error, serving, wait_until
 from .harness import client, status_error
 
 pytestmark = pytest.mark.e2e
@@ -192,3 +194,19 @@ def test_a_taken_http_port_fails_start_naming_the_key(loop, backend):
         with pytest.raises(OSError, match=r"^frontdoor\.http\.port: cannot bind 127\.0\.0\.1:\d+"):
             loop.run(door.start())
     assert door.http is None and door._server is None  # the gRPC server it had started is stopped again
+
+
+def test_a_full_door_is_429_with_retry_after_and_counts_grpc_and_http_together(loop, backend):
+    backend.hold = asyncio.Event()  # the first call stays in flight
+    cfg = FrontDoorConfig(port=0, max_inflight=1, maximum_concurrent_rpcs=2, retry_after_ms=500)
+    with serving(loop, backend, cfg) as door:
+        stream = chat(client(door), stream=True)
+        assert next(iter(stream)).choices[0].delta.content == "hi"  # in flight over HTTP
+        full = status_error(lambda: chat(client(door)))
+        with channel(door) as ch:
+            grpc_full = rpc_error(lambda: generate(ch, pb.GenerateRequest(prompt="Hi"), timeout=10))
+        loop.call(backend.hold.set)
+        assert [e.choices[0].finish_reason for e in stream] == ["stop"]
+    assert full.status_code == 429 and "(max_inflight)" in full.body["message"]
+    assert full.response.headers["retry-after"] == "1" and full.response.headers["retry-after-ms"] == "500"
+    assert grpc_full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # one door, one count
