@@ -106,7 +106,8 @@ class Collector(_Response):
 
     def __init__(self, options: HttpRequest, client_id: str, model: str):
         super().__init__(options, client_id, model)
-        self.text, self.reasoning = [], []  # type: tuple[list[str], list[str]]
+        self.text: list[str] = []
+        self.reasoning: list[str] = []
         self.logprobs: list[TokenLogprob] = []
         self.calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
