@@ -27,9 +27,9 @@ import json
 import secrets
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from engine.core.request import ToolSpec
+from engine.core.request import SamplingParams, ToolSpec
 from engine.types import ToolCallDelta
 
 FORMATS = ("mistral", "hermes", "json")
@@ -300,6 +300,25 @@ class ToolCallParser:
         call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else self._new_id()
         if self._start_call(out, call["name"], call_id):
             out.calls.append(ToolCallDelta(n, arguments=json.dumps(args, ensure_ascii=False)))
+
+
+def parses_calls(params: SamplingParams) -> bool:
+    """Whether a request's output is parsed for tool calls: it offers tools, and tool_choice is not "none"."""
+    return bool(params.tools) and params.tool_choice != "none"
+
+
+def forced_choice(params: SamplingParams) -> bool:
+    """Whether the request must call a tool ("required" or a tool's name): its output is then a JSON call list."""
+    return bool(params.tools) and params.tool_choice not in (None, "auto", "none")
+
+
+def merge_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Call deltas added up: one per call, in order, with its whole arguments."""
+    calls: dict[int, ToolCallDelta] = {}
+    for d in deltas:
+        seen = calls.get(d.index)
+        calls[d.index] = d if seen is None else replace(seen, arguments=seen.arguments + d.arguments)
+    return [calls[i] for i in sorted(calls)]
 
 
 def forced_call_schema(tools: Sequence[ToolSpec], choice: str) -> str:

@@ -161,6 +161,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     timings: RequestTimings | None = None
+    tool_calls: list[ToolCallDelta] | None = None  # the calls it made, each whole (its deltas added up)
 
 
 @dataclass

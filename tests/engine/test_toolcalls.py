@@ -55,20 +55,24 @@ def splits(text: str):
 CASES = {
     "mistral v11": (
         "mistral",
-        f"Let me check.[TOOL_CALLS]get_weather[ARGS]{WEATHER}[TOOL_CALLS]add[ARGS]{{\"a\": 1, \"b\": 2}}",
+        f'Let me check.[TOOL_CALLS]get_weather[ARGS]{WEATHER}[TOOL_CALLS]add[ARGS]{{"a": 1, "b": 2}}',
         "Let me check.",
     ),
     "mistral call ids": ("mistral", '[TOOL_CALLS]add[CALL_ID]abcDEF123[ARGS]{"a": 1}', ""),
     "mistral list": (
         "mistral",
-        f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER}, "id": "abcDEF123"}}, '
-        '{"name": "add", "arguments": {"a": [1, {"b": "]}"}]}}]',
+        (
+            f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER}, "id": "abcDEF123"}}, '
+            '{"name": "add", "arguments": {"a": [1, {"b": "]}"}]}}]'
+        ),
         "",
     ),
     "hermes": (
         "hermes",
-        f'Sure.\n<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\n'
-        '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>',
+        (
+            f'Sure.\n<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\n'
+            '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+        ),
         "Sure.\n\n",
     ),
     "json list": ("json", f' [{{"name": "get_weather", "arguments": {WEATHER}}}]\n', ""),
@@ -147,8 +151,9 @@ def test_reasons():
 
 
 TOOLS = (
-    ToolSpec("get_weather", "Weather", '{"type": "object", "properties": {"city": {"type": "string"}}, '
-             '"required": ["city"]}'),
+    ToolSpec(
+        "get_weather", "Weather", '{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}'
+    ),
     ToolSpec("add", "Sum", "{}"),
 )
 
@@ -158,8 +163,13 @@ def test_forced_schema_accepts_exactly_valid_calls():
     jsonschema.Draft202012Validator.check_schema(required)
     ok = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "add", "arguments": {"a": 1}}]
     jsonschema.validate(ok, required)
-    for bad in ([], [{"name": "get_weather", "arguments": {}}], [{"name": "nope", "arguments": {}}],
-                [{"name": "add", "arguments": 3}], [{"name": "add", "arguments": {}, "extra": 1}]):
+    for bad in (
+        [],
+        [{"name": "get_weather", "arguments": {}}],
+        [{"name": "nope", "arguments": {}}],
+        [{"name": "add", "arguments": 3}],
+        [{"name": "add", "arguments": {}, "extra": 1}],
+    ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, required)
     named = json.loads(forced_call_schema(TOOLS, "add"))
