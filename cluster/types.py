@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EFFORTS  # in increasing depth
-from engine.types import EngineInfo, EngineStats, Resume, SamplingParams, TokenLogprob, Usage
+from engine.types import EngineInfo, EngineStats, Resume, SamplingParams, TokenLogprob, ToolCallDelta, Usage
 
 AUTO = "auto"
 REQUEST_EFFORTS = EFFORTS + (AUTO,)
@@ -137,13 +137,14 @@ class Chunk:
     reasoning_text: str = ""  # text inside the thinking span
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "tool_calls" | "malformed_tool_call"
     usage: Usage | None = None  # on the final chunk
     decision: Decision | None = None  # on the first chunk the router sends
     served_by: ServedBy | None = None  # on the final chunk
     failovers: list[FailoverHop] | None = None  # on the final chunk: the regions this request left, in order
     error: ChunkError | None = None  # set: the request failed; no more chunks follow
     progress: PrefillProgress | None = None  # the latest prefill progress these deltas reported
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass

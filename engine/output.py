@@ -15,8 +15,8 @@ from engine.core.request import SamplingParams
 from engine.core.stop import find_stop_string, stop_string_hold
 from engine.reasoning import ANSWER, REASONING, ReasoningState
 from engine.tokenizer import Tokenizer
-from engine.toolcalls import ToolCallParser, final_reason, merge_calls, parses_calls
-from engine.types import RequestDelta, RequestOutput, TokenLogprob, ToolCallDelta, Usage
+from engine.toolcalls import ToolCallParser, final_reason, parses_calls
+from engine.types import RequestDelta, RequestOutput, TokenLogprob, ToolCallDelta, Usage, merge_tool_calls
 
 
 class IncrementalDetokenizer:
@@ -77,7 +77,7 @@ def collect_output(
         logprobs=[lp for d in deltas for lp in d.logprobs or []] if params.logprobs is not None else None,
         prompt_logprobs=final.prompt_logprobs,
         timings=final.timings,
-        tool_calls=merge_calls([c for d in deltas for c in d.tool_calls or []]) if parses_calls(params) else None,
+        tool_calls=merge_tool_calls([c for d in deltas for c in d.tool_calls or []]) if parses_calls(params) else None,
     )
 
 
@@ -253,5 +253,5 @@ class RequestState:
             usage=self.usage(),
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
-            tool_calls=merge_calls(self.tool_calls) if self.tool_parser is not None else None,
+            tool_calls=merge_tool_calls(self.tool_calls) if self.tool_parser is not None else None,
         )

@@ -27,7 +27,7 @@ import json
 import secrets
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from engine.core.request import SamplingParams, ToolSpec
 from engine.types import ToolCallDelta
@@ -310,15 +310,6 @@ def parses_calls(params: SamplingParams) -> bool:
 def forced_choice(params: SamplingParams) -> bool:
     """Whether the request must call a tool ("required" or a tool's name): its output is then a JSON call list."""
     return bool(params.tools) and params.tool_choice not in (None, "auto", "none")
-
-
-def merge_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCallDelta]:
-    """Call deltas added up: one per call, in order, with its whole arguments."""
-    calls: dict[int, ToolCallDelta] = {}
-    for d in deltas:
-        seen = calls.get(d.index)
-        calls[d.index] = d if seen is None else replace(seen, arguments=seen.arguments + d.arguments)
-    return [calls[i] for i in sorted(calls)]
 
 
 def forced_call_schema(tools: Sequence[ToolSpec], choice: str) -> str:
