@@ -145,7 +145,9 @@ class Admission:
         if params.structured is not None:
             raise EngineError("tool_choice", f"{params.tool_choice!r:.60} cannot be combined with response_format")
         schema = forced_call_schema(params.tools, params.tool_choice or "")
-        return dataclasses.replace(params, structured=StructuredOutput("json_schema", schema, "tool_calls"))
+        return dataclasses.replace(
+            params, structured=StructuredOutput("json_schema", schema, "tool_calls", strict=True)
+        )
 
     def _tool_parser(self, params: SamplingParams) -> tuple[ToolCallParser | None, dict[int, str]]:
         """The request's tool-call parser, in the format its model writes (JSON for a forced call), and the ids
