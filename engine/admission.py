@@ -154,10 +154,11 @@ class Admission:
         of that format's control tokens."""
         if not parses_calls(params) or self.tokenizer is None:
             return None, {}
-        fmt = "json" if forced_choice(params) else self.tokenizer.tool_call_format or "json"
+        forced = forced_choice(params)
+        fmt = "json" if forced else self.tokenizer.tool_call_format or "json"
         marks = {self.tokenizer.special_token_id(m): m for m in MARKERS.get(fmt, ())}
         marks.pop(None, None)
-        return ToolCallParser(fmt, [t.name for t in params.tools]), marks  # type: ignore[return-value]
+        return ToolCallParser(fmt, [t.name for t in params.tools], forced=forced), marks  # type: ignore[return-value]
 
     def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
         """What a resume must satisfy beyond its own fields, before any state is built."""

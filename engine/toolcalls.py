@@ -12,7 +12,7 @@ then its arguments' JSON text. Formats:
 - ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 - ``json``: the whole answer is a JSON array of such objects (or one
   object), as a forced call writes it; an answer that starts otherwise is
-  plain content.
+  plain content, or with ``forced`` (the request must call a tool) malformed.
 
 A call whose JSON does not parse, whose arguments are not an object, whose
 function is not one of the request's tools, or that the output leaves
@@ -63,10 +63,10 @@ class ToolOutput:
 class ToolCallParser:
     """One request's output, split into content and tool calls; see the module docstring."""
 
-    def __init__(self, fmt: str, names: Sequence[str], new_id: Callable[[], str] = new_call_id):
+    def __init__(self, fmt: str, names: Sequence[str], new_id: Callable[[], str] = new_call_id, forced: bool = False):
         if fmt not in FORMATS:
             raise ValueError(f"tool_call_format: must be one of {FORMATS}, got {fmt!r}")
-        self.fmt, self.names, self._new_id = fmt, frozenset(names), new_id
+        self.fmt, self.names, self._new_id, self.forced = fmt, frozenset(names), new_id, forced
         self.num_calls = 0
         self.error: str | None = None
         self._mode = "start" if fmt == "json" else "content"
@@ -87,7 +87,9 @@ class ToolCallParser:
     def finish(self) -> ToolOutput:
         """The end of the output: what is held back, and the raw tool text if a call was malformed."""
         out = self.feed("")
-        if self._mode in ("content", "start", "plain", "done"):
+        if self._mode == "start" and self.forced:
+            self._fail("the output holds no tool call, and the request must call one")
+        elif self._mode in ("content", "start", "plain", "done"):
             out.text += self._buf
         elif self._mode == "args":
             self._emit_args(out, self._buf)
@@ -150,6 +152,8 @@ class ToolCallParser:
         if body[0] in "[{":
             self._take(len(self._buf) - len(body))
             self._begin_list(body[0])
+        elif self.forced:
+            self._fail("the output is not a JSON list of tool calls, and the request must call a tool")
         else:
             self._mode = "plain"
         return True

@@ -143,6 +143,18 @@ def test_plain_answers_pass_through():
             assert final_reason("stop", parser) == "stop"
 
 
+def test_a_forced_call_that_is_not_a_call_is_malformed():
+    for text in ("The weather is fine.", "", "  "):
+        parser = ToolCallParser("json", NAMES, forced=True)
+        out = parser.feed(text)
+        rest = parser.finish()
+        assert out.text + rest.text == text and not out.calls + rest.calls
+        assert parser.error is not None and "must call" in parser.error
+        assert final_reason("stop", parser) == MALFORMED_REASON
+    _, calls, parser = run("json", ['[{"name": "add", "arguments": {}}]'])
+    assert parser.error is None and merged(calls)[0]["name"] == "add"
+
+
 def test_reasons():
     _, _, parser = run("hermes", [CASES["hermes"][1]])
     assert final_reason("stop", parser) == "tool_calls"
