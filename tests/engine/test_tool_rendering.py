@@ -248,3 +248,23 @@ def test_tool_input_errors_name_the_field(hermes_dir):
     with pytest.raises(EngineError) as e:
         admission(tok).admit("r", CONVERSATION[:1], params, None)
     assert e.value.field == "tool_choice"
+
+
+@pytest.mark.parametrize("cut", [1, 3, 8, 15])
+def test_a_resumed_request_continues_its_call(cut):
+    """Another engine sent the first ``cut`` tokens' deltas; this one replays them silently and sends the rest."""
+    from engine.types import Resume, merge_tool_calls
+
+    tok = mistral("tekken_240911.json")
+    body = tok.encode('[{"name": "add", "arguments": {"a": 1, "b": [2, 3]}}]', add_special_tokens=False)
+    output = tok.encode("Sum:", add_special_tokens=False) + [tok.special_token_id("[TOOL_CALLS]")] + body
+    params = SamplingParams(tools=(WEATHER, ADD), max_tokens=64)
+    _, first, _ = run_scripted(tok, params, output[:cut])
+    sent = first[:-1]  # what the client got before the break (the final delta never came)
+    resume = Resume(tuple(output[:cut]), text_chars=sum(len(d.text) for d in sent))
+    admitted = admission(tok).admit("r2", CONVERSATION[:1], params, resume)
+    rest = [admitted.state.add_tokens([t], None) for t in output[cut:]] + [admitted.state.finish("stop")]
+    deltas = sent + rest
+    assert "".join(d.text for d in deltas) == "Sum:" and rest[-1].finish_reason == "tool_calls"
+    [call] = merge_tool_calls([c for d in deltas for c in d.tool_calls or ()])
+    assert call.name == "add" and json.loads(call.arguments) == {"a": 1, "b": [2, 3]}
