@@ -137,7 +137,7 @@ class Chunk:
     reasoning_text: str = ""  # text inside the thinking span
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked for them
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "tool_calls" | "malformed_tool_call"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     usage: Usage | None = None  # on the final chunk
     decision: Decision | None = None  # on the first chunk the router sends
     served_by: ServedBy | None = None  # on the final chunk
