@@ -116,6 +116,7 @@ class Admission:
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
         ids = self.encode_prompt(prompt, effort, params)
+        params = self._force_call(params)  # before anything reads params.structured
         if len(ids) >= self.max_model_len:
             raise EngineError("prompt", f"{len(ids)} tokens does not fit max_model_len {self.max_model_len}")
         extra_stops = tuple(t for t in self.eos_ids[1:] if t not in params.stop_token_ids)
@@ -125,7 +126,6 @@ class Admission:
             self._check_resume(resume, params, len(ids))
         budget = answer_room_budget(params.thinking_budget or self.reasoning.budget(effort), params.max_tokens)
         try:
-            params = self._force_call(params)
             reasoning = ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids))
             parser, marks = self._tool_parser(params)
             state = RequestState(
@@ -144,7 +144,10 @@ class Admission:
             return params
         if params.structured is not None:
             raise EngineError("tool_choice", f"{params.tool_choice!r:.60} cannot be combined with response_format")
-        schema = forced_call_schema(params.tools, params.tool_choice or "")
+        try:
+            schema = forced_call_schema(params.tools, params.tool_choice or "")
+        except ValueError as e:
+            raise EngineError.from_value_error(e) from None
         return dataclasses.replace(
             params, structured=StructuredOutput("json_schema", schema, "tool_calls", strict=True)
         )
