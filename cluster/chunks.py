@@ -20,6 +20,8 @@ def merge_deltas(deltas: list[RequestDelta]) -> Chunk:
         chunk.reasoning_text += d.reasoning_text
         if d.logprobs:
             chunk.logprobs = (chunk.logprobs or []) + d.logprobs
+        if d.tool_calls:
+            chunk.tool_calls = (chunk.tool_calls or []) + d.tool_calls
         if d.prompt_tokens_done is not None:
             chunk.progress = PrefillProgress(d.prompt_tokens_done, d.prompt_tokens_total or d.prompt_tokens_done)
         if d.finished:

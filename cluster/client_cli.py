@@ -22,7 +22,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.regions.region_client import RegionClient, parse_endpoint
+from cluster.regions.region_client import RegionClient, collect, parse_endpoint
 from cluster.types import GRPC_NAMES, REQUEST_EFFORTS, Chunk, PrefillProgress
 from levante.v1 import inference_pb2 as pb
 from levante.v1 import inference_pb2_grpc as pb_grpc
@@ -144,18 +144,22 @@ def stream_generate(
     err = err or sys.stderr
     bar = ProgressBar(err) if (err.isatty() if progress is None else progress) else None
 
+    printer = StreamPrinter(out)
+
+    def show(chunk: Chunk) -> None:
+        if bar is not None and chunk.progress is not None and not chunk.token_ids:
+            bar.update(chunk.progress)
+        elif bar is not None and (chunk.token_ids or chunk.finished):
+            bar.clear()
+        printer.feed(chunk.text, chunk.reasoning_text)
+
     async def run() -> Chunk | None:
-        printer, last = StreamPrinter(out), None
         async with RegionClient(peers, api_key=api_key, max_attempts=len(peers), model=model) as client:
-            async for chunk in client.generate(**request):
-                if bar is not None and chunk.progress is not None and not chunk.token_ids:
-                    bar.update(chunk.progress)
-                elif bar is not None and (chunk.token_ids or chunk.finished):
-                    bar.clear()
-                printer.feed(chunk.text, chunk.reasoning_text)
-                last = chunk
+            reply = await collect(client.generate(**request), show)
+        for call in reply.tool_calls:  # the answer's calls, whole, after its text
+            printer.feed(f"\n[tool call {call.id}] {call.name}({call.arguments})", "")
         printer.end()
-        return last
+        return reply.final
 
     final = asyncio.run(run())
     if final is None:

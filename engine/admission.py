@@ -19,7 +19,8 @@ from engine.core.stop import stop_token
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, ThinkMarkers, check_effort, resolve_markers
 from engine.tokenizer import Tokenizer, model_tokenizer
-from engine.types import EngineError, Prompt, Resume
+from engine.toolcalls import MARKERS, ToolCallParser, forced_call_schema, forced_choice, parses_calls
+from engine.types import EngineError, Prompt, Resume, StructuredOutput
 
 
 def eos_ids_of(hf_config: dict, tokenizer: Tokenizer | None) -> list[int]:
@@ -83,17 +84,21 @@ class Admission:
     def eos_id(self) -> int | None:
         return self.eos_ids[0] if self.eos_ids else None
 
-    def encode_prompt(self, prompt: Prompt, effort: str) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, effort: str, params: SamplingParams | None = None) -> list[int]:
+        tools = params.tools if params is not None else ()
+        is_chat = bool(prompt) and all(isinstance(m, dict) for m in prompt)  # type: ignore[union-attr]
+        if tools and not is_chat:
+            raise EngineError("tools", "only a chat (messages) prompt can offer tools to the model")
         if isinstance(prompt, str):
             if not prompt:
                 raise EngineError("prompt", "must not be empty")
             return self._need_tokenizer().encode(prompt)
-        if prompt and all(isinstance(m, dict) for m in prompt):
+        if is_chat:
             tokenizer = self._need_tokenizer()
             try:
-                return tokenizer.apply_chat_template(list(prompt), reasoning_effort=effort)  # type: ignore[arg-type]
-            except ValueError:
-                raise
+                return tokenizer.apply_chat_template(list(prompt), reasoning_effort=effort, tools=tools)  # type: ignore[arg-type]
+            except ValueError as e:  # ours and the tokenizer's: "field: message"
+                raise EngineError.from_value_error(e) from None
             except Exception as e:  # noqa: BLE001 -- a template that rejects the conversation: the caller's input
                 raise EngineError("messages", f"the chat template rejected them: {type(e).__name__}: {e}") from None
         ids = list(prompt)  # type: ignore[arg-type]
@@ -110,7 +115,8 @@ class Admission:
             check_effort(effort)
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
-        ids = self.encode_prompt(prompt, effort)
+        ids = self.encode_prompt(prompt, effort, params)
+        params = self._force_call(params)  # before anything reads params.structured
         if len(ids) >= self.max_model_len:
             raise EngineError("prompt", f"{len(ids)} tokens does not fit max_model_len {self.max_model_len}")
         extra_stops = tuple(t for t in self.eos_ids[1:] if t not in params.stop_token_ids)
@@ -121,12 +127,41 @@ class Admission:
         budget = answer_room_budget(params.thinking_budget or self.reasoning.budget(effort), params.max_tokens)
         try:
             reasoning = ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids))
-            state = RequestState(request_id, ids, params, reasoning, self.tokenizer)
+            parser, marks = self._tool_parser(params)
+            state = RequestState(
+                request_id, ids, params, reasoning, self.tokenizer, tool_parser=parser, tool_marks=marks
+            )
             if resume is not None:
                 state.replay(resume.token_ids, resume.text_chars, resume.reasoning_chars)
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
         return Admitted(ids, params, state, effort, reasoning.budget)
+
+    @staticmethod
+    def _force_call(params: SamplingParams) -> SamplingParams:
+        """A forced call ("required" or a tool's name) constrains the output to a JSON list of calls."""
+        if not forced_choice(params):
+            return params
+        if params.structured is not None:
+            raise EngineError("tool_choice", f"{params.tool_choice!r:.60} cannot be combined with response_format")
+        try:
+            schema = forced_call_schema(params.tools, params.tool_choice or "")
+        except ValueError as e:
+            raise EngineError.from_value_error(e) from None
+        return dataclasses.replace(
+            params, structured=StructuredOutput("json_schema", schema, "tool_calls", strict=True)
+        )
+
+    def _tool_parser(self, params: SamplingParams) -> tuple[ToolCallParser | None, dict[int, str]]:
+        """The request's tool-call parser, in the format its model writes (JSON for a forced call), and the ids
+        of that format's control tokens."""
+        if not parses_calls(params) or self.tokenizer is None:
+            return None, {}
+        forced = forced_choice(params)
+        fmt = "json" if forced else self.tokenizer.tool_call_format or "json"
+        marks = {self.tokenizer.special_token_id(m): m for m in MARKERS.get(fmt, ())}
+        marks.pop(None, None)
+        return ToolCallParser(fmt, [t.name for t in params.tools], forced=forced), marks  # type: ignore[return-value]
 
     def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
         """What a resume must satisfy beyond its own fields, before any state is built."""

@@ -15,7 +15,8 @@ from engine.core.request import SamplingParams
 from engine.core.stop import find_stop_string, stop_string_hold
 from engine.reasoning import ANSWER, REASONING, ReasoningState
 from engine.tokenizer import Tokenizer
-from engine.types import RequestDelta, RequestOutput, TokenLogprob, Usage
+from engine.toolcalls import ToolCallParser, final_reason, parses_calls
+from engine.types import RequestDelta, RequestOutput, TokenLogprob, ToolCallDelta, Usage, merge_tool_calls
 
 
 class IncrementalDetokenizer:
@@ -76,6 +77,7 @@ def collect_output(
         logprobs=[lp for d in deltas for lp in d.logprobs or []] if params.logprobs is not None else None,
         prompt_logprobs=final.prompt_logprobs,
         timings=final.timings,
+        tool_calls=merge_tool_calls([c for d in deltas for c in d.tool_calls or []]) if parses_calls(params) else None,
     )
 
 
@@ -84,6 +86,8 @@ def merge_final(step: RequestDelta, final: RequestDelta) -> RequestDelta:
     final.token_ids = step.token_ids + final.token_ids
     final.text, final.reasoning_text = step.text + final.text, step.reasoning_text + final.reasoning_text
     final.logprobs = (step.logprobs or []) + (final.logprobs or []) if (step.logprobs or final.logprobs) else None
+    calls = (step.tool_calls or []) + (final.tool_calls or [])
+    final.tool_calls = calls or None
     return final
 
 
@@ -104,6 +108,11 @@ class RequestState:
     stop_reason: int | str | None = None
     stopped_by_string: bool = False
     cached_tokens: int = 0  # prompt tokens served from the prefix cache, known at the end
+    # With tools: the parser the answer text goes through, and the ids of the format's control tokens
+    # (special tokens that decoding drops) with the marker text the parser reads in their place.
+    tool_parser: ToolCallParser | None = None
+    tool_marks: dict[int, str] = field(default_factory=dict)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)  # every call delta so far
 
     def __post_init__(self) -> None:
         self._answer_detok = IncrementalDetokenizer(self.tokenizer)
@@ -160,7 +169,11 @@ class RequestState:
     def finish(self, finish_reason: str | None, cached_tokens: int = 0) -> RequestDelta:
         self.cached_tokens = cached_tokens
         delta = self._decode(self.reasoning.flush(), [], None, final=True)
-        delta.finished, delta.finish_reason, delta.usage = True, finish_reason, self.usage()
+        delta.finished, delta.finish_reason, delta.usage = (
+            True,
+            final_reason(finish_reason, self.tool_parser),
+            self.usage(),
+        )
         delta.stop_reason, delta.prompt_logprobs = self.stop_reason, self.prompt_logprobs
         return delta
 
@@ -172,8 +185,10 @@ class RequestState:
         )
         # reasoning holds nothing back itself, but after a resume the client may still miss some of it
         new_reasoning, self.reasoning_sent = self.reasoning_text[self.reasoning_sent :], len(self.reasoning_text)
+        calls: list[ToolCallDelta] = []
         if not self.stopped_by_string:
-            self.answer += self._answer_detok.feed(answer_ids) + (self._answer_detok.flush() if final else "")
+            text, calls = self._answer_text(answer_ids, final)
+            self.answer += text
             self._check_stop_strings()
         end = (
             len(self.answer)
@@ -181,9 +196,33 @@ class RequestState:
             else max(self.answer_sent, len(self.answer) - self._hold)
         )
         text, self.answer_sent = self.answer[self.answer_sent : end], end
+        self.tool_calls += calls
         return RequestDelta(
-            self.request_id, list(token_ids), text=text, reasoning_text=new_reasoning, logprobs=logprobs
+            self.request_id,
+            list(token_ids),
+            text=text,
+            reasoning_text=new_reasoning,
+            logprobs=logprobs,
+            tool_calls=calls or None,
         )
+
+    def _answer_text(self, ids: list[int], final: bool) -> tuple[str, list[ToolCallDelta]]:
+        """New answer text (content) and tool-call deltas; control tokens reach the parser as their markers."""
+        detok = self._answer_detok
+        if self.tool_parser is None:
+            return detok.feed(ids) + (detok.flush() if final else ""), []
+        text, run = "", []
+        for t in ids:
+            mark = self.tool_marks.get(t)
+            if mark is None:
+                run.append(t)
+            else:  # decode what came before on its own: the marker must land between the right characters
+                text, run = text + detok.feed(run) + detok.flush() + mark, []
+        out = self.tool_parser.feed(text + detok.feed(run) + (detok.flush() if final else ""))
+        if final:
+            rest = self.tool_parser.finish()
+            out.text, out.calls = out.text + rest.text, out.calls + rest.calls
+        return out.text, out.calls
 
     def _check_stop_strings(self) -> None:
         found = find_stop_string(
@@ -209,9 +248,10 @@ class RequestState:
             token_ids=list(self.token_ids),
             text=self.answer,
             reasoning_text=self.reasoning_text,
-            finish_reason=finish_reason,
+            finish_reason=final_reason(finish_reason, self.tool_parser),
             stop_reason=self.stop_reason,
             usage=self.usage(),
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            tool_calls=merge_tool_calls(self.tool_calls) if self.tool_parser is not None else None,
         )

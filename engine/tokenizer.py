@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
 from engine.checkpoint.files import ModelLoadError
-from engine.types import Message
+from engine.types import Message, ToolSpec
 
 _IMAGE_PARTS = ("image_url", "image", "input_image")
 MISTRAL_COMMON_SCHEME = "mistral-common:"
@@ -45,6 +46,56 @@ def text_only_messages(messages: list[Message]) -> list[Message]:
     return out
 
 
+def openai_tool(tool: ToolSpec) -> dict:
+    """A tool in OpenAI's function shape, as chat templates and mistral-common take it."""
+    try:
+        parameters = json.loads(tool.parameters)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tools.parameters: {tool.name!r} is not JSON: {e.msg}") from None
+    if not isinstance(parameters, dict):
+        raise ValueError(f"tools.parameters: {tool.name!r} must be a JSON Schema object")
+    function = {"name": tool.name, "description": tool.description, "parameters": parameters}
+    return {"type": "function", "function": function}
+
+
+def hf_tool_messages(messages: list[Message]) -> list[Message]:
+    """Tool-call messages as Hugging Face chat templates read them.
+
+    Templates write ``arguments | tojson``, so the arguments' JSON text
+    becomes the object; a tool result gets the called function's ``name``,
+    looked up by its ``tool_call_id``, for templates that show it.
+    """
+    names: dict[str, str] = {}
+    out = []
+    for i, m in enumerate(messages):
+        if m.get("tool_calls"):
+            calls = []
+            for j, call in enumerate(m["tool_calls"]):
+                fn = call.get("function") or {}
+                args = fn.get("arguments") or "{}"
+                try:
+                    args = json.loads(args) if isinstance(args, str) else args
+                except json.JSONDecodeError:
+                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments: not JSON") from None
+                names[str(call.get("id"))] = str(fn.get("name"))
+                calls.append({**call, "function": {**fn, "arguments": args}})
+            m = {**m, "tool_calls": calls, "content": m.get("content") or ""}
+        elif m.get("role") == "tool" and "name" not in m and str(m.get("tool_call_id")) in names:
+            m = {**m, "name": names[str(m.get("tool_call_id"))]}
+        out.append(m)
+    return out
+
+
+def template_tool_format(template: str) -> str | None:
+    """The tool-call format a chat template teaches: Hermes tags, Mistral's control token, else plain JSON;
+    None when the template never looks at tools."""
+    if "tools" not in template:
+        return None
+    if "<tool_call>" in template:
+        return "hermes"
+    return "mistral" if "[TOOL_CALLS]" in template else "json"
+
+
 class Tokenizer(ABC):
     eos_token_id: int | None
     bos_token_id: int | None
@@ -56,8 +107,18 @@ class Tokenizer(ABC):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
     @abstractmethod
-    def apply_chat_template(self, messages: list[Message], reasoning_effort: str | None = None) -> list[int]:
-        """Prompt token ids for a conversation, ready for the assistant's turn."""
+    def apply_chat_template(
+        self, messages: list[Message], reasoning_effort: str | None = None, tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
+        """Prompt token ids for a conversation, ready for the assistant's turn, with ``tools`` offered to it.
+
+        ValueError naming ``tools`` when the chat format cannot show tools to the model.
+        """
+
+    @property
+    @abstractmethod
+    def tool_call_format(self) -> str | None:
+        """How this model writes tool calls (a ``engine.toolcalls`` format), None when its chat format has no tools."""
 
     @abstractmethod
     def special_token_id(self, token: str) -> int | None:
@@ -89,14 +150,27 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[Message], reasoning_effort: str | None = None) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[Message], reasoning_effort: str | None = None, tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
         if not getattr(self._tok, "chat_template", None):
             raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
-        extra = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
+        messages = text_only_messages(messages)
+        uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+        if uses_tools and self.tool_call_format is None:
+            # the template would drop the tools or the calls without a word: the model could not know them
+            raise ValueError("tools: this model's chat template does not render tools or tool calls")
+        extra: dict = {"reasoning_effort": reasoning_effort} if reasoning_effort else {}
+        if tools:
+            extra["tools"] = [openai_tool(t) for t in tools]
         out = self._tok.apply_chat_template(
-            text_only_messages(messages), add_generation_prompt=True, tokenize=True, **extra
+            hf_tool_messages(messages) if uses_tools else messages, add_generation_prompt=True, tokenize=True, **extra
         )
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    @property
+    def tool_call_format(self) -> str | None:
+        return template_tool_format(getattr(self._tok, "chat_template", None) or "")
 
     def special_token_id(self, token: str) -> int | None:
         return self._added.get(token)
@@ -126,11 +200,20 @@ class MistralCommonTokenizer(Tokenizer):
         policy = SpecialTokenPolicy.IGNORE if skip_special_tokens else SpecialTokenPolicy.KEEP
         return self._tok.decode(list(ids), special_token_policy=policy)
 
-    def apply_chat_template(self, messages: list[Message], reasoning_effort: str | None = None) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[Message], reasoning_effort: str | None = None, tools: Sequence[ToolSpec] = ()
+    ) -> list[int]:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        request = ChatCompletionRequest(messages=text_only_messages(messages))
+        # mistral-common's own reading of OpenAI's shape: assistant tool_calls and tool results included
+        request = ChatCompletionRequest.from_openai(
+            text_only_messages(messages), tools=[openai_tool(t) for t in tools] or None
+        )
         return list(self._mistral.encode_chat_completion(request).tokens)
+
+    @property
+    def tool_call_format(self) -> str | None:
+        return "mistral"
 
     def special_token_id(self, token: str) -> int | None:
         try:

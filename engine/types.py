@@ -9,6 +9,7 @@ Torch-free; how an engine is built is ``engine.api``'s business.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Container, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "ToolCallDelta",
     "ToolSpec",
     "Usage",
+    "merge_tool_calls",
 ]
 
 Message = dict[str, Any]
@@ -95,6 +97,15 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str = ""  # the next piece of the arguments' JSON text
+
+
+def merge_tool_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Tool-call deltas added up: one per call, in order of index, with its id, name and whole arguments."""
+    calls: dict[int, ToolCallDelta] = {}
+    for d in deltas:
+        seen = calls.get(d.index)
+        calls[d.index] = d if seen is None else dataclasses.replace(seen, arguments=seen.arguments + d.arguments)
+    return [calls[i] for i in sorted(calls)]
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     timings: RequestTimings | None = None
+    tool_calls: list[ToolCallDelta] | None = None  # the calls it made, each whole (its deltas added up)
 
 
 @dataclass

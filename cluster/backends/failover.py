@@ -46,7 +46,7 @@ from cluster.types import (
     GenerateRequest,
     ModelInfo,
 )
-from engine.types import Resume
+from engine.types import Resume, ToolCallDelta
 
 SEED_BITS = 62
 
@@ -62,6 +62,8 @@ class _Progress:
         self.first_token_by = None if self.first_token_timeout_s is None else time.monotonic() + first_token_timeout_s
         self.text_chars = resumed.text_chars if resumed else 0
         self.reasoning_chars = resumed.reasoning_chars if resumed else 0
+        # tool calls the caller has: argument characters per call index (its id and name came first)
+        self.call_chars: dict[int, int] = {}
         self.decision: Decision | None = None
         self.failovers: list[FailoverHop] = []
 
@@ -76,6 +78,8 @@ class _Progress:
         self.token_ids.extend(chunk.token_ids)
         self.text_chars += len(chunk.text)
         self.reasoning_chars += len(chunk.reasoning_text)
+        for call in chunk.tool_calls or ():
+            self.call_chars[call.index] = self.call_chars.get(call.index, 0) + len(call.arguments)
         if chunk.decision is not None:
             # the caller keeps the first decision: a resumed region was told to use its effort
             self.decision = self.decision or chunk.decision
@@ -127,6 +131,22 @@ class _Replay:
         self.tokens, self.text, self.reasoning = len(self.expected), progress.text_chars, progress.reasoning_chars
         self.seen = 0  # replayed tokens checked so far
         self.region = region
+        self.calls = dict(progress.call_chars)  # argument characters per call still to drop
+
+    def _trim_calls(self, calls: list[ToolCallDelta] | None) -> list[ToolCallDelta] | None:
+        """The replay's tool-call deltas less what the caller has: a known call keeps the id it was sent first."""
+        if not calls or not self.calls:
+            return calls
+        out = []
+        for c in calls:
+            if c.index not in self.calls:
+                out.append(c)
+                continue
+            skip = min(self.calls[c.index], len(c.arguments))
+            self.calls[c.index] -= skip
+            if c.arguments[skip:]:
+                out.append(ToolCallDelta(c.index, arguments=c.arguments[skip:]))
+        return out or None
 
     def trim(self, chunk: Chunk) -> Chunk:
         """The chunk less the part the caller has; an error chunk when the replay differs."""
@@ -146,7 +166,8 @@ class _Replay:
             self.reasoning - r,
             self.seen + k,
         )
-        if not (k or t or r):
+        calls = self._trim_calls(chunk.tool_calls)
+        if not (k or t or r) and calls is chunk.tool_calls:
             return chunk
         logprobs = chunk.logprobs[k:] if chunk.logprobs is not None else None
         return dataclasses.replace(
@@ -155,6 +176,7 @@ class _Replay:
             text=chunk.text[t:],
             reasoning_text=chunk.reasoning_text[r:],
             logprobs=logprobs,
+            tool_calls=calls,
         )
 
 

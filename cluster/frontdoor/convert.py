@@ -6,6 +6,7 @@ ours to explain (field named) rather than a generic parse failure of grpc.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -16,13 +17,13 @@ from cluster.frontdoor.errors import clip
 from cluster.frontdoor.isolation import forwarded_id
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, PrefillProgress, ServedBy
-from engine.types import EngineError, Resume, SamplingParams, TokenLogprob, Usage
+from engine.types import EngineError, Message, Resume, SamplingParams, TokenLogprob, ToolCallDelta, ToolSpec, Usage
 from levante.v1 import inference_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
 # what a region sends a peer: the default cap, so a peer with default limits takes it
 FORWARDED_REQUEST_ID_CHARS = InputLimitsConfig.max_request_id_chars
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 _EFFORT_FROM_PB = {
     pb.REASONING_EFFORT_UNSPECIFIED: AUTO,  # unset: let the router decide
@@ -33,7 +34,13 @@ _EFFORT_FROM_PB = {
     pb.REASONING_EFFORT_HIGH: "high",
 }
 _EFFORT_TO_PB = {v: k for k, v in _EFFORT_FROM_PB.items() if k != pb.REASONING_EFFORT_UNSPECIFIED}
-_FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_FINISH_TO_PB = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+    "malformed_tool_call": pb.FINISH_REASON_MALFORMED_TOOL_CALL,
+}
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
 
@@ -67,7 +74,7 @@ def _parse(raw: bytes, limits: Limits) -> pb.GenerateRequest:
         raise RequestError("request", "not a valid levante.v1.GenerateRequest message") from None
 
 
-def _prompt(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> str | list[int] | list[dict[str, str]]:
+def _prompt(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> str | list[int] | list[Message]:
     kind = msg.WhichOneof("input")
     if kind is None:
         raise RequestError("prompt", "missing; set one of prompt, chat, prompt_token_ids")
@@ -91,17 +98,65 @@ def _over(field: str, count: int, cap: int, key: str, what: str) -> None:
         raise RequestError(field, f"at most {cap} {what} (frontdoor.limits.{key}), got {count}")
 
 
-def _chat(chat: pb.ChatMessages, caps: InputLimitsConfig) -> list[dict[str, str]]:
+def _chat(chat: pb.ChatMessages, caps: InputLimitsConfig) -> list[Message]:
     if not chat.messages:
         raise RequestError("chat.messages", "must not be empty")
     _over("chat.messages", len(chat.messages), caps.max_chat_messages, "max_chat_messages", "messages")
-    for i, m in enumerate(chat.messages):
-        _over(f"chat.messages[{i}].role", len(m.role), caps.max_role_chars, "max_role_chars", "characters")
-        if m.role not in CHAT_ROLES:
-            raise RequestError(f"chat.messages[{i}].role", f"must be one of {CHAT_ROLES}, got {clip(m.role)}")
-        if not m.content:  # as a raw prompt: an empty message is a mistake, not a question
-            raise RequestError(f"chat.messages[{i}].content", "must not be empty")
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+    return [_chat_message(f"chat.messages[{i}]", m, caps) for i, m in enumerate(chat.messages)]
+
+
+def _chat_message(where: str, m: pb.ChatMessage, caps: InputLimitsConfig) -> Message:
+    """One message in OpenAI's shape: an assistant's tool calls, a tool's result with the id it answers."""
+    _over(f"{where}.role", len(m.role), caps.max_role_chars, "max_role_chars", "characters")
+    if m.role not in CHAT_ROLES:
+        raise RequestError(f"{where}.role", f"must be one of {CHAT_ROLES}, got {clip(m.role)}")
+    if m.tool_calls and m.role != "assistant":
+        raise RequestError(f"{where}.tool_calls", "only an assistant message carries tool calls")
+    for name in ("tool_call_id", "name"):
+        if getattr(m, name) and m.role != "tool":
+            raise RequestError(f"{where}.{name}", "only a tool message carries it")
+    if m.role == "tool" and not m.tool_call_id:
+        raise RequestError(f"{where}.tool_call_id", "a tool message must name the call it answers")
+    if not m.content and not m.tool_calls:  # as a raw prompt: an empty message is a mistake, not a question
+        raise RequestError(f"{where}.content", "must not be empty")
+    out: Message = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [_tool_call(f"{where}.tool_calls[{j}]", c) for j, c in enumerate(m.tool_calls)]
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+        if m.name:
+            out["name"] = m.name
+    return out
+
+
+def _tool_call(where: str, c: pb.ToolCall) -> dict:
+    for name in ("id", "name"):
+        if not getattr(c, name):
+            raise RequestError(f"{where}.{name}", "must not be empty")
+    _json_object(f"{where}.arguments", c.arguments)
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+
+
+def _json_object(field: str, text: str) -> None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(field, f"is not JSON: {e.msg} at character {e.pos}") from None
+    if not isinstance(value, dict):
+        raise RequestError(field, f"must be a JSON object, got {type(value).__name__}")
+
+
+def _tools(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> tuple[ToolSpec, ...]:
+    _over("tools", len(msg.tools), caps.max_tools, "max_tools", "tools")
+    tools = []
+    for i, t in enumerate(msg.tools):
+        size = len(t.name) + len(t.description) + len(t.parameters)
+        _over(f"tools[{i}]", size, caps.max_tool_schema_chars, "max_tool_schema_chars", "characters")
+        if not t.name:
+            raise RequestError(f"tools[{i}].name", "must not be empty")
+        _json_object(f"tools[{i}].parameters", t.parameters or "{}")
+        tools.append(ToolSpec(t.name, t.description, t.parameters or "{}"))
+    return tuple(tools)
 
 
 def _check_stops(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> None:
@@ -127,6 +182,8 @@ def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
     }  # unset: SamplingParams' own defaults
     try:
         return SamplingParams(
+            tools=_tools(msg, limits.inputs),
+            tool_choice=msg.tool_choice or None,
             top_k=msg.top_k,
             min_p=msg.min_p,
             stop=tuple(msg.stop),
@@ -218,12 +275,16 @@ class ResponseEncoder:
             self._last = pb.Progress(prompt_tokens_processed=p.prompt_tokens_processed, prompt_tokens=p.prompt_tokens)
             if self.progress and not (chunk.token_ids or chunk.finished):
                 out.append(pb.GenerateResponse(progress=self._last))
-        if chunk.token_ids or chunk.text or chunk.reasoning_text:
+        if chunk.token_ids or chunk.text or chunk.reasoning_text or chunk.tool_calls:
             delta = pb.Delta(
                 text=chunk.text,
                 reasoning_text=chunk.reasoning_text,
                 token_ids=chunk.token_ids,
                 logprobs=[_logprob(lp) for lp in chunk.logprobs or ()],
+                tool_calls=[
+                    pb.ToolCallDelta(index=c.index, id=c.id or "", name=c.name or "", arguments=c.arguments)
+                    for c in chunk.tool_calls or ()
+                ],
             )
             out.append(pb.GenerateResponse(delta=delta))
         if chunk.finished:
@@ -288,6 +349,8 @@ def encode_generate(request: GenerateRequest) -> bytes:
         temperature=p.temperature,
         top_p=p.top_p,
         reasoning_effort=_EFFORT_TO_PB[request.reasoning_effort],
+        tools=[pb.Tool(name=t.name, description=t.description, parameters=t.parameters) for t in p.tools],
+        tool_choice=p.tool_choice or "",
         request_id=forwarded_id(request.request_id, FORWARDED_REQUEST_ID_CHARS),
         stream_progress=True,  # a router and the client library judge a region by its heartbeats
     )
@@ -297,7 +360,7 @@ def encode_generate(request: GenerateRequest) -> bytes:
     if isinstance(request.prompt, str):
         msg.prompt = request.prompt
     elif request.prompt and isinstance(request.prompt[0], dict):
-        msg.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.prompt)
+        msg.chat.messages.extend(_chat_message_pb(m) for m in request.prompt)  # type: ignore[arg-type]
     else:
         msg.prompt_token_ids.ids.extend(request.prompt)  # type: ignore[arg-type]
     if request.preferred_region is not None:
@@ -308,6 +371,20 @@ def encode_generate(request: GenerateRequest) -> bytes:
             pb.Resume(token_ids=r.token_ids, text_chars=r.text_chars, reasoning_chars=r.reasoning_chars)
         )
     return msg.SerializeToString()
+
+
+def _chat_message_pb(m: Message) -> pb.ChatMessage:
+    calls = [
+        pb.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+        for c in m.get("tool_calls") or ()
+    ]
+    return pb.ChatMessage(
+        role=m["role"],
+        content=m.get("content") or "",
+        tool_calls=calls,
+        tool_call_id=m.get("tool_call_id") or "",
+        name=m.get("name") or "",
+    )
 
 
 def decode_response(raw: bytes) -> Chunk:
@@ -326,7 +403,14 @@ def decode_response(raw: bytes) -> Chunk:
         logprobs = [
             TokenLogprob(lp.token_id, lp.logprob, {t.token_id: t.logprob for t in lp.top}) for lp in d.logprobs
         ] or None
-        return Chunk(token_ids=list(d.token_ids), text=d.text, reasoning_text=d.reasoning_text, logprobs=logprobs)
+        calls = [ToolCallDelta(c.index, c.id or None, c.name or None, c.arguments) for c in d.tool_calls] or None
+        return Chunk(
+            token_ids=list(d.token_ids),
+            text=d.text,
+            reasoning_text=d.reasoning_text,
+            logprobs=logprobs,
+            tool_calls=calls,
+        )
     if kind != "final":
         return Chunk()
     f = msg.final

@@ -23,13 +23,19 @@ A plain string is sent as one user chat message (the model's chat template appli
 ``levante client generate`` does; ``raw=True`` sends it as a raw prompt instead.
 Chunks are ``cluster.types.Chunk``: ``text``, ``reasoning_text``, ``token_ids``; the last one has
 ``finished``, ``usage``, ``served_by`` and ``failovers`` (every region the request left, and why).
+
+Tools: ``generate(..., tools=[...], tool_choice=...)`` takes ``ToolSpec``s or OpenAI-shaped tool
+dicts; the model's calls stream in ``Chunk.tool_calls``, and ``collect`` adds a stream up into a
+``Reply`` whose ``tool_calls`` are whole (docs/serving.md, "Tool calls").
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Self
 
 from cluster.backends.failover import FailoverBackend
@@ -39,7 +45,43 @@ from cluster.regions.checker import HealthChecker
 from cluster.regions.health_book import HealthBook
 from cluster.telemetry.tracing import ambient_carrier
 from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
-from engine.types import SamplingParams
+from engine.types import SamplingParams, ToolCallDelta, ToolSpec, merge_tool_calls
+
+
+def tool_spec(tool: ToolSpec | dict) -> ToolSpec:
+    """A tool given as a ``ToolSpec`` or in OpenAI's shape (``{"type": "function", "function": {...}}``,
+    or the function object itself), its ``parameters`` a JSON Schema object or its JSON text."""
+    if isinstance(tool, ToolSpec):
+        return tool
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ValueError('tools: each tool is a ToolSpec or a dict with a "name" (or a "function" holding one)')
+    params = fn.get("parameters") or {}
+    return ToolSpec(fn["name"], fn.get("description") or "", params if isinstance(params, str) else json.dumps(params))
+
+
+@dataclass
+class Reply:
+    """A whole answer: its text, its tool calls (each with its whole arguments) and its final chunk."""
+
+    text: str = ""
+    reasoning_text: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    final: Chunk | None = None  # the last chunk: finish_reason, usage, served_by, error when it ended right
+
+
+async def collect(chunks: AsyncIterator[Chunk], each: Callable[[Chunk], None] | None = None) -> Reply:
+    """Add up a stream (``each`` sees every chunk on the way)."""
+    reply, deltas = Reply(), []
+    async for chunk in chunks:
+        if each is not None:
+            each(chunk)
+        reply.text += chunk.text
+        reply.reasoning_text += chunk.reasoning_text
+        deltas += chunk.tool_calls or []
+        reply.final = chunk
+    reply.tool_calls = merge_tool_calls(deltas)
+    return reply
 
 
 def parse_endpoint(spec: str | PeerConfig) -> PeerConfig:
@@ -100,6 +142,8 @@ class RegionClient:
         timeout_s: float | None = None,
         first_token_timeout_s: float | None = None,
         request_id: str | None = None,
+        tools: Sequence[ToolSpec | dict] = (),
+        tool_choice: str | None = None,
         **sampling,
     ) -> AsyncIterator[Chunk]:
         """Stream one answer. ``prompt``: text, token ids or chat messages; ``sampling``: SamplingParams
@@ -110,6 +154,8 @@ class RegionClient:
 
         Text is sent as one user chat message, so the model's chat template applies (without it an
         instruct model tends to answer nothing); ``raw=True`` sends it as a raw prompt, as is.
+        ``tools`` (ToolSpecs or OpenAI-shaped dicts) and ``tool_choice`` ("auto", "none", "required"
+        or a tool's name): the model's calls arrive in ``Chunk.tool_calls``.
         """
         if isinstance(prompt, str) and not raw:
             prompt = [{"role": "user", "content": prompt}]
@@ -117,7 +163,7 @@ class RegionClient:
             request_id=request_id or uuid.uuid4().hex,
             model=self.model,
             prompt=prompt,
-            params=SamplingParams(**sampling),
+            params=SamplingParams(tools=tuple(tool_spec(t) for t in tools), tool_choice=tool_choice, **sampling),
             reasoning_effort=effort,
             preferred_region=preferred_region,
             deadline=None if timeout_s is None else time.time() + timeout_s,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 import uuid
 
@@ -29,7 +30,7 @@ from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from cluster.types import INVALID_ARGUMENT, Chunk, GenerateRequest, ModelInfo
 from engine.api import create_engine
 from engine.config import CacheConfig
-from engine.types import SamplingParams
+from engine.types import SamplingParams, ToolSpec, merge_tool_calls
 
 from .frontdoor.harness import wait_until
 
@@ -211,3 +212,46 @@ def test_deadline_in_the_past_ends_the_request(backend, loop):
 
     loop.run(consume())
     wait_until(lambda: loop.run(used_blocks()) == 0, timeout=20, what="blocks freed after the deadline")
+
+
+WEATHER = ToolSpec(
+    "get_weather",
+    "The weather in a city",
+    json.dumps({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+)
+
+
+def _tool_run(loop, b, req) -> tuple:
+    chunks = loop.run(collect(b, req))
+    assert all(c.error is None for c in chunks), chunks[-1].error
+    calls = merge_tool_calls([d for c in chunks for d in c.tool_calls or ()])
+    return (
+        [t for c in chunks for t in c.token_ids],
+        "".join(c.text for c in chunks),
+        [(c.name, c.arguments) for c in calls],  # ids are drawn at random, unless the model wrote one
+        chunks[-1].finish_reason,
+    )
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_tool_calls_are_parsed_alike_on_every_backend(backend, local, loop, choice):
+    """The same tokens give the same content, calls and finish reason: every backend renders the tools and
+    parses the output through the engines' shared admission and output state."""
+    b, _ = backend
+    req = call([{"role": "user", "content": "Weather in Paris?"}], max_tokens=24, tools=(WEATHER,), tool_choice=choice)
+    ours = _tool_run(loop, b, req)
+    assert ours == _tool_run(loop, local[0], dataclasses.replace(req, request_id=f"ref-{req.request_id}"))
+    _, text, calls, reason = ours
+    assert reason in ("stop", "length", "tool_calls", "malformed_tool_call")
+    if reason == "tool_calls":
+        assert calls and all(isinstance(json.loads(args), dict) for _, args in calls)
+    if choice == "required" and reason != "tool_calls":
+        assert text and not calls  # not a call: the raw output comes back as text, nothing as a call
+    # ended by a stop token a few tokens in: an ordinary stop, or for a forced call no whole call
+    stop = dataclasses.replace(req.params, stop_token_ids=(ours[0][3],))
+    early = dataclasses.replace(req, request_id=f"early-{req.request_id}", params=stop)
+    ours = _tool_run(loop, b, early)
+    assert ours == _tool_run(loop, local[0], dataclasses.replace(early, request_id=f"ref-{early.request_id}"))
+    assert ours[3] == ("malformed_tool_call" if choice == "required" else "stop") and ours[1]
+    refused = loop.run(collect(b, call([1, 2, 3], tools=(WEATHER,))))
+    assert refused[-1].error.code == INVALID_ARGUMENT and refused[-1].error.field == "tools"
