@@ -11,13 +11,14 @@ whichever engine serves it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig, ReasoningConfig
 from engine.core.request import SamplingParams
 from engine.core.stop import stop_token
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, ThinkMarkers, check_effort, resolve_markers
+from engine.structured import GrammarCompiler, GrammarMatcher, grammar_compiler
 from engine.tokenizer import Tokenizer, model_tokenizer
 from engine.types import EngineError, Prompt, Resume
 
@@ -64,6 +65,10 @@ class Admission:
     markers: ThinkMarkers
     reasoning: ReasoningConfig
     max_model_len: int
+    # The backend masks logits with this admission's grammars (the native engine); False: a backend that
+    # hands response_format to its own machinery (vLLM), so no grammar state is built here.
+    grammars: bool = False
+    _compiler: GrammarCompiler | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def for_model(cls, config: EngineConfig, model_dir: str, hf_config: dict, max_model_len: int) -> Admission:
@@ -119,14 +124,29 @@ class Admission:
         if resume is not None:
             self._check_resume(resume, params, len(ids))
         budget = answer_room_budget(params.thinking_budget or self.reasoning.budget(effort), params.max_tokens)
+        grammar = self._grammar(params)
         try:
             reasoning = ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids))
-            state = RequestState(request_id, ids, params, reasoning, self.tokenizer)
+            state = RequestState(request_id, ids, params, reasoning, self.tokenizer, grammar=grammar)
             if resume is not None:
                 state.replay(resume.token_ids, resume.text_chars, resume.reasoning_chars)
         except ValueError as e:
             raise EngineError.from_value_error(e) from None
         return Admitted(ids, params, state, effort, reasoning.budget)
+
+    def _grammar(self, params: SamplingParams) -> GrammarMatcher | None:
+        """The request's matcher at the grammar's start; the compiler is built on the first such request
+        (it reads the whole vocabulary, about a second for 131072 tokens)."""
+        if params.structured is None or not self.grammars:
+            return None
+        if self.tokenizer is None:
+            raise EngineError("response_format", "this model has no tokenizer, which a grammar needs")
+        if self._compiler is None:
+            try:
+                self._compiler = grammar_compiler(self.tokenizer, self.vocab_size, self.eos_ids)
+            except ValueError as e:
+                raise EngineError.from_value_error(e) from None
+        return self._compiler.matcher(params.structured)
 
     def _check_resume(self, resume: Resume, params: SamplingParams, num_prompt: int) -> None:
         """What a resume must satisfy beyond its own fields, before any state is built."""

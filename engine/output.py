@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.core.request import SamplingParams
 from engine.core.stop import find_stop_string, stop_string_hold
 from engine.reasoning import ANSWER, REASONING, ReasoningState
+from engine.structured import GrammarMatcher, bitmask_words
 from engine.tokenizer import Tokenizer
 from engine.types import RequestDelta, RequestOutput, TokenLogprob, Usage
 
@@ -104,6 +107,9 @@ class RequestState:
     stop_reason: int | str | None = None
     stopped_by_string: bool = False
     cached_tokens: int = 0  # prompt tokens served from the prefix cache, known at the end
+    grammar: GrammarMatcher | None = None  # response_format's constraint on the answer, if any
+    grammar_on: bool = False  # the answer has begun: every token since went through ``grammar``
+    grammar_refused: int | None = None  # a token the grammar did not allow (a bug, or a bad resume)
 
     def __post_init__(self) -> None:
         self._answer_detok = IncrementalDetokenizer(self.tokenizer)
@@ -117,8 +123,34 @@ class RequestState:
         self.token_ids.extend(token_ids)
         if self.logprobs is not None and logprobs:
             self.logprobs.extend(logprobs)
-        released = [pair for t in token_ids for pair in self.reasoning.feed(t)]
+        released = []
+        for t in token_ids:
+            if self.constrained and not self.grammar_on:
+                self.grammar_on = True
+                self.reasoning.answer_only()
+            if self.grammar_on and self.grammar_refused is None and not self.grammar.accept(t):  # type: ignore[union-attr]
+                self.grammar_refused = t
+            released += self.reasoning.feed(t)
         return self._decode(released, token_ids, logprobs, final=False)
+
+    @property
+    def constrained(self) -> bool:
+        """The next token must be one the grammar allows: it has a grammar and the answer has begun (the
+        thinking span, if any, is over)."""
+        return self.grammar is not None and (self.grammar_on or self.reasoning.answering)
+
+    @property
+    def grammar_terminated(self) -> bool:
+        """The constrained answer is complete (or went wrong): the request ends here."""
+        return self.grammar is not None and (self.grammar.is_terminated or self.grammar_refused is not None)
+
+    def next_token_bitmask(self, vocab_size: int) -> np.ndarray | None:
+        """The tokens allowed next, [bitmask_words(vocab_size)] int32, or None when unconstrained."""
+        if not self.constrained:
+            return None
+        mask = np.zeros(bitmask_words(vocab_size), dtype=np.int32)
+        self.grammar.fill_bitmask(mask)  # type: ignore[union-attr]
+        return mask
 
     def replay(self, token_ids: Sequence[int], text_chars: int = 0, reasoning_chars: int = 0) -> None:
         """Take ``token_ids`` as outputs already produced elsewhere, streaming none of them.
@@ -140,6 +172,10 @@ class RequestState:
                     f"{expected} (a thinking marker); were they produced with the same params?"
                 )
             self.add_tokens([t], None)
+            if self.grammar_refused is not None:
+                raise ValueError(f"resume.token_ids: token {t} at index {i} is not allowed by response_format")
+            if self.grammar_terminated:
+                raise ValueError(f"resume.token_ids: already finished: the response_format output ends at index {i}")
             if self.stopped_by_string:
                 raise ValueError(
                     f"resume.token_ids: already finished: the answer reaches stop string "

@@ -188,8 +188,13 @@ class EngineCore:
         for s in sched.seqs:
             if s.samples:
                 req = self.requests[s.request_id]
-                banned = self.states[s.request_id].reasoning.banned_token_ids()
-                rows[s.request_id] = SampleRow(req.sampling_params, req.num_output_tokens, banned)
+                state = self.states[s.request_id]
+                rows[s.request_id] = SampleRow(
+                    req.sampling_params,
+                    req.num_output_tokens,
+                    state.reasoning.banned_token_ids(),
+                    state.next_token_bitmask(self.vocab_size),
+                )
         return rows
 
     def _update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestDelta]:
@@ -207,7 +212,8 @@ class EngineCore:
             if stages.first_token is None and out.new_token_ids:
                 stages.first_token = now
             delta = state.add_tokens(out.new_token_ids, logprobs.get(out.request_id))
-            if state.stopped_by_string and out.finish_reason is None:
+            if (state.stopped_by_string or state.grammar_terminated) and out.finish_reason is None:
+                # a stop string, or a constrained answer that is complete: nothing more may follow
                 self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED)
                 out.finish_reason = "stop"
             if out.finish_reason is None:
