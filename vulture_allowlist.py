@@ -17,6 +17,9 @@ _.choose_replicas
 _.on_request_routed
 _.should_backoff  # set on Serve's routing context, read by Serve
 
+# llguidance's TokenizerWrapper reads the vocabulary object's fields by name
+_.special_token_ids  # engine/structured/guidance.py
+
 # prometheus_client calls a registered Collector's collect() at scrape time
 _.collect  # cluster/telemetry/collectors.py
 

@@ -76,7 +76,9 @@ def bench_xgrammar(tok: Tokenizer, eos: list[int]) -> tuple[float, dict[str, tup
         compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         t0 = time.perf_counter()
         compiled = (
-            compiler.compile_builtin_json_grammar() if schema is None else compiler.compile_json_schema(json.dumps(schema))
+            compiler.compile_builtin_json_grammar()
+            if schema is None
+            else compiler.compile_json_schema(json.dumps(schema))
         )
         matcher = xgr.GrammarMatcher(compiled)
         compile_ms = _ms(t0)

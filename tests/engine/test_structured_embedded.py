@@ -22,7 +22,11 @@ def llm():
 
 @pytest.mark.parametrize(
     ("name", "sampling"),
-    [("nested", dict(temperature=0)), ("array", dict(temperature=0.8, seed=3)), ("enum", dict(temperature=1.0, seed=9))],
+    [
+        ("nested", dict(temperature=0)),
+        ("array", dict(temperature=0.8, seed=3)),
+        ("enum", dict(temperature=1.0, seed=9)),
+    ],
 )
 def test_schema_output_validates(llm, name, sampling):
     spec = StructuredOutput("json_schema", json.dumps(SCHEMAS[name]), name=name)

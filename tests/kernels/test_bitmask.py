@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from kernels.bitmask import apply_token_bitmask_
-from kernels.bitmask.reference import apply_token_bitmask_reference
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The definition, one token at a time: a copy of ``logits`` [N, V] with token t of row ``rows[r]`` at -inf
+    unless bit t%32 of word t//32 of ``bitmask[r]`` is set."""
+    out = logits.clone()
+    words = bitmask.tolist()
+    for r, row in enumerate(rows):
+        for t in range(logits.shape[1]):
+            if not (words[r][t // 32] >> (t % 32)) & 1:
+                out[row, t] = float("-inf")
+    return out
 
 
 @pytest.mark.parametrize("vocab", [32, 100, 257])  # a whole word, and vocabularies that end inside one

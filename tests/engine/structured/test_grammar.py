@@ -43,9 +43,7 @@ def ids_of(tok, text: str) -> list[int]:
     return _Vocab(tok, MODEL_VOCAB, (tok.eos_token_id,))(text)
 
 
-@pytest.mark.parametrize(
-    "path", [SPM, "mistral-common:tekken_240911.json"], ids=["sentencepiece", "tekken"]
-)
+@pytest.mark.parametrize("path", [SPM, "mistral-common:tekken_240911.json"], ids=["sentencepiece", "tekken"])
 def test_vocab_bytes_spell_what_the_tokenizer_decodes(path):
     tok = load_tokenizer(resolve_tokenizer_path(path))
     vocab = tok.vocab_bytes()

@@ -1,4 +1,5 @@
-"""Bitmask application with torch ops: unpack the words to booleans, then one masked fill per batch."""
+"""Token bitmasks on logits, constrained decoding's per-step op (``engine.structured`` fills the masks): unpack
+the int32 words to booleans, then one masked fill over the constrained rows."""
 
 from __future__ import annotations
 
