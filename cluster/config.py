@@ -95,11 +95,18 @@ class InputLimitsConfig:
     max_model_name_chars: int = 256
     max_request_id_chars: int = 128  # a longer forwarded id is hashed to fit 128: keep it >= 128 in every region
     max_logprobs: int = 20  # top-n alternatives per token: enough to inspect, not a vocabulary dump
+    max_schema_bytes: int = 32768  # response_format's JSON Schema: compiling it into a grammar costs per byte
 
     def __post_init__(self) -> None:
         for name in ("max_stop_strings", "max_stop_token_ids", "max_logprobs"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
-        for name in ("max_stop_string_chars", "max_chat_messages", "max_model_name_chars", "max_request_id_chars"):
+        for name in (
+            "max_stop_string_chars",
+            "max_chat_messages",
+            "max_model_name_chars",
+            "max_request_id_chars",
+            "max_schema_bytes",
+        ):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         _check(self.max_role_chars >= len("assistant"), "max_role_chars", "must be >= 9 (len('assistant'))")
 

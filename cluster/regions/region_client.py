@@ -39,7 +39,7 @@ from cluster.regions.checker import HealthChecker
 from cluster.regions.health_book import HealthBook
 from cluster.telemetry.tracing import ambient_carrier
 from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
-from engine.types import SamplingParams
+from engine.types import SamplingParams, StructuredOutput
 
 
 def parse_endpoint(spec: str | PeerConfig) -> PeerConfig:
@@ -100,6 +100,7 @@ class RegionClient:
         timeout_s: float | None = None,
         first_token_timeout_s: float | None = None,
         request_id: str | None = None,
+        response_format: StructuredOutput | dict | None = None,
         **sampling,
     ) -> AsyncIterator[Chunk]:
         """Stream one answer. ``prompt``: text, token ids or chat messages; ``sampling``: SamplingParams
@@ -110,9 +111,16 @@ class RegionClient:
 
         Text is sent as one user chat message, so the model's chat template applies (without it an
         instruct model tends to answer nothing); ``raw=True`` sends it as a raw prompt, as is.
+
+        ``response_format`` constrains the answer to JSON: a ``StructuredOutput``, or OpenAI's object
+        (``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": True}}``).
         """
         if isinstance(prompt, str) and not raw:
             prompt = [{"role": "user", "content": prompt}]
+        if isinstance(response_format, dict):
+            response_format = StructuredOutput.from_openai(response_format)
+        if response_format is not None:
+            sampling["structured"] = response_format
         request = GenerateRequest(
             request_id=request_id or uuid.uuid4().hex,
             model=self.model,
