@@ -127,6 +127,13 @@ class VllmEngine(EngineClient):
         self, request_id: str, prompt: Prompt, params: SamplingParams, resume: Resume | None = None
     ) -> None:
         await self._check_can_take(request_id, self._streams.keys() | self._admitting, self._error)
+        if params.structured is not None:
+            # vLLM's structured outputs need its own tokenizer (it runs without one: Levante tokenizes), start
+            # the grammar at the first token (not after a thinking span) and cannot rebuild it for a resume
+            raise EngineError(
+                "response_format",
+                "the vLLM backend does not enforce structured outputs; serve them with engine.backend native",
+            )
         admitted = self.admission.admit(request_id, prompt, params, resume)
         resumed = list(resume.token_ids) if resume is not None else []
         stream = _Stream(admitted.state, admitted.params, len(admitted.prompt_ids), time.time())

@@ -237,3 +237,14 @@ def test_a_dead_engine_process_ends_streams_and_health(pair):
     assert offline._run(engine.health()) is False
     with pytest.raises(EngineError, match="^engine: not serving"):
         vllm.generate([[1, 2]], SamplingParams(max_tokens=2))
+
+
+def test_structured_output_is_refused_naming_response_format(pair):
+    """vLLM runs without its tokenizer (Levante tokenizes), so its structured outputs cannot run: refused."""
+    from engine.types import StructuredOutput
+
+    _, vllm = pair
+    with pytest.raises(EngineError) as err:
+        vllm.generate([CHAT], SamplingParams(max_tokens=8, structured=StructuredOutput("json_object")))
+    assert err.value.field == "response_format" and "native" in err.value.message
+    assert vllm.generate([CHAT], SamplingParams(temperature=0, max_tokens=2))[0].token_ids  # still serving
