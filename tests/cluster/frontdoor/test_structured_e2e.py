@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import pathlib
+import re
 
 import grpc
 import jsonschema
@@ -19,6 +22,7 @@ from tests.engine.test_structured import SCHEMAS
 
 from .harness import channel, engine_backend, generate, rpc_error, serving, spm_tokenizer
 
+DOC = pathlib.Path(__file__).parents[3] / "docs" / "serving.md"
 LIMITS = Limits("m", max_model_len=1000, max_request_bytes=1 << 20, inputs=InputLimitsConfig(max_schema_bytes=256))
 ENUM = json.dumps(SCHEMAS["enum"])
 NESTED = json.dumps(SCHEMAS["nested"])
@@ -99,8 +103,14 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ch(engine, loop):
-    with serving(loop, engine_backend(loop, engine), FrontDoorConfig(port=0)) as door, channel(door) as c:
+def door(engine, loop):
+    with serving(loop, engine_backend(loop, engine), FrontDoorConfig(port=0)) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def ch(door):
+    with channel(door) as c:
         yield c
 
 
@@ -148,3 +158,18 @@ def test_an_oversized_schema_is_refused_at_the_door(ch):
     err = rpc_error(lambda: generate(ch, req))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith("response_format.json_schema: ") and "max_schema_bytes" in err.details()
+
+
+@pytest.mark.e2e
+def test_the_documented_example_returns_valid_json(door, capsys):
+    """docs/serving.md's RegionClient example, run as written: only its addresses change (to this door)."""
+    section = DOC.read_text().split("## Structured outputs", 1)[1]
+    code = re.findall(r"```python\n(.*?)```", section, re.DOTALL)[0]
+    assert "response_format" in code
+    for address in ("10.0.0.1:50051", "10.1.0.1:50051"):
+        assert address in code
+        code = code.replace(address, f"127.0.0.1:{door.port}")
+    example = {"__name__": "__main__"}
+    exec(compile(code, str(DOC), "exec"), example)  # noqa: S102 -- the doc's example as written
+    printed = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
+    jsonschema.validate(printed, example["WIND"])  # the example's own schema
