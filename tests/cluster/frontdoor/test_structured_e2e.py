@@ -147,7 +147,7 @@ def test_a_schema_the_grammar_engine_refuses_is_invalid_argument_naming_it(ch, s
     err = rpc_error(lambda: generate(ch, req))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith("response_format.json_schema: ") and needle in err.details()
-    text, final = answer(generate(ch, pb.GenerateRequest(prompt="Hello", max_tokens=2, temperature=0)))
+    _, final = answer(generate(ch, pb.GenerateRequest(prompt="Hello", max_tokens=2, temperature=0)))
     assert final.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)  # still serving
 
 
