@@ -125,19 +125,19 @@ class RequestState:
             self.logprobs.extend(logprobs)
         released = []
         for t in token_ids:
-            if self.constrained and not self.grammar_on:
-                self.grammar_on = True
-                self.reasoning.answer_only()
             if self.grammar_on and self.grammar_refused is None and not self.grammar.accept(t):  # type: ignore[union-attr]
                 self.grammar_refused = t
             released += self.reasoning.feed(t)
         return self._decode(released, token_ids, logprobs, final=False)
 
-    @property
-    def constrained(self) -> bool:
-        """The next token must be one the grammar allows: it has a grammar and the answer has begun (the
-        thinking span, if any, is over)."""
-        return self.grammar is not None and (self.grammar_on or self.reasoning.answering)
+    def start_constraint(self) -> bool:
+        """Whether the next token must be one the grammar allows; call before it is chosen (before the
+        reasoning state's ``next_token``). The constraint begins with the answer's first token, once a
+        thinking span and its markers are over, and holds from then on."""
+        if self.grammar is not None and not self.grammar_on and self.reasoning.answering:
+            self.grammar_on = True
+            self.reasoning.answer_only()
+        return self.grammar_on
 
     @property
     def grammar_terminated(self) -> bool:
@@ -146,7 +146,7 @@ class RequestState:
 
     def next_token_bitmask(self, vocab_size: int) -> np.ndarray | None:
         """The tokens allowed next, [bitmask_words(vocab_size)] int32, or None when unconstrained."""
-        if not self.constrained:
+        if not self.start_constraint():
             return None
         mask = np.zeros(bitmask_words(vocab_size), dtype=np.int32)
         self.grammar.fill_bitmask(mask)  # type: ignore[union-attr]
@@ -165,6 +165,7 @@ class RequestState:
         could not have produced, or that already end it.
         """
         for i, t in enumerate(token_ids):
+            self.start_constraint()  # where the engine would have asked for this token's mask
             expected = self.reasoning.next_token(t)
             if expected != t:  # the engine would have emitted a forced thinking marker here, whatever was sampled
                 raise ValueError(

@@ -9,6 +9,7 @@ The embedded model's case is in test_structured_embedded.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jsonschema
@@ -177,6 +178,23 @@ def test_the_constraint_applies_after_the_thinking_span(core):
     with pytest.raises(ValueError):  # the thinking span was not constrained: a random model writes no JSON
         json.loads(reasoning)
     validated(deltas, "enum")
+
+
+def test_one_token_thinking_markers_hand_over_to_the_constraint(model_path):
+    """Mistral's [THINK]/[/THINK] are one token each: the answer's grammar starts after the end marker,
+    not at the start marker the engine forces."""
+    config = dataclasses.replace(
+        tiny_config(model_path), reasoning=ReasoningConfig(think_start_ids=(1000,), think_end_ids=(1001,), budget_low=4)
+    )
+    one_token = build_engine_core(config)
+    params = SamplingParams(
+        temperature=1.0, seed=5, max_tokens=96, reasoning_effort="low", structured=constrained("enum").structured
+    )
+    full = drive(one_token, "think", CHAT, params)
+    assert tokens(full)[0] == 1000 and tokens(full)[5] == 1001  # forced start, 4 thinking tokens, forced end
+    validated(full, "enum")
+    for k in (1, 5, 6):  # resumed inside the span, at the end marker, and in the answer
+        assert_continues(full, k, drive(one_token, f"think-{k}", CHAT, params, client_after(full, k)[0]))
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
