@@ -19,6 +19,7 @@ from engine.core.stop import stop_token
 from engine.output import RequestState
 from engine.reasoning import ReasoningState, ThinkMarkers, check_effort, resolve_markers
 from engine.structured import GrammarCompiler, GrammarMatcher, grammar_compiler
+from engine.structured.answer import AnswerConstraint
 from engine.tokenizer import Tokenizer, model_tokenizer
 from engine.types import EngineError, Prompt, Resume
 
@@ -127,7 +128,8 @@ class Admission:
         grammar = self._grammar(params)
         try:
             reasoning = ReasoningState(self.markers, effort, budget, ids, frozenset(self.eos_ids))
-            state = RequestState(request_id, ids, params, reasoning, self.tokenizer, grammar=grammar)
+            constraint = AnswerConstraint(grammar, reasoning) if grammar is not None else None
+            state = RequestState(request_id, ids, params, reasoning, self.tokenizer, constraint=constraint)
             if resume is not None:
                 state.replay(resume.token_ids, resume.text_chars, resume.reasoning_chars)
         except ValueError as e:

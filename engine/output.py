@@ -16,7 +16,7 @@ import numpy as np
 from engine.core.request import SamplingParams
 from engine.core.stop import find_stop_string, stop_string_hold
 from engine.reasoning import ANSWER, REASONING, ReasoningState
-from engine.structured import GrammarMatcher, bitmask_words
+from engine.structured.answer import AnswerConstraint
 from engine.tokenizer import Tokenizer
 from engine.types import RequestDelta, RequestOutput, TokenLogprob, Usage
 
@@ -107,9 +107,7 @@ class RequestState:
     stop_reason: int | str | None = None
     stopped_by_string: bool = False
     cached_tokens: int = 0  # prompt tokens served from the prefix cache, known at the end
-    grammar: GrammarMatcher | None = None  # response_format's constraint on the answer, if any
-    grammar_on: bool = False  # the answer has begun: every token since went through ``grammar``
-    grammar_refused: int | None = None  # a token the grammar did not allow (a bug, or a bad resume)
+    constraint: AnswerConstraint | None = None  # response_format's grammar over the answer, if any
 
     def __post_init__(self) -> None:
         self._answer_detok = IncrementalDetokenizer(self.tokenizer)
@@ -125,32 +123,20 @@ class RequestState:
             self.logprobs.extend(logprobs)
         released = []
         for t in token_ids:
-            if self.grammar_on and self.grammar_refused is None and not self.grammar.accept(t):  # type: ignore[union-attr]
-                self.grammar_refused = t
+            if self.constraint is not None:
+                self.constraint.accept(t)
             released += self.reasoning.feed(t)
         return self._decode(released, token_ids, logprobs, final=False)
-
-    def start_constraint(self) -> bool:
-        """Whether the next token must be one the grammar allows; call before it is chosen (before the
-        reasoning state's ``next_token``). The constraint begins with the answer's first token, once a
-        thinking span and its markers are over, and holds from then on."""
-        if self.grammar is not None and not self.grammar_on and self.reasoning.answering:
-            self.grammar_on = True
-            self.reasoning.answer_only()
-        return self.grammar_on
 
     @property
     def grammar_terminated(self) -> bool:
         """The constrained answer is complete (or went wrong): the request ends here."""
-        return self.grammar is not None and (self.grammar.is_terminated or self.grammar_refused is not None)
+        return self.constraint is not None and self.constraint.done
 
     def next_token_bitmask(self, vocab_size: int) -> np.ndarray | None:
-        """The tokens allowed next, [bitmask_words(vocab_size)] int32, or None when unconstrained."""
-        if not self.start_constraint():
-            return None
-        mask = np.zeros(bitmask_words(vocab_size), dtype=np.int32)
-        self.grammar.fill_bitmask(mask)  # type: ignore[union-attr]
-        return mask
+        """The tokens allowed next, [ceil(vocab_size / 32)] int32; None when unconstrained. Ask before the
+        token is chosen (``AnswerConstraint.start``)."""
+        return self.constraint.bitmask(vocab_size) if self.constraint is not None else None
 
     def replay(self, token_ids: Sequence[int], text_chars: int = 0, reasoning_chars: int = 0) -> None:
         """Take ``token_ids`` as outputs already produced elsewhere, streaming none of them.
@@ -165,7 +151,8 @@ class RequestState:
         could not have produced, or that already end it.
         """
         for i, t in enumerate(token_ids):
-            self.start_constraint()  # where the engine would have asked for this token's mask
+            if self.constraint is not None:
+                self.constraint.start()  # where the engine would have asked for this token's mask
             expected = self.reasoning.next_token(t)
             if expected != t:  # the engine would have emitted a forced thinking marker here, whatever was sampled
                 raise ValueError(
@@ -173,7 +160,7 @@ class RequestState:
                     f"{expected} (a thinking marker); were they produced with the same params?"
                 )
             self.add_tokens([t], None)
-            if self.grammar_refused is not None:
+            if self.constraint is not None and self.constraint.refused is not None:
                 raise ValueError(f"resume.token_ids: token {t} at index {i} is not allowed by response_format")
             if self.grammar_terminated:
                 raise ValueError(f"resume.token_ids: already finished: the response_format output ends at index {i}")
