@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.bitmask import apply_token_bitmask_
+from tests.devices import DEVICES, usable
 
 
 def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -20,8 +21,9 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor, r
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("vocab", [32, 100, 257])  # a whole word, and vocabularies that end inside one
-def test_matches_the_reference_on_the_rows_it_constrains(vocab):
+def test_matches_the_reference_on_the_rows_it_constrains(vocab, device):
     gen = torch.Generator().manual_seed(vocab)
     logits = torch.randn(5, vocab, generator=gen)
     words = (vocab + 31) // 32
@@ -29,8 +31,9 @@ def test_matches_the_reference_on_the_rows_it_constrains(vocab):
     bitmask[0, 0] = -1  # every bit set, bit 31 (the sign bit) included
     rows = [4, 0, 2]
     expected = apply_token_bitmask_reference(logits, bitmask, rows)
-    out = logits.clone()
+    out = logits.to(usable(device))  # the mask stays on the host, as the sampler hands it over
     apply_token_bitmask_(out, bitmask, torch.tensor(rows))
+    out = out.cpu()
     assert torch.equal(out, expected)
     assert torch.equal(out[[1, 3]], logits[[1, 3]])  # rows without a mask: bit for bit
     assert not torch.isinf(out[4, :32]).any() and torch.isinf(out[0]).any()  # all-ones word; a random one
