@@ -66,10 +66,7 @@ class Admission:
     markers: ThinkMarkers
     reasoning: ReasoningConfig
     max_model_len: int
-    # The backend masks logits with this admission's grammars (the native engine); False: a backend that
-    # hands response_format to its own machinery (vLLM), so no grammar state is built here.
-    grammars: bool = False
-    _compiler: GrammarCompiler | None = field(default=None, init=False, repr=False)
+    _compiler: GrammarCompiler | None = field(default=None, init=False, repr=False)  # built on first use
 
     @classmethod
     def for_model(cls, config: EngineConfig, model_dir: str, hf_config: dict, max_model_len: int) -> Admission:
@@ -139,7 +136,7 @@ class Admission:
     def _grammar(self, params: SamplingParams) -> GrammarMatcher | None:
         """The request's matcher at the grammar's start; the compiler is built on the first such request
         (it reads the whole vocabulary, about a second for 131072 tokens)."""
-        if params.structured is None or not self.grammars:
+        if params.structured is None:
             return None
         if self.tokenizer is None:
             raise EngineError("response_format", "this model has no tokenizer, which a grammar needs")

@@ -68,7 +68,6 @@ def build_engine_core(config: EngineConfig) -> EngineCore:
     limits = resolve_limits(config, loaded.model, hf)
     runner = ModelRunner(loaded.model, limits.num_blocks, limits.block_size)
     admission = Admission.for_model(config, loaded.model_dir, hf, limits.max_model_len)
-    admission.grammars = True  # this engine masks each step's logits with the requests' grammars
     architecture = (hf.get("architectures") or [type(loaded.model).__name__])[0]
     vocab_size = int(hf["vocab_size"])
     broadcaster = None

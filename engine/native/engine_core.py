@@ -213,9 +213,12 @@ class EngineCore:
                 stages.first_token = now
             delta = state.add_tokens(out.new_token_ids, logprobs.get(out.request_id))
             if (state.stopped_by_string or state.grammar_terminated) and out.finish_reason is None:
-                # a stop string, or a constrained answer that is complete: nothing more may follow
-                self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED)
-                out.finish_reason = "stop"
+                # a stop string, or a constrained answer that is complete: nothing more may follow. A token
+                # the grammar refused (the mask should make that impossible) is never passed off as "stop".
+                refused = state.constraint is not None and state.constraint.refused is not None
+                status = RequestStatus.FINISHED_ABORTED if refused else RequestStatus.FINISHED_STOPPED
+                self.scheduler.finish_requests([out.request_id], status)
+                out.finish_reason = "abort" if refused else "stop"
             if out.finish_reason is None:
                 deltas.append(delta)
             else:

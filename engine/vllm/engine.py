@@ -86,7 +86,6 @@ class VllmEngine(EngineClient):
         self.max_model_len = model_max_len(config.model.max_model_len, hf)
         self._check_device(vllm)
         self.admission = Admission.for_model(config, model_dir, hf, self.max_model_len)
-        self.admission.grammars = True  # response_format is checked here, then enforced by the processor
         self.model_dir = model_dir
         kwargs = engine_kwargs(config, model_dir, self.max_model_len)
         check_extra_args(config.vllm.extra_args, known_engine_args(), vllm.__version__)

@@ -131,6 +131,18 @@ def test_without_a_constraint_the_model_writes_no_json(core):
         json.loads(text(deltas))
 
 
+def test_a_token_the_grammar_refuses_aborts_instead_of_passing_as_stop(core, monkeypatch):
+    """Were a mask ever missing, the output would not be valid JSON: the request ends "abort", never "stop"."""
+    core.add_request("unmasked", CHAT, constrained("enum"))
+    grammar = core.states["unmasked"].constraint.grammar
+    monkeypatch.setattr(grammar, "fill_bitmask", lambda out: out.fill(-1))  # a mask that allows every token
+    deltas = []
+    while core.has_unfinished_requests():
+        deltas += core.step()
+    assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+    assert not text(deltas).startswith('{"wind"')
+
+
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
 def test_unconstrained_rows_are_unchanged_by_a_constrained_neighbour(core, sampling):
     free = SamplingParams(max_tokens=24, logprobs=2, **sampling)

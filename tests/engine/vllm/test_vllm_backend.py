@@ -217,31 +217,6 @@ def _engine_processes() -> list[int]:
     return found
 
 
-def test_a_dead_engine_process_ends_streams_and_health(pair):
-    """Last in the module: it kills the shared vLLM engine, as a lost GPU worker would."""
-    _, vllm = pair
-    offline = vllm._vllm
-    engine = offline.engine
-    pids = _engine_processes()
-    assert pids, "no vLLM engine process found under this test"
-
-    async def stream_until_killed() -> list:
-        await engine.submit("doomed", [1, 2, 3, 4] * 8, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
-        deltas = []
-        async for d in engine.stream("doomed"):
-            deltas.append(d)
-            if len(deltas) == 2:
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-        return deltas
-
-    deltas = offline._run(asyncio.wait_for(stream_until_killed(), 120))
-    assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
-    assert offline._run(engine.health()) is False
-    with pytest.raises(EngineError, match="^engine: not serving"):
-        vllm.generate([[1, 2]], SamplingParams(max_tokens=2))
-
-
 def test_structured_output_runs_by_the_native_rules(pair):
     """response_format inside vLLM's sampler (Levante's logits processor, the native engine's grammar rules):
     the greedy answer is the native engine's, after a thinking span too, next to an unconstrained request."""
@@ -277,3 +252,28 @@ def test_structured_resume_and_refusals(pair):
         vllm.generate([CHAT], bad)
     assert err.value.field == "response_format.json_schema"
     assert vllm.generate([CHAT], SamplingParams(temperature=0, max_tokens=2))[0].token_ids  # still serving
+
+
+def test_a_dead_engine_process_ends_streams_and_health(pair):
+    """Last in the module: it kills the shared vLLM engine, as a lost GPU worker would."""
+    _, vllm = pair
+    offline = vllm._vllm
+    engine = offline.engine
+    pids = _engine_processes()
+    assert pids, "no vLLM engine process found under this test"
+
+    async def stream_until_killed() -> list:
+        await engine.submit("doomed", [1, 2, 3, 4] * 8, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        deltas = []
+        async for d in engine.stream("doomed"):
+            deltas.append(d)
+            if len(deltas) == 2:
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+        return deltas
+
+    deltas = offline._run(asyncio.wait_for(stream_until_killed(), 120))
+    assert deltas[-1].finished and deltas[-1].finish_reason == "abort"
+    assert offline._run(engine.health()) is False
+    with pytest.raises(EngineError, match="^engine: not serving"):
+        vllm.generate([[1, 2]], SamplingParams(max_tokens=2))
