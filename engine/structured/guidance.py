@@ -43,9 +43,11 @@ class _Vocab:
             return ids
         out, i = [], 0
         while i < len(data):
-            n = next(n for n in range(min(self._longest, len(data) - i), 0, -1) if data[i : i + n] in self._ids)
-            out.append(self._ids[data[i : i + n]])
-            i += n
+            longest = min(self._longest, len(data) - i)
+            n = next((n for n in range(longest, 0, -1) if data[i : i + n] in self._ids), 0)
+            if n:
+                out.append(self._ids[data[i : i + n]])
+            i += n or 1  # a byte no token spells (a vocabulary without byte fallback): the grammar cannot need it
         return out
 
 
