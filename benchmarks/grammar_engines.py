@@ -5,7 +5,9 @@ the schema (a fresh compiler, so no cache hit), then walk a valid instance's
 tokens, timing each next-token mask and accepting the token. Prints one
 markdown table (docs/benchmarks.md records it).
 
-    python benchmarks/grammar_engines.py [--tokenizer PATH ...] [--repeat N]
+    python benchmarks/grammar_engines.py [--tokenizer PATH ...]
+
+Then the cost of applying the masks to the logits (``kernels.bitmask``), per step, on CPU.
 """
 
 from __future__ import annotations
@@ -137,6 +139,25 @@ def _row(label: str, lib: str, setup: float, name: str, compile_ms: float, steps
     )
 
 
+def bench_apply(vocab: int, rows: int, repeat: int = 50) -> list[float]:
+    """Milliseconds of ``kernels.bitmask.apply_token_bitmask_`` on ``rows`` constrained rows of a batch of 8."""
+    import torch
+
+    from kernels.bitmask import apply_token_bitmask_
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, vocab, generator=gen)
+    words = torch.randint(-(2**31), 2**31 - 1, (rows, (vocab + 31) // 32), generator=gen, dtype=torch.int64)
+    bitmask, which = words.to(torch.int32), torch.arange(rows)
+    times = []
+    for _ in range(repeat):
+        batch = logits.clone()
+        t0 = time.perf_counter()
+        apply_token_bitmask_(batch, bitmask, which)
+        times.append(_ms(t0))
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", action="append", help="a tokenizer path or mistral-common:<file> (repeatable)")
@@ -152,6 +173,11 @@ def main() -> None:
             setup, results = fn(tok, eos)
             for schema, (compile_ms, steps) in results.items():
                 print(_row(label, lib, setup, schema, compile_ms, steps), flush=True)
+    print("\n| vocab | constrained rows of 8 | apply p50 ms | apply p90 ms |\n|---|---|---|---|")
+    for vocab in (49152, 131072):
+        for rows in (1, 8):
+            times = sorted(bench_apply(vocab, rows))
+            print(f"| {vocab} | {rows} | {statistics.median(times):.3f} | {times[len(times) * 9 // 10]:.3f} |")
 
 
 if __name__ == "__main__":

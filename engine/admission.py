@@ -135,7 +135,7 @@ class Admission:
 
     def _grammar(self, params: SamplingParams) -> GrammarMatcher | None:
         """The request's matcher at the grammar's start; the compiler is built on the first such request
-        (it reads the whole vocabulary, about a second for 131072 tokens)."""
+        (it reads the whole vocabulary: 0.5-1.5 s for 131072 tokens, docs/benchmarks.md)."""
         if params.structured is None:
             return None
         if self.tokenizer is None:
