@@ -20,6 +20,8 @@ _.should_backoff  # set on Serve's routing context, read by Serve
 # uvicorn's Server: it calls capture_signals() around serving, and reads should_exit each tick
 _.capture_signals  # cluster/frontdoor/http/server.py
 _.should_exit
+# llguidance's TokenizerWrapper reads the vocabulary object's fields by name
+_.special_token_ids  # engine/structured/guidance.py
 
 # prometheus_client calls a registered Collector's collect() at scrape time
 _.collect  # cluster/telemetry/collectors.py

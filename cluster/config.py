@@ -97,6 +97,7 @@ class InputLimitsConfig:
     max_logprobs: int = 20  # top-n alternatives per token: enough to inspect, not a vocabulary dump
     max_tools: int = 64  # tools per request: all of them are rendered into the prompt
     max_tool_schema_chars: int = 16384  # characters of one tool: name, description and parameters schema
+    max_schema_bytes: int = 32768  # response_format's JSON Schema: compiling it into a grammar costs per byte
 
     def __post_init__(self) -> None:
         for name in ("max_stop_strings", "max_stop_token_ids", "max_logprobs", "max_tools"):
@@ -107,6 +108,7 @@ class InputLimitsConfig:
             "max_model_name_chars",
             "max_request_id_chars",
             "max_tool_schema_chars",
+            "max_schema_bytes",
         ):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
         _check(self.max_role_chars >= len("assistant"), "max_role_chars", "must be >= 9 (len('assistant'))")

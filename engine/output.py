@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.core.request import SamplingParams
 from engine.core.stop import find_stop_string, stop_string_hold
 from engine.reasoning import ANSWER, REASONING, ReasoningState
+from engine.structured.answer import AnswerConstraint
 from engine.tokenizer import Tokenizer
 from engine.toolcalls import ToolCallParser, final_reason, parses_calls
 from engine.types import RequestDelta, RequestOutput, TokenLogprob, ToolCallDelta, Usage, merge_tool_calls
@@ -113,6 +116,7 @@ class RequestState:
     tool_parser: ToolCallParser | None = None
     tool_marks: dict[int, str] = field(default_factory=dict)
     tool_calls: list[ToolCallDelta] = field(default_factory=list)  # every call delta so far
+    constraint: AnswerConstraint | None = None  # response_format's grammar over the answer, if any
 
     def __post_init__(self) -> None:
         self._answer_detok = IncrementalDetokenizer(self.tokenizer)
@@ -126,8 +130,22 @@ class RequestState:
         self.token_ids.extend(token_ids)
         if self.logprobs is not None and logprobs:
             self.logprobs.extend(logprobs)
-        released = [pair for t in token_ids for pair in self.reasoning.feed(t)]
+        released = []
+        for t in token_ids:
+            if self.constraint is not None:
+                self.constraint.accept(t)
+            released += self.reasoning.feed(t)
         return self._decode(released, token_ids, logprobs, final=False)
+
+    @property
+    def grammar_terminated(self) -> bool:
+        """The constrained answer is complete (or went wrong): the request ends here."""
+        return self.constraint is not None and self.constraint.done
+
+    def next_token_bitmask(self, vocab_size: int) -> np.ndarray | None:
+        """The tokens allowed next, [ceil(vocab_size / 32)] int32; None when unconstrained. Ask before the
+        token is chosen (``AnswerConstraint.start``)."""
+        return self.constraint.bitmask(vocab_size) if self.constraint is not None else None
 
     def replay(self, token_ids: Sequence[int], text_chars: int = 0, reasoning_chars: int = 0) -> None:
         """Take ``token_ids`` as outputs already produced elsewhere, streaming none of them.
@@ -142,6 +160,8 @@ class RequestState:
         could not have produced, or that already end it.
         """
         for i, t in enumerate(token_ids):
+            if self.constraint is not None:
+                self.constraint.start()  # where the engine would have asked for this token's mask
             expected = self.reasoning.next_token(t)
             if expected != t:  # the engine would have emitted a forced thinking marker here, whatever was sampled
                 raise ValueError(
@@ -149,6 +169,10 @@ class RequestState:
                     f"{expected} (a thinking marker); were they produced with the same params?"
                 )
             self.add_tokens([t], None)
+            if self.constraint is not None and self.constraint.refused is not None:
+                raise ValueError(f"resume.token_ids: token {t} at index {i} is not allowed by response_format")
+            if self.grammar_terminated:
+                raise ValueError(f"resume.token_ids: already finished: the response_format output ends at index {i}")
             if self.stopped_by_string:
                 raise ValueError(
                     f"resume.token_ids: already finished: the answer reaches stop string "

@@ -75,6 +75,16 @@ class ReasoningState:
             return self.markers.start
         return ()
 
+    @property
+    def answering(self) -> bool:
+        """The next token is answer text: no span open, no marker being forced or possibly begun."""
+        return not self.in_think and not self._pending and not self._held
+
+    def answer_only(self) -> None:
+        """From here on every token is answer text: a constrained answer (``engine.structured``) may hold
+        a start marker's text inside a JSON string, and that must not open a span."""
+        self.markers = ThinkMarkers((), self.markers.end)
+
     def next_forced(self) -> int | None:
         """The token emitted next whatever is sampled (a marker the engine forces), if any."""
         return self._pending[0] if self._pending else None

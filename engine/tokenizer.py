@@ -13,8 +13,10 @@ import glob
 import importlib.util
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.checkpoint.files import ModelLoadError
@@ -96,6 +98,34 @@ def template_tool_format(template: str) -> str | None:
     return "mistral" if "[TOOL_CALLS]" in template else "json"
 
 
+@dataclass(frozen=True)
+class VocabBytes:
+    """Each token id's bytes, as a grammar engine matches them against a grammar."""
+
+    tokens: list[bytes]  # [vocab_size]; a special token's entry is its name, never matched as text
+    special_ids: frozenset[int]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in character for each byte, inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:  # the unprintable bytes take the code points after 255, in order
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A SentencePiece piece's bytes: ``<0xNN>`` is one byte, ``▁`` a space."""
+    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
 class Tokenizer(ABC):
     eos_token_id: int | None
     bos_token_id: int | None
@@ -127,6 +157,10 @@ class Tokenizer(ABC):
     @property
     @abstractmethod
     def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def vocab_bytes(self) -> VocabBytes:
+        """Every token's bytes, for constrained decoding (``engine.structured``)."""
 
     def marker_ids(self, text: str) -> list[int]:
         """Token ids of a marker string such as ``[THINK]`` (one special token, or plain text)."""
@@ -175,6 +209,19 @@ class HFTokenizer(Tokenizer):
     def special_token_id(self, token: str) -> int | None:
         return self._added.get(token)
 
+    def vocab_bytes(self) -> VocabBytes:
+        pieces = self._tok.convert_ids_to_tokens(list(range(len(self._tok))))
+        decoder = json.dumps(json.loads(self._tok.backend_tokenizer.to_str()).get("decoder"))
+        alphabet = _byte_level_alphabet() if "ByteLevel" in decoder else None
+        added = self._tok.added_tokens_decoder
+        tokens = []
+        for i, piece in enumerate(pieces):
+            if i in added or alphabet is None:
+                tokens.append(piece.encode("utf-8") if i in added else _piece_bytes(piece))
+            else:
+                tokens.append(bytes(alphabet[c] for c in piece))
+        return VocabBytes(tokens, frozenset(i for i, t in added.items() if t.special))
+
     @property
     def vocab_size(self) -> int:
         return len(self._tok)
@@ -222,6 +269,17 @@ class MistralCommonTokenizer(Tokenizer):
             return None
         # SentencePiece answers unknown pieces with the unk id instead of failing.
         return None if tid == getattr(self._tok, "unk_id", None) else tid
+
+    def vocab_bytes(self) -> VocabBytes:
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        special = frozenset(self._tok.special_ids)
+        if hasattr(self._tok, "id_to_byte_piece"):  # Tekken: byte-level BPE
+            keep = SpecialTokenPolicy.KEEP
+            tokens = [self._tok.id_to_byte_piece(i, keep) for i in range(self._tok.n_words)]
+        else:
+            tokens = [_piece_bytes(self._tok.id_to_piece(i)) for i in range(self._tok.n_words)]
+        return VocabBytes(tokens, special)
 
     @property
     def vocab_size(self) -> int:

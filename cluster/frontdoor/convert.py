@@ -17,7 +17,17 @@ from cluster.frontdoor.errors import clip
 from cluster.frontdoor.isolation import forwarded_id
 from cluster.frontdoor.wire import find_invalid_utf8
 from cluster.types import AUTO, Chunk, Decision, FailoverHop, GenerateRequest, ModelInfo, PrefillProgress, ServedBy
-from engine.types import EngineError, Message, Resume, SamplingParams, TokenLogprob, ToolCallDelta, ToolSpec, Usage
+from engine.types import (
+    EngineError,
+    Message,
+    Resume,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolSpec,
+    Usage,
+)
 from levante.v1 import inference_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "levante.v1.Inference"
@@ -190,11 +200,22 @@ def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
             stop_token_ids=tuple(msg.stop_token_ids),
             ignore_eos=msg.ignore_eos,
             include_stop_str_in_output=msg.include_stop_str_in_output,
+            structured=_structured(msg, limits.inputs),
             **given,
         )
-    except ValueError as e:  # SamplingParams names the field first, as our errors do
+    except ValueError as e:  # SamplingParams and StructuredOutput name the field first, as our errors do
         err = EngineError.from_value_error(e)
         raise RequestError(err.field, err.message) from None
+
+
+def _structured(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> StructuredOutput | None:
+    """response_format, size-capped here; whether the grammar engine takes the schema is the engine's to say."""
+    if not msg.HasField("response_format"):
+        return None
+    rf = msg.response_format
+    size = len(rf.json_schema.encode("utf-8"))
+    _over("response_format.json_schema", size, caps.max_schema_bytes, "max_schema_bytes", "bytes")
+    return StructuredOutput(rf.type, rf.json_schema or None, rf.name, rf.strict)
 
 
 def _resume(msg: pb.GenerateRequest) -> Resume | None:
@@ -365,6 +386,11 @@ def encode_generate(request: GenerateRequest) -> bytes:
         msg.prompt_token_ids.ids.extend(request.prompt)  # type: ignore[arg-type]
     if request.preferred_region is not None:
         msg.preferred_region = request.preferred_region
+    if p.structured is not None:
+        s = p.structured
+        msg.response_format.CopyFrom(
+            pb.ResponseFormat(type=s.kind, json_schema=s.schema or "", name=s.name, strict=s.strict)
+        )
     if request.resume is not None:
         r = request.resume
         msg.resume.CopyFrom(

@@ -45,7 +45,7 @@ from cluster.regions.checker import HealthChecker
 from cluster.regions.health_book import HealthBook
 from cluster.telemetry.tracing import ambient_carrier
 from cluster.types import AUTO, Chunk, GenerateRequest, Prompt
-from engine.types import SamplingParams, ToolCallDelta, ToolSpec, merge_tool_calls
+from engine.types import SamplingParams, StructuredOutput, ToolCallDelta, ToolSpec, merge_tool_calls
 
 
 def tool_spec(tool: ToolSpec | dict) -> ToolSpec:
@@ -144,6 +144,7 @@ class RegionClient:
         request_id: str | None = None,
         tools: Sequence[ToolSpec | dict] = (),
         tool_choice: str | None = None,
+        response_format: StructuredOutput | dict | None = None,
         **sampling,
     ) -> AsyncIterator[Chunk]:
         """Stream one answer. ``prompt``: text, token ids or chat messages; ``sampling``: SamplingParams
@@ -156,9 +157,16 @@ class RegionClient:
         instruct model tends to answer nothing); ``raw=True`` sends it as a raw prompt, as is.
         ``tools`` (ToolSpecs or OpenAI-shaped dicts) and ``tool_choice`` ("auto", "none", "required"
         or a tool's name): the model's calls arrive in ``Chunk.tool_calls``.
+
+        ``response_format`` constrains the answer to JSON: a ``StructuredOutput``, or OpenAI's object
+        (``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": True}}``).
         """
         if isinstance(prompt, str) and not raw:
             prompt = [{"role": "user", "content": prompt}]
+        if isinstance(response_format, dict):
+            response_format = StructuredOutput.from_openai(response_format)
+        if response_format is not None:
+            sampling["structured"] = response_format
         request = GenerateRequest(
             request_id=request_id or uuid.uuid4().hex,
             model=self.model,

@@ -6,6 +6,7 @@ Torch-free: the core only moves token ids around; tensors live in the runner.
 from __future__ import annotations
 
 import enum
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -50,6 +51,23 @@ class StructuredOutput:
     schema: str | None = None  # the JSON Schema as JSON text (kind "json_schema")
     name: str = ""  # the schema's name, as OpenAI's json_schema.name
     strict: bool = True
+
+    @classmethod
+    def from_openai(cls, response_format: dict) -> StructuredOutput | None:
+        """OpenAI's ``response_format`` object: ``{"type": "json_schema", "json_schema": {"name", "schema",
+        "strict"}}``, ``{"type": "json_object"}``, or ``{"type": "text"}`` (None: unconstrained)."""
+        _check(isinstance(response_format, dict), "response_format", "must be an object")
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind != "json_schema":
+            return cls(kind, strict=False)  # type: ignore[arg-type] -- __post_init__ names a bad type
+        spec = response_format.get("json_schema")
+        _check(isinstance(spec, dict), "response_format.json_schema", "must be an object with a schema")
+        schema, name = spec.get("schema", {}), spec.get("name", "")
+        _check(isinstance(schema, dict), "response_format.json_schema.schema", "must be a JSON Schema object")
+        _check(isinstance(name, str), "response_format.json_schema.name", "must be a string")
+        return cls(kind, json.dumps(schema), name, bool(spec.get("strict") or False))
 
     def __post_init__(self) -> None:
         _check(self.kind in STRUCTURED_KINDS, "response_format.type", f"must be one of {STRUCTURED_KINDS}")

@@ -188,8 +188,13 @@ class EngineCore:
         for s in sched.seqs:
             if s.samples:
                 req = self.requests[s.request_id]
-                banned = self.states[s.request_id].reasoning.banned_token_ids()
-                rows[s.request_id] = SampleRow(req.sampling_params, req.num_output_tokens, banned)
+                state = self.states[s.request_id]
+                rows[s.request_id] = SampleRow(
+                    req.sampling_params,
+                    req.num_output_tokens,
+                    state.reasoning.banned_token_ids(),
+                    state.next_token_bitmask(self.vocab_size),
+                )
         return rows
 
     def _update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestDelta]:
@@ -207,9 +212,13 @@ class EngineCore:
             if stages.first_token is None and out.new_token_ids:
                 stages.first_token = now
             delta = state.add_tokens(out.new_token_ids, logprobs.get(out.request_id))
-            if state.stopped_by_string and out.finish_reason is None:
-                self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED)
-                out.finish_reason = "stop"
+            if (state.stopped_by_string or state.grammar_terminated) and out.finish_reason is None:
+                # a stop string, or a constrained answer that is complete: nothing more may follow. A token
+                # the grammar refused (the mask should make that impossible) is never passed off as "stop".
+                refused = state.constraint is not None and state.constraint.refused is not None
+                status = RequestStatus.FINISHED_ABORTED if refused else RequestStatus.FINISHED_STOPPED
+                self.scheduler.finish_requests([out.request_id], status)
+                out.finish_reason = "abort" if refused else "stop"
             if out.finish_reason is None:
                 deltas.append(delta)
             else:

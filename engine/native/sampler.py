@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.core.request import MIN_TEMPERATURE, SamplingParams
+from kernels.bitmask import apply_token_bitmask_
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the generator's seed space
 
@@ -24,6 +26,7 @@ class SampleRow:
     params: SamplingParams
     output_index: int  # how many tokens the request has produced so far
     banned_token_ids: tuple[int, ...] = ()
+    allowed: np.ndarray | None = None  # [ceil(V/32)] int32 bitmask of the tokens a grammar allows; None: all
 
 
 class Sampler:
@@ -45,12 +48,16 @@ class Sampler:
 
     @staticmethod
     def _apply_bans(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        if not any(r.banned_token_ids for r in rows):
+        masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+        if not masked and not any(r.banned_token_ids for r in rows):
             return logits
-        logits = logits.clone()
+        logits = logits.clone()  # the step's raw logits stay as they are, for logprobs
         for i, row in enumerate(rows):
             if row.banned_token_ids:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
+        if masked:  # only the constrained rows: the others keep their logits bit for bit
+            bitmask = torch.from_numpy(np.stack([rows[i].allowed for i in masked]))  # [R, W] int32
+            apply_token_bitmask_(logits, bitmask, torch.tensor(masked, dtype=torch.int64))
         return logits
 
     def _sample_row(self, logits: torch.Tensor, row: SampleRow) -> int:

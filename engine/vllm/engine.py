@@ -39,7 +39,7 @@ from engine.types import (
     TokenLogprob,
 )
 from engine.vllm.args import check_extra_args, engine_kwargs, known_engine_args
-from engine.vllm.processor import REASONING_KEY, reasoning_args
+from engine.vllm.processor import REASONING_KEY, STRUCTURED_KEY, reasoning_args, structured_args
 from engine.vllm.stats import StatsRecorder
 
 
@@ -86,6 +86,7 @@ class VllmEngine(EngineClient):
         self.max_model_len = model_max_len(config.model.max_model_len, hf)
         self._check_device(vllm)
         self.admission = Admission.for_model(config, model_dir, hf, self.max_model_len)
+        self.model_dir = model_dir
         kwargs = engine_kwargs(config, model_dir, self.max_model_len)
         check_extra_args(config.vllm.extra_args, known_engine_args(), vllm.__version__)
         if config.model.num_threads:  # the CPU build sizes its OpenMP pool from this, in the engine process
@@ -128,6 +129,9 @@ class VllmEngine(EngineClient):
     ) -> None:
         await self._check_can_take(request_id, self._streams.keys() | self._admitting, self._error)
         admitted = self.admission.admit(request_id, prompt, params, resume)
+        # The grammar runs inside vLLM (engine.vllm.processor); this copy checked the schema and the
+        # resumed tokens with the native engine's rules, and has nothing more to do here.
+        admitted.state.constraint = None
         resumed = list(resume.token_ids) if resume is not None else []
         stream = _Stream(admitted.state, admitted.params, len(admitted.prompt_ids), time.time())
         vparams = self._vllm_params(admitted, len(resumed))
@@ -152,7 +156,9 @@ class VllmEngine(EngineClient):
         from vllm.sampling_params import RequestOutputKind
 
         params, eos = admitted.params, self.admission.eos_id
-        stops = list(params.stop_token_ids) + ([eos] if eos is not None and not params.ignore_eos else [])
+        # a complete constrained answer allows only end-of-text: it must end the request, even with ignore_eos
+        ends = eos is not None and (not params.ignore_eos or params.structured is not None)
+        stops = list(params.stop_token_ids) + ([eos] if ends else [])
         extra = {
             REASONING_KEY: reasoning_args(
                 self.admission.markers,
@@ -162,6 +168,11 @@ class VllmEngine(EngineClient):
                 len(admitted.prompt_ids),
             )
         }
+        if params.structured is not None:
+            tokenizer, eos_ids = self.config.model.tokenizer, self.admission.eos_ids
+            extra[STRUCTURED_KEY] = structured_args(
+                params.structured, tokenizer, self.model_dir, self.vocab_size, eos_ids
+            )
         return VllmParams(
             max_tokens=params.max_tokens - num_resumed,
             temperature=params.temperature,

@@ -30,7 +30,7 @@ from cluster.serve.app import ENGINE_DEPLOYMENT, app_name
 from cluster.types import INVALID_ARGUMENT, Chunk, GenerateRequest, ModelInfo
 from engine.api import create_engine
 from engine.config import CacheConfig
-from engine.types import SamplingParams, ToolSpec, merge_tool_calls
+from engine.types import SamplingParams, StructuredOutput, ToolSpec, merge_tool_calls
 
 from .frontdoor.harness import wait_until
 
@@ -180,6 +180,21 @@ def test_bad_input_is_an_error_chunk_naming_the_field(backend, loop):
     assert chunks[0].error.code == INVALID_ARGUMENT and chunks[0].error.field == "prompt"
     ok = loop.run(collect(b, call([1, 2, 3])))  # and the backend still serves
     assert ok[-1].finished and ok[-1].error is None
+
+
+def test_structured_output_is_enforced_and_a_refused_schema_named(backend, loop):
+    """Every backend constrains the answer (valid JSON that ends the request) and refuses a bad schema."""
+    b, _ = backend
+    schema = '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], ' + (
+        '"additionalProperties": false}'
+    )
+    chunks = loop.run(collect(b, call([1, 5, 9], max_tokens=32, structured=StructuredOutput("json_schema", schema))))
+    assert chunks[-1].error is None and chunks[-1].finish_reason == "stop"
+    assert json.loads("".join(c.text for c in chunks)) in ({"ok": True}, {"ok": False})
+    bad = call([1, 5, 9], structured=StructuredOutput("json_schema", '{"type": "strnig"}'))
+    chunks = loop.run(collect(b, bad))
+    assert len(chunks) == 1 and chunks[0].error.code == INVALID_ARGUMENT
+    assert chunks[0].error.field == "response_format.json_schema"
 
 
 def test_closing_the_stream_early_frees_the_request(backend, loop):

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alevante/v1/inference.proto\x12\nlevante.v1\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.levante.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.levante.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc5\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.levante.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.levante.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x0c \x01(\x05\x12\x12\n\x05top_p\x18\r \x01(\x01H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x0e \x01(\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x15\n\x08logprobs\x18\x13 \x01(\x05H\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x14 \x01(\x08\x12\x35\n\x10reasoning_effort\x18\x1e \x01(\x0e\x32\x1b.levante.v1.ReasoningEffort\x12\x1d\n\x10preferred_region\x18\x1f \x01(\tH\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18  \x01(\t\x12\'\n\x06resume\x18! \x01(\x0b\x32\x12.levante.v1.ResumeH\x07\x88\x01\x01\x12\x17\n\x0fstream_progress\x18\" \x01(\x08\x12\x1f\n\x05tools\x18$ \x03(\x0b\x32\x10.levante.v1.Tool\x12\x13\n\x0btool_choice\x18% \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_preferred_regionB\t\n\x07_resume\"H\n\x06Resume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_chars\x18\x02 \x01(\x05\x12\x17\n\x0freasoning_chars\x18\x03 \x01(\x05\"\xb0\x01\n\x10GenerateResponse\x12\"\n\x05start\x18\x01 \x01(\x0b\x32\x11.levante.v1.StartH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.levante.v1.DeltaH\x00\x12\"\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x11.levante.v1.FinalH\x00\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x14.levante.v1.ProgressH\x00\x42\x06\n\x04kind\"B\n\x08Progress\x12\x1f\n\x17prompt_tokens_processed\x18\x01 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"J\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1b.levante.v1.RoutingDecision\"\x9b\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0ereasoning_text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.levante.v1.TokenLogprob\x12-\n\ntool_calls\x18\x05 \x03(\x0b\x32\x19.levante.v1.ToolCallDelta\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.levante.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xef\x01\n\x05\x46inal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.levante.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.levante.v1.Usage\x12\'\n\tserved_by\x18\x03 \x01(\x0b\x32\x14.levante.v1.ServedBy\x12-\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0b\x32\x1b.levante.v1.RoutingDecision\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\tfailovers\x18\x06 \x03(\x0b\x32\x14.levante.v1.Failover\"A\n\x08\x46\x61ilover\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08\x61t_token\x18\x03 \x01(\x05\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"+\n\x08ServedBy\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"X\n\x0fRoutingDecision\x12\x35\n\x10reasoning_effort\x18\x01 \x01(\x0e\x32\x1b.levante.v1.ReasoningEffort\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.levante.v1.Model\"S\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0f\n\x07\x65p_size\x18\x04 \x01(\x05*\xbb\x01\n\x0fReasoningEffort\x12 \n\x1cREASONING_EFFORT_UNSPECIFIED\x10\x00\x12\x19\n\x15REASONING_EFFORT_NONE\x10\x01\x12\x18\n\x14REASONING_EFFORT_LOW\x10\x02\x12\x1b\n\x17REASONING_EFFORT_MEDIUM\x10\x03\x12\x19\n\x15REASONING_EFFORT_HIGH\x10\x04\x12\x19\n\x15REASONING_EFFORT_AUTO\x10\x05*\xbd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x12%\n!FINISH_REASON_MALFORMED_TOOL_CALL\x10\x05\x32\xa1\x01\n\tInference\x12G\n\x08Generate\x12\x1b.levante.v1.GenerateRequest\x1a\x1c.levante.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.levante.v1.ListModelsRequest\x1a\x1e.levante.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alevante/v1/inference.proto\x12\nlevante.v1\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.levante.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.levante.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xfa\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.levante.v1.ChatMessagesH\x00\x12\x30\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x14.levante.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x0c \x01(\x05\x12\x12\n\x05top_p\x18\r \x01(\x01H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x0e \x01(\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x10 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x12\n\nignore_eos\x18\x12 \x01(\x08\x12\x15\n\x08logprobs\x18\x13 \x01(\x05H\x05\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x14 \x01(\x08\x12\x35\n\x10reasoning_effort\x18\x1e \x01(\x0e\x32\x1b.levante.v1.ReasoningEffort\x12\x1d\n\x10preferred_region\x18\x1f \x01(\tH\x06\x88\x01\x01\x12\x12\n\nrequest_id\x18  \x01(\t\x12\'\n\x06resume\x18! \x01(\x0b\x32\x12.levante.v1.ResumeH\x07\x88\x01\x01\x12\x17\n\x0fstream_progress\x18\" \x01(\x08\x12\x33\n\x0fresponse_format\x18# \x01(\x0b\x32\x1a.levante.v1.ResponseFormat\x12\x1f\n\x05tools\x18$ \x03(\x0b\x32\x10.levante.v1.Tool\x12\x13\n\x0btool_choice\x18% \x01(\tB\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_preferred_regionB\t\n\x07_resume\"Q\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\"H\n\x06Resume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntext_chars\x18\x02 \x01(\x05\x12\x17\n\x0freasoning_chars\x18\x03 \x01(\x05\"\xb0\x01\n\x10GenerateResponse\x12\"\n\x05start\x18\x01 \x01(\x0b\x32\x11.levante.v1.StartH\x00\x12\"\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x11.levante.v1.DeltaH\x00\x12\"\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x11.levante.v1.FinalH\x00\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x14.levante.v1.ProgressH\x00\x42\x06\n\x04kind\"B\n\x08Progress\x12\x1f\n\x17prompt_tokens_processed\x18\x01 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"J\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x1b.levante.v1.RoutingDecision\"\x9b\x01\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0ereasoning_text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.levante.v1.TokenLogprob\x12-\n\ntool_calls\x18\x05 \x03(\x0b\x32\x19.levante.v1.ToolCallDelta\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.levante.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\xef\x01\n\x05\x46inal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.levante.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.levante.v1.Usage\x12\'\n\tserved_by\x18\x03 \x01(\x0b\x32\x14.levante.v1.ServedBy\x12-\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0b\x32\x1b.levante.v1.RoutingDecision\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\'\n\tfailovers\x18\x06 \x03(\x0b\x32\x14.levante.v1.Failover\"A\n\x08\x46\x61ilover\x12\x13\n\x0b\x66rom_region\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08\x61t_token\x18\x03 \x01(\x05\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"+\n\x08ServedBy\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\t\"X\n\x0fRoutingDecision\x12\x35\n\x10reasoning_effort\x18\x01 \x01(\x0e\x32\x1b.levante.v1.ReasoningEffort\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.levante.v1.Model\"S\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0f\n\x07\x65p_size\x18\x04 \x01(\x05*\xbb\x01\n\x0fReasoningEffort\x12 \n\x1cREASONING_EFFORT_UNSPECIFIED\x10\x00\x12\x19\n\x15REASONING_EFFORT_NONE\x10\x01\x12\x18\n\x14REASONING_EFFORT_LOW\x10\x02\x12\x1b\n\x17REASONING_EFFORT_MEDIUM\x10\x03\x12\x19\n\x15REASONING_EFFORT_HIGH\x10\x04\x12\x19\n\x15REASONING_EFFORT_AUTO\x10\x05*\xbd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x12%\n!FINISH_REASON_MALFORMED_TOOL_CALL\x10\x05\x32\xa1\x01\n\tInference\x12G\n\x08Generate\x12\x1b.levante.v1.GenerateRequest\x1a\x1c.levante.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.levante.v1.ListModelsRequest\x1a\x1e.levante.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'levante.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REASONINGEFFORT']._serialized_start=2567
-  _globals['_REASONINGEFFORT']._serialized_end=2754
-  _globals['_FINISHREASON']._serialized_start=2757
-  _globals['_FINISHREASON']._serialized_end=2946
+  _globals['_REASONINGEFFORT']._serialized_start=2703
+  _globals['_REASONINGEFFORT']._serialized_end=2890
+  _globals['_FINISHREASON']._serialized_start=2893
+  _globals['_FINISHREASON']._serialized_end=3082
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=164
   _globals['_TOOLCALL']._serialized_start=166
@@ -48,37 +48,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=422
   _globals['_TOKENIDS']._serialized_end=445
   _globals['_GENERATEREQUEST']._serialized_start=448
-  _globals['_GENERATEREQUEST']._serialized_end=1157
-  _globals['_RESUME']._serialized_start=1159
-  _globals['_RESUME']._serialized_end=1231
-  _globals['_GENERATERESPONSE']._serialized_start=1234
-  _globals['_GENERATERESPONSE']._serialized_end=1410
-  _globals['_PROGRESS']._serialized_start=1412
-  _globals['_PROGRESS']._serialized_end=1478
-  _globals['_START']._serialized_start=1480
-  _globals['_START']._serialized_end=1554
-  _globals['_DELTA']._serialized_start=1557
-  _globals['_DELTA']._serialized_end=1712
-  _globals['_TOKENLOGPROB']._serialized_start=1714
-  _globals['_TOKENLOGPROB']._serialized_end=1800
-  _globals['_TOPLOGPROB']._serialized_start=1802
-  _globals['_TOPLOGPROB']._serialized_end=1849
-  _globals['_FINAL']._serialized_start=1852
-  _globals['_FINAL']._serialized_end=2091
-  _globals['_FAILOVER']._serialized_start=2093
-  _globals['_FAILOVER']._serialized_end=2158
-  _globals['_USAGE']._serialized_start=2160
-  _globals['_USAGE']._serialized_end=2266
-  _globals['_SERVEDBY']._serialized_start=2268
-  _globals['_SERVEDBY']._serialized_end=2311
-  _globals['_ROUTINGDECISION']._serialized_start=2313
-  _globals['_ROUTINGDECISION']._serialized_end=2401
-  _globals['_LISTMODELSREQUEST']._serialized_start=2403
-  _globals['_LISTMODELSREQUEST']._serialized_end=2422
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2424
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2479
-  _globals['_MODEL']._serialized_start=2481
-  _globals['_MODEL']._serialized_end=2564
-  _globals['_INFERENCE']._serialized_start=2949
-  _globals['_INFERENCE']._serialized_end=3110
+  _globals['_GENERATEREQUEST']._serialized_end=1210
+  _globals['_RESPONSEFORMAT']._serialized_start=1212
+  _globals['_RESPONSEFORMAT']._serialized_end=1293
+  _globals['_RESUME']._serialized_start=1295
+  _globals['_RESUME']._serialized_end=1367
+  _globals['_GENERATERESPONSE']._serialized_start=1370
+  _globals['_GENERATERESPONSE']._serialized_end=1546
+  _globals['_PROGRESS']._serialized_start=1548
+  _globals['_PROGRESS']._serialized_end=1614
+  _globals['_START']._serialized_start=1616
+  _globals['_START']._serialized_end=1690
+  _globals['_DELTA']._serialized_start=1693
+  _globals['_DELTA']._serialized_end=1848
+  _globals['_TOKENLOGPROB']._serialized_start=1850
+  _globals['_TOKENLOGPROB']._serialized_end=1936
+  _globals['_TOPLOGPROB']._serialized_start=1938
+  _globals['_TOPLOGPROB']._serialized_end=1985
+  _globals['_FINAL']._serialized_start=1988
+  _globals['_FINAL']._serialized_end=2227
+  _globals['_FAILOVER']._serialized_start=2229
+  _globals['_FAILOVER']._serialized_end=2294
+  _globals['_USAGE']._serialized_start=2296
+  _globals['_USAGE']._serialized_end=2402
+  _globals['_SERVEDBY']._serialized_start=2404
+  _globals['_SERVEDBY']._serialized_end=2447
+  _globals['_ROUTINGDECISION']._serialized_start=2449
+  _globals['_ROUTINGDECISION']._serialized_end=2537
+  _globals['_LISTMODELSREQUEST']._serialized_start=2539
+  _globals['_LISTMODELSREQUEST']._serialized_end=2558
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2560
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2615
+  _globals['_MODEL']._serialized_start=2617
+  _globals['_MODEL']._serialized_end=2700
+  _globals['_INFERENCE']._serialized_start=3085
+  _globals['_INFERENCE']._serialized_end=3246
 # @@protoc_insertion_point(module_scope)
