@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -102,7 +103,8 @@ def _prompt(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> str | list[int]
     return ids
 
 
-def _over(field: str, count: int, cap: int, key: str, what: str) -> None:
+def over(field: str, count: int, cap: int, key: str, what: str) -> None:
+    """Refuse ``count`` above its ``frontdoor.limits`` cap, naming the field and the key."""
     """Refuse ``count`` above ``cap``, naming the field, the cap and the config key that sets it."""
     if count > cap:
         raise RequestError(field, f"at most {cap} {what} (frontdoor.limits.{key}), got {count}")
@@ -111,13 +113,13 @@ def _over(field: str, count: int, cap: int, key: str, what: str) -> None:
 def _chat(chat: pb.ChatMessages, caps: InputLimitsConfig) -> list[Message]:
     if not chat.messages:
         raise RequestError("chat.messages", "must not be empty")
-    _over("chat.messages", len(chat.messages), caps.max_chat_messages, "max_chat_messages", "messages")
+    over("chat.messages", len(chat.messages), caps.max_chat_messages, "max_chat_messages", "messages")
     return [_chat_message(f"chat.messages[{i}]", m, caps) for i, m in enumerate(chat.messages)]
 
 
 def _chat_message(where: str, m: pb.ChatMessage, caps: InputLimitsConfig) -> Message:
     """One message in OpenAI's shape: an assistant's tool calls, a tool's result with the id it answers."""
-    _over(f"{where}.role", len(m.role), caps.max_role_chars, "max_role_chars", "characters")
+    over(f"{where}.role", len(m.role), caps.max_role_chars, "max_role_chars", "characters")
     if m.role not in CHAT_ROLES:
         raise RequestError(f"{where}.role", f"must be one of {CHAT_ROLES}, got {clip(m.role)}")
     if m.tool_calls and m.role != "assistant":
@@ -156,12 +158,25 @@ def _json_object(field: str, text: str) -> None:
         raise RequestError(field, f"must be a JSON object, got {type(value).__name__}")
 
 
+def cap_tools(tools: Sequence[ToolSpec | pb.Tool], caps: InputLimitsConfig) -> None:
+    """The tools' count and sizes within their caps (gRPC's and HTTP's alike)."""
+    over("tools", len(tools), caps.max_tools, "max_tools", "tools")
+    for i, t in enumerate(tools):
+        size = len(t.name) + len(t.description) + len(t.parameters)
+        over(f"tools[{i}]", size, caps.max_tool_schema_chars, "max_tool_schema_chars", "characters")
+
+
+def cap_schema(structured: StructuredOutput | None, caps: InputLimitsConfig) -> None:
+    """response_format's schema within its cap; whether the grammar engine takes it is the engine's to say."""
+    if structured is not None and structured.schema is not None:
+        size = len(structured.schema.encode("utf-8"))
+        over("response_format.json_schema", size, caps.max_schema_bytes, "max_schema_bytes", "bytes")
+
+
 def _tools(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> tuple[ToolSpec, ...]:
-    _over("tools", len(msg.tools), caps.max_tools, "max_tools", "tools")
+    cap_tools(msg.tools, caps)
     tools = []
     for i, t in enumerate(msg.tools):
-        size = len(t.name) + len(t.description) + len(t.parameters)
-        _over(f"tools[{i}]", size, caps.max_tool_schema_chars, "max_tool_schema_chars", "characters")
         if not t.name:
             raise RequestError(f"tools[{i}].name", "must not be empty")
         _json_object(f"tools[{i}].parameters", t.parameters or "{}")
@@ -171,11 +186,11 @@ def _tools(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> tuple[ToolSpec, 
 
 def _check_stops(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> None:
     """Every stop string and stop id is checked at every step: their number and size are capped."""
-    _over("stop", len(msg.stop), caps.max_stop_strings, "max_stop_strings", "stop strings")
+    over("stop", len(msg.stop), caps.max_stop_strings, "max_stop_strings", "stop strings")
     for i, stop in enumerate(msg.stop):
-        _over(f"stop[{i}]", len(stop), caps.max_stop_string_chars, "max_stop_string_chars", "characters")
+        over(f"stop[{i}]", len(stop), caps.max_stop_string_chars, "max_stop_string_chars", "characters")
     count = len(msg.stop_token_ids)
-    _over("stop_token_ids", count, caps.max_stop_token_ids, "max_stop_token_ids", "stop token ids")
+    over("stop_token_ids", count, caps.max_stop_token_ids, "max_stop_token_ids", "stop token ids")
 
 
 def _params(msg: pb.GenerateRequest, limits: Limits) -> SamplingParams:
@@ -213,9 +228,9 @@ def _structured(msg: pb.GenerateRequest, caps: InputLimitsConfig) -> StructuredO
     if not msg.HasField("response_format"):
         return None
     rf = msg.response_format
-    size = len(rf.json_schema.encode("utf-8"))
-    _over("response_format.json_schema", size, caps.max_schema_bytes, "max_schema_bytes", "bytes")
-    return StructuredOutput(rf.type, rf.json_schema or None, rf.name, rf.strict)
+    structured = StructuredOutput(rf.type, rf.json_schema or None, rf.name, rf.strict)
+    cap_schema(structured, caps)
+    return structured
 
 
 def _resume(msg: pb.GenerateRequest) -> Resume | None:
@@ -231,10 +246,10 @@ def _resume(msg: pb.GenerateRequest) -> Resume | None:
 
 def _check_names(msg: pb.GenerateRequest, limits: Limits) -> None:
     caps = limits.inputs
-    _over("model", len(msg.model), caps.max_model_name_chars, "max_model_name_chars", "characters")
+    over("model", len(msg.model), caps.max_model_name_chars, "max_model_name_chars", "characters")
     if msg.model not in ("", limits.model_name):
         raise RequestError("model", f"unknown model {clip(msg.model)}; this server serves {limits.model_name!r}")
-    _over("request_id", len(msg.request_id), caps.max_request_id_chars, "max_request_id_chars", "characters")
+    over("request_id", len(msg.request_id), caps.max_request_id_chars, "max_request_id_chars", "characters")
     if not msg.request_id.isprintable():
         raise RequestError("request_id", f"must be printable, got {clip(msg.request_id)}")
 

@@ -58,10 +58,15 @@ class StructuredOutput:
         "strict"}}``, ``{"type": "json_object"}``, or ``{"type": "text"}`` (None: unconstrained)."""
         _check(isinstance(response_format, dict), "response_format", "must be an object")
         kind = response_format.get("type")
+        _check(
+            kind in ("text", *STRUCTURED_KINDS),
+            "response_format.type",
+            f"must be text, {' or '.join(STRUCTURED_KINDS)}",
+        )
         if kind == "text":
             return None
         if kind != "json_schema":
-            return cls(kind, strict=False)  # type: ignore[arg-type] -- __post_init__ names a bad type
+            return cls(kind, strict=False)  # OpenAI's default; a json_object has no schema to be strict about
         spec = response_format.get("json_schema")
         _check(isinstance(spec, dict), "response_format.json_schema", "must be an object with a schema")
         schema, name = spec.get("schema", {}), spec.get("name", "")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import InputLimitsConfig
-from cluster.frontdoor.convert import Limits, RequestError
+from cluster.frontdoor.convert import Limits, RequestError, cap_schema, cap_tools, over
 from cluster.frontdoor.errors import Refusal, clip
 from cluster.types import AUTO, NOT_FOUND, REQUEST_EFFORTS, GenerateRequest, Prompt
 from engine.types import EngineError, SamplingParams, StructuredOutput, ToolSpec
@@ -63,11 +63,6 @@ def _type(body: Mapping[str, Any], name: str, kinds: type | tuple[type, ...], wh
     return value
 
 
-def _over(field: str, count: int, cap: int, key: str, what: str) -> None:
-    if count > cap:
-        raise RequestError(field, f"at most {cap} {what} (frontdoor.limits.{key}), got {count}")
-
-
 def check_fields(body: Mapping[str, Any], kind: str) -> None:
     for name, value in body.items():
         if name in FIELDS[kind] or value is None:
@@ -82,7 +77,7 @@ def _model(body: Mapping[str, Any], limits: Limits) -> None:
     model = _type(body, "model", str, "a string")
     if model is None:
         raise RequestError("model", "missing; this server serves " + repr(limits.model_name))
-    _over("model", len(model), limits.inputs.max_model_name_chars, "max_model_name_chars", "characters")
+    over("model", len(model), limits.inputs.max_model_name_chars, "max_model_name_chars", "characters")
     if model != limits.model_name:
         raise Refusal(
             NOT_FOUND, f"model: unknown model {clip(model)}; this server serves {limits.model_name!r}", "model"
@@ -110,7 +105,7 @@ def _message(m: Any, i: int, caps: InputLimitsConfig) -> dict[str, Any]:
     role = m.get("role")
     if not isinstance(role, str):
         raise RequestError(f"{where}.role", f"must be a string, got {clip(role)}")
-    _over(f"{where}.role", len(role), caps.max_role_chars, "max_role_chars", "characters")
+    over(f"{where}.role", len(role), caps.max_role_chars, "max_role_chars", "characters")
     if role not in CHAT_ROLES:
         raise RequestError(f"{where}.role", f"must be one of {CHAT_ROLES}, got {clip(role)}")
     for key, value in m.items():  # a message field we would drop is refused, as a request field is
@@ -147,7 +142,7 @@ def _messages(body: Mapping[str, Any], caps: InputLimitsConfig) -> list[dict[str
     messages = _type(body, "messages", list, "a list of messages")
     if not messages:
         raise RequestError("messages", "must not be empty")
-    _over("messages", len(messages), caps.max_chat_messages, "max_chat_messages", "messages")
+    over("messages", len(messages), caps.max_chat_messages, "max_chat_messages", "messages")
     return [_message(m, i, caps) for i, m in enumerate(messages)]
 
 
@@ -173,9 +168,9 @@ def _stop(body: Mapping[str, Any], caps: InputLimitsConfig) -> tuple[str, ...]:
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise RequestError("stop", "must be a string or a list of strings")
-    _over("stop", len(stops), caps.max_stop_strings, "max_stop_strings", "stop strings")
+    over("stop", len(stops), caps.max_stop_strings, "max_stop_strings", "stop strings")
     for i, s in enumerate(stops):
-        _over(f"stop[{i}]", len(s), caps.max_stop_string_chars, "max_stop_string_chars", "characters")
+        over(f"stop[{i}]", len(s), caps.max_stop_string_chars, "max_stop_string_chars", "characters")
     return tuple(stops)
 
 
@@ -205,7 +200,7 @@ def _logprobs(body: Mapping[str, Any], kind: str, caps: InputLimitsConfig) -> in
     return (n or 0) if wanted else None
 
 
-def _tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
+def _tools(body: Mapping[str, Any], caps: InputLimitsConfig) -> tuple[ToolSpec, ...]:
     tools = _type(body, "tools", list, "a list of tools")
     out = []
     for i, t in enumerate(tools or ()):
@@ -219,6 +214,7 @@ def _tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
         if not isinstance(parameters, dict):
             raise RequestError(f"tools[{i}].function.parameters", "must be a JSON Schema object")
         out.append(ToolSpec(fn["name"], description, json.dumps(parameters)))
+    cap_tools(out, caps)
     return tuple(out)
 
 
@@ -238,25 +234,11 @@ def _tool_choice(body: Mapping[str, Any], tools: tuple[ToolSpec, ...]) -> str | 
     return choice
 
 
-def _response_format(body: Mapping[str, Any]) -> StructuredOutput | None:
+def _response_format(body: Mapping[str, Any], caps: InputLimitsConfig) -> StructuredOutput | None:
     fmt = _type(body, "response_format", dict, "an object")
-    kind = None if fmt is None else fmt.get("type")
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return StructuredOutput("json_object")
-    spec = fmt.get("json_schema") if kind == "json_schema" else None  # type: ignore[union-attr]
-    if kind != "json_schema":
-        raise RequestError("response_format.type", f"must be text, json_object or json_schema, got {clip(kind)}")
-    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-        raise RequestError("response_format.json_schema", "must be {'name', 'schema': {...}, 'strict'}")
-    strict = spec.get("strict")
-    return StructuredOutput(
-        "json_schema",
-        json.dumps(spec.get("schema", {})),
-        spec.get("name") if isinstance(spec.get("name"), str) else "",
-        True if strict is None else bool(strict),
-    )
+    structured = None if fmt is None else StructuredOutput.from_openai(fmt)  # ValueError names the field
+    cap_schema(structured, caps)
+    return structured
 
 
 def _params(body: Mapping[str, Any], kind: str, limits: Limits) -> SamplingParams:
@@ -266,7 +248,7 @@ def _params(body: Mapping[str, Any], kind: str, limits: Limits) -> SamplingParam
         if value is not None:
             given[name] = float(value)
     seed = _type(body, "seed", int, "an integer")
-    tools = _tools(body) if kind == CHAT else ()
+    tools = _tools(body, limits.inputs) if kind == CHAT else ()
     try:
         return SamplingParams(
             seed=seed,
@@ -274,7 +256,7 @@ def _params(body: Mapping[str, Any], kind: str, limits: Limits) -> SamplingParam
             logprobs=_logprobs(body, kind, limits.inputs),
             tools=tools,
             tool_choice=_tool_choice(body, tools) if kind == CHAT else None,
-            structured=_response_format(body) if kind == CHAT else None,
+            structured=_response_format(body, limits.inputs) if kind == CHAT else None,
             **given,
         )
     except ValueError as e:  # SamplingParams (and its parts) name the field first, as our errors do

@@ -52,6 +52,10 @@ def test_http_off_serves_grpc_only(loop, backend):
         assert door.http is None and door.port
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+BIG_SCHEMA = {"type": "object", "description": "x" * 40_000}
+
+
 @pytest.mark.parametrize(
     "fields, status, param, message",
     [
@@ -70,6 +74,13 @@ def test_http_off_serves_grpc_only(loop, backend):
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages[0].content[0]", "text"),
         ({"response_format": {"type": "yaml"}}, 400, "response_format.type", "must be text, json_object"),
         ({"tool_choice": "required"}, 400, "tool_choice", "'required' needs tools"),
+        ({"tools": [TOOL] * 65}, 400, "tools", "at most 64 tools (frontdoor.limits.max_tools), got 65"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": BIG_SCHEMA}}},
+            400,
+            "response_format.json_schema",
+            "(frontdoor.limits.max_schema_bytes)",
+        ),
         ({"model": "gpt-4o"}, 404, "model", "model: unknown model 'gpt-4o'"),
     ],
 )
