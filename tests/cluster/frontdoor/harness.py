@@ -24,6 +24,27 @@ GENERATE = "/levante.v1.Inference/Generate"
 MODEL = "tiny-moe"
 
 
+@contextlib.contextmanager
+def tiny_engine(path: str, max_model_len: int = 1000, **config: Any) -> Iterator[Any]:
+    """A real native engine on a tiny model (``path``) with Mistral's v3 SentencePiece tokenizer, small
+    enough for a test module; ``config``: further EngineConfig sections. Shut down on exit."""
+    from engine.api import create_engine
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+    eng = create_engine(
+        EngineConfig(
+            model=ModelConfig(model=path, tokenizer=spm_tokenizer()),
+            cache=CacheConfig(num_blocks=64),
+            scheduler=SchedulerConfig(max_model_len=max_model_len),
+            **config,
+        )
+    )
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
 def spm_tokenizer() -> str:
     spec = importlib.util.find_spec("mistral_common")
     assert spec is not None and spec.origin, "mistral_common is not installed"

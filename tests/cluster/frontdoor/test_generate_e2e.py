@@ -8,12 +8,10 @@ import grpc
 import pytest
 
 from cluster.config import FrontDoorConfig
-from engine.api import create_engine
-from engine.checkpoint.tiny import make_tiny
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig, SchedulerConfig
+from engine.config import ReasoningConfig
 from levante.v1 import inference_pb2 as pb
 
-from .harness import MODEL, channel, engine_backend, generate, rpc_error, serving, spm_tokenizer, stub, wait_until
+from .harness import MODEL, channel, engine_backend, generate, rpc_error, serving, stub, tiny_engine, wait_until
 
 pytestmark = pytest.mark.e2e
 BUDGET_LOW = 6
@@ -21,18 +19,9 @@ MAX_REQUEST_BYTES = 16 * 1024
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = make_tiny("mistral4", seed=0, out=str(tmp_path_factory.mktemp("tiny-mistral4")), vocab_size=32768)
-    eng = create_engine(
-        EngineConfig(
-            model=ModelConfig(model=path, tokenizer=spm_tokenizer()),
-            cache=CacheConfig(num_blocks=64),
-            scheduler=SchedulerConfig(max_model_len=1000),
-            reasoning=ReasoningConfig(budget_low=BUDGET_LOW),
-        )
-    )
-    yield eng
-    eng.shutdown()
+def engine(tiny_moe):
+    with tiny_engine(tiny_moe, reasoning=ReasoningConfig(budget_low=BUDGET_LOW)) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

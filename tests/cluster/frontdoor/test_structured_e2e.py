@@ -13,14 +13,11 @@ import pytest
 
 from cluster.config import FrontDoorConfig, InputLimitsConfig
 from cluster.frontdoor.convert import Limits, RequestError, decode_generate, encode_generate
-from engine.api import create_engine
-from engine.checkpoint.tiny import make_tiny
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.types import StructuredOutput
 from levante.v1 import inference_pb2 as pb
 from tests.engine.test_structured import SCHEMAS
 
-from .harness import channel, engine_backend, generate, rpc_error, serving, spm_tokenizer
+from .harness import channel, engine_backend, generate, rpc_error, serving, tiny_engine
 
 DOC = pathlib.Path(__file__).parents[3] / "docs" / "serving.md"
 LIMITS = Limits("m", max_model_len=1000, max_request_bytes=1 << 20, inputs=InputLimitsConfig(max_schema_bytes=256))
@@ -89,17 +86,9 @@ def test_openai_response_format_objects_map_onto_structured_output():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = make_tiny("mistral4", seed=0, out=str(tmp_path_factory.mktemp("tiny-mistral4")), vocab_size=32768)
-    eng = create_engine(
-        EngineConfig(
-            model=ModelConfig(model=path, tokenizer=spm_tokenizer()),
-            cache=CacheConfig(num_blocks=64),
-            scheduler=SchedulerConfig(max_model_len=512),
-        )
-    )
-    yield eng
-    eng.shutdown()
+def engine(tiny_moe):
+    with tiny_engine(tiny_moe, max_model_len=512) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

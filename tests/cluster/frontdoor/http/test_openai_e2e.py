@@ -10,11 +10,10 @@ import httpx
 import pytest
 
 from cluster.config import FrontDoorConfig, TelemetryConfig
-from engine.api import create_engine
-from engine.config import CacheConfig, EngineConfig, ModelConfig, ReasoningConfig, SchedulerConfig
+from engine.config import ReasoningConfig
 from levante.v1 import inference_pb2 as pb
 
-from ..harness import MODEL, channel, engine_backend, generate, serving, spm_tokenizer, wait_until
+from ..harness import MODEL, channel, engine_backend, generate, serving, tiny_engine, wait_until
 from .harness import client
 
 pytestmark = pytest.mark.e2e
@@ -24,16 +23,8 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture(scope="module")
 def engine(tiny_moe):
-    eng = create_engine(
-        EngineConfig(
-            model=ModelConfig(model=tiny_moe, tokenizer=spm_tokenizer()),
-            cache=CacheConfig(num_blocks=64),
-            scheduler=SchedulerConfig(max_model_len=1000),
-            reasoning=ReasoningConfig(budget_low=BUDGET_LOW),
-        )
-    )
-    yield eng
-    eng.shutdown()
+    with tiny_engine(tiny_moe, reasoning=ReasoningConfig(budget_low=BUDGET_LOW)) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +147,11 @@ def test_a_client_that_leaves_a_stream_frees_its_kv_blocks(door, loop, engine):
         h.stream("POST", "/v1/chat/completions", json=body) as r,
     ):
         assert next(line for line in r.iter_lines() if line.startswith("data: "))
-        assert stats(loop, engine).num_running == 1 and stats(loop, engine).num_used_blocks > 0
+        # the first event can leave before the engine's first step: wait for the request to hold blocks
+        wait_until(
+            lambda: stats(loop, engine).num_running == 1 and stats(loop, engine).num_used_blocks > 0,
+            what="the engine to run the request",
+        )
     _freed(loop, engine, before, 900)
 
 
