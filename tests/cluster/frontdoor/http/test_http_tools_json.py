@@ -17,9 +17,10 @@ import pytest
 
 from engine.api import create_engine
 from engine.config import EngineConfig, ModelConfig
+from levante.v1 import inference_pb2 as pb
 from tests.engine.test_tool_rendering import HERMES_TEMPLATE
 
-from ..harness import MODEL, engine_backend, serving
+from ..harness import MODEL, channel, engine_backend, generate, serving
 from .harness import client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -64,9 +65,14 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def oai(engine, loop):
-    with serving(loop, engine_backend(loop, engine)) as door:
-        yield client(door)
+def door(engine, loop):
+    with serving(loop, engine_backend(loop, engine)) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def oai(door):
+    return client(door)
 
 
 def test_a_tool_call_round_trip_with_a_scripted_tool(oai):
@@ -150,3 +156,42 @@ def test_a_schema_the_grammar_engine_refuses_is_a_400_naming_it(oai):
     assert err.value.body["param"] == "response_format.json_schema", err.value.body
     ok = oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)
     assert ok.choices[0].finish_reason == "length"  # the server stays up
+
+
+def test_the_same_forced_call_and_json_schema_over_grpc(door, oai):
+    """gRPC and HTTP are two doors to one call path: the same requests give the same calls and JSON."""
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=ASK[0]["content"])])
+    tool = pb.Tool(name="get_weather", description="The current weather in a city", parameters=json.dumps(WEATHER))
+    with channel(door) as ch:
+        out = generate(
+            ch, pb.GenerateRequest(chat=chat, tools=[tool], tool_choice="get_weather", max_tokens=96, temperature=0)
+        )
+        wind = generate(
+            ch,
+            pb.GenerateRequest(
+                chat=chat,
+                max_tokens=64,
+                temperature=0,
+                response_format=pb.ResponseFormat(type="json_schema", json_schema=json.dumps(WIND), name="wind"),
+            ),
+        )
+    calls: dict[int, dict] = {}
+    for d in (r.delta for r in out if r.HasField("delta")):
+        for c in d.tool_calls:
+            call = calls.setdefault(c.index, {"name": c.name, "arguments": ""})
+            call["arguments"] += c.arguments
+    assert out[-1].final.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    http = oai.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=96, temperature=0
+    )
+    expected = [(c.function.name, json.loads(c.function.arguments)) for c in http.choices[0].message.tool_calls]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == expected
+    for _, arguments in expected:
+        jsonschema.validate(arguments, WEATHER)
+    text = "".join(r.delta.text for r in wind if r.HasField("delta"))
+    assert wind[-1].final.finish_reason == pb.FINISH_REASON_STOP
+    jsonschema.validate(json.loads(text), WIND)
+    again = oai.chat.completions.create(
+        model=MODEL, messages=ASK, response_format=WIND_FORMAT, max_tokens=64, temperature=0
+    )
+    assert again.choices[0].message.content == text
