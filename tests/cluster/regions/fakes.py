@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import socket
@@ -57,6 +58,24 @@ class BreaksAfter(_Wrapper):
                     return
                 sent += len(chunk.token_ids)
                 yield chunk
+
+
+class HoldsAfter(_Wrapper):
+    """The region's own backend, going silent after ``tokens`` tokens until the call is cancelled: a region
+    about to die, which a test then stops, with the rest of the answer never sent."""
+
+    def __init__(self, inner: Backend, tokens: int):
+        super().__init__(inner)
+        self.tokens = tokens
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        sent = 0
+        async with contextlib.aclosing(self.inner.generate(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+                sent += len(chunk.token_ids)
+                if sent >= self.tokens and not chunk.finished:
+                    await asyncio.Event().wait()
 
 
 class Full(_Wrapper):
