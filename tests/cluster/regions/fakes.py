@@ -42,12 +42,14 @@ class _Wrapper(Backend):
         return True
 
 
-class BreaksAfter(_Wrapper):
-    """The region's own backend, losing every stream after ``tokens`` tokens (a replica dying)."""
-
+class _AfterTokens(_Wrapper):
     def __init__(self, inner: Backend, tokens: int):
         super().__init__(inner)
         self.tokens = tokens
+
+
+class BreaksAfter(_AfterTokens):
+    """The region's own backend, losing every stream after ``tokens`` tokens (a replica dying)."""
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         sent = 0
@@ -60,13 +62,9 @@ class BreaksAfter(_Wrapper):
                 yield chunk
 
 
-class HoldsAfter(_Wrapper):
+class HoldsAfter(_AfterTokens):
     """The region's own backend, going silent after ``tokens`` tokens until the call is cancelled: a region
     about to die, which a test then stops, with the rest of the answer never sent."""
-
-    def __init__(self, inner: Backend, tokens: int):
-        super().__init__(inner)
-        self.tokens = tokens
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         sent = 0
