@@ -21,6 +21,7 @@ Used twice: by each front door (its own region plus its peers) and by the client
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import random
@@ -31,7 +32,7 @@ from cluster.chunks import error_chunk
 from cluster.config import RegionsConfig
 from cluster.policy.regions import order_regions
 from cluster.regions.codes import fails_over
-from cluster.regions.health_book import HealthBook
+from cluster.regions.health_book import EJECTED, UNHEALTHY, HealthBook, Transition
 from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
 from cluster.types import (
     DEADLINE_EXCEEDED,
@@ -214,6 +215,13 @@ class FailoverBackend(Backend):
         self.by_latency = by_latency  # False: the members' own order (a client's list of endpoints)
         self.replay = replay  # True: resume a broken stream by replay (a caller without the peer role)
         self.failover_listeners: list[Callable[[FailoverHop], None]] = []  # metrics (cluster/telemetry)
+        self._judged_down: dict[str, set[Callable[[], None]]] = collections.defaultdict(set)  # waits to cut short
+        book.listeners.append(self._on_transition)
+
+    def _on_transition(self, t: Transition) -> None:
+        if t.state in (UNHEALTHY, EJECTED):
+            for cut_short in list(self._judged_down.get(t.region, ())):
+                cut_short()
 
     @property
     def fails_over(self) -> bool:
@@ -301,18 +309,17 @@ class FailoverBackend(Backend):
         async with contextlib.aclosing(source) as chunks:
             while True:
                 timeout = min([limit, *_left(request, progress)])
-                try:  # in this task: Python 3.11's wait_for loses a cancel that lands as a chunk arrives,
-                    # and the caller's cancelled stream would then run on to its end in the engine
-                    async with asyncio.timeout(max(timeout, 0.0)):
-                        chunk = await anext(chunks, None)
-                except TimeoutError:
+                try:
+                    chunk = await self._next(region, chunks, max(timeout, 0.0))
+                except TimeoutError as silent:
                     if request.deadline is not None and time.time() >= request.deadline:  # the caller's limit
                         outcome.done = True
                         yield error_chunk(DEADLINE_EXCEEDED, "deadline", "passed before the stream finished")
                         return
                     if progress.first_token_by is not None and time.monotonic() >= progress.first_token_by:
                         return  # the caller's limit on its first token: the route ends it, no region is blamed
-                    self._leave(region, outcome, f"timeout: no chunk or heartbeat within {limit:g}s")
+                    judged = silent.args[0] if silent.args else f"timeout: no chunk or heartbeat within {limit:g}s"
+                    self._leave(region, outcome, judged)
                     return
                 if chunk is None:
                     self._leave(region, outcome, "unavailable: the stream ended before its final chunk")
@@ -329,6 +336,42 @@ class FailoverBackend(Backend):
                     outcome.done = True
                     self.book.on_success(region)
                     return
+
+    async def _next(self, region: str, chunks: AsyncIterator[Chunk], timeout: float) -> Chunk | None:
+        """The next chunk (None at the end), or TimeoutError after ``timeout`` of silence. Once the
+        region's checks call it down (unhealthy or ejected) and another region takes traffic, its
+        silence may last only as long as the checks took to judge it, so a frozen region's streams
+        leave when it is judged instead of a whole idle limit later."""
+        loop = asyncio.get_running_loop()
+        since, judged = loop.time(), ""
+        try:
+            # in this task: Python 3.11's wait_for loses a cancel that lands as a chunk arrives,
+            # and the caller's cancelled stream would then run on to its end in the engine
+            async with asyncio.timeout_at(since + timeout) as limit:
+
+                def cut_short() -> None:
+                    nonlocal judged
+                    soon = since + self._down_patience()
+                    if limit.expired() or soon >= since + timeout:
+                        return  # already due (the checks may judge it as the wait ends)
+                    if any(self.book.available(n) for n in self.members if n != region):
+                        health = self.book.regions[region]
+                        judged = f"{health.state(self.book.clock())}: {health.reason}"
+                        limit.reschedule(soon)
+
+                if not self.book.available(region):
+                    cut_short()
+                self._judged_down[region].add(cut_short)
+                try:
+                    return await anext(chunks, None)
+                finally:
+                    self._judged_down[region].discard(cut_short)
+        except TimeoutError:
+            raise TimeoutError(judged) if judged else TimeoutError() from None
+
+    def _down_patience(self) -> float:
+        health = self.cfg.health
+        return min(health.stream_idle_timeout_s, health.timeout_s * health.unhealthy_threshold)
 
     def _leave(self, region: str, outcome: _Outcome, reason: str, error: ChunkError | None = None) -> None:
         outcome.reason = reason

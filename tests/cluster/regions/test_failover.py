@@ -220,6 +220,55 @@ def test_a_first_token_long_after_the_idle_limit_is_fine_while_heartbeats_flow()
     assert us.requests == [] and fb.book.available("eu") and fb.book.regions["eu"].ejections == 0
 
 
+# the checks judge a region down after two failures; the idle limit alone would wait 30s
+JUDGED = HealthCheckConfig(timeout_s=0.1, unhealthy_threshold=2, stream_idle_timeout_s=30.0)
+
+
+def judged_down_after(fb: FailoverBackend, region: str, seconds: float, req: GenerateRequest) -> list[Chunk]:
+    """Runs ``req`` while the checks fail ``region`` twice, ``seconds`` in."""
+
+    async def go():
+        async def checks_fail():
+            await asyncio.sleep(seconds)
+            fb.book.on_check(region, False, reason="timeout: no health answer")
+            fb.book.on_check(region, False, reason="timeout: no health answer")
+
+        failing = asyncio.create_task(checks_fail())
+        chunks = [c async for c in fb.generate(req)]
+        await failing
+        return chunks
+
+    return asyncio.run(go())
+
+
+def judged(members: dict, **kw) -> FailoverBackend:
+    return FailoverBackend(members, HealthBook(JUDGED, members), RegionsConfig(health=JUDGED), **kw)
+
+
+def test_a_stream_in_a_region_its_checks_call_down_leaves_without_waiting_out_the_idle_limit():
+    eu = Scripted("eu", [start(), tokens(1), "hang"])  # frozen after one token
+    us = Scripted("us", [tokens(2, region="us", final=True)])
+    chunks = judged_down_after(judged({"eu": eu, "us": us}, local=None, by_latency=False), "eu", 0.3, request())
+    hop = chunks[-1].failovers[0]
+    assert hop.reason.startswith("unhealthy: timeout: no health answer (2 failed checks in a row)"), hop.reason
+    assert [t for c in chunks for t in c.token_ids] == [1, 2] and eu.closed == 1
+
+
+def test_a_region_called_down_keeps_a_stream_that_still_flows_and_the_last_region_keeps_a_silent_one():
+    # chunks every 0.05s, within the 0.2s a judged region's stream may stay silent: it runs to its end
+    eu = Scripted("eu", [start(), *heartbeats(0.6, every=0.05), tokens(1, region="eu", final=True)])
+    fb = judged({"eu": eu, "us": Scripted("us")}, local=None, by_latency=False)
+    chunks = judged_down_after(fb, "eu", 0.1, request())
+    assert chunks[-1].served_by.region == "eu" and chunks[-1].failovers is None
+    # nowhere else to go (us is down too): a silent stream gets the whole idle limit, not the short one
+    eu = Scripted("eu", [start(), ("sleep", 0.6), tokens(1, region="eu", final=True)])
+    fb = judged({"eu": eu, "us": Scripted("us")}, local=None, by_latency=False)
+    fb.book.on_check("us", False)
+    fb.book.on_check("us", False)
+    chunks = judged_down_after(fb, "eu", 0.1, request())
+    assert chunks[-1].served_by.region == "eu" and chunks[-1].failovers is None
+
+
 def test_the_tenants_first_token_limit_ends_the_request_and_blames_no_region():
     eu = Scripted("eu", [start(), *heartbeats(2.0)])
     us = Scripted("us")
