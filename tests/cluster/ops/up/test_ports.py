@@ -47,7 +47,8 @@ def test_a_reserved_port_is_taken_for_others_yet_a_grpc_server_binds_it(loop):
         assert loop.run(serve_once(), timeout=30) == port
     finally:
         reservation.close()
-    assert not taken(port)
+    # not `assert not taken(port)` here: the connection's TIME_WAIT may hold the port a minute after the
+    # server stops (the side that closes first keeps it); release is checked below, with no connection
 
 
 def _autobound() -> int:
