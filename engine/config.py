@@ -18,6 +18,8 @@ EXECUTORS = ("ray", "mp", "uni")
 # The native engine's paged attention (kernels.backend): "cpu" (tiled for long contexts, on CPU or CUDA
 # tensors), "cpu_untiled" (one gather of the whole context per layer: the path before tiling) or "reference".
 ATTENTION_BACKENDS = ("cpu", "cpu_untiled", "reference")
+# Weight-only quantization of the native engine's linears at load (engine/native/models/quantize.py).
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -45,8 +47,19 @@ class ModelConfig:
     # native engine; the vllm backend's own platform (its build decides).
     device: str | None = None
     attention_backend: str = "cpu"  # native engine only: one of ATTENTION_BACKENDS
+    quantization: str = "none"  # native engine on CPU only: one of QUANTIZATIONS
 
     def __post_init__(self) -> None:
+        _check(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            f"must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+        )
+        _check(
+            self.quantization == "none" or self.device in (None, "cpu"),
+            "quantization",
+            f"{self.quantization!r} runs on PyTorch's CPU kernels; it needs device: cpu, not {self.device!r}",
+        )
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(
             self.attention_backend in ATTENTION_BACKENDS,
@@ -262,6 +275,11 @@ class EngineConfig:
         if self.backend == "native":
             _check(self.vllm == VllmConfig(), "vllm", "is read only with backend: vllm")
         else:
+            _check(
+                self.model.quantization == "none",
+                "model.quantization",
+                "is the native engine's; with backend: vllm use vLLM's own quantized checkpoints",
+            )
             _check(
                 self.parallel.ep_size == 1,
                 "parallel.ep_size",

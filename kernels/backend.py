@@ -1,4 +1,4 @@
-"""Kernel backends: two small abstract interfaces and one factory each.
+"""Kernel backends: three small abstract interfaces and one factory each.
 
 Every backend has a plain-torch *reference* implementation (the spec, slow and
 readable, in ``kernels/*/reference.py``) and faster implementations that are
@@ -16,6 +16,7 @@ Shape conventions used throughout (comments, not code):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from torch import Tensor
 
@@ -99,6 +100,20 @@ class MoEBackend(ABC):
         """
 
 
+class LinearKernel(ABC):
+    """A linear over weight-only quantized weights (``kernels.quant.formats``)."""
+
+    name: str
+
+    @abstractmethod
+    def prepare(self, weight: Any) -> Any:
+        """The kernel's own form of a ``QuantizedWeight`` [N, K], made once at load."""
+
+    @abstractmethod
+    def linear(self, x: Tensor, prepared: Any, bias: Tensor | None) -> Tensor:
+        """x: [..., K] -> [..., N] in x.dtype: ``x @ dequantize(weight).T (+ bias)``."""
+
+
 def _attention_backends() -> dict[str, type[AttentionBackend]]:
     from kernels.attention.cpu import CpuAttentionBackend, CpuUntiledAttentionBackend
     from kernels.attention.reference import ReferenceAttentionBackend
@@ -115,6 +130,13 @@ def _moe_backends() -> dict[str, type[MoEBackend]]:
     from kernels.moe.reference import ReferenceMoEBackend
 
     return {"reference": ReferenceMoEBackend, "cpu": CpuMoEBackend}
+
+
+def _linear_kernels() -> dict[str, type[LinearKernel]]:
+    from kernels.quant.cpu import CpuLinearKernel
+    from kernels.quant.reference import ReferenceLinearKernel
+
+    return {"reference": ReferenceLinearKernel, "cpu": CpuLinearKernel}
 
 
 def _pick(kind: str, choices: dict, name: str):
@@ -136,4 +158,17 @@ def get_moe_backend(name: str = "cpu") -> MoEBackend:
     return _pick("moe", _moe_backends(), name)
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "MoEBackend", "get_attention_backend", "get_moe_backend"]
+def get_linear_kernel(name: str = "cpu") -> LinearKernel:
+    """``"reference"`` (dequantize, then a plain matmul: the spec) or ``"cpu"`` (PyTorch's CPU int8/int4 kernels)."""
+    return _pick("linear", _linear_kernels(), name)
+
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "LinearKernel",
+    "MoEBackend",
+    "get_attention_backend",
+    "get_linear_kernel",
+    "get_moe_backend",
+]

@@ -13,6 +13,7 @@ from engine.cli import main
 
 TINY = "tiny:mistral?seed=0&head_dim=32"  # vLLM's CPU attention refuses head_dim 16
 SHORT = ["--num-prompts", "3", "--prompt-len", "12", "--max-tokens", "6"]
+SPM = "mistral-common:mistral_instruct_tokenizer_240323.model.v3"
 
 
 def test_backend_list_parses_and_rejects_unknown_or_repeated_names():
@@ -70,3 +71,21 @@ def test_native_vs_vllm_bench_agrees_token_for_token(tmp_path, capsys):
     assert vllm["agreeing_tokens"] == 3 * 6 and vllm["agreement"] == 1.0, "greedy fp32 should agree exactly"
     table = capsys.readouterr().out
     assert "vllm (eager)" in table and "18/18 (100.0%)" in table
+
+
+@pytest.mark.slow
+def test_quantized_backends_report_speed_agreement_and_perplexity(tmp_path, capsys):
+    from engine.checkpoint.tiny import make_tiny_with_tokenizer
+
+    model = make_tiny_with_tokenizer("mistral", 0, str(tmp_path / "m"), SPM, head_dim=32)  # perplexity needs text
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", model, "--backend", "native,native-int8,native-int4", *SHORT, "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [b["backend"] for b in report["backends"]] == ["native", "native-int8", "native-int4"]
+    fp32, int8, int4 = report["backends"]
+    assert fp32["agreement"] == 1.0 and 0 <= int4["agreeing_tokens"] <= 18
+    assert all(b["perplexity"] > 1 for b in report["backends"])
+    assert int8["perplexity"] != fp32["perplexity"]  # the quantized weights ran, not the fp32 ones
+    table = capsys.readouterr().out
+    assert "perplexity" in table and "native-int4" in table

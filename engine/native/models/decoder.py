@@ -22,6 +22,7 @@ from engine.checkpoint.files import ModelLoadError
 from engine.config import ParallelConfig
 from engine.native.models.base import CausalLM, KVCacheSpec
 from engine.native.models.layers import (
+    QUANTIZE_INT8,
     DecoderLayer,
     Embedding,
     Linear,
@@ -91,6 +92,7 @@ class DecoderLM(CausalLM):
         layers = [self.make_layer(i) for i in range(cfg.num_layers)]
         self.model = _Backbone(embed, layers, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.dtype))
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, self.dtype)
+        self.lm_head.quantize_as = QUANTIZE_INT8  # as GGUF files ship it: the logits move least
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

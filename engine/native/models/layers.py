@@ -23,10 +23,28 @@ from torch import Tensor, nn
 
 from engine.checkpoint.files import ModelLoadError
 from engine.config import ParallelConfig
-from kernels.backend import MoEBackend
+from kernels.backend import LinearKernel, MoEBackend
 from kernels.metadata import AttentionMetadata
+from kernels.quant.formats import QuantizedWeight
 
 # --------------------------------------------------------------------------- basic modules
+
+
+class QuantizedLinear:
+    """A linear's weight in a weight-only quantized form (``kernels.quant.formats``) and the kernel
+    that runs it; the bias stays in the model's dtype."""
+
+    def __init__(self, kernel: LinearKernel, weight: QuantizedWeight, bias: Tensor | None):
+        self.kernel, self.scheme, self.bias = kernel, weight.scheme, bias
+        self.prepared = kernel.prepare(weight)
+
+    def __call__(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        return self.kernel.linear(x, self.prepared, self.bias)
+
+
+# What ``model.quantization`` may do to a linear: any scheme, int8 at most, or nothing (a model that
+# reads the weight itself, a part of a fused linear, a router whose choices should not move).
+QUANTIZE_ANY, QUANTIZE_INT8, QUANTIZE_NONE = "any", "int8", "none"
 
 
 class Linear(nn.Module):
@@ -37,23 +55,42 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.quantize_as = QUANTIZE_ANY
+        self.quantized: QuantizedLinear | None = None
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
+        if self.quantized is not None:
+            return self.quantized(x)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+        quantized = f", {self.quantized.scheme}" if self.quantized is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{quantized}"
 
 
-def fuse_linears(*parts: Linear) -> tuple[Tensor, Tensor | None]:
-    """One weight ``[sum(out), in]`` (and bias) for several ``Linear`` s over the same input.
+class FusedLinear:
+    """Several ``Linear`` s over the same input as one matmul. Not a module: the parts own the
+    parameters (their weights are views of this one), so they keep their Hugging Face names for
+    loading and no weight is stored twice."""
 
-    Each part's parameters become views of its row block of the fused tensors, so the
-    parts keep their Hugging Face names for loading (``param.copy_`` writes through to
-    the fused weight) and no weight is stored twice. ``F.linear(x, fused)`` then gives
-    the parts' outputs side by side in one matmul: every output element is the same
-    dot product as in the separate matmul (the equality tests against transformers
-    hold bit for bit).
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        self.weight, self.bias = weight, bias  # [sum(out), in], [sum(out)]
+        self.quantize_as = QUANTIZE_ANY
+        self.quantized: QuantizedLinear | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:  # [..., in] -> [..., sum(out)]
+        if self.quantized is not None:
+            return self.quantized(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+def fuse_linears(*parts: Linear) -> FusedLinear:
+    """One ``FusedLinear`` ``[sum(out), in]`` for several ``Linear`` s over the same input.
+
+    Each part's parameters become views of its row block of the fused tensors
+    (``param.copy_`` at load writes through to the fused weight). The fused matmul gives the
+    parts' outputs side by side: every output element is the same dot product as in the
+    separate matmul (the equality tests against transformers hold bit for bit).
     """
     in_features = parts[0].in_features
     assert all(p.in_features == in_features for p in parts), [p.in_features for p in parts]
@@ -66,8 +103,9 @@ def fuse_linears(*parts: Linear) -> tuple[Tensor, Tensor | None]:
         p.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
         if has_bias:
             p.bias = nn.Parameter(bias[lo:hi], requires_grad=False)
+        p.quantize_as = QUANTIZE_NONE  # the fused linear runs instead of the part
         lo = hi
-    return weight, bias
+    return FusedLinear(weight, bias)
 
 
 class Embedding(nn.Module):
@@ -111,12 +149,11 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, bias, dtype)
         self.down_proj = Linear(intermediate, hidden, bias, dtype)
         self.intermediate = intermediate
-        # gate and up in one matmul; gate_proj / up_proj stay the loadable parameters (views).
-        # Plain attributes, not parameters: the parts own them.
-        self.gate_up_weight, self.gate_up_bias = fuse_linears(self.gate_proj, self.up_proj)  # [2I, hidden]
+        # gate and up in one matmul; gate_proj / up_proj stay the loadable parameters (views)
+        self.gate_up = fuse_linears(self.gate_proj, self.up_proj)  # [2I, hidden]
 
     def forward(self, x: Tensor) -> Tensor:  # [T, hidden] -> [T, hidden]
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [T, 2I]
+        gate_up = self.gate_up(x)  # [T, 2I]
         gate, up = gate_up.split(self.intermediate, dim=-1)  # [T, I] each
         return self.down_proj(F.silu(gate) * up)
 
@@ -433,6 +470,7 @@ class RoutedMoE(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.gate = Linear(hidden, num_experts, False, dtype)
+        self.gate.quantize_as = QUANTIZE_NONE  # routing stays as the checkpoint decides it
         self.experts = RoutedExperts(num_experts, hidden, intermediate, dtype, parallel)
         self.shared_experts = GatedMLP(hidden, shared_intermediate, False, dtype) if shared_intermediate else None
         self.moe_backend = moe_backend

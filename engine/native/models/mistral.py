@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.native.models.base import KVCacheSpec
@@ -70,12 +69,12 @@ class GQAAttention(nn.Module):
         self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias, dtype)
         self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias, dtype)
         # q, k and v in one matmul; the *_proj parameters stay loadable by name (views of these).
-        self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)  # [(Hq+2Hkv)*D, hidden]
+        self.qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)  # [(Hq+2Hkv)*D, hidden]
 
     def forward(self, h: Tensor, ctx: StepContext, kv_cache: tuple[Tensor, Tensor]) -> Tensor:  # [T, hidden]
         k_cache, v_cache = kv_cache  # [NB, BS, Hkv, D] each
         n, hq, hkv = h.shape[0], self.num_heads, self.num_kv_heads
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias).view(n, hq + 2 * hkv, self.head_dim)  # [T, Hq+2Hkv, D]
+        qkv = self.qkv(h).view(n, hq + 2 * hkv, self.head_dim)  # [T, Hq+2Hkv, D]
         # q and k heads side by side get the same per-position rotation: one elementwise pass for both.
         qk = self.rotary.apply(qkv[:, : hq + hkv], ctx.cos, ctx.sin)  # [T, Hq+Hkv, D]
         q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from engine.native.models.base import KVCacheSpec
 from engine.native.models.decoder import DecoderLM, hf_get
 from engine.native.models.layers import (
+    QUANTIZE_NONE,
     DecoderLayer,
     GatedMLP,
     Linear,
@@ -112,6 +113,7 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias, dtype)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, self.LATENT_NORM_EPS, dtype)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), False, dtype)
+        self.kv_b_proj.quantize_as = QUANTIZE_NONE  # absorbed into attention: its weight is read as is
         self.o_proj = Linear(cfg.num_heads * cfg.v_head_dim, h, bias, dtype)
         scale = cfg.qk_head_dim**-0.5
         if cfg.rope["rope_type"] != "default" and cfg.rope.get("mscale_all_dim"):

@@ -30,6 +30,7 @@ from engine.llm import LLM
 from engine.native.builder import build_engine_core
 from engine.native.device import engine_device
 from engine.native.engine_core import EngineCore
+from engine.native.models.layers import FusedLinear
 from engine.native.models.loader import load_model
 from engine.native.runner import StepInputs
 from engine.output import collect_output
@@ -88,12 +89,8 @@ def test_logits_equal_transformers_on_the_device(arch, device, checkpoints):
 def _device_types(core: EngineCore) -> dict[str, set[str]]:
     """Where each kind of engine tensor lives, by device type."""
     model = core.model
-    fused = [
-        t
-        for m in model.modules()
-        for t in (getattr(m, "qkv_weight", None), getattr(m, "gate_up_weight", None))
-        if t is not None
-    ]  # plain attributes (the parts' parameters are views of them)
+    # not parameters: the parts' parameters are views of them
+    fused = [v.weight for m in model.modules() for v in vars(m).values() if isinstance(v, FusedLinear)]
     return {
         "parameters": {p.device.type for p in model.parameters()},
         "buffers": {b.device.type for b in model.buffers()},

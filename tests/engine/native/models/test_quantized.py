@@ -1,0 +1,89 @@
+"""``model.quantization``: which linears a model runs quantized, and that the CPU kernels run them as the
+reference (dequantize, then a plain matmul) says, through prefill and decode on the paged runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.checkpoint.tiny import make_tiny
+from engine.config import EngineConfig, ModelConfig
+from engine.native.models.layers import FusedLinear, Linear
+from engine.native.models.loader import load_model
+from engine.native.models.quantize import quantize_linears
+from kernels.backend import get_linear_kernel
+from tests.engine.native.models.helpers import max_abs_diff, prompts_of, run_engine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return lambda arch: make_tiny(arch, 0, str(tmp_path_factory.mktemp(arch)))
+
+
+def schemes(model) -> dict[str, str | None]:
+    """Each linear the model holds (fused ones by their owner's name) -> its scheme, None if left as loaded."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            out[name] = module.quantized.scheme if module.quantized is not None else None
+        for attr, value in vars(module).items():
+            if isinstance(value, FusedLinear):
+                out[f"{name}.{attr}"] = value.quantized.scheme if value.quantized is not None else None
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mistral", "llama", "mixtral", "mistral4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_cpu_kernels_run_a_quantized_model_as_the_reference_does(tiny, arch, scheme):
+    path = tiny(arch)
+    got, _ = load_model(path, ModelConfig(quantization=scheme))
+    want, _ = load_model(path, ModelConfig())
+    counts = quantize_linears(want, scheme, get_linear_kernel("reference"))
+    assert schemes(got) == schemes(want) and sum(counts.values()) > 0
+    prompts = prompts_of([5, 11], vocab=500)
+    for chunk in (1, None):  # one token a sequence a step (decode-shaped), then whole prompts
+        _, got_logits = run_engine(got, prompts, decode_steps=0, chunk=chunk)
+        _, want_logits = run_engine(want, prompts, decode_steps=0, chunk=chunk)
+        for g, w in zip(got_logits, want_logits):
+            # bfloat16 activations: float32 accumulation order may move a value one bfloat16 step
+            assert max_abs_diff(g, w) <= 2**-6 * w.abs().max().item(), (max_abs_diff(g, w), w.abs().max())
+
+
+def test_what_is_quantized_and_what_stays_as_loaded(tiny):
+    by_name = schemes(load_model(tiny("mistral4"), ModelConfig(quantization="int4"))[0])
+    assert by_name["lm_head"] == "int8"  # the output head is never below 8 bits
+    assert by_name["model.layers.0.self_attn.kv_b_proj"] is None  # absorbed into attention as is
+    assert by_name["model.layers.1.mlp.gate"] is None  # the router's choices stay the checkpoint's
+    assert by_name["model.layers.0.mlp.gate_up"] == "int4" and by_name["model.layers.0.mlp.gate_proj"] is None
+    assert by_name["model.layers.0.self_attn.q_a_proj"] == "int4"
+    assert by_name["model.layers.0.self_attn.kv_a_proj_with_mqa"] == "int8"  # 40 rows: int4 cannot pack them
+    plain = schemes(load_model(tiny("mistral"), ModelConfig())[0])
+    assert set(plain.values()) == {None}
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ModelConfig(quantization="int3"), "quantization: must be one of ('none', 'int8', 'int4')"),
+        (lambda: ModelConfig(quantization="int8", device="cuda"), "quantization: 'int8' runs on PyTorch's CPU"),
+        (
+            lambda: EngineConfig(backend="vllm", model=ModelConfig(quantization="int4")),
+            "model.quantization: is the native engine's",
+        ),
+    ],
+)
+def test_a_bad_quantization_setting_is_refused_naming_the_field(make, message):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_quantized_weights_take_a_quarter_and_an_eighth_of_the_bytes(tiny):
+    model, _ = load_model(tiny("mistral"), ModelConfig(quantization="int4"))
+    mlp = model.model.layers[0].mlp.gate_up
+    assert mlp.quantized.prepared.weight.numel() * mlp.quantized.prepared.weight.element_size() == (
+        mlp.weight.numel() // 2
+    )
+    assert torch.equal(
+        mlp.weight, torch.cat([model.model.layers[0].mlp.gate_proj.weight, model.model.layers[0].mlp.up_proj.weight])
+    )
