@@ -78,7 +78,7 @@ def test_a_bad_quantization_setting_is_refused_naming_the_field(make, message):
     assert str(info.value).startswith(message), str(info.value)
 
 
-def test_quantized_weights_take_a_quarter_and_an_eighth_of_the_bytes(tiny):
+def test_int4_weights_take_an_eighth_of_fp32s_bytes_and_the_fused_weight_stays_whole(tiny):
     model, _ = load_model(tiny("mistral"), ModelConfig(quantization="int4"))
     mlp = model.model.layers[0].mlp.gate_up
     assert mlp.quantized.prepared.weight.numel() * mlp.quantized.prepared.weight.element_size() == (
