@@ -106,4 +106,5 @@ class LoadRunner:
             region=region,
             tokens=tokens,
             failovers=hops,
+            error=last.error.message if last is not None and last.error is not None else "",
         )

@@ -49,6 +49,7 @@ class RequestRecord(_Record):
     failovers: list[Failover]
     duplicated_tokens: int | None = None  # filled by the replay check (None: not checked)
     lost_tokens: int | None = None
+    error: str = ""  # the final error's details as the client saw them ("" when it ended right)
 
     @property
     def ok(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 
@@ -9,11 +10,11 @@ import pytest
 import yaml
 
 from cluster.config_loader import ConfigError
-from cluster.ops.drill.load import failovers_with_times
+from cluster.ops.drill.load import LoadRunner, failovers_with_times
 from cluster.ops.drill.replay import compare
-from cluster.ops.drill.scenario import check_faults, load_scenario
+from cluster.ops.drill.scenario import LoadSpec, check_faults, load_scenario
 from cluster.ops.up.topology import region_configs
-from cluster.types import FailoverHop
+from cluster.types import UNAVAILABLE, Chunk, ChunkError, FailoverHop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 SHIPPED = sorted(
@@ -90,3 +91,24 @@ def test_replay_comparison_counts_duplicated_and_lost_tokens():
     assert compare([1, 2, 3, 3, 4], [1, 2, 3, 4]) == (1, 0)  # a token sent twice
     assert compare([1, 2, 4], [1, 2, 3, 4]) == (0, 1)  # a token never sent
     assert compare([1, 9, 4], [1, 2, 3, 4]) == (1, 2)  # a wrong continuation: both
+
+
+class _FailsAfterOneToken:
+    """A client whose every stream gives one token, then the route's final error."""
+
+    class backend:
+        @staticmethod
+        def order(preferred):
+            return ["eu"]
+
+    async def generate(self, prompt, **kw):
+        yield Chunk(token_ids=[5])
+        yield Chunk(finished=True, error=ChunkError(UNAVAILABLE, "regions", "no region could serve this request"))
+
+
+def test_a_failed_request_is_recorded_with_its_code_and_its_error():
+    runner = LoadRunner(_FailsAfterOneToken(), LoadSpec(requests=1), clock=lambda: 0.0)
+    record = asyncio.run(runner.one(0))
+    assert (record.code, record.tokens, record.region) == ("UNAVAILABLE", [5], "")
+    assert record.error == "no region could serve this request"
+    assert type(record).from_dict(record.to_dict()) == record  # saved with the records and read back
