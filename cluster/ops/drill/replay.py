@@ -20,10 +20,14 @@ def compare(received: list[int], replay: list[int]) -> tuple[int, int]:
     return duplicated, lost
 
 
-async def replay_check(load: LoadRunner, records: list[RequestRecord], concurrency: int) -> int:
-    """Fills duplicated_tokens / lost_tokens of every OK record; returns how many were checked."""
+async def replay_check(
+    load: LoadRunner, records: list[RequestRecord], concurrency: int, failed: list[str] | None = None
+) -> int:
+    """Fills duplicated_tokens / lost_tokens of every OK record; returns how many were checked.
+    A replay that fails leaves its record unchecked, and its id and error go into ``failed``."""
     todo = [r for r in records if r.ok]
     gate = asyncio.Semaphore(concurrency)
+    failed = [] if failed is None else failed
 
     async def one(record: RequestRecord) -> None:
         i = int(record.id.rsplit("-", 1)[1])
@@ -41,6 +45,8 @@ async def replay_check(load: LoadRunner, records: list[RequestRecord], concurren
                 last = chunk
         if last is not None and last.error is None:
             record.duplicated_tokens, record.lost_tokens = compare(record.tokens, tokens)
+        else:
+            failed.append(f"replay-{i}: {last.error.message if last is not None else 'no chunk'}")
 
     await asyncio.gather(*(one(r) for r in todo))
     return sum(r.replay_checked for r in todo)

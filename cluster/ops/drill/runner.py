@@ -131,8 +131,11 @@ async def _drill(
             ticker.cancel()
             fault_task.cancel()
         progress(f"replaying {sum(r.ok for r in records)} successful streams with the same seeds")
-        checked = await replay_check(load, records, s.concurrency)
+        failed: list[str] = []
+        checked = await replay_check(load, records, s.concurrency, failed)
         progress(f"replay: {checked} streams compared token by token")
+        for line in failed:
+            progress(f"replay failed, stream left unchecked: {line}")
         for name in regions.regions:
             for t in await injector.region_transitions(name):
                 health.append(HealthEvent(clock.of(t.unix_time), name, t.region, t.state, t.reason))

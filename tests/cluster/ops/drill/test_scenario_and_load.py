@@ -11,7 +11,7 @@ import yaml
 
 from cluster.config_loader import ConfigError
 from cluster.ops.drill.load import LoadRunner, failovers_with_times
-from cluster.ops.drill.replay import compare
+from cluster.ops.drill.replay import compare, replay_check
 from cluster.ops.drill.scenario import LoadSpec, check_faults, load_scenario
 from cluster.ops.up.topology import region_configs
 from cluster.types import UNAVAILABLE, Chunk, ChunkError, FailoverHop
@@ -112,3 +112,12 @@ def test_a_failed_request_is_recorded_with_its_code_and_its_error():
     assert (record.code, record.tokens, record.region) == ("UNAVAILABLE", [5], "")
     assert record.error == "no region could serve this request"
     assert type(record).from_dict(record.to_dict()) == record  # saved with the records and read back
+
+
+def test_a_replay_that_fails_leaves_its_stream_unchecked_and_says_why():
+    runner = LoadRunner(_FailsAfterOneToken(), LoadSpec(requests=1), clock=lambda: 0.0)
+    record = asyncio.run(runner.one(0))
+    record.code = "OK"  # as if the load's stream had ended right; its replay fails
+    failed: list[str] = []
+    assert asyncio.run(replay_check(runner, [record], 1, failed)) == 0
+    assert failed == ["replay-0: no region could serve this request"] and record.duplicated_tokens is None
