@@ -20,14 +20,12 @@ def compare(received: list[int], replay: list[int]) -> tuple[int, int]:
     return duplicated, lost
 
 
-async def replay_check(
-    load: LoadRunner, records: list[RequestRecord], concurrency: int, failed: list[str] | None = None
-) -> int:
-    """Fills duplicated_tokens / lost_tokens of every OK record; returns how many were checked.
-    A replay that fails leaves its record unchecked, and its id and error go into ``failed``."""
+async def replay_check(load: LoadRunner, records: list[RequestRecord], concurrency: int) -> tuple[int, list[str]]:
+    """Fills duplicated_tokens / lost_tokens of every OK record; returns how many were checked, and
+    the replays that failed (each id with its error), whose records stay unchecked."""
     todo = [r for r in records if r.ok]
     gate = asyncio.Semaphore(concurrency)
-    failed = [] if failed is None else failed
+    failed: list[str] = []
 
     async def one(record: RequestRecord) -> None:
         i = int(record.id.rsplit("-", 1)[1])
@@ -49,4 +47,4 @@ async def replay_check(
             failed.append(f"replay-{i}: {last.error.message if last is not None else 'no chunk'}")
 
     await asyncio.gather(*(one(r) for r in todo))
-    return sum(r.replay_checked for r in todo)
+    return sum(r.replay_checked for r in todo), failed

@@ -131,8 +131,7 @@ async def _drill(
             ticker.cancel()
             fault_task.cancel()
         progress(f"replaying {sum(r.ok for r in records)} successful streams with the same seeds")
-        failed: list[str] = []
-        checked = await replay_check(load, records, s.concurrency, failed)
+        checked, failed = await replay_check(load, records, s.concurrency)
         progress(f"replay: {checked} streams compared token by token")
         for line in failed:
             progress(f"replay failed, stream left unchecked: {line}")

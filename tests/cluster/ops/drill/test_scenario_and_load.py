@@ -118,6 +118,6 @@ def test_a_replay_that_fails_leaves_its_stream_unchecked_and_says_why():
     runner = LoadRunner(_FailsAfterOneToken(), LoadSpec(requests=1), clock=lambda: 0.0)
     record = asyncio.run(runner.one(0))
     record.code = "OK"  # as if the load's stream had ended right; its replay fails
-    failed: list[str] = []
-    assert asyncio.run(replay_check(runner, [record], 1, failed)) == 0
-    assert failed == ["replay-0: no region could serve this request"] and record.duplicated_tokens is None
+    checked, failed = asyncio.run(replay_check(runner, [record], 1))
+    assert checked == 0 and failed == ["replay-0: no region could serve this request"]
+    assert record.duplicated_tokens is None
