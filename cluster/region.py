@@ -43,6 +43,7 @@ def _say(msg: str) -> None:
 
 
 RAY_START_TIMEOUT = "timed out during startup"  # what ray.init raises when its raylet registers late
+VLLM_RPC_BASE = "VLLM_RPC_BASE_PATH"  # where vLLM puts its IPC sockets (and leaves them)
 
 
 def _started_ray_processes() -> dict[str, subprocess.Popen]:
@@ -216,6 +217,10 @@ class RegionServer:
         rc = self.cfg.ray
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        # Ray's processes inherit it: vLLM's IPC sockets go under the temp dir, removed even after a SIGKILL
+        rpc_dir = None if VLLM_RPC_BASE in os.environ else self._temp_dir
+        if rpc_dir:
+            os.environ[VLLM_RPC_BASE] = rpc_dir
         try:
             ray.init(
                 num_cpus=rc.num_cpus,
@@ -229,6 +234,8 @@ class RegionServer:
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
+            if rpc_dir:
+                os.environ.pop(VLLM_RPC_BASE, None)
 
     def _deploy(self) -> None:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what matters

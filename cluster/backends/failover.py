@@ -33,6 +33,7 @@ from cluster.config import RegionsConfig
 from cluster.policy.regions import order_regions
 from cluster.regions.codes import fails_over
 from cluster.regions.health_book import EJECTED, UNHEALTHY, HealthBook, Transition
+from cluster.regions.stalls import Patience
 from cluster.telemetry.spans import AnyRouteTrace, RouteTrace, route_trace
 from cluster.types import (
     DEADLINE_EXCEEDED,
@@ -308,9 +309,10 @@ class FailoverBackend(Backend):
             source = _replayed(source, _Replay(progress, region))
         async with contextlib.aclosing(source) as chunks:
             while True:
-                timeout = min([limit, *_left(request, progress)])
+                left = _left(request, progress)  # the caller's limits: stalls of this loop do not stretch them
+                cap = asyncio.get_running_loop().time() + max(min(left), 0.0) if left else None
                 try:
-                    chunk = await self._next(region, chunks, max(timeout, 0.0))
+                    chunk = await self._next(region, chunks, limit, cap)
                 except TimeoutError as silent:
                     if request.deadline is not None and time.time() >= request.deadline:  # the caller's limit
                         outcome.done = True
@@ -337,27 +339,27 @@ class FailoverBackend(Backend):
                     self.book.on_success(region)
                     return
 
-    async def _next(self, region: str, chunks: AsyncIterator[Chunk], timeout: float) -> Chunk | None:
-        """The next chunk (None at the end), or TimeoutError after ``timeout`` of silence. Once the
-        region's checks call it down (unhealthy or ejected) and another region takes traffic, its
-        silence may last only as long as the checks took to judge it, so a frozen region's streams
-        leave when it is judged instead of a whole idle limit later."""
-        loop = asyncio.get_running_loop()
-        since, judged = loop.time(), ""
+    async def _next(self, region: str, chunks: AsyncIterator[Chunk], idle_s: float, cap: float | None) -> Chunk | None:
+        """The next chunk (None at the end), or TimeoutError after ``idle_s`` of silence (not counting
+        stalls of this loop) or at ``cap`` (loop time). Once the region's checks call it down (unhealthy
+        or ejected) and another region takes traffic, its silence may last only as long as the checks
+        took to judge it, so a frozen region's streams leave when it is judged instead of a whole idle
+        limit later."""
+        judged = ""
         try:
             # in this task: Python 3.11's wait_for loses a cancel that lands as a chunk arrives,
             # and the caller's cancelled stream would then run on to its end in the engine
-            async with asyncio.timeout_at(since + timeout) as limit:
+            async with asyncio.timeout(None) as limit:
+                patience = Patience(self.book.stalls, limit, idle_s, cap)
 
                 def cut_short() -> None:
                     nonlocal judged
-                    soon = since + self._down_patience()
-                    if limit.expired() or soon >= since + timeout:
+                    if limit.expired() or self._down_patience() >= patience.patience_s:
                         return  # already due (the checks may judge it as the wait ends)
                     if any(self.book.available(n) for n in self.members if n != region):
                         health = self.book.regions[region]
                         judged = f"{health.state(self.book.clock())}: {health.reason}"
-                        limit.reschedule(soon)
+                        patience.shorten(self._down_patience())
 
                 if not self.book.available(region):
                     cut_short()
@@ -366,6 +368,7 @@ class FailoverBackend(Backend):
                     return await anext(chunks, None)
                 finally:
                     self._judged_down[region].discard(cut_short)
+                    patience.cancel()
         except TimeoutError:
             raise TimeoutError(judged) if judged else TimeoutError() from None
 

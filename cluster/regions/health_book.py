@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cluster.config import HealthCheckConfig
+from cluster.regions.stalls import StallWatch
 
 HEALTHY, UNHEALTHY, EJECTED, UNKNOWN = "healthy", "unhealthy", "ejected", "unknown"
 RESTORED = "restored"  # an ejection ran out
@@ -128,6 +129,7 @@ class HealthBook:
         self.regions = {name: RegionHealth(name, cfg, name == local) for name in regions}
         self.transitions: collections.deque[Transition] = collections.deque(maxlen=MAX_TRANSITIONS)
         self.listeners: list[Callable[[Transition], None]] = []
+        self.stalls = StallWatch()  # run by the health checker; silence in a stall of this loop is not a region's
 
     def _record(self, t: Transition | None) -> None:
         if t is not None:

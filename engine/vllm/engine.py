@@ -14,10 +14,13 @@ point (vLLM seeds per request, not per position).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,22 @@ def _require_vllm() -> Any:
     return vllm
 
 
+RPC_BASE = "VLLM_RPC_BASE_PATH"
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 class VllmEngine(EngineClient):
     def __init__(self, config: EngineConfig, placement_group: Any = None):
         vllm = _require_vllm()
@@ -95,13 +114,20 @@ class VllmEngine(EngineClient):
         vllm_config = AsyncEngineArgs(**kwargs).create_engine_config()
         if placement_group is not None:  # workers take this replica's bundles, not a group of their own
             vllm_config.parallel_config.placement_group = placement_group
-        self.llm = AsyncLLM(
-            vllm_config,
-            Executor.get_class(vllm_config),
-            log_stats=True,
-            log_requests=False,
-            stat_loggers=[self.recorder.factory],
-        )
+        # vLLM leaves its IPC sockets behind in VLLM_RPC_BASE_PATH: give them a directory of ours to remove
+        self._rpc_dir = tempfile.mkdtemp(prefix="levante-vllm-", dir=os.environ.get(RPC_BASE))
+        try:
+            with _environ(RPC_BASE, self._rpc_dir):  # its processes start now, and keep the setting
+                self.llm = AsyncLLM(
+                    vllm_config,
+                    Executor.get_class(vllm_config),
+                    log_stats=True,
+                    log_requests=False,
+                    stat_loggers=[self.recorder.factory],
+                )
+        except BaseException:
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
+            raise
         cache = self.llm.vllm_config.cache_config
         self.num_blocks, self.block_size = int(cache.num_gpu_blocks or 0), int(cache.block_size)
         self._streams: dict[str, _Stream] = {}
@@ -232,7 +258,10 @@ class VllmEngine(EngineClient):
             if stream.pump is not None:
                 stream.pump.cancel()
             self._end(rid, stream, "abort", None)
-        self.llm.shutdown(timeout)
+        try:
+            self.llm.shutdown(timeout)
+        finally:
+            shutil.rmtree(self._rpc_dir, ignore_errors=True)
 
     # ---- outputs ---------------------------------------------------------------------------------
 

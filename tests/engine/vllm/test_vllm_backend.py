@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import tempfile
 import time
 
 import jsonschema
@@ -88,12 +89,15 @@ def test_mistral_greedy_tokens_and_logprobs_match_native(pair):
     _compare_mixed(*pair, "tiny Mistral")
 
 
-def test_mixtral_greedy_tokens_and_logprobs_match_native():
+def test_mixtral_greedy_tokens_and_logprobs_match_native_and_close_leaves_no_socket_behind():
+    before = set(os.listdir(tempfile.gettempdir()))
     native, vllm = LLM(config=config(MIXTRAL, "native")), LLM(config=config(MIXTRAL, "vllm"))
     try:
         _compare_mixed(native, vllm, "tiny Mixtral")
     finally:
         vllm.close()
+    # vLLM's IPC sockets (named by uuid) went into the engine's own directory, removed at close
+    assert set(os.listdir(tempfile.gettempdir())) - before == set()
 
 
 def test_reasoning_split_streams_like_native(pair):
