@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 
 TICK_S = 0.1  # a tick later than this again is a stall
+LOG_STALL_S = 1.0  # a stall this long is logged: the process is starved, or blocks its loop
+log = logging.getLogger(__name__)
 
 
 class StallWatch:
@@ -43,6 +46,10 @@ class StallWatch:
             now = loop.time()
             if now - self._due > self.tick_s:
                 self._stalls.append((self._due, now))
+                if now - self._due >= LOG_STALL_S:
+                    log.warning(
+                        "event loop stalled for %.2fs: silence in it is not counted against regions", now - self._due
+                    )
 
     def lost(self, since: float, now: float) -> float:
         """Seconds of ``[since, now]`` (loop time) in which the loop was stalled."""
