@@ -14,6 +14,7 @@ import contextlib
 import logging
 
 TICK_S = 0.1  # a tick later than this again is a stall
+MAX_STRETCH = 4.0  # stalls stretch a patience at most this many times over: a judge always busy still judges
 LOG_STALL_S = 1.0  # a stall this long is logged: the process is starved, or blocks its loop
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class Patience:
         if self.limit.expired():
             return
         now = self.loop.time()
-        due = self.since + self.patience_s + self.watch.lost(self.since, now)
+        stretch = min(self.watch.lost(self.since, now), MAX_STRETCH * self.patience_s)
+        due = self.since + self.patience_s + stretch
         if self.cap is not None:
             due = min(due, self.cap)
         if due > now:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from cluster.backends.failover import FailoverBackend
 from cluster.config import HealthCheckConfig, RegionsConfig
 from cluster.regions.checker import HealthChecker
 from cluster.regions.health_book import HEALTHY, UNHEALTHY, HealthBook
-from cluster.regions.stalls import StallWatch
+from cluster.regions.stalls import Patience, StallWatch
 from tests.cluster.regions.test_failover import Scripted, heartbeats, request, start, tokens
 
 IDLE = HealthCheckConfig(consecutive_failures=1, stream_idle_timeout_s=0.3)
@@ -93,3 +95,27 @@ def test_a_check_that_times_out_across_a_stall_of_its_own_loop_proves_nothing():
 
     assert asyncio.run(go(stalls_then_times_out)) == HEALTHY
     assert asyncio.run(go(times_out)) == UNHEALTHY
+
+
+class Lost(StallWatch):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def lost(self, since: float, now: float) -> float:
+        return self.seconds
+
+
+def test_stalls_stretch_a_patience_at_most_four_times_over_and_never_past_the_cap():
+    async def due(watch: StallWatch, cap_in: float | None = None) -> float:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(None) as limit:  # noqa: ASYNC100 -- only Patience's arithmetic is under test
+            cap = None if cap_in is None else loop.time() + cap_in
+            patience = Patience(watch, limit, 1.0, cap)
+            when = patience._handle.when() - patience.since
+            patience.cancel()
+            return when
+
+    assert asyncio.run(due(Lost(0.5))) == pytest.approx(1.5, abs=0.05)
+    assert asyncio.run(due(Lost(100.0))) == pytest.approx(5.0, abs=0.05)  # an always-busy judge still judges
+    assert asyncio.run(due(Lost(0.5), cap_in=1.2)) == pytest.approx(1.2, abs=0.05)  # the caller's deadline
