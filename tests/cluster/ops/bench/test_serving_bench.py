@@ -111,14 +111,20 @@ def test_ctrl_c_while_starting_stops_what_it_started_and_exits(tmp_path):
     region deploys. The benchmark stops what it started (by PID where Ray is gone) and exits 130."""
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "cluster.cli", "bench-serving", "--config", str(path), "--requests", "1"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    # As from a terminal: a suite started in the background by a shell without job control ignores
+    # SIGINT, and a child inherits that; Python then sets no KeyboardInterrupt handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "cluster.cli", "bench-serving", "--config", str(path), "--requests", "1"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
     temp_dir = None
