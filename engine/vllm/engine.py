@@ -114,7 +114,8 @@ class VllmEngine(EngineClient):
         vllm_config = AsyncEngineArgs(**kwargs).create_engine_config()
         if placement_group is not None:  # workers take this replica's bundles, not a group of their own
             vllm_config.parallel_config.placement_group = placement_group
-        # vLLM leaves its IPC sockets behind in VLLM_RPC_BASE_PATH: give them a directory of ours to remove
+        # vLLM leaves its IPC sockets behind in VLLM_RPC_BASE_PATH: give them a directory of ours to remove.
+        # (Not TMPDIR, for its rendezvous file: torch keeps its precompiled headers under the temp dir.)
         self._rpc_dir = tempfile.mkdtemp(prefix="levante-vllm-", dir=os.environ.get(RPC_BASE))
         try:
             with _environ(RPC_BASE, self._rpc_dir):  # its processes start now, and keep the setting
