@@ -2,8 +2,8 @@
 
 Reads a job (JSON) on stdin, loads the model, warms up, then times the job's prompts ``runs`` times
 (greedy, ``max_tokens`` new tokens each, end-of-sequence ignored) and prints the best run as one
-JSON line: ``{"load_s", "seconds", "tokens", "perplexity"}``. Imports only its engine's own package:
-vLLM, transformers and llama.cpp never see Levante's code.
+line, ``peer-result: `` and JSON ``{"load_s", "seconds", "tokens", "perplexity"}``. Imports only its
+engine's own package: vLLM, transformers and llama.cpp never see Levante's code.
 
 Job keys: ``engine`` (levante, vllm, transformers, llama.cpp), ``model_dir`` (the fp32 Hugging Face
 folder), ``gguf`` (the GGUF file, llama.cpp and Levante's quantized runs), ``prompts`` (token ids),
@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 Tokens = list[list[int]]
 WARMUP_TOKENS = 4
+MARK = "peer-result: "
 
 
 def best_of(runs: int, generate: Callable[[Tokens, int], Tokens], job: dict) -> tuple[float, Tokens]:
@@ -145,7 +146,7 @@ def main() -> None:
     job = json.load(sys.stdin)
     os.environ.setdefault("OMP_NUM_THREADS", str(job["threads"]))
     result = ENGINES[job["engine"]](job)
-    print(json.dumps(result), flush=True)
+    print(MARK + json.dumps(result), flush=True)  # marked: engines print on stdout too
 
 
 if __name__ == "__main__":

