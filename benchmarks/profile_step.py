@@ -1,0 +1,58 @@
+"""Where Levante's decode time goes: torch's profiler over one ``LLM.generate`` on the embedded model.
+
+    .venv/bin/python benchmarks/profile_step.py --batch 1
+    .venv/bin/python benchmarks/profile_step.py --batch 16
+
+Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads (the
+workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
+wall time that torch's ops account for (the rest is Python: scheduling, inputs, outputs), and the
+ops with the most self time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+from torch.profiler import ProfilerActivity, profile
+
+from engine.checkpoint.gguf import default_gguf_path
+from engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from engine.core.request import SamplingParams
+from engine.llm import LLM
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=1, help="prompts in one generate call")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--top", type=int, default=12, help="ops listed")
+    args = ap.parse_args()
+    config = EngineConfig(
+        model=ModelConfig(model=default_gguf_path(), num_threads=args.threads),
+        scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1)),
+    )
+    llm = LLM(config=config)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 49152) for _ in range(128)] for _ in range(args.batch)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    plain = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        wall = time.perf_counter() - start
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    in_ops = sum(e.self_cpu_time_total for e in ops) / 1e6
+    print(f"batch {args.batch}: {plain:.2f}s unprofiled ({args.batch * 64 / plain:.1f} tok/s), {wall:.2f}s profiled")
+    print(f"torch ops: {in_ops:.2f}s ({100 * in_ops / wall:.0f}% of the profiled wall time)")
+    for e in ops[: args.top]:
+        share = 100 * e.self_cpu_time_total / 1e6 / wall
+        print(f"  {e.key:<52}{e.self_cpu_time_total / 1e6:8.3f}s {share:5.1f}%  {e.count} calls")
+
+
+if __name__ == "__main__":
+    main()
