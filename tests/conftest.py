@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import children as child_processes
+
 EXIT_STATUS = pytest.StashKey[int]()
 
 
@@ -28,25 +30,10 @@ def _threads_alive() -> str:
     python = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
     tasks = Path("/proc/self/task")
     native = Counter(p.joinpath("comm").read_text().strip() for p in tasks.iterdir()) if tasks.exists() else {}
-    me = str(os.getpid())
-    children = [_command(p) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == me]
+    children = [command[:120] for command in child_processes(os.getpid()).values()]
     return (
         f"threads alive at the end: python {python}; native {dict(sorted(native.items()))}; child processes {children}"
     )
-
-
-def _command(proc: Path) -> str:
-    try:
-        return proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120].strip()
-    except OSError:
-        return proc.name
-
-
-def _ppid(proc: Path) -> str | None:
-    try:
-        return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]
-    except (OSError, IndexError):
-        return None
 
 
 def pytest_configure(config):

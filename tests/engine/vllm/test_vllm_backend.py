@@ -28,6 +28,7 @@ from engine.core.request import SamplingParams
 from engine.llm import LLM
 from engine.types import EngineError, Resume, StructuredOutput
 from tests.engine.test_structured import SCHEMAS
+from tests.processes import children
 
 pytestmark = pytest.mark.slow
 
@@ -210,18 +211,7 @@ def test_a_twin_submitted_during_admission_is_refused_and_the_first_completes(pa
 
 def _engine_processes() -> list[int]:
     """vLLM's engine processes under this test process (found by the title vLLM gives them)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0]
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if title.startswith(b"VLLM::EngineCore") and parent == os.getpid():
-            found.append(int(entry))
-    return found
+    return [pid for pid, command in children(os.getpid()).items() if command.startswith("VLLM::EngineCore")]
 
 
 def test_structured_output_runs_by_the_native_rules(pair):
