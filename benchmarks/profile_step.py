@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/profile_step.py --batch 1
     .venv/bin/python benchmarks/profile_step.py --batch 16
+    .venv/bin/python benchmarks/profile_step.py --batch 16 --linear-backend reference   # F.linear: the path before
 
-Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads (the
-workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
+Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads, prefix
+caching off (the workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
 wall time that torch's ops account for (the rest is Python: scheduling, inputs, outputs), and the
 ops with the most self time.
 """
@@ -18,7 +19,7 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from engine.checkpoint.gguf import default_gguf_path
-from engine.config import EngineConfig, ModelConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core.request import SamplingParams
 from engine.llm import LLM
 
@@ -28,16 +29,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="prompts in one generate call")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="ops listed")
+    ap.add_argument("--linear-backend", default="cpu", help="model.linear_backend (reference: F.linear)")
     args = ap.parse_args()
     config = EngineConfig(
-        model=ModelConfig(model=default_gguf_path(), num_threads=args.threads),
+        model=ModelConfig(model=default_gguf_path(), num_threads=args.threads, linear_backend=args.linear_backend),
         scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1)),
+        cache=CacheConfig(enable_prefix_caching=False),  # each run computes its prompts: the peers' workload
     )
     llm = LLM(config=config)
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 49152) for _ in range(128)] for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up at full batch
     start = time.perf_counter()
     llm.generate(prompts, params)
     plain = time.perf_counter() - start

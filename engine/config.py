@@ -18,7 +18,10 @@ EXECUTORS = ("ray", "mp", "uni")
 # The native engine's paged attention (kernels.backend): "cpu" (tiled for long contexts, on CPU or CUDA
 # tensors), "cpu_untiled" (one gather of the whole context per layer: the path before tiling) or "reference".
 ATTENTION_BACKENDS = ("cpu", "cpu_untiled", "reference")
-# Weight-only quantization of the native engine's linears at load (engine/native/models/quantize.py).
+# The native engine's linears (kernels.backend): "cpu" (float32 weights packed for oneDNN on the CPU; the
+# int8/int4 kernels; elsewhere F.linear) or "reference" (F.linear; quantized: dequantized).
+LINEAR_BACKENDS = ("cpu", "reference")
+# Weight-only quantization of the native engine's linears at load (engine/native/models/prepare.py).
 QUANTIZATIONS = ("none", "int8", "int4")
 
 
@@ -47,6 +50,7 @@ class ModelConfig:
     # native engine; the vllm backend's own platform (its build decides).
     device: str | None = None
     attention_backend: str = "cpu"  # native engine only: one of ATTENTION_BACKENDS
+    linear_backend: str = "cpu"  # native engine only: one of LINEAR_BACKENDS
     quantization: str = "none"  # native engine on CPU only: one of QUANTIZATIONS
 
     def __post_init__(self) -> None:
@@ -65,6 +69,11 @@ class ModelConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             "attention_backend",
             f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
+        )
+        _check(
+            self.linear_backend in LINEAR_BACKENDS,
+            "linear_backend",
+            f"must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}",
         )
         _check(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be positive")
         _check(

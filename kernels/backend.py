@@ -101,17 +101,18 @@ class MoEBackend(ABC):
 
 
 class LinearKernel(ABC):
-    """A linear over weight-only quantized weights (``kernels.quant.formats``)."""
+    """A linear whose weight the kernel holds in its own form: a dense float weight, or a weight-only
+    quantized one (``kernels.linear.formats``)."""
 
     name: str
 
     @abstractmethod
     def prepare(self, weight: Any) -> Any:
-        """The kernel's own form of a ``QuantizedWeight`` [N, K], made once at load."""
+        """The kernel's own form of a [N, K] weight (a ``Tensor`` or a ``QuantizedWeight``), made once at load."""
 
     @abstractmethod
     def linear(self, x: Tensor, prepared: Any, bias: Tensor | None) -> Tensor:
-        """x: [..., K] -> [..., N] in x.dtype: ``x @ dequantize(weight).T (+ bias)``."""
+        """x: [..., K] -> [..., N] in x.dtype: ``x @ weight.T (+ bias)``, a quantized weight dequantized."""
 
 
 def _attention_backends() -> dict[str, type[AttentionBackend]]:
@@ -133,8 +134,8 @@ def _moe_backends() -> dict[str, type[MoEBackend]]:
 
 
 def _linear_kernels() -> dict[str, type[LinearKernel]]:
-    from kernels.quant.cpu import CpuLinearKernel
-    from kernels.quant.reference import ReferenceLinearKernel
+    from kernels.linear.cpu import CpuLinearKernel
+    from kernels.linear.reference import ReferenceLinearKernel
 
     return {"reference": ReferenceLinearKernel, "cpu": CpuLinearKernel}
 
@@ -159,7 +160,8 @@ def get_moe_backend(name: str = "cpu") -> MoEBackend:
 
 
 def get_linear_kernel(name: str = "cpu") -> LinearKernel:
-    """``"reference"`` (dequantize, then a plain matmul: the spec) or ``"cpu"`` (PyTorch's CPU int8/int4 kernels)."""
+    """``"reference"`` (``F.linear``; quantized: dequantize, then a plain matmul: the spec) or ``"cpu"`` (dense float32
+    weights packed for oneDNN; PyTorch's CPU int8/int4 kernels; elsewhere ``F.linear``)."""
     return _pick("linear", _linear_kernels(), name)
 
 

@@ -51,3 +51,19 @@ def test_an_unknown_peer_is_refused_naming_the_flag(capsys):
     with pytest.raises(SystemExit):
         load().parse_args(["--peers", "levante,ollama"])
     assert "--peers: ollama is not one of" in capsys.readouterr().err
+
+
+def test_a_peer_that_fails_is_reported_and_the_sitting_goes_on(tmp_path):
+    peers = load()
+    # a venv whose Python dies before printing a result, as llama.cpp's did on a CPU whose AMX tiles it could not use
+    crash = tmp_path / "venvs" / "crash" / "bin"
+    crash.mkdir(parents=True)
+    (crash / "python").write_text("#!/bin/sh\nkill -SEGV $$\n")
+    (crash / "python").chmod(0o755)
+    broken = peers.Peer("llama.cpp", "llama.cpp", "crash")
+    (tmp_path / "venvs" / "crash" / ".levante-peer").write_text(json.dumps([(), (), ()]))
+    args = peers.parse_args(["--peers", "levante", "--model", MODEL, "--prompts", "2", "--stream-prompts", "1"])
+    args.prompt_len, args.max_tokens, args.runs, args.venvs = 8, 4, 1, str(tmp_path / "venvs")
+    results, failures = peers.run_all(args, [peers.PEERS["levante"], broken])
+    assert {(r.peer, r.workload) for r in results} == {("levante", "batch 2"), ("levante", "stream")}
+    assert len(failures) == 2 and all(f.startswith("llama.cpp, ") and "exited -11" in f for f in failures), failures

@@ -24,26 +24,28 @@ from torch import Tensor, nn
 from engine.checkpoint.files import ModelLoadError
 from engine.config import ParallelConfig
 from kernels.backend import LinearKernel, MoEBackend
+from kernels.linear.formats import QuantizedWeight
 from kernels.metadata import AttentionMetadata
-from kernels.quant.formats import QuantizedWeight
 
 # --------------------------------------------------------------------------- basic modules
 
 
-class QuantizedLinear:
-    """A linear's weight in a weight-only quantized form (``kernels.quant.formats``) and the kernel
-    that runs it; the bias stays in the model's dtype."""
+class PreparedLinear:
+    """A linear's weight in the form its kernel runs (packed dense, or weight-only quantized:
+    ``kernels.linear``) and that kernel; the bias stays in the model's dtype."""
 
-    def __init__(self, kernel: LinearKernel, weight: QuantizedWeight, bias: Tensor | None):
-        self.kernel, self.scheme, self.bias = kernel, weight.scheme, bias
-        self.prepared = kernel.prepare(weight)
+    def __init__(self, kernel: LinearKernel, weight: Tensor | QuantizedWeight, bias: Tensor | None):
+        self.kernel, self.bias = kernel, bias
+        self.scheme = weight.scheme if isinstance(weight, QuantizedWeight) else "none"
+        self.form = kernel.prepare(weight)
 
     def __call__(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        return self.kernel.linear(x, self.prepared, self.bias)
+        return self.kernel.linear(x, self.form, self.bias)
 
 
 # What ``model.quantization`` may do to a linear: any scheme, int8 at most, or nothing (a model that
-# reads the weight itself, a part of a fused linear, a router whose choices should not move).
+# reads the weight itself, a part of a fused linear, a router whose choices should not move). A linear
+# marked "none" is not handed to a kernel at all: it runs ``F.linear`` on the weight as loaded.
 QUANTIZE_ANY, QUANTIZE_INT8, QUANTIZE_NONE = "any", "int8", "none"
 
 
@@ -56,15 +58,15 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         self.quantize_as = QUANTIZE_ANY
-        self.quantized: QuantizedLinear | None = None
+        self.prepared: PreparedLinear | None = None
 
     def forward(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
-        if self.quantized is not None:
-            return self.quantized(x)
+        if self.prepared is not None:
+            return self.prepared(x)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        quantized = f", {self.quantized.scheme}" if self.quantized is not None else ""
+        quantized = f", {self.prepared.scheme}" if self.prepared is not None and self.prepared.scheme != "none" else ""
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{quantized}"
 
 
@@ -76,11 +78,11 @@ class FusedLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None):
         self.weight, self.bias = weight, bias  # [sum(out), in], [sum(out)]
         self.quantize_as = QUANTIZE_ANY
-        self.quantized: QuantizedLinear | None = None
+        self.prepared: PreparedLinear | None = None
 
     def __call__(self, x: Tensor) -> Tensor:  # [..., in] -> [..., sum(out)]
-        if self.quantized is not None:
-            return self.quantized(x)
+        if self.prepared is not None:
+            return self.prepared(x)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -56,10 +56,9 @@ def load_model(
     except ModelLoadError as e:
         place = str(where["file"] if where["file"] is not None else folder)
         raise ModelLoadError(str(e) if place in str(e) else f"{e} (in {place})") from None
-    if model_config.quantization != "none":
-        from engine.native.models.quantize import quantize_linears
-        from kernels.backend import get_linear_kernel
+    from engine.native.models.prepare import prepare_linears
+    from kernels.backend import get_linear_kernel
 
-        quantize_linears(model, model_config.quantization, get_linear_kernel("cpu"))
+    prepare_linears(model, model_config.quantization, get_linear_kernel(model_config.linear_backend))
     model.eval()
     return model, hf

@@ -10,8 +10,6 @@ from engine.checkpoint.tiny import make_tiny
 from engine.config import EngineConfig, ModelConfig
 from engine.native.models.layers import FusedLinear, Linear
 from engine.native.models.loader import load_model
-from engine.native.models.quantize import quantize_linears
-from kernels.backend import get_linear_kernel
 from tests.engine.native.models.helpers import max_abs_diff, prompts_of, run_engine
 
 
@@ -21,14 +19,15 @@ def tiny(tmp_path_factory):
 
 
 def schemes(model) -> dict[str, str | None]:
-    """Each linear the model holds (fused ones by their owner's name) -> its scheme, None if left as loaded."""
+    """Each linear the model holds (fused ones by their owner's name) -> its scheme ("none": dense, handed to
+    the kernel), None if left as loaded for F.linear."""
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, Linear):
-            out[name] = module.quantized.scheme if module.quantized is not None else None
+            out[name] = module.prepared.scheme if module.prepared is not None else None
         for attr, value in vars(module).items():
             if isinstance(value, FusedLinear):
-                out[f"{name}.{attr}"] = value.quantized.scheme if value.quantized is not None else None
+                out[f"{name}.{attr}"] = value.prepared.scheme if value.prepared is not None else None
     return out
 
 
@@ -37,9 +36,8 @@ def schemes(model) -> dict[str, str | None]:
 def test_the_cpu_kernels_run_a_quantized_model_as_the_reference_does(tiny, arch, scheme):
     path = tiny(arch)
     got, _ = load_model(path, ModelConfig(quantization=scheme))
-    want, _ = load_model(path, ModelConfig())
-    counts = quantize_linears(want, scheme, get_linear_kernel("reference"))
-    assert schemes(got) == schemes(want) and sum(counts.values()) > 0
+    want, _ = load_model(path, ModelConfig(quantization=scheme, linear_backend="reference"))
+    assert schemes(got) == schemes(want) and scheme in schemes(want).values()
     prompts = prompts_of([5, 11], vocab=500)
     for chunk in (1, None):  # one token a sequence a step (decode-shaped), then whole prompts
         _, got_logits = run_engine(got, prompts, decode_steps=0, chunk=chunk)
@@ -58,7 +56,7 @@ def test_what_is_quantized_and_what_stays_as_loaded(tiny):
     assert by_name["model.layers.0.self_attn.q_a_proj"] == "int4"
     assert by_name["model.layers.0.self_attn.kv_a_proj_with_mqa"] == "int8"  # 40 rows: int4 cannot pack them
     plain = schemes(load_model(tiny("mistral"), ModelConfig())[0])
-    assert set(plain.values()) == {None}
+    assert set(plain.values()) == {None, "none"}  # nothing quantized
 
 
 @pytest.mark.parametrize(
@@ -81,9 +79,7 @@ def test_a_bad_quantization_setting_is_refused_naming_the_field(make, message):
 def test_int4_weights_take_an_eighth_of_fp32s_bytes_and_the_fused_weight_stays_whole(tiny):
     model, _ = load_model(tiny("mistral"), ModelConfig(quantization="int4"))
     mlp = model.model.layers[0].mlp.gate_up
-    assert mlp.quantized.prepared.weight.numel() * mlp.quantized.prepared.weight.element_size() == (
-        mlp.weight.numel() // 2
-    )
+    assert mlp.prepared.form.weight.numel() * mlp.prepared.form.weight.element_size() == (mlp.weight.numel() // 2)
     assert torch.equal(
         mlp.weight, torch.cat([model.model.layers[0].mlp.gate_proj.weight, model.model.layers[0].mlp.up_proj.weight])
     )

@@ -1,4 +1,4 @@
-"""Weight-only quantized linears: the formats' own rules, and each kernel against the reference."""
+"""Linears: the quantized formats' own rules, and each kernel against the reference, dense and quantized."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels.backend import get_linear_kernel
-from kernels.quant.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
+from kernels.linear.cpu import PACKED_FROM_ROWS, onednn_packs
+from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
 
 
 def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -80,6 +81,49 @@ def test_the_cpu_kernel_matches_the_reference(scheme, dtype, lead):
     assert got.shape == (*lead, n) and got.dtype == dtype
     # the same bfloat16 output, up to float32 accumulation order: at most one bfloat16 step apart
     assert torch.allclose(got.float(), want.float(), atol=1e-3, rtol=2**-7), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (4,), (16,), (300,), (2, 3)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_cpu_kernel_packs_a_dense_float32_weight_and_matches_f_linear(lead, with_bias, monkeypatch):
+    n, k = 200, 96  # neither a multiple of oneDNN's blocks
+    w, x = weight(n, k), torch.randn(*lead, k)
+    bias = torch.randn(n) if with_bias else None
+    cpu = get_linear_kernel("cpu")
+    form = cpu.prepare(w)
+    assert torch.backends.mkldnn.is_available() and form.packed is not None and onednn_packs(w)
+    want = get_linear_kernel("reference").linear(x, get_linear_kernel("reference").prepare(w), bias)
+    assert torch.equal(want, torch.nn.functional.linear(x, w, bias))  # the reference is F.linear
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    got = cpu.linear(x, form, bias)
+    assert got.shape == (*lead, n) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()  # summation order only
+    assert len(calls) == (x.numel() // k >= PACKED_FROM_ROWS)  # the packed weight from 4 rows up
+
+
+def test_the_cpu_kernel_reads_a_strided_input_as_f_linear_does():
+    w, x = weight(64, 48), torch.randn(48, 10).t()  # [10, 48], not contiguous
+    cpu = get_linear_kernel("cpu")
+    assert torch.allclose(cpu.linear(x, cpu.prepare(w), None), x @ w.t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_a_bfloat16_weight_is_packed_where_the_cpu_computes_bfloat16(rows):
+    w, x = weight(48, 64).bfloat16(), torch.randn(rows, 64).bfloat16()
+    cpu = get_linear_kernel("cpu")
+    form = cpu.prepare(w)
+    assert (form.packed is not None) == torch.ops.mkldnn._is_mkldnn_bf16_supported() == onednn_packs(w)
+    got, want = cpu.linear(x, form, None), torch.nn.functional.linear(x, w)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=2**-7)  # one bfloat16 step at most
+
+
+def test_a_float16_weight_is_left_as_loaded_for_f_linear():
+    w = weight(32, 64).half()
+    form = get_linear_kernel("cpu").prepare(w)
+    assert form.packed is None and form.weight is w and not onednn_packs(w)
 
 
 def test_an_unknown_kernel_is_named():

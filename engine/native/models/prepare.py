@@ -1,7 +1,9 @@
-"""``model.quantization``: every linear a model runs swapped, after load, for a weight-only quantized one.
+"""Every linear a model runs handed, after load, to the ``LinearKernel`` of ``model.linear_backend``, which
+holds its weight in its own form: dense as loaded (the CPU kernel packs float32 weights for oneDNN), or
+weight-only quantized under ``model.quantization``.
 
 ``int8`` stores each linear at one byte a weight with a scale per output row; ``int4`` at half a
-byte with a scale and a zero per 32 inputs (``kernels.quant.formats``). Under ``int4`` a linear
+byte with a scale and a zero per 32 inputs (``kernels.linear.formats``). Under ``int4`` a linear
 whose shape the int4 kernel cannot pack, and the output head (``QUANTIZE_INT8``), run ``int8``.
 Linears a model reads directly, the parts of a fused linear, and MoE routers (``QUANTIZE_NONE``)
 stay as loaded; so do the routed experts' stacked weights, which the MoE backend runs.
@@ -14,9 +16,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from engine.native.models.layers import QUANTIZE_INT8, QUANTIZE_NONE, FusedLinear, Linear, QuantizedLinear
+from engine.native.models.layers import QUANTIZE_INT8, QUANTIZE_NONE, FusedLinear, Linear, PreparedLinear
 from kernels.backend import LinearKernel
-from kernels.quant.formats import fits, quantize
+from kernels.linear.formats import fits, quantize
 
 
 def _linears(model: nn.Module) -> Iterator[Linear | FusedLinear]:
@@ -26,14 +28,19 @@ def _linears(model: nn.Module) -> Iterator[Linear | FusedLinear]:
         yield from (v for v in vars(module).values() if isinstance(v, FusedLinear))
 
 
-def quantize_linears(model: nn.Module, scheme: str, kernel: LinearKernel) -> Counter[str]:
-    """Quantize the model's linears in place; how many went to each scheme."""
+def prepare_linears(model: nn.Module, scheme: str, kernel: LinearKernel) -> Counter[str]:
+    """Hand the model's linears to ``kernel`` in place, quantized under ``scheme`` ("none": dense);
+    how many went to each scheme."""
     counts: Counter[str] = Counter()
     for linear in _linears(model):
-        if linear.quantize_as == QUANTIZE_NONE or linear.quantized is not None:
+        if linear.quantize_as == QUANTIZE_NONE or linear.prepared is not None:
+            continue
+        if scheme == "none":
+            linear.prepared = PreparedLinear(kernel, linear.weight, linear.bias)
+            counts["none"] += 1
             continue
         shape = tuple(linear.weight.shape)
         chosen = scheme if linear.quantize_as != QUANTIZE_INT8 and fits(scheme, shape) else "int8"
-        linear.quantized = QuantizedLinear(kernel, quantize(linear.weight, chosen), linear.bias)
+        linear.prepared = PreparedLinear(kernel, quantize(linear.weight, chosen), linear.bias)
         counts[chosen] += 1
     return counts

@@ -1,0 +1,84 @@
+"""Linears on PyTorch's CPU kernels.
+
+- Dense float32 (and bfloat16 where the CPU has AVX-512 BF16): the weight is also reordered once, at load,
+  into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``), which matmuls of ``PACKED_FROM_ROWS``
+  rows or more read as it lies (``mkldnn._linear_pointwise``). Fewer rows (one stream's decode) run
+  ``F.linear`` on the weight as loaded: MKL's matrix-vector product already reads it at memory bandwidth,
+  and oneDNN's is slower there. Other devices and a build without oneDNN run ``F.linear`` only.
+- Quantized: ``_weight_int8pack_mm`` (int8 weights, one scale per row) and ``_weight_int4pack_mm_for_cpu``
+  (int4 weights packed two to a byte, a scale and a zero per group). Both read bfloat16 activations (their
+  vectorized path) and accumulate in float32; the weights are read at a quarter or an eighth of fp32's bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.backend import LinearKernel
+from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight
+
+ONEDNN_BATCH_HINT = 16  # the row count oneDNN lays the weight out for; one layout serves every row count
+# Below this many rows F.linear is faster (2-core AVX-512 Xeon, all of a SmolLM2 step's linears, fp32:
+# 23.6 vs 29.1 ms at 1 row, 26.8 vs 31.8 at 2; from 4 rows oneDNN wins: 32.3 vs 44.5, 45.6 vs 56.8 at 16).
+PACKED_FROM_ROWS = 4
+
+
+@dataclass(frozen=True)
+class _Dense:
+    weight: Tensor  # [N, K] as loaded
+    packed: Tensor | None  # oneDNN's blocked copy of it, for PACKED_FROM_ROWS rows or more
+
+
+@dataclass(frozen=True)
+class _Packed:
+    scheme: str
+    weight: Tensor  # int8 [N, K] | int4: uint8 [N, K / 2] in the kernel's own layout
+    scales: Tensor  # int8 [N] | int4 [K / G, N, 2] (scale, zero), SCALE_DTYPE
+    out_features: int
+
+
+def onednn_packs(weight: Tensor) -> bool:
+    """Whether a dense weight is reordered for oneDNN: on the CPU, in a build with oneDNN, float32, or
+    bfloat16 where the CPU computes it natively."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (
+        weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+class CpuLinearKernel(LinearKernel):
+    name = "cpu"
+
+    def prepare(self, weight: Tensor | QuantizedWeight) -> _Dense | _Packed:
+        if not isinstance(weight, QuantizedWeight):
+            if not onednn_packs(weight):
+                return _Dense(weight, None)
+            return _Dense(weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ONEDNN_BATCH_HINT))
+        n = weight.shape[0]
+        if weight.q.device.type != "cpu":
+            raise ValueError(f"quantization: the CPU kernels take CPU weights, not {weight.q.device.type}")
+        if weight.scheme == "int8":
+            return _Packed("int8", weight.q.contiguous(), weight.scale.contiguous(), n)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)  # [N, K/2]
+        scales = torch.stack([weight.scale, weight.zero], dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
+        return _Packed("int4", packed, scales, n)
+
+    def linear(self, x: Tensor, prepared: _Dense | _Packed, bias: Tensor | None) -> Tensor:
+        if isinstance(prepared, _Dense):
+            if prepared.packed is None or x.numel() < PACKED_FROM_ROWS * x.shape[-1]:
+                return F.linear(x, prepared.weight, bias)
+            return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")  # [..., N]
+        x2 = x.reshape(-1, x.shape[-1]).to(SCALE_DTYPE)  # [M, K]
+        if prepared.scheme == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, prepared.weight, prepared.scales)  # [M, N]
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, prepared.weight, INT4_GROUP, prepared.scales)
+        y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], prepared.out_features)

@@ -1,1 +1,0 @@
-"""Weight-only quantized linears: the formats (``formats``: what the numbers mean) and the kernels that run them."""
