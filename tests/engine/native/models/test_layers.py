@@ -1,0 +1,32 @@
+"""Building blocks whose fast path must give the numbers of the plain one (transformers' op order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.native.models.layers import RMSNorm
+
+
+def plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (16, 576), (2048, 576), (3, 7, 96)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_the_fused_float32_rms_norm_gives_the_plain_steps_numbers(shape, scale):
+    g = torch.Generator().manual_seed(sum(shape))
+    norm = RMSNorm(shape[-1], eps=1e-5)
+    norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = torch.randn(*shape, generator=g) * scale
+    # bit for bit on the AVX-512 machine this was written on; a float32 rounding step elsewhere
+    torch.testing.assert_close(norm(x), plain_rms_norm(x, norm.weight, 1e-5), rtol=3e-7, atol=0)
+
+
+def test_a_bfloat16_rms_norm_keeps_the_plain_steps():
+    norm = RMSNorm(64, eps=1e-6, dtype=torch.bfloat16)
+    norm.weight.copy_(torch.randn(64).bfloat16())
+    x = torch.randn(5, 64).bfloat16()
+    assert torch.equal(norm(x), plain_rms_norm(x, norm.weight, 1e-6))
