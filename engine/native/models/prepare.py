@@ -21,7 +21,8 @@ from kernels.backend import LinearKernel
 from kernels.linear.formats import fits, quantize
 
 
-def _linears(model: nn.Module) -> Iterator[Linear | FusedLinear]:
+def linears_of(model: nn.Module) -> Iterator[Linear | FusedLinear]:
+    """Every ``Linear`` and ``FusedLinear`` of the model, in module order."""
     for module in model.modules():
         if isinstance(module, Linear):
             yield module
@@ -32,7 +33,7 @@ def prepare_linears(model: nn.Module, scheme: str, kernel: LinearKernel) -> Coun
     """Hand the model's linears to ``kernel`` in place, quantized under ``scheme`` ("none": dense);
     how many went to each scheme."""
     counts: Counter[str] = Counter()
-    for linear in _linears(model):
+    for linear in linears_of(model):
         if linear.quantize_as == QUANTIZE_NONE or linear.prepared is not None:
             continue
         if scheme == "none":
