@@ -22,8 +22,9 @@ from kernels.backend import LinearKernel
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight
 
 ONEDNN_BATCH_HINT = 16  # the row count oneDNN lays the weight out for; one layout serves every row count
-# Below this many rows F.linear is faster (2-core AVX-512 Xeon, all of a SmolLM2 step's linears, fp32:
-# 23.6 vs 29.1 ms at 1 row, 26.8 vs 31.8 at 2; from 4 rows oneDNN wins: 32.3 vs 44.5, 45.6 vs 56.8 at 16).
+# Below this many rows F.linear is faster (`benchmarks/linears.py` on a 2-core AVX-512 Xeon, all of a SmolLM2
+# step's linears, fp32, F.linear vs oneDNN: 26.8 vs 33.8 ms at 1 row, 30.1 vs 36.1 at 2; 52.2 vs 37.1 at 4,
+# 65.6 vs 50.5 at 16; docs/benchmarks.md).
 PACKED_FROM_ROWS = 4
 
 
