@@ -11,20 +11,9 @@ Best of 5 calls after 2 warm-up calls, 2 threads.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-
-
-def best_of(passes: int, fn) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from linears import best_of  # this folder is on sys.path when the script runs
 
 
 def time_tile(heads: int, queries: int, keys: int, width: int, dtype: torch.dtype) -> float:
@@ -32,7 +21,7 @@ def time_tile(heads: int, queries: int, keys: int, width: int, dtype: torch.dtyp
     k = torch.randn(1, heads, keys, width, dtype=dtype)  # [1, H, K, D]
     v = torch.randn(1, heads, keys, width, dtype=dtype)  # [1, H, K, D]: the kernel wants V as wide as K
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return best_of(5, lambda: flash(q, k, v, 0.0, False, scale=width**-0.5))
+    return best_of(5, lambda: flash(q, k, v, 0.0, False, scale=width**-0.5), warmups=2)
 
 
 def main() -> None:

@@ -24,8 +24,9 @@ from engine.native.models.loader import load_model
 from engine.native.models.prepare import linears_of
 
 
-def best_of(passes: int, fn) -> float:
-    fn()
+def best_of(passes: int, fn, warmups: int = 1) -> float:
+    for _ in range(warmups):
+        fn()
     best = float("inf")
     for _ in range(passes):
         start = time.perf_counter()
