@@ -3,6 +3,10 @@ weights as loaded against oneDNN's packed copy of them (``kernels/linear/cpu.py`
 machine reads memory at, which bounds a one-row step.
 
     .venv/bin/python benchmarks/linears.py --rows 1,2,4,16,2048
+    .venv/bin/python benchmarks/linears.py --quantization int4 --rows 1,4,8,16,32,128
+
+With ``--quantization`` the weight-only int8/int4 kernel is timed against oneDNN on the dequantized float32
+copy that ``kernels/linear/cpu.py`` runs from ``DENSE_FROM_ROWS`` rows up.
 
 Best of 5 passes over all the step's linears in model order (fused QKV, output, fused gate/up, down,
 then the output head; ``--no-head`` leaves the head out, as a prefill step that samples from the last
@@ -22,6 +26,7 @@ from engine.checkpoint.gguf import default_gguf_path
 from engine.config import ModelConfig
 from engine.native.models.loader import load_model
 from engine.native.models.prepare import linears_of
+from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE
 
 
 def best_of(passes: int, fn, warmups: int = 1) -> float:
@@ -51,26 +56,49 @@ def _packed(forms: list, inputs: dict) -> None:
         torch.ops.mkldnn._linear_pointwise(inputs[f.weight.shape[1]], f.packed, None, "none", [], "")  # [rows, N]
 
 
+def _in_features(f) -> int:
+    return f.weight.shape[1] * (2 if getattr(f, "scheme", None) == "int4" else 1)  # int4: two codes a byte
+
+
+def _weight_only(forms: list, inputs: dict) -> None:
+    """The int8/int4 kernels, as ``kernels/linear/cpu.py`` runs them below ``DENSE_FROM_ROWS`` rows."""
+    for f in forms:
+        x = inputs[_in_features(f)].to(SCALE_DTYPE)  # [rows, K]
+        if f.scheme == "int8":
+            torch.ops.aten._weight_int8pack_mm(x, f.weight, f.scales)  # [rows, N]
+        else:
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x, f.weight, INT4_GROUP, f.scales)  # [rows, N]
+
+
+def _dense_copy(forms: list, inputs: dict) -> None:
+    """oneDNN on the dequantized float32 copy, from ``DENSE_FROM_ROWS`` rows up."""
+    for f in forms:
+        x = inputs[_in_features(f)].to(SCALE_DTYPE).float()  # [rows, K]
+        torch.ops.mkldnn._linear_pointwise(x, f.dense, None, "none", [], "").to(SCALE_DTYPE)  # [rows, N]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,2,4,16,2048")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-head", action="store_true", help="leave the output head out")
+    ap.add_argument("--quantization", default="none", help="int8 or int4: the weight-only kernel against oneDNN")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = load_model(default_gguf_path(), ModelConfig(num_threads=args.threads))
+    config = ModelConfig(num_threads=args.threads, quantization=args.quantization)
+    model, _ = load_model(default_gguf_path(), config)
     linears = [lin for lin in linears_of(model) if lin.prepared is not None]
     if args.no_head:
         linears = [lin for lin in linears if lin is not model.lm_head]
     forms = [lin.prepared.form for lin in linears]
-    megabytes = sum(f.weight.numel() * 4 for f in forms) / 1e6
-    print(f"{len(forms)} linears, {megabytes:.0f} MB of float32 weights; memory read {read_rate():.1f} GB/s")
-    print(f"{'rows':>6}{'F.linear ms':>14}{'oneDNN ms':>12}")
+    weights = f"{sum(f.weight.numel() * f.weight.element_size() for f in forms) / 1e6:.0f} MB of {args.quantization}"
+    print(f"{len(forms)} linears, {weights} weights; memory read {read_rate():.1f} GB/s")
+    slow, fast = (_plain, _packed) if args.quantization == "none" else (_weight_only, _dense_copy)
+    print(f"{'rows':>6}{'F.linear ms' if slow is _plain else 'weight-only ms':>16}{'oneDNN ms':>12}")
     for rows in (int(r) for r in args.rows.split(",")):
-        inputs = {k: torch.randn(rows, k) for k in {f.weight.shape[1] for f in forms}}
-        plain = best_of(5, partial(_plain, forms, inputs))
-        packed = best_of(5, partial(_packed, forms, inputs))
-        print(f"{rows:>6}{plain * 1e3:>14.1f}{packed * 1e3:>12.1f}")
+        inputs = {k: torch.randn(rows, k) for k in {_in_features(f) for f in forms}}
+        times = [best_of(5, partial(fn, forms, inputs)) for fn in (slow, fast)]
+        print(f"{rows:>6}{times[0] * 1e3:>16.1f}{times[1] * 1e3:>12.1f}")
 
 
 if __name__ == "__main__":

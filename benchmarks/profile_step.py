@@ -30,9 +30,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="ops listed")
     ap.add_argument("--linear-backend", default="cpu", help="model.linear_backend (reference: F.linear)")
+    ap.add_argument("--quantization", default="none", help="model.quantization: none, int8 or int4")
+    ap.add_argument("--dtype", default="float32", help="model.dtype: float32 or bfloat16")
     args = ap.parse_args()
     config = EngineConfig(
-        model=ModelConfig(model=default_gguf_path(), num_threads=args.threads, linear_backend=args.linear_backend),
+        model=ModelConfig(
+            model=default_gguf_path(),
+            num_threads=args.threads,
+            linear_backend=args.linear_backend,
+            quantization=args.quantization,
+            dtype=args.dtype,
+        ),
         scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1)),
         cache=CacheConfig(enable_prefix_caching=False),  # each run computes its prompts: the peers' workload
     )

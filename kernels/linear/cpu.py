@@ -8,6 +8,8 @@
 - Quantized: ``_weight_int8pack_mm`` (int8 weights, one scale per row) and ``_weight_int4pack_mm_for_cpu``
   (int4 weights packed two to a byte, a scale and a zero per group). Both read bfloat16 activations (their
   vectorized path) and accumulate in float32; the weights are read at a quarter or an eighth of fp32's bytes.
+  Their time grows with the rows, so ``DENSE_FROM_ROWS`` rows or more (prefill, large batches) run oneDNN on
+  a packed float32 copy of the dequantized weight, with the same bfloat16 rounding of input and output.
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.backend import LinearKernel
-from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight
+from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight, dequantize
 
 ONEDNN_BATCH_HINT = 16  # the row count oneDNN lays the weight out for; one layout serves every row count
 # Below this many rows F.linear is faster (`benchmarks/linears.py` on a 2-core AVX-512 Xeon, all of a SmolLM2
 # step's linears, fp32, F.linear vs oneDNN: 26.8 vs 33.8 ms at 1 row, 30.1 vs 36.1 at 2; 52.2 vs 37.1 at 4,
 # 65.6 vs 50.5 at 16; docs/benchmarks.md).
 PACKED_FROM_ROWS = 4
+# Quantized matmuls of this many rows or more (a prefill chunk) run oneDNN on a float32 copy of the dequantized
+# weight: the weight-only kernels' time grows with the rows, a matmul's much less. All of a SmolLM2 step's
+# linears but the head, weight-only vs oneDNN ms (`benchmarks/linears.py --quantization ... --no-head`, same
+# machine): int4 32.3 vs 41.4 at 24 rows, 80.7 vs 73.5 at 64, 214.6 vs 136.1 at 128 (with the head);
+# int8 46.3 vs 44.2 at 16, 75.4 vs 58.4 at 32.
+DENSE_FROM_ROWS = {"int8": 32, "int4": 64}
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class _Packed:
     weight: Tensor  # int8 [N, K] | int4: uint8 [N, K / 2] in the kernel's own layout
     scales: Tensor  # int8 [N] | int4 [K / G, N, 2] (scale, zero), SCALE_DTYPE
     out_features: int
+    dense: Tensor | None  # oneDNN's blocked float32 copy of the dequantized weight, from DENSE_FROM_ROWS rows
 
 
 def onednn_packs(weight: Tensor) -> bool:
@@ -63,11 +72,13 @@ class CpuLinearKernel(LinearKernel):
         n = weight.shape[0]
         if weight.q.device.type != "cpu":
             raise ValueError(f"quantization: the CPU kernels take CPU weights, not {weight.q.device.type}")
+        dense = dequantize(weight)  # [N, K] float32: what the codes mean
+        dense = torch.ops.mkldnn._reorder_linear_weight(dense, ONEDNN_BATCH_HINT) if onednn_packs(dense) else None
         if weight.scheme == "int8":
-            return _Packed("int8", weight.q.contiguous(), weight.scale.contiguous(), n)
+            return _Packed("int8", weight.q.contiguous(), weight.scale.contiguous(), n, dense)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)  # [N, K/2]
         scales = torch.stack([weight.scale, weight.zero], dim=-1).transpose(0, 1).contiguous()  # [K/G, N, 2]
-        return _Packed("int4", packed, scales, n)
+        return _Packed("int4", packed, scales, n, dense)
 
     def linear(self, x: Tensor, prepared: _Dense | _Packed, bias: Tensor | None) -> Tensor:
         if isinstance(prepared, _Dense):
@@ -75,7 +86,10 @@ class CpuLinearKernel(LinearKernel):
                 return F.linear(x, prepared.weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")  # [..., N]
         x2 = x.reshape(-1, x.shape[-1]).to(SCALE_DTYPE)  # [M, K]
-        if prepared.scheme == "int8":
+        if prepared.dense is not None and x2.shape[0] >= DENSE_FROM_ROWS[prepared.scheme]:
+            y = torch.ops.mkldnn._linear_pointwise(x2.float(), prepared.dense, None, "none", [], "")  # [M, N]
+            y = y.to(SCALE_DTYPE)  # rounded as the weight-only kernels round their output
+        elif prepared.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, prepared.weight, prepared.scales)  # [M, N]
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, prepared.weight, INT4_GROUP, prepared.scales)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.backend import get_linear_kernel
-from kernels.linear.cpu import PACKED_FROM_ROWS, onednn_packs
+from kernels.linear.cpu import DENSE_FROM_ROWS, PACKED_FROM_ROWS, onednn_packs
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
 
 
@@ -81,6 +81,24 @@ def test_the_cpu_kernel_matches_the_reference(scheme, dtype, lead):
     assert got.shape == (*lead, n) and got.dtype == dtype
     # the same bfloat16 output, up to float32 accumulation order: at most one bfloat16 step apart
     assert torch.allclose(got.float(), want.float(), atol=1e-3, rtol=2**-7), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("offset", [-1, 0, 66])
+def test_a_quantized_weight_runs_its_dequantized_copy_from_dense_from_rows(scheme, offset, monkeypatch):
+    n, k, rows = 96, 256, DENSE_FROM_ROWS[scheme] + offset
+    qw = quantize(weight(n, k), scheme)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    ref, cpu = get_linear_kernel("reference"), get_linear_kernel("cpu")
+    form = cpu.prepare(qw)
+    assert form.dense is not None
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    got, want = cpu.linear(x, form, bias), ref.linear(x, ref.prepare(qw), bias)  # [rows, N]
+    assert len(calls) == (offset >= 0)  # the weight-only kernel below, oneDNN from there
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-3, rtol=2**-7), (got - want).abs().max()  # one bfloat16 step at most
 
 
 @pytest.mark.parametrize("lead", [(1,), (3,), (4,), (16,), (300,), (2, 3)])
