@@ -5,8 +5,8 @@ machine reads memory at, which bounds a one-row step.
     .venv/bin/python benchmarks/linears.py --rows 1,2,4,16,2048
     .venv/bin/python benchmarks/linears.py --quantization int4 --rows 1,4,8,16,32,128
 
-With ``--quantization`` the weight-only int8/int4 kernel is timed against oneDNN on the dequantized float32
-copy that ``kernels/linear/cpu.py`` runs from ``DENSE_FROM_ROWS`` rows up.
+With ``--quantization`` the weight-only int8/int4 kernel is timed against oneDNN on the dequantized copy
+(bfloat16 where the CPU computes it, else float32) that ``kernels/linear/cpu.py`` runs from ``DENSE_FROM_ROWS`` rows up.
 
 Best of 5 passes over all the step's linears in model order (fused QKV, output, fused gate/up, down,
 then the output head; ``--no-head`` leaves the head out, as a prefill step that samples from the last
@@ -71,9 +71,9 @@ def _weight_only(forms: list, inputs: dict) -> None:
 
 
 def _dense_copy(forms: list, inputs: dict) -> None:
-    """oneDNN on the dequantized float32 copy, from ``DENSE_FROM_ROWS`` rows up."""
+    """oneDNN on the dequantized copy (bfloat16 where the CPU computes it), from ``DENSE_FROM_ROWS`` rows up."""
     for f in forms:
-        x = inputs[_in_features(f)].to(SCALE_DTYPE).float()  # [rows, K]
+        x = inputs[_in_features(f)].to(SCALE_DTYPE).to(f.dense.dtype)  # [rows, K]
         torch.ops.mkldnn._linear_pointwise(x, f.dense, None, "none", [], "").to(SCALE_DTYPE)  # [rows, N]
 
 

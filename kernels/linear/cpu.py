@@ -8,8 +8,9 @@
 - Quantized: ``_weight_int8pack_mm`` (int8 weights, one scale per row) and ``_weight_int4pack_mm_for_cpu``
   (int4 weights packed two to a byte, a scale and a zero per group). Both read bfloat16 activations (their
   vectorized path) and accumulate in float32; the weights are read at a quarter or an eighth of fp32's bytes.
-  Their time grows with the rows, so ``DENSE_FROM_ROWS`` rows or more (prefill, large batches) run oneDNN on
-  a packed float32 copy of the dequantized weight, with the same bfloat16 rounding of input and output.
+  Their time grows with the rows, so ``DENSE_FROM_ROWS`` rows or more (prefill, batches) run oneDNN on a
+  packed copy of the dequantized weight, bfloat16 where the CPU computes it natively (else float32), with the
+  same bfloat16 rounding of input and output.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ ONEDNN_BATCH_HINT = 16  # the row count oneDNN lays the weight out for; one layo
 # step's linears, fp32, F.linear vs oneDNN: 26.8 vs 33.8 ms at 1 row, 30.1 vs 36.1 at 2; 52.2 vs 37.1 at 4,
 # 65.6 vs 50.5 at 16; docs/benchmarks.md).
 PACKED_FROM_ROWS = 4
-# Quantized matmuls of this many rows or more (a prefill chunk) run oneDNN on a float32 copy of the dequantized
-# weight: the weight-only kernels' time grows with the rows, a matmul's much less. All of a SmolLM2 step's
-# linears but the head, weight-only vs oneDNN ms (`benchmarks/linears.py --quantization ... --no-head`, same
-# machine): int4 32.3 vs 41.4 at 24 rows, 80.7 vs 73.5 at 64, 214.6 vs 136.1 at 128 (with the head);
-# int8 46.3 vs 44.2 at 16, 75.4 vs 58.4 at 32.
-DENSE_FROM_ROWS = {"int8": 32, "int4": 64}
+# Quantized matmuls of this many rows or more (a prefill chunk, a batch) run oneDNN on a packed copy of the
+# dequantized weight: the weight-only kernels' time grows with the rows, a matmul's much less. By the copy's
+# dtype; all of a SmolLM2 step's linears, weight-only vs oneDNN ms (`benchmarks/linears.py --quantization ...`,
+# 2-core AVX-512 BF16 Xeon): bfloat16 copy, int4 17.8 vs 16.4 at 8 rows, 32.9 vs 17.4 at 16, 218.5 vs 33.3
+# at 128; int8 31.0 vs 16.4 at 8. float32 copy (no native bfloat16), int4 without the head 32.3 vs 41.4 at
+# 24 rows, 80.7 vs 73.5 at 64; int8 75.4 vs 58.4 at 32.
+DENSE_FROM_ROWS = {torch.bfloat16: 8, torch.float32: 64}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,15 @@ def onednn_packs(weight: Tensor) -> bool:
     )
 
 
+def _dense_copy(weight: QuantizedWeight) -> Tensor | None:
+    """oneDNN's packed copy of what the codes mean: in bfloat16 where the CPU computes it natively (the input
+    is bfloat16 already; the weight rounds at most half a bfloat16 step), else float32; None without oneDNN."""
+    dense = dequantize(weight)  # [N, K] float32
+    bf16 = dense.to(SCALE_DTYPE)
+    dense = bf16 if onednn_packs(bf16) else dense
+    return torch.ops.mkldnn._reorder_linear_weight(dense, ONEDNN_BATCH_HINT) if onednn_packs(dense) else None
+
+
 class CpuLinearKernel(LinearKernel):
     name = "cpu"
 
@@ -72,8 +83,7 @@ class CpuLinearKernel(LinearKernel):
         n = weight.shape[0]
         if weight.q.device.type != "cpu":
             raise ValueError(f"quantization: the CPU kernels take CPU weights, not {weight.q.device.type}")
-        dense = dequantize(weight)  # [N, K] float32: what the codes mean
-        dense = torch.ops.mkldnn._reorder_linear_weight(dense, ONEDNN_BATCH_HINT) if onednn_packs(dense) else None
+        dense = _dense_copy(weight)
         if weight.scheme == "int8":
             return _Packed("int8", weight.q.contiguous(), weight.scale.contiguous(), n, dense)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)  # [N, K/2]
@@ -86,8 +96,9 @@ class CpuLinearKernel(LinearKernel):
                 return F.linear(x, prepared.weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")  # [..., N]
         x2 = x.reshape(-1, x.shape[-1]).to(SCALE_DTYPE)  # [M, K]
-        if prepared.dense is not None and x2.shape[0] >= DENSE_FROM_ROWS[prepared.scheme]:
-            y = torch.ops.mkldnn._linear_pointwise(x2.float(), prepared.dense, None, "none", [], "")  # [M, N]
+        if prepared.dense is not None and x2.shape[0] >= DENSE_FROM_ROWS[prepared.dense.dtype]:
+            x2 = x2.to(prepared.dense.dtype)
+            y = torch.ops.mkldnn._linear_pointwise(x2, prepared.dense, None, "none", [], "")  # [M, N]
             y = y.to(SCALE_DTYPE)  # rounded as the weight-only kernels round their output
         elif prepared.scheme == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, prepared.weight, prepared.scales)  # [M, N]

@@ -1,5 +1,6 @@
 """``model.quantization``: which linears a model runs quantized, and that the CPU kernels run them as the
-reference (dequantize, then a plain matmul) says, through prefill and decode on the paged runner."""
+reference (dequantize, then a plain matmul) says, through prefill and decode on the paged runner (prefill
+on a bfloat16 copy of the dequantized weights, where the CPU has one: as close to float32 as the reference)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,26 @@ def test_the_cpu_kernels_run_a_quantized_model_as_the_reference_does(tiny, arch,
     want, _ = load_model(path, ModelConfig(quantization=scheme, linear_backend="reference"))
     assert schemes(got) == schemes(want) and scheme in schemes(want).values()
     prompts = prompts_of([5, 11], vocab=500)
-    for chunk in (1, None):  # one token a sequence a step (decode-shaped), then whole prompts
-        _, got_logits = run_engine(got, prompts, decode_steps=0, chunk=chunk)
-        _, want_logits = run_engine(want, prompts, decode_steps=0, chunk=chunk)
+    # One token a sequence a step (decode-shaped): the weight-only kernels. bfloat16 activations: float32
+    # accumulation order may move a value one bfloat16 step.
+    _, got_logits = run_engine(got, prompts, decode_steps=0, chunk=1)
+    _, want_logits = run_engine(want, prompts, decode_steps=0, chunk=1)
+    for g, w in zip(got_logits, want_logits):
+        assert max_abs_diff(g, w) <= 2**-6 * w.abs().max().item(), (max_abs_diff(g, w), w.abs().max())
+    # Whole prompts (16 rows a step): oneDNN on the dequantized copy.
+    _, got_logits = run_engine(got, prompts, decode_steps=0)
+    _, want_logits = run_engine(want, prompts, decode_steps=0)
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # a float32 copy: the reference's own weights
         for g, w in zip(got_logits, want_logits):
-            # bfloat16 activations: float32 accumulation order may move a value one bfloat16 step
             assert max_abs_diff(g, w) <= 2**-6 * w.abs().max().item(), (max_abs_diff(g, w), w.abs().max())
+        return
+    # A bfloat16 copy rounds every weight too (half a bfloat16 step), which adds up over the layers, and a
+    # router may then pick another expert. What must hold: it stays as close to the float32 model as the
+    # reference's quantized model is (the quantization's own error dominates; measured 0.93-1.12x of it).
+    _, exact = run_engine(load_model(path, ModelConfig(linear_backend="reference"))[0], prompts, decode_steps=0)
+    got_err = sum((g - f).abs().mean().item() for g, f in zip(got_logits, exact))
+    want_err = sum((w - f).abs().mean().item() for w, f in zip(want_logits, exact))
+    assert 0 < got_err <= 1.25 * want_err, (got_err, want_err)
 
 
 def test_what_is_quantized_and_what_stays_as_loaded(tiny):
