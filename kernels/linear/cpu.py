@@ -32,9 +32,9 @@ PACKED_FROM_ROWS = 4
 # Quantized matmuls of this many rows or more (a prefill chunk, a batch) run oneDNN on a packed copy of the
 # dequantized weight: the weight-only kernels' time grows with the rows, a matmul's much less. By the copy's
 # dtype; all of a SmolLM2 step's linears, weight-only vs oneDNN ms (`benchmarks/linears.py --quantization ...`,
-# 2-core AVX-512 BF16 Xeon): bfloat16 copy, int4 17.8 vs 16.4 at 8 rows, 32.9 vs 17.4 at 16, 218.5 vs 33.3
-# at 128; int8 31.0 vs 16.4 at 8. float32 copy (no native bfloat16), int4 without the head 32.3 vs 41.4 at
-# 24 rows, 80.7 vs 73.5 at 64; int8 75.4 vs 58.4 at 32.
+# 2-core AVX-512 BF16 Xeon, docs/benchmarks.md): bfloat16 copy, int4 18.2 vs 16.7 at 8 rows, 32.7 vs 17.4 at
+# 16, 217.4 vs 32.4 at 128; int8 30.7 vs 17.4 at 8. float32 copy (no native bfloat16), int4 without the head
+# 32.3 vs 41.4 at 24 rows, 80.7 vs 73.5 at 64; int8 75.4 vs 58.4 at 32.
 DENSE_FROM_ROWS = {torch.bfloat16: 8, torch.float32: 64}
 
 
@@ -50,7 +50,7 @@ class _Packed:
     weight: Tensor  # int8 [N, K] | int4: uint8 [N, K / 2] in the kernel's own layout
     scales: Tensor  # int8 [N] | int4 [K / G, N, 2] (scale, zero), SCALE_DTYPE
     out_features: int
-    dense: Tensor | None  # oneDNN's blocked float32 copy of the dequantized weight, from DENSE_FROM_ROWS rows
+    dense: Tensor | None  # oneDNN's blocked copy of the dequantized weight (bfloat16 or float32), for DENSE_FROM_ROWS
 
 
 def onednn_packs(weight: Tensor) -> bool:
