@@ -13,6 +13,9 @@ from cluster.serve.replica import EngineReplica
 from cluster.serve.request_router import LevanteRequestRouter
 
 ENGINE_DEPLOYMENT = "EngineReplica"
+# ``generate`` runs on the replica's own event loop: Serve's default, a user-code loop in a thread of its
+# own, hands every call and every streamed chunk across threads. The replica's methods never block.
+REPLICA_ENV = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 
 
 def app_name(cfg: ClusterConfig) -> str:
@@ -29,7 +32,7 @@ def build_app(cfg: ClusterConfig) -> serve.Application:
         max_ongoing_requests=r.max_ongoing_requests,
         max_queued_requests=r.max_queued_requests,
         # the replica is rank 0, in bundle 0; ranks 1.. (or vLLM's workers) take the other bundles
-        ray_actor_options={"num_cpus": r.cpus_per_rank, "num_gpus": driver_gpus},
+        ray_actor_options={"num_cpus": r.cpus_per_rank, "num_gpus": driver_gpus, "runtime_env": REPLICA_ENV},
         placement_group_bundles=rank_bundles(r, num_bundles),
         placement_group_strategy=r.placement_strategy,
         request_router_config=RequestRouterConfig(

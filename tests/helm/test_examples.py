@@ -175,12 +175,14 @@ def test_serve_config_is_what_ray_serve_and_the_app_builder_accept(example):
         d = todo.pop()._bound_deployment
         deployments[d.name] = d
         todo.extend(a for a in (*d.init_args, *d.init_kwargs.values()) if isinstance(a, Application))
-    # The overrides name real deployments and repeat the code's CPUs (Serve replaces ray_actor_options whole).
+    # The overrides name real deployments and repeat the code's CPUs, GPUs and runtime_env (Serve replaces
+    # ray_actor_options whole).
     for override in app["deployments"]:
         assert override["name"] in deployments, (override["name"], sorted(deployments))
         code = deployments[override["name"]].ray_actor_options
         assert override["ray_actor_options"]["num_cpus"] == code.get("num_cpus")
         assert override["ray_actor_options"]["num_gpus"] == code.get("num_gpus")
+        assert override["ray_actor_options"]["runtime_env"] == code.get("runtime_env")
 
 
 def test_router_and_replicas_are_kept_on_ray_pods(example):

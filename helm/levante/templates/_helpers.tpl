@@ -101,7 +101,8 @@ the chart owns. serveConfigV2 (args.config) and the front door's ConfigMap both 
 The Serve config KubeRay deploys (serveConfigV2). The deployment override replaces the code's
 ray_actor_options as a whole (Serve's override_deployment_info), hence the replica's own resources
 again, as cluster/serve/app.py sets them: it is rank 0, in bundle 0 of its placement group, with
-cpus_per_rank CPUs and its bundle's GPU unless vLLM's workers take the GPUs (world size > 1).
+cpus_per_rank CPUs and its bundle's GPU unless vLLM's workers take the GPUs (world size > 1), and
+its runtime_env (REPLICA_ENV: user code on the replica's own event loop).
 */}}
 {{- define "levante.serveConfig" -}}
 {{- $cfg := include "levante.clusterConfig" . | fromJson }}
@@ -121,7 +122,8 @@ cpus_per_rank CPUs and its bundle's GPU unless vLLM's workers take the GPUs (wor
 {{- $cpus = float64 $r.cpus_per_rank }}
 {{- end }}
 {{- $selector := dict (include "levante.rayNodeLabelKey" .) (include "levante.rayNodeLabelValue" .) }}
-{{- $actor := dict "num_cpus" $cpus "num_gpus" $gpus "label_selector" $selector }}
+{{- $env := dict "env_vars" (dict "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" "0") }}
+{{- $actor := dict "num_cpus" $cpus "num_gpus" $gpus "label_selector" $selector "runtime_env" $env }}
 {{- $app := dict "name" (printf "levante-%s" .Values.levante.region) "import_path" "cluster.serve.app:app_builder" "route_prefix" nil "args" (dict "config" $cfg) }}
 {{- $_ := set $app "deployments" (list (dict "name" "EngineReplica" "ray_actor_options" $actor)) }}
 {{- $serve := dict "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app) }}
