@@ -1,10 +1,11 @@
 """Linears on PyTorch's CPU kernels.
 
 - Dense float32 (and bfloat16 where the CPU has AVX-512 BF16): the weight is also reordered once, at load,
-  into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``), which matmuls of ``PACKED_FROM_ROWS``
-  rows or more read as it lies (``mkldnn._linear_pointwise``). Fewer rows (one stream's decode) run
-  ``F.linear`` on the weight as loaded: MKL's matrix-vector product already reads it at memory bandwidth,
-  and oneDNN's is slower there. Other devices and a build without oneDNN run ``F.linear`` only.
+  into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``), which matmuls of ``packed_from_rows()``
+  rows or more read as it lies (``mkldnn._linear_pointwise``). On an Intel CPU fewer rows (one stream's
+  decode) run ``F.linear`` on the weight as loaded: MKL's matrix-vector product reads it at memory bandwidth
+  there, and oneDNN's is slower; on an AMD CPU MKL's is the slower one, and oneDNN runs from one row.
+  Other devices and a build without oneDNN run ``F.linear`` only.
 - Quantized: ``_weight_int8pack_mm`` (int8 weights, one scale per row) and ``_weight_int4pack_mm_for_cpu``
   (int4 weights packed two to a byte, a scale and a zero per group). Both read bfloat16 activations (their
   vectorized path) and accumulate in float32; the weights are read at a quarter or an eighth of fp32's bytes.
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +27,12 @@ from kernels.backend import LinearKernel
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight, dequantize
 
 ONEDNN_BATCH_HINT = 16  # the row count oneDNN lays the weight out for; one layout serves every row count
-# Below this many rows F.linear is faster (`benchmarks/linears.py` on a 2-core AVX-512 Xeon, all of a SmolLM2
-# step's linears, fp32, F.linear vs oneDNN: 26.8 vs 33.8 ms at 1 row, 30.1 vs 36.1 at 2; 52.2 vs 37.1 at 4,
-# 65.6 vs 50.5 at 16; docs/benchmarks.md).
-PACKED_FROM_ROWS = 4
+# Dense matmuls of this many rows or more run oneDNN, by CPU vendor. F.linear's matrix-vector product is MKL's,
+# tuned for Intel: `benchmarks/linears.py`, all of a SmolLM2 step's linears, fp32, F.linear vs oneDNN ms, on a
+# 2-core AVX-512 Xeon 26.8 vs 33.8 at 1 row, 30.1 vs 36.1 at 2, 52.2 vs 37.1 at 4; on a 2-core AMD EPYC (Zen 5)
+# 33.5 vs 12.0 at 1 row, 59.2 vs 11.4 at 2 (docs/benchmarks.md). Other CPUs keep the Xeon's threshold.
+PACKED_FROM_ROWS = {"AuthenticAMD": 1}
+PACKED_FROM_ROWS_ELSEWHERE = 4
 # Quantized matmuls of this many rows or more (a prefill chunk, a batch) run oneDNN on a packed copy of the
 # dequantized weight: the weight-only kernels' time grows with the rows, a matmul's much less. By the copy's
 # dtype; all of a SmolLM2 step's linears, weight-only vs oneDNN ms (`benchmarks/linears.py --quantization ...`,
@@ -41,7 +45,7 @@ DENSE_FROM_ROWS = {torch.bfloat16: 8, torch.float32: 64}
 @dataclass(frozen=True)
 class _Dense:
     weight: Tensor  # [N, K] as loaded
-    packed: Tensor | None  # oneDNN's blocked copy of it, for PACKED_FROM_ROWS rows or more
+    packed: Tensor | None  # oneDNN's blocked copy of it, for packed_from_rows() rows or more
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,24 @@ class _Packed:
     scales: Tensor  # int8 [N] | int4 [K / G, N, 2] (scale, zero), SCALE_DTYPE
     out_features: int
     dense: Tensor | None  # oneDNN's blocked copy of the dequantized weight (bfloat16 or float32), for DENSE_FROM_ROWS
+
+
+def cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"); "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def packed_from_rows() -> int:
+    """Rows from which a dense weight's matmul runs on its oneDNN copy, on this CPU."""
+    return PACKED_FROM_ROWS.get(cpu_vendor(), PACKED_FROM_ROWS_ELSEWHERE)
 
 
 def onednn_packs(weight: Tensor) -> bool:
@@ -92,7 +114,7 @@ class CpuLinearKernel(LinearKernel):
 
     def linear(self, x: Tensor, prepared: _Dense | _Packed, bias: Tensor | None) -> Tensor:
         if isinstance(prepared, _Dense):
-            if prepared.packed is None or x.numel() < PACKED_FROM_ROWS * x.shape[-1]:
+            if prepared.packed is None or x.numel() < packed_from_rows() * x.shape[-1]:
                 return F.linear(x, prepared.weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")  # [..., N]
         x2 = x.reshape(-1, x.shape[-1]).to(SCALE_DTYPE)  # [M, K]

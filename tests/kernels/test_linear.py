@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels.backend import get_linear_kernel
-from kernels.linear.cpu import DENSE_FROM_ROWS, PACKED_FROM_ROWS, onednn_packs
+from kernels.linear import cpu as cpu_linear
+from kernels.linear.cpu import DENSE_FROM_ROWS, onednn_packs, packed_from_rows
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
 
 
@@ -123,7 +124,26 @@ def test_the_cpu_kernel_packs_a_dense_float32_weight_and_matches_f_linear(lead, 
     got = cpu.linear(x, form, bias)
     assert got.shape == (*lead, n) and got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()  # summation order only
-    assert len(calls) == (x.numel() // k >= PACKED_FROM_ROWS)  # the packed weight from 4 rows up
+    assert len(calls) == (x.numel() // k >= packed_from_rows())  # the packed weight from this CPU's threshold up
+
+
+@pytest.mark.parametrize(("vendor", "rows"), [("AuthenticAMD", 1), ("GenuineIntel", 4), ("", 4)])
+def test_the_packed_weight_runs_from_the_cpu_vendors_threshold(vendor, rows, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    cpu_linear.packed_from_rows.cache_clear()
+    try:
+        assert packed_from_rows() == rows
+        w, cpu = weight(64, 48), get_linear_kernel("cpu")
+        form = cpu.prepare(w)
+        calls = []
+        real = torch.ops.mkldnn._linear_pointwise
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+        for n in (rows - 1, rows):
+            got = cpu.linear(torch.randn(n, 48), form, None)
+            assert got.shape == (n, 64)
+        assert len(calls) == 1  # below the threshold F.linear, at it oneDNN
+    finally:
+        cpu_linear.packed_from_rows.cache_clear()
 
 
 def test_the_cpu_kernel_reads_a_strided_input_as_f_linear_does():
