@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kernels.backend import get_linear_kernel
-from kernels.linear import cpu as cpu_linear
 from kernels.linear.cpu import DENSE_FROM_ROWS, onednn_packs, packed_from_rows
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
 
@@ -86,7 +85,7 @@ def test_the_cpu_kernel_matches_the_reference(scheme, dtype, lead):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("offset", [-1, 0, 66])
-def test_a_quantized_weight_runs_its_dequantized_copy_from_dense_from_rows(scheme, offset, monkeypatch):
+def test_a_quantized_weight_runs_its_dequantized_copy_from_dense_from_rows(scheme, offset, onednn_calls):
     n, k = 96, 256
     qw = quantize(weight(n, k), scheme)
     ref, cpu = get_linear_kernel("reference"), get_linear_kernel("cpu")
@@ -94,11 +93,9 @@ def test_a_quantized_weight_runs_its_dequantized_copy_from_dense_from_rows(schem
     assert form.dense is not None
     rows = DENSE_FROM_ROWS[form.dense.dtype] + offset
     x, bias = torch.randn(rows, k), torch.randn(n)
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+
     got, want = cpu.linear(x, form, bias), ref.linear(x, ref.prepare(qw), bias)  # [rows, N]
-    assert len(calls) == (offset >= 0)  # the weight-only kernel below, oneDNN from there
+    assert len(onednn_calls) == (offset >= 0)  # the weight-only kernel below, oneDNN from there
     assert got.shape == (rows, n) and got.dtype == torch.float32
     # Where the CPU computes bfloat16 the copy is bfloat16: each weight rounds by half a bfloat16 step, and the
     # sums' errors follow the products' size, not the sum's: within 2**-6 of the largest output (the outputs'
@@ -109,7 +106,7 @@ def test_a_quantized_weight_runs_its_dequantized_copy_from_dense_from_rows(schem
 
 @pytest.mark.parametrize("lead", [(1,), (3,), (4,), (16,), (300,), (2, 3)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_the_cpu_kernel_packs_a_dense_float32_weight_and_matches_f_linear(lead, with_bias, monkeypatch):
+def test_the_cpu_kernel_packs_a_dense_float32_weight_and_matches_f_linear(lead, with_bias, onednn_calls):
     n, k = 200, 96  # neither a multiple of oneDNN's blocks
     w, x = weight(n, k), torch.randn(*lead, k)
     bias = torch.randn(n) if with_bias else None
@@ -118,32 +115,22 @@ def test_the_cpu_kernel_packs_a_dense_float32_weight_and_matches_f_linear(lead, 
     assert torch.backends.mkldnn.is_available() and form.packed is not None and onednn_packs(w)
     want = get_linear_kernel("reference").linear(x, get_linear_kernel("reference").prepare(w), bias)
     assert torch.equal(want, torch.nn.functional.linear(x, w, bias))  # the reference is F.linear
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+
     got = cpu.linear(x, form, bias)
     assert got.shape == (*lead, n) and got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()  # summation order only
-    assert len(calls) == (x.numel() // k >= packed_from_rows())  # the packed weight from this CPU's threshold up
+    assert len(onednn_calls) == (x.numel() // k >= packed_from_rows())  # the packed weight from this CPU's threshold up
 
 
 @pytest.mark.parametrize(("vendor", "rows"), [("AuthenticAMD", 1), ("GenuineIntel", 4), ("", 4)])
-def test_the_packed_weight_runs_from_the_cpu_vendors_threshold(vendor, rows, monkeypatch):
-    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
-    cpu_linear.packed_from_rows.cache_clear()
-    try:
-        assert packed_from_rows() == rows
-        w, cpu = weight(64, 48), get_linear_kernel("cpu")
-        form = cpu.prepare(w)
-        calls = []
-        real = torch.ops.mkldnn._linear_pointwise
-        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
-        for n in (rows - 1, rows):
-            got = cpu.linear(torch.randn(n, 48), form, None)
-            assert got.shape == (n, 64)
-        assert len(calls) == 1  # below the threshold F.linear, at it oneDNN
-    finally:
-        cpu_linear.packed_from_rows.cache_clear()
+def test_the_packed_weight_runs_from_the_cpu_vendors_threshold(vendor, rows, as_vendor, onednn_calls):
+    as_vendor(vendor)
+    assert packed_from_rows() == rows
+    w, cpu = weight(64, 48), get_linear_kernel("cpu")
+    form = cpu.prepare(w)
+    for n in (rows - 1, rows):
+        assert cpu.linear(torch.randn(n, 48), form, None).shape == (n, 64)
+    assert len(onednn_calls) == 1  # below the threshold F.linear, at it oneDNN
 
 
 def test_the_cpu_kernel_reads_a_strided_input_as_f_linear_does():

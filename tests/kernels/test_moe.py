@@ -38,21 +38,12 @@ def test_cpu_matches_reference(num_tokens):
 
 
 @pytest.mark.parametrize(("vendor", "onednn"), [("AuthenticAMD", True), ("GenuineIntel", False)])
-def test_cpu_experts_run_onednn_where_dense_matmuls_do_from_one_row(vendor, onednn, monkeypatch):
-    from kernels.linear import cpu as cpu_linear
-
-    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
-    cpu_linear.packed_from_rows.cache_clear()
-    calls = []
-    real = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
-    try:
-        x, ids, w, gu, dn = _problem(3)
-        got = CPU.fused_moe(x, ids, w, gu, dn)
-    finally:
-        cpu_linear.packed_from_rows.cache_clear()
+def test_cpu_experts_run_onednn_where_dense_matmuls_do_from_one_row(vendor, onednn, as_vendor, onednn_calls):
+    as_vendor(vendor)
+    x, ids, w, gu, dn = _problem(3)
+    got = CPU.fused_moe(x, ids, w, gu, dn)
     hit = len(set(ids.reshape(-1).tolist()))
-    assert len(calls) == (2 * hit if onednn and torch.backends.mkldnn.is_available() else 0)
+    assert len(onednn_calls) == (2 * hit if onednn and torch.backends.mkldnn.is_available() else 0)
     torch.testing.assert_close(got, REF.fused_moe(x, ids, w, gu, dn), atol=1e-6, rtol=1e-5)
 
 
