@@ -62,17 +62,38 @@ def _gather(cache: Tensor, slots: Tensor) -> Tensor:
     return rows.index_select(0, slots.reshape(-1)).view(*slots.shape, *entry)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _flat_views(*caches: Tensor | None) -> bool:
+    """Whether every cache views as [NB*BS, *entry] without a copy (a run is then a slice)."""
+    return all(c is None or c.is_contiguous() for c in caches)
+
+
+def _run_slots(plan: _DecodePlan, device: torch.device) -> Tensor:
+    """The decode plan's slots [B, L], from its run when it has one."""
+    if plan.slots is not None:
+        return plan.slots
+    start, length = plan.run  # type: ignore[misc]
+    return torch.arange(start, start + length, device=device)[None]  # [1, L]
+
+
 @dataclass
 class _DecodePlan:
     """Where the keys of batched decode rows are. q_len 1 each; L = the longest visible span."""
 
-    slots: Tensor  # [B, L] cache slots of each row's visible keys; padding re-reads the last key
+    slots: Tensor | None  # [B, L] cache slots of each row's visible keys; padding re-reads the last key
     mask: Tensor | None  # [B, 1, 1, L] True for real keys; None when every row sees L keys
+    run: tuple[int, int] | None = None  # one row whose keys fill consecutive slots: (first slot, L), read in place
 
     @staticmethod
     def build(block_tables: Tensor, seq_lens: list[int], block_size: int, window: int | None) -> _DecodePlan:
         # block_tables [B, W]; the plan's tensors go where the block tables are
         spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
+        run = _slot_run(block_tables, seq_lens[0], spans[0], block_size) if len(spans) == 1 else None
+        if run is not None:
+            return _DecodePlan(None, None, run)
         span_max = max(spans)
         dev = block_tables.device
         offs = torch.arange(span_max, device=dev)  # [L]
@@ -84,6 +105,19 @@ class _DecodePlan:
         if min(spans) != span_max:
             mask = (offs[None, :] < span_t)[:, None, None, :]  # [B, 1, 1, L]
         return _DecodePlan(_slots(block_tables, positions, block_size), mask)
+
+
+def _slot_run(block_tables: Tensor, seq_len: int, span: int, block_size: int) -> tuple[int, int] | None:
+    """(first slot, span) when one sequence's visible keys lie in consecutive blocks (a fresh pool hands
+    them out in order): one stream's decode then reads the cache in place, with no gather. Host tables only:
+    reading a device's would wait for it."""
+    if block_tables.device.type != "cpu":
+        return None
+    first = seq_len - span
+    blocks = block_tables[0, first // block_size : (seq_len - 1) // block_size + 1].tolist()
+    if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
+        return None
+    return blocks[0] * block_size + first % block_size, span
 
 
 def _first_visible(seq_len: int, q_len: int, window: int | None) -> int:
@@ -197,7 +231,8 @@ class CpuAttentionBackend(AttentionBackend):
 
     def write_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
         # cache [NB, BS, *entry]; new [T, *entry]; slot_mapping [T]
-        new = new.to(cache.dtype)
+        if new.dtype != cache.dtype:
+            new = new.to(cache.dtype)
         try:
             flat = cache.view(-1, *cache.shape[2:])  # [NB*BS, *entry], shares storage with cache
         except RuntimeError:  # strides don't allow merging NB and BS: 2-d advanced indexing (still one op)
@@ -261,8 +296,22 @@ class CpuAttentionBackend(AttentionBackend):
     @staticmethod
     def _kv(k_cache: Tensor, v_cache: Tensor | None, v_dim: int, slots: Tensor, dtype: torch.dtype):
         """Gathered K [..., Hkv, D] and V [..., Hkv, Dv] at slots [...], in dtype."""
-        k = _gather(k_cache, slots).to(dtype)
-        v = k[..., :v_dim] if v_cache is None else _gather(v_cache, slots).to(dtype)
+        k = _as(_gather(k_cache, slots), dtype)
+        v = k[..., :v_dim] if v_cache is None else _as(_gather(v_cache, slots), dtype)
+        return k, v
+
+    @classmethod
+    def _decode_kv(cls, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, dtype: torch.dtype):
+        """K [B, L, Hkv, D] and V [B, L, Hkv, Dv] of the decode rows: views of the cache for a slot run."""
+        if plan.run is None or not _flat_views(k_cache, v_cache):
+            return cls._kv(k_cache, v_cache, v_dim, _run_slots(plan, k_cache.device), dtype)
+        start, length = plan.run
+        k = _as(k_cache.view(-1, *k_cache.shape[2:])[start : start + length][None], dtype)  # [1, L, Hkv, D]
+        v = (
+            k[..., :v_dim]
+            if v_cache is None
+            else _as(v_cache.view(-1, *v_cache.shape[2:])[start : start + length][None], dtype)
+        )
         return k, v
 
     @classmethod
@@ -272,7 +321,7 @@ class CpuAttentionBackend(AttentionBackend):
         """One query per sequence, batched. q [B, Hq, D] -> [B, Hq, Dv]"""
         num_seqs, num_q_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
-        k, v = cls._kv(k_cache, v_cache, v_dim, plan.slots, q.dtype)  # [B, L, Hkv, D], [B, L, Hkv, Dv]
+        k, v = cls._decode_kv(plan, k_cache, v_cache, v_dim, q.dtype)  # [B, L, Hkv, D], [B, L, Hkv, Dv]
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D], [B, Hkv, L, Dv]
         # GQA: query head h = kv_head * G + g, so the G heads sharing a kv head become G query rows.
         qg = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]

@@ -117,7 +117,8 @@ class CpuLinearKernel(LinearKernel):
             if prepared.packed is None or x.numel() < packed_from_rows() * x.shape[-1]:
                 return F.linear(x, prepared.weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")  # [..., N]
-        x2 = x.reshape(-1, x.shape[-1]).to(SCALE_DTYPE)  # [M, K]
+        # every op is a dispatch on one stream's decode path, where dispatches are most of a step: none for nothing
+        x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(SCALE_DTYPE)  # [M, K]
         if prepared.dense is not None and x2.shape[0] >= DENSE_FROM_ROWS[prepared.dense.dtype]:
             x2 = x2.to(prepared.dense.dtype)
             y = torch.ops.mkldnn._linear_pointwise(x2, prepared.dense, None, "none", [], "")  # [M, N]
@@ -129,4 +130,4 @@ class CpuLinearKernel(LinearKernel):
         y = y.to(x.dtype)
         if bias is not None:
             y = y + bias
-        return y.view(*x.shape[:-1], prepared.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], prepared.out_features)

@@ -106,6 +106,20 @@ def test_cpu_matches_reference(query_lens, seq_lens, window):
     )
 
 
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("contiguous,reads_in_place", [(True, True), (False, False)])
+def test_one_stream_decode_reads_consecutive_blocks_in_place(contiguous, reads_in_place, window):
+    """One decode row whose blocks are consecutive reads its keys as a slice of the cache (no gather); shuffled
+    blocks are gathered. Both equal the reference, and nothing past the context (NaN garbage) is read."""
+    hq, hkv, d = 8, 2, 8
+    batch = make_paged_batch([1], [23], {"k": (hkv, d), "v": (hkv, d)}, contiguous=contiguous, seed=4)
+    q = _queries(batch.meta, hq, d)
+    args = (q, batch.caches["k"], batch.caches["v"], batch.meta, 0.3)
+    got = CPU.paged_attention(*args, sliding_window=window)
+    assert (CPU._plan(batch.meta, window).decode.run is not None) == reads_in_place
+    torch.testing.assert_close(got, REF.paged_attention(*args, sliding_window=window), atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_matches_reference_bf16():
     hq, hkv, d = 8, 2, 16
     batch = make_paged_batch(*MIXED, {"k": (hkv, d), "v": (hkv, d)}, num_blocks=48, dtype=torch.bfloat16)

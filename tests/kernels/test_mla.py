@@ -78,6 +78,17 @@ def test_cpu_absorbed_matches_reference(query_lens, seq_lens):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_absorbed_one_stream_decode_in_place_matches_reference():
+    """One decode row over consecutive blocks: the latent cache is read as a slice, V as its first L features."""
+    batch = make_paged_batch([1], [21], {"latent": (L + DR,)}, num_blocks=16, seed=6, contiguous=True)
+    _, w_uk, w_uv = _weights()
+    q_nope, q_rope = _queries(batch.meta.num_tokens)
+    args = (q_nope, q_rope, batch.caches["latent"], batch.meta, w_uk, w_uv, (DN + DR) ** -0.5)
+    got, ref = CPU.mla_paged_attention(*args), REF.mla_paged_attention(*args)
+    assert CPU._plan(batch.meta, None).decode.run is not None
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_absorbed_matches_reference_bf16():
     batch = make_paged_batch([1, 6, 1], [20, 6, 9], {"latent": (L + DR,)}, num_blocks=16, dtype=torch.bfloat16)
     _, w_uk, w_uv = _weights(dtype=torch.bfloat16)

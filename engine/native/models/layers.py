@@ -292,33 +292,33 @@ class RotaryEmbedding:
         self.rotary_dim = dim
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions [T] -> cos, sin [T, R] in ``dtype`` (attention scaling folded in)."""
+        """positions [T] -> the step's rotation tables in ``dtype`` (attention scaling folded in), in the
+        form ``apply`` reads them, built once per step for every layer: [T, 1, R] cos and, with the sign
+        of rotate_half folded in, sin (non-interleaved); [T, 1, R/2] cos and sin (interleaved)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)  # [R/2], once: later steps find it there
         freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, R/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        cos = freqs.cos() * self.attention_scaling  # [T, R/2]
+        sin = freqs.sin() * self.attention_scaling
+        if not self.interleaved:
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # [T, R]
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotate x [T, H, R] by cos/sin [T, R].
+        """Rotate x [T, H, R] by the tables of ``cos_sin``.
 
-        Non-interleaved: halves ``(x[:R/2], x[R/2:])`` are the pairs (rotate_half).
+        Non-interleaved: halves ``(x[:R/2], x[R/2:])`` are the pairs: ``x * cos + rotate_half(x) * sin``,
+        where ``rotate_half(x) = (-x2, x1)``; the sign rides on the table, so the swap of halves is one roll
+        (a negation is exact: the same values as transformers' formula).
         Interleaved (DeepSeek / Mistral 4 weights): ``(x[0::2], x[1::2])`` are the
         pairs, and the result comes out de-interleaved ``[rotated evens, rotated odds]``
         as in transformers -- queries and keys get the same layout, so their dot
         products are those of the interleaved rotation.
         """
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R]
         if self.interleaved:
-            half = cos.shape[-1] // 2
-            c, s = cos[..., :half], sin[..., :half]  # [T, 1, R/2]
             x1, x2 = x[..., 0::2], x[..., 1::2]  # [T, H, R/2]
-            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
-        return x * cos + rotated * sin
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin  # [T, H, R]
 
 
 def llama4_query_scale(positions: Tensor, beta: float, original_max_position_embeddings: int) -> Tensor:
@@ -335,8 +335,8 @@ class StepContext:
 
     meta: AttentionMetadata
     positions: Tensor  # [T] int64
-    cos: Tensor  # [T, R]
-    sin: Tensor  # [T, R]
+    cos: Tensor  # [T, 1, R] (interleaved: [T, 1, R/2]): RotaryEmbedding.cos_sin's tables
+    sin: Tensor
     query_scale: Tensor | None = None  # [T, 1, 1] in the activation dtype (Mistral 4)
 
 
