@@ -92,7 +92,7 @@ async def _serve(cfg, source: str, check: str | None, exit_after_check: bool) ->
         on_signals()  # again: Ray's core worker installs its own SIGTERM handler (a crash dump) in ray.init
         target = f"{cfg.frontdoor.host}:{port}"
         if check is not None:
-            code = await asyncio.to_thread(client_cli.generate_and_print, target, check, cfg)
+            code = await client_cli.check_answer(target, check, cfg)
             if exit_after_check:
                 return code
         print(

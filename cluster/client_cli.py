@@ -134,6 +134,20 @@ def stream_generate(
     err: TextIO | None = None,
     progress: bool | None = None,
 ) -> Chunk:
+    """``stream_answer`` on an event loop of its own (the command line's)."""
+    return asyncio.run(stream_answer(endpoints, request, api_key, tls, model, out, err, progress))
+
+
+async def stream_answer(
+    endpoints: list[str],
+    request: dict,
+    api_key: str | None = None,
+    tls: dict | None = None,
+    model: str = "",
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    progress: bool | None = None,
+) -> Chunk:
     """Print one streamed answer from the first region that can serve it; returns the final chunk.
 
     ``endpoints``: ``name=host:port`` (or ``host:port``), in the order to try; ``request``: the
@@ -153,15 +167,12 @@ def stream_generate(
             bar.clear()
         printer.feed(chunk.text, chunk.reasoning_text)
 
-    async def run() -> Chunk | None:
-        async with RegionClient(peers, api_key=api_key, max_attempts=len(peers), model=model) as client:
-            reply = await collect(client.generate(**request), show)
-        for call in reply.tool_calls:  # the answer's calls, whole, after its text
-            printer.feed(f"\n[tool call {call.id}] {call.name}({call.arguments})", "")
-        printer.end()
-        return reply.final
-
-    final = asyncio.run(run())
+    async with RegionClient(peers, api_key=api_key, max_attempts=len(peers), model=model) as client:
+        reply = await collect(client.generate(**request), show)
+    for call in reply.tool_calls:  # the answer's calls, whole, after its text
+        printer.feed(f"\n[tool call {call.id}] {call.name}({call.arguments})", "")
+    printer.end()
+    final = reply.final
     if final is None:
         raise ClientError(format_error("UNAVAILABLE", "the stream ended without a final message"))
     if final.error is not None:
@@ -171,8 +182,9 @@ def stream_generate(
     return final
 
 
-def generate_and_print(target: str, prompt: str, cfg=None) -> int:
-    """``levante serve --check``: one call through the server's own front door (plaintext only)."""
+async def check_answer(target: str, prompt: str, cfg=None) -> int:
+    """``levante serve --check``: one call through the server's own front door (plaintext only), awaited on
+    the server's event loop: a client on a loop of its own leaves grpc's poller posting to it once closed."""
     if cfg is not None and cfg.frontdoor.tls.enabled:
         print("levante: --check skipped: the front door uses TLS; use `levante client` with --tls-ca", flush=True)
         return 0
@@ -181,7 +193,7 @@ def generate_and_print(target: str, prompt: str, cfg=None) -> int:
         first = cfg.frontdoor.tenants[0]
         api_key = first.api_key or os.environ.get(first.api_key_env or "")
     request = dict(prompt=prompt, max_tokens=64, temperature=0.0, timeout_s=300)
-    stream_generate([target], request, api_key=api_key)
+    await stream_answer([target], request, api_key=api_key)
     return 0
 
 

@@ -155,3 +155,5 @@ def test_make_serve_default_answers_paris_through_the_front_door():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Paris" in out.stdout, out.stdout
     assert "served by local/" in out.stderr and "effort none" in out.stderr, out.stderr
+    # the check's client runs on the server's own loop: no grpc poller posting to a closed one
+    assert "Event loop is closed" not in out.stderr, out.stderr
