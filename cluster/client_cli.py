@@ -124,20 +124,6 @@ def summary(final: Chunk) -> str:
     return line + "]"
 
 
-def stream_generate(
-    endpoints: list[str],
-    request: dict,
-    api_key: str | None = None,
-    tls: dict | None = None,
-    model: str = "",
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-    progress: bool | None = None,
-) -> Chunk:
-    """``stream_answer`` on an event loop of its own (the command line's)."""
-    return asyncio.run(stream_answer(endpoints, request, api_key, tls, model, out, err, progress))
-
-
 async def stream_answer(
     endpoints: list[str],
     request: dict,
@@ -275,7 +261,7 @@ def _cmd_generate(args) -> int:
             request[name] = getattr(args, name)
     endpoints = args.regions.split(",") if args.regions else [args.target]
     tls = {k: v for k, v in (("tls_ca", args.tls_ca), ("tls_cert", args.tls_cert), ("tls_key", args.tls_key)) if v}
-    stream_generate(endpoints, request, api_key=args.api_key, tls=tls, model=args.model, progress=args.progress)
+    asyncio.run(stream_answer(endpoints, request, args.api_key, tls, args.model, progress=args.progress))
     return 0
 
 
