@@ -66,6 +66,15 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _read_kv(
+    read: Callable[[Tensor], Tensor], k_cache: Tensor, v_cache: Tensor | None, v_dim: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """K and V as ``read`` takes them from each cache, in dtype; without a V cache, V is K's first v_dim features."""
+    k = _as(read(k_cache), dtype)
+    v = k[..., :v_dim] if v_cache is None else _as(read(v_cache), dtype)
+    return k, v
+
+
 def _flat_views(*caches: Tensor | None) -> bool:
     """Whether every cache views as [NB*BS, *entry] without a copy (a run is then a slice)."""
     return all(c is None or c.is_contiguous() for c in caches)
@@ -296,9 +305,7 @@ class CpuAttentionBackend(AttentionBackend):
     @staticmethod
     def _kv(k_cache: Tensor, v_cache: Tensor | None, v_dim: int, slots: Tensor, dtype: torch.dtype):
         """Gathered K [..., Hkv, D] and V [..., Hkv, Dv] at slots [...], in dtype."""
-        k = _as(_gather(k_cache, slots), dtype)
-        v = k[..., :v_dim] if v_cache is None else _as(_gather(v_cache, slots), dtype)
-        return k, v
+        return _read_kv(lambda cache: _gather(cache, slots), k_cache, v_cache, v_dim, dtype)
 
     @classmethod
     def _decode_kv(cls, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, dtype: torch.dtype):
@@ -306,13 +313,9 @@ class CpuAttentionBackend(AttentionBackend):
         if plan.run is None or not _flat_views(k_cache, v_cache):
             return cls._kv(k_cache, v_cache, v_dim, _run_slots(plan, k_cache.device), dtype)
         start, length = plan.run
-        k = _as(k_cache.view(-1, *k_cache.shape[2:])[start : start + length][None], dtype)  # [1, L, Hkv, D]
-        v = (
-            k[..., :v_dim]
-            if v_cache is None
-            else _as(v_cache.view(-1, *v_cache.shape[2:])[start : start + length][None], dtype)
+        return _read_kv(
+            lambda cache: cache.view(-1, *cache.shape[2:])[start : start + length][None], k_cache, v_cache, v_dim, dtype
         )
-        return k, v
 
     @classmethod
     def _decode(

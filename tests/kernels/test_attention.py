@@ -120,6 +120,18 @@ def test_one_stream_decode_reads_consecutive_blocks_in_place(contiguous, reads_i
     torch.testing.assert_close(got, REF.paged_attention(*args, sliding_window=window), atol=1e-5, rtol=1e-5)
 
 
+def test_one_stream_decode_over_strided_caches_gathers_its_run():
+    """K and V as halves of one packed cache (not contiguous): a run of consecutive blocks is gathered instead."""
+    hkv, d = 2, 8
+    batch = make_paged_batch([1], [19], {"kv": (hkv, 2 * d)}, contiguous=True, seed=5)
+    k_cache, v_cache = batch.caches["kv"][..., :d], batch.caches["kv"][..., d:]  # [NB, BS, Hkv, D] strided
+    q = _queries(batch.meta, 4, d)
+    args = (q, k_cache, v_cache, batch.meta, 0.3)
+    got = CPU.paged_attention(*args)
+    assert CPU._plan(batch.meta, None).decode.run is not None
+    torch.testing.assert_close(got, REF.paged_attention(*args), atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_matches_reference_bf16():
     hq, hkv, d = 8, 2, 16
     batch = make_paged_batch(*MIXED, {"k": (hkv, d), "v": (hkv, d)}, num_blocks=48, dtype=torch.bfloat16)
