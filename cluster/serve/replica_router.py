@@ -79,6 +79,7 @@ class ReplicaRouter:
         self._probe: asyncio.Task | None = None
         self._probed = float("-inf")
         self._models: list[ModelInfo] | None = None
+        self._generate_handle: Any = None
 
     def engine(self) -> Any:
         """The handle, its router on the calling event loop (made on first use, inside the loop): Serve's
@@ -86,6 +87,13 @@ class ReplicaRouter:
         if not self._engine.is_initialized:
             self._engine._init(_run_router_in_separate_loop=False)
         return self._engine
+
+    def _streaming_generate(self) -> Any:
+        """``generate`` on the handle, streamed on Serve's gRPC transport: made once (each ``options`` and
+        method lookup builds a new handle)."""
+        if self._generate_handle is None:
+            self._generate_handle = self.engine().options(stream=True, _by_reference=False).generate
+        return self._generate_handle
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         attributes = {"levante.requested_effort": request.reasoning_effort}
@@ -137,7 +145,7 @@ class ReplicaRouter:
     ) -> AsyncIterator[Chunk]:
         rid = request.request_id
         self.delay.dispatched(rid, time.monotonic())
-        stream = self.engine().options(stream=True, _by_reference=False).generate.remote(request, hint=hint)
+        stream = self._streaming_generate().remote(request, hint=hint)
         first = waiting = True
         try:  # replicas send keepalives, so silence for replica_timeout_s means a lost replica
             timeout_s, keepalive_s = self.cfg.router.replica_timeout_s, self.cfg.replica.heartbeat_s
