@@ -240,8 +240,7 @@ class CpuAttentionBackend(AttentionBackend):
 
     def write_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
         # cache [NB, BS, *entry]; new [T, *entry]; slot_mapping [T]
-        if new.dtype != cache.dtype:
-            new = new.to(cache.dtype)
+        new = _as(new, cache.dtype)
         try:
             flat = cache.view(-1, *cache.shape[2:])  # [NB*BS, *entry], shares storage with cache
         except RuntimeError:  # strides don't allow merging NB and BS: 2-d advanced indexing (still one op)

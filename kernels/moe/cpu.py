@@ -8,6 +8,8 @@ cast back to ``x.dtype``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,13 +18,16 @@ from kernels.backend import MoEBackend
 from kernels.linear.cpu import onednn_packs, packed_from_rows
 
 
-def _expert_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x [n, K] @ w [N, K].T -> [n, N]. Where this CPU's dense matmuls run oneDNN from one row
-    (``kernels.linear.cpu.packed_from_rows``), an expert's few rows do too, on the weight as it lies: on a
-    2-core AMD EPYC a tiny Mixtral layer's 8 experts take 1.2 vs 3.0 ms at 1 row, 2.0 vs 8.8 at 4 (F.linear)."""
-    if packed_from_rows() == 1 and onednn_packs(w):
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    return F.linear(x, w)
+def _onednn_linear(x: Tensor, w: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # x [n, K] @ w [N, K].T -> [n, N]
+
+
+def _expert_linear(w: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """The matmul for a layer's experts (``w`` one of their weights, all alike), chosen once per call. Where
+    this CPU's dense matmuls run oneDNN from one row (``kernels.linear.cpu.packed_from_rows``), an expert's
+    few rows do too, on the weight as it lies: on a 2-core AMD EPYC a tiny Mixtral layer's 8 experts take
+    1.2 vs 3.0 ms at 1 row, 2.0 vs 8.8 at 4 (F.linear)."""
+    return _onednn_linear if packed_from_rows() == 1 and onednn_packs(w) else F.linear
 
 
 class CpuMoEBackend(MoEBackend):
@@ -47,13 +52,14 @@ class CpuMoEBackend(MoEBackend):
         counts = torch.bincount(local_ids, minlength=num_local + 1)[:num_local].tolist()
         token_of = order // top_k  # [T*K] token of each sorted assignment
         weight_of = topk_weights.reshape(-1)[order].float()  # [T*K]
+        linear = _expert_linear(w_gate_up)
         begin = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             tokens = token_of[begin : begin + n]  # [n]
-            gate, up = _expert_linear(x[tokens], w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-            y = _expert_linear(F.silu(gate) * up, w_down[e])  # [n, D]
+            gate, up = linear(x[tokens], w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
+            y = linear(F.silu(gate) * up, w_down[e])  # [n, D]
             out.index_add_(0, tokens, y.float() * weight_of[begin : begin + n, None])
             begin += n
         return out.to(x.dtype)
