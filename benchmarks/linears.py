@@ -5,8 +5,9 @@ machine reads memory at, which bounds a one-row step.
     .venv/bin/python benchmarks/linears.py --rows 1,2,4,16,2048
     .venv/bin/python benchmarks/linears.py --quantization int4 --rows 1,4,8,16,32,128
 
-With ``--quantization`` the weight-only int8/int4 kernel is timed against oneDNN on the dequantized copy
-(bfloat16 where the CPU computes it, else float32) that ``kernels/linear/cpu.py`` runs from ``DENSE_FROM_ROWS`` rows up.
+With ``--quantization`` PyTorch's weight-only int8/int4 kernels, the int8-activation VNNI kernel
+(``kernels/linear/vnni.py``, where the CPU has it) and oneDNN on the dequantized copy (bfloat16 where the CPU
+computes it, else float32) are timed on the same weights: ``kernels/linear/cpu.py`` chooses among them by rows.
 
 Best of 5 passes over all the step's linears in model order (fused QKV, output, fused gate/up, down,
 then the output head; ``--no-head`` leaves the head out, as a prefill step that samples from the last
@@ -16,6 +17,7 @@ rows only mostly does), 2 threads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from functools import partial
 
@@ -26,7 +28,9 @@ from engine.checkpoint.gguf import default_gguf_path
 from engine.config import ModelConfig
 from engine.native.models.loader import load_model
 from engine.native.models.prepare import linears_of
-from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE
+from kernels.linear import vnni
+from kernels.linear.cpu import CpuWeightOnlyLinearKernel
+from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, quantize
 
 
 def best_of(passes: int, fn, warmups: int = 1) -> float:
@@ -70,6 +74,12 @@ def _weight_only(forms: list, inputs: dict) -> None:
             torch.ops.aten._weight_int4pack_mm_for_cpu(x, f.weight, INT4_GROUP, f.scales)  # [rows, N]
 
 
+def _vnni(forms: list, inputs: dict) -> None:
+    """The int8-activation kernel, as ``kernels/linear/cpu.py`` runs it where the CPU has AVX-512 VNNI."""
+    for f in forms:
+        vnni.linear(inputs[_in_features(f)], f.vnni, None)  # [rows, N]
+
+
 def _dense_copy(forms: list, inputs: dict) -> None:
     """oneDNN on the dequantized copy (bfloat16 where the CPU computes it), from ``DENSE_FROM_ROWS`` rows up."""
     for f in forms:
@@ -90,15 +100,29 @@ def main() -> None:
     linears = [lin for lin in linears_of(model) if lin.prepared is not None]
     if args.no_head:
         linears = [lin for lin in linears if lin is not model.lm_head]
-    forms = [lin.prepared.form for lin in linears]
+    forms = [_forms(lin) for lin in linears]
     weights = f"{sum(f.weight.numel() * f.weight.element_size() for f in forms) / 1e6:.0f} MB of {args.quantization}"
     print(f"{len(forms)} linears, {weights} weights; memory read {read_rate():.1f} GB/s")
-    slow, fast = (_plain, _packed) if args.quantization == "none" else (_weight_only, _dense_copy)
-    print(f"{'rows':>6}{'F.linear ms' if slow is _plain else 'weight-only ms':>16}{'oneDNN ms':>12}")
+    columns = {"F.linear": _plain, "oneDNN": _packed}
+    if args.quantization != "none":
+        has_vnni = all(f.vnni is not None for f in forms)
+        columns = {"weight-only": _weight_only} | ({"VNNI": _vnni} if has_vnni else {}) | {"oneDNN": _dense_copy}
+    print(f"{'rows':>6}" + "".join(f"{name + ' ms':>16}" for name in columns))
     for rows in (int(r) for r in args.rows.split(",")):
         inputs = {k: torch.randn(rows, k) for k in {_in_features(f) for f in forms}}
-        times = [best_of(5, partial(fn, forms, inputs)) for fn in (slow, fast)]
-        print(f"{rows:>6}{times[0] * 1e3:>16.1f}{times[1] * 1e3:>12.1f}")
+        times = [best_of(5, partial(fn, forms, inputs)) for fn in columns.values()]
+        print(f"{rows:>6}" + "".join(f"{t * 1e3:>16.1f}" for t in times))
+
+
+def _forms(lin):
+    """A dense linear's prepared form; a quantized one's PyTorch-kernel form with its VNNI form beside it."""
+    form = lin.prepared.form
+    if lin.prepared.scheme == "none":
+        return form
+    qw = quantize(lin.weight, lin.prepared.scheme)
+    torch_form = CpuWeightOnlyLinearKernel().prepare(qw)
+    has_vnni = vnni.fits(qw.shape) and vnni.library() is not None
+    return dataclasses.replace(torch_form, vnni=vnni.pack(qw) if has_vnni else None)
 
 
 if __name__ == "__main__":

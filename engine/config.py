@@ -20,7 +20,7 @@ EXECUTORS = ("ray", "mp", "uni")
 ATTENTION_BACKENDS = ("cpu", "cpu_untiled", "reference")
 # The native engine's linears (kernels.backend): "cpu" (float32 weights packed for oneDNN on the CPU; the
 # int8/int4 kernels; elsewhere F.linear) or "reference" (F.linear; quantized: dequantized).
-LINEAR_BACKENDS = ("cpu", "reference")
+LINEAR_BACKENDS = ("cpu", "cpu_weight_only", "reference")
 # Weight-only quantization of the native engine's linears at load (engine/native/models/prepare.py).
 QUANTIZATIONS = ("none", "int8", "int4")
 

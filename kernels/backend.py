@@ -134,10 +134,10 @@ def _moe_backends() -> dict[str, type[MoEBackend]]:
 
 
 def _linear_kernels() -> dict[str, type[LinearKernel]]:
-    from kernels.linear.cpu import CpuLinearKernel
+    from kernels.linear.cpu import CpuLinearKernel, CpuWeightOnlyLinearKernel
     from kernels.linear.reference import ReferenceLinearKernel
 
-    return {"reference": ReferenceLinearKernel, "cpu": CpuLinearKernel}
+    return {"reference": ReferenceLinearKernel, "cpu": CpuLinearKernel, "cpu_weight_only": CpuWeightOnlyLinearKernel}
 
 
 def _pick(kind: str, choices: dict, name: str):
@@ -160,8 +160,10 @@ def get_moe_backend(name: str = "cpu") -> MoEBackend:
 
 
 def get_linear_kernel(name: str = "cpu") -> LinearKernel:
-    """``"reference"`` (``F.linear``; quantized: dequantize, then a plain matmul: the spec) or ``"cpu"`` (dense float32
-    weights packed for oneDNN; PyTorch's CPU int8/int4 kernels; elsewhere ``F.linear``)."""
+    """``"reference"`` (``F.linear``; quantized: dequantize, then a plain matmul: the spec), ``"cpu"`` (dense float32
+    weights packed for oneDNN; quantized ones on the int8-activation VNNI kernel where the CPU has it, else
+    PyTorch's CPU int8/int4 kernels; elsewhere ``F.linear``) or ``"cpu_weight_only"`` (``"cpu"`` without the VNNI
+    kernel)."""
     return _pick("linear", _linear_kernels(), name)
 
 

@@ -12,6 +12,9 @@
   Their time grows with the rows, so ``DENSE_FROM_ROWS`` rows or more (prefill, batches) run oneDNN on a
   packed copy of the dequantized weight, bfloat16 where the CPU computes it natively (else float32), with the
   same bfloat16 rounding of input and output.
+- Quantized, below the dense copy's rows, where the CPU has AVX-512 VNNI: the input is rounded to int8 per 32
+  and multiplied by the weight codes in integers (``kernels.linear.vnni``), reading the weights at memory
+  speed; PyTorch's weight-only kernels are not kept then.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.backend import LinearKernel
+from kernels.linear import vnni
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight, dequantize
 
 ONEDNN_BATCH_HINT = 16  # the row count oneDNN lays the weight out for; one layout serves every row count
@@ -40,6 +44,12 @@ PACKED_FROM_ROWS_ELSEWHERE = 4
 # 16, 217.4 vs 32.4 at 128; int8 30.7 vs 17.4 at 8. float32 copy (no native bfloat16), int4 without the head
 # 32.3 vs 41.4 at 24 rows, 80.7 vs 73.5 at 64; int8 75.4 vs 58.4 at 32.
 DENSE_FROM_ROWS = {torch.bfloat16: 8, torch.float32: 64}
+# With the VNNI kernel (read at memory speed, its time growing with the rows faster than oneDNN's), quantized
+# weights run their bfloat16 dense copy from more rows. All of a SmolLM2 step's linears (int4 without the head),
+# weight-only / VNNI / oneDNN ms, `benchmarks/linears.py --quantization ...`, 2-core AMD EPYC (Zen 5): int4 3.8 /
+# 2.6 / 8.5 at 1 row, 7.9 / 7.1 / 9.4 at 7, 11.0 / 11.1 / 10.3 at 12; int8 8.0 / 4.2 / 9.1 at 1, 16.7 / 9.8 /
+# 10.9 at 16, 29.0 / 17.1 / 16.0 at 32 (docs/benchmarks.md). A float32 copy keeps DENSE_FROM_ROWS.
+VNNI_DENSE_FROM_ROWS = {("int4", torch.bfloat16): 12, ("int8", torch.bfloat16): 32}
 
 
 @dataclass(frozen=True)
@@ -51,10 +61,16 @@ class _Dense:
 @dataclass(frozen=True)
 class _Packed:
     scheme: str
-    weight: Tensor  # int8 [N, K] | int4: uint8 [N, K / 2] in the kernel's own layout
-    scales: Tensor  # int8 [N] | int4 [K / G, N, 2] (scale, zero), SCALE_DTYPE
+    weight: Tensor | None  # int8 [N, K] | int4: uint8 [N, K / 2] in the kernel's own layout; None with vnni
+    scales: Tensor | None  # int8 [N] | int4 [K / G, N, 2] (scale, zero), SCALE_DTYPE; None with vnni
     out_features: int
     dense: Tensor | None  # oneDNN's blocked copy of the dequantized weight (bfloat16 or float32), for DENSE_FROM_ROWS
+    vnni: vnni.VnniWeight | None = None  # the int8-activation kernel's form, for the rows below the dense copy's
+
+    def dense_from(self) -> int:
+        """Rows from which the dense copy runs."""
+        rows = DENSE_FROM_ROWS[self.dense.dtype]
+        return VNNI_DENSE_FROM_ROWS.get((self.scheme, self.dense.dtype), rows) if self.vnni else rows
 
 
 def cpu_vendor() -> str:
@@ -96,6 +112,7 @@ def _dense_copy(weight: QuantizedWeight) -> Tensor | None:
 
 class CpuLinearKernel(LinearKernel):
     name = "cpu"
+    int8_activations = True  # the VNNI kernel where the CPU has it
 
     def prepare(self, weight: Tensor | QuantizedWeight) -> _Dense | _Packed:
         if not isinstance(weight, QuantizedWeight):
@@ -106,6 +123,8 @@ class CpuLinearKernel(LinearKernel):
         if weight.q.device.type != "cpu":
             raise ValueError(f"quantization: the CPU kernels take CPU weights, not {weight.q.device.type}")
         dense = _dense_copy(weight)
+        if self.int8_activations and vnni.fits(weight.shape) and vnni.library() is not None:
+            return _Packed(weight.scheme, None, None, n, dense, vnni.pack(weight))
         if weight.scheme == "int8":
             return _Packed("int8", weight.q.contiguous(), weight.scale.contiguous(), n, dense)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.q.to(torch.int32), 1)  # [N, K/2]
@@ -118,8 +137,13 @@ class CpuLinearKernel(LinearKernel):
                 return F.linear(x, prepared.weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")  # [..., N]
         # every op is a dispatch on one stream's decode path, where dispatches are most of a step: none for nothing
-        x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).to(SCALE_DTYPE)  # [M, K]
-        if prepared.dense is not None and x2.shape[0] >= DENSE_FROM_ROWS[prepared.dense.dtype]:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [M, K]
+        dense = prepared.dense is not None and x2.shape[0] >= prepared.dense_from()
+        if prepared.vnni is not None and not dense:
+            y = vnni.linear(x2, prepared.vnni, bias).to(x.dtype)  # [M, N]
+            return y if x.dim() == 2 else y.view(*x.shape[:-1], prepared.out_features)
+        x2 = x2.to(SCALE_DTYPE)
+        if dense:
             x2 = x2.to(prepared.dense.dtype)
             y = torch.ops.mkldnn._linear_pointwise(x2, prepared.dense, None, "none", [], "")  # [M, N]
             y = y.to(SCALE_DTYPE)  # rounded as the weight-only kernels round their output
@@ -131,3 +155,11 @@ class CpuLinearKernel(LinearKernel):
         if bias is not None:
             y = y + bias
         return y if x.dim() == 2 else y.view(*x.shape[:-1], prepared.out_features)
+
+
+class CpuWeightOnlyLinearKernel(CpuLinearKernel):
+    """``cpu`` without the VNNI kernel: PyTorch's weight-only kernels on bfloat16 activations, the path before
+    it, to measure against."""
+
+    name = "cpu_weight_only"
+    int8_activations = False

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.backend import get_linear_kernel
-from kernels.linear.cpu import DENSE_FROM_ROWS, onednn_packs, packed_from_rows
+from kernels.linear.cpu import onednn_packs, packed_from_rows
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
 
 
@@ -70,12 +70,12 @@ def test_a_flat_group_and_an_unpackable_shape():
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(1,), (7,), (2, 3)])
-def test_the_cpu_kernel_matches_the_reference(scheme, dtype, lead):
+def test_pytorchs_weight_only_kernels_match_the_reference(scheme, dtype, lead):
     n, k = 96, 256
     qw = quantize(weight(n, k).to(dtype), scheme)
     bias = torch.randn(n).to(dtype)
     x = torch.randn(*lead, k).to(dtype)
-    ref, cpu = get_linear_kernel("reference"), get_linear_kernel("cpu")
+    ref, cpu = get_linear_kernel("reference"), get_linear_kernel("cpu_weight_only")
     want = ref.linear(x, ref.prepare(qw), bias)  # [*lead, N]
     got = cpu.linear(x, cpu.prepare(qw), bias)
     assert got.shape == (*lead, n) and got.dtype == dtype
@@ -91,11 +91,11 @@ def test_a_quantized_weight_runs_its_dequantized_copy_from_dense_from_rows(schem
     ref, cpu = get_linear_kernel("reference"), get_linear_kernel("cpu")
     form = cpu.prepare(qw)
     assert form.dense is not None
-    rows = DENSE_FROM_ROWS[form.dense.dtype] + offset
+    rows = form.dense_from() + offset
     x, bias = torch.randn(rows, k), torch.randn(n)
 
     got, want = cpu.linear(x, form, bias), ref.linear(x, ref.prepare(qw), bias)  # [rows, N]
-    assert len(onednn_calls) == (offset >= 0)  # the weight-only kernel below, oneDNN from there
+    assert len(onednn_calls) == (offset >= 0)  # a weight-only kernel below, oneDNN from there
     assert got.shape == (rows, n) and got.dtype == torch.float32
     # Where the CPU computes bfloat16 the copy is bfloat16: each weight rounds by half a bfloat16 step, and the
     # sums' errors follow the products' size, not the sum's: within 2**-6 of the largest output (the outputs'
@@ -157,5 +157,7 @@ def test_a_float16_weight_is_left_as_loaded_for_f_linear():
 
 
 def test_an_unknown_kernel_is_named():
-    with pytest.raises(ValueError, match="unknown linear backend 'gpu'; choices: \\['cpu', 'reference'\\]"):
+    with pytest.raises(
+        ValueError, match="unknown linear backend 'gpu'; choices: \\['cpu', 'cpu_weight_only', 'reference'\\]"
+    ):
         get_linear_kernel("gpu")
