@@ -89,6 +89,19 @@ typedef struct {
     int64_t N, K;
 } Weight;
 
+/* The codes and scales of pair p of input rows m0..m0+mb. */
+INLINE void load_pair(Input in, int64_t K, int64_t m0, int mb, int64_t p, __m512i *xs, __m512 *xscale) {
+    for (int i = 0; i < mb; i++) {
+        xs[i] = _mm512_loadu_si512(in.codes + (m0 + i) * K + 64 * p);
+        xscale[i] = pair_of_floats(in.scale + (m0 + i) * (K / 32) + 2 * p);
+    }
+}
+
+INLINE void zero(__m512 acc[ROWS][MAX_M], int mb) {
+    for (int r = 0; r < ROWS; r++)
+        for (int i = 0; i < mb; i++) acc[r][i] = _mm512_setzero_ps();
+}
+
 /* int4: byte j of a pair's 32 holds pair-order codes j (low nibble) and j + 32 (high nibble), 0..15;
  * w = (code - 8) * scale + zero. */
 INLINE void int4_block(Input in, Weight w, float *y, int64_t m0, int mb, int64_t n0) {
@@ -96,15 +109,11 @@ INLINE void int4_block(Input in, Weight w, float *y, int64_t m0, int mb, int64_t
     const __m512i low = _mm512_set1_epi8(0x0F);
     const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
     __m512 acc[ROWS][MAX_M];
-    for (int r = 0; r < ROWS; r++)
-        for (int i = 0; i < mb; i++) acc[r][i] = _mm512_setzero_ps();
+    zero(acc, mb);
     for (int64_t p = 0; p < w.K / 64; p++) {
         __m512i xs[MAX_M];
         __m512 xscale[MAX_M];
-        for (int i = 0; i < mb; i++) {
-            xs[i] = _mm512_loadu_si512(in.codes + (m0 + i) * w.K + 64 * p);
-            xscale[i] = pair_of_floats(in.scale + (m0 + i) * G + 2 * p);
-        }
+        load_pair(in, w.K, m0, mb, p, xs, xscale);
         for (int r = 0; r < ROWS; r++) {
             const int64_t n = n0 + r;
             __m512i packed = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w.codes + n * (w.K / 2) + 32 * p)));
@@ -127,17 +136,12 @@ INLINE void int4_block(Input in, Weight w, float *y, int64_t m0, int mb, int64_t
 
 /* int8: codes + 128 as unsigned bytes, in pair order; w = (code - 128) * scale, one scale a row. */
 INLINE void int8_block(Input in, Weight w, float *y, int64_t m0, int mb, int64_t n0) {
-    const int64_t G = w.K / 32;
     __m512 acc[ROWS][MAX_M];
-    for (int r = 0; r < ROWS; r++)
-        for (int i = 0; i < mb; i++) acc[r][i] = _mm512_setzero_ps();
+    zero(acc, mb);
     for (int64_t p = 0; p < w.K / 64; p++) {
         __m512i xs[MAX_M];
         __m512 xscale[MAX_M];
-        for (int i = 0; i < mb; i++) {
-            xs[i] = _mm512_loadu_si512(in.codes + (m0 + i) * w.K + 64 * p);
-            xscale[i] = pair_of_floats(in.scale + (m0 + i) * G + 2 * p);
-        }
+        load_pair(in, w.K, m0, mb, p, xs, xscale);
         for (int r = 0; r < ROWS; r++) {
             __m512i codes = _mm512_loadu_si512(w.codes + (n0 + r) * w.K + 64 * p);
             for (int i = 0; i < mb; i++) {
