@@ -16,6 +16,7 @@ Shape conventions used throughout (comments, not code):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -76,27 +77,36 @@ class AttentionBackend(ABC):
         """
 
 
+@dataclass(frozen=True)
+class ExpertWeights:
+    """A layer's routed experts (this rank's slice) as a MoE backend runs them: ``MoEBackend.prepare``."""
+
+    gate_up: Tensor  # [E_local, 2*I, D] (gate rows first, then up rows)
+    down: Tensor  # [E_local, D, I]
+    packed: tuple[tuple[Tensor, Tensor], ...] | None = None  # per expert (gate_up, down) in the backend's layout
+
+
 class MoEBackend(ABC):
     """Routed expert MLPs (SwiGLU) with expert-parallel slicing."""
 
     name: str
 
+    def prepare(self, w_gate_up: Tensor, w_down: Tensor) -> ExpertWeights:
+        """A layer's experts in this backend's form, made once at load; by default as they lie.
+
+        w_gate_up: [E_local, 2*I, D] (gate rows first, then up rows); w_down: [E_local, D, I].
+        """
+        return ExpertWeights(w_gate_up, w_down)
+
     @abstractmethod
     def fused_moe(
-        self,
-        x: Tensor,
-        topk_ids: Tensor,
-        topk_weights: Tensor,
-        w_gate_up: Tensor,
-        w_down: Tensor,
-        expert_start: int = 0,
+        self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, experts: ExpertWeights, expert_start: int = 0
     ) -> Tensor:
         """sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) over this rank's experts.
 
         x: [T, D]; topk_ids: [T, K] int64 global expert ids; topk_weights: [T, K];
-        w_gate_up: [E_local, 2*I, D] (gate rows first, then up rows); w_down: [E_local, D, I].
-        Only experts ``expert_start <= e < expert_start + E_local`` contribute;
-        the rest belong to other ranks. Returns [T, D] in x.dtype.
+        experts: ``prepare`` d weights of global experts ``expert_start <= e < expert_start + E_local``.
+        The rest belong to other ranks. Returns [T, D] in x.dtype.
         """
 
 
@@ -170,6 +180,7 @@ def get_linear_kernel(name: str = "cpu") -> LinearKernel:
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
+    "ExpertWeights",
     "LinearKernel",
     "MoEBackend",
     "get_attention_backend",

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.backend import MoEBackend
+from kernels.backend import ExpertWeights, MoEBackend
 
 
 def expert_mlp(x: Tensor, w_gate_up: Tensor, w_down: Tensor) -> Tensor:
@@ -19,15 +19,10 @@ class ReferenceMoEBackend(MoEBackend):
     name = "reference"
 
     def fused_moe(
-        self,
-        x: Tensor,
-        topk_ids: Tensor,
-        topk_weights: Tensor,
-        w_gate_up: Tensor,
-        w_down: Tensor,
-        expert_start: int = 0,
+        self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, experts: ExpertWeights, expert_start: int = 0
     ) -> Tensor:
-        # x [T, D]; topk_ids [T, K]; topk_weights [T, K]; w_gate_up [E_local, 2*I, D]; w_down [E_local, D, I]
+        # x [T, D]; topk_ids [T, K]; topk_weights [T, K]
+        w_gate_up, w_down = experts.gate_up, experts.down  # [E_local, 2*I, D], [E_local, D, I]
         num_local = w_gate_up.shape[0]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
         for t in range(x.shape[0]):

@@ -32,19 +32,22 @@ def test_factory():
 @pytest.mark.parametrize("num_tokens", [1, 3, 40])
 def test_cpu_matches_reference(num_tokens):
     x, ids, w, gu, dn = _problem(num_tokens)
-    got = CPU.fused_moe(x, ids, w, gu, dn)
+    got = CPU.fused_moe(x, ids, w, CPU.prepare(gu, dn))
     assert got.shape == x.shape and got.dtype == x.dtype
-    torch.testing.assert_close(got, REF.fused_moe(x, ids, w, gu, dn), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, REF.fused_moe(x, ids, w, REF.prepare(gu, dn)), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("vendor", "onednn"), [("AuthenticAMD", True), ("GenuineIntel", False)])
 def test_cpu_experts_run_onednn_where_dense_matmuls_do_from_one_row(vendor, onednn, as_vendor, onednn_calls):
     as_vendor(vendor)
     x, ids, w, gu, dn = _problem(3)
-    got = CPU.fused_moe(x, ids, w, gu, dn)
+    experts = CPU.prepare(gu, dn)
+    packs = onednn and torch.backends.mkldnn.is_available()
+    assert (experts.packed is not None) == packs and experts.gate_up is gu and experts.down is dn
+    got = CPU.fused_moe(x, ids, w, experts)
     hit = len(set(ids.reshape(-1).tolist()))
-    assert len(onednn_calls) == (2 * hit if onednn and torch.backends.mkldnn.is_available() else 0)
-    torch.testing.assert_close(got, REF.fused_moe(x, ids, w, gu, dn), atol=1e-6, rtol=1e-5)
+    assert len(onednn_calls) == (2 * hit if packs else 0)
+    torch.testing.assert_close(got, REF.fused_moe(x, ids, w, REF.prepare(gu, dn)), atol=1e-6, rtol=1e-5)
 
 
 def test_reference_is_the_formula():
@@ -55,35 +58,36 @@ def test_reference_is_the_formula():
     one = w[t, k] * (dn[e] @ (torch.nn.functional.silu(gate) * up))
     only = torch.zeros_like(w)
     only[t, k] = w[t, k]
-    torch.testing.assert_close(REF.fused_moe(x, ids, only, gu, dn)[t], one)
+    torch.testing.assert_close(REF.fused_moe(x, ids, only, REF.prepare(gu, dn))[t], one)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_expert_parallel_halves_sum_to_full(backend):
     impl = get_moe_backend(backend)
     x, ids, w, gu, dn = _problem(17)
-    full = impl.fused_moe(x, ids, w, gu, dn)
+    full = impl.fused_moe(x, ids, w, impl.prepare(gu, dn))
     half = E // 2
-    lo = impl.fused_moe(x, ids, w, gu[:half], dn[:half], expert_start=0)
-    hi = impl.fused_moe(x, ids, w, gu[half:], dn[half:], expert_start=half)
+    lo = impl.fused_moe(x, ids, w, impl.prepare(gu[:half], dn[:half]), expert_start=0)
+    hi = impl.fused_moe(x, ids, w, impl.prepare(gu[half:], dn[half:]), expert_start=half)
     torch.testing.assert_close(lo + hi, full, atol=1e-6, rtol=1e-5)
     # A rank whose experts no token picked contributes exactly zero.
-    none = impl.fused_moe(x, torch.zeros_like(ids), w, gu[half:], dn[half:], expert_start=half)
+    none = impl.fused_moe(x, torch.zeros_like(ids), w, impl.prepare(gu[half:], dn[half:]), expert_start=half)
     assert torch.equal(none, torch.zeros_like(x))
 
 
 def test_expert_parallel_uneven_slices_cpu_vs_reference():
     x, ids, w, gu, dn = _problem(29, num_experts=16, top_k=4, seed=2)
     for start, stop in [(0, 3), (3, 10), (10, 16)]:
-        args = (x, ids, w, gu[start:stop], dn[start:stop], start)
-        torch.testing.assert_close(CPU.fused_moe(*args), REF.fused_moe(*args), atol=1e-6, rtol=1e-5)
+        got = CPU.fused_moe(x, ids, w, CPU.prepare(gu[start:stop], dn[start:stop]), start)
+        want = REF.fused_moe(x, ids, w, REF.prepare(gu[start:stop], dn[start:stop]), start)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_cpu_matches_reference_bf16():
     x, ids, w, gu, dn = _problem(21, dtype=torch.bfloat16)
-    got = CPU.fused_moe(x, ids, w, gu, dn)
+    got = CPU.fused_moe(x, ids, w, CPU.prepare(gu, dn))
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), REF.fused_moe(x, ids, w, gu, dn).float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), REF.fused_moe(x, ids, w, REF.prepare(gu, dn)).float(), atol=2e-2, rtol=2e-2)
 
 
 def test_matches_transformers_mixtral_sparse_block():
@@ -101,4 +105,6 @@ def test_matches_transformers_mixtral_sparse_block():
         expected = block(x[None])[0]
     weights, ids = route_softmax_topk(x @ block.gate.weight.detach().T, K, renormalize=True)
     for impl in (REF, CPU):
-        torch.testing.assert_close(impl.fused_moe(x, ids, weights, gu, dn), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            impl.fused_moe(x, ids, weights, impl.prepare(gu, dn)), expected, atol=1e-5, rtol=1e-5
+        )

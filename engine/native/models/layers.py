@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from engine.checkpoint.files import ModelLoadError
 from engine.config import ParallelConfig
-from kernels.backend import LinearKernel, MoEBackend
+from kernels.backend import ExpertWeights, LinearKernel, MoEBackend
 from kernels.linear.formats import QuantizedWeight
 from kernels.metadata import AttentionMetadata
 
@@ -386,6 +386,7 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(local, 2 * intermediate, hidden, dtype=dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(local, hidden, intermediate, dtype=dtype), requires_grad=False)
         self._loaded: set[tuple[int, str]] = set()  # (global expert, "gate" | "up" | "down")
+        self.prepared: ExpertWeights | None = None  # the MoE backend's form, made after load (prepare.py)
 
     @property
     def num_local_experts(self) -> int:
@@ -495,8 +496,9 @@ class RoutedMoE(nn.Module):
         self.rank_load += torch.bincount(
             topk_ids.reshape(-1) // self.experts_per_rank, minlength=self.rank_load.numel()
         )  # [ep_size]
+        experts = self.experts.prepared or ExpertWeights(self.experts.gate_up_proj, self.experts.down_proj)
         routed = self.moe_backend.fused_moe(
-            x, topk_ids, topk_weights, self.experts.gate_up_proj, self.experts.down_proj, self.experts.expert_start
+            x, topk_ids, topk_weights, experts, self.experts.expert_start
         )  # [T, hidden]
         routed = self.combine(routed)
         if self.shared_experts is not None:

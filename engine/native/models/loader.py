@@ -56,9 +56,10 @@ def load_model(
     except ModelLoadError as e:
         place = str(where["file"] if where["file"] is not None else folder)
         raise ModelLoadError(str(e) if place in str(e) else f"{e} (in {place})") from None
-    from engine.native.models.prepare import prepare_linears
+    from engine.native.models.prepare import prepare_experts, prepare_linears
     from kernels.backend import get_linear_kernel
 
     prepare_linears(model, model_config.quantization, get_linear_kernel(model_config.linear_backend))
+    prepare_experts(model)
     model.eval()
     return model, hf

@@ -6,7 +6,8 @@ weight-only quantized under ``model.quantization``.
 byte with a scale and a zero per 32 inputs (``kernels.linear.formats``). Under ``int4`` a linear
 whose shape the int4 kernel cannot pack, and the output head (``QUANTIZE_INT8``), run ``int8``.
 Linears a model reads directly, the parts of a fused linear, and MoE routers (``QUANTIZE_NONE``)
-stay as loaded; so do the routed experts' stacked weights, which the MoE backend runs.
+stay as loaded; so do the routed experts' stacked weights, which the MoE backend runs in its own form
+(``prepare_experts``: the CPU backend's oneDNN-packed copies where dense matmuls run oneDNN from one row).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from engine.native.models.layers import QUANTIZE_INT8, QUANTIZE_NONE, FusedLinear, Linear, PreparedLinear
+from engine.native.models.layers import (
+    QUANTIZE_INT8,
+    QUANTIZE_NONE,
+    FusedLinear,
+    Linear,
+    PreparedLinear,
+    RoutedMoE,
+)
 from kernels.backend import LinearKernel
 from kernels.linear.formats import fits, quantize
 
@@ -45,3 +53,11 @@ def prepare_linears(model: nn.Module, scheme: str, kernel: LinearKernel) -> Coun
         linear.prepared = PreparedLinear(kernel, quantize(linear.weight, chosen), linear.bias)
         counts[chosen] += 1
     return counts
+
+
+def prepare_experts(model: nn.Module) -> int:
+    """Hand each MoE layer's routed experts to its backend's ``prepare``, in place; how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, RoutedMoE)]
+    for moe in layers:
+        moe.experts.prepared = moe.moe_backend.prepare(moe.experts.gate_up_proj, moe.experts.down_proj)
+    return len(layers)

@@ -75,8 +75,10 @@ def region(loop, engine, config: FrontDoorConfig, delay_s: float = 0.0) -> Itera
         yield door, book
 
 
-def used_blocks(loop, engine) -> int:
-    return loop.run(engine.stats()).num_used_blocks
+def engine_idle(loop, engine) -> bool:
+    """No request left in the engine, and no KV block held: an abort that reached it late has landed too."""
+    stats = loop.run(engine.stats())
+    return stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
 
 
 def open_unread(ch: grpc.Channel, n: int, req: pb.GenerateRequest = LONG) -> list:
@@ -104,7 +106,7 @@ def test_forty_unread_streams_then_a_new_caller_gets_resource_exhausted_with_a_r
         assert book.available("local") and not book.transitions  # full, not ejected
         for call in held:
             call.cancel()
-        wait_until(lambda: door._inflight == 0 and used_blocks(loop, engine) == 0, 30, "cancelled streams freed")
+        wait_until(lambda: door._inflight == 0 and engine_idle(loop, engine), 30, "cancelled streams freed")
 
 
 def test_an_engine_slow_to_admit_is_queueing_not_a_dead_region(loop, engine):
@@ -121,12 +123,13 @@ def test_write_timeout_stops_an_unread_stream_and_frees_its_kv_blocks(loop, engi
     def generated() -> int:
         return loop.run(engine.stats()).num_generated_tokens
 
+    wait_until(lambda: engine_idle(loop, engine), 30, "no other test's request left in the engine")
     before = generated()
     cfg = FrontDoorConfig(port=0, write_timeout_s=0.5, retry_after_ms=100)
     with region(loop, engine, cfg) as (door, _), grpc.insecure_channel(f"localhost:{door.port}", NOT_READING) as lazy:
         (held,) = open_unread(lazy, 1)
         wait_until(lambda: generated() > before, 30, "the stream started")
-        wait_until(lambda: door._inflight == 0 and used_blocks(loop, engine) == 0, 60, "the unread stream stopped")
+        wait_until(lambda: door._inflight == 0 and engine_idle(loop, engine), 60, "the unread stream stopped")
         assert generated() - before < LONG.max_tokens  # stopped early: the engine did not write the whole answer
         with pytest.raises(grpc.RpcError) as e:  # reading now: what was queued, then the status
             list(held)

@@ -11,10 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from engine.checkpoint.tiny import make_tiny
 from engine.native.models.base import KVCacheSpec
+from engine.native.models.layers import RoutedMoE
 from engine.native.models.mistral import LlamaForCausalLM, MistralForCausalLM
 from engine.native.models.mistral4 import Mistral4ForCausalLM
 from engine.native.models.mixtral import MixtralForCausalLM
 from engine.native.models.registry import resolve_architecture
+from kernels.linear import cpu as cpu_linear
 from tests.engine.native.models.helpers import engine_model, load_error
 
 
@@ -127,6 +129,24 @@ def test_mixtral_fused_and_original_expert_layouts_load_identically(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(("vendor", "packed"), [("AuthenticAMD", True), ("GenuineIntel", False)])
+def test_each_moe_layers_experts_are_prepared_by_its_backend_at_load(tmp_path, vendor, packed, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    cpu_linear.packed_from_rows.cache_clear()
+    try:
+        model = engine_model(make_tiny("mixtral", 2, str(tmp_path / "m")))
+    finally:
+        cpu_linear.packed_from_rows.cache_clear()
+    layers = [m for m in model.modules() if isinstance(m, RoutedMoE)]
+    assert layers and all(m.experts.prepared is not None for m in layers)
+    for moe in layers:
+        experts = moe.experts.prepared
+        assert experts.gate_up is moe.experts.gate_up_proj and experts.down is moe.experts.down_proj
+        assert (experts.packed is not None) == (packed and torch.backends.mkldnn.is_available())
+        if experts.packed is not None:  # one (gate_up, down) pair a local expert
+            assert len(experts.packed) == moe.experts.num_local_experts
 
 
 def test_per_expert_gate_up_down_proj_layout(tmp_path):
