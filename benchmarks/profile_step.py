@@ -3,17 +3,21 @@
     .venv/bin/python benchmarks/profile_step.py --batch 1
     .venv/bin/python benchmarks/profile_step.py --batch 16
     .venv/bin/python benchmarks/profile_step.py --batch 16 --linear-backend reference   # F.linear: the path before
+    .venv/bin/python benchmarks/profile_step.py --batch 1 --versus cpu_weight_only --rounds 8 --quantization int4   # an A/B, no profiler
 
 Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads, prefix
 caching off (the workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
 wall time that torch's ops account for (the rest is Python: scheduling, inputs, outputs), and the
-ops with the most self time.
+ops with the most self time. With ``--versus`` it profiles nothing: a second engine with that linear backend
+loads beside the first, the two take turns at ``--rounds`` generate calls, and it prints each one's best and
+median tokens/s and whether their tokens agree (one process, so load changes on a shared machine fall on both).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 
 from torch.profiler import ProfilerActivity, profile
@@ -32,23 +36,15 @@ def main() -> None:
     ap.add_argument("--linear-backend", default="cpu", help="model.linear_backend (reference: F.linear)")
     ap.add_argument("--quantization", default="none", help="model.quantization: none, int8 or int4")
     ap.add_argument("--dtype", default="float32", help="model.dtype: float32 or bfloat16")
+    ap.add_argument("--versus", help="another model.linear_backend to take turns with, unprofiled")
+    ap.add_argument("--rounds", type=int, default=6, help="generate calls each, with --versus")
     args = ap.parse_args()
-    config = EngineConfig(
-        model=ModelConfig(
-            model=default_gguf_path(),
-            num_threads=args.threads,
-            linear_backend=args.linear_backend,
-            quantization=args.quantization,
-            dtype=args.dtype,
-        ),
-        scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1)),
-        cache=CacheConfig(enable_prefix_caching=False),  # each run computes its prompts: the peers' workload
-    )
-    llm = LLM(config=config)
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 49152) for _ in range(128)] for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up at full batch
+    if args.versus:
+        return versus(args, prompts, params)
+    llm = _llm(args, args.linear_backend, prompts)
     start = time.perf_counter()
     llm.generate(prompts, params)
     plain = time.perf_counter() - start
@@ -63,6 +59,40 @@ def main() -> None:
     for e in ops[: args.top]:
         share = 100 * e.self_cpu_time_total / 1e6 / wall
         print(f"  {e.key:<52}{e.self_cpu_time_total / 1e6:8.3f}s {share:5.1f}%  {e.count} calls")
+
+
+def _llm(args: argparse.Namespace, linear_backend: str, prompts: list[list[int]]) -> LLM:
+    config = EngineConfig(
+        model=ModelConfig(
+            model=default_gguf_path(),
+            num_threads=args.threads,
+            linear_backend=linear_backend,
+            quantization=args.quantization,
+            dtype=args.dtype,
+        ),
+        scheduler=SchedulerConfig(max_num_seqs=max(args.batch, 1)),
+        cache=CacheConfig(enable_prefix_caching=False),  # each run computes its prompts: the peers' workload
+    )
+    llm = LLM(config=config)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up at full batch
+    return llm
+
+
+def versus(args: argparse.Namespace, prompts: list[list[int]], params: SamplingParams) -> None:
+    llms = {name: _llm(args, name, prompts) for name in (args.linear_backend, args.versus)}
+    rates: dict[str, list[float]] = {name: [] for name in llms}
+    tokens: dict[str, list[list[int]]] = {}
+    for _ in range(args.rounds):
+        for name, llm in llms.items():
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            rates[name].append(len(prompts) * params.max_tokens / (time.perf_counter() - start))
+            tokens[name] = [list(o.token_ids) for o in outputs]
+    for name, r in rates.items():
+        print(
+            f"{name:<16} best {max(r):6.1f} tok/s, median {statistics.median(r):6.1f}: {' '.join(f'{x:.1f}' for x in r)}"
+        )
+    print("same tokens:", tokens[args.linear_backend] == tokens[args.versus])
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def linear(x: Tensor, w: VnniWeight, bias: Tensor | None) -> Tensor:
     bias = bias.float().contiguous() if bias is not None else None
     m, k = x.shape
     n = w.codes.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     ptr = bias.data_ptr() if bias is not None else None
     threads = torch.get_num_threads()
     if w.scheme == "int4":

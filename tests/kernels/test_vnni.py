@@ -144,3 +144,11 @@ def test_a_compiler_that_fails_is_named(monkeypatch, tmp_path, fresh_library, ca
         assert vnni.library() is None
     assert "false -O3" in caplog.text and "failed" in caplog.text
     assert list((tmp_path / "levante" / "kernels").iterdir()) == []  # the failed build's file removed
+
+
+@needs_vnni
+def test_its_output_is_made_beside_its_input_whatever_the_default_device():
+    qw, x = quantize(weight(32, 64), "int8"), torch.randn(1, 64)
+    with torch.device("meta"):  # an output made on the default device would be meta: no memory to write
+        got = vnni.linear(x, vnni.pack(qw), None)
+    assert got.device.type == "cpu" and torch.allclose(got, vnni.reference(x, qw, None), atol=1e-5, rtol=1e-5)
