@@ -45,6 +45,8 @@ class CpuMoEBackend(MoEBackend):
         self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, experts: ExpertWeights, expert_start: int = 0
     ) -> Tensor:
         # x [T, D]; topk_ids [T, K]; topk_weights [T, K]
+        if x.shape[0] == 1:
+            return _one_token(x, topk_ids, topk_weights, experts, expert_start)
         num_local, top_k = experts.gate_up.shape[0], topk_ids.shape[1]
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
         local_ids = topk_ids.reshape(-1) - expert_start  # [T*K]
@@ -54,15 +56,34 @@ class CpuMoEBackend(MoEBackend):
         counts = torch.bincount(local_ids, minlength=num_local + 1)[:num_local].tolist()
         token_of = order // top_k  # [T*K] token of each sorted assignment
         weight_of = topk_weights.reshape(-1)[order].float()  # [T*K]
-        linear = F.linear if experts.packed is None else _onednn_linear
         begin = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             tokens = token_of[begin : begin + n]  # [n]
-            w_gate_up, w_down = experts.packed[e] if experts.packed else (experts.gate_up[e], experts.down[e])
-            gate, up = linear(x[tokens], w_gate_up).chunk(2, dim=-1)  # [n, I] each
-            y = linear(F.silu(gate) * up, w_down)  # [n, D]
+            y = _expert(x[tokens], experts, e)  # [n, D]
             out.index_add_(0, tokens, y.float() * weight_of[begin : begin + n, None])
             begin += n
         return out.to(x.dtype)
+
+
+def _expert(x: Tensor, experts: ExpertWeights, e: int) -> Tensor:
+    """Local expert e's SwiGLU MLP: x [n, D] -> [n, D]."""
+    if experts.packed:
+        linear, (w_gate_up, w_down) = _onednn_linear, experts.packed[e]
+    else:
+        linear, w_gate_up, w_down = F.linear, experts.gate_up[e], experts.down[e]
+    gate, up = linear(x, w_gate_up).chunk(2, dim=-1)  # [n, I] each
+    return linear(F.silu(gate) * up, w_down)
+
+
+def _one_token(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, experts: ExpertWeights, start: int) -> Tensor:
+    """One stream's decode step: its K experts in turn, without the sort and scatter a batch needs. The sum
+    runs in the batch path's order (by local expert id) and in float32, as the batch path's does."""
+    num_local = experts.gate_up.shape[0]
+    chosen = sorted(zip((e - start for e in topk_ids[0].tolist()), topk_weights[0].float().tolist()))
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [1, D]
+    for e, weight in chosen:
+        if 0 <= e < num_local:
+            out += _expert(x, experts, e).float() * weight
+    return out.to(x.dtype)

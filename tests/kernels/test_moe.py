@@ -62,9 +62,10 @@ def test_reference_is_the_formula():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_expert_parallel_halves_sum_to_full(backend):
+@pytest.mark.parametrize("num_tokens", [1, 17])  # one token: the CPU backend's path without sort and scatter
+def test_expert_parallel_halves_sum_to_full(backend, num_tokens):
     impl = get_moe_backend(backend)
-    x, ids, w, gu, dn = _problem(17)
+    x, ids, w, gu, dn = _problem(num_tokens)
     full = impl.fused_moe(x, ids, w, impl.prepare(gu, dn))
     half = E // 2
     lo = impl.fused_moe(x, ids, w, impl.prepare(gu[:half], dn[:half]), expert_start=0)
@@ -75,16 +76,18 @@ def test_expert_parallel_halves_sum_to_full(backend):
     assert torch.equal(none, torch.zeros_like(x))
 
 
-def test_expert_parallel_uneven_slices_cpu_vs_reference():
-    x, ids, w, gu, dn = _problem(29, num_experts=16, top_k=4, seed=2)
+@pytest.mark.parametrize("num_tokens", [1, 29])
+def test_expert_parallel_uneven_slices_cpu_vs_reference(num_tokens):
+    x, ids, w, gu, dn = _problem(num_tokens, num_experts=16, top_k=4, seed=2)
     for start, stop in [(0, 3), (3, 10), (10, 16)]:
         got = CPU.fused_moe(x, ids, w, CPU.prepare(gu[start:stop], dn[start:stop]), start)
         want = REF.fused_moe(x, ids, w, REF.prepare(gu[start:stop], dn[start:stop]), start)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_cpu_matches_reference_bf16():
-    x, ids, w, gu, dn = _problem(21, dtype=torch.bfloat16)
+@pytest.mark.parametrize("num_tokens", [1, 21])
+def test_cpu_matches_reference_bf16(num_tokens):
+    x, ids, w, gu, dn = _problem(num_tokens, dtype=torch.bfloat16)
     got = CPU.fused_moe(x, ids, w, CPU.prepare(gu, dn))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), REF.fused_moe(x, ids, w, REF.prepare(gu, dn)).float(), atol=2e-2, rtol=2e-2)
