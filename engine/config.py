@@ -52,6 +52,9 @@ class ModelConfig:
     attention_backend: str = "cpu"  # native engine only: one of ATTENTION_BACKENDS
     linear_backend: str = "cpu"  # native engine only: one of LINEAR_BACKENDS
     quantization: str = "none"  # native engine on CPU only: one of QUANTIZATIONS
+    # Native engine: glibc's malloc keeps freed blocks of up to 32 MiB for reuse (engine/native/allocator.py)
+    # instead of unmapping them, so a step's large tensors do not fault their pages in anew each step.
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         _check(

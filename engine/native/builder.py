@@ -21,6 +21,7 @@ from engine.checkpoint.folder import resolve_model_dir
 from engine.checkpoint.gguf import default_model_path
 from engine.config import EngineConfig
 from engine.core.scheduler import max_len_within_cache
+from engine.native.allocator import keep_freed_memory
 from engine.native.device import engine_device
 from engine.native.engine_core import EngineCore, EngineLimits, EngineParts
 from engine.native.models.base import CausalLM
@@ -41,6 +42,8 @@ def load_native_model(config: EngineConfig) -> LoadedModel:
     engine_device(config.model.device)  # before anything is read: an unseen GPU fails fast
     if config.model.num_threads:
         torch.set_num_threads(config.model.num_threads)
+    if config.model.keep_freed_memory:
+        keep_freed_memory()
     model_path = config.model.model or default_model_path()
     model_dir = resolve_model_dir(model_path)
     model, hf_config = load_model(
