@@ -4,12 +4,13 @@
     .venv/bin/python benchmarks/profile_step.py --batch 16
     .venv/bin/python benchmarks/profile_step.py --batch 16 --linear-backend reference   # F.linear: the path before
     .venv/bin/python benchmarks/profile_step.py --batch 1 --versus cpu_weight_only --rounds 8 --quantization int4   # an A/B, no profiler
+    .venv/bin/python benchmarks/profile_step.py --batch 16 --versus-attention cpu_sdpa --rounds 8   # the same, attention
 
 Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads, prefix
 caching off (the workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
 wall time that torch's ops account for (the rest is Python: scheduling, inputs, outputs), and the
-ops with the most self time. With ``--versus`` it profiles nothing: a second engine with that linear backend
-loads beside the first, the two take turns at ``--rounds`` generate calls, and it prints each one's best and
+ops with the most self time. With ``--versus`` (``--versus-attention``) it profiles nothing: a second engine
+with that linear (attention) backend loads beside the first, the two take turns at ``--rounds`` generate calls, and it prints each one's best and
 median tokens/s and whether their tokens agree (one process, so load changes on a shared machine fall on both).
 """
 
@@ -34,17 +35,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="ops listed")
     ap.add_argument("--linear-backend", default="cpu", help="model.linear_backend (reference: F.linear)")
+    ap.add_argument("--attention-backend", default="cpu", help="model.attention_backend")
     ap.add_argument("--quantization", default="none", help="model.quantization: none, int8 or int4")
     ap.add_argument("--dtype", default="float32", help="model.dtype: float32 or bfloat16")
     ap.add_argument("--versus", help="another model.linear_backend to take turns with, unprofiled")
+    ap.add_argument("--versus-attention", help="another model.attention_backend to take turns with, unprofiled")
     ap.add_argument("--rounds", type=int, default=6, help="generate calls each, with --versus")
     args = ap.parse_args()
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 49152) for _ in range(128)] for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    if args.versus:
+    if args.versus or args.versus_attention:
         return versus(args, prompts, params)
-    llm = _llm(args, args.linear_backend, prompts)
+    llm = _llm(args, (args.linear_backend, args.attention_backend), prompts)
     start = time.perf_counter()
     llm.generate(prompts, params)
     plain = time.perf_counter() - start
@@ -61,12 +64,13 @@ def main() -> None:
         print(f"  {e.key:<52}{e.self_cpu_time_total / 1e6:8.3f}s {share:5.1f}%  {e.count} calls")
 
 
-def _llm(args: argparse.Namespace, linear_backend: str, prompts: list[list[int]]) -> LLM:
+def _llm(args: argparse.Namespace, backends: tuple[str, str], prompts: list[list[int]]) -> LLM:
     config = EngineConfig(
         model=ModelConfig(
             model=default_gguf_path(),
             num_threads=args.threads,
-            linear_backend=linear_backend,
+            linear_backend=backends[0],
+            attention_backend=backends[1],
             quantization=args.quantization,
             dtype=args.dtype,
         ),
@@ -79,7 +83,9 @@ def _llm(args: argparse.Namespace, linear_backend: str, prompts: list[list[int]]
 
 
 def versus(args: argparse.Namespace, prompts: list[list[int]], params: SamplingParams) -> None:
-    llms = {name: _llm(args, name, prompts) for name in (args.linear_backend, args.versus)}
+    first = (args.linear_backend, args.attention_backend)
+    second = (args.versus or args.linear_backend, args.versus_attention or args.attention_backend)
+    llms = {"/".join(pair): _llm(args, pair, prompts) for pair in (first, second)}
     rates: dict[str, list[float]] = {name: [] for name in llms}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.rounds):
@@ -90,9 +96,9 @@ def versus(args: argparse.Namespace, prompts: list[list[int]], params: SamplingP
             tokens[name] = [list(o.token_ids) for o in outputs]
     for name, r in rates.items():
         print(
-            f"{name:<16} best {max(r):6.1f} tok/s, median {statistics.median(r):6.1f}: {' '.join(f'{x:.1f}' for x in r)}"
+            f"{name:<28} best {max(r):6.1f} tok/s, median {statistics.median(r):6.1f}: {' '.join(f'{x:.1f}' for x in r)}"
         )
-    print("same tokens:", tokens[args.linear_backend] == tokens[args.versus])
+    print("same tokens:", tokens["/".join(first)] == tokens["/".join(second)])
 
 
 if __name__ == "__main__":

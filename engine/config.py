@@ -17,7 +17,7 @@ KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 EXECUTORS = ("ray", "mp", "uni")
 # The native engine's paged attention (kernels.backend): "cpu" (tiled for long contexts, on CPU or CUDA
 # tensors), "cpu_untiled" (one gather of the whole context per layer: the path before tiling) or "reference".
-ATTENTION_BACKENDS = ("cpu", "cpu_untiled", "reference")
+ATTENTION_BACKENDS = ("cpu", "cpu_untiled", "cpu_sdpa", "reference")
 # The native engine's linears (kernels.backend): "cpu" (float32 weights packed for oneDNN on the CPU; the
 # int8/int4 kernels; elsewhere F.linear) or "reference" (F.linear; quantized: dequantized).
 LINEAR_BACKENDS = ("cpu", "cpu_weight_only", "reference")

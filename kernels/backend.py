@@ -126,13 +126,14 @@ class LinearKernel(ABC):
 
 
 def _attention_backends() -> dict[str, type[AttentionBackend]]:
-    from kernels.attention.cpu import CpuAttentionBackend, CpuUntiledAttentionBackend
+    from kernels.attention.cpu import CpuAttentionBackend, CpuSdpaAttentionBackend, CpuUntiledAttentionBackend
     from kernels.attention.reference import ReferenceAttentionBackend
 
     return {
         "reference": ReferenceAttentionBackend,
         "cpu": CpuAttentionBackend,
         "cpu_untiled": CpuUntiledAttentionBackend,
+        "cpu_sdpa": CpuSdpaAttentionBackend,
     }
 
 
@@ -159,8 +160,9 @@ def _pick(kind: str, choices: dict, name: str):
 
 
 def get_attention_backend(name: str = "cpu") -> AttentionBackend:
-    """``"reference"`` (the spec), ``"cpu"`` (what the engine runs, on CPU or CUDA tensors) or
-    ``"cpu_untiled"`` (``"cpu"`` without its long-context tiles: the path before them, to measure against)."""
+    """``"reference"`` (the spec), ``"cpu"`` (what the engine runs, on CPU or CUDA tensors), ``"cpu_untiled"``
+    (``"cpu"`` without its long-context tiles) or ``"cpu_sdpa"`` (``"cpu"`` without its C decode kernel): the
+    last two are the paths before those, to measure against."""
     return _pick("attention", _attention_backends(), name)
 
 

@@ -9,10 +9,11 @@ Built for low per-step overhead:
   indexing on CPU), touching only slots of positions ``< seq_len`` (and, with
   a sliding window, only the window), so garbage in unused slots is never read.
 * decode rows (query_len == 1), wherever they sit in the batch, are served
-  together: one ``[B, S_max]`` gather through the block tables and one batched
-  ``scaled_dot_product_attention`` with a padding mask. GQA is handled by
-  folding the query-head group into SDPA's query-length axis
-  (``[B, Hkv, Hq/Hkv, D]``), so K/V are never repeated.
+  together. In float32 on an AVX-512 CPU, by a C kernel that reads K and V in
+  the cache blocks (``kernels.attention.decode``); elsewhere by one ``[B, S_max]``
+  gather through the block tables and one batched ``scaled_dot_product_attention``
+  with a padding mask, GQA folding the query-head group into SDPA's query-length
+  axis (``[B, Hkv, Hq/Hkv, D]``) so K/V are never repeated.
 * prefill / chunked-prefill rows (query_len > 1): one SDPA per sequence with
   ``is_causal`` when the chunk is the whole context, else an explicit causal
   (+ window) mask aligned to the tail of the context.
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.attention import decode
 from kernels.attention.tiled import TiledPlan, attend_tiled
 from kernels.backend import AttentionBackend
 from kernels.metadata import AttentionMetadata
@@ -95,14 +97,19 @@ class _DecodePlan:
     slots: Tensor | None  # [B, L] cache slots of each row's visible keys; padding re-reads the last key
     mask: Tensor | None  # [B, 1, 1, L] True for real keys; None when every row sees L keys
     run: tuple[int, int] | None = None  # one row whose keys fill consecutive slots: (first slot, L), read in place
+    paged: tuple[Tensor, Tensor, Tensor] | None = None  # host tables [B, W], first key [B], length [B]: the C kernel's
 
     @staticmethod
     def build(block_tables: Tensor, seq_lens: list[int], block_size: int, window: int | None) -> _DecodePlan:
         # block_tables [B, W]; the plan's tensors go where the block tables are
         spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
+        paged = None
+        if block_tables.device.type == "cpu":
+            lens = torch.tensor(seq_lens, dtype=torch.long, device="cpu")
+            paged = (block_tables.contiguous(), lens - torch.tensor(spans, dtype=torch.long, device="cpu"), lens)
         run = _slot_run(block_tables, seq_lens[0], spans[0], block_size) if len(spans) == 1 else None
         if run is not None:
-            return _DecodePlan(None, None, run)
+            return _DecodePlan(None, None, run, paged)
         span_max = max(spans)
         dev = block_tables.device
         offs = torch.arange(span_max, device=dev)  # [L]
@@ -113,7 +120,7 @@ class _DecodePlan:
         mask = None
         if min(spans) != span_max:
             mask = (offs[None, :] < span_t)[:, None, None, :]  # [B, 1, 1, L]
-        return _DecodePlan(_slots(block_tables, positions, block_size), mask)
+        return _DecodePlan(_slots(block_tables, positions, block_size), mask, None, paged)
 
 
 def _slot_run(block_tables: Tensor, seq_len: int, span: int, block_size: int) -> tuple[int, int] | None:
@@ -232,11 +239,17 @@ class CpuAttentionBackend(AttentionBackend):
     name = "cpu"
 
     def __init__(
-        self, key_tile: int | None = 8192, query_tile: int = 512, decode_from: int = 16384, cpu_flash: bool = True
+        self,
+        key_tile: int | None = 8192,
+        query_tile: int = 512,
+        decode_from: int = 16384,
+        cpu_flash: bool = True,
+        decode_kernel: bool = True,
     ):
         # key_tile: positions per key tile, and the visible span above which a prefill chunk is tiled;
         # measured on the tiny Mistral 4 (see docs/benchmarks.md, "Long contexts").
         self.tiling = _Tiling(key_tile, query_tile, decode_from, cpu_flash)
+        self.decode_kernel = decode_kernel  # decode rows on kernels.attention.decode where it runs and fits
 
     def write_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
         # cache [NB, BS, *entry]; new [T, *entry]; slot_mapping [T]
@@ -316,14 +329,16 @@ class CpuAttentionBackend(AttentionBackend):
             lambda cache: cache.view(-1, *cache.shape[2:])[start : start + length][None], k_cache, v_cache, v_dim, dtype
         )
 
-    @classmethod
     def _decode(
-        cls, q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, scale: float
+        self, q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, scale: float
     ) -> Tensor:
         """One query per sequence, batched. q [B, Hq, D] -> [B, Hq, Dv]"""
+        v_view = k_cache[..., :v_dim] if v_cache is None else v_cache  # [NB, BS, Hkv, Dv]
+        if self.decode_kernel and plan.paged is not None and decode.fits(q, k_cache, v_view) and decode.library():
+            return decode.paged_decode(q, k_cache, v_view, *plan.paged, scale)
         num_seqs, num_q_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
-        k, v = cls._decode_kv(plan, k_cache, v_cache, v_dim, q.dtype)  # [B, L, Hkv, D], [B, L, Hkv, Dv]
+        k, v = self._decode_kv(plan, k_cache, v_cache, v_dim, q.dtype)  # [B, L, Hkv, D], [B, L, Hkv, Dv]
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D], [B, Hkv, L, Dv]
         # GQA: query head h = kv_head * G + g, so the G heads sharing a kv head become G query rows.
         qg = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
@@ -397,6 +412,16 @@ def _expanded_kv(latent_cache: Tensor, w_uk: Tensor, w_uv: Tensor, slots: Tensor
     k_rope = k_rope[:, None, :].expand(-1, num_heads, -1)  # [nk, H, Dr]
     k = torch.cat([k_nope.view(-1, num_heads, nope_dim), k_rope], dim=-1)  # [nk, H, Dn + Dr]
     return k, v.view(-1, num_heads, w_uv.shape[1])
+
+
+class CpuSdpaAttentionBackend(CpuAttentionBackend):
+    """The CPU backend with its decode rows on gathered keys and PyTorch's SDPA, never the C kernel: the
+    path before it, and the kernel's reference (``tests/kernels/test_attention_decode.py``)."""
+
+    name = "cpu_sdpa"
+
+    def __init__(self):
+        super().__init__(decode_kernel=False)
 
 
 class CpuUntiledAttentionBackend(CpuAttentionBackend):

@@ -4,22 +4,14 @@ The input is rounded to int8 per 32 values (scale: the group's largest magnitude
 activations), so one ``vpdpbusd`` multiplies 64 weight codes by 64 input codes. What the kernel computes is
 ``F.linear(round_input(x), dequantize(weight))`` up to float32 summation order: ``reference`` below.
 
-The C file is compiled on first use with the machine's ``cc`` into a per-user cache and loaded with ctypes;
-where the CPU lacks the instructions, or the compiler fails, ``library()`` is None with the reason logged
-once, and the linears run PyTorch's kernels instead.
+The C file is built and loaded by ``kernels.compiled``; where the CPU lacks the instructions, or the compiler
+fails, ``library()`` is None with the reason logged once, and the linears run PyTorch's kernels instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.compiled import CKernel, load
 from kernels.linear.formats import INT4_GROUP, QuantizedWeight, dequantize
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "vnni.c"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
@@ -100,47 +91,6 @@ def linear(x: Tensor, w: VnniWeight, bias: Tensor | None) -> Tensor:
     return y
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cache_dirs() -> list[Path]:
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [Path(home) / "levante" / "kernels", Path(tempfile.gettempdir()) / f"levante-kernels-{os.getuid()}"]
-
-
-def _build(cc: str) -> Path:
-    """The compiled library for this source, flags and compiler, built once into the first writable cache."""
-    version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CC_FLAGS).encode() + version.encode()).hexdigest()[:16]
-    errors = []
-    for folder in _cache_dirs():
-        target = folder / f"vnni-{key}.so"
-        if target.exists():
-            return target
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-            cmd = [cc, *CC_FLAGS, "-shared", "-fPIC", str(SOURCE), "-o", tmp]
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
-            if done.returncode != 0:
-                os.unlink(tmp)
-                raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, target)  # another process's build of the same key is the same file
-            return target
-        except OSError as e:
-            errors.append(f"{folder}: {e}")
-    raise RuntimeError("no writable cache for the compiled kernel: " + "; ".join(errors))
-
-
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.levante_int4_linear.argtypes = [p, p, p, p, p, p, i64, i64, i64, ctypes.c_int]
@@ -149,19 +99,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+KERNEL = CKernel("int8-activation VNNI linears", SOURCE, CPU_FLAGS, CC_FLAGS, _declare, "PyTorch's weight-only kernels")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (the reason logged once) where this machine cannot run them."""
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if platform.machine() not in ("x86_64", "AMD64") or missing:
-        reason = f"the CPU lacks {', '.join(missing) or 'x86-64'}"
-    elif cc is None:
-        reason = "no C compiler (cc) on PATH"
-    else:
-        try:
-            return _declare(ctypes.CDLL(str(_build(cc))))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            reason = str(e)
-    log.warning("int8-activation VNNI linears off, PyTorch's weight-only kernels instead: %s", reason)
-    return None
+    return load(KERNEL)

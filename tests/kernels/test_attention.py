@@ -15,6 +15,7 @@ from tests.kernels.common import make_paged_batch
 
 REF = get_attention_backend("reference")
 CPU = get_attention_backend("cpu")
+SDPA = get_attention_backend("cpu_sdpa")  # "cpu" without its C decode kernel: the torch path for decode rows
 
 # (query_lens, seq_lens): decode rows, a fresh prefill, chunked prefills, a long context over many blocks.
 MIXED = ([1, 7, 1, 5, 1, 16, 3], [9, 7, 1, 23, 61, 16, 40])
@@ -115,8 +116,8 @@ def test_one_stream_decode_reads_consecutive_blocks_in_place(contiguous, reads_i
     batch = make_paged_batch([1], [23], {"k": (hkv, d), "v": (hkv, d)}, contiguous=contiguous, seed=4)
     q = _queries(batch.meta, hq, d)
     args = (q, batch.caches["k"], batch.caches["v"], batch.meta, 0.3)
-    got = CPU.paged_attention(*args, sliding_window=window)
-    assert (CPU._plan(batch.meta, window).decode.run is not None) == reads_in_place
+    got = SDPA.paged_attention(*args, sliding_window=window)
+    assert (SDPA._plan(batch.meta, window).decode.run is not None) == reads_in_place
     torch.testing.assert_close(got, REF.paged_attention(*args, sliding_window=window), atol=1e-5, rtol=1e-5)
 
 
@@ -127,8 +128,8 @@ def test_one_stream_decode_over_strided_caches_gathers_its_run():
     k_cache, v_cache = batch.caches["kv"][..., :d], batch.caches["kv"][..., d:]  # [NB, BS, Hkv, D] strided
     q = _queries(batch.meta, 4, d)
     args = (q, k_cache, v_cache, batch.meta, 0.3)
-    got = CPU.paged_attention(*args)
-    assert CPU._plan(batch.meta, None).decode.run is not None
+    got = SDPA.paged_attention(*args)
+    assert SDPA._plan(batch.meta, None).decode.run is not None
     torch.testing.assert_close(got, REF.paged_attention(*args), atol=1e-5, rtol=1e-5)
 
 

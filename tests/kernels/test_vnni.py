@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from kernels import compiled
 from kernels.backend import get_linear_kernel
 from kernels.linear import vnni
 from kernels.linear.formats import INT4_GROUP, dequantize, quantize
@@ -113,8 +114,8 @@ def test_shapes_it_cannot_take_run_pytorchs_kernels(shape):
 
 
 def test_without_the_library_the_cpu_kernel_runs_pytorchs(monkeypatch, fresh_library, caplog):
-    monkeypatch.setattr(vnni, "_cpu_flags", lambda: {"avx2"})
-    with caplog.at_level(logging.WARNING, logger=vnni.__name__):
+    monkeypatch.setattr(compiled, "cpu_flags", lambda: {"avx2"})
+    with caplog.at_level(logging.WARNING, logger=compiled.__name__):
         assert vnni.library() is None
     assert "VNNI linears off" in caplog.text and "avx512_vnni" in caplog.text
     qw = quantize(weight(64, 128), "int4")
@@ -123,27 +124,6 @@ def test_without_the_library_the_cpu_kernel_runs_pytorchs(monkeypatch, fresh_lib
     x = torch.randn(1, 128)
     want = get_linear_kernel("reference").linear(x, get_linear_kernel("reference").prepare(qw), None)
     assert torch.allclose(get_linear_kernel("cpu").linear(x, form, None), want, atol=1e-3, rtol=2**-7)
-
-
-@needs_vnni
-def test_the_library_is_built_once_into_the_users_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    built = vnni._build("cc")
-    assert built.parent == tmp_path / "levante" / "kernels" and built.exists()
-    stamp = built.stat().st_mtime_ns
-    assert vnni._build("cc") == built and built.stat().st_mtime_ns == stamp  # found, not compiled again
-    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left
-
-
-def test_a_compiler_that_fails_is_named(monkeypatch, tmp_path, fresh_library, caplog):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CC", "false")
-    monkeypatch.setattr(vnni, "_cpu_flags", lambda: set(vnni.CPU_FLAGS))
-    monkeypatch.setattr(vnni.platform, "machine", lambda: "x86_64")
-    with caplog.at_level(logging.WARNING, logger=vnni.__name__):
-        assert vnni.library() is None
-    assert "false -O3" in caplog.text and "failed" in caplog.text
-    assert list((tmp_path / "levante" / "kernels").iterdir()) == []  # the failed build's file removed
 
 
 @needs_vnni

@@ -1,0 +1,158 @@
+/* Paged attention for decode rows (one query per sequence), float32, on AVX-512.
+ *
+ * Each (sequence, kv head) is one work item: its G = Hq / Hkv query heads score the keys the sequence
+ * sees straight from the cache blocks (no gather), softmax in float32 with the row's maximum subtracted,
+ * then sum the value rows. kernels/attention/cpu.py holds the layouts; the reference is the backend's
+ * SDPA path over the gathered keys.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+typedef struct {
+    const float *k, *v;        /* cache rows: slot s, head h at k + s * k_slot + h * k_head */
+    int64_t k_slot, k_head, v_slot, v_head;
+    const int64_t *tables;     /* [B, W] block ids */
+    int64_t width, block_size;
+    const int64_t *first, *lens; /* [B]: the first visible key and the context length */
+} Cache;
+
+INLINE __mmask16 tail(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* e^x for x <= 0, 16 lanes: 2^n * e^f with |f| <= ln2 / 2, a degree-6 polynomial (relative error ~2e-7). */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Lane j of the result is the sum of v[REDUCE_ORDER[j]]'s lanes (the order is its own inverse). */
+static const int REDUCE_ORDER[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+INLINE __m512 reduce16(const __m512 *v) {
+    __m512 x[8], y[4], z[2];
+    for (int i = 0; i < 8; i++)
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+    for (int i = 0; i < 4; i++)
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[i], x[i + 4], 0x88), _mm512_shuffle_f32x4(x[i], x[i + 4], 0xDD));
+    for (int i = 0; i < 2; i++)
+        z[i] = _mm512_add_ps(_mm512_unpacklo_ps(y[i], y[i + 2]), _mm512_unpackhi_ps(y[i], y[i + 2]));
+    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(z[0]), _mm512_castps_pd(z[1]));
+    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(z[0]), _mm512_castps_pd(z[1]));
+    return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+}
+
+/* s[t] = scale * q . k_t for n keys; rows holds n pointers, padded to a multiple of 16 (pad rows are read). */
+static void score(float *s, const float *q, const float *const *rows, int64_t n, int64_t d, float scale) {
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) {
+            __mmask16 m = tail(d - i);
+            __m512 qi = _mm512_maskz_loadu_ps(m, q + i);
+            for (int j = 0; j < 16; j++)
+                acc[REDUCE_ORDER[j]] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rows[t0 + j] + i), qi, acc[REDUCE_ORDER[j]]);
+        }
+        _mm512_mask_storeu_ps(s + t0, tail(n - t0), _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
+    }
+}
+
+/* out[g][i] = sum over t of p[g][t] * v_t[i] for G heads (p rows n apart, out rows dv apart): four heads share
+ * each value load. */
+static void weighted_sum(float *out, const float *p, const float *const *rows, int64_t n, int64_t dv, int64_t G) {
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        const int64_t heads = G - g0 < 4 ? G - g0 : 4;
+        const float *pg = p + g0 * n;
+        for (int64_t i = 0; i < dv; i += 16) {
+            __mmask16 m = tail(dv - i);
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t t = 0; t < n; t++) {
+                __m512 v = _mm512_maskz_loadu_ps(m, rows[t] + i);
+                for (int64_t j = 0; j < heads; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(pg[j * n + t]), v, acc[j]);
+            }
+            for (int64_t j = 0; j < heads; j++) _mm512_mask_storeu_ps(out + (g0 + j) * dv + i, m, acc[j]);
+        }
+    }
+}
+
+/* Softmax of n scores in place, scaled; returns nothing, the row sums to 1. */
+static void softmax(float *s, int64_t n) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, tail(n - t), mx, _mm512_loadu_ps(s + t));
+    __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t += 16) {
+        __mmask16 m = tail(n - t);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), top));
+        _mm512_mask_storeu_ps(s + t, m, e);
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t t = 0; t < n; t += 16) {
+        __mmask16 m = tail(n - t);
+        _mm512_mask_storeu_ps(s + t, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + t), inv));
+    }
+}
+
+/* One sequence b, kv head h: q [G, D] at q_row (heads q_head apart) -> out [G, Dv] (rows dv apart). */
+static void attend(const Cache *c, int64_t b, int64_t h, const float *q, int64_t q_head, int64_t g_count,
+                   int64_t d, int64_t dv, float scale, float *out, float *scores, const float **k_rows,
+                   const float **v_rows) {
+    const int64_t first = c->first[b], n = c->lens[b] - first;
+    const int64_t *table = c->tables + b * c->width;
+    for (int64_t t = 0; t < n; t++) {
+        int64_t pos = first + t, slot = table[pos / c->block_size] * c->block_size + pos % c->block_size;
+        k_rows[t] = c->k + slot * c->k_slot + h * c->k_head;
+        v_rows[t] = c->v + slot * c->v_slot + h * c->v_head;
+    }
+    for (int64_t t = n; t % 16; t++) k_rows[t] = k_rows[n - 1];
+    for (int64_t g = 0; g < g_count; g++) {
+        float *s = scores + g * n;
+        score(s, q + g * q_head, k_rows, n, d, scale);
+        softmax(s, n);
+    }
+    weighted_sum(out, scores, v_rows, n, dv, g_count);
+}
+
+/* q [B, Hq, D] (rows q_row apart, heads q_head apart) -> out [B, Hq, Dv] contiguous. Returns -1 when
+ * a thread's scratch could not be allocated. */
+int levante_paged_decode(const float *q, int64_t q_row, int64_t q_head, const float *k, const float *v,
+                         int64_t k_slot, int64_t k_head, int64_t v_slot, int64_t v_head, const int64_t *tables,
+                         int64_t width, int64_t block_size, const int64_t *first, const int64_t *lens, float *out,
+                         int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t Dv, float scale, int threads) {
+    const Cache c = {k, v, k_slot, k_head, v_slot, v_head, tables, width, block_size, first, lens};
+    const int64_t G = Hq / Hkv;
+    int64_t longest = 16;
+    for (int64_t b = 0; b < B; b++) longest = lens[b] - first[b] + 15 > longest ? lens[b] - first[b] + 15 : longest;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(G * longest));
+        const float **rows = malloc(sizeof(float *) * (size_t)(2 * longest));
+#pragma omp for schedule(static)
+        for (int64_t w = 0; w < B * Hkv; w++) {
+            if (scores == NULL || rows == NULL) {
+                failed = 1;
+                continue;
+            }
+            int64_t b = w / Hkv, h = w % Hkv;
+            attend(&c, b, h, q + b * q_row + h * G * q_head, q_head, G, D, Dv, scale, out + (b * Hq + h * G) * Dv,
+                   scores, rows, rows + longest);
+        }
+        free(scores);
+        free(rows);
+    }
+    return failed ? -1 : 0;
+}
