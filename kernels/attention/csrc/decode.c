@@ -1,9 +1,10 @@
 /* Paged attention for decode rows (one query per sequence), float32, on AVX-512.
  *
- * Each (sequence, kv head) is one work item: its G = Hq / Hkv query heads score the keys the sequence
- * sees straight from the cache blocks (no gather), softmax in float32 with the row's maximum subtracted,
- * then sum the value rows. kernels/attention/cpu.py holds the layouts; the reference is the backend's
- * SDPA path over the gathered keys.
+ * A work item is a sequence, or a share of its kv heads where there are fewer sequences than threads.
+ * For each kv head, its G = Hq / Hkv query heads score the keys the sequence sees straight from the cache
+ * blocks (no gather; rows prefetched ahead, as the blocks lie scattered), softmax in float32 with the
+ * row's maximum subtracted, then sum the value rows. kernels/attention/decode.py holds the layouts; the
+ * reference is the CPU backend's SDPA path over the gathered keys.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -39,6 +40,12 @@ INLINE __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+#define AHEAD 32 /* keys prefetched ahead of the ones being read: their blocks lie scattered over the cache */
+
+INLINE void prefetch_row(const float *row, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) _mm_prefetch((const char *)(row + i), _MM_HINT_T0);
+}
+
 /* Lane j of the result is the sum of v[REDUCE_ORDER[j]]'s lanes (the order is its own inverse). */
 static const int REDUCE_ORDER[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
 
@@ -60,6 +67,7 @@ static void score(float *s, const float *q, const float *const *rows, int64_t n,
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
         __m512 acc[16];
         for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t j = t0 + AHEAD; j < n && j < t0 + AHEAD + 16; j++) prefetch_row(rows[j], d);
         for (int64_t i = 0; i < d; i += 16) {
             __mmask16 m = tail(d - i);
             __m512 qi = _mm512_maskz_loadu_ps(m, q + i);
@@ -80,6 +88,7 @@ static void weighted_sum(float *out, const float *p, const float *const *rows, i
             __mmask16 m = tail(dv - i);
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
             for (int64_t t = 0; t < n; t++) {
+                if (i == 0 && t + AHEAD < n) prefetch_row(rows[t + AHEAD], dv);
                 __m512 v = _mm512_maskz_loadu_ps(m, rows[t] + i);
                 for (int64_t j = 0; j < heads; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(pg[j * n + t]), v, acc[j]);
             }
@@ -88,7 +97,7 @@ static void weighted_sum(float *out, const float *p, const float *const *rows, i
     }
 }
 
-/* Softmax of n scores in place, scaled; returns nothing, the row sums to 1. */
+/* Softmax of n scores in place. */
 static void softmax(float *s, int64_t n) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int64_t t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, tail(n - t), mx, _mm512_loadu_ps(s + t));
@@ -118,6 +127,10 @@ static void attend(const Cache *c, int64_t b, int64_t h, const float *q, int64_t
         v_rows[t] = c->v + slot * c->v_slot + h * c->v_head;
     }
     for (int64_t t = n; t % 16; t++) k_rows[t] = k_rows[n - 1];
+    for (int64_t t = 0; t < n && t < AHEAD; t++) {
+        prefetch_row(k_rows[t], d);
+        prefetch_row(v_rows[t], dv);
+    }
     for (int64_t g = 0; g < g_count; g++) {
         float *s = scores + g * n;
         score(s, q + g * q_head, k_rows, n, d, scale);
@@ -136,20 +149,24 @@ int levante_paged_decode(const float *q, int64_t q_row, int64_t q_head, const fl
     const int64_t G = Hq / Hkv;
     int64_t longest = 16;
     for (int64_t b = 0; b < B; b++) longest = lens[b] - first[b] + 15 > longest ? lens[b] - first[b] + 15 : longest;
+    /* Fewer sequences than threads: each sequence's kv heads are shared out among `parts` items. */
+    const int64_t parts = B >= threads ? 1 : ((threads + B - 1) / B < Hkv ? (threads + B - 1) / B : Hkv);
+    const int64_t per_part = (Hkv + parts - 1) / parts;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *scores = malloc(sizeof(float) * (size_t)(G * longest));
         const float **rows = malloc(sizeof(float *) * (size_t)(2 * longest));
 #pragma omp for schedule(static)
-        for (int64_t w = 0; w < B * Hkv; w++) {
+        for (int64_t w = 0; w < B * parts; w++) {
+            const int64_t b = w / parts, h0 = (w % parts) * per_part, h1 = h0 + per_part < Hkv ? h0 + per_part : Hkv;
             if (scores == NULL || rows == NULL) {
                 failed = 1;
                 continue;
             }
-            int64_t b = w / Hkv, h = w % Hkv;
-            attend(&c, b, h, q + b * q_row + h * G * q_head, q_head, G, D, Dv, scale, out + (b * Hq + h * G) * Dv,
-                   scores, rows, rows + longest);
+            for (int64_t h = h0; h < h1; h++)
+                attend(&c, b, h, q + b * q_row + h * G * q_head, q_head, G, D, Dv, scale, out + (b * Hq + h * G) * Dv,
+                       scores, rows, rows + longest);
         }
         free(scores);
         free(rows);
