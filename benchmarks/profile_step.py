@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/profile_step.py --batch 16 --linear-backend reference   # F.linear: the path before
     .venv/bin/python benchmarks/profile_step.py --batch 1 --versus cpu_weight_only --rounds 8 --quantization int4   # an A/B, no profiler
     .venv/bin/python benchmarks/profile_step.py --batch 16 --versus-attention cpu_sdpa --rounds 8   # the same, attention
+    .venv/bin/python benchmarks/profile_step.py --batch 16 --model 'tiny:mixtral?seed=0'   # another model
 
 Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads, prefix
 caching off (the workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
@@ -17,12 +18,16 @@ median tokens/s and whether their tokens agree (one process, so load changes on 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import time
 
+from pathlib import Path
+
 from torch.profiler import ProfilerActivity, profile
 
+from engine.checkpoint.folder import resolve_model_dir
 from engine.checkpoint.gguf import default_gguf_path
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core.request import SamplingParams
@@ -32,6 +37,7 @@ from engine.llm import LLM
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=1, help="prompts in one generate call")
+    ap.add_argument("--model", help="a model folder, .gguf file or tiny: URI (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=12, help="ops listed")
     ap.add_argument("--linear-backend", default="cpu", help="model.linear_backend (reference: F.linear)")
@@ -43,7 +49,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6, help="generate calls each, with --versus")
     args = ap.parse_args()
     rng = random.Random(0)
-    prompts = [[rng.randrange(100, 49152) for _ in range(128)] for _ in range(args.batch)]
+    vocab = json.loads((Path(resolve_model_dir(args.model or default_gguf_path())) / "config.json").read_text())
+    prompts = [[rng.randrange(100, vocab["vocab_size"]) for _ in range(128)] for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     if args.versus or args.versus_attention:
         return versus(args, prompts, params)
@@ -67,7 +74,7 @@ def main() -> None:
 def _llm(args: argparse.Namespace, backends: tuple[str, str], prompts: list[list[int]]) -> LLM:
     config = EngineConfig(
         model=ModelConfig(
-            model=default_gguf_path(),
+            model=args.model or default_gguf_path(),
             num_threads=args.threads,
             linear_backend=backends[0],
             attention_backend=backends[1],

@@ -2,8 +2,8 @@
 
 (token, slot) assignments are sorted by local expert id; assignments to
 other ranks' experts get the sentinel id ``E_local`` and sort to the end.
-Outputs are weighted and accumulated in float32 with ``index_add_``, then
-cast back to ``x.dtype``.
+The inputs are gathered once in that order; the experts' outputs are weighted
+and accumulated in float32 with one ``index_add_``, then cast back to ``x.dtype``.
 """
 
 from __future__ import annotations
@@ -55,15 +55,16 @@ class CpuMoEBackend(MoEBackend):
         order = torch.argsort(local_ids, stable=True)  # [T*K]
         counts = torch.bincount(local_ids, minlength=num_local + 1)[:num_local].tolist()
         token_of = order // top_k  # [T*K] token of each sorted assignment
-        weight_of = topk_weights.reshape(-1)[order].float()  # [T*K]
-        begin = 0
+        routed = x[token_of[: sum(counts)]]  # [A, D] the local assignments' inputs, grouped by expert
+        ys, begin = [], 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tokens = token_of[begin : begin + n]  # [n]
-            y = _expert(x[tokens], experts, e)  # [n, D]
-            out.index_add_(0, tokens, y.float() * weight_of[begin : begin + n, None])
+            if n:
+                ys.append(_expert(routed[begin : begin + n], experts, e))  # [n, D]
             begin += n
+        if ys:
+            weight_of = topk_weights.reshape(-1)[order[:begin]].float()  # [A]
+            # one scatter for every expert: rows are added in expert order, as one index_add_ per expert would
+            out.index_add_(0, token_of[:begin], torch.cat(ys).float() * weight_of[:, None])
         return out.to(x.dtype)
 
 
