@@ -22,7 +22,6 @@ import json
 import random
 import statistics
 import time
-
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
