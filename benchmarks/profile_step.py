@@ -10,7 +10,7 @@
 Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads, prefix
 caching off (the workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
 wall time that torch's ops account for (the rest is Python: scheduling, inputs, outputs), and the
-ops with the most self time. With ``--versus`` (``--versus-attention``) it profiles nothing: a second engine
+ops with the most self time; the C decode attention is listed among them as ``levante::paged_decode (C)``. With ``--versus`` (``--versus-attention``) it profiles nothing: a second engine
 with that linear (attention) backend loads beside the first, the two take turns at ``--rounds`` generate calls, and it prints each one's best and
 median tokens/s and whether their tokens agree (one process, so load changes on a shared machine fall on both).
 """
@@ -18,19 +18,22 @@ median tokens/s and whether their tokens agree (one process, so load changes on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from engine.checkpoint.folder import resolve_model_dir
 from engine.checkpoint.gguf import default_gguf_path
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core.request import SamplingParams
 from engine.llm import LLM
+from kernels.attention import decode
 
 
 def main() -> None:
@@ -57,7 +60,7 @@ def main() -> None:
     start = time.perf_counter()
     llm.generate(prompts, params)
     plain = time.perf_counter() - start
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _named_c_kernel():
         start = time.perf_counter()
         llm.generate(prompts, params)
         wall = time.perf_counter() - start
@@ -68,6 +71,22 @@ def main() -> None:
     for e in ops[: args.top]:
         share = 100 * e.self_cpu_time_total / 1e6 / wall
         print(f"  {e.key:<52}{e.self_cpu_time_total / 1e6:8.3f}s {share:5.1f}%  {e.count} calls")
+
+
+@contextlib.contextmanager
+def _named_c_kernel() -> Iterator[None]:
+    """The C decode attention listed among torch's ops (a ctypes call is invisible to the profiler)."""
+    real = decode.paged_decode
+
+    def named(*args: object) -> object:
+        with record_function("levante::paged_decode (C)"):
+            return real(*args)
+
+    decode.paged_decode = named
+    try:
+        yield
+    finally:
+        decode.paged_decode = real
 
 
 def _llm(args: argparse.Namespace, backends: tuple[str, str], prompts: list[list[int]]) -> LLM:

@@ -62,37 +62,68 @@ INLINE __m512 reduce16(const __m512 *v) {
     return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
 }
 
-/* s[t] = scale * q . k_t for n keys; rows holds n pointers, padded to a multiple of 16 (pad rows are read). */
-static void score(float *s, const float *q, const float *const *rows, int64_t n, int64_t d, float scale) {
+/* Mask of the 16 lanes from feature i on, of n features (none past the end). */
+INLINE __mmask16 lanes(int64_t n, int64_t i) { return i >= n ? 0 : tail(n - i); }
+
+/* s[g][t] = scale * q_g . k_t for G heads (q rows q_head apart, s rows n apart) over n keys; rows holds n
+ * pointers, padded to a multiple of 16 (pad rows are read). Each 16 keys are scored for every head while
+ * their rows are in L1. */
+static void score(float *s, const float *q, int64_t q_head, int64_t G, const float *const *rows, int64_t n,
+                  int64_t d, float scale) {
     for (int64_t t0 = 0; t0 < n; t0 += 16) {
-        __m512 acc[16];
-        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+        const float *const *r = rows + t0;
         for (int64_t j = t0 + AHEAD; j < n && j < t0 + AHEAD + 16; j++) prefetch_row(rows[j], d);
-        for (int64_t i = 0; i < d; i += 16) {
-            __mmask16 m = tail(d - i);
-            __m512 qi = _mm512_maskz_loadu_ps(m, q + i);
-            for (int j = 0; j < 16; j++)
-                acc[REDUCE_ORDER[j]] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rows[t0 + j] + i), qi, acc[REDUCE_ORDER[j]]);
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = q + g * q_head;
+            __m512 acc[16];
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < d; i += 16) {
+                __mmask16 m = tail(d - i);
+                __m512 qi = _mm512_maskz_loadu_ps(m, qg + i);
+                for (int j = 0; j < 16; j++)
+                    acc[REDUCE_ORDER[j]] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r[j] + i), qi, acc[REDUCE_ORDER[j]]);
+            }
+            _mm512_mask_storeu_ps(s + g * n + t0, tail(n - t0), _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
         }
-        _mm512_mask_storeu_ps(s + t0, tail(n - t0), _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale)));
     }
 }
 
-/* out[g][i] = sum over t of p[g][t] * v_t[i] for G heads (p rows n apart, out rows dv apart): four heads share
- * each value load. */
+/* out[g][i0 + i] for H heads and 64 features from i0: H x 4 independent accumulators, so the FMAs over the
+ * keys do not wait on each other. H is a constant where it is inlined. */
+INLINE void weighted_block(float *out, const float *p, const float *const *rows, int64_t n, int64_t dv,
+                           int64_t i0, const int H, int prefetch) {
+    __m512 acc[4][4];
+    __mmask16 m[4];
+    for (int c = 0; c < 4; c++) m[c] = lanes(dv, i0 + 16 * c);
+    for (int j = 0; j < H; j++)
+        for (int c = 0; c < 4; c++) acc[j][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+        if (prefetch && t + AHEAD < n) prefetch_row(rows[t + AHEAD], dv);
+        __m512 v[4];
+        for (int c = 0; c < 4; c++) v[c] = _mm512_maskz_loadu_ps(m[c], rows[t] + i0 + 16 * c);
+        for (int j = 0; j < H; j++) {
+            __m512 w = _mm512_set1_ps(p[j * n + t]);
+            for (int c = 0; c < 4; c++) acc[j][c] = _mm512_fmadd_ps(w, v[c], acc[j][c]);
+        }
+    }
+    for (int j = 0; j < H; j++)
+        for (int c = 0; c < 4; c++) _mm512_mask_storeu_ps(out + j * dv + i0 + 16 * c, m[c], acc[j][c]);
+}
+
+/* out[g][i] = sum over t of p[g][t] * v_t[i] for G heads (p rows n apart, out rows dv apart): up to four
+ * heads share each value load. */
 static void weighted_sum(float *out, const float *p, const float *const *rows, int64_t n, int64_t dv, int64_t G) {
     for (int64_t g0 = 0; g0 < G; g0 += 4) {
-        const int64_t heads = G - g0 < 4 ? G - g0 : 4;
-        const float *pg = p + g0 * n;
-        for (int64_t i = 0; i < dv; i += 16) {
-            __mmask16 m = tail(dv - i);
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t t = 0; t < n; t++) {
-                if (i == 0 && t + AHEAD < n) prefetch_row(rows[t + AHEAD], dv);
-                __m512 v = _mm512_maskz_loadu_ps(m, rows[t] + i);
-                for (int64_t j = 0; j < heads; j++) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(pg[j * n + t]), v, acc[j]);
+        for (int64_t i0 = 0; i0 < dv; i0 += 64) {
+            const int prefetch = i0 == 0;
+            float *o = out + g0 * dv;
+            const float *pg = p + g0 * n;
+            switch (G - g0 < 4 ? G - g0 : 4) {
+            case 1: weighted_block(o, pg, rows, n, dv, i0, 1, prefetch); break;
+            case 2: weighted_block(o, pg, rows, n, dv, i0, 2, prefetch); break;
+            case 3: weighted_block(o, pg, rows, n, dv, i0, 3, prefetch); break;
+            default: weighted_block(o, pg, rows, n, dv, i0, 4, prefetch); break;
             }
-            for (int64_t j = 0; j < heads; j++) _mm512_mask_storeu_ps(out + (g0 + j) * dv + i, m, acc[j]);
         }
     }
 }
@@ -131,11 +162,8 @@ static void attend(const Cache *c, int64_t b, int64_t h, const float *q, int64_t
         prefetch_row(k_rows[t], d);
         prefetch_row(v_rows[t], dv);
     }
-    for (int64_t g = 0; g < g_count; g++) {
-        float *s = scores + g * n;
-        score(s, q + g * q_head, k_rows, n, d, scale);
-        softmax(s, n);
-    }
+    score(scores, q, q_head, g_count, k_rows, n, d, scale);
+    for (int64_t g = 0; g < g_count; g++) softmax(scores + g * n, n);
     weighted_sum(out, scores, v_rows, n, dv, g_count);
 }
 
