@@ -8,15 +8,17 @@ Built for low per-step overhead:
   ``[NB*BS, entry_numel]`` rows (several times faster than N-d advanced
   indexing on CPU), touching only slots of positions ``< seq_len`` (and, with
   a sliding window, only the window), so garbage in unused slots is never read.
-* decode rows (query_len == 1), wherever they sit in the batch, are served
-  together. In float32 on an AVX-512 CPU, by a C kernel that reads K and V in
-  the cache blocks (``kernels.attention.decode``); elsewhere by one ``[B, S_max]``
-  gather through the block tables and one batched ``scaled_dot_product_attention``
-  with a padding mask, GQA folding the query-head group into SDPA's query-length
-  axis (``[B, Hkv, Hq/Hkv, D]``) so K/V are never repeated.
-* prefill / chunked-prefill rows (query_len > 1): one SDPA per sequence with
-  ``is_causal`` when the chunk is the whole context, else an explicit causal
-  (+ window) mask aligned to the tail of the context.
+* in float32 on an AVX-512 CPU, a C kernel that reads K and V in the cache
+  blocks (``kernels.attention.decode``) takes every decode row and every prompt
+  of up to ``kernel_area`` query-key pairs, one query row at a time, in one call.
+* elsewhere, decode rows (query_len == 1), wherever they sit in the batch, are
+  served together by one ``[B, S_max]`` gather through the block tables and one
+  batched ``scaled_dot_product_attention`` with a padding mask, GQA folding the
+  query-head group into SDPA's query-length axis (``[B, Hkv, Hq/Hkv, D]``) so
+  K/V are never repeated.
+* other prefill / chunked-prefill rows (query_len > 1): one SDPA per sequence
+  with ``is_causal`` when the chunk is the whole context, else an explicit
+  causal (+ window) mask aligned to the tail of the context.
 * MLA uses the weight-absorbed form: queries move into latent space
   (``q_nope @ w_uk``), attention runs as MQA directly over the cached
   ``[latent ; k_rope]`` rows with the latent itself as value, and the result is
@@ -97,19 +99,14 @@ class _DecodePlan:
     slots: Tensor | None  # [B, L] cache slots of each row's visible keys; padding re-reads the last key
     mask: Tensor | None  # [B, 1, 1, L] True for real keys; None when every row sees L keys
     run: tuple[int, int] | None = None  # one row whose keys fill consecutive slots: (first slot, L), read in place
-    paged: tuple[Tensor, Tensor, Tensor] | None = None  # host tables [B, W], first key [B], length [B]: the C kernel's
 
     @staticmethod
     def build(block_tables: Tensor, seq_lens: list[int], block_size: int, window: int | None) -> _DecodePlan:
         # block_tables [B, W]; the plan's tensors go where the block tables are
         spans = [min(s, window) if window is not None else s for s in seq_lens]  # visible keys per sequence
-        paged = None
-        if block_tables.device.type == "cpu":
-            lens = torch.tensor(seq_lens, dtype=torch.long, device="cpu")
-            paged = (block_tables.contiguous(), lens - torch.tensor(spans, dtype=torch.long, device="cpu"), lens)
         run = _slot_run(block_tables, seq_lens[0], spans[0], block_size) if len(spans) == 1 else None
         if run is not None:
-            return _DecodePlan(None, None, run, paged)
+            return _DecodePlan(None, None, run)
         span_max = max(spans)
         dev = block_tables.device
         offs = torch.arange(span_max, device=dev)  # [L]
@@ -120,7 +117,30 @@ class _DecodePlan:
         mask = None
         if min(spans) != span_max:
             mask = (offs[None, :] < span_t)[:, None, None, :]  # [B, 1, 1, L]
-        return _DecodePlan(_slots(block_tables, positions, block_size), mask, None, paged)
+        return _DecodePlan(_slots(block_tables, positions, block_size), mask)
+
+
+@dataclass
+class _PagedRows:
+    """Rows the C kernel attends one query at a time, reading keys in the cache blocks: the decode rows and
+    the rows of short prefill chunks. Host tensors: the kernel runs on CPU caches only."""
+
+    rows: Tensor | None  # [R] their rows in the batch; None: every row, in order
+    tables: Tensor  # [R, W] each row's sequence's block table
+    first: Tensor  # [R] the first key each row sees
+    lens: Tensor  # [R] keys up to and including the row's own position
+
+    @staticmethod
+    def build(meta: AttentionMetadata, seqs: list[int], starts: list[int], window: int | None) -> _PagedRows:
+        q_lens, s_lens, dev = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_tables.device
+        as_tensor = partial(torch.tensor, dtype=torch.long, device=dev)  # not the default device
+        rows = [r for b in seqs for r in range(starts[b], starts[b] + q_lens[b])]
+        owner = [b for b in seqs for _ in range(q_lens[b])]  # each row's sequence
+        lens = as_tensor([s_lens[b] - q_lens[b] + 1 + i for b in seqs for i in range(q_lens[b])])
+        first = lens - lens.clamp(max=window) if window is not None else torch.zeros_like(lens)
+        tables = meta.block_tables if owner == list(range(len(q_lens))) else meta.block_tables[as_tensor(owner)]
+        every = rows == list(range(starts[-1]))
+        return _PagedRows(None if every else as_tensor(rows), tables.contiguous(), first, lens)
 
 
 def _slot_run(block_tables: Tensor, seq_len: int, span: int, block_size: int) -> tuple[int, int] | None:
@@ -182,6 +202,7 @@ class _Tiling:
     query_tile: int  # the portable (non-CPU) path's query piece
     decode_from: int  # decode rows with a visible span above this are tiled too
     cpu_flash: bool  # CPU tensors: the aten flash op per tile (False: the portable matmul path, as on CUDA)
+    kernel_area: int  # a chunk of Q queries over L keys goes to the C kernel, where it runs, if Q * L <= this
 
     def tiles(self, span: int, q_len: int, seq_len: int) -> bool:
         if self.key_tile is None:
@@ -197,20 +218,27 @@ class _Tiling:
 class _StepPlan:
     """How one step's batch is attended, for one sliding window; identical for every layer."""
 
-    decode: _DecodePlan | None  # the short query_len == 1 rows, batched
+    decode: _DecodePlan | None  # the short query_len == 1 rows the kernel does not take, batched
     decode_rows: Tensor | None  # [B_dec] their rows in the batch; None when every row decodes this way
     prefill: list[_PrefillPlan]
     tiled: list[TiledPlan]  # long contexts, one plan per sequence
+    paged: _PagedRows | None  # rows the C kernel takes, when it runs
 
     @staticmethod
-    def build(meta: AttentionMetadata, window: int | None, tiling: _Tiling) -> _StepPlan:
+    def build(meta: AttentionMetadata, window: int | None, tiling: _Tiling, kernel: bool) -> _StepPlan:
         q_lens, s_lens, bs = meta.query_lens_cpu, meta.seq_lens_cpu, meta.block_size
         spans = [s - _first_visible(s, q, window) for q, s in zip(q_lens, s_lens)]  # keys each chunk sees
         long = [tiling.tiles(span, q, s) for span, q, s in zip(spans, q_lens, s_lens)]
-        if meta.is_decode_only and not any(long):
-            return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [], [])
+        if meta.is_decode_only and not any(long) and not kernel:
+            return _StepPlan(_DecodePlan.build(meta.block_tables, s_lens, bs, window), None, [], [], None)
         starts = [0, *accumulate(q_lens)]  # host copy of meta.query_start_loc: no device sync
-        decode = [b for b, n in enumerate(q_lens) if n == 1 and not long[b]]
+        route = [
+            "tiled" if lg else "kernel" if kernel and n * span <= tiling.kernel_area else "sdpa"
+            for n, span, lg in zip(q_lens, spans, long)
+        ]
+        takes = [b for b, r in enumerate(route) if r == "kernel"]
+        paged = _PagedRows.build(meta, takes, starts, window) if takes else None
+        decode = [b for b, n in enumerate(q_lens) if n == 1 and route[b] == "sdpa"]
         dec_plan = rows = None
         if decode:
             dec_plan = _DecodePlan.build(meta.block_tables[decode], [s_lens[b] for b in decode], bs, window)
@@ -218,7 +246,7 @@ class _StepPlan:
         prefill = [
             _PrefillPlan.build(starts[b], n, meta.block_tables[b], s_lens[b], bs, window)
             for b, n in enumerate(q_lens)
-            if n > 1 and not long[b]
+            if n > 1 and route[b] == "sdpa"
         ]
         tiled = [
             TiledPlan.build(
@@ -230,9 +258,9 @@ class _StepPlan:
                 tiling.key_tile,
             )
             for b, n in enumerate(q_lens)
-            if long[b]
+            if route[b] == "tiled"
         ]
-        return _StepPlan(dec_plan, rows, prefill, tiled)
+        return _StepPlan(dec_plan, rows, prefill, tiled, paged)
 
 
 class CpuAttentionBackend(AttentionBackend):
@@ -244,12 +272,14 @@ class CpuAttentionBackend(AttentionBackend):
         query_tile: int = 512,
         decode_from: int = 16384,
         cpu_flash: bool = True,
-        decode_kernel: bool = True,
+        kernel: bool = True,
+        kernel_area: int = 1 << 21,
     ):
         # key_tile: positions per key tile, and the visible span above which a prefill chunk is tiled;
-        # measured on the tiny Mistral 4 (see docs/benchmarks.md, "Long contexts").
-        self.tiling = _Tiling(key_tile, query_tile, decode_from, cpu_flash)
-        self.decode_kernel = decode_kernel  # decode rows on kernels.attention.decode where it runs and fits
+        # measured on the tiny Mistral 4 (see docs/benchmarks.md, "Long contexts"). kernel_area: SDPA
+        # overtakes the C kernel near 2048 queries over 2048 keys with SmolLM2's heads (docs/benchmarks.md).
+        self.tiling = _Tiling(key_tile, query_tile, decode_from, cpu_flash, kernel_area)
+        self.kernel = kernel  # rows on kernels.attention.decode where it runs and fits
 
     def write_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
         # cache [NB, BS, *entry]; new [T, *entry]; slot_mapping [T]
@@ -275,9 +305,18 @@ class CpuAttentionBackend(AttentionBackend):
         assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
         return self._attend(q, k_cache, v_cache, v_cache.shape[-1], meta, scale, sliding_window)
 
-    def _plan(self, meta: AttentionMetadata, window: int | None) -> _StepPlan:
+    def _plan(self, meta: AttentionMetadata, window: int | None, kernel: bool = False) -> _StepPlan:
         # Built by the first layer of the step, reused by the others (the plan depends only on the batch).
-        return meta.derive(("cpu_attention", window, self.tiling), lambda: _StepPlan.build(meta, window, self.tiling))
+        key = ("cpu_attention", window, self.tiling, kernel)
+        return meta.derive(key, lambda: _StepPlan.build(meta, window, self.tiling, kernel))
+
+    def _kernel_runs(self, q: Tensor, k_cache: Tensor, v_view: Tensor, meta: AttentionMetadata) -> bool:
+        return (
+            self.kernel
+            and meta.block_tables.device.type == "cpu"
+            and decode.fits(q, k_cache, v_view)
+            and decode.library() is not None
+        )
 
     def _attend(
         self,
@@ -294,12 +333,18 @@ class CpuAttentionBackend(AttentionBackend):
         Rows of tiled plans that ``skip_tiled`` picks are left for the caller (uninitialized here)."""
         if not meta.query_lens_cpu:
             return q.new_empty(0, q.shape[1], v_dim)
-        plan = self._plan(meta, window)
+        v_view = k_cache[..., :v_dim] if v_cache is None else v_cache  # [NB, BS, Hkv, Dv]
+        plan = self._plan(meta, window, self._kernel_runs(q, k_cache, v_view, meta))
         caches = (k_cache, v_cache, v_dim, scale)
+        paged = partial(self._paged, k_cache=k_cache, v_view=v_view, scale=scale)
+        if plan.paged is not None and plan.paged.rows is None:  # the kernel takes every row
+            return paged(q, plan.paged)
         if plan.decode is not None and plan.decode_rows is None:  # decode-only step
             return self._decode(q, plan.decode, *caches)
 
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)  # [T, Hq, Dv]
+        if plan.paged is not None:
+            out[plan.paged.rows] = paged(q[plan.paged.rows], plan.paged)
         if plan.decode is not None:
             rows = plan.decode_rows
             out[rows] = self._decode(q[rows], plan.decode, *caches)
@@ -329,21 +374,24 @@ class CpuAttentionBackend(AttentionBackend):
             lambda cache: cache.view(-1, *cache.shape[2:])[start : start + length][None], k_cache, v_cache, v_dim, dtype
         )
 
+    @classmethod
     def _decode(
-        self, q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, scale: float
+        cls, q: Tensor, plan: _DecodePlan, k_cache: Tensor, v_cache: Tensor | None, v_dim: int, scale: float
     ) -> Tensor:
         """One query per sequence, batched. q [B, Hq, D] -> [B, Hq, Dv]"""
-        v_view = k_cache[..., :v_dim] if v_cache is None else v_cache  # [NB, BS, Hkv, Dv]
-        if self.decode_kernel and plan.paged is not None and decode.fits(q, k_cache, v_view) and decode.library():
-            return decode.paged_decode(q, k_cache, v_view, *plan.paged, scale)
         num_seqs, num_q_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
-        k, v = self._decode_kv(plan, k_cache, v_cache, v_dim, q.dtype)  # [B, L, Hkv, D], [B, L, Hkv, Dv]
+        k, v = cls._decode_kv(plan, k_cache, v_cache, v_dim, q.dtype)  # [B, L, Hkv, D], [B, L, Hkv, Dv]
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D], [B, Hkv, L, Dv]
         # GQA: query head h = kv_head * G + g, so the G heads sharing a kv head become G query rows.
         qg = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
         o = F.scaled_dot_product_attention(qg, k, v, attn_mask=plan.mask, scale=scale)  # [B, Hkv, G, Dv]
         return o.reshape(num_seqs, num_q_heads, v.shape[-1])
+
+    @staticmethod
+    def _paged(q: Tensor, rows: _PagedRows, k_cache: Tensor, v_view: Tensor, scale: float) -> Tensor:
+        """Each row's query over its keys, on the C kernel. q [R, Hq, D] -> [R, Hq, Dv]"""
+        return decode.paged_decode(q, k_cache, v_view, rows.tables, rows.first, rows.lens, scale)
 
     @classmethod
     def _prefill(
@@ -421,7 +469,7 @@ class CpuSdpaAttentionBackend(CpuAttentionBackend):
     name = "cpu_sdpa"
 
     def __init__(self):
-        super().__init__(decode_kernel=False)
+        super().__init__(kernel=False)
 
 
 class CpuUntiledAttentionBackend(CpuAttentionBackend):

@@ -1,5 +1,6 @@
-"""Decode rows' paged attention in C (``csrc/decode.c``): float32 on AVX-512, reading K and V from the cache
-blocks in place, where the torch path gathers them into new tensors first and then runs SDPA.
+"""Paged attention in C (``csrc/decode.c``), one query row at a time: float32 on AVX-512, reading K and V from
+the cache blocks in place, where the torch path gathers them into new tensors first and then runs SDPA. The
+CPU backend gives it decode rows and the rows of short prompts (each row sees the keys up to its position).
 
 Each (sequence, kv head) is a work item: its query heads score the visible keys, softmax in float32
 (the row's maximum subtracted), and sum the value rows. The reference is the CPU backend's gather + SDPA

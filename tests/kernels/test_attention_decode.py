@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kernels.attention import decode
+from kernels.attention.cpu import CpuAttentionBackend
 from kernels.backend import get_attention_backend
 from tests.kernels.common import make_paged_batch
 
@@ -55,6 +56,29 @@ def test_decode_rows_of_a_mixed_batch_run_on_it(kernel_calls):
     q = _queries(batch.meta.num_tokens, 8, 16)
     args = (q, batch.caches["k"], batch.caches["v"], batch.meta, 0.25)
     got = CPU.paged_attention(*args)
+    assert kernel_calls == [1]
+    torch.testing.assert_close(got, SDPA.paged_attention(*args), atol=2e-6, rtol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 5])
+def test_whole_prompts_run_on_it_row_by_row_beside_decode_rows(window, kernel_calls):
+    """Each prompt row sees the keys up to its own position (and within the window), as causal SDPA does."""
+    batch = make_paged_batch([9, 1, 33, 1], [9, 40, 33, 17], {"k": (2, 24), "v": (2, 8)}, num_blocks=48)
+    q = _queries(batch.meta.num_tokens, 6, 24)
+    args = (q, batch.caches["k"], batch.caches["v"], batch.meta, 24**-0.5)
+    got = CPU.paged_attention(*args, sliding_window=window)
+    assert kernel_calls == [1] and not got.isnan().any()
+    torch.testing.assert_close(got, SDPA.paged_attention(*args, sliding_window=window), atol=2e-6, rtol=2e-5)
+
+
+@needs_kernel
+def test_a_chunk_over_the_kernels_area_runs_sdpa(kernel_calls):
+    """9 queries over 9 keys (81) go to SDPA under an area of 64; the decode row (30 keys) stays on the kernel."""
+    batch = make_paged_batch([9, 1], [9, 30], {"k": (2, 16), "v": (2, 16)})
+    q = _queries(batch.meta.num_tokens, 4, 16)
+    args = (q, batch.caches["k"], batch.caches["v"], batch.meta, 0.25)
+    got = CpuAttentionBackend(kernel_area=64).paged_attention(*args)
     assert kernel_calls == [1]
     torch.testing.assert_close(got, SDPA.paged_attention(*args), atol=2e-6, rtol=2e-5)
 

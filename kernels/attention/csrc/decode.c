@@ -1,6 +1,8 @@
-/* Paged attention for decode rows (one query per sequence), float32, on AVX-512.
+/* Paged attention, one query row at a time (a decode row, or a prompt's row over the keys up to it), float32,
+ * on AVX-512.
  *
- * A work item is a sequence, or a share of its kv heads where there are fewer sequences than threads.
+ * A work item is a row, or a share of its kv heads where there are fewer rows than threads; items are handed
+ * out one at a time, as a prompt's rows grow in cost.
  * For each kv head, its G = Hq / Hkv query heads score the keys the sequence sees straight from the cache
  * blocks (no gather; rows prefetched ahead, as the blocks lie scattered), softmax in float32 with the
  * row's maximum subtracted, then sum the value rows. kernels/attention/decode.py holds the layouts; the
@@ -185,7 +187,7 @@ int levante_paged_decode(const float *q, int64_t q_row, int64_t q_head, const fl
     {
         float *scores = malloc(sizeof(float) * (size_t)(G * longest));
         const float **rows = malloc(sizeof(float *) * (size_t)(2 * longest));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < B * parts; w++) {
             const int64_t b = w / parts, h0 = (w % parts) * per_part, h1 = h0 + per_part < Hkv ? h0 + per_part : Hkv;
             if (scores == NULL || rows == NULL) {
