@@ -431,7 +431,8 @@ class CpuAttentionBackend(AttentionBackend):
         if not meta.query_lens_cpu:
             return o
         gather = partial(_expanded_kv, latent_cache, w_uk, w_uv)
-        for p in filter(expand, self._plan(meta, None).tiled):
+        kernel = self._kernel_runs(q_full, k_cache, k_cache[..., :latent_dim], meta)  # _attend's plan, not a second
+        for p in filter(expand, self._plan(meta, None, kernel).tiled):
             q_heads = torch.cat([q_nope[p.rows], q_rope[p.rows].to(q_nope.dtype)], dim=-1)  # [Q, H, Dn + Dr]
             o[p.rows] = self._tiled(q_heads, gather, w_uv.shape[1], p, scale)
         return o
