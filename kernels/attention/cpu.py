@@ -336,15 +336,14 @@ class CpuAttentionBackend(AttentionBackend):
         v_view = k_cache[..., :v_dim] if v_cache is None else v_cache  # [NB, BS, Hkv, Dv]
         plan = self._plan(meta, window, self._kernel_runs(q, k_cache, v_view, meta))
         caches = (k_cache, v_cache, v_dim, scale)
-        paged = partial(self._paged, k_cache=k_cache, v_view=v_view, scale=scale)
         if plan.paged is not None and plan.paged.rows is None:  # the kernel takes every row
-            return paged(q, plan.paged)
+            return self._paged(q, plan.paged, k_cache, v_view, scale)
         if plan.decode is not None and plan.decode_rows is None:  # decode-only step
             return self._decode(q, plan.decode, *caches)
 
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)  # [T, Hq, Dv]
         if plan.paged is not None:
-            out[plan.paged.rows] = paged(q[plan.paged.rows], plan.paged)
+            out[plan.paged.rows] = self._paged(q[plan.paged.rows], plan.paged, k_cache, v_view, scale)
         if plan.decode is not None:
             rows = plan.decode_rows
             out[rows] = self._decode(q[rows], plan.decode, *caches)
