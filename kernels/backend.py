@@ -17,11 +17,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from kernels.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kernels.moe.panels import Panels
 
 
 class AttentionBackend(ABC):
@@ -83,7 +86,8 @@ class ExpertWeights:
 
     gate_up: Tensor  # [E_local, 2*I, D] (gate rows first, then up rows)
     down: Tensor  # [E_local, D, I]
-    packed: tuple[tuple[Tensor, Tensor], ...] | None = None  # per expert (gate_up, down) in the backend's layout
+    packed: tuple[tuple[Tensor, Tensor], ...] | None = None  # per expert (gate_up, down) in oneDNN's layout
+    panels: Panels | None = None  # every expert in the C kernel's layout (kernels.moe.panels)
 
 
 class MoEBackend(ABC):

@@ -21,6 +21,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+INCLUDE = Path(__file__).with_name("csrc")  # headers every kernel may include: part of each build's key
+
 
 @dataclass(frozen=True)
 class CKernel:
@@ -51,7 +53,8 @@ def _cache_dirs() -> list[Path]:
 def build(kernel: CKernel, cc: str) -> Path:
     """The compiled library for this source, flags and compiler, built once into the first writable cache."""
     version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(kernel.source.read_bytes() + " ".join(kernel.cc_flags).encode() + version.encode())
+    headers = b"".join(h.read_bytes() for h in sorted(INCLUDE.glob("*.h")))
+    key = hashlib.sha256(kernel.source.read_bytes() + headers + " ".join(kernel.cc_flags).encode() + version.encode())
     errors = []
     for folder in _cache_dirs():
         target = folder / f"{kernel.source.stem}-{key.hexdigest()[:16]}.so"
@@ -61,7 +64,7 @@ def build(kernel: CKernel, cc: str) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
-            cmd = [cc, *kernel.cc_flags, "-shared", "-fPIC", str(kernel.source), "-o", tmp]
+            cmd = [cc, *kernel.cc_flags, "-I", str(INCLUDE), "-shared", "-fPIC", str(kernel.source), "-o", tmp]
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 os.unlink(tmp)

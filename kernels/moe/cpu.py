@@ -1,9 +1,10 @@
-"""CPU fused MoE: tokens grouped by expert, one gate_up and one down matmul per expert hit.
+"""CPU fused MoE.
 
-(token, slot) assignments are sorted by local expert id; assignments to
-other ranks' experts get the sentinel id ``E_local`` and sort to the end.
-The inputs are gathered once in that order; the experts' outputs are weighted
-and accumulated in float32 with one ``index_add_``, then cast back to ``x.dtype``.
+float32 experts on AVX-512 run the C kernel over weight panels packed at load (``kernels.moe.panels``): the
+whole layer in one call. Elsewhere tokens are grouped by expert, one gate_up and one down matmul per expert
+hit: (token, slot) assignments are sorted by local expert id; assignments to other ranks' experts get the
+sentinel id ``E_local`` and sort to the end. The inputs are gathered once in that order; the experts' outputs
+are weighted and accumulated in float32 with one ``index_add_``, then cast back to ``x.dtype``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from kernels.backend import ExpertWeights, MoEBackend
 from kernels.linear.cpu import ONEDNN_BATCH_HINT, onednn_packs, packed_from_rows
+from kernels.moe import panels
 
 
 def _onednn_linear(x: Tensor, w: Tensor) -> Tensor:
@@ -32,6 +34,8 @@ class CpuMoEBackend(MoEBackend):
     name = "cpu"
 
     def prepare(self, w_gate_up: Tensor, w_down: Tensor) -> ExpertWeights:
+        if panels.fits(w_gate_up, w_down) and panels.library() is not None:
+            return ExpertWeights(w_gate_up, w_down, panels=panels.pack(w_gate_up, w_down))
         if not _packs(w_gate_up):
             return ExpertWeights(w_gate_up, w_down)
         pack = torch.ops.mkldnn._reorder_linear_weight
@@ -45,6 +49,8 @@ class CpuMoEBackend(MoEBackend):
         self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor, experts: ExpertWeights, expert_start: int = 0
     ) -> Tensor:
         # x [T, D]; topk_ids [T, K]; topk_weights [T, K]
+        if experts.panels is not None and x.dtype == torch.float32:
+            return panels.fused_moe(x, topk_ids, topk_weights, experts.panels, expert_start)
         if x.shape[0] == 1:
             return _one_token(x, topk_ids, topk_weights, experts, expert_start)
         num_local, top_k = experts.gate_up.shape[0], topk_ids.shape[1]

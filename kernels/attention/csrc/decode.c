@@ -8,13 +8,11 @@
  * row's maximum subtracted, then sum the value rows. kernels/attention/decode.py holds the layouts; the
  * reference is the CPU backend's SDPA path over the gathered keys.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#define INLINE static inline __attribute__((always_inline))
+#include "simd.h"
 
 typedef struct {
     const float *k, *v;        /* cache rows: slot s, head h at k + s * k_slot + h * k_head */
@@ -23,24 +21,6 @@ typedef struct {
     int64_t width, block_size;
     const int64_t *first, *lens; /* [B]: the first visible key and the context length */
 } Cache;
-
-INLINE __mmask16 tail(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
-
-/* e^x for x <= 0, 16 lanes: 2^n * e^f with |f| <= ln2 / 2, a degree-6 polynomial (relative error ~2e-7). */
-INLINE __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 #define AHEAD 32 /* keys prefetched ahead of the ones being read: their blocks lie scattered over the cache */
 

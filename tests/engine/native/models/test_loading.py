@@ -17,6 +17,7 @@ from engine.native.models.mistral4 import Mistral4ForCausalLM
 from engine.native.models.mixtral import MixtralForCausalLM
 from engine.native.models.registry import resolve_architecture
 from kernels.linear import cpu as cpu_linear
+from kernels.moe import panels as moe_panels
 from tests.engine.native.models.helpers import engine_model, load_error
 
 
@@ -131,8 +132,15 @@ def test_mixtral_fused_and_original_expert_layouts_load_identically(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize(("vendor", "packed"), [("AuthenticAMD", True), ("GenuineIntel", False)])
-def test_each_moe_layers_experts_are_prepared_by_its_backend_at_load(tmp_path, vendor, packed, monkeypatch):
+@pytest.mark.parametrize(
+    ("vendor", "c_kernel", "form"),
+    [("AuthenticAMD", False, "onednn"), ("GenuineIntel", False, "as loaded"), ("GenuineIntel", True, "panels")],
+)
+def test_each_moe_layers_experts_are_prepared_by_its_backend_at_load(tmp_path, vendor, c_kernel, form, monkeypatch):
+    if c_kernel and moe_panels.library() is None:
+        pytest.skip("the C routed experts cannot run on this machine (the warning above says why)")
+    if not c_kernel:
+        monkeypatch.setattr(moe_panels, "library", lambda: None)
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
     cpu_linear.packed_from_rows.cache_clear()
     try:
@@ -141,12 +149,15 @@ def test_each_moe_layers_experts_are_prepared_by_its_backend_at_load(tmp_path, v
         cpu_linear.packed_from_rows.cache_clear()
     layers = [m for m in model.modules() if isinstance(m, RoutedMoE)]
     assert layers and all(m.experts.prepared is not None for m in layers)
+    onednn = form == "onednn" and torch.backends.mkldnn.is_available()
     for moe in layers:
         experts = moe.experts.prepared
         assert experts.gate_up is moe.experts.gate_up_proj and experts.down is moe.experts.down_proj
-        assert (experts.packed is not None) == (packed and torch.backends.mkldnn.is_available())
+        assert (experts.packed is not None) == onednn and (experts.panels is not None) == (form == "panels")
         if experts.packed is not None:  # one (gate_up, down) pair a local expert
             assert len(experts.packed) == moe.experts.num_local_experts
+        if experts.panels is not None:
+            assert experts.panels.gate_up.shape[0] == moe.experts.num_local_experts
 
 
 def test_per_expert_gate_up_down_proj_layout(tmp_path):
