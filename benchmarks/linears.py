@@ -1,6 +1,7 @@
 """Every linear of one decode step of the embedded model, timed at several row counts: ``F.linear`` on the
-weights as loaded against oneDNN's packed copy of them (``kernels/linear/cpu.py``), and the rate this
-machine reads memory at, which bounds a one-row step.
+weights as loaded against oneDNN's packed copy of them and our C kernel's panels (``kernels/linear/cpu.py``,
+``kernels/linear/panels.py``, where it builds), and the rate this machine reads memory at, which bounds a
+one-row step.
 
     .venv/bin/python benchmarks/linears.py --rows 1,2,4,16,2048
     .venv/bin/python benchmarks/linears.py --quantization int4 --rows 1,4,8,16,32,128
@@ -28,8 +29,8 @@ from engine.checkpoint.gguf import default_gguf_path
 from engine.config import ModelConfig
 from engine.native.models.loader import load_model
 from engine.native.models.prepare import linears_of
-from kernels.linear import vnni
-from kernels.linear.cpu import CpuWeightOnlyLinearKernel
+from kernels.linear import panels, vnni
+from kernels.linear.cpu import ONEDNN_BATCH_HINT, CpuWeightOnlyLinearKernel
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, quantize
 
 
@@ -58,6 +59,11 @@ def _plain(forms: list, inputs: dict) -> None:
 def _packed(forms: list, inputs: dict) -> None:
     for f in forms:
         torch.ops.mkldnn._linear_pointwise(inputs[f.weight.shape[1]], f.packed, None, "none", [], "")  # [rows, N]
+
+
+def _panels(forms: list, inputs: dict) -> None:
+    for f in forms:
+        panels.linear(inputs[f.weight.shape[1]], f.panels, None)  # [rows, N]
 
 
 def _in_features(f) -> int:
@@ -104,6 +110,8 @@ def main() -> None:
     weights = f"{sum(f.weight.numel() * f.weight.element_size() for f in forms) / 1e6:.0f} MB of {args.quantization}"
     print(f"{len(forms)} linears, {weights} weights; memory read {read_rate():.1f} GB/s")
     columns = {"F.linear": _plain, "oneDNN": _packed}
+    if args.quantization == "none" and all(f.panels is not None for f in forms):
+        columns["panels"] = _panels
     if args.quantization != "none":
         has_vnni = all(f.vnni is not None for f in forms)
         columns = {"weight-only": _weight_only} | ({"VNNI": _vnni} if has_vnni else {}) | {"oneDNN": _dense_copy}
@@ -115,10 +123,13 @@ def main() -> None:
 
 
 def _forms(lin):
-    """A dense linear's prepared form; a quantized one's PyTorch-kernel form with its VNNI form beside it."""
+    """A dense linear's prepared form with both copies, oneDNN's and the panels where the C kernel builds; a
+    quantized one's PyTorch-kernel form with its VNNI form beside it."""
     form = lin.prepared.form
     if lin.prepared.scheme == "none":
-        return form
+        packed = torch.ops.mkldnn._reorder_linear_weight(form.weight.contiguous(), ONEDNN_BATCH_HINT)
+        has_panels = panels.fits(form.weight) and panels.library() is not None
+        return dataclasses.replace(form, packed=packed, panels=panels.pack(form.weight) if has_panels else None)
     qw = quantize(lin.weight, lin.prepared.scheme)
     torch_form = CpuWeightOnlyLinearKernel().prepare(qw)
     has_vnni = vnni.fits(qw.shape) and vnni.library() is not None

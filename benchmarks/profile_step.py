@@ -5,14 +5,18 @@
     .venv/bin/python benchmarks/profile_step.py --batch 16 --linear-backend reference   # F.linear: the path before
     .venv/bin/python benchmarks/profile_step.py --batch 1 --versus cpu_weight_only --rounds 8 --quantization int4   # an A/B, no profiler
     .venv/bin/python benchmarks/profile_step.py --batch 16 --versus-attention cpu_sdpa --rounds 8   # the same, attention
+    .venv/bin/python benchmarks/profile_step.py --batch 16 --versus-without-panels --rounds 6   # C linears/experts off
     .venv/bin/python benchmarks/profile_step.py --batch 16 --model 'tiny:mixtral?seed=0'   # another model
 
 Random prompts of 128 token ids, 64 greedy tokens with end-of-sequence ignored, 2 threads, prefix
 caching off (the workload of ``benchmarks/peers.py``). Prints the unprofiled and profiled times, the share of the
 wall time that torch's ops account for (the rest is Python: scheduling, inputs, outputs), and the
-ops with the most self time; the C decode attention is listed among them as ``levante::paged_decode (C)``. With ``--versus`` (``--versus-attention``) it profiles nothing: a second engine
-with that linear (attention) backend loads beside the first, the two take turns at ``--rounds`` generate calls, and it prints each one's best and
-median tokens/s and whether their tokens agree (one process, so load changes on a shared machine fall on both).
+ops with the most self time; our C kernels are listed among them as ``levante::... (C)``. With ``--versus``
+(``--versus-attention``) it profiles nothing: a second engine with that linear (attention) backend loads beside
+the first, the two take turns at ``--rounds`` generate calls, and it prints each one's best and median tokens/s
+and whether their tokens agree (one process, so load changes on a shared machine fall on both).
+``--versus-without-panels`` does the same against an engine loaded as on a CPU without the C float32 linears
+and routed experts (``kernels/*/panels.py``): oneDNN and F.linear.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile, record_function
@@ -34,6 +38,14 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 from engine.core.request import SamplingParams
 from engine.llm import LLM
 from kernels.attention import decode
+from kernels.linear import panels as linear_panels
+from kernels.moe import panels as moe_panels
+
+C_KERNELS = (
+    (decode, "paged_decode", "levante::paged_decode (C)"),
+    (linear_panels, "linear", "levante::panel_linear (C)"),
+    (moe_panels, "fused_moe", "levante::routed_experts (C)"),
+)
 
 
 def main() -> None:
@@ -48,19 +60,20 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help="model.dtype: float32 or bfloat16")
     ap.add_argument("--versus", help="another model.linear_backend to take turns with, unprofiled")
     ap.add_argument("--versus-attention", help="another model.attention_backend to take turns with, unprofiled")
+    ap.add_argument("--versus-without-panels", action="store_true", help="take turns with the C float32 kernels off")
     ap.add_argument("--rounds", type=int, default=6, help="generate calls each, with --versus")
     args = ap.parse_args()
     rng = random.Random(0)
     vocab = json.loads((Path(resolve_model_dir(args.model or default_gguf_path())) / "config.json").read_text())
     prompts = [[rng.randrange(100, vocab["vocab_size"]) for _ in range(128)] for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    if args.versus or args.versus_attention:
+    if args.versus or args.versus_attention or args.versus_without_panels:
         return versus(args, prompts, params)
     llm = _llm(args, (args.linear_backend, args.attention_backend), prompts)
     start = time.perf_counter()
     llm.generate(prompts, params)
     plain = time.perf_counter() - start
-    with profile(activities=[ProfilerActivity.CPU]) as prof, _named_c_kernel():
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _named_c_kernels():
         start = time.perf_counter()
         llm.generate(prompts, params)
         wall = time.perf_counter() - start
@@ -74,19 +87,37 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def _named_c_kernel() -> Iterator[None]:
-    """The C decode attention listed among torch's ops (a ctypes call is invisible to the profiler)."""
-    real = decode.paged_decode
+def _named_c_kernels() -> Iterator[None]:
+    """Our C kernels listed among torch's ops (a ctypes call is invisible to the profiler)."""
+    originals = [(module, attr, getattr(module, attr)) for module, attr, _ in C_KERNELS]
 
-    def named(*args: object) -> object:
-        with record_function("levante::paged_decode (C)"):
-            return real(*args)
+    def named(real: Callable[..., object], label: str) -> Callable[..., object]:
+        def call(*args: object) -> object:
+            with record_function(label):
+                return real(*args)
 
-    decode.paged_decode = named
+        return call
+
+    for (module, attr, real), (_, _, label) in zip(originals, C_KERNELS):
+        setattr(module, attr, named(real, label))
     try:
         yield
     finally:
-        decode.paged_decode = real
+        for module, attr, real in originals:
+            setattr(module, attr, real)
+
+
+@contextlib.contextmanager
+def _without_panels() -> Iterator[None]:
+    """Engines loaded inside take the path of a CPU without the C float32 linears and routed experts."""
+    originals = [(module, module.library) for module in (linear_panels, moe_panels)]
+    for module, _ in originals:
+        module.library = lambda: None
+    try:
+        yield
+    finally:
+        for module, real in originals:
+            module.library = real
 
 
 def _llm(args: argparse.Namespace, backends: tuple[str, str], prompts: list[list[int]]) -> LLM:
@@ -110,7 +141,10 @@ def _llm(args: argparse.Namespace, backends: tuple[str, str], prompts: list[list
 def versus(args: argparse.Namespace, prompts: list[list[int]], params: SamplingParams) -> None:
     first = (args.linear_backend, args.attention_backend)
     second = (args.versus or args.linear_backend, args.versus_attention or args.attention_backend)
-    llms = {"/".join(pair): _llm(args, pair, prompts) for pair in (first, second)}
+    names = ["/".join(first), "/".join(second) + (" without panels" if args.versus_without_panels else "")]
+    llms = {names[0]: _llm(args, first, prompts)}
+    with _without_panels() if args.versus_without_panels else contextlib.nullcontext():
+        llms[names[1]] = _llm(args, second, prompts)
     rates: dict[str, list[float]] = {name: [] for name in llms}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.rounds):
@@ -123,7 +157,7 @@ def versus(args: argparse.Namespace, prompts: list[list[int]], params: SamplingP
         print(
             f"{name:<28} best {max(r):6.1f} tok/s, median {statistics.median(r):6.1f}: {' '.join(f'{x:.1f}' for x in r)}"
         )
-    print("same tokens:", tokens["/".join(first)] == tokens["/".join(second)])
+    print("same tokens:", tokens[names[0]] == tokens[names[1]])
 
 
 if __name__ == "__main__":

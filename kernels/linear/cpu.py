@@ -1,6 +1,8 @@
-"""Linears on PyTorch's CPU kernels.
+"""Linears on PyTorch's CPU kernels, and our C ones.
 
-- Dense float32 (and bfloat16 where the CPU has AVX-512 BF16): the weight is also reordered once, at load,
+- Dense float32 whose sizes are whole 16-output panels, on AVX-512: the weight is also laid out once, at load,
+  in panels for the C kernel (``kernels.linear.panels``), which runs every row count: no oneDNN copy then.
+- Other dense float32 (and bfloat16 where the CPU has AVX-512 BF16): the weight is also reordered once, at load,
   into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``), which matmuls of ``packed_from_rows()``
   rows or more read as it lies (``mkldnn._linear_pointwise``). On an Intel CPU fewer rows (one stream's
   decode) run ``F.linear`` on the weight as loaded: MKL's matrix-vector product reads it at memory bandwidth
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.backend import LinearKernel
-from kernels.linear import vnni
+from kernels.linear import panels, vnni
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight, dequantize
 
 ONEDNN_BATCH_HINT = 16  # the row count oneDNN lays the weight out for; one layout serves every row count
@@ -56,6 +58,7 @@ VNNI_DENSE_FROM_ROWS = {("int4", torch.bfloat16): 12, ("int8", torch.bfloat16): 
 class _Dense:
     weight: Tensor  # [N, K] as loaded
     packed: Tensor | None  # oneDNN's blocked copy of it, for packed_from_rows() rows or more
+    panels: Tensor | None = None  # [N/16, K, 16]: the C kernel's copy, for every row count, in place of oneDNN's
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class CpuLinearKernel(LinearKernel):
 
     def prepare(self, weight: Tensor | QuantizedWeight) -> _Dense | _Packed:
         if not isinstance(weight, QuantizedWeight):
+            if panels.fits(weight) and panels.library() is not None:
+                return _Dense(weight, None, panels.pack(weight))
             if not onednn_packs(weight):
                 return _Dense(weight, None)
             return _Dense(weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ONEDNN_BATCH_HINT))
@@ -133,6 +138,8 @@ class CpuLinearKernel(LinearKernel):
 
     def linear(self, x: Tensor, prepared: _Dense | _Packed, bias: Tensor | None) -> Tensor:
         if isinstance(prepared, _Dense):
+            if prepared.panels is not None and x.dtype == torch.float32:
+                return panels.linear(x, prepared.panels, bias)
             if prepared.packed is None or x.numel() < packed_from_rows() * x.shape[-1]:
                 return F.linear(x, prepared.weight, bias)
             return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")  # [..., N]

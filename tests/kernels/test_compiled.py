@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 
 from kernels import compiled
 from kernels.attention import decode
+from kernels.linear import panels as linear_panels
 from kernels.linear import vnni
+from kernels.moe import panels as moe_panels
 
-KERNELS = [vnni.KERNEL, decode.KERNEL]
+KERNELS = [vnni.KERNEL, decode.KERNEL, linear_panels.KERNEL, moe_panels.KERNEL]
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.source.name)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"{k.source.parent.parent.name}/{k.source.name}")
+def test_each_source_compiles_where_the_cpu_has_its_instructions(kernel, monkeypatch, tmp_path):
+    """A source that stops compiling fails here, not as kernel tests skipped for a machine that cannot."""
+    cc = shutil.which("cc")
+    if cc is None or not set(kernel.cpu_flags) <= compiled.cpu_flags():
+        pytest.skip(f"no cc, or the CPU lacks {kernel.cpu_flags}: {kernel.source.name} cannot build here")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compiled.build(kernel, cc).exists()
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"{k.source.parent.parent.name}/{k.source.name}")
 def test_the_library_is_built_once_into_the_users_cache(kernel, monkeypatch, tmp_path):
     if compiled.load(kernel) is None:
         pytest.skip(f"this machine cannot build {kernel.source.name}: see the warning above")
@@ -25,7 +38,7 @@ def test_the_library_is_built_once_into_the_users_cache(kernel, monkeypatch, tmp
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temporary file left
 
 
-@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.source.name)
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"{k.source.parent.parent.name}/{k.source.name}")
 def test_a_compiler_that_fails_is_named(kernel, monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CC", "false")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels.backend import get_linear_kernel
+from kernels.linear import panels
 from kernels.linear.cpu import onednn_packs, packed_from_rows
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
 
@@ -123,7 +124,8 @@ def test_the_cpu_kernel_packs_a_dense_float32_weight_and_matches_f_linear(lead, 
 
 
 @pytest.mark.parametrize(("vendor", "rows"), [("AuthenticAMD", 1), ("GenuineIntel", 4), ("", 4)])
-def test_the_packed_weight_runs_from_the_cpu_vendors_threshold(vendor, rows, as_vendor, onednn_calls):
+def test_the_packed_weight_runs_from_the_cpu_vendors_threshold(vendor, rows, as_vendor, onednn_calls, monkeypatch):
+    monkeypatch.setattr(panels, "library", lambda: None)  # a CPU without the C kernel: oneDNN and F.linear
     as_vendor(vendor)
     assert packed_from_rows() == rows
     w, cpu = weight(64, 48), get_linear_kernel("cpu")
@@ -131,6 +133,36 @@ def test_the_packed_weight_runs_from_the_cpu_vendors_threshold(vendor, rows, as_
     for n in (rows - 1, rows):
         assert cpu.linear(torch.randn(n, 48), form, None).shape == (n, 64)
     assert len(onednn_calls) == 1  # below the threshold F.linear, at it oneDNN
+
+
+def _needs_panels() -> None:
+    if panels.library() is None:
+        pytest.skip("the C float32 linears cannot run on this machine (the warning above says why)")
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (8,), (9,), (17,), (300,), (2, 3)])  # 300: more than one chunk
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("n", [48, 64, 80])  # panels: a group of three; then one more; then two more
+def test_panels_run_a_float32_weight_of_whole_panels_and_match_f_linear(lead, with_bias, n, onednn_calls):
+    _needs_panels()
+    k = 96
+    w, x = weight(n, k), torch.randn(*lead, k)
+    bias = torch.randn(n) if with_bias else None
+    cpu = get_linear_kernel("cpu")
+    form = cpu.prepare(w)
+    assert form.panels is not None and form.packed is None and form.weight is w
+    got = cpu.linear(x, form, bias)
+    assert got.shape == (*lead, n) and got.dtype == torch.float32 and onednn_calls == []
+    want = torch.nn.functional.linear(x, w, bias)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()  # summation order only
+
+
+def test_panels_lay_each_output_in_its_lane_and_take_only_whole_panels():
+    w = torch.arange(48 * 32, dtype=torch.float32).view(48, 32)
+    packed = panels.pack(w)
+    assert packed.shape == (3, 32, 16) and packed[2, 5, 7] == w[2 * 16 + 7, 5]
+    assert panels.fits(w) and not panels.fits(w[:40]) and not panels.fits(w[:, :24]) and not panels.fits(w.bfloat16())
+    assert get_linear_kernel("cpu").prepare(weight(200, 96)).panels is None
 
 
 def test_the_cpu_kernel_reads_a_strided_input_as_f_linear_does():
