@@ -15,13 +15,16 @@
 #define PANELS 3
 #define CHUNK 256
 
-/* y[r][0..16 * P) = x_r . panels (+ bias) for R rows and P panels, K floats apart. */
-INLINE void block(const float *x, int64_t K, const int R, const int P, const float *w, const float *bias,
-                  float *y, int64_t N) {
+/* y[r][0..16 * P) = x_r . panels (+ bias) for R rows and P panels, K floats apart; while at it, the next
+ * group's panels (next, or NULL) are fetched into L2. */
+INLINE void block(const float *x, int64_t K, const int R, const int P, const float *w, const float *next,
+                  const float *bias, float *y, int64_t N) {
     __m512 acc[PANELS][ROWS];
     for (int p = 0; p < P; p++)
         for (int r = 0; r < R; r++) acc[p][r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
+        if (next)
+            for (int p = 0; p < PANELS; p++) _mm_prefetch((const char *)(next + p * K * 16 + k * 16), _MM_HINT_T1);
         __m512 wv[PANELS];
         for (int p = 0; p < P; p++) wv[p] = _mm512_loadu_ps(w + p * K * 16 + k * 16);
         for (int r = 0; r < R; r++) {
@@ -38,17 +41,19 @@ INLINE void block(const float *x, int64_t K, const int R, const int P, const flo
 /* The row and panel counts as constants in each case, so that the accumulators stay in registers. */
 #define BLOCK(R)                                                                                                  \
     case R:                                                                                                       \
-        if (P == 3) block(x, K, R, 3, w, bias, y, N);                                                             \
-        else if (P == 2) block(x, K, R, 2, w, bias, y, N);                                                        \
-        else block(x, K, R, 1, w, bias, y, N);                                                                    \
+        if (P == 3) block(x, K, R, 3, w, next, bias, y, N);                                                       \
+        else if (P == 2) block(x, K, R, 2, w, next, bias, y, N);                                                  \
+        else block(x, K, R, 1, w, next, bias, y, N);                                                              \
         break;
 
-static void rows_block(const float *x, int64_t K, int64_t R, int P, const float *w, const float *bias, float *y,
-                       int64_t N) {
+static void rows_block(const float *x, int64_t K, int64_t R, int P, const float *w, const float *next,
+                       const float *bias, float *y, int64_t N) {
     switch (R) { BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7) BLOCK(8) }
 }
 
-/* y [M, N] = x [M, K] W^T + bias (bias [N] or NULL), W in panels; N and K multiples of 16. */
+/* y [M, N] = x [M, K] W^T + bias (bias [N] or NULL), W in panels; N and K multiples of 16. With more than one
+ * row block, the first reads a group's panels from memory and the rest from cache: the last then fetches the
+ * next group's, so that memory and the FMAs overlap (one block alone streams at memory speed without). */
 void levante_panel_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias,
                           float *y, int threads) {
     const int64_t panels = N / 16, groups = (panels + PANELS - 1) / PANELS;
@@ -59,10 +64,10 @@ void levante_panel_linear(const float *x, int64_t M, int64_t K, const float *w, 
         for (int64_t g = 0; g < groups; g++) {
             const int64_t first = g * PANELS;
             const int P = panels - first < PANELS ? (int)(panels - first) : PANELS;
-            const float *bg = bias ? bias + 16 * first : 0;
+            const float *next = m1 - m0 > ROWS && first + 2 * PANELS <= panels ? w + (first + PANELS) * K * 16 : 0;
             for (int64_t m = m0; m < m1; m += ROWS)
-                rows_block(x + m * K, K, m1 - m < ROWS ? m1 - m : ROWS, P, w + first * K * 16, bg,
-                           y + m * N + 16 * first, N);
+                rows_block(x + m * K, K, m1 - m < ROWS ? m1 - m : ROWS, P, w + first * K * 16,
+                           m + ROWS >= m1 ? next : 0, bias ? bias + 16 * first : 0, y + m * N + 16 * first, N);
         }
     }
 }
