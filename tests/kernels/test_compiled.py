@@ -12,8 +12,9 @@ from kernels.attention import decode
 from kernels.linear import panels as linear_panels
 from kernels.linear import vnni
 from kernels.moe import panels as moe_panels
+from kernels.norm import rms
 
-KERNELS = [vnni.KERNEL, decode.KERNEL, linear_panels.KERNEL, moe_panels.KERNEL]
+KERNELS = [vnni.KERNEL, decode.KERNEL, linear_panels.KERNEL, moe_panels.KERNEL, rms.KERNEL]
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: f"{k.source.parent.parent.name}/{k.source.name}")

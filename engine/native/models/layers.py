@@ -26,6 +26,7 @@ from engine.config import ParallelConfig
 from kernels.backend import ExpertWeights, LinearKernel, MoEBackend
 from kernels.linear.formats import QuantizedWeight
 from kernels.metadata import AttentionMetadata
+from kernels.norm import rms
 
 # --------------------------------------------------------------------------- basic modules
 
@@ -129,11 +130,20 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # [..., dim]
         in_dtype = x.dtype
+        if rms.fits(x, self.weight):  # one C call for PyTorch's six ops (same float32 math)
+            return rms.rms_norm(x, self.weight, self.eps)
         if in_dtype == torch.float32 == self.weight.dtype:  # one fused op for the steps below (same float32 math)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(in_dtype)
+
+    def add(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # [..., dim] each
+        """(residual + x, its norm): in one C call where ``kernels.norm.rms`` takes them."""
+        if rms.fits(x, self.weight) and residual.dtype == x.dtype:
+            return rms.add_rms_norm(x, residual, self.weight, self.eps)
+        total = residual + x
+        return total, self(total)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -351,8 +361,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps, dtype)
 
     def forward(self, h: Tensor, ctx: StepContext, kv_cache: tuple[Tensor, ...]) -> Tensor:  # [T, hidden]
-        h = h + self.self_attn(self.input_layernorm(h), ctx, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, normed = self.post_attention_layernorm.add(self.self_attn(self.input_layernorm(h), ctx, kv_cache), h)
+        return h + self.mlp(normed)
 
 
 # --------------------------------------------------------------------------- routed experts (MoE)

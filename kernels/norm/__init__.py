@@ -1,0 +1,1 @@
+"""Normalization kernels: RMSNorm in C for float32 rows (``rms``)."""
