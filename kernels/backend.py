@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.metadata import AttentionMetadata
@@ -127,6 +128,12 @@ class LinearKernel(ABC):
     @abstractmethod
     def linear(self, x: Tensor, prepared: Any, bias: Tensor | None) -> Tensor:
         """x: [..., K] -> [..., N] in x.dtype: ``x @ weight.T (+ bias)``, a quantized weight dequantized."""
+
+    def silu_and_mul(self, x: Tensor, prepared: Any, bias: Tensor | None) -> Tensor:
+        """A SwiGLU's gate and up as one [2I, K] weight: x [..., K] -> silu(gate) * up, [..., I]. By default
+        ``linear`` and then the two ops; a kernel may fold them into its matmul."""
+        gate, up = self.linear(x, prepared, bias).chunk(2, dim=-1)  # [..., I] each
+        return F.silu(gate) * up
 
 
 def _attention_backends() -> dict[str, type[AttentionBackend]]:

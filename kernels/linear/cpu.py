@@ -163,6 +163,12 @@ class CpuLinearKernel(LinearKernel):
             y = y + bias
         return y if x.dim() == 2 else y.view(*x.shape[:-1], prepared.out_features)
 
+    def silu_and_mul(self, x: Tensor, prepared: _Dense | _Packed, bias: Tensor | None) -> Tensor:
+        form = prepared.panels if isinstance(prepared, _Dense) and x.dtype == torch.float32 else None
+        if form is not None and form.shape[0] % 2 == 0:  # each gate panel has its up panel I rows on
+            return panels.gated(x, form, bias)
+        return super().silu_and_mul(x, prepared, bias)
+
 
 class CpuWeightOnlyLinearKernel(CpuLinearKernel):
     """``cpu`` without the VNNI kernel: PyTorch's weight-only kernels on bfloat16 activations, the path before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.levante_panel_linear.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
     lib.levante_panel_linear.restype = None
+    lib.levante_panel_gated.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
+    lib.levante_panel_gated.restype = None
     return lib
 
 
@@ -59,11 +62,20 @@ def pack(weight: Tensor) -> Tensor:
 
 def linear(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
     """x [..., K] float32 -> [..., N] float32 (+ bias)."""
+    return _run(library().levante_panel_linear, x, panels, bias, panels.shape[0] * PANEL)
+
+
+def gated(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
+    """A SwiGLU's [gate; up] weight in panels (an even number of them): x [..., K] float32 -> silu(gate) * up,
+    [..., N / 2] float32."""
+    return _run(library().levante_panel_gated, x, panels, bias, panels.shape[0] * PANEL // 2)
+
+
+def _run(fn: Callable[..., None], x: Tensor, panels: Tensor, bias: Tensor | None, n: int) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
-    n = panels.shape[0] * PANEL
     y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x.device)
     bias = bias.float().contiguous() if bias is not None else None  # kept alive through the call
-    library().levante_panel_linear(
+    fn(
         x2.data_ptr(), x2.shape[0], x2.shape[1], panels.data_ptr(), n, bias.data_ptr() if bias is not None else None,
         y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

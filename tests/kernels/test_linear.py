@@ -157,6 +157,35 @@ def test_panels_run_a_float32_weight_of_whole_panels_and_match_f_linear(lead, wi
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()  # summation order only
 
 
+def swiglu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    gate, up = torch.nn.functional.linear(x, w, bias).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("lead", [(1,), (5,), (16,), (300,), (2, 3)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("n", [32, 96])  # [gate; up] of 16 and 48 rows: one and three panel pairs
+def test_panels_run_a_swiglus_gate_and_up_gated_and_match_f_linear_then_silu(lead, with_bias, n):
+    _needs_panels()
+    w, x = weight(n, 64), torch.randn(*lead, 64)
+    bias = torch.randn(n) if with_bias else None
+    cpu = get_linear_kernel("cpu")
+    got = cpu.silu_and_mul(x, cpu.prepare(w), bias)
+    assert got.shape == (*lead, n // 2) and got.dtype == torch.float32
+    want = swiglu(x, w, bias)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cpu_weight_only"])
+@pytest.mark.parametrize("n", [48, 200])  # panels that do not pair up; no panels
+def test_every_kernel_runs_silu_and_mul_as_its_linear_then_the_two_ops(backend, n):
+    w, x, bias = weight(n * 2, 64), torch.randn(3, 64), torch.randn(n * 2)
+    kernel = get_linear_kernel(backend)
+    assert torch.allclose(kernel.silu_and_mul(x, kernel.prepare(w), bias), swiglu(x, w, bias), atol=1e-5, rtol=1e-5)
+    odd = weight(48, 64)  # three panels: no up panel for the last gate one
+    assert torch.allclose(kernel.silu_and_mul(x, kernel.prepare(odd), None), swiglu(x, odd, None), atol=1e-5)
+
+
 def test_panels_lay_each_output_in_its_lane_and_take_only_whole_panels():
     w = torch.arange(48 * 32, dtype=torch.float32).view(48, 32)
     packed = panels.pack(w)

@@ -43,6 +43,9 @@ class PreparedLinear:
     def __call__(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out]
         return self.kernel.linear(x, self.form, self.bias)
 
+    def silu_and_mul(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out / 2]
+        return self.kernel.silu_and_mul(x, self.form, self.bias)
+
 
 # What ``model.quantization`` may do to a linear: any scheme, int8 at most, or nothing (a model that
 # reads the weight itself, a part of a fused linear, a router whose choices should not move). A linear
@@ -85,6 +88,13 @@ class FusedLinear:
         if self.prepared is not None:
             return self.prepared(x)
         return F.linear(x, self.weight, self.bias)
+
+    def silu_and_mul(self, x: Tensor) -> Tensor:  # [..., in] -> [..., out / 2]
+        """For a fused [gate; up]: silu(gate) * up, in the kernel's matmul where it folds them in."""
+        if self.prepared is not None:
+            return self.prepared.silu_and_mul(x)
+        gate, up = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)  # [..., I] each
+        return F.silu(gate) * up
 
 
 def fuse_linears(*parts: Linear) -> FusedLinear:
@@ -167,9 +177,7 @@ class GatedMLP(nn.Module):
         self.gate_up = fuse_linears(self.gate_proj, self.up_proj)  # [2I, hidden]
 
     def forward(self, x: Tensor) -> Tensor:  # [T, hidden] -> [T, hidden]
-        gate_up = self.gate_up(x)  # [T, 2I]
-        gate, up = gate_up.split(self.intermediate, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_up.silu_and_mul(x))  # silu(gate) * up: [T, I]
 
 
 # --------------------------------------------------------------------------- rotary embeddings

@@ -5,7 +5,9 @@
  * broadcast input into three accumulators a row. A decode step's few rows read each weight once, at memory
  * speed; a prefill's rows go CHUNK at a time, each block of panels used by every row block of the chunk while
  * it sits in cache. Threads take contiguous ranges of panel groups, each a stream of sequential reads.
- * kernels/linear/panels.py holds the layout; the reference is F.linear.
+ * A SwiGLU's gate and up weights as one [2I, K] weight run gated: a gate panel beside its up panel, I rows on,
+ * each row's silu(gate) * up written as the block ends. kernels/linear/panels.py holds the layout; the
+ * reference is F.linear (gated: silu of its first half times its second).
  */
 #include <omp.h>
 
@@ -68,6 +70,56 @@ void levante_panel_linear(const float *x, int64_t M, int64_t K, const float *w, 
             for (int64_t m = m0; m < m1; m += ROWS)
                 rows_block(x + m * K, K, m1 - m < ROWS ? m1 - m : ROWS, P, w + first * K * 16,
                            m + ROWS >= m1 ? next : 0, bias ? bias + 16 * first : 0, y + m * N + 16 * first, N);
+        }
+    }
+}
+
+/* act[r][0..16) = silu(x_r . gate + bias_g) * (x_r . up + bias_u) for R rows: up is `up` floats after gate;
+ * the next pair (next, or NULL) fetched into L2 on the way. */
+INLINE void gated_block(const float *x, int64_t K, const int R, const float *gate, int64_t up, const float *next,
+                        const float *bias, int64_t I, float *act) {
+    __m512 g[ROWS], u[ROWS];
+    for (int r = 0; r < R; r++) g[r] = u[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        if (next) {
+            _mm_prefetch((const char *)(next + k * 16), _MM_HINT_T1);
+            _mm_prefetch((const char *)(next + up + k * 16), _MM_HINT_T1);
+        }
+        __m512 wg = _mm512_loadu_ps(gate + k * 16), wu = _mm512_loadu_ps(gate + up + k * 16);
+        for (int r = 0; r < R; r++) {
+            __m512 xk = _mm512_set1_ps(x[r * K + k]);
+            g[r] = _mm512_fmadd_ps(xk, wg, g[r]);
+            u[r] = _mm512_fmadd_ps(xk, wu, u[r]);
+        }
+    }
+    __m512 bg = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+    __m512 bu = bias ? _mm512_loadu_ps(bias + I) : _mm512_setzero_ps();
+    for (int r = 0; r < R; r++)
+        _mm512_storeu_ps(act + r * I, _mm512_mul_ps(silu16(_mm512_add_ps(g[r], bg)), _mm512_add_ps(u[r], bu)));
+}
+
+#define GATED(R)                                                                                                  \
+    case R: gated_block(x, K, R, gate, up, next, bias, I, act); break;
+
+static void gated_rows(const float *x, int64_t K, int64_t R, const float *gate, int64_t up, const float *next,
+                       const float *bias, int64_t I, float *act) {
+    switch (R) { GATED(1) GATED(2) GATED(3) GATED(4) GATED(5) GATED(6) GATED(7) GATED(8) }
+}
+
+/* act [M, I] = silu(x W_gate^T + b_gate) * (x W_up^T + b_up), W = [W_gate; W_up] [2I, K] in panels (bias [2I]
+ * or NULL); I and K multiples of 16. Work and prefetch as levante_panel_linear's, a panel pair a group. */
+void levante_panel_gated(const float *x, int64_t M, int64_t K, const float *w, int64_t I, const float *bias,
+                         float *act, int threads) {
+    const int64_t pairs = I / 16, up = I * K;
+#pragma omp parallel num_threads(threads)
+    for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
+        const int64_t m1 = m0 + CHUNK < M ? m0 + CHUNK : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t p = 0; p < pairs; p++) {
+            const float *gate = w + p * K * 16, *next = m1 - m0 > ROWS && p + 1 < pairs ? gate + K * 16 : 0;
+            for (int64_t m = m0; m < m1; m += ROWS)
+                gated_rows(x + m * K, K, m1 - m < ROWS ? m1 - m : ROWS, gate, up, m + ROWS >= m1 ? next : 0,
+                           bias ? bias + 16 * p : 0, I, act + m * I + 16 * p);
         }
     }
 }

@@ -24,10 +24,6 @@ typedef struct {
     int64_t hidden, inter;
 } Experts;
 
-INLINE __m512 silu16(__m512 g) {
-    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-}
-
 /* act[r * I + 0..15] = silu(x_r . gate panel) * (x_r . up panel) for R rows. */
 INLINE void gate_up_block(const float *const *x, const int R, const float *gate, const float *up, int64_t D,
                           float *act, int64_t I) {
