@@ -40,11 +40,15 @@ from engine.llm import LLM
 from kernels.attention import decode
 from kernels.linear import panels as linear_panels
 from kernels.moe import panels as moe_panels
+from kernels.norm import rms
 
 C_KERNELS = (
     (decode, "paged_decode", "levante::paged_decode (C)"),
     (linear_panels, "linear", "levante::panel_linear (C)"),
+    (linear_panels, "gated", "levante::panel_gated (C)"),
     (moe_panels, "fused_moe", "levante::routed_experts (C)"),
+    (rms, "rms_norm", "levante::rms_norm (C)"),
+    (rms, "add_rms_norm", "levante::add_rms_norm (C)"),
 )
 
 
