@@ -55,9 +55,9 @@ def fits(weight: Tensor) -> bool:
 
 
 def pack(weight: Tensor) -> Tensor:
-    """weight [N, K] -> [N/16, K, 16]: output n is panel n // 16, lane n % 16."""
-    n, k = weight.shape
-    return weight.reshape(n // PANEL, PANEL, k).transpose(1, 2).contiguous()
+    """weight [..., N, K] -> [..., N/16, K, 16]: output n is panel n // 16, lane n % 16."""
+    *lead, n, k = weight.shape
+    return weight.reshape(*lead, n // PANEL, PANEL, k).transpose(-1, -2).contiguous()
 
 
 def linear(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:

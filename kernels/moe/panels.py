@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from kernels.compiled import CKernel, load
+from kernels.linear import panels as linear_panels
+from kernels.linear.panels import PANEL
 
 SOURCE = Path(__file__).with_name("csrc") / "experts.c"
 CPU_FLAGS = ("avx512f", "fma")
 CC_FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp")
-PANEL = 16  # outputs a panel interleaves: one 512-bit register of float32
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -59,13 +60,8 @@ def fits(w_gate_up: Tensor, w_down: Tensor) -> bool:
 
 
 def pack(w_gate_up: Tensor, w_down: Tensor) -> Panels:
-    """w_gate_up [E, 2I, D], w_down [E, D, I] -> the kernel's panels."""
-
-    def panels(w: Tensor) -> Tensor:  # [E, N, K] -> [E, N/16, K, 16]
-        e, n, k = w.shape
-        return w.reshape(e, n // PANEL, PANEL, k).transpose(2, 3).contiguous()
-
-    return Panels(panels(w_gate_up), panels(w_down))
+    """w_gate_up [E, 2I, D], w_down [E, D, I] -> the kernel's panels, the dense linears' layout per expert."""
+    return Panels(linear_panels.pack(w_gate_up), linear_panels.pack(w_down))
 
 
 def fused_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, panels: Panels, expert_start: int) -> Tensor:
