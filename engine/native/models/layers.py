@@ -172,7 +172,6 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, intermediate, bias, dtype)
         self.up_proj = Linear(hidden, intermediate, bias, dtype)
         self.down_proj = Linear(intermediate, hidden, bias, dtype)
-        self.intermediate = intermediate
         # gate and up in one matmul; gate_proj / up_proj stay the loadable parameters (views)
         self.gate_up = fuse_linears(self.gate_proj, self.up_proj)  # [2I, hidden]
 
