@@ -7,7 +7,7 @@ import torch
 
 from kernels.backend import get_linear_kernel
 from kernels.linear import panels
-from kernels.linear.cpu import onednn_packs, packed_from_rows
+from kernels.linear.cpu import native_bf16, onednn_packs, packed_from_rows
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, dequantize, fits, quantize
 
 
@@ -101,7 +101,7 @@ def test_a_quantized_weight_runs_its_dequantized_copy_from_dense_from_rows(schem
     # Where the CPU computes bfloat16 the copy is bfloat16: each weight rounds by half a bfloat16 step, and the
     # sums' errors follow the products' size, not the sum's: within 2**-6 of the largest output (the outputs'
     # own bfloat16 rounding alone is 2**-8 of it).
-    assert form.dense.dtype == (torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32)
+    assert form.dense.dtype == (torch.bfloat16 if native_bf16() else torch.float32)
     assert (got - want).abs().max() <= 2**-6 * (want - bias).abs().max(), (got - want).abs().max()
 
 
