@@ -77,4 +77,27 @@ static void gated_rows(const float *x, int64_t K, int64_t R, const float *gate, 
     switch (R) { GATED(1) GATED(2) GATED(3) GATED(4) GATED(5) GATED(6) GATED(7) GATED(8) }
 }
 
+/* y [M, N] (outputs 16 * first on) = x [M, K] . the group of panels from `first` (+ bias, or NULL), ROWS rows a
+ * block: the first block reads the panels from memory, the rest from cache, and the last fetches the next
+ * group's into L2 so that memory and the FMAs overlap (with one block of 2-8 rows too: the hardware's prefetch
+ * alone fell short). */
+static void group_rows(const float *x, int64_t M, int64_t K, const float *w, int64_t panels, int64_t first,
+                       const float *bias, float *y, int64_t N) {
+    const int P = panels - first < PANELS ? (int)(panels - first) : PANELS;
+    const float *next = first + 2 * PANELS <= panels ? w + (first + PANELS) * K * 16 : 0;
+    for (int64_t m = 0; m < M; m += ROWS)
+        rows_block(x + m * K, K, M - m < ROWS ? M - m : ROWS, P, w + first * K * 16, m + ROWS >= M ? next : 0,
+                   bias ? bias + 16 * first : 0, y + m * N + 16 * first, N);
+}
+
+/* act [M, I] (outputs 16 * p on) = silu(x . gate panel p + bias) * (x . up panel p + bias) for x [M, K], W =
+ * [W_gate; W_up] [2I, K] in panels (bias [2I] or NULL): group_rows' blocks and prefetch, a panel pair a group. */
+static void pair_rows(const float *x, int64_t M, int64_t K, const float *w, int64_t I, int64_t p, const float *bias,
+                      float *act) {
+    const float *gate = w + p * K * 16, *next = p + 1 < I / 16 ? gate + K * 16 : 0;
+    for (int64_t m = 0; m < M; m += ROWS)
+        gated_rows(x + m * K, K, M - m < ROWS ? M - m : ROWS, gate, I * K, m + ROWS >= M ? next : 0,
+                   bias ? bias + 16 * p : 0, I, act + m * I + 16 * p);
+}
+
 #endif

@@ -15,41 +15,27 @@
 
 #define CHUNK 256
 
-/* y [M, N] = x [M, K] W^T + bias (bias [N] or NULL), W in panels; N and K multiples of 16. The first row block
- * reads a group's panels from memory and the rest from cache; the last fetches the next group's into L2, so
- * that memory and the FMAs overlap (with one block of 2-8 rows too: the hardware's prefetch alone fell short). */
+/* y [M, N] = x [M, K] W^T + bias (bias [N] or NULL), W in panels; N and K multiples of 16. */
 void levante_panel_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias,
                           float *y, int threads) {
     const int64_t panels = N / 16, groups = (panels + PANELS - 1) / PANELS;
 #pragma omp parallel num_threads(threads)
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
-        const int64_t m1 = m0 + CHUNK < M ? m0 + CHUNK : M;
+        const int64_t rows = M - m0 < CHUNK ? M - m0 : CHUNK;
 #pragma omp for schedule(static) nowait
-        for (int64_t g = 0; g < groups; g++) {
-            const int64_t first = g * PANELS;
-            const int P = panels - first < PANELS ? (int)(panels - first) : PANELS;
-            const float *next = first + 2 * PANELS <= panels ? w + (first + PANELS) * K * 16 : 0;
-            for (int64_t m = m0; m < m1; m += ROWS)
-                rows_block(x + m * K, K, m1 - m < ROWS ? m1 - m : ROWS, P, w + first * K * 16,
-                           m + ROWS >= m1 ? next : 0, bias ? bias + 16 * first : 0, y + m * N + 16 * first, N);
-        }
+        for (int64_t g = 0; g < groups; g++)
+            group_rows(x + m0 * K, rows, K, w, panels, g * PANELS, bias, y + m0 * N, N);
     }
 }
 
 /* act [M, I] = silu(x W_gate^T + b_gate) * (x W_up^T + b_up), W = [W_gate; W_up] [2I, K] in panels (bias [2I]
- * or NULL); I and K multiples of 16. Work and prefetch as levante_panel_linear's, a panel pair a group. */
+ * or NULL); I and K multiples of 16. */
 void levante_panel_gated(const float *x, int64_t M, int64_t K, const float *w, int64_t I, const float *bias,
                          float *act, int threads) {
-    const int64_t pairs = I / 16, up = I * K;
 #pragma omp parallel num_threads(threads)
     for (int64_t m0 = 0; m0 < M; m0 += CHUNK) {
-        const int64_t m1 = m0 + CHUNK < M ? m0 + CHUNK : M;
+        const int64_t rows = M - m0 < CHUNK ? M - m0 : CHUNK;
 #pragma omp for schedule(static) nowait
-        for (int64_t p = 0; p < pairs; p++) {
-            const float *gate = w + p * K * 16, *next = p + 1 < pairs ? gate + K * 16 : 0;
-            for (int64_t m = m0; m < m1; m += ROWS)
-                gated_rows(x + m * K, K, m1 - m < ROWS ? m1 - m : ROWS, gate, up, m + ROWS >= m1 ? next : 0,
-                           bias ? bias + 16 * p : 0, I, act + m * I + 16 * p);
-        }
+        for (int64_t p = 0; p < I / 16; p++) pair_rows(x + m0 * K, rows, K, w, I, p, bias, act + m0 * I);
     }
 }

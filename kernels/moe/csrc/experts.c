@@ -23,24 +23,12 @@ typedef struct {
     int64_t hidden, inter;
 } Experts;
 
-/* One expert's n rows (x [n, D]): act [n, I], then y [n, D]. Each panel group's last row block fetches the
- * next group into L2, so that the next read overlaps the FMAs. */
+/* One expert's n rows (x [n, D]): act [n, I], then y [n, D]. */
 static void expert_rows(const Experts *ex, int64_t e, const float *x, int64_t n, float *act, float *y) {
-    const int64_t D = ex->hidden, I = ex->inter, pairs = I / 16, panels = D / 16;
+    const int64_t D = ex->hidden, I = ex->inter;
     const float *gate_up = ex->gate_up + e * 2 * I * D, *down = ex->down + e * D * I;
-    for (int64_t p = 0; p < pairs; p++) {
-        const float *gate = gate_up + p * D * 16, *next = p + 1 < pairs ? gate + D * 16 : 0;
-        for (int64_t r = 0; r < n; r += ROWS)
-            gated_rows(x + r * D, D, n - r < ROWS ? n - r : ROWS, gate, I * D, r + ROWS >= n ? next : 0, 0, I,
-                       act + r * I + p * 16);
-    }
-    for (int64_t first = 0; first < panels; first += PANELS) {
-        const int P = panels - first < PANELS ? (int)(panels - first) : PANELS;
-        const float *next = first + 2 * PANELS <= panels ? down + (first + PANELS) * I * 16 : 0;
-        for (int64_t r = 0; r < n; r += ROWS)
-            rows_block(act + r * I, I, n - r < ROWS ? n - r : ROWS, P, down + first * I * 16,
-                       r + ROWS >= n ? next : 0, 0, y + r * D + first * 16, D);
-    }
+    for (int64_t p = 0; p < I / 16; p++) pair_rows(x, n, D, gate_up, I, p, 0, act);
+    for (int64_t first = 0; first < D / 16; first += PANELS) group_rows(act, n, I, down, D / 16, first, 0, y, D);
 }
 
 /* out [T, D] = sum over each token's K assignments to local experts (global ids start .. start + E) of
