@@ -34,15 +34,20 @@ class CKernel:
     fallback: str  # what runs without it
 
 
-def cpu_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """The first CPU's ``field`` in /proc/cpuinfo ("vendor_id", "flags"); "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    return set(cpuinfo("flags").split())
 
 
 def _cache_dirs() -> list[Path]:

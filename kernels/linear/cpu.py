@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.backend import LinearKernel
-from kernels.compiled import cpu_flags
+from kernels.compiled import cpu_flags, cpuinfo
 from kernels.linear import panels, vnni
 from kernels.linear.formats import INT4_GROUP, SCALE_DTYPE, QuantizedWeight, dequantize
 
@@ -79,14 +79,7 @@ class _Packed:
 
 def cpu_vendor() -> str:
     """``vendor_id`` of /proc/cpuinfo ("GenuineIntel", "AuthenticAMD"); "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo("vendor_id")
 
 
 @functools.cache
