@@ -21,7 +21,7 @@ from engine.native import builder
 glibc_only = pytest.mark.skipif(ctypes.util.find_library("c") != "libc.so.6", reason="mallopt is glibc's")
 
 MALLOC_CHILD = """
-import ctypes, json, resource, statistics, sys
+import ctypes, sys
 from engine.native.allocator import keep_freed_memory
 
 libc = ctypes.CDLL("libc.so.6")
@@ -37,18 +37,10 @@ def step():
         ctypes.memset(b, 1, SIZE)
     for b in blocks:
         libc.free(b)
-
-step()
-faults = []
-for _ in range(5):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps(statistics.median(faults)))
 """
 
 ENGINE_CHILD = """
-import json, random, resource, statistics, sys
+import random, sys
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from engine.core.request import SamplingParams
 from engine.llm import LLM
@@ -59,18 +51,28 @@ llm = LLM(config=EngineConfig(model=model, scheduler=SchedulerConfig(max_num_seq
 rng = random.Random(0)
 prompts = [[rng.randrange(100, 500) for _ in range(128)] for _ in range(4)]
 params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-llm.generate(prompts, params)
+
+def step():
+    llm.generate(prompts, params)
+"""
+
+# Each child defines step(); after a first, the median page faults of five more.
+MEDIAN_FAULTS = """
+import json, resource, statistics
+step()
 faults = []
 for _ in range(5):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    llm.generate(prompts, params)
+    step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps(statistics.median(faults)))
 """
 
 
 def _median_faults(child: str, arg: str) -> float:
-    done = subprocess.run([sys.executable, "-c", child, arg], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", child + MEDIAN_FAULTS, arg], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
