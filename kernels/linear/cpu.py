@@ -110,8 +110,8 @@ def _dense_copy(weight: QuantizedWeight) -> Tensor | None:
     """oneDNN's packed copy of what the codes mean: in bfloat16 where the CPU computes it natively (the input
     is bfloat16 already; the weight rounds at most half a bfloat16 step), else float32; None without oneDNN."""
     dense = dequantize(weight)  # [N, K] float32
-    bf16 = dense.to(SCALE_DTYPE)
-    dense = bf16 if native_bf16() and onednn_packs(bf16) else dense
+    if native_bf16():
+        dense = dense.to(SCALE_DTYPE)
     return torch.ops.mkldnn._reorder_linear_weight(dense, ONEDNN_BATCH_HINT) if onednn_packs(dense) else None
 
 
